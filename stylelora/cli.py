@@ -1,0 +1,208 @@
+"""The ``stylelora`` command: parses arguments into library calls and prints events. No logic here.
+
+Exit status: 0 success, 1 a problem with the user's input (one plain message, no traceback unless
+``--debug``), 2 command-line usage errors (argparse).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+import traceback
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from .config import Config, all_fields
+from .errors import StyleloraError
+
+# flag -> dotted config field; the help text comes from the field itself.
+TRAIN_FLAGS: dict[str, str] = {
+    "--model": "model.name",
+    "--data": "data.path",
+    "--output": "train.output_dir",
+    "--steps": "train.steps",
+    "--rank": "lora.rank",
+    "--alpha": "lora.alpha",
+    "--lr": "train.lr",
+    "--resolution": "data.resolution",
+    "--batch-size": "train.batch_size",
+    "--seed": "train.seed",
+    "--save-every": "train.save_every",
+    "--resume": "train.resume",
+}
+FLAG_TYPES: dict[str, Callable[[str], Any]] = {"int": int, "float": float}
+
+
+def _add_train(sub: Any) -> None:
+    p = sub.add_parser("train", help="train a LoRA (from a TOML config, flags, or both)")
+    p.add_argument("config", nargs="?", help="a config.toml (e.g. a run's own, to replay it)")
+    fields = all_fields()
+    for flag, dotted in TRAIN_FLAGS.items():
+        f = fields[dotted]
+        kind = FLAG_TYPES.get(str(f.type), str)  # field types are strings under postponed annotations
+        p.add_argument(flag, dest=dotted, type=kind, metavar=flag.strip("-").upper().replace("-", "_"),
+                       help=f"{f.metadata['help']} [{dotted}]")
+    p.add_argument("--train-text-encoder", dest="lora.train_text_encoder", action="store_const",
+                   const=True, help=fields["lora.train_text_encoder"].metadata["help"])
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="set any config field, e.g. --set train.lr_scheduler=cosine (repeatable)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.set_defaults(func=cmd_train)
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    config = Config.load(args.config) if args.config else Config()
+    overrides: dict[str, Any] = {}
+    for dotted in [*TRAIN_FLAGS.values(), "lora.train_text_encoder"]:
+        value = getattr(args, dotted, None)
+        if value is not None:
+            overrides[dotted] = value
+    config = config.with_overrides(overrides) if overrides else config
+    return config.with_overrides(args.overrides) if args.overrides else config
+
+
+class TerminalProgress:
+    """Renders trainer events on a terminal: a tqdm bar with loss, speed and ETA."""
+
+    def __init__(self) -> None:
+        self.bar: Any = None
+
+    def __call__(self, event: Any) -> None:
+        from tqdm import tqdm
+
+        from . import events
+
+        if isinstance(event, events.Started):
+            print(f"training on {event.device}: {event.num_images} images -> {event.output_dir}", file=sys.stderr)
+            self.bar = tqdm(total=event.total_steps, initial=event.start_step, unit="step", dynamic_ncols=True)
+        elif isinstance(event, events.Progress) and self.bar is not None:
+            self.bar.set_postfix(loss=f"{event.loss:.4f}", lr=f"{event.lr:.2e}", img_s=f"{event.images_per_s:.2f}")
+            self.bar.update(event.step - self.bar.n)
+        elif isinstance(event, events.Message):
+            self._write(event.text)
+        elif isinstance(event, events.CheckpointSaved):
+            self._write(f"checkpoint: {event.path}")
+        elif isinstance(event, events.SampleSaved):
+            self._write(f"samples at step {event.step}: {', '.join(str(p) for p in event.paths)}")
+        elif isinstance(event, events.Finished):
+            if self.bar is not None:
+                self.bar.close()
+            print(f"done: {event.step} steps; adapter files:", file=sys.stderr)
+            for path in event.adapter_paths:
+                print(f"  {path}")
+
+    def _write(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stderr)
+        else:
+            print(text, file=sys.stderr)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    if args.print_config:
+        print(config.to_toml(), end="")
+        return 0
+    from .train import train
+
+    stop = threading.Event()
+
+    def request_stop(signum: int, _frame: Any) -> None:
+        print(f"\n{signal.Signals(signum).name}: stopping after this step and saving...", file=sys.stderr)
+        stop.set()
+
+    previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        train(config, TerminalProgress(), stop)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return 0
+
+
+def _not_yet(name: str) -> Callable[[argparse.Namespace], int]:
+    def run(_args: argparse.Namespace) -> int:
+        raise StyleloraError(f"'stylelora {name}' is not implemented yet in this version")
+
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="stylelora", description="Train, preview and export Stable Diffusion style LoRAs."
+    )
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # --debug is accepted after the subcommand too (stylelora train ... --debug).
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    real_add = sub.add_parser
+    sub.add_parser = lambda *a, **k: real_add(*a, parents=[debug], **k)  # type: ignore[method-assign]
+    _add_train(sub)
+
+    g = sub.add_parser("generate", help="render images with an adapter at one or more strengths")
+    g.add_argument("--model", default="builtin:tiny")
+    g.add_argument("--lora")
+    g.add_argument("--scale", type=float, nargs="+", default=[1.0])
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--negative-prompt", default="")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--steps", type=int, default=20)
+    g.add_argument("--width", type=int)
+    g.add_argument("--height", type=int)
+    g.add_argument("--guidance", type=float, default=7.5)
+    g.add_argument("--out", required=True)
+    g.set_defaults(func=_not_yet("generate"))
+
+    e = sub.add_parser("export", help="convert a run or adapter file to kohya or diffusers format")
+    e.add_argument("source", help="a run folder or an adapter file")
+    e.add_argument("--format", choices=["kohya", "diffusers"], required=True)
+    e.add_argument("--out", required=True)
+    e.set_defaults(func=_not_yet("export"))
+
+    c = sub.add_parser("check-data", help="check a dataset folder and explain every problem")
+    c.add_argument("folder")
+    c.set_defaults(func=_not_yet("check-data"))
+    return parser
+
+
+def _quiet_libraries() -> None:
+    """Third-party chatter (progress bars, deprecation notes) is not for the user's terminal."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for name in ("transformers", "diffusers", "accelerate", "peft", "torch"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        from diffusers.utils import logging as dlog
+        from transformers.utils import logging as tlog
+
+        dlog.set_verbosity_error()
+        dlog.disable_progress_bar()
+        tlog.set_verbosity_error()
+    except ImportError:  # pragma: no cover - both are dependencies
+        pass
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="warning: %(message)s", stream=sys.stderr)
+    if args.command != "train" or not getattr(args, "print_config", False):
+        _quiet_libraries()
+    try:
+        return int(args.func(args))
+    except StyleloraError as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,354 @@
+"""The one typed, validated Config: loads from and saves to TOML, takes ``dotted.key=value`` overrides.
+
+Every field carries its constraints and a help text in its metadata; the CLI flags, the GUI form and
+the exported adapter's metadata are all derived from these dataclasses, so there is one place to
+add an option.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import tomli_w
+import tomllib
+
+from . import fileio
+from .errors import ConfigError
+
+
+def option(
+    default: Any,
+    help: str,
+    *,
+    gt: float | None = None,
+    ge: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+) -> Any:
+    """A config field with a help text and numeric bounds (choices come from ``Literal`` types)."""
+    meta = {"help": help, "gt": gt, "ge": ge, "le": le, "lt": lt}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out"]
+TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
+
+Precision = Literal["auto", "no", "fp16", "bf16"]
+LrScheduler = Literal[
+    "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
+]
+
+
+@dataclass
+class ModelConfig:
+    name: str = option(
+        "builtin:tiny",
+        "Base model: builtin:tiny, a diffusers folder, a .safetensors checkpoint, or a hub id.",
+    )
+    prediction_type: Literal["auto", "epsilon", "v_prediction"] = option(
+        "auto", "Training target; auto reads it from the model's scheduler config."
+    )
+    config: str = option(
+        "",
+        "For a single-file checkpoint: a local diffusers folder whose configs describe it (offline use).",
+    )
+
+
+@dataclass
+class DataConfig:
+    path: str = option("datasets/example", "Folder of images with .txt captions or metadata.jsonl.")
+    resolution: int = option(512, "Training resolution in pixels (multiple of 8).", ge=64, le=4096)
+    center_crop: bool = option(True, "Centre crop to the resolution; off means a random crop.")
+    random_flip: bool = option(False, "Flip images horizontally at random.")
+    trigger_word: str = option("", "Word put in front of every caption.")
+    repeats: int = option(1, "How many times each image is seen per epoch.", ge=1)
+    caption_extension: str = option(".txt", "Extension of caption sidecar files.")
+
+
+@dataclass
+class LoraConfig:
+    rank: int = option(16, "LoRA rank (network dim).", ge=1, le=1024)
+    alpha: float = option(16.0, "LoRA alpha; the update is scaled by alpha/rank.", gt=0)
+    dropout: float = option(0.0, "Dropout on the LoRA path.", ge=0, lt=1)
+    train_text_encoder: bool = option(False, "Also train LoRA on the CLIP text encoder.")
+    unet_targets: list[str] = option(UNET_TARGETS, "UNet module names that get LoRA.")
+    text_encoder_targets: list[str] = option(
+        TEXT_ENCODER_TARGETS, "Text-encoder module names that get LoRA."
+    )
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = option("", "Run folder; empty means outputs/<dataset folder name>.")
+    steps: int = option(1000, "Optimizer steps to train.", ge=1)
+    batch_size: int = option(1, "Images per micro-batch.", ge=1)
+    gradient_accumulation_steps: int = option(1, "Micro-batches per optimizer step.", ge=1)
+    lr: float = option(1e-4, "UNet learning rate.", gt=0)
+    text_encoder_lr: float | None = option(
+        None, "Text-encoder learning rate; unset means the UNet rate.", gt=0
+    )
+    lr_scheduler: LrScheduler = option("constant", "Learning-rate schedule.")
+    lr_warmup_steps: int = option(0, "Warmup steps of the schedule.", ge=0)
+    optimizer: Literal["adamw"] = option("adamw", "Optimizer.")
+    weight_decay: float = option(1e-2, "AdamW weight decay.", ge=0)
+    adam_beta1: float = option(0.9, "AdamW beta1.", ge=0, lt=1)
+    adam_beta2: float = option(0.999, "AdamW beta2.", ge=0, lt=1)
+    adam_epsilon: float = option(1e-8, "AdamW epsilon.", gt=0)
+    max_grad_norm: float = option(1.0, "Gradient clipping norm; 0 turns clipping off.", ge=0)
+    mixed_precision: Precision = option(
+        "auto", "auto: bf16 on GPUs that have it, else fp16 on CUDA, none on CPU."
+    )
+    device: Literal["auto", "cpu", "cuda"] = option("auto", "Where to train.")
+    seed: int = option(42, "One seed for weights, data order, noise and timesteps.", ge=0)
+    save_every: int = option(0, "Save a resumable checkpoint every N steps; 0 means only at the end.", ge=0)
+    keep_checkpoints: int = option(3, "How many newest checkpoints to keep.", ge=1)
+    resume: str = option("", "'auto' continues from the newest checkpoint; or a checkpoint folder.")
+    log_every: int = option(1, "Write metrics every N steps.", ge=1)
+
+
+@dataclass
+class SampleConfig:
+    prompts: list[str] = option([], "Prompts rendered during training.")
+    negative_prompt: str = option("", "Negative prompt for samples.")
+    every: int = option(0, "Render samples every N steps; 0 turns it off.", ge=0)
+    seed: int = option(1234, "Seed of the samples (the same for every step, so they compare).", ge=0)
+    steps: int = option(20, "Denoising steps per sample.", ge=1, le=200)
+    guidance: float = option(7.5, "Classifier-free guidance scale.", ge=0)
+
+
+@dataclass
+class ExportConfig:
+    name: str = option("", "Adapter file name; empty means the run folder's name.")
+    precision: Literal["fp16", "fp32", "bf16"] = option("fp16", "Precision of saved adapters.")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+    def __post_init__(self) -> None:
+        errors = _check(self, "")
+        if errors:
+            raise ConfigError("\n".join(errors))
+
+    # --- derived values -------------------------------------------------------------------------
+    @property
+    def output_dir(self) -> Path:
+        if self.train.output_dir:
+            return Path(self.train.output_dir)
+        return Path("outputs") / (Path(self.data.path).name or "run")
+
+    @property
+    def run_name(self) -> str:
+        return self.export.name or self.output_dir.resolve().name
+
+    # --- serialisation --------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return _drop_none(dataclasses.asdict(self))
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(self.to_dict())
+
+    def save(self, path: str | Path) -> None:
+        fileio.write_text(path, self.to_toml())
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Config:
+        return _build(cls, data, "")
+
+    @classmethod
+    def from_toml(cls, text: str, source: str = "config") -> Config:
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{source}: not valid TOML: {e}") from None
+        return cls.from_dict(data)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Config:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found")
+        try:
+            text = p.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{p}: cannot read the config file ({e})") from None
+        return cls.from_toml(text, str(p))
+
+    def with_overrides(self, overrides: dict[str, Any] | list[str]) -> Config:
+        """A new Config with ``{"train.steps": 500}`` or ``["train.steps=500"]`` applied."""
+        if isinstance(overrides, list):
+            overrides = dict(parse_override(o) for o in overrides)
+        data = dataclasses.asdict(self)
+        for dotted, value in overrides.items():
+            section, _, key = dotted.partition(".")
+            if not key or section not in data or not isinstance(data[section], dict):
+                raise ConfigError(f"{dotted}: {_unknown(dotted, all_fields())}")
+            if key not in data[section]:
+                raise ConfigError(f"{dotted}: {_unknown(dotted, all_fields())}")
+            data[section][key] = value
+        return Config.from_dict(_drop_none(data))
+
+    def get(self, dotted: str) -> Any:
+        section, key = dotted.split(".", 1)
+        return getattr(getattr(self, section), key)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``train.lr=1e-4`` -> ("train.lr", 0.0001); values use TOML syntax, bare words are strings."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"--set {text!r}: expected dotted.key=value, e.g. --set train.steps=500")
+    raw = raw.strip()
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key, value
+
+
+def all_fields() -> dict[str, dataclasses.Field[Any]]:
+    """Every dotted field name of Config with its dataclass field (for CLI, GUI and docs)."""
+    out: dict[str, dataclasses.Field[Any]] = {}
+    for section in dataclasses.fields(Config):
+        for f in dataclasses.fields(section.default_factory()):  # type: ignore[misc]
+            out[f"{section.name}.{f.name}"] = f
+    return out
+
+
+def field_type(dotted: str) -> Any:
+    section, key = dotted.split(".", 1)
+    section_cls = typing.get_type_hints(Config)[section]
+    return typing.get_type_hints(section_cls)[key]
+
+
+def choices(dotted: str) -> list[Any] | None:
+    tp = field_type(dotted)
+    if typing.get_origin(tp) is Literal:
+        return list(typing.get_args(tp))
+    return None
+
+
+# --- validation -----------------------------------------------------------------------------------
+
+
+def _unknown(dotted: str, known: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(dotted, list(known), n=1, cutoff=0.5)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return f"unknown setting{hint}"
+
+
+def _drop_none(d: Any) -> Any:
+    if isinstance(d, dict):
+        return {k: _drop_none(v) for k, v in d.items() if v is not None}
+    return d
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a table of settings")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    errors = [
+        f"{prefix}{k}: {_unknown(prefix + k, [prefix + n for n in names])}"
+        for k in data
+        if k not in names
+    ]
+    if errors:
+        raise ConfigError("\n".join(errors))
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, tp, f"{prefix}{name}")
+    if cls is Config:
+        return cls(**kwargs)
+    obj = cls(**kwargs)
+    errors = _check(obj, prefix)
+    if errors:
+        raise ConfigError("\n".join(errors))
+    return obj
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is list:
+        return "a list of strings"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
+        tp, str(tp)
+    )
+
+
+def _coerce(value: Any, tp: Any, dotted: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], dotted)
+    ok = True
+    if origin is Literal:
+        ok = value in typing.get_args(tp)
+    elif origin is list:
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+    elif tp is bool:
+        ok = isinstance(value, bool)
+    elif tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif tp is str:
+        ok = isinstance(value, str)
+    if not ok:
+        raise ConfigError(f"{dotted}: must be {_type_name(tp)}, got {value!r}")
+    return value
+
+
+def _check(obj: Any, prefix: str) -> list[str]:
+    """Type and range errors of one section (or, for Config, of every section)."""
+    errors: list[str] = []
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        dotted = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            errors += _check(value, f"{dotted}.")
+            continue
+        try:
+            _coerce(value, hints[f.name], dotted)
+        except ConfigError as e:
+            errors.append(str(e))
+            continue
+        if value is None or isinstance(value, (bool, str, list)):
+            continue
+        m = f.metadata
+        for bound, ok, word in (
+            ("gt", lambda v, b: v > b, ">"),
+            ("ge", lambda v, b: v >= b, ">="),
+            ("lt", lambda v, b: v < b, "<"),
+            ("le", lambda v, b: v <= b, "<="),
+        ):
+            b = m.get(bound)
+            if b is not None and not ok(value, b):
+                errors.append(f"{dotted}: must be {word} {b:g}, got {value:g}")
+    if type(obj).__name__ == "DataConfig" and obj.resolution % 8:
+        errors.append(f"{prefix}resolution: must be a multiple of 8, got {obj.resolution}")
+    return errors

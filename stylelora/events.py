@@ -1,0 +1,64 @@
+"""Events the trainer reports. Shells (CLI, GUI) render them; the library never prints."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class Started:
+    total_steps: int
+    start_step: int
+    num_images: int
+    device: str
+    output_dir: Path
+
+
+@dataclass
+class Progress:
+    step: int
+    total_steps: int
+    loss: float
+    lr: float
+    images_per_s: float
+    elapsed_s: float
+    eta_s: float
+
+
+@dataclass
+class Message:
+    """A plain line worth showing the user (skipped files, advice, resume info)."""
+
+    text: str
+    level: str = "info"
+
+
+@dataclass
+class SampleSaved:
+    step: int
+    paths: list[Path]
+    prompts: list[str]
+
+
+@dataclass
+class CheckpointSaved:
+    step: int
+    path: Path
+
+
+@dataclass
+class AdapterSaved:
+    step: int
+    paths: list[Path]
+
+
+@dataclass
+class Finished:
+    step: int
+    stopped_early: bool
+    output_dir: Path
+    adapter_paths: list[Path] = field(default_factory=list)
+
+
+Event = Started | Progress | Message | SampleSaved | CheckpointSaved | AdapterSaved | Finished

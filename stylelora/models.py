@@ -1,0 +1,325 @@
+"""Base models (built-in, diffusers folder, single file, hub id) and LoRA injection through peft."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import LoraConfig
+from .errors import ModelError
+
+log = logging.getLogger(__name__)
+
+ADAPTER_NAME = "default"
+PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
+
+
+@dataclass
+class BaseModel:
+    """A loaded Stable Diffusion pipeline plus what stylelora needs to know about it."""
+
+    pipeline: Any  # diffusers StableDiffusionPipeline (or XL)
+    name: str
+    kind: str  # "sd1", "sd2" or "sdxl"
+
+    @property
+    def unet(self) -> torch.nn.Module:
+        return self.pipeline.unet
+
+    @property
+    def vae(self) -> torch.nn.Module:
+        return self.pipeline.vae
+
+    @property
+    def text_encoder(self) -> torch.nn.Module:
+        return self.pipeline.text_encoder
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.pipeline.tokenizer
+
+    @property
+    def prediction_type(self) -> str:
+        return self.pipeline.scheduler.config.get("prediction_type", "epsilon")
+
+    @property
+    def native_resolution(self) -> int:
+        return self.unet.config.sample_size * self.pipeline.vae_scale_factor
+
+
+# --- built-in models ----------------------------------------------------------------------------
+
+
+def _builtin_tokenizer() -> Any:
+    """A CLIP tokenizer whose vocabulary is generated in code: byte-level symbols, no merges."""
+    from transformers import CLIPTokenizer
+
+    # GPT-2/CLIP byte-to-unicode table: printable bytes map to themselves, the rest above 255.
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    extra = [b for b in range(256) if b not in printable]
+    symbols = [chr(b) for b in printable] + [chr(256 + i) for i in range(len(extra))]
+    vocab: dict[str, int] = {}
+    for s in symbols + [s + "</w>" for s in symbols]:
+        vocab[s] = len(vocab)
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+
+
+def build_tiny(prediction_type: str = "epsilon") -> Any:
+    """An SD1.x-shaped pipeline with small, random, deterministic weights (for tests and demos).
+
+    The VAE downsamples by 8 and the UNet has cross-attention transformer blocks with 1x1-conv
+    proj_in/proj_out, as SD1.5 does, so key names and shapes exercise the real code paths.
+    """
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = _builtin_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel(
+            sample_size=8,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32,
+            attention_head_dim=4,
+            norm_num_groups=16,
+            use_linear_projection=False,
+        )
+        vae = AutoencoderKL(
+            block_out_channels=(16, 16, 32, 32),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            latent_channels=4,
+            norm_num_groups=8,
+            layers_per_block=1,
+            sample_size=64,
+        )
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                vocab_size=len(tokenizer),
+                max_position_embeddings=77,
+                projection_dim=32,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
+    )
+    return StableDiffusionPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+BUILTIN = {"tiny": build_tiny}
+
+
+# --- loading ------------------------------------------------------------------------------------
+
+
+def _kind(pipeline: Any) -> str:
+    if "XL" in type(pipeline).__name__:
+        return "sdxl"
+    if pipeline.unet.config.cross_attention_dim == 1024:
+        return "sd2"
+    return "sd1"
+
+
+def _offline_hint(name: str) -> str:
+    return (
+        f"model '{name}': could not be downloaded from the Hugging Face hub (this machine looks "
+        "offline, or the id is wrong). Download it where you have internet and pass the local "
+        "folder (--model /path/to/folder) or a single .safetensors file (--model file.safetensors)."
+    )
+
+
+def load_base_model(name: str, config_source: str = "", prediction_type: str = "auto") -> BaseModel:
+    """Load a base model named by one string: ``builtin:NAME``, a folder, a file or a hub id."""
+    if name.startswith("builtin:"):
+        key = name.split(":", 1)[1]
+        if key not in BUILTIN:
+            raise ModelError(
+                f"model '{name}': no such built-in model; built-ins are "
+                + ", ".join(f"builtin:{k}" for k in BUILTIN)
+            )
+        pipeline = BUILTIN[key](**_pt(prediction_type))
+        return BaseModel(pipeline, name, _kind(pipeline))
+
+    path = Path(name).expanduser()
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise ModelError(
+            f"model '{name}': pickled checkpoints ({path.suffix}) can run code when loaded and are "
+            "not opened. Convert it to .safetensors or use a diffusers folder."
+        )
+    if path.is_dir():
+        pipeline = _load_folder(path, name)
+    elif path.suffix.lower() == ".safetensors":
+        if not path.is_file():
+            raise ModelError(f"model '{name}': file not found")
+        pipeline = _load_single_file(path, config_source)
+    elif path.exists():
+        raise ModelError(
+            f"model '{name}': not a diffusers folder or a .safetensors file; give one of those, "
+            "a hub id, or builtin:tiny"
+        )
+    elif "/" in name and not name.startswith((".", "/", "~")) and name.count("/") == 1:
+        pipeline = _load_hub(name)
+    else:
+        raise ModelError(
+            f"model '{name}': no such folder or file. Give a diffusers folder, a .safetensors "
+            "checkpoint, a hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5, or builtin:tiny"
+        )
+    if prediction_type != "auto":
+        from diffusers import DDIMScheduler
+
+        pipeline.scheduler = DDIMScheduler.from_config(
+            pipeline.scheduler.config, prediction_type=prediction_type
+        )
+    return BaseModel(pipeline, name, _kind(pipeline))
+
+
+def _pt(prediction_type: str) -> dict[str, str]:
+    return {} if prediction_type == "auto" else {"prediction_type": prediction_type}
+
+
+def _pipeline_class(folder: Path) -> Any:
+    import json
+
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    return StableDiffusionXLPipeline if "XL" in index.get("_class_name", "") else StableDiffusionPipeline
+
+
+def _load_folder(path: Path, name: str) -> Any:
+    if not (path / "model_index.json").is_file():
+        raise ModelError(
+            f"model '{name}': the folder has no model_index.json, so it is not a diffusers pipeline "
+            "folder. Point at the folder that holds model_index.json, unet/, vae/ and text_encoder/."
+        )
+    try:
+        return _pipeline_class(path).from_pretrained(
+            str(path), safety_checker=None, requires_safety_checker=False, use_safetensors=None
+        )
+    except Exception as e:  # diffusers raises many kinds for broken folders
+        raise ModelError(f"model '{name}': cannot load this diffusers folder: {e}") from e
+
+
+def _load_single_file(path: Path, config_source: str) -> Any:
+    from diffusers import StableDiffusionPipeline
+
+    kwargs: dict[str, Any] = {"safety_checker": None, "requires_safety_checker": False}
+    if config_source:
+        kwargs["config"] = config_source
+        kwargs["local_files_only"] = Path(config_source).is_dir()
+    try:
+        return StableDiffusionPipeline.from_single_file(str(path), **kwargs)
+    except Exception as e:
+        raise ModelError(
+            f"model '{path}': cannot load this single-file checkpoint ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}). Loading a single file needs the "
+            "component configs from the hub; offline, set model.config to a local diffusers folder "
+            "of the same architecture (--set model.config=/path/to/sd15-folder)."
+        ) from e
+
+
+def _load_hub(name: str) -> Any:
+    from diffusers import DiffusionPipeline
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes"}
+    try:
+        pipeline = DiffusionPipeline.from_pretrained(
+            name, safety_checker=None, requires_safety_checker=False, local_files_only=offline
+        )
+    except Exception as e:
+        raise ModelError(_offline_hint(name)) from e
+    return pipeline
+
+
+# --- LoRA ---------------------------------------------------------------------------------------
+
+
+def add_lora(model: BaseModel, lora: LoraConfig) -> list[torch.nn.Parameter]:
+    """Freeze the base model and inject LoRA layers with peft; returns the trainable parameters."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import inject_adapter_in_model
+
+    targets: list[tuple[torch.nn.Module, list[str]]] = [(model.unet, lora.unet_targets)]
+    if lora.train_text_encoder:
+        targets.append((model.text_encoder, lora.text_encoder_targets))
+    for module in (model.unet, model.vae, model.text_encoder):
+        module.requires_grad_(False)
+    params: list[torch.nn.Parameter] = []
+    for module, names in targets:
+        peft_config = PeftLoraConfig(
+            r=lora.rank,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=names,
+            init_lora_weights="gaussian",
+        )
+        try:
+            inject_adapter_in_model(peft_config, module, adapter_name=ADAPTER_NAME)
+        except ValueError as e:
+            raise ModelError(f"cannot add LoRA to {type(module).__name__}: {e}") from e
+        for n, p in module.named_parameters():
+            if "lora_" in n:
+                p.requires_grad_(True)
+                params.append(p)
+    return params
+
+
+def lora_state(model: BaseModel) -> dict[str, dict[str, torch.Tensor]]:
+    """The canonical adapter: peft state dicts keyed by the model's own module paths."""
+    from peft import get_peft_model_state_dict
+
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for part, module in (("unet", model.unet), ("text_encoder", model.text_encoder)):
+        if any("lora_" in n for n, _ in module.named_parameters()):
+            sd = get_peft_model_state_dict(module, adapter_name=ADAPTER_NAME)
+            out[part] = {k: v.detach().to("cpu", torch.float32).clone() for k, v in sd.items()}
+    return out
+
+
+def set_lora_state(model: BaseModel, state: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Load canonical LoRA weights into the injected layers of ``model``."""
+    from peft import set_peft_model_state_dict
+
+    for part, sd in state.items():
+        module = getattr(model, part)
+        result = set_peft_model_state_dict(module, sd, adapter_name=ADAPTER_NAME)
+        unexpected = getattr(result, "unexpected_keys", [])
+        if unexpected:
+            raise ModelError(f"{part}: LoRA weights for modules this model lacks: {unexpected[:5]}")

@@ -1,0 +1,337 @@
+"""train(config, on_event, stop) -> RunResult: the LoRA training loop, read top to bottom."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import checkpoint as ckpt
+from . import events
+from .config import Config
+from .dataset import CaptionedImages, Position, batches
+from .errors import ConfigError, TrainingError
+from .formats import Adapter, save_diffusers, save_kohya
+from .metadata import kohya_metadata
+from .models import BaseModel, add_lora, load_base_model, lora_state, set_lora_state
+
+log = logging.getLogger(__name__)
+
+EventHandler = Callable[[events.Event], None]
+StopSignal = threading.Event | Callable[[], bool] | None
+
+
+@dataclass
+class RunResult:
+    output_dir: Path
+    steps: int
+    stopped_early: bool
+    adapter_paths: list[Path] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+
+
+def _stop_requested(stop: StopSignal) -> bool:
+    if stop is None:
+        return False
+    if isinstance(stop, threading.Event):
+        return stop.is_set()
+    return bool(stop())
+
+
+def resolve_output_dir(config: Config) -> Path:
+    """The run folder; refuses to overwrite another run unless resuming it."""
+    out = config.output_dir
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"train.output_dir: '{out}' is a file; give a folder path for the run")
+    holds_run = (out / "config.toml").is_file()
+    if holds_run and not config.train.resume:
+        if config.train.output_dir:
+            raise ConfigError(
+                f"train.output_dir: '{out}' already holds a run; pass --resume auto to continue it, "
+                "or --output with a new folder"
+            )
+        n = 2
+        while (out.with_name(f"{out.name}-{n}") / "config.toml").is_file():
+            n += 1
+        out = out.with_name(f"{out.name}-{n}")
+    return out
+
+
+def _mixed_precision(config: Config) -> str:
+    mp = config.train.mixed_precision
+    if mp != "auto":
+        return mp
+    if config.train.device == "cpu" or not torch.cuda.is_available():
+        return "no"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def _find_resume(config: Config, out: Path) -> Path | None:
+    resume = config.train.resume
+    if not resume:
+        return None
+    if resume == "auto":
+        found = ckpt.list_checkpoints(out)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / "state.json").is_file():
+        raise ConfigError(f"train.resume: '{resume}' is not a checkpoint folder (no state.json inside)")
+    return path
+
+
+def export_adapter(model: BaseModel, config: Config, out: Path, step: int, num_images: int) -> list[Path]:
+    """Write the run's adapter in kohya and diffusers formats."""
+    alpha = {part: config.lora.alpha for part in ("unet", "text_encoder")}
+    adapter = Adapter(lora_state(model), alpha, kohya_metadata(config, model, step, num_images))
+    kohya = save_kohya(out / f"{config.run_name}.safetensors", adapter, config.export.precision)
+    diffusers = save_diffusers(out / "diffusers", adapter, config.export.precision)
+    return [kohya, diffusers]
+
+
+def render_samples(model: BaseModel, config: Config, out: Path, step: int) -> list[Path]:
+    from .fileio import atomic_path
+
+    paths = []
+    unet_mode = model.unet.training
+    model.unet.eval()
+    for i, prompt in enumerate(config.sample.prompts):
+        image = model.pipeline(
+            prompt,
+            negative_prompt=config.sample.negative_prompt or None,
+            num_inference_steps=config.sample.steps,
+            guidance_scale=config.sample.guidance,
+            height=config.data.resolution,
+            width=config.data.resolution,
+            generator=torch.Generator().manual_seed(config.sample.seed + i),
+        ).images[0]
+        path = out / "samples" / f"step-{step:06d}-{i:02d}.png"
+        with atomic_path(path) as tmp:
+            image.save(tmp, format="PNG")
+        paths.append(path)
+    model.unet.train(unet_mode)
+    return paths
+
+
+def train(
+    config: Config,
+    on_event: EventHandler | None = None,
+    stop: StopSignal = None,
+    model: BaseModel | None = None,
+) -> RunResult:
+    """Train a LoRA as ``config`` says; events go to ``on_event``; ``stop`` ends it after a step.
+
+    ``model`` lets a caller pass an already loaded base model (it gets the LoRA layers injected);
+    by default the model named in the config is loaded.
+    """
+    from accelerate import Accelerator
+    from diffusers import DDPMScheduler
+    from diffusers.optimization import get_scheduler
+
+    emit: EventHandler = on_event or (lambda e: None)
+    out = resolve_output_dir(config)
+    resume_from = _find_resume(config, out)
+    accelerator = Accelerator(
+        mixed_precision=_mixed_precision(config),
+        gradient_accumulation_steps=config.train.gradient_accumulation_steps,
+        cpu=config.train.device == "cpu",
+        log_with="tensorboard",
+        project_dir=str(out / "logs"),
+    )
+    if config.train.device == "cuda" and accelerator.device.type != "cuda":
+        raise ConfigError("train.device: 'cuda' was asked for but no CUDA GPU is available")
+    torch.manual_seed(config.train.seed)
+
+    # --- model, data, optimizer ---
+    data = CaptionedImages.from_config(config.data)
+    if model is None:
+        model = load_base_model(config.model.name, config.model.config, config.model.prediction_type)
+    params = add_lora(model, config.lora)
+    unet, vae, text_encoder, tokenizer = model.unet, model.vae, model.text_encoder, model.tokenizer
+    noise_scheduler = DDPMScheduler.from_config(model.pipeline.scheduler.config)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    for module in (unet, vae, text_encoder):
+        module.to(accelerator.device)
+        if weight_dtype != torch.float32:
+            module.to(dtype=weight_dtype)
+    for p in params:  # LoRA weights train in fp32 whatever the base precision
+        p.data = p.data.float()
+    vae.eval()
+    unet.train()
+    text_encoder.train(config.lora.train_text_encoder)
+
+    te_lr = config.train.text_encoder_lr or config.train.lr
+    unet_params = [p for n, p in unet.named_parameters() if p.requires_grad]
+    te_params = [p for n, p in text_encoder.named_parameters() if p.requires_grad]
+    groups = [{"params": unet_params, "lr": config.train.lr}]
+    if te_params:
+        groups.append({"params": te_params, "lr": te_lr})
+    optimizer = torch.optim.AdamW(
+        groups,
+        betas=(config.train.adam_beta1, config.train.adam_beta2),
+        eps=config.train.adam_epsilon,
+        weight_decay=config.train.weight_decay,
+    )
+    lr_scheduler = get_scheduler(
+        config.train.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=config.train.lr_warmup_steps,
+        num_training_steps=config.train.steps,
+    )
+    # Only modules with trainable weights are prepared: DDP refuses a fully frozen module.
+    if config.lora.train_text_encoder:
+        unet, text_encoder, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
+    else:
+        unet, optimizer = accelerator.prepare(unet, optimizer)
+    noise_rng = torch.Generator().manual_seed(config.train.seed)
+
+    # --- resume ---
+    step, position = 0, Position()
+    if resume_from is not None:
+        state = ckpt.load_checkpoint(resume_from)
+        set_lora_state(model, state.lora)
+        optimizer.load_state_dict(state.optimizer)
+        lr_scheduler.load_state_dict(state.lr_scheduler)
+        noise_rng.set_state(state.rng["noise"])
+        step, position = state.step, Position(state.epoch, state.batch)
+        emit(events.Message(f"resumed from {resume_from} at step {step}"))
+    elif config.train.resume == "auto":
+        emit(events.Message(f"no checkpoint in {out}; starting from step 0"))
+
+    out.mkdir(parents=True, exist_ok=True)
+    config.with_overrides({"train.output_dir": str(out), "train.resume": ""}).save(out / "config.toml")
+    accelerator.init_trackers("stylelora")
+    metrics_path = out / "metrics.jsonl"
+    _truncate_metrics(metrics_path, step)
+    emit(events.Started(config.train.steps, step, len(data.items), str(accelerator.device), out))
+
+    def save_checkpoint_now() -> None:
+        folder = ckpt.checkpoint_dir(out, step)
+        ckpt.save_checkpoint(
+            folder,
+            ckpt.TrainingState(
+                step=step,
+                epoch=position.epoch,
+                batch=position.batch,
+                lora=lora_state(model),
+                optimizer=optimizer.state_dict(),
+                lr_scheduler=lr_scheduler.state_dict(),
+                rng={"noise": noise_rng.get_state()},
+                extra={},
+            ),
+        )
+        ckpt.prune_checkpoints(out, config.train.keep_checkpoints)
+        emit(events.CheckpointSaved(step, folder))
+
+    # --- the loop: one iteration is one optimizer step of `accumulation` micro-batches ---
+    stream = batches(len(data), config.train.batch_size, config.train.seed, position)
+    losses: list[float] = []
+    started, start_step, stopped = time.perf_counter(), step, False
+    while step < config.train.steps:
+        if _stop_requested(stop):
+            stopped = True
+            break
+        step_loss = 0.0
+        images = 0
+        for _ in range(config.train.gradient_accumulation_steps):
+            position, indices = next(stream)
+            examples = [data.example(i, config.train.seed, position.epoch) for i in indices]
+            pixels = torch.stack([e["pixels"] for e in examples]).to(accelerator.device, weight_dtype)
+            ids = tokenizer(
+                [str(e["caption"]) for e in examples],
+                padding="max_length",
+                max_length=tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids.to(accelerator.device)
+            with accelerator.accumulate(unet, text_encoder), accelerator.autocast():
+                with torch.no_grad():
+                    latents = vae.encode(pixels).latent_dist.sample(generator=noise_rng)
+                    latents = latents * vae.config.scaling_factor
+                noise = torch.randn(latents.shape, generator=noise_rng).to(latents)
+                timesteps = torch.randint(
+                    0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=noise_rng
+                ).to(accelerator.device)
+                noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+                with torch.set_grad_enabled(config.lora.train_text_encoder):
+                    encoder_states = text_encoder(ids)[0]
+                if noise_scheduler.config.prediction_type == "v_prediction":
+                    target = noise_scheduler.get_velocity(latents, noise, timesteps)
+                else:
+                    target = noise
+                pred = unet(noisy, timesteps, encoder_states).sample
+                loss = F.mse_loss(pred.float(), target.float(), reduction="mean")
+                if not torch.isfinite(loss):
+                    raise TrainingError(
+                        f"the loss became {loss.item()} at step {step + 1}; the last saved checkpoint "
+                        "is kept. Lower the learning rate, use fp32 or bf16 instead of fp16, or check "
+                        "the data for broken images."
+                    )
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and config.train.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(params, config.train.max_grad_norm)
+                optimizer.step()
+                if accelerator.sync_gradients:
+                    lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            step_loss += loss.item() / config.train.gradient_accumulation_steps
+            images += len(indices)
+        step += 1
+        losses.append(step_loss)
+
+        elapsed = time.perf_counter() - started
+        rate = (step - start_step) / elapsed if elapsed > 0 else 0.0
+        lr = lr_scheduler.get_last_lr()[0]
+        progress = events.Progress(
+            step=step,
+            total_steps=config.train.steps,
+            loss=step_loss,
+            lr=lr,
+            images_per_s=images * rate,
+            elapsed_s=elapsed,
+            eta_s=(config.train.steps - step) / rate if rate > 0 else math.inf,
+        )
+        emit(progress)
+        if step % config.train.log_every == 0 or step == config.train.steps:
+            record = {
+                "step": step, "loss": step_loss, "lr": lr,
+                "images_per_s": progress.images_per_s, "seconds": elapsed,
+            }
+            with open(metrics_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+            accelerator.log({"loss": step_loss, "lr": lr}, step=step)
+        if config.sample.every and config.sample.prompts and step % config.sample.every == 0:
+            emit(events.SampleSaved(step, render_samples(model, config, out, step), list(config.sample.prompts)))
+        if config.train.save_every and step % config.train.save_every == 0 and step < config.train.steps:
+            save_checkpoint_now()
+
+    # --- final save (also after a stop request) ---
+    save_checkpoint_now()
+    paths = export_adapter(model, config, out, step, len(data.items))
+    emit(events.AdapterSaved(step, paths))
+    accelerator.end_training()
+    if stopped:
+        resume_cmd = f"stylelora train {out / 'config.toml'} --resume auto"
+        emit(events.Message(f"stopped at step {step}; continue with: {resume_cmd}"))
+    emit(events.Finished(step, stopped, out, paths))
+    return RunResult(out, step, stopped, paths, losses)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop metric lines past the checkpoint so the log matches the resumed run."""
+    if not path.is_file():
+        return
+    from .fileio import write_text
+
+    kept = [
+        line for line in path.read_text(encoding="utf-8").splitlines()
+        if line.strip() and json.loads(line).get("step", 0) <= step
+    ]
+    write_text(path, "".join(line + "\n" for line in kept))

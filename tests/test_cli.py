@@ -1,0 +1,115 @@
+import json
+import math
+from pathlib import Path
+
+import pytest
+import tomllib
+
+from conftest import run_cli
+
+
+def test_train_end_to_end_and_replay_from_the_runs_config(dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "first"
+    r = run_cli("train", "--model", "builtin:tiny", "--data", str(dataset), "--steps", "20",
+                "--resolution", "64", "--rank", "4", "--output", str(out))
+    assert r.returncode == 0, r.stderr
+    for rel in ["config.toml", "first.safetensors", "diffusers/pytorch_lora_weights.safetensors", "metrics.jsonl"]:
+        assert (out / rel).is_file(), rel
+    losses = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 20 and all(math.isfinite(x) for x in losses)
+    assert "first.safetensors" in r.stdout
+
+    replay = tmp_path / "replay"
+    r2 = run_cli("train", str(out / "config.toml"), "--output", str(replay))
+    assert r2.returncode == 0, r2.stderr
+    first = tomllib.loads((out / "config.toml").read_text())
+    second = tomllib.loads((replay / "config.toml").read_text())
+    first["train"].pop("output_dir"), second["train"].pop("output_dir")
+    assert first == second and first["train"]["steps"] == 20
+    same = [json.loads(x)["loss"] for x in (replay / "metrics.jsonl").read_text().splitlines()]
+    assert same == pytest.approx(losses, rel=1e-4)  # one seed for everything: the replay is the same run
+
+
+def test_training_into_an_existing_run_is_refused(dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    args = ["train", "--data", str(dataset), "--steps", "1", "--resolution", "64", "--output", str(out)]
+    assert run_cli(*args).returncode == 0
+    r = run_cli(*args)
+    assert r.returncode == 1 and "already holds a run" in r.stderr and "--resume auto" in r.stderr
+
+
+@pytest.mark.parametrize("command", [[], ["train"], ["generate"], ["export"], ["check-data"]])
+def test_help_for_every_command(command: list[str]) -> None:
+    r = run_cli(*command, "--help")
+    assert r.returncode == 0 and "usage: stylelora" in r.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--set", "train.lr=-1"], "train.lr: must be > 0, got -1"),
+        (["--set", "train.setps=3"], "did you mean 'train.steps'"),
+        (["--model", "someone/some-model"], "could not be downloaded"),
+        (["--model", "/no/such/folder"], "no such folder or file"),
+        (["--data", "/no/such/data"], "no such folder"),
+        (["--model", "weights.ckpt"], "pickled checkpoints"),
+    ],
+)
+def test_input_errors_exit_1_with_one_message_and_no_traceback(args, message, dataset: Path, tmp_path: Path) -> None:
+    base = ["train", "--data", str(dataset), "--steps", "1", "--resolution", "64", "--output", str(tmp_path / "o")]
+    r = run_cli(*base, *args)
+    assert r.returncode == 1, r.stderr
+    assert message in r.stderr
+    assert "Traceback" not in r.stderr + r.stdout
+
+
+def test_debug_shows_the_traceback(dataset: Path, tmp_path: Path) -> None:
+    r = run_cli("train", "--data", str(tmp_path / "missing"), "--debug")
+    assert r.returncode == 1 and "Traceback" in r.stderr
+
+
+def test_usage_errors_exit_2() -> None:
+    assert run_cli("train", "--steps", "many").returncode == 2
+    assert run_cli("no-such-command").returncode == 2
+
+
+def test_train_on_a_diffusers_folder_stylelora_did_not_write(dataset: Path, tmp_path: Path) -> None:
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from stylelora.models import _builtin_tokenizer
+
+    torch.manual_seed(1)
+    tok = _builtin_tokenizer()
+    pipe = StableDiffusionPipeline(
+        unet=UNet2DConditionModel(sample_size=8, block_out_channels=(32, 32, 64), layers_per_block=1,
+                                  down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                                  cross_attention_dim=24, attention_head_dim=2, norm_num_groups=8),
+        vae=AutoencoderKL(block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4,
+                          up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=4, latent_channels=4),
+        text_encoder=CLIPTextModel(CLIPTextConfig(hidden_size=24, intermediate_size=48, num_hidden_layers=1,
+                                                  num_attention_heads=2, vocab_size=len(tok),
+                                                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                                  pad_token_id=tok.pad_token_id)),
+        tokenizer=tok, scheduler=PNDMScheduler(skip_prk_steps=True), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False,
+    )
+    folder = tmp_path / "someones-model"
+    pipe.save_pretrained(folder)
+    out = tmp_path / "run"
+    r = run_cli("train", "--model", str(folder), "--data", str(dataset), "--steps", "3", "--resolution", "64",
+                "--train-text-encoder", "--output", str(out))
+    assert r.returncode == 0, r.stderr
+    from safetensors.torch import load_file
+
+    keys = load_file(out / "run.safetensors")
+    assert any(k.startswith("lora_te_text_model_encoder_layers_0_") for k in keys)
+    assert any(k.startswith("lora_unet_down_blocks_1_attentions_0_") for k in keys)
+
+
+def test_folder_without_model_index_is_explained(dataset: Path, tmp_path: Path) -> None:
+    (tmp_path / "notamodel").mkdir()
+    r = run_cli("train", "--model", str(tmp_path / "notamodel"), "--data", str(dataset), "--steps", "1")
+    assert r.returncode == 1 and "model_index.json" in r.stderr

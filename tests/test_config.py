@@ -1,0 +1,81 @@
+from pathlib import Path
+
+import pytest
+
+from stylelora.config import Config, all_fields, parse_override
+from stylelora.errors import ConfigError
+
+
+def test_toml_round_trip_keeps_every_field(tmp_path: Path) -> None:
+    config = Config().with_overrides(
+        {"train.steps": 123, "lora.rank": 8, "lora.alpha": 4.0, "train.text_encoder_lr": 5e-5,
+         "sample.prompts": ["a cat", "a dog"], "data.trigger_word": "zxc"}
+    )
+    path = tmp_path / "c.toml"
+    config.save(path)
+    loaded = Config.load(path)
+    assert loaded == config
+    assert loaded.train.text_encoder_lr == 5e-5
+    assert 'trigger_word = "zxc"' in path.read_text()
+
+
+def test_unset_optional_field_is_omitted_and_reloads_as_none(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    Config().save(path)
+    assert "text_encoder_lr" not in path.read_text()
+    assert Config.load(path).train.text_encoder_lr is None
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"train.lr": -1}, "train.lr: must be > 0, got -1"),
+        ({"lora.rank": 0}, "lora.rank: must be >= 1, got 0"),
+        ({"train.steps": "many"}, "train.steps: must be an integer, got 'many'"),
+        ({"train.mixed_precision": "fp8"}, "train.mixed_precision: must be one of 'auto', 'no', 'fp16', 'bf16'"),
+        ({"data.resolution": 100}, "data.resolution: must be a multiple of 8, got 100"),
+        ({"lora.train_text_encoder": "yes"}, "lora.train_text_encoder: must be true or false"),
+    ],
+)
+def test_invalid_values_name_the_field_and_the_allowed_values(overrides, message) -> None:
+    with pytest.raises(ConfigError) as e:
+        Config().with_overrides(overrides)
+    assert message in str(e.value)
+
+
+def test_unknown_key_suggests_the_nearest_name() -> None:
+    with pytest.raises(ConfigError, match=r"train.setps: unknown setting; did you mean 'train.steps'\?"):
+        Config.from_toml("[train]\nsetps = 5\n")
+    with pytest.raises(ConfigError, match="unknown setting"):
+        Config().with_overrides(["trian.steps=5"])
+
+
+def test_toml_syntax_error_gives_line_and_column(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text("[train]\nsteps = = 3\n")
+    with pytest.raises(ConfigError) as e:
+        Config.load(path)
+    assert str(path) in str(e.value) and "line 2" in str(e.value)
+
+
+def test_overrides_parse_toml_values_and_bare_strings() -> None:
+    assert parse_override("train.lr=1e-4") == ("train.lr", 1e-4)
+    assert parse_override("lora.train_text_encoder=true") == ("lora.train_text_encoder", True)
+    assert parse_override("train.lr_scheduler=cosine") == ("train.lr_scheduler", "cosine")
+    assert parse_override('sample.prompts=["a", "b"]') == ("sample.prompts", ["a", "b"])
+    config = Config().with_overrides(["train.steps=7", "lora.alpha=2"])
+    assert config.train.steps == 7 and config.lora.alpha == 2.0
+    with pytest.raises(ConfigError, match="expected dotted.key=value"):
+        parse_override("train.steps")
+
+
+def test_every_field_has_help_text() -> None:
+    fields = all_fields()
+    assert len(fields) > 40
+    assert all(f.metadata.get("help") for f in fields.values())
+
+
+def test_output_dir_defaults_to_dataset_name() -> None:
+    config = Config().with_overrides({"data.path": "datasets/my-style"})
+    assert config.output_dir == Path("outputs/my-style")
+    assert config.run_name == "my-style"
