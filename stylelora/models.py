@@ -323,3 +323,18 @@ def set_lora_state(model: BaseModel, state: dict[str, dict[str, torch.Tensor]]) 
         unexpected = getattr(result, "unexpected_keys", [])
         if unexpected:
             raise ModelError(f"{part}: LoRA weights for modules this model lacks: {unexpected[:5]}")
+
+
+def adaptable_modules(model: BaseModel) -> dict[str, list[str]]:
+    """Module paths (per part) that can carry LoRA: every Linear and Conv2d of UNet and text encoder.
+
+    This is the model's own list of names; adapter loading maps file keys onto it (never guessing).
+    """
+    out: dict[str, list[str]] = {}
+    for part, module in (("unet", model.unet), ("text_encoder", model.text_encoder)):
+        names = []
+        for name, sub in module.named_modules():
+            if isinstance(sub, (torch.nn.Linear, torch.nn.Conv2d)) and "lora_" not in name:
+                names.append(name.removesuffix(".base_layer"))
+        out[part] = sorted(set(names))
+    return out
