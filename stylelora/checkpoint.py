@@ -3,6 +3,7 @@
 A checkpoint folder ``checkpoints/step-NNNNNN/`` holds:
 - ``lora.safetensors``: canonical LoRA weights (fp32), keys ``unet.<path>`` / ``text_encoder.<path>``;
 - ``optimizer.safetensors``: every tensor of the optimizer state, plus its non-tensor state as JSON;
+- ``ema.safetensors`` (only when EMA is on): the averaged LoRA weights, keyed as ``lora.safetensors``;
 - ``state.json``: step, data position, LR-scheduler state, RNG states, and a completeness marker.
 It is written into a temporary folder and renamed, so a folder named ``step-*`` is always complete.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
 import shutil
 from dataclasses import dataclass
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import fileio
@@ -36,6 +39,7 @@ class TrainingState:
     lr_scheduler: dict[str, Any]
     rng: dict[str, torch.Tensor]
     extra: dict[str, Any]
+    ema: dict[str, dict[str, torch.Tensor]] | None = None
 
 
 def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -73,11 +77,13 @@ def _decode_rng(rng: dict[str, str]) -> dict[str, torch.Tensor]:
 
 def save_checkpoint(folder: Path, state: TrainingState) -> Path:
     """Write ``folder`` (e.g. run/checkpoints/step-000100) atomically."""
-    lora = {f"{part}.{k}": v.contiguous() for part, sd in state.lora.items() for k, v in sd.items()}
+    lora = _flatten_parts(state.lora)
     opt_tensors, opt_meta = _flatten_optimizer(state.optimizer)
     with fileio.atomic_dir(folder) as tmp:
         save_file(lora, str(tmp / "lora.safetensors"))
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        if state.ema is not None:
+            save_file(_flatten_parts(state.ema), str(tmp / "ema.safetensors"))
         meta = {
             "step": state.step,
             "epoch": state.epoch,
@@ -86,6 +92,7 @@ def save_checkpoint(folder: Path, state: TrainingState) -> Path:
             "lr_scheduler": state.lr_scheduler,
             "rng": _encode_rng(state.rng),
             "extra": state.extra,
+            "ema": state.ema is not None,
             "complete": True,
         }
         (tmp / "state.json").write_text(json.dumps(meta), encoding="utf-8")
@@ -97,14 +104,12 @@ def load_checkpoint(folder: Path) -> TrainingState:
         meta = json.loads((folder / "state.json").read_text(encoding="utf-8"))
         flat = load_file(str(folder / "lora.safetensors"))
         opt_tensors = load_file(str(folder / "optimizer.safetensors"))
-    except (OSError, ValueError, KeyError) as e:
+        ema = _unflatten_parts(load_file(str(folder / "ema.safetensors"))) if meta.get("ema") else None
+    except (OSError, ValueError, KeyError, SafetensorError) as e:
         raise TrainingError(f"{folder}: not a complete stylelora checkpoint ({e})") from None
     if not meta.get("complete"):
         raise TrainingError(f"{folder}: checkpoint is incomplete; pick an earlier one")
-    lora: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in flat.items():
-        part, rest = key.split(".", 1)
-        lora.setdefault(part, {})[rest] = value
+    lora = _unflatten_parts(flat)
     return TrainingState(
         step=meta["step"],
         epoch=meta["epoch"],
@@ -114,7 +119,47 @@ def load_checkpoint(folder: Path) -> TrainingState:
         lr_scheduler=meta["lr_scheduler"],
         rng=_decode_rng(meta["rng"]),
         extra=meta.get("extra", {}),
+        ema=ema,
     )
+
+
+def _flatten_parts(state: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {f"{part}.{k}": v.contiguous() for part, sd in state.items() for k, v in sd.items()}
+
+
+def _unflatten_parts(flat: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in flat.items():
+        part, rest = key.split(".", 1)
+        out.setdefault(part, {})[rest] = value
+    return out
+
+
+def is_complete(folder: Path) -> bool:
+    """True when ``folder`` holds every file of a checkpoint and its state says it is complete."""
+    try:
+        meta = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    needed = ["lora.safetensors", "optimizer.safetensors"] + (["ema.safetensors"] if meta.get("ema") else [])
+    return bool(meta.get("complete")) and all((folder / name).is_file() for name in needed)
+
+
+def newest_complete(run_dir: Path) -> Path | None:
+    """The newest checkpoint that is complete (a damaged newer one is skipped), or None."""
+    for folder in reversed(list_checkpoints(run_dir)):
+        if is_complete(folder):
+            return folder
+    return None
+
+
+def remove_stale(run_dir: Path) -> None:
+    """Delete temporary folders that a killed run left behind (``.step-NNNNNN.*``); they are never resumed."""
+    folder = run_dir / "checkpoints"
+    if folder.is_dir():
+        for p in folder.iterdir():
+            if p.name.startswith(".step-"):
+                shutil.rmtree(p, ignore_errors=True)
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -128,8 +173,12 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def prune_checkpoints(run_dir: Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` checkpoints; each is renamed away first, so a kill mid-delete
+    never leaves a half-deleted folder under a ``step-*`` name."""
     for old in list_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        doomed = old.with_name(f".{old.name}.deleting")
+        os.replace(old, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:

@@ -84,6 +84,8 @@ class TerminalProgress:
             self.bar.update(event.step - self.bar.n)
         elif isinstance(event, events.Message):
             self._write(event.text)
+        elif isinstance(event, events.Validation):
+            self._write(f"step {event.step}: validation loss {event.loss:.5f}")
         elif isinstance(event, events.CheckpointSaved):
             self._write(f"checkpoint: {event.path}")
         elif isinstance(event, events.SampleSaved):
@@ -112,7 +114,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     stop = threading.Event()
 
     def request_stop(signum: int, _frame: Any) -> None:
-        print(f"\n{signal.Signals(signum).name}: stopping after this step and saving...", file=sys.stderr)
+        if stop.is_set():  # a second signal means: stop now (the last checkpoint is complete on disk)
+            raise KeyboardInterrupt
+        print(f"\n{signal.Signals(signum).name}: stopping after this step and saving a checkpoint "
+              "(send it again to quit at once)...", file=sys.stderr)
         stop.set()
 
     previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -200,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("interrupted; continue from the last complete checkpoint with --resume auto", file=sys.stderr)
         return 130
 
 

@@ -42,6 +42,7 @@ UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2",
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 
 Precision = Literal["auto", "no", "fp16", "bf16"]
+Optimizer = Literal["adamw", "adamw8bit", "prodigy", "adafactor"]
 LrScheduler = Literal[
     "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
 ]
@@ -83,6 +84,13 @@ class LoraConfig:
     text_encoder_targets: list[str] = option(
         TEXT_ENCODER_TARGETS, "Text-encoder module names that get LoRA."
     )
+    conv_rank: int = option(
+        0, "LoCon: rank of LoRA on the 3x3 convs of the UNet's ResNet blocks; 0 leaves them alone.", ge=0, le=1024
+    )
+    conv_alpha: float = option(
+        1.0, "LoCon: alpha of the conv LoRA (its update is scaled by conv_alpha/conv_rank).", gt=0
+    )
+    dora: bool = option(False, "DoRA: learn a magnitude per output as well as the LoRA direction (peft use_dora).")
 
 
 @dataclass
@@ -97,7 +105,12 @@ class TrainConfig:
     )
     lr_scheduler: LrScheduler = option("constant", "Learning-rate schedule.")
     lr_warmup_steps: int = option(0, "Warmup steps of the schedule.", ge=0)
-    optimizer: Literal["adamw"] = option("adamw", "Optimizer.")
+    lr_scheduler_cycles: int = option(1, "Cycles (hard restarts) of cosine_with_restarts.", ge=1)
+    lr_scheduler_power: float = option(1.0, "Power of the polynomial schedule (1 is linear decay).", gt=0)
+    optimizer: Optimizer = option(
+        "adamw",
+        "adamw; adamw8bit (bitsandbytes, CUDA only); prodigy (adapts the step size: use lr=1); adafactor.",
+    )
     weight_decay: float = option(1e-2, "AdamW weight decay.", ge=0)
     adam_beta1: float = option(0.9, "AdamW beta1.", ge=0, lt=1)
     adam_beta2: float = option(0.999, "AdamW beta2.", ge=0, lt=1)
@@ -106,7 +119,22 @@ class TrainConfig:
     mixed_precision: Precision = option(
         "auto", "auto: bf16 on GPUs that have it, else fp16 on CUDA, none on CPU."
     )
+    gradient_checkpointing: bool = option(False, "Recompute activations in the backward pass: less memory, slower.")
+    attention: Literal["sdpa", "default"] = option(
+        "sdpa", "Attention kernel: sdpa (PyTorch scaled_dot_product_attention) or default (plain matmuls)."
+    )
     device: Literal["auto", "cpu", "cuda"] = option("auto", "Where to train.")
+    min_snr_gamma: float = option(0.0, "Min-SNR loss weighting gamma (5 is usual); 0 turns it off.", ge=0)
+    noise_offset: float = option(0.0, "Noise offset (0.05-0.1 helps very dark/bright images); 0 turns it off.", ge=0)
+    zero_terminal_snr: bool = option(
+        False, "Rescale the noise schedule to zero terminal SNR (needs model.prediction_type=v_prediction)."
+    )
+    ema: bool = option(False, "Keep an exponential moving average of the LoRA weights; samples and export use it.")
+    ema_decay: float = option(0.999, "EMA decay per optimizer step.", gt=0, lt=1)
+    validation_images: int = option(
+        0, "Images held out of training to measure a validation loss (fixed noise and timesteps).", ge=0
+    )
+    validate_every: int = option(0, "Validation loss every N steps (and at the end); 0 means only at the end.", ge=0)
     seed: int = option(42, "One seed for weights, data order, noise and timesteps.", ge=0)
     save_every: int = option(0, "Save a resumable checkpoint every N steps; 0 means only at the end.", ge=0)
     keep_checkpoints: int = option(3, "How many newest checkpoints to keep.", ge=1)
@@ -140,7 +168,7 @@ class Config:
     export: ExportConfig = field(default_factory=ExportConfig)
 
     def __post_init__(self) -> None:
-        errors = _check(self, "")
+        errors = _check(self, "") or _cross_checks(self)
         if errors:
             raise ConfigError("\n".join(errors))
 
@@ -351,4 +379,15 @@ def _check(obj: Any, prefix: str) -> list[str]:
                 errors.append(f"{dotted}: must be {word} {b:g}, got {value:g}")
     if type(obj).__name__ == "DataConfig" and obj.resolution % 8:
         errors.append(f"{prefix}resolution: must be a multiple of 8, got {obj.resolution}")
+    return errors
+
+
+def _cross_checks(config: Config) -> list[str]:
+    """Errors that involve two fields (each message names the field to change)."""
+    errors = []
+    if config.train.zero_terminal_snr and config.model.prediction_type == "epsilon":
+        errors.append(
+            "train.zero_terminal_snr: needs v-prediction (with zero terminal SNR the last timestep is pure "
+            "noise and epsilon cannot be learned); set model.prediction_type=v_prediction"
+        )
     return errors

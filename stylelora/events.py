@@ -35,6 +35,14 @@ class Message:
 
 
 @dataclass
+class Validation:
+    """Loss on the held-out images (fixed noise and timesteps, so steps compare)."""
+
+    step: int
+    loss: float
+
+
+@dataclass
 class SampleSaved:
     step: int
     paths: list[Path]
@@ -61,4 +69,4 @@ class Finished:
     adapter_paths: list[Path] = field(default_factory=list)
 
 
-Event = Started | Progress | Message | SampleSaved | CheckpointSaved | AdapterSaved | Finished
+Event = Started | Progress | Message | Validation | SampleSaved | CheckpointSaved | AdapterSaved | Finished

@@ -16,6 +16,8 @@ from .errors import ModelError
 log = logging.getLogger(__name__)
 
 ADAPTER_NAME = "default"
+# The 3x3 convs of diffusers' ResnetBlock2D (no other UNet module is named conv1/conv2).
+LOCON_TARGETS = ["conv1", "conv2"]
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
 
 
@@ -283,11 +285,21 @@ def add_lora(model: BaseModel, lora: LoraConfig) -> list[torch.nn.Parameter]:
         module.requires_grad_(False)
     params: list[torch.nn.Parameter] = []
     for module, names in targets:
+        rank_pattern: dict[str, int] = {}
+        alpha_pattern: dict[str, float] = {}
+        if module is model.unet and lora.conv_rank:
+            # LoCon: the 3x3 convs of the ResNet blocks, with their own rank and alpha.
+            names = [*names, *LOCON_TARGETS]
+            rank_pattern = {name: lora.conv_rank for name in LOCON_TARGETS}
+            alpha_pattern = {name: lora.conv_alpha for name in LOCON_TARGETS}
         peft_config = PeftLoraConfig(
             r=lora.rank,
             lora_alpha=lora.alpha,
             lora_dropout=lora.dropout,
             target_modules=names,
+            rank_pattern=rank_pattern,
+            alpha_pattern=alpha_pattern,
+            use_dora=lora.dora,
             init_lora_weights="gaussian",
         )
         try:

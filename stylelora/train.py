@@ -2,26 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from . import checkpoint as ckpt
-from . import events
+from . import events, losses, optim
 from .config import Config
-from .dataset import CaptionedImages, Position, batches
+from .dataset import CaptionedImages, Position, batches, scan
+from .ema import LoraEMA
 from .errors import ConfigError, TrainingError
 from .formats import Adapter, save_diffusers, save_kohya
 from .metadata import kohya_metadata
-from .models import BaseModel, add_lora, load_base_model, lora_state, set_lora_state
+from .models import LOCON_TARGETS, BaseModel, add_lora, load_base_model, lora_state, set_lora_state
+from .validation import Validator, split_holdout
 
 log = logging.getLogger(__name__)
 
@@ -79,18 +81,36 @@ def _find_resume(config: Config, out: Path) -> Path | None:
     if not resume:
         return None
     if resume == "auto":
-        found = ckpt.list_checkpoints(out)
-        return found[-1] if found else None
+        ckpt.remove_stale(out)
+        return ckpt.newest_complete(out)
     path = Path(resume)
-    if not (path / "state.json").is_file():
-        raise ConfigError(f"train.resume: '{resume}' is not a checkpoint folder (no state.json inside)")
+    if not ckpt.is_complete(path):
+        raise ConfigError(f"train.resume: '{resume}' is not a complete checkpoint folder (state.json missing)")
     return path
+
+
+def _fold_conv_alpha(state: dict[str, dict[str, torch.Tensor]], config: Config) -> dict[str, dict[str, torch.Tensor]]:
+    """LoCon convs train with conv_alpha, but a file holds one alpha per part (diffusers mis-scales mixed
+    alphas): fold conv_alpha/alpha into their up weights, so alpha/rank * up @ down is the trained delta."""
+    if not config.lora.conv_rank or "unet" not in state:
+        return state
+    ratio = config.lora.conv_alpha / config.lora.alpha
+    unet = {
+        k: v * ratio if k.endswith(".lora_B.weight") and k.split(".")[-3] in LOCON_TARGETS else v
+        for k, v in state["unet"].items()
+    }
+    return {**state, "unet": unet}
 
 
 def export_adapter(model: BaseModel, config: Config, out: Path, step: int, num_images: int) -> list[Path]:
     """Write the run's adapter in kohya and diffusers formats."""
     alpha = {part: config.lora.alpha for part in ("unet", "text_encoder")}
-    adapter = Adapter(lora_state(model), alpha, kohya_metadata(config, model, step, num_images))
+    metadata = kohya_metadata(config, model, step, num_images)
+    if config.lora.conv_rank:
+        metadata["ss_network_args"] = json.dumps(
+            {"conv_dim": str(config.lora.conv_rank), "conv_alpha": f"{config.lora.conv_alpha:g}"}
+        )
+    adapter = Adapter(_fold_conv_alpha(lora_state(model), config), alpha, metadata)
     kohya = save_kohya(out / f"{config.run_name}.safetensors", adapter, config.export.precision)
     diffusers = save_diffusers(out / "diffusers", adapter, config.export.precision)
     return [kohya, diffusers]
@@ -100,8 +120,9 @@ def render_samples(model: BaseModel, config: Config, out: Path, step: int) -> li
     from .fileio import atomic_path
 
     paths = []
-    unet_mode = model.unet.training
+    unet_mode, te_mode = model.unet.training, model.text_encoder.training
     model.unet.eval()
+    model.text_encoder.eval()
     for i, prompt in enumerate(config.sample.prompts):
         image = model.pipeline(
             prompt,
@@ -117,7 +138,31 @@ def render_samples(model: BaseModel, config: Config, out: Path, step: int) -> li
             image.save(tmp, format="PNG")
         paths.append(path)
     model.unet.train(unet_mode)
+    model.text_encoder.train(te_mode)
     return paths
+
+
+def _rng_state(noise_rng: torch.Generator) -> dict[str, torch.Tensor]:
+    """Every random stream the loop draws from: noise/timesteps/VAE sampling, and torch's global one (dropout)."""
+    state = {"noise": noise_rng.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    return state
+
+
+def _set_rng_state(noise_rng: torch.Generator, state: dict[str, torch.Tensor]) -> None:
+    noise_rng.set_state(state["noise"])
+    if "torch" in state:
+        torch.set_rng_state(state["torch"])
+    cuda = [state[f"cuda{i}"] for i in range(len(state)) if f"cuda{i}" in state]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def _set_attention(unet: torch.nn.Module, kind: str) -> None:
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    unet.set_attn_processor(AttnProcessor2_0() if kind == "sdpa" else AttnProcessor())
 
 
 def train(
@@ -132,30 +177,44 @@ def train(
     by default the model named in the config is loaded.
     """
     from accelerate import Accelerator
-    from diffusers import DDPMScheduler
-    from diffusers.optimization import get_scheduler
 
     emit: EventHandler = on_event or (lambda e: None)
+    cfg = config.train
     out = resolve_output_dir(config)
     resume_from = _find_resume(config, out)
     accelerator = Accelerator(
         mixed_precision=_mixed_precision(config),
-        gradient_accumulation_steps=config.train.gradient_accumulation_steps,
-        cpu=config.train.device == "cpu",
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        cpu=cfg.device == "cpu",
         log_with="tensorboard",
         project_dir=str(out / "logs"),
     )
-    if config.train.device == "cuda" and accelerator.device.type != "cuda":
+    if cfg.device == "cuda" and accelerator.device.type != "cuda":
         raise ConfigError("train.device: 'cuda' was asked for but no CUDA GPU is available")
-    torch.manual_seed(config.train.seed)
+    torch.manual_seed(cfg.seed)
 
-    # --- model, data, optimizer ---
-    data = CaptionedImages.from_config(config.data)
+    # --- data (a seeded few images held out for the validation loss) ---
+    items, held_out = split_holdout(scan(config.data.path, config.data.caption_extension), cfg.validation_images,
+                                    cfg.seed)
+    data = CaptionedImages(items, config.data)
+
+    # --- model: LoRA (or LoCon/DoRA) layers in fp32 on a frozen base in the training precision ---
     if model is None:
         model = load_base_model(config.model.name, config.model.config, config.model.prediction_type)
+    noise_scheduler = losses.training_scheduler(model.pipeline.scheduler.config, model.prediction_type,
+                                                cfg.zero_terminal_snr)
+    if cfg.zero_terminal_snr:  # samples must start from pure noise too
+        from diffusers import DDIMScheduler
+
+        model.pipeline.scheduler = DDIMScheduler.from_config(
+            model.pipeline.scheduler.config, rescale_betas_zero_snr=True, timestep_spacing="trailing")
     params = add_lora(model, config.lora)
     unet, vae, text_encoder, tokenizer = model.unet, model.vae, model.text_encoder, model.tokenizer
-    noise_scheduler = DDPMScheduler.from_config(model.pipeline.scheduler.config)
+    _set_attention(unet, cfg.attention)
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if config.lora.train_text_encoder:
+            text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     for module in (unet, vae, text_encoder):
         module.to(accelerator.device)
@@ -167,42 +226,52 @@ def train(
     unet.train()
     text_encoder.train(config.lora.train_text_encoder)
 
-    te_lr = config.train.text_encoder_lr or config.train.lr
-    unet_params = [p for n, p in unet.named_parameters() if p.requires_grad]
-    te_params = [p for n, p in text_encoder.named_parameters() if p.requires_grad]
-    groups = [{"params": unet_params, "lr": config.train.lr}]
+    # --- optimizer, schedule, EMA, validation ---
+    groups = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": cfg.lr}]
+    te_params = [p for p in text_encoder.parameters() if p.requires_grad]
     if te_params:
-        groups.append({"params": te_params, "lr": te_lr})
-    optimizer = torch.optim.AdamW(
-        groups,
-        betas=(config.train.adam_beta1, config.train.adam_beta2),
-        eps=config.train.adam_epsilon,
-        weight_decay=config.train.weight_decay,
-    )
-    lr_scheduler = get_scheduler(
-        config.train.lr_scheduler,
-        optimizer=optimizer,
-        num_warmup_steps=config.train.lr_warmup_steps,
-        num_training_steps=config.train.steps,
-    )
+        groups.append({"params": te_params, "lr": cfg.text_encoder_lr or cfg.lr})
+    optimizer = optim.build_optimizer(groups, cfg, accelerator.device)
+    lr_scheduler = optim.build_lr_scheduler(optimizer, cfg)
+    ema = LoraEMA(params, cfg.ema_decay) if cfg.ema else None
+    validator = None
+    if held_out:
+        validation_data = CaptionedImages(held_out, replace(config.data, center_crop=True, random_flip=False))
+        examples = [validation_data.example(i, cfg.seed, 0) for i in range(len(validation_data.items))]
+        validator = Validator(examples, model, noise_scheduler, accelerator.device, weight_dtype, cfg.seed)
     # Only modules with trainable weights are prepared: DDP refuses a fully frozen module.
     if config.lora.train_text_encoder:
         unet, text_encoder, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
     else:
         unet, optimizer = accelerator.prepare(unet, optimizer)
-    noise_rng = torch.Generator().manual_seed(config.train.seed)
+    noise_rng = torch.Generator().manual_seed(cfg.seed)
 
-    # --- resume ---
-    step, position = 0, Position()
+    # --- resume: weights, optimizer, schedule, EMA, every RNG and the data position ---
+    step, position, elapsed_before = 0, Position(), 0.0
     if resume_from is not None:
         state = ckpt.load_checkpoint(resume_from)
-        set_lora_state(model, state.lora)
-        optimizer.load_state_dict(state.optimizer)
+        if state.extra.get("optimizer", type(optimizer.optimizer).__name__) != type(optimizer.optimizer).__name__:
+            raise ConfigError(
+                f"train.optimizer: {resume_from} was trained with {state.extra['optimizer']}, this config asks "
+                f"for {cfg.optimizer}; resume with the run's own config.toml"
+            )
+        try:
+            if ema is not None and state.ema is not None:
+                set_lora_state(model, state.ema)
+                ema.reset_from_params(int(state.extra.get("ema_steps", 0)))
+            set_lora_state(model, state.lora)
+            optimizer.load_state_dict(state.optimizer)
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise TrainingError(
+                f"{resume_from}: this checkpoint does not fit the configured LoRA (rank, targets, LoCon/DoRA or "
+                f"text encoder changed?); resume with the run's own config.toml ({type(e).__name__})"
+            ) from e
         lr_scheduler.load_state_dict(state.lr_scheduler)
-        noise_rng.set_state(state.rng["noise"])
+        _set_rng_state(noise_rng, state.rng)
         step, position = state.step, Position(state.epoch, state.batch)
+        elapsed_before = float(state.extra.get("elapsed_s", 0.0))
         emit(events.Message(f"resumed from {resume_from} at step {step}"))
-    elif config.train.resume == "auto":
+    elif cfg.resume == "auto":
         emit(events.Message(f"no checkpoint in {out}; starting from step 0"))
 
     out.mkdir(parents=True, exist_ok=True)
@@ -210,10 +279,17 @@ def train(
     accelerator.init_trackers("stylelora")
     metrics_path = out / "metrics.jsonl"
     _truncate_metrics(metrics_path, step)
-    emit(events.Started(config.train.steps, step, len(data.items), str(accelerator.device), out))
+    emit(events.Started(cfg.steps, step, len(data.items), str(accelerator.device), out))
+    averaged = ema.applied if ema is not None else contextlib.nullcontext
 
     def save_checkpoint_now() -> None:
         folder = ckpt.checkpoint_dir(out, step)
+        if ckpt.is_complete(folder):  # just resumed from it: the state is the same
+            return
+        ema_state = None
+        if ema is not None:
+            with ema.applied():
+                ema_state = lora_state(model)
         ckpt.save_checkpoint(
             folder,
             ckpt.TrainingState(
@@ -223,26 +299,29 @@ def train(
                 lora=lora_state(model),
                 optimizer=optimizer.state_dict(),
                 lr_scheduler=lr_scheduler.state_dict(),
-                rng={"noise": noise_rng.get_state()},
-                extra={},
+                rng=_rng_state(noise_rng),
+                extra={"optimizer": type(optimizer.optimizer).__name__, "elapsed_s": elapsed,
+                       "ema_steps": ema.steps if ema is not None else 0},
+                ema=ema_state,
             ),
         )
-        ckpt.prune_checkpoints(out, config.train.keep_checkpoints)
+        ckpt.prune_checkpoints(out, cfg.keep_checkpoints)
         emit(events.CheckpointSaved(step, folder))
 
     # --- the loop: one iteration is one optimizer step of `accumulation` micro-batches ---
-    stream = batches(len(data), config.train.batch_size, config.train.seed, position)
-    losses: list[float] = []
+    stream = batches(len(data), cfg.batch_size, cfg.seed, position)
+    losses_seen: list[float] = []
     started, start_step, stopped = time.perf_counter(), step, False
-    while step < config.train.steps:
+    elapsed = elapsed_before
+    while step < cfg.steps:
         if _stop_requested(stop):
             stopped = True
             break
         step_loss = 0.0
         images = 0
-        for _ in range(config.train.gradient_accumulation_steps):
+        for _ in range(cfg.gradient_accumulation_steps):
             position, indices = next(stream)
-            examples = [data.example(i, config.train.seed, position.epoch) for i in indices]
+            examples = [data.example(i, cfg.seed, position.epoch) for i in indices]
             pixels = torch.stack([e["pixels"] for e in examples]).to(accelerator.device, weight_dtype)
             ids = tokenizer(
                 [str(e["caption"]) for e in examples],
@@ -251,23 +330,22 @@ def train(
                 truncation=True,
                 return_tensors="pt",
             ).input_ids.to(accelerator.device)
+            example_weights = torch.ones(len(indices), device=accelerator.device)
             with accelerator.accumulate(unet, text_encoder), accelerator.autocast():
                 with torch.no_grad():
                     latents = vae.encode(pixels).latent_dist.sample(generator=noise_rng)
                     latents = latents * vae.config.scaling_factor
-                noise = torch.randn(latents.shape, generator=noise_rng).to(latents)
+                noise = losses.sample_noise(latents.shape, noise_rng, cfg.noise_offset).to(latents)
                 timesteps = torch.randint(
                     0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=noise_rng
                 ).to(accelerator.device)
                 noisy = noise_scheduler.add_noise(latents, noise, timesteps)
                 with torch.set_grad_enabled(config.lora.train_text_encoder):
                     encoder_states = text_encoder(ids)[0]
-                if noise_scheduler.config.prediction_type == "v_prediction":
-                    target = noise_scheduler.get_velocity(latents, noise, timesteps)
-                else:
-                    target = noise
+                target = losses.training_target(noise_scheduler, latents, noise, timesteps)
                 pred = unet(noisy, timesteps, encoder_states).sample
-                loss = F.mse_loss(pred.float(), target.float(), reduction="mean")
+                weights = example_weights * losses.min_snr_weights(noise_scheduler, timesteps, cfg.min_snr_gamma)
+                loss = (losses.per_example_mse(pred, target) * weights).mean()
                 if not torch.isfinite(loss):
                     raise TrainingError(
                         f"the loss became {loss.item()} at step {step + 1}; the last saved checkpoint "
@@ -275,53 +353,61 @@ def train(
                         "the data for broken images."
                     )
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and config.train.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(params, config.train.max_grad_norm)
+                if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
                 optimizer.step()
                 if accelerator.sync_gradients:
                     lr_scheduler.step()
+                    if ema is not None:
+                        ema.update()
                 optimizer.zero_grad(set_to_none=True)
-            step_loss += loss.item() / config.train.gradient_accumulation_steps
+            step_loss += loss.item() / cfg.gradient_accumulation_steps
             images += len(indices)
         step += 1
-        losses.append(step_loss)
+        losses_seen.append(step_loss)
 
-        elapsed = time.perf_counter() - started
-        rate = (step - start_step) / elapsed if elapsed > 0 else 0.0
+        elapsed = elapsed_before + time.perf_counter() - started
+        rate = (step - start_step) / (elapsed - elapsed_before) if elapsed > elapsed_before else 0.0
         lr = lr_scheduler.get_last_lr()[0]
         progress = events.Progress(
             step=step,
-            total_steps=config.train.steps,
+            total_steps=cfg.steps,
             loss=step_loss,
             lr=lr,
             images_per_s=images * rate,
             elapsed_s=elapsed,
-            eta_s=(config.train.steps - step) / rate if rate > 0 else math.inf,
+            eta_s=(cfg.steps - step) / rate if rate > 0 else math.inf,
         )
         emit(progress)
-        if step % config.train.log_every == 0 or step == config.train.steps:
-            record = {
-                "step": step, "loss": step_loss, "lr": lr,
-                "images_per_s": progress.images_per_s, "seconds": elapsed,
-            }
+        record: dict[str, float] = {}
+        if validator is not None and ((cfg.validate_every and step % cfg.validate_every == 0) or step == cfg.steps):
+            with averaged():
+                record["val_loss"] = validator.loss(accelerator.autocast)
+            emit(events.Validation(step, record["val_loss"]))
+        if step % cfg.log_every == 0 or step == cfg.steps or record:
+            record = {"step": step, "loss": step_loss, "lr": lr, "images_per_s": progress.images_per_s,
+                      "seconds": elapsed, **record}
             with open(metrics_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
-            accelerator.log({"loss": step_loss, "lr": lr}, step=step)
+            accelerator.log({k: v for k, v in record.items() if k in ("loss", "lr", "val_loss")}, step=step)
         if config.sample.every and config.sample.prompts and step % config.sample.every == 0:
-            emit(events.SampleSaved(step, render_samples(model, config, out, step), list(config.sample.prompts)))
-        if config.train.save_every and step % config.train.save_every == 0 and step < config.train.steps:
+            with averaged():
+                paths = render_samples(model, config, out, step)
+            emit(events.SampleSaved(step, paths, list(config.sample.prompts)))
+        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
             save_checkpoint_now()
 
-    # --- final save (also after a stop request) ---
+    # --- final save (also after a stop request); the export uses the EMA weights when EMA is on ---
     save_checkpoint_now()
-    paths = export_adapter(model, config, out, step, len(data.items))
+    with averaged():
+        paths = export_adapter(model, config, out, step, len(data.items))
     emit(events.AdapterSaved(step, paths))
     accelerator.end_training()
     if stopped:
         resume_cmd = f"stylelora train {out / 'config.toml'} --resume auto"
-        emit(events.Message(f"stopped at step {step}; continue with: {resume_cmd}"))
+        emit(events.Message(f"stopped at step {step} of {cfg.steps}; continue with: {resume_cmd}"))
     emit(events.Finished(step, stopped, out, paths))
-    return RunResult(out, step, stopped, paths, losses)
+    return RunResult(out, step, stopped, paths, losses_seen)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
