@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -159,6 +160,20 @@ def _set_rng_state(noise_rng: torch.Generator, state: dict[str, torch.Tensor]) -
         torch.cuda.set_rng_state_all(cuda)
 
 
+def _new_accelerator(**kwargs: Any) -> Any:
+    """An Accelerator with this run's settings. accelerate keeps its state process-wide, so a second run in
+    the same process (the GUI, tests) with another precision or device needs that state reset first."""
+    import os
+
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    if os.environ.get("WORLD_SIZE", "1") == "1":  # never under a multi-process launcher
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    return Accelerator(**kwargs)
+
+
 def _set_attention(unet: torch.nn.Module, kind: str) -> None:
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
@@ -176,13 +191,11 @@ def train(
     ``model`` lets a caller pass an already loaded base model (it gets the LoRA layers injected);
     by default the model named in the config is loaded.
     """
-    from accelerate import Accelerator
-
     emit: EventHandler = on_event or (lambda e: None)
     cfg = config.train
     out = resolve_output_dir(config)
     resume_from = _find_resume(config, out)
-    accelerator = Accelerator(
+    accelerator = _new_accelerator(
         mixed_precision=_mixed_precision(config),
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         cpu=cfg.device == "cpu",
