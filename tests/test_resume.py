@@ -1,0 +1,115 @@
+"""Runs survive kills and interrupts: exact resume after SIGKILL, clean stop on SIGINT/SIGTERM."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, run_cli, tiny_config
+from stylelora import events
+from stylelora.checkpoint import list_checkpoints
+from stylelora.train import train
+
+STEPS = 8
+# Every source of randomness and every piece of state is on: dropout (global RNG), random flips (data
+# order RNG), noise offset and min-SNR (noise/timestep RNG), warmup+cosine schedule, EMA.
+FEATURES = ["--set", "lora.dropout=0.1", "--set", "data.random_flip=true", "--set", "train.noise_offset=0.1",
+            "--set", "train.min_snr_gamma=5", "--set", "train.lr_scheduler=cosine", "--set", "train.lr_warmup_steps=2",
+            "--set", "train.ema=true", "--set", "train.ema_decay=0.9", "--set", "export.precision=fp32",
+            "--set", "export.name=style", "--set", "train.validation_images=1", "--set", "train.validate_every=3"]
+
+
+def train_args(data: Path, out: Path, steps: int = STEPS) -> list[str]:
+    return ["train", "--model", "builtin:tiny", "--data", str(data), "--output", str(out), "--steps", str(steps),
+            "--resolution", "64", "--rank", "4", "--lr", "1e-3", "--save-every", "2", *FEATURES]
+
+
+def start_cli(*args: str) -> subprocess.Popen[str]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.Popen([sys.executable, "-m", "stylelora", *args], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+
+
+def wait_for(condition, proc: subprocess.Popen[str], timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, f"the run ended before the moment to interrupt it: {proc.communicate()}"
+        assert time.monotonic() < deadline, "timed out waiting for the run"
+        time.sleep(0.02)
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_sigkill_then_resume_auto_ends_with_the_uninterrupted_adapter(dataset: Path, tmp_path: Path) -> None:
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    proc = start_cli(*train_args(dataset, killed))
+    wait_for(lambda: (killed / "checkpoints" / "step-000002" / "state.json").is_file(), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (killed / "style.safetensors").exists()
+
+    r = run_cli(*train_args(dataset, whole))
+    assert r.returncode == 0, r.stderr
+    r = run_cli(*train_args(dataset, killed), "--resume", "auto")
+    assert r.returncode == 0, r.stderr
+    assert "resumed from" in r.stderr
+
+    expected, got = load_file(whole / "style.safetensors"), load_file(killed / "style.safetensors")
+    assert expected.keys() == got.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)
+    a, b = metrics(whole), metrics(killed)
+    assert [m["step"] for m in b] == list(range(1, STEPS + 1))  # no step logged twice, none missing
+    for m, n in zip(a, b, strict=True):
+        assert n["loss"] == pytest.approx(m["loss"], rel=1e-4) and n["lr"] == pytest.approx(m["lr"])
+        assert ("val_loss" in n) == ("val_loss" in m) and n.get("val_loss", 0) == pytest.approx(m.get("val_loss", 0))
+    assert [p.name for p in list_checkpoints(killed)] == [p.name for p in list_checkpoints(whole)]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_saves_a_checkpoint_and_the_adapter_and_says_how_to_resume(sig, dataset: Path,
+                                                                             tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    proc = start_cli("train", "--model", "builtin:tiny", "--data", str(dataset), "--output", str(out),
+                     "--steps", "1000", "--resolution", "64", "--rank", "4")
+    wait_for(lambda: (out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().strip(), proc)
+    proc.send_signal(sig)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    step = metrics(out)[-1]["step"]
+    assert 1 <= step < 1000
+    assert [p.name for p in list_checkpoints(out)] == [f"step-{step:06d}"]
+    assert (out / "run.safetensors").is_file() and (out / "diffusers/pytorch_lora_weights.safetensors").is_file()
+    assert f"stopped at step {step} of 1000" in stderr
+    assert f"continue with: stylelora train {out / 'config.toml'} --resume auto" in stderr
+    assert "Traceback" not in stderr
+
+
+def test_a_half_written_or_damaged_checkpoint_is_never_resumed(dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    train(tiny_config(dataset, out, **{"train.steps": 2}))
+    checkpoints = out / "checkpoints"
+    # what a kill can leave: a temporary folder mid-write, and (by hand damage) a folder with a missing file
+    partial = checkpoints / ".step-000004.abc123.tmp"
+    partial.mkdir()
+    (partial / "lora.safetensors").write_bytes(b"\0" * 10)
+    damaged = checkpoints / "step-000003"
+    damaged.mkdir()
+    (damaged / "state.json").write_text(json.dumps({"step": 3, "complete": True}))
+
+    seen: list[object] = []
+    result = train(tiny_config(dataset, out, **{"train.steps": 4, "train.resume": "auto"}), seen.append)
+    messages = [e.text for e in seen if isinstance(e, events.Message)]
+    assert any(m.startswith("resumed from") and m.endswith("step-000002 at step 2") for m in messages), messages
+    assert result.steps == 4 and not partial.exists()
+    assert [m["step"] for m in metrics(out)] == [1, 2, 3, 4]
