@@ -107,10 +107,19 @@ def export_adapter(model: BaseModel, config: Config, out: Path, step: int, num_i
     """Write the run's adapter in kohya and diffusers formats."""
     alpha = {part: config.lora.alpha for part in ("unet", "text_encoder")}
     metadata = kohya_metadata(config, model, step, num_images)
+    network_args = {}
     if config.lora.conv_rank:
-        metadata["ss_network_args"] = json.dumps(
-            {"conv_dim": str(config.lora.conv_rank), "conv_alpha": f"{config.lora.conv_alpha:g}"}
-        )
+        network_args.update({"conv_dim": str(config.lora.conv_rank), "conv_alpha": f"{config.lora.conv_alpha:g}"})
+    if config.lora.dora:
+        network_args["dora_wd"] = "true"
+    if network_args:
+        metadata["ss_network_args"] = json.dumps(network_args)
+    cfg = config.train
+    metadata.update({  # the training facts sd-scripts records, so tools and Civitai show them
+        "ss_optimizer": cfg.optimizer, "ss_min_snr_gamma": f"{cfg.min_snr_gamma:g}",
+        "ss_noise_offset": f"{cfg.noise_offset:g}", "ss_zero_terminal_snr": str(cfg.zero_terminal_snr),
+        "ss_gradient_checkpointing": str(cfg.gradient_checkpointing), "ss_mixed_precision": cfg.mixed_precision,
+    })
     adapter = Adapter(_fold_conv_alpha(lora_state(model), config), alpha, metadata)
     kohya = save_kohya(out / f"{config.run_name}.safetensors", adapter, config.export.precision)
     diffusers = save_diffusers(out / "diffusers", adapter, config.export.precision)
@@ -269,9 +278,9 @@ def train(
                 f"for {cfg.optimizer}; resume with the run's own config.toml"
             )
         try:
-            if ema is not None and state.ema is not None:
-                set_lora_state(model, state.ema)
-                ema.reset_from_params(int(state.extra.get("ema_steps", 0)))
+            if ema is not None:  # the saved average, or (EMA newly turned on) the weights themselves
+                set_lora_state(model, state.ema if state.ema is not None else state.lora)
+                ema.reset_from_params(int(state.extra.get("ema_steps", 0)) if state.ema is not None else 0)
             set_lora_state(model, state.lora)
             optimizer.load_state_dict(state.optimizer)
         except (RuntimeError, ValueError, KeyError) as e:
@@ -424,13 +433,19 @@ def train(
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop metric lines past the checkpoint so the log matches the resumed run."""
+    """On resume, drop metric lines past the checkpoint so the log matches the resumed run.
+
+    A kill can cut the last line short; such a line is dropped too."""
     if not path.is_file():
         return
     from .fileio import write_text
 
-    kept = [
-        line for line in path.read_text(encoding="utf-8").splitlines()
-        if line.strip() and json.loads(line).get("step", 0) <= step
-    ]
+    kept = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            kept.append(line)
     write_text(path, "".join(line + "\n" for line in kept))

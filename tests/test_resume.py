@@ -106,6 +106,8 @@ def test_a_half_written_or_damaged_checkpoint_is_never_resumed(dataset: Path, tm
     damaged = checkpoints / "step-000003"
     damaged.mkdir()
     (damaged / "state.json").write_text(json.dumps({"step": 3, "complete": True}))
+    with open(out / "metrics.jsonl", "a") as f:  # a line the kill cut short
+        f.write('{"step": 3, "lo')
 
     seen: list[object] = []
     result = train(tiny_config(dataset, out, **{"train.steps": 4, "train.resume": "auto"}), seen.append)
