@@ -183,3 +183,20 @@ def prune_checkpoints(run_dir: Path, keep: int) -> None:
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
     return run_dir / "checkpoints" / f"step-{step:06d}"
+
+
+def capture_rng(noise_rng: torch.Generator) -> dict[str, torch.Tensor]:
+    """Every random stream the loop draws from: noise/timesteps/VAE sampling, and torch's global one (dropout)."""
+    state = {"noise": noise_rng.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    return state
+
+
+def restore_rng(noise_rng: torch.Generator, state: dict[str, torch.Tensor]) -> None:
+    noise_rng.set_state(state["noise"])
+    if "torch" in state:
+        torch.set_rng_state(state["torch"])
+    cuda = [state[f"cuda{i}"] for i in range(len(state)) if f"cuda{i}" in state]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)

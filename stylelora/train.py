@@ -17,13 +17,12 @@ import torch
 
 from . import checkpoint as ckpt
 from . import events, losses, optim
+from .artifacts import export_adapter, render_samples
 from .config import Config
 from .dataset import CaptionedImages, Position, batches, scan
 from .ema import LoraEMA
 from .errors import ConfigError, TrainingError
-from .formats import Adapter, save_diffusers, save_kohya
-from .metadata import kohya_metadata
-from .models import LOCON_TARGETS, BaseModel, add_lora, load_base_model, lora_state, set_lora_state
+from .models import BaseModel, add_lora, load_base_model, lora_state, set_lora_state
 from .validation import Validator, split_holdout
 
 log = logging.getLogger(__name__)
@@ -88,85 +87,6 @@ def _find_resume(config: Config, out: Path) -> Path | None:
     if not ckpt.is_complete(path):
         raise ConfigError(f"train.resume: '{resume}' is not a complete checkpoint folder (state.json missing)")
     return path
-
-
-def _fold_conv_alpha(state: dict[str, dict[str, torch.Tensor]], config: Config) -> dict[str, dict[str, torch.Tensor]]:
-    """LoCon convs train with conv_alpha, but a file holds one alpha per part (diffusers mis-scales mixed
-    alphas): fold conv_alpha/alpha into their up weights, so alpha/rank * up @ down is the trained delta."""
-    if not config.lora.conv_rank or "unet" not in state:
-        return state
-    ratio = config.lora.conv_alpha / config.lora.alpha
-    unet = {
-        k: v * ratio if k.endswith(".lora_B.weight") and k.split(".")[-3] in LOCON_TARGETS else v
-        for k, v in state["unet"].items()
-    }
-    return {**state, "unet": unet}
-
-
-def export_adapter(model: BaseModel, config: Config, out: Path, step: int, num_images: int) -> list[Path]:
-    """Write the run's adapter in kohya and diffusers formats."""
-    alpha = {part: config.lora.alpha for part in ("unet", "text_encoder")}
-    metadata = kohya_metadata(config, model, step, num_images)
-    network_args = {}
-    if config.lora.conv_rank:
-        network_args.update({"conv_dim": str(config.lora.conv_rank), "conv_alpha": f"{config.lora.conv_alpha:g}"})
-    if config.lora.dora:
-        network_args["dora_wd"] = "true"
-    if network_args:
-        metadata["ss_network_args"] = json.dumps(network_args)
-    cfg = config.train
-    metadata.update({  # the training facts sd-scripts records, so tools and Civitai show them
-        "ss_optimizer": cfg.optimizer, "ss_min_snr_gamma": f"{cfg.min_snr_gamma:g}",
-        "ss_noise_offset": f"{cfg.noise_offset:g}", "ss_zero_terminal_snr": str(cfg.zero_terminal_snr),
-        "ss_gradient_checkpointing": str(cfg.gradient_checkpointing), "ss_mixed_precision": cfg.mixed_precision,
-    })
-    adapter = Adapter(_fold_conv_alpha(lora_state(model), config), alpha, metadata)
-    kohya = save_kohya(out / f"{config.run_name}.safetensors", adapter, config.export.precision)
-    diffusers = save_diffusers(out / "diffusers", adapter, config.export.precision)
-    return [kohya, diffusers]
-
-
-def render_samples(model: BaseModel, config: Config, out: Path, step: int) -> list[Path]:
-    from .fileio import atomic_path
-
-    paths = []
-    unet_mode, te_mode = model.unet.training, model.text_encoder.training
-    model.unet.eval()
-    model.text_encoder.eval()
-    for i, prompt in enumerate(config.sample.prompts):
-        image = model.pipeline(
-            prompt,
-            negative_prompt=config.sample.negative_prompt or None,
-            num_inference_steps=config.sample.steps,
-            guidance_scale=config.sample.guidance,
-            height=config.data.resolution,
-            width=config.data.resolution,
-            generator=torch.Generator().manual_seed(config.sample.seed + i),
-        ).images[0]
-        path = out / "samples" / f"step-{step:06d}-{i:02d}.png"
-        with atomic_path(path) as tmp:
-            image.save(tmp, format="PNG")
-        paths.append(path)
-    model.unet.train(unet_mode)
-    model.text_encoder.train(te_mode)
-    return paths
-
-
-def _rng_state(noise_rng: torch.Generator) -> dict[str, torch.Tensor]:
-    """Every random stream the loop draws from: noise/timesteps/VAE sampling, and torch's global one (dropout)."""
-    state = {"noise": noise_rng.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    return state
-
-
-def _set_rng_state(noise_rng: torch.Generator, state: dict[str, torch.Tensor]) -> None:
-    noise_rng.set_state(state["noise"])
-    if "torch" in state:
-        torch.set_rng_state(state["torch"])
-    cuda = [state[f"cuda{i}"] for i in range(len(state)) if f"cuda{i}" in state]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
 
 
 def _new_accelerator(**kwargs: Any) -> Any:
@@ -289,7 +209,7 @@ def train(
                 f"text encoder changed?); resume with the run's own config.toml ({type(e).__name__})"
             ) from e
         lr_scheduler.load_state_dict(state.lr_scheduler)
-        _set_rng_state(noise_rng, state.rng)
+        ckpt.restore_rng(noise_rng, state.rng)
         step, position = state.step, Position(state.epoch, state.batch)
         elapsed_before = float(state.extra.get("elapsed_s", 0.0))
         emit(events.Message(f"resumed from {resume_from} at step {step}"))
@@ -321,7 +241,7 @@ def train(
                 lora=lora_state(model),
                 optimizer=optimizer.state_dict(),
                 lr_scheduler=lr_scheduler.state_dict(),
-                rng=_rng_state(noise_rng),
+                rng=ckpt.capture_rng(noise_rng),
                 extra={"optimizer": type(optimizer.optimizer).__name__, "elapsed_s": elapsed,
                        "ema_steps": ema.steps if ema is not None else 0},
                 ema=ema_state,
