@@ -181,6 +181,24 @@ def prune_checkpoints(run_dir: Path, keep: int) -> None:
         shutil.rmtree(doomed, ignore_errors=True)
 
 
+def discard_after(run_dir: Path, step: int) -> list[Path]:
+    """Delete checkpoint folders past ``step`` (a rewound run's abandoned future, or damaged ones);
+    returns the complete ones that were deleted."""
+    folder = run_dir / "checkpoints"
+    if not folder.is_dir():
+        return []
+    removed = []
+    for p in sorted(folder.iterdir()):
+        match = STEP_DIR.match(p.name)
+        if match and p.is_dir() and int(match.group(1)) > step:
+            if is_complete(p):
+                removed.append(p)
+            doomed = p.with_name(f".{p.name}.deleting")
+            os.replace(p, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
+    return removed
+
+
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
     return run_dir / "checkpoints" / f"step-{step:06d}"
 

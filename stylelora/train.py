@@ -213,6 +213,10 @@ def train(
         step, position = state.step, Position(state.epoch, state.batch)
         elapsed_before = float(state.extra.get("elapsed_s", 0.0))
         emit(events.Message(f"resumed from {resume_from} at step {step}"))
+        discarded = ckpt.discard_after(out, step)
+        if discarded:
+            emit(events.Message(f"rewound to step {step}: removed the later checkpoints "
+                                + ", ".join(p.name for p in discarded), level="warning"))
     elif cfg.resume == "auto":
         emit(events.Message(f"no checkpoint in {out}; starting from step 0"))
 
@@ -226,8 +230,8 @@ def train(
 
     def save_checkpoint_now() -> None:
         folder = ckpt.checkpoint_dir(out, step)
-        if ckpt.is_complete(folder):  # just resumed from it: the state is the same
-            return
+        if resume_from is not None and folder.resolve() == resume_from.resolve():
+            return  # no step since resuming from this very folder: it already holds this state
         ema_state = None
         if ema is not None:
             with ema.applied():

@@ -58,8 +58,10 @@ def test_sigkill_then_resume_auto_ends_with_the_uninterrupted_adapter(dataset: P
     assert proc.returncode == -signal.SIGKILL
     assert not (killed / "style.safetensors").exists()
 
-    r = run_cli(*train_args(dataset, whole))
-    assert r.returncode == 0, r.stderr
+    # the uninterrupted run, in this process (the same code path as the CLI, without its start-up cost)
+    from stylelora.cli import build_parser, config_from_args
+
+    train(config_from_args(build_parser().parse_args(train_args(dataset, whole))))
     r = run_cli(*train_args(dataset, killed), "--resume", "auto")
     assert r.returncode == 0, r.stderr
     assert "resumed from" in r.stderr
@@ -113,5 +115,15 @@ def test_a_half_written_or_damaged_checkpoint_is_never_resumed(dataset: Path, tm
     result = train(tiny_config(dataset, out, **{"train.steps": 4, "train.resume": "auto"}), seen.append)
     messages = [e.text for e in seen if isinstance(e, events.Message)]
     assert any(m.startswith("resumed from") and m.endswith("step-000002 at step 2") for m in messages), messages
-    assert result.steps == 4 and not partial.exists()
+    assert result.steps == 4 and not partial.exists() and not damaged.exists()
     assert [m["step"] for m in metrics(out)] == [1, 2, 3, 4]
+
+    # resuming from an explicit earlier checkpoint rewinds the run: later checkpoints and metrics go
+    seen.clear()
+    (checkpoints / "step-000002").rename(tmp_path / "kept-step-2")
+    result = train(tiny_config(dataset, out, **{"train.steps": 3, "train.resume": str(tmp_path / "kept-step-2")}),
+                   seen.append)
+    messages = [e.text for e in seen if isinstance(e, events.Message)]
+    assert any("removed the later checkpoints step-000004" in m for m in messages), messages
+    assert result.steps == 3 and [p.name for p in list_checkpoints(out)] == ["step-000003"]
+    assert [m["step"] for m in metrics(out)] == [1, 2, 3]
