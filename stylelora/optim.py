@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import logging
 from typing import Any
@@ -15,25 +16,31 @@ from .errors import ConfigError
 log = logging.getLogger(__name__)
 
 
-def build_optimizer(groups: list[dict[str, Any]], train: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    """The optimizer named by ``train.optimizer`` over parameter ``groups`` (each with its own lr)."""
-    betas = (train.adam_beta1, train.adam_beta2)
-    name = train.optimizer
-    if name == "adamw":
-        return torch.optim.AdamW(groups, betas=betas, eps=train.adam_epsilon, weight_decay=train.weight_decay)
-    if name == "adamw8bit":
+def check_optimizer(train: TrainConfig, device: torch.device) -> None:
+    """Fail before any model is loaded when the optimizer cannot run here."""
+    if train.optimizer == "adamw8bit":
         if device.type != "cuda":
             raise ConfigError(
                 "train.optimizer: 'adamw8bit' uses bitsandbytes, which needs a CUDA GPU, and this run is on "
                 f"the {device.type.upper()}; use train.optimizer=adamw (or adafactor to save memory)"
             )
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
+        if importlib.util.find_spec("bitsandbytes") is None:
             raise ConfigError(
                 "train.optimizer: 'adamw8bit' needs the bitsandbytes package; install it with "
                 "'pip install bitsandbytes' or use train.optimizer=adamw"
-            ) from None
+            )
+
+
+def build_optimizer(groups: list[dict[str, Any]], train: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """The optimizer named by ``train.optimizer`` over parameter ``groups`` (each with its own lr)."""
+    check_optimizer(train, device)
+    betas = (train.adam_beta1, train.adam_beta2)
+    name = train.optimizer
+    if name == "adamw":
+        return torch.optim.AdamW(groups, betas=betas, eps=train.adam_epsilon, weight_decay=train.weight_decay)
+    if name == "adamw8bit":
+        import bitsandbytes as bnb
+
         return bnb.optim.AdamW8bit(groups, betas=betas, eps=train.adam_epsilon, weight_decay=train.weight_decay)
     if name == "prodigy":
         if len({g["lr"] for g in groups}) > 1:

@@ -133,6 +133,7 @@ def train(
     )
     if cfg.device == "cuda" and accelerator.device.type != "cuda":
         raise ConfigError("train.device: 'cuda' was asked for but no CUDA GPU is available")
+    optim.check_optimizer(cfg, accelerator.device)
     torch.manual_seed(cfg.seed)
 
     # --- data (a seeded few images held out for the validation loss) ---
