@@ -8,10 +8,7 @@ Alpha is per kind of module (see ``Adapter``). Every file written here is re-rea
 
 from __future__ import annotations
 
-import collections
 import json
-from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,135 +17,28 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
 from . import fileio
+from .adapter import Adapter, ModelLayout, module_paths, most_common
 from .errors import FormatError
-from .kohya_names import KOHYA_PREFIXES, KohyaNames
+from .kohya_names import KOHYA_PREFIXES
 
 if TYPE_CHECKING:
     from .convert import ExportReport
     from .merge import ResizeReport
     from .models import BaseModel
 
+__all__ = ["Adapter", "ModelLayout", "export", "load_adapter", "merge", "read_safetensors", "resize",
+           "save_diffusers", "save_kohya", "verify_file"]
 PARTS = ("unet", "text_encoder", "text_encoder_2")
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}
 # header keys that belong to the diffusers file only (diffusers refuses kohya files that carry them)
 DIFFUSERS_ONLY_METADATA = ("format", "lora_adapter_metadata")
 DORA_KOHYA_REFUSAL = (
-    "DoRA adapters are not exported to kohya format: AUTOMATIC1111 normalises DoRA's magnitude per input "
-    "channel where peft (and stylelora) normalise per output channel, and diffusers drops kohya dora_scale "
-    "keys, so the file would load wrong or without effect. Use --format diffusers (ComfyUI and diffusers "
-    "load it), or train without DoRA for A1111."
+    "DoRA adapters are not exported to kohya format: AUTOMATIC1111 normalises a kohya dora_scale per input "
+    "channel where peft (and stylelora) normalise per output channel, and diffusers drops dora_scale keys, "
+    "so the file would load wrong or without effect. Use --format diffusers (diffusers and peft load DoRA), "
+    "or train without DoRA for A1111 and ComfyUI."
 )
-
-
-def module_paths(state: dict[str, torch.Tensor]) -> list[str]:
-    return sorted({k.rsplit(".lora_", 1)[0] for k in state})
-
-
-def _most_common(values: list[float]) -> float | None:
-    return collections.Counter(values).most_common(1)[0][0] if values else None
-
-
-@dataclass
-class Adapter:
-    """Canonical LoRA weights with their alphas, and the file's metadata.
-
-    Alpha is looked up per module by kind: ``alpha[part]`` for linear and 1x1-conv modules,
-    ``conv_alpha[part]`` for kxk convs (LoCon; falls back to ``alpha[part]``), and
-    ``module_alpha[part][path]`` only for the odd module of a file from another trainer whose
-    alpha differs from its kind. ``alpha_of(part, path)`` is the one lookup everything uses.
-    """
-
-    state: dict[str, dict[str, torch.Tensor]]
-    alpha: dict[str, float]
-    metadata: dict[str, str] = field(default_factory=dict)
-    conv_alpha: dict[str, float] = field(default_factory=dict)
-    module_alpha: dict[str, dict[str, float]] = field(default_factory=dict)
-
-    @classmethod
-    def from_module_alphas(
-        cls, state: dict[str, dict[str, torch.Tensor]], alphas: dict[str, dict[str, float]],
-        metadata: dict[str, str] | None = None,
-    ) -> Adapter:
-        """Fold per-module alphas into one alpha per kind (plus exceptions); a missing alpha is the rank."""
-        adapter = cls(state, {}, dict(metadata or {}))
-        for part, sd in state.items():
-            given = alphas.get(part, {})
-            per_module = {p: float(given.get(p, adapter.rank_of(part, p))) for p in module_paths(sd)}
-            linear = [a for p, a in per_module.items() if not adapter.is_kxk_conv(part, p)]
-            conv = [a for p, a in per_module.items() if adapter.is_kxk_conv(part, p)]
-            adapter.alpha[part] = _most_common(linear) or _most_common(conv) or 1.0
-            if conv:
-                adapter.conv_alpha[part] = _most_common(conv)  # type: ignore[assignment]
-            odd = {p: a for p, a in per_module.items() if a != adapter.alpha_of(part, p)}
-            if odd:
-                adapter.module_alpha[part] = odd
-        return adapter
-
-    def modules(self, part: str) -> list[str]:
-        return module_paths(self.state.get(part, {}))
-
-    def rank_of(self, part: str, path: str) -> int:
-        return int(self.state[part][f"{path}.lora_A.weight"].shape[0])
-
-    def is_kxk_conv(self, part: str, path: str) -> bool:
-        down = self.state[part][f"{path}.lora_A.weight"]
-        return down.dim() == 4 and down.shape[2] * down.shape[3] > 1
-
-    def alpha_of(self, part: str, path: str) -> float:
-        if path in self.module_alpha.get(part, {}):
-            return self.module_alpha[part][path]
-        if self.is_kxk_conv(part, path) and part in self.conv_alpha:
-            return self.conv_alpha[part]
-        return self.alpha[part]
-
-    @property
-    def rank(self) -> int:
-        """The rank of most modules (kxk convs may have their own)."""
-        ranks = [self.rank_of(part, p) for part in self.state for p in self.modules(part)
-                 if not self.is_kxk_conv(part, p)]
-        return int(_most_common(ranks) or 0)
-
-    @property
-    def is_dora(self) -> bool:
-        return any(k.endswith("lora_magnitude_vector") for sd in self.state.values() for k in sd)
-
-    def num_modules(self) -> dict[str, int]:
-        return {part: len(self.modules(part)) for part in self.state}
-
-
-@dataclass
-class ModelLayout:
-    """What adapter files are checked against: a base model's adaptable modules and their weight shapes."""
-
-    kind: str
-    shapes: dict[str, dict[str, tuple[int, ...]]]
-    layers_per_block: int = 2
-    name: str = ""
-
-    @classmethod
-    def of(cls, model: BaseModel) -> ModelLayout:
-        shapes: dict[str, dict[str, tuple[int, ...]]] = {}
-        for part, module in model.parts():
-            found = {}
-            for name, sub in module.named_modules():
-                if isinstance(sub, (torch.nn.Linear, torch.nn.Conv2d)) and "lora_" not in name:
-                    found[name.removesuffix(".base_layer")] = tuple(sub.weight.shape)
-            shapes[part] = found
-        lpb = model.unet.config.layers_per_block
-        return cls(model.kind, shapes, lpb if isinstance(lpb, int) else int(lpb[0]), model.name)
-
-    @property
-    def modules(self) -> dict[str, list[str]]:
-        return {part: sorted(s) for part, s in self.shapes.items()}
-
-    @cached_property
-    def kohya(self) -> KohyaNames:
-        return KohyaNames(self.modules, self.kind, self.layers_per_block)
-
-
-def _as_layout(model: BaseModel | ModelLayout) -> ModelLayout:
-    return model if isinstance(model, ModelLayout) else ModelLayout.of(model)
 
 
 # --- writing ------------------------------------------------------------------------------------
@@ -185,7 +75,7 @@ def peft_metadata(adapter: Adapter) -> dict[str, object]:
     for part in adapter.state:
         paths = adapter.modules(part)
         ranks = {p: adapter.rank_of(part, p) for p in paths}
-        r = int(_most_common(list(ranks.values())) or 0)
+        r = int(most_common(list(ranks.values())) or 0)
         config = {
             "r": r,
             "lora_alpha": adapter.alpha[part],
@@ -210,7 +100,7 @@ def kohya_file_metadata(adapter: Adapter, layout: ModelLayout, tensors: dict[str
 
 def save_kohya(path: str | Path, adapter: Adapter, layout: BaseModel | ModelLayout, precision: str = "fp16") -> Path:
     """Write one kohya ``.safetensors`` and verify it (a failed check raises FormatError)."""
-    layout = _as_layout(layout)
+    layout = ModelLayout.of(layout)
     tensors = to_kohya(adapter, layout, precision)
     fileio.write_bytes(path, save(tensors, metadata=kohya_file_metadata(adapter, layout, tensors)))
     verify_file(path, tensors, layout)
@@ -231,7 +121,7 @@ def save_diffusers(
     metadata["lora_adapter_metadata"] = json.dumps(peft_metadata(adapter), sort_keys=True)
     fileio.write_bytes(target, save(tensors, metadata=metadata))
     if layout is not None:
-        verify_file(target, tensors, _as_layout(layout))
+        verify_file(target, tensors, ModelLayout.of(layout))
     return target
 
 
@@ -287,7 +177,7 @@ def load_adapter(path: str | Path, model: BaseModel | ModelLayout) -> Adapter:
     """Read a kohya or diffusers adapter into canonical form, strictly: every key must name a module
     of ``model`` with a fitting shape; the error lists the keys that do not."""
     tensors, metadata = read_safetensors(path)
-    return adapter_from_tensors(tensors, metadata, _as_layout(model), str(path))
+    return adapter_from_tensors(tensors, metadata, ModelLayout.of(model), str(path))
 
 
 def adapter_from_tensors(
@@ -372,6 +262,8 @@ def _check_pairs_and_shapes(state, layout: ModelLayout, source: str) -> None:
                 problems.append(f"{part} {path}: has only one of the down/up (lora_A/lora_B) weights")
                 continue
             weight = layout.shapes[part][path]
+            if not weight:  # a layout from bare module names: nothing to check the shapes against
+                continue
             fits = (down.shape[1] == weight[1] and up.shape[0] == weight[0] and up.shape[1] == down.shape[0]
                     and tuple(down.shape[2:]) == tuple(weight[2:]) and all(s == 1 for s in up.shape[2:]))
             if not fits:

@@ -275,6 +275,9 @@ def test_hand_written_kohya_file_from_another_trainer_loads_and_applies(tmp_path
     assert adapter.modules("unet") == ["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
                                        "up_blocks.1.attentions.1.proj_out"]
     assert adapter.modules("text_encoder") == ["encoder.layers.1.mlp.fc1"]
+    from stylelora.models import adaptable_modules
+
+    assert load_adapter(path, adaptable_modules(model)).state.keys() == adapter.state.keys()  # names-only form
     assert adapter.alpha_of("unet", "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q") == 4.0
     assert adapter.alpha_of("unet", "up_blocks.1.attentions.1.proj_out") == 2.0
     assert adapter.alpha_of("text_encoder", "encoder.layers.1.mlp.fc1") == 4.0
