@@ -223,6 +223,7 @@ def _quiet_libraries() -> None:
         dlog.set_verbosity_error()
         dlog.disable_progress_bar()
         tlog.set_verbosity_error()
+        tlog.disable_progress_bar()
     except ImportError:  # pragma: no cover - both are dependencies
         pass
 

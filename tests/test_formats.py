@@ -411,3 +411,25 @@ def test_cli_export_merge_resize(run: Path, tmp_path: Path) -> None:
     missing = run_cli("export", str(tmp_path / "none.safetensors"), "--format", "kohya", "--out", str(tmp_path / "c"))
     assert missing.returncode == 1 and "no such run folder or adapter file" in missing.stderr
     assert "Traceback" not in missing.stderr
+
+
+def test_training_export_writes_locon_alphas_and_skips_kohya_for_dora(tmp_path: Path) -> None:
+    from stylelora.train import export_adapter
+
+    _, model = make_adapter(rank=4, alpha=2.0, conv_rank=2, conv_alpha=3.0, with_model=True)
+    config = tiny_config(tmp_path / "data", tmp_path / "run")
+    kohya, diffusers = export_adapter(model, config, tmp_path / "run", 5, 0)
+    tensors = load_file(kohya)
+    assert float(tensors["lora_unet_down_blocks_0_resnets_0_conv1.alpha"]) == 3.0
+    assert tensors["lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight"].shape == (2, 32, 3, 3)
+    assert tensors["lora_unet_down_blocks_0_resnets_0_conv1.lora_up.weight"].shape == (32, 2, 1, 1)
+    assert float(tensors["lora_unet_down_blocks_0_attentions_0_proj_in.alpha"]) == 2.0
+    with safe_open(str(kohya), "pt") as f:
+        assert json.loads(f.metadata()["ss_network_args"]) == {"conv_dim": "2", "conv_alpha": "3"}
+    peft_meta = json.loads(safe_open(str(diffusers), "pt").metadata()["lora_adapter_metadata"])
+    assert peft_meta["unet.alpha_pattern"]["down_blocks.0.resnets.0.conv1"] == 3.0
+    assert peft_meta["unet.rank_pattern"]["down_blocks.0.resnets.0.conv1"] == 2
+
+    _, dora_model = make_adapter(dora=True, with_model=True)
+    paths = export_adapter(dora_model, config, tmp_path / "dora", 5, 0)
+    assert [p.name for p in paths] == ["pytorch_lora_weights.safetensors"]
