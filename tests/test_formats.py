@@ -395,22 +395,23 @@ def test_resize_lowers_the_rank_reports_energy_and_stays_close(tmp_path: Path) -
 # --- the CLI ------------------------------------------------------------------------------------------
 
 
-def test_cli_export_merge_resize(run: Path, tmp_path: Path) -> None:
+def test_cli_export_merge_resize(run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from stylelora.cli import main
+
     done = run_cli("export", str(run), "--format", "kohya", "--out", str(tmp_path / "a.safetensors"))
     assert done.returncode == 0, done.stderr
     assert "verified" in done.stdout and (tmp_path / "a.safetensors").is_file()
-    resized = run_cli("resize", str(tmp_path / "a.safetensors"), "--rank", "2",
-                      "--out", str(tmp_path / "b.safetensors"))
-    assert resized.returncode == 0, resized.stderr
-    assert "energy retained" in resized.stdout and load_file(tmp_path / "b.safetensors")[
-        "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"].shape[0] == 2
-    merged = run_cli("merge", "--model", "builtin:tiny", "--lora", str(tmp_path / "a.safetensors"), "--scale", "0.5",
-                     "--out", str(tmp_path / "m"))
-    assert merged.returncode == 0, merged.stderr
+    # the other commands in-process (same parser and handlers, without a second interpreter start)
+    a, b = str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")
+    assert main(["resize", a, "--rank", "2", "--out", b]) == 0
+    assert "energy retained" in capsys.readouterr().out
+    assert load_file(b)["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"].shape[0] == 2
+    assert main(["merge", "--model", "builtin:tiny", "--lora", a, "--scale", "0.5", "--out", str(tmp_path / "m")]) == 0
     assert (tmp_path / "m" / "model_index.json").is_file()
-    missing = run_cli("export", str(tmp_path / "none.safetensors"), "--format", "kohya", "--out", str(tmp_path / "c"))
-    assert missing.returncode == 1 and "no such run folder or adapter file" in missing.stderr
-    assert "Traceback" not in missing.stderr
+    assert main(["export", str(tmp_path / "none.safetensors"), "--format", "kohya", "--out", str(tmp_path / "c")]) == 1
+    assert "no such run folder or adapter file" in capsys.readouterr().err
+    assert main(["resize", a, "--rank", "9", "--out", str(tmp_path / "d.safetensors")]) == 1
+    assert "already rank 4" in capsys.readouterr().err
 
 
 def test_training_export_writes_locon_alphas_and_skips_kohya_for_dora(tmp_path: Path) -> None:
