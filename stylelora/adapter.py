@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .config import Config
+from .errors import ConfigError, FormatError
 from .kohya_names import KohyaNames
 
 if TYPE_CHECKING:
@@ -87,6 +89,17 @@ class Adapter:
     @property
     def is_dora(self) -> bool:
         return any(k.endswith("lora_magnitude_vector") for sd in self.state.values() for k in sd)
+
+    @property
+    def config(self) -> Config | None:
+        """The training config embedded in the file (``stylelora.config``), or None."""
+        text = self.metadata.get("stylelora.config")
+        if not text:
+            return None
+        try:
+            return Config.from_toml(text, "the adapter's embedded stylelora.config")
+        except ConfigError as e:
+            raise FormatError(f"the embedded training config cannot be read ({e}); pass the base model") from None
 
     def num_modules(self) -> dict[str, int]:
         return {part: len(self.modules(part)) for part in self.state}

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import Config
-from .errors import ConfigError, FormatError
+from .errors import FormatError
 from .formats import (
     DIFFUSERS_WEIGHT_NAME,
     DTYPES,
@@ -69,16 +69,6 @@ def find_adapter_file(source: str | Path) -> tuple[Path, Config | None, str]:
     raise FormatError(f"{p}: not a run folder (no config.toml) and no {DIFFUSERS_WEIGHT_NAME} inside")
 
 
-def embedded_config(metadata: dict[str, str], path: Path) -> Config | None:
-    text = metadata.get("stylelora.config")
-    if not text:
-        return None
-    try:
-        return Config.from_toml(text, f"{path} (embedded stylelora.config)")
-    except ConfigError as e:
-        raise FormatError(f"{path}: the embedded training config cannot be read ({e}); pass --model") from None
-
-
 def open_adapter(source: str | Path, base_model: str | BaseModel | None = None) -> Source:
     """Read the adapter named by ``source`` and load its base model: ``base_model`` if given, else the
     run's config.toml, else the config embedded in the file; without any, a clear error."""
@@ -91,7 +81,10 @@ def open_adapter(source: str | Path, base_model: str | BaseModel | None = None) 
     if isinstance(base_model, BaseModel):
         model = base_model
     else:
-        config = run_config or embedded_config(metadata, path)
+        try:
+            config = run_config or Adapter({}, {}, metadata).config
+        except FormatError as e:
+            raise FormatError(f"{path}: {e}") from None
         if base_model:
             model = load_base_model(base_model, config.model.config if config else "")
         elif config is not None:

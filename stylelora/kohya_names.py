@@ -102,6 +102,9 @@ class KohyaNames:
             if name in self.reverse:  # two modules whose names differ only in '.' vs '_'
                 raise FormatError(f"kohya name {name} is ambiguous: {self.reverse[name][1]} and {key[1]}")
             self.reverse[name] = key
+        if kind == "sdxl":  # read (never write) SDXL files that some trainers name with diffusers paths
+            for path in modules.get("unet", []):
+                self.reverse.setdefault("lora_unet_" + path.replace(".", "_"), ("unet", path))
 
     def name(self, part: str, path: str) -> str:
         try:

@@ -162,6 +162,14 @@ def test_sdxl_uses_sgm_names_and_two_text_encoders() -> None:
     assert not any("down_blocks" in n or "up_blocks" in n or "lora_te_" in n for n in names)
 
 
+def test_sdxl_kohya_file_with_diffusers_style_names_is_read(tmp_path: Path) -> None:
+    q = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"  # as some trainers write SDXL
+    save_file({f"{q}.lora_down.weight": torch.ones(2, 32), f"{q}.lora_up.weight": torch.ones(32, 2),
+               f"{q}.alpha": torch.tensor(1.0)}, str(tmp_path / "x.safetensors"))
+    adapter = load_adapter(tmp_path / "x.safetensors", load_base_model("builtin:tiny-sdxl"))
+    assert adapter.modules("unet") == ["down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"]
+
+
 # --- diffusers' own loaders ------------------------------------------------------------------------
 
 
@@ -219,6 +227,7 @@ def test_run_files_carry_metadata_hashes_and_config(run: Path) -> None:
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
     assert Config.from_toml(meta["stylelora.config"]) == Config.load(run / "config.toml")
+    assert load_adapter(path, load_base_model("builtin:tiny")).config == Config.load(run / "config.toml")
     assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "2"
     assert meta["ss_base_model_version"] == "sd_v1" and meta["modelspec.trigger_phrase"] == "zq"
     assert json.loads(meta["ss_tag_frequency"]) == {"data": {"a picture number 0": 1, "a picture number 1": 1,
