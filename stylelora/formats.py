@@ -102,8 +102,7 @@ def save_kohya(path: str | Path, adapter: Adapter, layout: BaseModel | ModelLayo
     """Write one kohya ``.safetensors`` and verify it (a failed check raises FormatError)."""
     layout = ModelLayout.of(layout)
     tensors = to_kohya(adapter, layout, precision)
-    fileio.write_bytes(path, save(tensors, metadata=kohya_file_metadata(adapter, layout, tensors)))
-    verify_file(path, tensors, layout)
+    _write_verified(path, save(tensors, metadata=kohya_file_metadata(adapter, layout, tensors)), tensors, layout)
     return Path(path)
 
 
@@ -119,16 +118,28 @@ def save_diffusers(
     metadata = {k: v for k, v in adapter.metadata.items() if k not in DIFFUSERS_ONLY_METADATA}
     metadata["format"] = "pt"
     metadata["lora_adapter_metadata"] = json.dumps(peft_metadata(adapter), sort_keys=True)
-    fileio.write_bytes(target, save(tensors, metadata=metadata))
-    if layout is not None:
-        verify_file(target, tensors, ModelLayout.of(layout))
+    checked = None if layout is None else ModelLayout.of(layout)
+    _write_verified(target, save(tensors, metadata=metadata), tensors, checked)
     return target
 
 
-def verify_file(path: str | Path, expected: dict[str, torch.Tensor], layout: ModelLayout) -> Adapter:
+def _write_verified(
+    path: str | Path, blob: bytes, expected: dict[str, torch.Tensor], layout: ModelLayout | None
+) -> None:
+    """Write under a temporary name and verify that file before it replaces ``path``: a file that
+    fails the check is removed and an older file at ``path`` stays as it was."""
+    with fileio.atomic_path(path) as tmp:
+        tmp.write_bytes(blob)
+        if layout is not None:
+            verify_file(tmp, expected, layout, shown_as=path)
+
+
+def verify_file(path: str | Path, expected: dict[str, torch.Tensor], layout: ModelLayout,
+                shown_as: str | Path | None = None) -> Adapter:
     """Re-read a written adapter: the same keys, every tensor equal in dtype and value, and every key
     naming a real module of the base model with a fitting shape. Raises FormatError otherwise."""
     tensors, metadata = read_safetensors(path)
+    path = shown_as or path
     missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or extra:
         raise FormatError(f"{path}: verification failed: missing keys {missing[:5]}, unexpected keys {extra[:5]}")

@@ -317,24 +317,28 @@ def test_keys_naming_no_module_are_refused_and_listed(tmp_path: Path) -> None:
         load_adapter(sd1, load_base_model("builtin:tiny-sdxl"))
 
 
-def test_a_corrupted_write_fails_verification(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from stylelora import fileio
+def test_a_corrupted_write_fails_verification_and_keeps_the_old_file(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from safetensors.torch import load, save
+
     from stylelora import formats as fm
 
-    real = fileio.write_bytes
+    model = load_base_model("builtin:tiny")
+    target = tmp_path / "x.safetensors"
+    save_kohya(target, make_adapter(), model)
+    good = target.read_bytes()
 
-    def flip_one_value(path, data: bytes) -> None:
-        from safetensors.torch import load, save
-
-        tensors = load(data)
+    def save_with_one_value_flipped(tensors, metadata=None) -> bytes:
+        tensors = load(save(tensors))
         key = sorted(k for k in tensors if "lora_up" in k)[0]
-        tensors[key] = tensors[key].clone()
         tensors[key].view(-1)[0] += 1
-        real(path, save(tensors))
+        return save(tensors, metadata=metadata)
 
-    monkeypatch.setattr(fm.fileio, "write_bytes", flip_one_value)
+    monkeypatch.setattr(fm, "save", save_with_one_value_flipped)
     with pytest.raises(FormatError, match="verification failed"):
-        save_kohya(tmp_path / "x.safetensors", make_adapter(), load_base_model("builtin:tiny"))
+        save_kohya(target, make_adapter(seed=1), model)
+    assert target.read_bytes() == good
+    assert [p.name for p in tmp_path.iterdir()] == ["x.safetensors"]  # no temporary file left behind
 
 
 def test_dora_goes_to_diffusers_and_is_refused_for_kohya_with_a_reason(tmp_path: Path) -> None:
