@@ -164,6 +164,11 @@ def train(
     data = CaptionedImages.from_config(config.data)
     if model is None:
         model = load_base_model(config.model.name, config.model.config, config.model.prediction_type)
+    if model.kind == "sdxl":  # the loop feeds no SDXL added conditioning (pooled text, time ids) yet
+        raise ConfigError(
+            f"model.name: '{config.model.name}' is an SDXL model; this version trains SD1.x/SD2.x only "
+            "(SDXL adapters from other trainers can be exported, merged and resized)"
+        )
     params = add_lora(model, config.lora)
     unet, vae, text_encoder, tokenizer = model.unet, model.vae, model.text_encoder, model.tokenizer
     noise_scheduler = DDPMScheduler.from_config(model.pipeline.scheduler.config)

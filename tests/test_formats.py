@@ -447,3 +447,12 @@ def test_training_export_writes_locon_alphas_and_skips_kohya_for_dora(tmp_path: 
     _, dora_model = make_adapter(dora=True, with_model=True)
     paths = export_adapter(dora_model, config, tmp_path / "dora", 5, 0)
     assert [p.name for p in paths] == ["pytorch_lora_weights.safetensors"]
+
+
+def test_training_an_sdxl_model_is_refused_with_a_plain_message(dataset: Path, tmp_path: Path) -> None:
+    from stylelora.errors import ConfigError
+    from stylelora.train import train
+
+    with pytest.raises(ConfigError, match="model.name: 'builtin:tiny-sdxl' is an SDXL model"):
+        train(tiny_config(dataset, tmp_path / "xl", **{"model.name": "builtin:tiny-sdxl"}))
+    assert not (tmp_path / "xl" / "config.toml").exists()
