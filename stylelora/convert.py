@@ -52,7 +52,8 @@ def find_adapter_file(source: str | Path) -> tuple[Path, Config | None, str]:
     if not p.exists():
         raise FormatError(f"{p}: no such run folder or adapter file")
     if p.is_file():
-        name = p.parent.name if p.name == DIFFUSERS_WEIGHT_NAME else p.stem
+        folder = p.parent.parent if p.parent.name == "diffusers" else p.parent  # a run's diffusers/ file
+        name = folder.resolve().name if p.name == DIFFUSERS_WEIGHT_NAME else p.stem
         return p, None, name
     if (p / "config.toml").is_file():
         config = Config.load(p / "config.toml")
