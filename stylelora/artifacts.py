@@ -2,52 +2,48 @@
 
 from __future__ import annotations
 
-import json
+import logging
 from pathlib import Path
 
 import torch
 
 from .config import Config
 from .fileio import atomic_path
-from .formats import Adapter, save_diffusers, save_kohya
+from .formats import Adapter, ModelLayout, save_diffusers, save_kohya
 from .metadata import kohya_metadata
-from .models import LOCON_TARGETS, BaseModel, lora_state
+from .models import BaseModel, lora_alphas, lora_state
+
+log = logging.getLogger(__name__)
 
 
-def _fold_conv_alpha(state: dict[str, dict[str, torch.Tensor]], config: Config) -> dict[str, dict[str, torch.Tensor]]:
-    """LoCon convs train with conv_alpha, but a file holds one alpha per part (diffusers mis-scales mixed
-    alphas): fold conv_alpha/alpha into their up weights, so alpha/rank * up @ down is the trained delta."""
-    if not config.lora.conv_rank or "unet" not in state:
-        return state
-    ratio = config.lora.conv_alpha / config.lora.alpha
-    unet = {
-        k: v * ratio if k.endswith(".lora_B.weight") and k.split(".")[-3] in LOCON_TARGETS else v
-        for k, v in state["unet"].items()
-    }
-    return {**state, "unet": unet}
+def export_adapter(
+    model: BaseModel, config: Config, out: Path, step: int, num_images: int, items: list | None = None
+) -> list[Path]:
+    """Write the run's adapter in kohya and diffusers formats, each re-read and verified.
 
-
-def export_adapter(model: BaseModel, config: Config, out: Path, step: int, num_images: int) -> list[Path]:
-    """Write the run's adapter in kohya and diffusers formats."""
-    alpha = {part: config.lora.alpha for part in ("unet", "text_encoder")}
-    metadata = kohya_metadata(config, model, step, num_images)
-    network_args = {}
-    if config.lora.conv_rank:
-        network_args.update({"conv_dim": str(config.lora.conv_rank), "conv_alpha": f"{config.lora.conv_alpha:g}"})
-    if config.lora.dora:
-        network_args["dora_wd"] = "true"
-    if network_args:
-        metadata["ss_network_args"] = json.dumps(network_args)
+    Alphas are read from the injected peft layers, so LoCon's conv alpha comes out as trained.
+    DoRA has no kohya form that loads right everywhere, so a DoRA run writes the diffusers file only.
+    """
+    metadata = kohya_metadata(config, model, step, num_images, items)
     cfg = config.train
-    metadata.update({  # the training facts sd-scripts records, so tools and Civitai show them
-        "ss_optimizer": cfg.optimizer, "ss_min_snr_gamma": f"{cfg.min_snr_gamma:g}",
-        "ss_noise_offset": f"{cfg.noise_offset:g}", "ss_zero_terminal_snr": str(cfg.zero_terminal_snr),
-        "ss_gradient_checkpointing": str(cfg.gradient_checkpointing), "ss_mixed_precision": cfg.mixed_precision,
+    metadata.update({  # the loop's facts under sd-scripts' keys, so tools and Civitai show them
+        "ss_min_snr_gamma": f"{cfg.min_snr_gamma:g}",
+        "ss_noise_offset": f"{cfg.noise_offset:g}",
+        "ss_zero_terminal_snr": str(cfg.zero_terminal_snr),
+        "ss_gradient_checkpointing": str(cfg.gradient_checkpointing),
+        "ss_lr_scheduler_num_cycles": str(cfg.lr_scheduler_cycles),
+        "ss_lr_scheduler_power": f"{cfg.lr_scheduler_power:g}",
+        "stylelora.ema": f"{cfg.ema_decay:g}" if cfg.ema else "off",
     })
-    adapter = Adapter(_fold_conv_alpha(lora_state(model), config), alpha, metadata)
-    kohya = save_kohya(out / f"{config.run_name}.safetensors", adapter, config.export.precision)
-    diffusers = save_diffusers(out / "diffusers", adapter, config.export.precision)
-    return [kohya, diffusers]
+    adapter = Adapter.from_module_alphas(lora_state(model), lora_alphas(model), metadata)
+    layout = ModelLayout.of(model)
+    paths = []
+    if adapter.is_dora:
+        log.warning("DoRA adapter: writing the diffusers format only (no kohya file; see stylelora export)")
+    else:
+        paths.append(save_kohya(out / f"{config.run_name}.safetensors", adapter, layout, config.export.precision))
+    paths.append(save_diffusers(out / "diffusers", adapter, layout, config.export.precision))
+    return paths
 
 
 def render_samples(model: BaseModel, config: Config, out: Path, step: int) -> list[Path]:

@@ -144,6 +144,11 @@ def train(
     # --- model: LoRA (or LoCon/DoRA) layers in fp32 on a frozen base in the training precision ---
     if model is None:
         model = load_base_model(config.model.name, config.model.config, config.model.prediction_type)
+    if model.kind == "sdxl":  # the loop feeds no SDXL added conditioning (pooled text, time ids) yet
+        raise ConfigError(
+            f"model.name: '{config.model.name}' is an SDXL model; this version trains SD1.x/SD2.x only "
+            "(SDXL adapters from other trainers can be exported, merged and resized)"
+        )
     noise_scheduler = losses.training_scheduler(model.pipeline.scheduler.config, model.prediction_type,
                                                 cfg.zero_terminal_snr)
     if cfg.zero_terminal_snr:  # samples must start from pure noise too
@@ -347,7 +352,7 @@ def train(
     # --- final save (also after a stop request); the export uses the EMA weights when EMA is on ---
     save_checkpoint_now()
     with averaged():
-        paths = export_adapter(model, config, out, step, len(data.items))
+        paths = export_adapter(model, config, out, step, len(data.items), data.items)
     emit(events.AdapterSaved(step, paths))
     accelerator.end_training()
     if stopped:
