@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -31,18 +32,24 @@ def mean_diff(a: Image.Image, b: Image.Image) -> float:
     return float(np.abs(pixels(a) - pixels(b)).mean())
 
 
+@functools.cache
+def lora_shapes(rank: int) -> dict[str, dict[str, tuple[int, ...]]]:
+    """Key -> shape of a LoRA on builtin:tiny's UNet and text encoder (the trainer's default targets)."""
+    model = load_base_model("builtin:tiny")
+    add_lora(model, LoraConfig(rank=rank, train_text_encoder=True))
+    return {part: {k: tuple(v.shape) for k, v in sd.items()} for part, sd in lora_state(model).items()}
+
+
 def random_adapter(seed: int, *, text_encoder: bool = True, unet: bool = True, rank: int = 4,
                    alpha: float = 2.0) -> Adapter:
     """An adapter with random (non-zero) LoRA weights for builtin:tiny, so it visibly changes images."""
-    model = load_base_model("builtin:tiny")
-    add_lora(model, LoraConfig(rank=rank, alpha=alpha, train_text_encoder=text_encoder))
-    state = lora_state(model)
-    if not unet:
-        del state["unet"]
+    parts = [p for p, wanted in (("unet", unet), ("text_encoder", text_encoder)) if wanted]
     g = torch.Generator().manual_seed(seed)
-    for sd in state.values():
-        for key, value in sd.items():
-            sd[key] = torch.randn(value.shape, generator=g) * (0.3 if "lora_B" in key else 1 / rank)
+    state = {
+        part: {k: torch.randn(shape, generator=g) * (0.3 if "lora_B" in k else 1 / rank)
+               for k, shape in lora_shapes(rank)[part].items()}
+        for part in parts
+    }
     return Adapter(state, {part: alpha for part in state}, {})
 
 
