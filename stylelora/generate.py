@@ -33,7 +33,7 @@ from .samplers import DEFAULT_SAMPLER, check_sampler, make_scheduler, sampler_la
 
 log = logging.getLogger(__name__)
 
-PARTS = ("unet", "text_encoder")
+TEXT_PARTS = ("text_encoder", "text_encoder_2")  # SDXL has two text encoders
 CACHE_SIZE = 32
 
 # --- where an adapter comes from ----------------------------------------------------------------
@@ -199,13 +199,14 @@ class Previewer:
         self._lock = threading.RLock()
         self.model: BaseModel = self._load(model, config_source, prediction_type)
         self._modules = adaptable_modules(self.model)
+        self._parts = [part for part in self._modules if getattr(self.pipeline, part, None) is not None]
         self._default_scheduler = self.pipeline.scheduler
         self._schedulers: dict[str, Any] = {DEFAULT_SAMPLER: self._default_scheduler}
         self._adapters: dict[str, _Attached] = {}
-        self._layers: dict[str, list[Any]] = {part: [] for part in PARTS}
+        self._layers: dict[str, list[Any]] = {part: [] for part in self._parts}
         self._next_id = 0
         self._base_cache: OrderedDict[Settings, Image.Image] = OrderedDict()
-        self._embeds_cache: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = OrderedDict()
+        self._embeds_cache: OrderedDict[tuple, dict[str, torch.Tensor]] = OrderedDict()
 
     def _load(self, model: str, config_source: str, prediction_type: str) -> BaseModel:
         loaded = load_base_model(model, config_source, prediction_type)
@@ -260,7 +261,7 @@ class Previewer:
     def _inject(self, part: str, peft_name: str, adapter: Adapter) -> None:
         from peft.functional import inject_adapter_in_model, set_peft_model_state_dict
 
-        module = getattr(self.model, part)
+        module = getattr(self.pipeline, part)
         try:
             with warnings.catch_warnings():  # several adapters side by side is the point here
                 warnings.filterwarnings("ignore", message=".*multiple adapters.*")
@@ -290,15 +291,15 @@ class Previewer:
     def _remove(self, peft_name: str) -> None:
         from peft.functional import delete_adapter
 
-        for part in PARTS:
-            module = getattr(self.model, part)
+        for part in self._parts:
+            module = getattr(self.pipeline, part)
             with warnings.catch_warnings():  # "was active ... now deleted": _activate sets it per render
                 warnings.simplefilter("ignore", UserWarning)
                 delete_adapter(module, peft_name, prefix="lora_")
             getattr(module, "peft_config", {}).pop(peft_name, None)
 
     def _refresh_layers(self) -> None:
-        self._layers = {part: _lora_layers(getattr(self.model, part)) for part in PARTS}
+        self._layers = {part: _lora_layers(getattr(self.pipeline, part)) for part in self._parts}
 
     def _require(self, name: str) -> _Attached:
         if name not in self._adapters:
@@ -315,7 +316,7 @@ class Previewer:
 
     def _activate(self, attached: _Attached | None, scale: float) -> None:
         """Make ``attached`` the only active adapter at ``scale``; None switches every LoRA layer off."""
-        for part in PARTS:
+        for part in self._parts:
             on = attached is not None and part in attached.parts
             for layer in self._layers[part]:
                 layer.enable_adapters(on)
@@ -409,12 +410,11 @@ class Previewer:
 
     def _run(self, settings: Settings, attached: _Attached | None, scale: float) -> Image.Image:
         self._activate(attached, scale)
-        prompt_embeds, negative_embeds = self._embeddings(settings, attached, scale)
+        embeddings = self._embeddings(settings, attached, scale)
         pipe = self.pipeline
         pipe.scheduler = self._scheduler(settings.sampler)
         result = pipe(
-            prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_embeds,
+            **embeddings,
             num_inference_steps=settings.steps,
             guidance_scale=settings.guidance,
             width=settings.width,
@@ -423,18 +423,21 @@ class Previewer:
         )
         return result.images[0]
 
-    def _embeddings(
-        self, settings: Settings, attached: _Attached | None, scale: float
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Prompt embeddings, reused while the text encoder is unchanged (no adapter on it, or same strength)."""
+    def _embeddings(self, settings: Settings, attached: _Attached | None, scale: float) -> dict[str, Any]:
+        """Prompt embeddings as pipeline arguments, reused while the text encoders are unchanged."""
         guided = settings.guidance > 1.0
-        text_lora = (attached.peft_name, scale) if attached and "text_encoder" in attached.parts else None
+        adapts_text = attached is not None and any(part in attached.parts for part in TEXT_PARTS)
+        text_lora = (attached.peft_name, scale) if adapts_text else None
         key = (settings.prompt, settings.negative_prompt if guided else "", guided, text_lora)
         if key not in self._embeds_cache:
             with torch.no_grad():
-                self._embeds_cache[key] = self.pipeline.encode_prompt(
-                    settings.prompt, self.device, 1, guided, settings.negative_prompt or None
+                encoded = self.pipeline.encode_prompt(
+                    settings.prompt, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=guided,
+                    negative_prompt=settings.negative_prompt or None,
                 )
+            names = ["prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds",
+                     "negative_pooled_prompt_embeds"]  # SD returns the first two, SDXL all four
+            self._embeds_cache[key] = {n: e for n, e in zip(names, encoded, strict=False) if e is not None}
             while len(self._embeds_cache) > CACHE_SIZE * 4:
                 self._embeds_cache.popitem(last=False)
         self._embeds_cache.move_to_end(key)
