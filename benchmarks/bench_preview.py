@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from stylelora.config import LoraConfig
-from stylelora.formats import Adapter, save_diffusers, save_kohya
+from stylelora.formats import Adapter, ModelLayout, save_diffusers, save_kohya
 from stylelora.generate import Previewer
 from stylelora.models import add_lora, build_tiny, load_base_model, lora_state
 
@@ -113,10 +113,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         model = build_small(root / "small") if args.model == "small" else args.model
-        both = save_kohya(root / "both.safetensors", random_adapter(model, args.rank, True), "fp32")
+        layout = ModelLayout.of(load_base_model(model))
+        both = save_kohya(root / "both.safetensors", random_adapter(model, args.rank, True), layout, "fp32")
         unet_only_adapter = random_adapter(model, args.rank, False)
-        unet_only = save_kohya(root / "unet.safetensors", unet_only_adapter, "fp32")
-        diffusers_dir = save_diffusers(root / "unet_diffusers", unet_only_adapter, "fp32").parent
+        unet_only = save_kohya(root / "unet.safetensors", unet_only_adapter, layout, "fp32")
+        diffusers_dir = save_diffusers(root / "unet_diffusers", unet_only_adapter, layout, "fp32").parent
 
         plain = load_base_model(model).pipeline
         plain.set_progress_bar_config(disable=True)

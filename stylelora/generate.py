@@ -24,11 +24,13 @@ import torch
 from PIL import Image
 
 from . import images
+from .adapter import Adapter, ModelLayout, module_paths
 from .checkpoint import STEP_DIR, list_checkpoints
 from .config import Config
+from .convert import find_adapter_file
 from .errors import ConfigError, FormatError
-from .formats import DIFFUSERS_WEIGHT_NAME, Adapter, load_adapter, module_paths
-from .models import BaseModel, adaptable_modules, load_base_model
+from .formats import load_adapter
+from .models import BaseModel, load_base_model
 from .samplers import DEFAULT_SAMPLER, check_sampler, make_scheduler, sampler_label
 
 log = logging.getLogger(__name__)
@@ -41,11 +43,12 @@ CACHE_SIZE = 32
 
 @dataclass(frozen=True)
 class AdapterSource:
-    """A resolved adapter location: the file to read, a default name, and the alpha when the file lacks it."""
+    """A resolved adapter location: the file to read, a default name, and the alphas when the file lacks them."""
 
     file: Path
     name: str
     alpha: float | None = None  # checkpoints store raw weights; their alpha is in the run's config.toml
+    conv_alpha: float | None = None
 
 
 def _run_config(run_dir: Path) -> Config:
@@ -54,12 +57,13 @@ def _run_config(run_dir: Path) -> Config:
 
 def _checkpoint_source(folder: Path) -> AdapterSource:
     run_dir = folder.parent.parent
-    alpha = None
+    alpha = conv_alpha = None
     if (run_dir / "config.toml").is_file():
-        alpha = _run_config(run_dir).lora.alpha
+        lora = _run_config(run_dir).lora
+        alpha, conv_alpha = lora.alpha, getattr(lora, "conv_alpha", None)  # conv_alpha: runs with LoCon
     else:
         log.warning("%s: no config.toml in the run folder, so the LoRA alpha is unknown; using alpha = rank", folder)
-    return AdapterSource(folder / "lora.safetensors", f"{run_dir.name}-{folder.name}", alpha)
+    return AdapterSource(folder / "lora.safetensors", f"{run_dir.name}-{folder.name}", alpha, conv_alpha)
 
 
 def find_adapter(path: str | Path) -> AdapterSource:
@@ -71,28 +75,21 @@ def find_adapter(path: str | Path) -> AdapterSource:
     p = Path(path).expanduser()
     if not p.exists():
         raise FormatError(f"{p}: no such adapter file or folder")
-    if p.is_file():
-        if p.name == "lora.safetensors" and (p.parent / "state.json").is_file():
-            return _checkpoint_source(p.parent)
-        return AdapterSource(p, p.stem)
-    if (p / "lora.safetensors").is_file() and (p / "state.json").is_file():
-        return _checkpoint_source(p)
-    if (p / DIFFUSERS_WEIGHT_NAME).is_file():
-        owner = p.parent if p.name == "diffusers" and (p.parent / "config.toml").is_file() else p
-        return AdapterSource(p / DIFFUSERS_WEIGHT_NAME, owner.name)
-    if (p / "config.toml").is_file():
-        name = _run_config(p).export.name or p.name
-        for candidate in (p / f"{name}.safetensors", p / "diffusers" / DIFFUSERS_WEIGHT_NAME):
-            if candidate.is_file():
-                return AdapterSource(candidate, name)
-        found = list_checkpoints(p)
-        if found:
-            return _checkpoint_source(found[-1])
-        raise FormatError(f"{p}: this run folder has no adapter and no checkpoint yet; train it first")
-    raise FormatError(
-        f"{p}: not an adapter; give a .safetensors LoRA file, a diffusers LoRA folder, a run folder "
-        "or a checkpoint folder (checkpoints/step-NNNNNN)"
-    )
+    checkpoint = p.parent if p.name == "lora.safetensors" else p
+    if (checkpoint / "state.json").is_file() and (checkpoint / "lora.safetensors").is_file():
+        return _checkpoint_source(checkpoint)
+    if p.is_dir() and (p / "config.toml").is_file() and list_checkpoints(p):
+        try:
+            file, _, name = find_adapter_file(p)
+        except FormatError:  # training not finished: its newest checkpoint
+            return _checkpoint_source(list_checkpoints(p)[-1])
+        return AdapterSource(file, name)
+    try:
+        file, _, name = find_adapter_file(p)
+    except FormatError as e:
+        raise FormatError(f"{e}. Give a .safetensors LoRA file, a diffusers LoRA folder, a run folder or a "
+                          "checkpoint folder (checkpoints/step-NNNNNN)") from None
+    return AdapterSource(file, name)
 
 
 def run_adapters(run_dir: str | Path) -> list[AdapterSource]:
@@ -132,19 +129,6 @@ class _Attached:
     source: AdapterSource
 
 
-def _alpha_of(adapter: Adapter, part: str, module: str) -> float:
-    """The alpha of one module, whether the Adapter holds one per part or one per module (LoCon)."""
-    per_module = getattr(adapter, "module_alpha", None)
-    if callable(per_module):
-        return float(per_module(part, module))
-    alpha = adapter.alpha.get(part)
-    if isinstance(alpha, dict):
-        alpha = alpha.get(module)
-    if alpha is None:
-        raise FormatError(f"adapter has no alpha for {part} module {module}")
-    return float(alpha)
-
-
 def _peft_config(adapter: Adapter, part: str) -> Any:
     """A peft LoraConfig that recreates ``adapter``'s layers for one part, rank and alpha per module."""
     from peft import LoraConfig as PeftLoraConfig
@@ -152,7 +136,7 @@ def _peft_config(adapter: Adapter, part: str) -> Any:
     state = adapter.state[part]
     paths = module_paths(state)
     ranks = {p: int(state[f"{p}.lora_A.weight"].shape[0]) for p in paths}
-    alphas = {p: _alpha_of(adapter, part, p) for p in paths}
+    alphas = {p: adapter.alpha_of(part, p) for p in paths}
     rank = Counter(ranks.values()).most_common(1)[0][0]
     alpha = Counter(alphas.values()).most_common(1)[0][0]
     # Exact names: a regex that must match the whole module path, so no other module is caught.
@@ -163,7 +147,7 @@ def _peft_config(adapter: Adapter, part: str) -> Any:
         target_modules="|".join(re.escape(p) for p in paths),
         rank_pattern={exact[p]: r for p, r in ranks.items() if r != rank},
         alpha_pattern={exact[p]: a for p, a in alphas.items() if a != alpha},
-        use_dora=any(".lora_magnitude_vector" in k for k in state),
+        use_dora=adapter.is_dora,
     )
 
 
@@ -198,8 +182,8 @@ class Previewer:
         self.base_loads = 0  # how often the base model was loaded (tests and benchmarks count it)
         self._lock = threading.RLock()
         self.model: BaseModel = self._load(model, config_source, prediction_type)
-        self._modules = adaptable_modules(self.model)
-        self._parts = [part for part in self._modules if getattr(self.pipeline, part, None) is not None]
+        self._layout = ModelLayout.of(self.model)  # taken before any LoRA layer wraps a module
+        self._parts = [part for part, _ in self.model.parts()]
         self._default_scheduler = self.pipeline.scheduler
         self._schedulers: dict[str, Any] = {DEFAULT_SAMPLER: self._default_scheduler}
         self._adapters: dict[str, _Attached] = {}
@@ -238,9 +222,12 @@ class Previewer:
         use replaces that adapter (e.g. the same run after more training).
         """
         source = path if isinstance(path, AdapterSource) else find_adapter(path)
-        adapter = load_adapter(source.file, self._modules)
+        adapter = load_adapter(source.file, self._layout)
         if source.alpha is not None:
-            adapter = replace(adapter, alpha={part: source.alpha for part in adapter.state})
+            adapter = replace(
+                adapter, alpha=dict.fromkeys(adapter.state, source.alpha), module_alpha={},
+                conv_alpha=dict.fromkeys(adapter.state, source.conv_alpha) if source.conv_alpha else {},
+            )
         name = name or source.name
         with self._lock:
             if name in self._adapters:

@@ -15,7 +15,7 @@ from stylelora import cli, images
 from stylelora import generate as generate_module
 from stylelora.config import LoraConfig
 from stylelora.errors import ConfigError, FormatError
-from stylelora.formats import Adapter, save_diffusers, save_kohya
+from stylelora.formats import Adapter, ModelLayout, save_diffusers, save_kohya
 from stylelora.generate import Previewer
 from stylelora.models import add_lora, load_base_model, lora_state
 from stylelora.samplers import SAMPLERS, sampler_names
@@ -30,6 +30,11 @@ def pixels(image: Image.Image) -> np.ndarray:
 
 def mean_diff(a: Image.Image, b: Image.Image) -> float:
     return float(np.abs(pixels(a) - pixels(b)).mean())
+
+
+@functools.cache
+def tiny_layout() -> ModelLayout:
+    return ModelLayout.of(load_base_model("builtin:tiny"))
 
 
 @functools.cache
@@ -56,12 +61,12 @@ def random_adapter(seed: int, *, text_encoder: bool = True, unet: bool = True, r
 @pytest.fixture(scope="module")
 def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("adapters")
-    both = random_adapter(1)
+    both, layout = random_adapter(1), tiny_layout()
     return {
-        "kohya": save_kohya(root / "style_a.safetensors", both, "fp32"),
-        "diffusers": save_diffusers(root / "style_a_diffusers", both, "fp32").parent,
-        "unet_only": save_kohya(root / "style_b.safetensors", random_adapter(2, text_encoder=False), "fp32"),
-        "te_only": save_kohya(root / "words.safetensors", random_adapter(3, unet=False), "fp32"),
+        "kohya": save_kohya(root / "style_a.safetensors", both, layout, "fp32"),
+        "diffusers": save_diffusers(root / "style_a_diffusers", both, layout, "fp32").parent,
+        "unet_only": save_kohya(root / "style_b.safetensors", random_adapter(2, text_encoder=False), layout, "fp32"),
+        "te_only": save_kohya(root / "words.safetensors", random_adapter(3, unet=False), layout, "fp32"),
     }
 
 
@@ -291,15 +296,18 @@ def test_run_folder_checkpoints_and_grid(run_dir: Path) -> None:
     assert p.base_loads == 1
 
 
-def test_unusable_adapters_fail_with_the_file_named(tmp_path: Path, preview: Previewer) -> None:
+def test_unusable_adapters_fail_with_the_file_named(tmp_path: Path, preview: Previewer,
+                                                    files: dict[str, Path]) -> None:
     with pytest.raises(FormatError, match="no such adapter file"):
         preview.attach(tmp_path / "missing.safetensors")
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(FormatError, match="junk.safetensors"):
         preview.attach(tmp_path / "junk.safetensors")
-    other = random_adapter(4)
-    other.state["unet"] = {k.replace("down_blocks.0", "down_blocks.7"): v for k, v in other.state["unet"].items()}
-    save_kohya(tmp_path / "other.safetensors", other, "fp32")
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(files["kohya"]))  # the same adapter, as if made for a deeper UNet
+    save_file({k.replace("down_blocks_0", "down_blocks_7"): v for k, v in tensors.items()},
+              str(tmp_path / "other.safetensors"))
     with pytest.raises(FormatError, match="name no module"):
         preview.attach(tmp_path / "other.safetensors")
     with pytest.raises(FormatError, match="not an adapter"):
