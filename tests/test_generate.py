@@ -310,7 +310,7 @@ def test_unusable_adapters_fail_with_the_file_named(tmp_path: Path, preview: Pre
               str(tmp_path / "other.safetensors"))
     with pytest.raises(FormatError, match="name no module"):
         preview.attach(tmp_path / "other.safetensors")
-    with pytest.raises(FormatError, match="not an adapter"):
+    with pytest.raises(FormatError, match="not a run folder.*Give a .safetensors LoRA file"):
         preview.attach(tmp_path)
     assert preview.adapters == ["a", "b"]
 
