@@ -376,3 +376,36 @@ def test_cli_generate_errors_are_one_line(args: list[str], message: str, tmp_pat
     assert message in err and "Traceback" not in err
     assert len([line for line in err.splitlines() if line.startswith("error:")]) == 1
     assert not (tmp_path / "x.png").exists()
+
+
+def test_per_module_ranks_and_alphas_reproduce_the_model_the_adapter_came_from(tmp_path: Path) -> None:
+    """LoCon-style file: 3x3 convs with their own rank and alpha. At strength 1 the preview equals the
+    pipeline the adapter was made in, so every module's rank and alpha were read and applied."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import inject_adapter_in_model
+
+    from stylelora.models import lora_alphas
+
+    source = load_base_model("builtin:tiny")
+    convs = ["down_blocks.0.resnets.0.conv1", "up_blocks.1.resnets.0.conv2"]
+    peft_config = PeftLoraConfig(
+        r=4, lora_alpha=8.0, target_modules=["to_q", "to_v", "proj_in", *convs],
+        rank_pattern={f"^{c}": 2 for c in convs}, alpha_pattern={f"^{c}": 1.0 for c in convs},
+    )
+    inject_adapter_in_model(peft_config, source.unet, adapter_name="default")
+    g = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for name, param in source.unet.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=g) * 0.2)
+    adapter = Adapter.from_module_alphas(lora_state(source), lora_alphas(source))
+    assert adapter.conv_alpha == {"unet": 1.0} and adapter.alpha == {"unet": 8.0}
+    path = save_kohya(tmp_path / "locon.safetensors", adapter, tiny_layout(), "fp32")
+    source.pipeline.set_progress_bar_config(disable=True)
+    expected = source.pipeline(PROMPT, num_inference_steps=3, generator=torch.Generator().manual_seed(0)).images[0]
+
+    p = Previewer("builtin:tiny")
+    p.attach(path)
+    got = p.generate(PROMPT, scale=1.0, **FAST)
+    assert mean_diff(got, p.generate(PROMPT, scale=0.0, **FAST)) > 1
+    assert np.abs(pixels(got) - pixels(expected)).max() <= 1
