@@ -124,6 +124,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check_data(args: argparse.Namespace) -> int:
+    from .config import DataConfig
+    from .doctor import check_dataset
+
+    DataConfig(path=args.folder, resolution=args.resolution, repeats=args.repeats)  # same limits as training
+    if args.batch_size < 1:
+        raise StyleloraError(f"--batch-size: must be >= 1, got {args.batch_size}")
+    report = check_dataset(
+        args.folder, args.resolution, args.batch_size, caption_extension=args.caption_extension,
+        repeats=args.repeats, trigger_word=args.trigger_word, model=args.model,
+    )
+    print(report.to_text(args.level))
+    return 0 if report.can_train else 1
+
+
 def _not_yet(name: str) -> Callable[[argparse.Namespace], int]:
     def run(_args: argparse.Namespace) -> int:
         raise StyleloraError(f"'stylelora {name}' is not implemented yet in this version")
@@ -164,9 +179,22 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True)
     e.set_defaults(func=_not_yet("export"))
 
-    c = sub.add_parser("check-data", help="check a dataset folder and explain every problem")
-    c.add_argument("folder")
-    c.set_defaults(func=_not_yet("check-data"))
+    c = sub.add_parser(
+        "check-data", help="check a dataset folder and explain every problem",
+        description="Check every file of a dataset folder (the folder is only read): per file, what is wrong "
+        "and what stylelora will do about it, then a summary. Exit status 0 when training can proceed "
+        "(warnings allowed), 1 when it cannot.")
+    c.add_argument("folder", help="the dataset folder")
+    c.add_argument("--resolution", type=int, default=512, help="training resolution to check sizes against")
+    c.add_argument("--batch-size", type=int, default=1, help="batch size the dataset must fill")
+    c.add_argument("--model", help="count caption tokens with this model's tokenizer (else the cached CLIP "
+                   "tokenizer, else an estimate)")
+    c.add_argument("--caption-extension", default=".txt", help="extension of caption sidecar files")
+    c.add_argument("--trigger-word", default="", help="word put in front of every caption")
+    c.add_argument("--repeats", type=int, default=1, help="how many times each image is seen per epoch")
+    c.add_argument("--level", choices=["error", "warning", "info"], default="info",
+                   help="show findings of this level and worse (default: all)")
+    c.set_defaults(func=cmd_check_data)
     return parser
 
 
@@ -202,6 +230,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception:  # a bug, not a user error: show everything needed to report it
+        traceback.print_exc()
+        print("error: this is a bug in stylelora, not a problem with your input. Please report it with the "
+              "traceback above and the command you ran.", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -338,3 +338,32 @@ def adaptable_modules(model: BaseModel) -> dict[str, list[str]]:
                 names.append(name.removesuffix(".base_layer"))
         out[part] = sorted(set(names))
     return out
+
+
+def load_tokenizer(name: str) -> Any | None:
+    """Only the tokenizer of the model ``name`` (cheap; for counting caption tokens), or None.
+
+    None when the model keeps no tokenizer locally: a single-file checkpoint, or a hub id that is
+    not in the local cache (nothing is downloaded here).
+    """
+    from transformers import CLIPTokenizer
+
+    if name.startswith("builtin:"):
+        return _builtin_tokenizer()
+    path = Path(name).expanduser()
+    folder: Path | None = None
+    if path.is_dir():
+        folder = path / "tokenizer"
+    elif not path.exists() and name.count("/") == 1:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(name, "tokenizer/vocab.json")
+        folder = Path(cached).parent if isinstance(cached, str) else None
+    # transformers 5 returns an empty tokenizer for a folder without vocab files, so check first.
+    if folder is None or not (folder / "vocab.json").is_file() or not (folder / "merges.txt").is_file():
+        return None
+    try:
+        return CLIPTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError) as e:  # not a CLIP tokenizer after all
+        log.debug("no tokenizer for %s: %s", name, e)
+        return None
