@@ -125,10 +125,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_check_data(args: argparse.Namespace) -> int:
-    from .config import DataConfig
     from .doctor import check_dataset
 
-    DataConfig(path=args.folder, resolution=args.resolution, repeats=args.repeats)  # same limits as training
+    # the same limits as training, with the same messages
+    Config().with_overrides({"data.resolution": args.resolution, "data.repeats": args.repeats})
     if args.batch_size < 1:
         raise StyleloraError(f"--batch-size: must be >= 1, got {args.batch_size}")
     report = check_dataset(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -70,9 +71,7 @@ def decode_text(raw: bytes, notes: list[str]) -> tuple[str, str]:
 def read_caption(path: Path, notes: list[str] | None = None) -> str:
     """A caption sidecar as one line of text; ``notes`` gets a line per repair made on the way."""
     notes = notes if notes is not None else []
-    text, encoding = decode_text(path.read_bytes(), notes)
-    if encoding != "utf-8":
-        log.warning("%s: caption is not UTF-8; decoded it as %s", path, encoding)
+    text, _ = decode_text(path.read_bytes(), notes)
     if "\r" in text:
         notes.append("caption has Windows (CRLF) line endings; they are read as spaces")
     if len([line for line in text.splitlines() if line.strip()]) > 1:
@@ -117,11 +116,16 @@ def scan(folder: str | Path, caption_extension: str = ".txt") -> list[Item]:
 
 
 def _read_caption_quietly(path: Path) -> str:
+    notes: list[str] = []
     try:
-        return read_caption(path)
+        text = read_caption(path, notes)
     except OSError as e:
         log.warning("%s: cannot read this caption (%s); training on the trigger word only", path, e.strerror or e)
         return ""
+    for note in notes:
+        if "not UTF-8" in note or "UTF-16" in note:
+            log.warning("%s: %s", path, note)
+    return text
 
 
 @dataclass(frozen=True)
@@ -206,11 +210,7 @@ def load_image(path: Path, notes: list[str] | None = None) -> Image.Image:
         with Image.open(io.BytesIO(data)) as im:
             w, h = im.size
             if w * h > MAX_PIXELS:
-                raise ImageLoadError(
-                    path,
-                    f"declares {w}x{h} pixels ({w * h / 1e6:.0f} MP), over the {MAX_PIXELS / 1e6:.0f} MP limit "
-                    "that guards against decompression bombs; it was not decoded. Downscale it if it is real",
-                )
+                raise ImageLoadError(path, _bomb_message(f"{w}x{h} pixels", w * h))
             frames = getattr(im, "n_frames", 1)
             if frames > 1:
                 notes.append(f"animated ({frames} frames): the first frame is used")
@@ -219,8 +219,10 @@ def load_image(path: Path, notes: list[str] | None = None) -> Image.Image:
             return _to_rgb(im, notes)
     except ImageLoadError:
         raise
-    except Image.DecompressionBombError as e:
-        raise ImageLoadError(path, f"refused as a possible decompression bomb ({e})") from None
+    except Image.DecompressionBombError as e:  # Pillow refuses twice its limit while opening
+        found = re.search(r"\((\d+) pixels\)", str(e))
+        pixels = int(found.group(1)) if found else 2 * MAX_PIXELS
+        raise ImageLoadError(path, _bomb_message(f"{pixels} pixels", pixels)) from None
     except UnidentifiedImageError:
         kind = path.suffix.lstrip(".").upper() or "an image"
         raise ImageLoadError(path, f"not an image: the content is not {kind} or any format Pillow reads") from None
@@ -228,8 +230,13 @@ def load_image(path: Path, notes: list[str] | None = None) -> Image.Image:
         # Pillow's decoders report broken files with these; the message says which part failed.
         reason = str(e) or type(e).__name__
         if "truncated" in reason or isinstance(e, EOFError):
-            raise ImageLoadError(path, f"the image is truncated ({reason}); re-export or re-download it") from None
+            raise ImageLoadError(path, f"the file is cut short ({reason}); re-export or re-download it") from None
         raise ImageLoadError(path, f"the image data is corrupt ({reason}); re-export or remove it") from None
+
+
+def _bomb_message(declared: str, pixels: int) -> str:
+    return (f"declares {declared} ({pixels / 1e6:.0f} MP), over the {MAX_PIXELS / 1e6:.0f} MP limit that guards "
+            "against decompression bombs; it was not decoded. Downscale it if it is a real picture")
 
 
 _ORIENTATION = {2: "mirrored", 3: "rotated 180°", 4: "flipped", 5: "transposed", 6: "rotated 90° clockwise",
@@ -338,3 +345,12 @@ def batches(
             after = Position(epoch, b + 1) if b + 1 < len(chunks) else Position(epoch + 1, 0)
             yield after, chunks[b]
         epoch, first = epoch + 1, 0
+
+
+def write_caption(image: Path, caption: str, caption_extension: str = ".txt") -> Path:
+    """Save the caption of ``image`` as its UTF-8 sidecar, atomically (for caption editors)."""
+    from . import fileio
+
+    path = Path(image).with_suffix(caption_extension)
+    fileio.write_text(path, " ".join(caption.split()) + "\n")
+    return path

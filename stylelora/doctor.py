@@ -214,7 +214,8 @@ def check_dataset(
         else:
             caption, notes = _sidecar_caption(check.path, caption_extension, report)
         for note in notes:
-            add(Finding(check.path, note, "decoded", True, "warning" if "not UTF-8" in note else "info"))
+            level = "warning" if "not UTF-8" in note else "info"
+            add(Finding(check.path, note, "caption used as decoded", True, level))
         if caption:
             _check_length(check.path, with_trigger(caption, trigger_word), counter, report)
         report.usable.append(check.path)
@@ -324,7 +325,7 @@ class _TokenCounter:
         self.used = True
         tokenizer = self._get()
         if tokenizer is not None:
-            ids = tokenizer(text, truncation=False).input_ids
+            ids = tokenizer(text, truncation=False, verbose=False).input_ids
             cut = tokenizer.decode(ids[limit - 1 : -1]) if len(ids) > limit else ""
             return len(ids), cut, True
         # CLIP splits words, digits and punctuation apart, and long words into several pieces.
@@ -334,7 +335,7 @@ class _TokenCounter:
         for start, n in pieces:
             running += n
             if running > limit - 1:  # the end token takes the last place
-                cut = text[start:]
+                cut = text[text.rfind(" ", 0, start) + 1 :]  # from the start of that word
                 break
         return 2 + sum(n for _, n in pieces), cut, False
 
@@ -344,7 +345,7 @@ def _check_length(image: Path, caption: str, counter: _TokenCounter, report: Dat
     if tokens <= TEXT_ENCODER_TOKENS:
         return
     count = f"{tokens} tokens" if exact else f"about {tokens} tokens (estimated)"
-    shown = cut if len(cut) <= 80 else cut[:77] + "..."
+    shown = cut if len(cut) <= 80 else f"{cut[:50]} ... {cut[-25:]}"
     report.findings.append(Finding(
         image, f"caption is {count}; the text encoder reads {TEXT_ENCODER_TOKENS} (start and end included)",
         f"used; the end is cut off: \"{shown}\"", True, "warning"))

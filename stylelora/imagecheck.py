@@ -55,7 +55,7 @@ def check_image(path: Path, resolution: int) -> ImageCheck:
         return result
     result.sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
     result.size = image.size
-    result.problems += [Problem(note, "converted", "info") for note in notes]
+    result.problems += [Problem(note, "used as converted", "info") for note in notes]
     w, h = image.size
     short, long = min(w, h), max(w, h)
     if long / short > MAX_ASPECT:

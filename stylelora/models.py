@@ -346,8 +346,6 @@ def load_tokenizer(name: str) -> Any | None:
     None when the model keeps no tokenizer locally: a single-file checkpoint, or a hub id that is
     not in the local cache (nothing is downloaded here).
     """
-    from transformers import CLIPTokenizer
-
     if name.startswith("builtin:"):
         return _builtin_tokenizer()
     path = Path(name).expanduser()
@@ -362,6 +360,8 @@ def load_tokenizer(name: str) -> Any | None:
     # transformers 5 returns an empty tokenizer for a folder without vocab files, so check first.
     if folder is None or not (folder / "vocab.json").is_file() or not (folder / "merges.txt").is_file():
         return None
+    from transformers import CLIPTokenizer
+
     try:
         return CLIPTokenizer.from_pretrained(str(folder))
     except (OSError, ValueError) as e:  # not a CLIP tokenizer after all
