@@ -141,8 +141,9 @@ def check_dataset(
     add = report.findings.append
     if not root.is_dir():
         what = "is a file, not a folder" if root.exists() else "no such folder"
-        add(Finding(root, what, "point the dataset path at a folder of images with .txt captions", False, "error"))
-        report.blockers.append(f"dataset '{root}': {what}")
+        fix = "point data.path (--data) at a folder of images with .txt captions or a metadata.jsonl"
+        add(Finding(root, what, fix, False, "error"))
+        report.blockers.append(f"{what}; {fix}")
         return report
 
     files, hidden = _walk(root)
@@ -378,10 +379,11 @@ def training_items(
     report = check_dataset(data.path, data.resolution, batch_size, caption_extension=data.caption_extension,
                            repeats=data.repeats, trigger_word=data.trigger_word, model=model, tokenizer=tokenizer)
     if not report.can_train:
-        errors = [f"  {report._name(f.path)}: {f.problem}" for f in report.findings if f.level == "error"]
+        errors = [f"  {report._name(f.path)}: {f.problem}" for f in report.findings
+                  if f.level == "error" and f.path != report.folder]
         shown = "\n".join(errors[:10]) + (f"\n  ... and {len(errors) - 10} more" if len(errors) > 10 else "")
         raise DataError(f"dataset '{data.path}': " + "; ".join(report.blockers) + (f"\n{shown}" if shown else "")
-                        + f"\n(stylelora check-data {data.path} explains every file)")
+                        + (f"\n(stylelora check-data {data.path} explains every file)" if report.images else ""))
     usable = {p.resolve() for p in report.usable}
     items = [item for item in scan(data.path, data.caption_extension) if item.image.resolve() in usable]
     return items, report

@@ -239,6 +239,16 @@ def _load_folder(path: Path, name: str) -> Any:
 
 def _load_single_file(path: Path, config_source: str) -> Any:
     from diffusers import StableDiffusionPipeline
+    from safetensors import SafetensorError, safe_open
+
+    try:  # reads the header only; a truncated or corrupt file fails here with its own reason
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+    except (SafetensorError, OSError) as e:
+        raise ModelError(
+            f"model '{path}': not a readable .safetensors file ({e}); it may be truncated or corrupt. "
+            "Download or copy it again."
+        ) from None
 
     kwargs: dict[str, Any] = {"safety_checker": None, "requires_safety_checker": False}
     if config_source:
