@@ -365,10 +365,14 @@ def load_tokenizer(name: str) -> Any | None:
     elif not path.exists() and name.count("/") == 1:
         from huggingface_hub import try_to_load_from_cache
 
-        cached = try_to_load_from_cache(name, "tokenizer/vocab.json")
-        folder = Path(cached).parent if isinstance(cached, str) else None
+        for sub in ("tokenizer/", ""):  # a pipeline keeps it in tokenizer/, a CLIP repo at its root
+            cached = try_to_load_from_cache(name, f"{sub}tokenizer_config.json")
+            if isinstance(cached, str):
+                folder = Path(cached).parent
+                break
     # transformers 5 returns an empty tokenizer for a folder without vocab files, so check first.
-    if folder is None or not (folder / "vocab.json").is_file() or not (folder / "merges.txt").is_file():
+    files = {p.name for p in folder.iterdir()} if folder is not None and folder.is_dir() else set()
+    if "tokenizer.json" not in files and not {"vocab.json", "merges.txt"} <= files:
         return None
     from transformers import CLIPTokenizer
 
