@@ -89,11 +89,16 @@ class TerminalProgress:
         elif isinstance(event, events.SampleSaved):
             self._write(f"samples at step {event.step}: {', '.join(str(p) for p in event.paths)}")
         elif isinstance(event, events.Finished):
-            if self.bar is not None:
-                self.bar.close()
+            self.close()
             print(f"done: {event.step} steps; adapter files:", file=sys.stderr)
             for path in event.adapter_paths:
                 print(f"  {path}")
+
+    def close(self) -> None:
+        """End the progress bar's line, so that a message printed after it starts on its own line."""
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
     def _write(self, text: str) -> None:
         if self.bar is not None:
@@ -116,9 +121,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         stop.set()
 
     previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    progress = TerminalProgress()
     try:
-        train(config, TerminalProgress(), stop)
+        train(config, progress, stop)
     finally:
+        progress.close()
         for s, handler in previous.items():
             signal.signal(s, handler)
     return 0

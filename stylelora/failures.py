@@ -45,7 +45,7 @@ def where_to_resume(tracker: RunTracker) -> str:
     """The last complete checkpoint and adapter of the run, and the command that continues it."""
     out = tracker.output_dir
     if out is None:
-        return "Nothing was trained yet."
+        return "The run had not started; nothing of it was changed."
     found = ckpt.list_checkpoints(out)
     adapters = sorted(p.name for p in out.glob("*.safetensors"))
     kept = f"the last complete checkpoint, {found[-1]}, is intact" if found else "no checkpoint was saved yet"
@@ -56,27 +56,26 @@ def where_to_resume(tracker: RunTracker) -> str:
 
 
 def out_of_memory_advice(config: Config, tracker: RunTracker) -> str:
+    """What to change so the run fits; only options this version's config actually has are named."""
     fields = all_fields()
     tips = []
     if config.train.batch_size > 1:
         tips.append(f"a smaller batch (--batch-size {max(1, config.train.batch_size // 2)}, with "
                     f"--set train.gradient_accumulation_steps={2 * config.train.gradient_accumulation_steps} "
                     "to keep the effective batch)")
-    if config.data.resolution > 512:
-        tips.append(f"a lower resolution (--resolution {config.data.resolution // 2 // 8 * 8 or 512})")
     if "train.gradient_checkpointing" in fields and not config.get("train.gradient_checkpointing"):
         tips.append("gradient checkpointing (--set train.gradient_checkpointing=true)")
-    else:
-        tips.append("gradient checkpointing")
-    eight_bit = [c for c in choices("train.optimizer") or [] if "8bit" in str(c)]
-    tips.append(f"an 8-bit optimizer (--set train.optimizer={eight_bit[0]})" if eight_bit
-                else "an 8-bit optimizer (bitsandbytes AdamW8bit)")
+    eight_bit = [c for c in choices("train.optimizer") or [] if "8bit" in str(c).lower()]
+    if eight_bit and config.train.optimizer not in eight_bit:
+        tips.append(f"an 8-bit optimizer (--set train.optimizer={eight_bit[0]})")
+    if config.train.mixed_precision == "no":
+        tips.append("mixed precision (--set train.mixed_precision=bf16)")
     if config.lora.train_text_encoder:
-        tips.append("training the UNet only (drop --train-text-encoder)")
-    if config.train.mixed_precision in ("auto", "no"):
-        tips.append("bf16 or fp16 mixed precision (--set train.mixed_precision=bf16)")
+        tips.append("training the UNet only (without --train-text-encoder)")
+    if config.data.resolution >= 256:
+        tips.append(f"a lower resolution (--resolution {config.data.resolution * 3 // 4 // 8 * 8})")
     return (f"out of GPU memory at step {tracker.step + 1} (batch size {config.train.batch_size}, resolution "
-            f"{config.data.resolution}). {where_to_resume(tracker)} To fit, try: " + "; ".join(tips) + ".")
+            f"{config.data.resolution}).\n{where_to_resume(tracker)}\nTo fit in memory, try: " + "; ".join(tips) + ".")
 
 
 def disk_full_advice(message: str, tracker: RunTracker) -> str:
