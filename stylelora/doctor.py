@@ -99,7 +99,7 @@ class DatasetReport:
         line = (f"{c['images']} images found, {c['usable']} usable, {c['skipped']} skipped; "
                 f"{c['errors']} errors, {c['warnings']} warnings, {c['infos']} notes")
         if self.can_train:
-            return f"{line}\ntraining can proceed with {c['usable']} images"
+            return f"{line}\ntraining can proceed with {c['usable']} image{'s' * (c['usable'] != 1)}"
         return f"{line}\ntraining cannot proceed: " + "; ".join(self.blockers)
 
     def to_text(self, min_level: str = "info") -> str:
@@ -151,51 +151,10 @@ def check_dataset(
         what = "hidden folder" if path.is_dir() else "hidden file"
         inside = f" ({count} image{'s' * (count != 1)} inside)" if path.is_dir() else ""
         add(Finding(path, f"{what}{inside}", "ignored", False, "info"))
-
-    meta = root / "metadata.jsonl"
-    captions: dict[Path, str] = {}
-    listed: set[Path] | None = None
-    if meta.is_file():
-        listed = set()
-        for row in read_jsonl(root, meta):
-            if row.image is None:
-                add(Finding(meta, f"line {row.lineno}: {row.problem}", "row ignored", False, "warning"))
-            else:
-                listed.add(row.image)
-                captions[row.image] = row.caption
-
-    stems = set()
-    candidates = []
-    for path in files:
-        suffix = path.suffix.lower()
-        if path.is_dir():
-            if suffix in IMAGE_SUFFIXES:
-                add(Finding(path, "a folder named like an image", "not an image; files inside it are checked "
-                            "as a subfolder", False, "warning"))
-            continue
-        if suffix in IMAGE_SUFFIXES:
-            stems.add(path.with_suffix(""))
-            if path.is_symlink() and not path.exists():
-                report.images.append(path)
-                add(Finding(path, f"broken link to {path.readlink()}", "skipped", False, "error"))
-            elif listed is not None and path.resolve() not in listed:
-                report.images.append(path)
-                add(Finding(path, "not listed in metadata.jsonl", "not used; add a row for it", False, "warning"))
-            else:
-                candidates.append(path)
-        elif suffix in UNSUPPORTED_IMAGES:
-            report.images.append(path)
-            add(Finding(path, f"{suffix} images are not supported", "skipped; convert it to PNG or JPEG",
-                        False, "error"))
-
-    if listed is None:
-        for path in files:
-            if path.suffix == caption_extension and path.is_file() and path.with_suffix("") not in stems:
-                if path.stem.lower() in DOC_NAMES:
-                    add(Finding(path, "not a caption (no image of this name)", "ignored", False, "info"))
-                else:
-                    add(Finding(path, "caption without an image (no image file of the same name)",
-                                "ignored", False, "warning"))
+    captions = _read_metadata(root, report) if (root / "metadata.jsonl").is_file() else None
+    candidates = _image_files(files, captions, report)
+    if captions is None:
+        _orphan_captions(files, caption_extension, report)
 
     checks = []
     for path in candidates:
@@ -209,8 +168,8 @@ def check_dataset(
     checks = _drop_duplicates(checks, report)
     counter = _TokenCounter(tokenizer, model)
     for check in checks:
-        if listed is not None:
-            caption = captions[check.path.resolve()]
+        if captions is not None:
+            caption = captions[check.path]
             notes: list[str] = []
         else:
             caption, notes = _sidecar_caption(check.path, caption_extension, report)
@@ -225,6 +184,58 @@ def check_dataset(
     _dataset_level(report, repeats)
     report.images.sort()
     return report
+
+
+def _read_metadata(root: Path, report: DatasetReport) -> dict[Path, str]:
+    """Captions of metadata.jsonl by image path; rows that name no image become findings."""
+    meta = root / "metadata.jsonl"
+    captions: dict[Path, str] = {}
+    for row in read_jsonl(root, meta):
+        if row.image is None:
+            report.findings.append(Finding(meta, f"line {row.lineno}: {row.problem}", "row ignored", False, "warning"))
+        else:  # keyed like the walked files (root/relative), so the two compare
+            captions.setdefault(root / row.image.relative_to(root.resolve()), row.caption)
+    return captions
+
+
+def _image_files(files: list[Path], captions: dict[Path, str] | None, report: DatasetReport) -> list[Path]:
+    """The images to decode: every visible image file, or with metadata.jsonl the images it lists.
+
+    Files that cannot be candidates (broken links, unsupported formats, unlisted images) become findings.
+    """
+    add = report.findings.append
+    candidates = list(captions) if captions is not None else []
+    for path in files:
+        suffix = path.suffix.lower()
+        if path.is_dir():
+            if suffix in IMAGE_SUFFIXES:
+                add(Finding(path, "a folder named like an image", "not an image; files inside it are checked "
+                            "as a subfolder", False, "warning"))
+        elif suffix in IMAGE_SUFFIXES and path.is_symlink() and not path.exists():
+            report.images.append(path)
+            add(Finding(path, f"broken link to {path.readlink()}", "skipped", False, "error"))
+        elif suffix in IMAGE_SUFFIXES and captions is None:
+            candidates.append(path)
+        elif suffix in IMAGE_SUFFIXES and path not in captions:
+            report.images.append(path)
+            add(Finding(path, "not listed in metadata.jsonl", "not used; add a row for it", False, "warning"))
+        elif suffix in UNSUPPORTED_IMAGES:
+            report.images.append(path)
+            add(Finding(path, f"{suffix} images are not supported", "skipped; convert it to PNG or JPEG",
+                        False, "error"))
+    return candidates
+
+
+def _orphan_captions(files: list[Path], caption_extension: str, report: DatasetReport) -> None:
+    images = {p.with_suffix("") for p in files if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir()}
+    for path in files:
+        if path.suffix != caption_extension or not path.is_file() or path.with_suffix("") in images:
+            continue
+        if path.stem.lower() in DOC_NAMES:
+            report.findings.append(Finding(path, "not a caption (no image of this name)", "ignored", False, "info"))
+        else:
+            report.findings.append(Finding(path, "caption without an image (no image file of the same name)",
+                                           "ignored", False, "warning"))
 
 
 def _walk(root: Path) -> tuple[list[Path], list[tuple[Path, int]]]:

@@ -15,10 +15,11 @@ from PIL import Image
 
 from .dataset import ImageLoadError, load_image
 
-# An image whose short side is under resolution / TOO_SMALL_FACTOR would be blown up past
-# recognition; one over MAX_ASPECT:1 is a strip, and resizing it to cover the training square
-# would allocate a huge image.
-TOO_SMALL_FACTOR = 4
+# An image under MIN_SIDE pixels (a thumbnail, an icon) holds no style to learn; one over MAX_ASPECT:1
+# is a strip, and resizing it to cover the training square would allocate a huge image. Anything
+# else is used, with a warning when it has to be enlarged (BLURRY_FACTOR times or more: strongly).
+MIN_SIDE = 32
+BLURRY_FACTOR = 4
 WIDE_ASPECT = 2.5
 MAX_ASPECT = 10.0
 HASH_SIZE = 8  # perceptual hash: 8x8 low DCT frequencies -> 64 bits
@@ -63,16 +64,17 @@ def check_image(path: Path, resolution: int) -> ImageCheck:
             f"extreme aspect ratio {w}x{h} ({long / short:.0f}:1): a strip, not a picture",
             "skipped; crop it to the part that shows the style", "error"))
         return result
-    if short * TOO_SMALL_FACTOR < resolution:
+    if short < MIN_SIDE:
         result.problems.append(Problem(
-            f"too small: {w}x{h} for {resolution} px training would be enlarged {resolution / short:.0f}x "
-            "into a blur", f"skipped; use an image at least {resolution // TOO_SMALL_FACTOR} px on its short side, "
-            "or lower the resolution", "error"))
+            f"too small: {w}x{h}, under {MIN_SIDE} px on its short side, too little to learn a style from",
+            "skipped; use a larger original", "error"))
         return result
     if short < resolution:
+        factor = resolution / short
+        effect = "it will be blurry" if factor >= BLURRY_FACTOR else "it will look softer"
         result.problems.append(Problem(
             f"smaller than the training resolution: {w}x{h}, short side {short} < {resolution}",
-            f"used, enlarged {resolution / short:.1f}x (it will look softer); a larger original is better",
+            f"used, enlarged {factor:.1f}x ({effect}); a larger original or a lower resolution is better",
             "warning"))
     if long / short >= WIDE_ASPECT:
         kept = round(100 * short / long)

@@ -20,7 +20,14 @@ from .config import Config
 from .dataset import CaptionedImages, Position, batches
 from .doctor import training_items
 from .errors import ConfigError, DiskFullError, TrainingError
-from .failures import RunTracker, disk_full_advice, is_out_of_memory, out_of_memory_advice, where_to_resume
+from .failures import (
+    RunTracker,
+    disk_full_advice,
+    is_out_of_memory,
+    mismatched_checkpoint,
+    out_of_memory_advice,
+    where_to_resume,
+)
 from .formats import Adapter, save_diffusers, save_kohya
 from .metadata import kohya_metadata
 from .models import BaseModel, add_lora, load_base_model, lora_state, set_lora_state
@@ -228,8 +235,11 @@ def _train(config: Config, on_event: EventHandler, stop: StopSignal, model: Base
     step, position = 0, Position()
     if resume_from is not None:
         state = ckpt.load_checkpoint(resume_from)
-        set_lora_state(model, state.lora)
-        optimizer.load_state_dict(state.optimizer)
+        try:
+            set_lora_state(model, state.lora)
+            optimizer.load_state_dict(state.optimizer)
+        except (RuntimeError, ValueError) as e:  # shapes or parameter groups differ from this config's
+            raise ConfigError(mismatched_checkpoint(resume_from, out, e)) from e
         lr_scheduler.load_state_dict(state.lr_scheduler)
         noise_rng.set_state(state.rng["noise"])
         step, position = state.step, Position(state.epoch, state.batch)

@@ -193,3 +193,17 @@ def test_pickled_files_are_never_unpickled(planted, tmp_path: Path, capsys) -> N
         with pytest.raises(FormatError, match=path.name):
             read_safetensors(path)
     assert not marker.exists()
+
+
+def test_resuming_with_other_lora_settings_is_explained(tmp_path: Path, capsys) -> None:
+    data = make_dataset(tmp_path / "data", n=2, size=(64, 64))
+    out = tmp_path / "run"
+    code, output = cli(capsys, "train", "--data", str(data), "--steps", "1", "--resolution", "64", "--rank", "2",
+                       "--output", str(out))
+    assert code == 0, output
+    config = str(out / "config.toml")
+    for change, why in ((["--rank", "4"], "was lora.rank different?"),
+                        (["--train-text-encoder"], "was --train-text-encoder")):
+        code, output = cli(capsys, "train", config, "--steps", "2", "--resume", "auto", *change)
+        assert code == 1 and "Traceback" not in output
+        assert "train.resume: the checkpoint" in output and "step-000001" in output and why in output
