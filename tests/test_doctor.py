@@ -307,3 +307,14 @@ def test_loaded_pixels_follow_the_stated_conversions(corpus) -> None:
     assert load_image(folder / "alpha.png").getpixel((30, 30)) == (200, 0, 0)
     assert load_image(folder / "rotated.jpg").size == (72, 120)
     assert load_image(folder / "grey16.png").getpixel((0, 0)) == (155, 155, 155)
+
+
+def test_check_data_level_filter_shows_only_serious_findings(corpus, capsys) -> None:
+    from stylelora.cli import main
+
+    folder, good, bad = corpus
+    assert main(["check-data", str(folder), "--resolution", str(RES), "--level", "error"]) == 0
+    out = capsys.readouterr().out
+    assert "  error:" in out and "  warning:" not in out and "  info:" not in out
+    assert all(f"\n{name}\n" in out for name in bad if name != "plain_copy.png")  # a duplicate is a warning
+    assert f"{len(good)} usable" in out
