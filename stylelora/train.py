@@ -373,16 +373,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
     from .fileio import write_text
 
     kept = [
-        line for line in path.read_text(encoding="utf-8", errors="replace").splitlines()
-        if (record := _metric(line)) is not None and record.get("step", 0) <= step
+        line for line in path.read_text(encoding="utf-8").splitlines()
+        if line.strip() and json.loads(line).get("step", 0) <= step
     ]
     write_text(path, "".join(line + "\n" for line in kept))
-
-
-def _metric(line: str) -> dict | None:
-    """One metrics.jsonl record; None for a blank line or one a crash cut short."""
-    try:
-        record = json.loads(line)
-    except ValueError:
-        return None
-    return record if isinstance(record, dict) else None
