@@ -213,7 +213,7 @@ def load_image(path: Path, notes: list[str] | None = None) -> Image.Image:
                 raise ImageLoadError(path, _bomb_message(f"{w}x{h} pixels", w * h))
             frames = getattr(im, "n_frames", 1)
             if frames > 1:
-                notes.append(f"animated ({frames} frames): the first frame is used")
+                notes.append(_frames_note(im.format, frames))
                 im.seek(0)
             im.load()
             return _to_rgb(im, notes)
@@ -232,6 +232,14 @@ def load_image(path: Path, notes: list[str] | None = None) -> Image.Image:
         if "truncated" in reason or isinstance(e, EOFError):
             raise ImageLoadError(path, f"the file is cut short ({reason}); re-export or re-download it") from None
         raise ImageLoadError(path, f"the image data is corrupt ({reason}); re-export or remove it") from None
+
+
+def _frames_note(image_format: str | None, frames: int) -> str:
+    if image_format == "MPO":  # phone cameras store a preview or depth picture after the photo
+        return f"holds {frames} pictures (an MPO file, as phone cameras write): the main photo, the first, is used"
+    if image_format == "TIFF":
+        return f"multi-page TIFF ({frames} pages): the first page is used"
+    return f"animated ({frames} frames): the first frame is used"
 
 
 def _bomb_message(declared: str, pixels: int) -> str:

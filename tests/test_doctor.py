@@ -84,6 +84,8 @@ def build_corpus(d: Path) -> tuple[set[str], set[str]]:
     Image.fromarray(rgba).save(ok("alpha.png"))
     frames = [Image.new("RGB", (96, 80), c) for c in ((250, 0, 0), (0, 250, 0), (0, 0, 250))]
     frames[0].save(ok("animated.gif"), save_all=True, append_images=frames[1:], duration=100)
+    pages = [Image.new("RGB", (96, 80), c) for c in ((0, 120, 250), (250, 250, 0))]
+    pages[0].save(ok("pages.tif"), save_all=True, append_images=pages[1:])
     exif = Image.Exif()
     exif[0x0112] = 6
     noise((120, 72), 5).save(ok("rotated.jpg"), exif=exif)
@@ -179,6 +181,7 @@ def test_corpus_every_unusable_file_is_named_and_every_good_file_used(corpus, mo
     assert "transparency" in said["palette_transparent.png"]
     assert "animated (3 frames)" in said["animated.gif"] and "first frame" in said["animated.gif"]
     assert "EXIF orientation 6" in said["rotated.jpg"]
+    assert "multi-page TIFF (2 pages): the first page is used" in said["pages.tif"]
     assert "no caption" in said["no_caption.png"]
     assert "empty" in said["empty_caption.png"]
     assert "not UTF-8" in said["latin1.png"] and "cp1252" in said["latin1.png"]

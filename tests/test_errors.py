@@ -207,3 +207,17 @@ def test_resuming_with_other_lora_settings_is_explained(tmp_path: Path, capsys) 
         code, output = cli(capsys, "train", config, "--steps", "2", "--resume", "auto", *change)
         assert code == 1 and "Traceback" not in output
         assert "train.resume: the checkpoint" in output and "step-000001" in output and why in output
+
+
+def test_a_truncated_adapter_names_the_file(tmp_path: Path) -> None:
+    from test_atomic import save_adapter_kohya
+
+    from stylelora.errors import FormatError
+    from stylelora.formats import load_adapter
+
+    save_adapter_kohya(tmp_path, seed=1)
+    path = tmp_path / "style.safetensors"
+    blob = path.read_bytes()
+    path.write_bytes(blob[: len(blob) - 100])
+    with pytest.raises(FormatError, match=r"style.safetensors: not a readable .safetensors file .*truncated"):
+        load_adapter(path, {"unet": ["down_blocks.0.attentions.0.proj_in"]})
