@@ -73,7 +73,7 @@ def tiny_adapter(seed: int):
 def save_adapter_kohya(folder: Path, seed: int) -> None:
     from stylelora.formats import save_kohya
 
-    save_kohya(folder / "style.safetensors", tiny_adapter(seed))
+    save_kohya(folder / "style.safetensors", tiny_adapter(seed), {"unet": ["down_blocks.0.attentions.0.proj_in"]})
 
 
 def save_adapter_diffusers(folder: Path, seed: int) -> None:
