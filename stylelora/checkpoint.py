@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from . import fileio
 from .errors import TrainingError
@@ -80,10 +80,11 @@ def save_checkpoint(folder: Path, state: TrainingState) -> Path:
     lora = _flatten_parts(state.lora)
     opt_tensors, opt_meta = _flatten_optimizer(state.optimizer)
     with fileio.atomic_dir(folder) as tmp:
-        save_file(lora, str(tmp / "lora.safetensors"))
-        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        # Written from Python (not safetensors' own writer) so a full disk raises OSError(ENOSPC).
+        (tmp / "lora.safetensors").write_bytes(save(lora))
+        (tmp / "optimizer.safetensors").write_bytes(save(opt_tensors))
         if state.ema is not None:
-            save_file(_flatten_parts(state.ema), str(tmp / "ema.safetensors"))
+            (tmp / "ema.safetensors").write_bytes(save(_flatten_parts(state.ema)))
         meta = {
             "step": state.step,
             "epoch": state.epoch,
@@ -106,7 +107,7 @@ def load_checkpoint(folder: Path) -> TrainingState:
         opt_tensors = load_file(str(folder / "optimizer.safetensors"))
         ema = _unflatten_parts(load_file(str(folder / "ema.safetensors"))) if meta.get("ema") else None
     except (OSError, ValueError, KeyError, SafetensorError) as e:
-        raise TrainingError(f"{folder}: not a complete stylelora checkpoint ({e})") from None
+        raise TrainingError(f"{folder}: not a complete stylelora checkpoint ({e}); pick an earlier one") from None
     if not meta.get("complete"):
         raise TrainingError(f"{folder}: checkpoint is incomplete; pick an earlier one")
     lora = _unflatten_parts(flat)

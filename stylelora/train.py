@@ -19,9 +19,18 @@ from . import checkpoint as ckpt
 from . import events, losses, optim
 from .artifacts import export_adapter, render_samples
 from .config import Config
-from .dataset import CaptionedImages, Position, batches, scan
+from .dataset import CaptionedImages, Position, batches
+from .doctor import training_items
 from .ema import LoraEMA
-from .errors import ConfigError, TrainingError
+from .errors import ConfigError, DiskFullError, TrainingError
+from .failures import (
+    RunTracker,
+    disk_full_advice,
+    is_out_of_memory,
+    mismatched_checkpoint,
+    out_of_memory_advice,
+    where_to_resume,
+)
 from .models import BaseModel, add_lora, load_base_model, lora_state, set_lora_state
 from .validation import Validator, split_holdout
 
@@ -53,6 +62,12 @@ def resolve_output_dir(config: Config) -> Path:
     out = config.output_dir
     if out.exists() and not out.is_dir():
         raise ConfigError(f"train.output_dir: '{out}' is a file; give a folder path for the run")
+    blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise ConfigError(f"train.output_dir: '{out}' cannot be created because '{blocking}' is a file")
+    if out.resolve().is_relative_to(Path(config.data.path).resolve()):
+        raise ConfigError(f"train.output_dir: '{out}' is inside the dataset folder, which stylelora never "
+                          "writes to; choose a folder outside it")
     holds_run = (out / "config.toml").is_file()
     if holds_run and not config.train.resume:
         if config.train.output_dir:
@@ -118,9 +133,26 @@ def train(
     """Train a LoRA as ``config`` says; events go to ``on_event``; ``stop`` ends it after a step.
 
     ``model`` lets a caller pass an already loaded base model (it gets the LoRA layers injected);
-    by default the model named in the config is loaded.
+    by default the model named in the config is loaded. Running out of memory or disk space, or a
+    diverging loss, raises :class:`TrainingError` saying which checkpoint is intact and what to do.
     """
-    emit: EventHandler = on_event or (lambda e: None)
+    tracker = RunTracker(on_event)
+    try:
+        return _train(config, tracker, stop, model)
+    except DiskFullError as e:
+        raise TrainingError(disk_full_advice(str(e), tracker)) from e
+    except TrainingError as e:
+        if tracker.output_dir is None:
+            raise
+        raise TrainingError(f"{e}\n{where_to_resume(tracker)}") from e
+    except RuntimeError as e:  # torch.OutOfMemoryError is a RuntimeError
+        if not is_out_of_memory(e):
+            raise
+        raise TrainingError(out_of_memory_advice(config, tracker)) from e
+
+
+def _train(config: Config, on_event: EventHandler, stop: StopSignal, model: BaseModel | None) -> RunResult:
+    emit = on_event
     cfg = config.train
     out = resolve_output_dir(config)
     resume_from = _find_resume(config, out)
@@ -136,9 +168,15 @@ def train(
     optim.check_optimizer(cfg, accelerator.device)
     torch.manual_seed(cfg.seed)
 
-    # --- data (a seeded few images held out for the validation loss) ---
-    items, held_out = split_holdout(scan(config.data.path, config.data.caption_extension), cfg.validation_images,
-                                    cfg.seed)
+    # --- data: the usable images, a seeded few held out for the validation loss ---
+    items, report = training_items(config.data, config.train.batch_size, model=config.model.name,
+                                   tokenizer=model.tokenizer if model is not None else None)
+    for line in report.skipped_lines():  # one line per unusable image; check-data explains the rest
+        emit(events.Message(line))
+    if report.counts["warnings"]:
+        emit(events.Message(f"{report.counts['warnings']} warnings about the dataset (its images are used); "
+                            f"'stylelora check-data {config.data.path}' lists them"))
+    items, held_out = split_holdout(items, cfg.validation_images, cfg.seed)
     data = CaptionedImages(items, config.data)
 
     # --- model: LoRA (or LoCon/DoRA) layers in fp32 on a frozen base in the training precision ---
@@ -209,11 +247,8 @@ def train(
                 ema.reset_from_params(int(state.extra.get("ema_steps", 0)) if state.ema is not None else 0)
             set_lora_state(model, state.lora)
             optimizer.load_state_dict(state.optimizer)
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise TrainingError(
-                f"{resume_from}: this checkpoint does not fit the configured LoRA (rank, targets, LoCon/DoRA or "
-                f"text encoder changed?); resume with the run's own config.toml ({type(e).__name__})"
-            ) from e
+        except (RuntimeError, ValueError, KeyError) as e:  # shapes or parameter groups differ from this config's
+            raise ConfigError(mismatched_checkpoint(resume_from, out, e)) from e
         lr_scheduler.load_state_dict(state.lr_scheduler)
         ckpt.restore_rng(noise_rng, state.rng)
         step, position = state.step, Position(state.epoch, state.batch)
