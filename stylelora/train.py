@@ -99,9 +99,9 @@ def _find_resume(config: Config, out: Path) -> Path | None:
         ckpt.remove_stale(out)
         return ckpt.newest_complete(out)
     path = Path(resume)
-    if not ckpt.is_complete(path):
-        raise ConfigError(f"train.resume: '{resume}' is not a complete checkpoint folder (state.json missing)")
-    return path
+    if not (path / "state.json").is_file():
+        raise ConfigError(f"train.resume: '{resume}' is not a checkpoint folder (no state.json inside)")
+    return path  # a damaged one fails in load_checkpoint, naming what is wrong
 
 
 def _new_accelerator(**kwargs: Any) -> Any:
