@@ -1,0 +1,63 @@
+"""What the tabs share: the workspace folders, the one training job, presets and the previewer."""
+
+from __future__ import annotations
+
+import html
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from stylelora.errors import StyleloraError
+from stylelora.jobs import TrainingJob
+from stylelora.workspace import Workspace
+
+PRESETS = Path(__file__).resolve().parent.parent / "presets"
+
+
+@dataclass
+class Context:
+    workspace: Workspace
+    job: TrainingJob = field(default_factory=TrainingJob)
+    presets: Path = PRESETS
+    _preview_lock: threading.Lock = field(default_factory=threading.Lock)
+    _previewer: Any = None
+    _previewer_model: str = ""
+
+    def dataset_choices(self) -> list[str]:
+        from stylelora.collect import list_datasets
+
+        return [self.workspace.display(self.workspace.datasets / n) for n in list_datasets(self.workspace.datasets)]
+
+    def preset_names(self) -> list[str]:
+        return sorted(p.stem for p in self.presets.glob("*.toml"))
+
+    def adapter_choices(self) -> list[str]:
+        return [self.workspace.display(a) for a in self.workspace.adapter_files()]
+
+    def run_choices(self) -> list[str]:
+        return [self.workspace.display(r.path) for r in self.workspace.runs()]
+
+    def previewer(self, model: str) -> Any:
+        """The Previewer of ``model``, loaded once and kept while the same model is asked for."""
+        from stylelora.generate import Previewer
+
+        if self._previewer is None or self._previewer_model != model:
+            self._previewer = None  # let the old pipeline go before loading the next
+            self._previewer = Previewer(model)
+            self._previewer_model = model
+        return self._previewer
+
+    @property
+    def preview_lock(self) -> threading.Lock:
+        return self._preview_lock
+
+
+def user_error(e: Exception) -> gr.Error:
+    """A message for the browser (and gradio_client) from a library error."""
+    # Gradio renders the message as HTML: escape it, since it can quote file names the user chose.
+    if isinstance(e, StyleloraError):
+        return gr.Error(html.escape(str(e)), print_exception=False)
+    return gr.Error(html.escape(f"{type(e).__name__}: {e}"))

@@ -1,0 +1,122 @@
+"""The Config form: one widget per config field, made by one mapping from field to widget.
+
+Widgets are derived from the field's type, choices (``Literal``), bounds and help text, so a field a
+helper adds to ``stylelora.config`` appears here without touching the app. Values go back into a
+``Config`` by dotted name, never by position.
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from typing import Any, Literal
+
+import gradio as gr
+
+from stylelora.config import Config, all_fields, field_type
+from stylelora.errors import ConfigError
+
+BASIC = ["model.name", "data.path", "train.steps", "lora.rank", "train.lr", "data.resolution",
+         "lora.train_text_encoder"]
+MODEL_SUGGESTIONS = ["builtin:tiny", "stable-diffusion-v1-5/stable-diffusion-v1-5"]
+
+
+def _base_type(tp: Any) -> tuple[Any, bool]:
+    """(the type without Optional, whether None is allowed)."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0], len(args) < len(typing.get_args(tp))
+    return tp, False
+
+
+def widget_for(dotted: str, value: Any, datasets: list[str]) -> gr.components.Component:
+    """The widget of one config field showing ``value`` (label = the dotted name; info = its help text)."""
+    f = all_fields()[dotted]
+    tp, optional = _base_type(field_type(dotted))
+    meta = f.metadata
+    info = meta.get("help", "")
+    label = dotted
+    default = to_widget_value(dotted, value)
+    if dotted == "data.path":
+        return gr.Dropdown(datasets, value=default, label=label, info=info, allow_custom_value=True)
+    if dotted == "model.name":
+        return gr.Dropdown(MODEL_SUGGESTIONS, value=default, label=label, info=info, allow_custom_value=True)
+    if typing.get_origin(tp) is Literal:
+        return gr.Dropdown(list(typing.get_args(tp)), value=default, label=label, info=info)
+    if tp is bool:
+        return gr.Checkbox(value=default, label=label, info=info)
+    if tp in (int, float):
+        minimum = meta.get("ge")
+        maximum = meta.get("le")
+        if optional:
+            info += " Leave empty for the default."
+        return gr.Number(value=default, label=label, info=info, precision=0 if tp is int else None,
+                         minimum=minimum, maximum=maximum, step=1 if tp is int else "any")
+    if typing.get_origin(tp) is list:
+        return gr.Textbox(value=default, label=label, info=info + " One per line.", lines=3)
+    return gr.Textbox(value=default, label=label, info=info)
+
+
+def to_widget_value(dotted: str, value: Any) -> Any:
+    tp, _ = _base_type(field_type(dotted))
+    if typing.get_origin(tp) is list:
+        return "\n".join(value or [])
+    return value
+
+
+def from_widget_value(dotted: str, value: Any) -> Any:
+    tp, optional = _base_type(field_type(dotted))
+    if typing.get_origin(tp) is list:
+        return [line.strip() for line in str(value or "").splitlines() if line.strip()]
+    if value is None or value == "":
+        if optional:
+            return None
+        if tp is str:
+            return ""
+        raise ConfigError(f"{dotted}: empty; give a value")
+    if tp is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+class ConfigForm:
+    """Every config field's widget, in Basic and Advanced groups, keyed by dotted name."""
+
+    def __init__(self, initial: Config, datasets: list[str]) -> None:
+        self.widgets: dict[str, gr.components.Component] = {}
+        fields = list(all_fields())
+        with gr.Group():
+            for dotted in BASIC:
+                self.widgets[dotted] = widget_for(dotted, initial.get(dotted), datasets)
+        with gr.Accordion("Advanced", open=False):
+            section = ""
+            for dotted in fields:
+                if dotted in BASIC:
+                    continue
+                if dotted.split(".")[0] != section:
+                    section = dotted.split(".")[0]
+                    gr.Markdown(f"**[{section}]**")
+                self.widgets[dotted] = widget_for(dotted, initial.get(dotted), datasets)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.widgets)
+
+    @property
+    def components(self) -> list[gr.components.Component]:
+        return list(self.widgets.values())
+
+    def to_config(self, values: list[Any]) -> Config:
+        """The Config the widgets describe (values in ``components`` order); ConfigError names the field."""
+        data: dict[str, dict[str, Any]] = {}
+        for dotted, value in zip(self.names, values, strict=True):
+            section, key = dotted.split(".", 1)
+            converted = from_widget_value(dotted, value)
+            if converted is not None:
+                data.setdefault(section, {})[key] = converted
+        return Config.from_dict(data)
+
+    def values(self, config: Config) -> list[Any]:
+        return [to_widget_value(d, config.get(d)) for d in self.names]

@@ -1,0 +1,129 @@
+"""Preview tab: base beside LoRA at one seed, a strength slider that regenerates on release,
+a strength sweep strip and a checkpoint x strength grid (all from ``stylelora.generate.Previewer``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from stylelora.errors import StyleloraError
+
+from .context import Context, user_error
+
+DEFAULT_PROMPT = "a small house, flat style"
+
+
+def parse_scales(text: str) -> list[float]:
+    try:
+        scales = [float(s) for s in text.replace(",", " ").split()]
+    except ValueError:
+        raise gr.Error(f"strengths {text!r}: give numbers separated by commas, e.g. 0, 0.5, 1",
+                       print_exception=False) from None
+    if not scales or len(scales) > 12:
+        raise gr.Error("strengths: give between 1 and 12 numbers", print_exception=False)
+    return scales
+
+
+def build(ctx: Context) -> dict[str, Any]:
+    ws = ctx.workspace
+    base_cache: dict[str, Any] = {}
+
+    def adapter_path(choice: str | None, upload: str | None) -> str:
+        """The adapter to use: an uploaded file wins over the picker (which only offers outputs/)."""
+        if upload:
+            return str(upload)
+        if not choice:
+            raise gr.Error("pick an adapter (train one first) or upload an adapter file", print_exception=False)
+        try:
+            return str(ws.inside(choice, [ws.outputs]))
+        except StyleloraError as e:
+            raise user_error(e) from None
+
+    def options(steps: float, seed: float, negative: str) -> dict[str, Any]:
+        return {"negative_prompt": negative or "", "seed": int(seed or 0), "steps": max(1, int(steps or 1))}
+
+    def preview(model: str, adapter: str | None, upload: str | None, prompt: str, negative: str,
+                seed: float, steps: float, strength: float):
+        path = adapter_path(adapter, upload)
+        try:
+            with ctx.preview_lock:
+                previewer = ctx.previewer(model or "builtin:tiny")
+                name = previewer.attach(path)
+                opts = options(steps, seed, negative)
+                # The base image does not depend on the adapter or strength: render it once per setting.
+                key = (model, prompt, tuple(sorted(opts.items())))
+                if base_cache.get("key") == key:
+                    base = base_cache["image"]
+                    lora = previewer.generate(prompt, adapter=name, scale=float(strength), **opts)
+                else:
+                    base, lora = previewer.compare(prompt, adapter=name, scale=float(strength), **opts)
+                    base_cache.update(key=key, image=base)
+        except StyleloraError as e:
+            raise user_error(e) from None
+        return base, lora
+
+    def sweep(model: str, adapter: str | None, upload: str | None, prompt: str, negative: str,
+              seed: float, steps: float, scales: str):
+        path = adapter_path(adapter, upload)
+        try:
+            with ctx.preview_lock:
+                previewer = ctx.previewer(model or "builtin:tiny")
+                name = previewer.attach(path)
+                return previewer.sweep(prompt, parse_scales(scales), adapter=name, **options(steps, seed, negative))
+        except StyleloraError as e:
+            raise user_error(e) from None
+
+    def grid(model: str, adapter: str | None, prompt: str, negative: str, seed: float, steps: float, scales: str):
+        """Checkpoints of the picked adapter's run (rows) x strengths (columns)."""
+        path = Path(adapter_path(adapter, None))
+        run = next((r for r in ws.runs() if path.is_relative_to(r.path)), None)
+        if run is None or not run.checkpoints:
+            raise gr.Error("the picked adapter's run has no checkpoints; set train.save_every to keep some",
+                           print_exception=False)
+        try:
+            with ctx.preview_lock:
+                previewer = ctx.previewer(model or "builtin:tiny")
+                names = [previewer.attach(str(c), name=c.parent.name) for c in run.checkpoints]
+                return previewer.grid(prompt, names, parse_scales(scales), **options(steps, seed, negative))
+        except StyleloraError as e:
+            raise user_error(e) from None
+
+    def refresh():
+        choices = ctx.adapter_choices()
+        return gr.update(choices=choices, value=choices[0] if choices else None)
+
+    with gr.Tab("Preview", id="preview") as tab:
+        with gr.Row():
+            model = gr.Dropdown(["builtin:tiny"], value="builtin:tiny", label="Base model", allow_custom_value=True,
+                                info="builtin:tiny, a diffusers folder, a .safetensors checkpoint or a hub id")
+            adapter = gr.Dropdown(ctx.adapter_choices(), label="Adapter", info="Adapters of the runs under outputs/")
+            upload = gr.File(label="…or any adapter file", file_types=[".safetensors"], type="filepath")
+            refresh_btn = gr.Button("Refresh list", scale=0)
+        with gr.Row():
+            prompt = gr.Textbox(DEFAULT_PROMPT, label="Prompt", scale=3)
+            negative = gr.Textbox("", label="Negative prompt", scale=2)
+        with gr.Row():
+            seed = gr.Number(0, label="Seed", precision=0)
+            steps = gr.Slider(1, 100, value=8, step=1, label="Steps")
+            strength = gr.Slider(-1, 2, value=1, step=0.05, label="Strength", elem_id="strength",
+                                 info="0 is the base model; regenerates when you let go")
+        generate_btn = gr.Button("Generate", variant="primary", elem_id="generate")
+        with gr.Row():
+            base_image = gr.Image(label="Base model", type="pil", elem_id="base-image", format="png")
+            lora_image = gr.Image(label="With LoRA", type="pil", elem_id="lora-image", format="png")
+        with gr.Row():
+            scales = gr.Textbox("0, 0.5, 1, 1.5", label="Strengths for the sweep and grid")
+            sweep_btn = gr.Button("Strength sweep")
+            grid_btn = gr.Button("Checkpoint × strength grid")
+        sweep_image = gr.Image(label="Sweep / grid", type="pil", format="png")
+
+    inputs = [model, adapter, upload, prompt, negative, seed, steps]
+    generate_btn.click(preview, [*inputs, strength], [base_image, lora_image], api_name="preview")
+    strength.release(preview, [*inputs, strength], [base_image, lora_image], api_name=False)
+    sweep_btn.click(sweep, [*inputs, scales], sweep_image, api_name="sweep")
+    grid_btn.click(grid, [model, adapter, prompt, negative, seed, steps, scales], sweep_image, api_name="grid")
+    refresh_btn.click(refresh, None, adapter, api_name=False)
+    tab.select(refresh, None, adapter, api_name=False)
+    return {}
