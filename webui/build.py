@@ -31,5 +31,5 @@ def build_app(root: str | Path = ".", ctx: Context | None = None) -> tuple[gr.Bl
         show, dataset, images = data["show"]
         demo.load(show, dataset, images, api_name=False)
         # A reopened browser shows the running (or last) training and keeps following it.
-        demo.load(train["follow"], None, train["outputs"], api_name="watch")
+        demo.load(train["follow"], None, train["outputs"], api_name="watch", concurrency_limit=None)
     return demo, ctx

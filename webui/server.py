@@ -9,6 +9,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -70,13 +71,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .build import build_app
 
     demo, ctx = build_app(args.root)
-    demo.queue(default_concurrency_limit=1).launch(
-        server_name=args.host,
-        server_port=args.port,
-        share=args.share,
-        auth=auth,
+    launch(demo, ctx, server_name=args.host, server_port=args.port, share=args.share, auth=auth)
+    return 0
+
+
+def launch(demo: Any, ctx: Any, **kwargs: Any) -> Any:
+    """Serve ``demo``; Gradio may serve files only from the workspace's datasets/ and outputs/."""
+    return demo.queue(default_concurrency_limit=1).launch(
         allowed_paths=[str(p) for p in ctx.workspace.folders],
         show_error=False,
         footer_links=["api"],
+        **kwargs,
     )
-    return 0
