@@ -27,6 +27,10 @@ def build(ctx: Context) -> dict[str, Any]:
             raise gr.Error(f"dataset '{name}' does not exist; create it first", print_exception=False)
         return path
 
+    def refresh(name: str):
+        """The dataset list as it is now on disk (on page load: others may have added datasets)."""
+        return gr.update(choices=names(), value=name if name in names() else None)
+
     def gallery(name: str) -> list[tuple[str, str]]:
         if not name:
             return []
@@ -87,7 +91,8 @@ def build(ctx: Context) -> dict[str, Any]:
     with gr.Tab("Dataset", id="dataset"):
         with gr.Row():
             dataset = gr.Dropdown(names(), value="example" if "example" in names() else None,
-                                  label="Dataset", info="A folder under datasets/", scale=2)
+                                  label="Dataset", info="A folder under datasets/", scale=2,
+                                  allow_custom_value=True)  # names are checked by collect.dataset_folder
             new_name = gr.Textbox(label="New dataset", placeholder="my-style", scale=2)
             create_btn = gr.Button("Create", scale=1)
         with gr.Row():
@@ -117,4 +122,4 @@ def build(ctx: Context) -> dict[str, Any]:
     trigger_btn.click(trigger, [dataset, trigger_word], [status, images], api_name="add_trigger")
     check_btn.click(check, [dataset, check_res], [report, findings], api_name="check_data")
     return {"dataset": dataset, "create": (create_btn, create, new_name, status, images),
-            "show": (gallery, dataset, images)}
+            "show": (gallery, dataset, images), "refresh": refresh}

@@ -67,7 +67,7 @@ def build(ctx: Context) -> dict[str, Any]:
 
     with gr.Tab("Export", id="export") as tab:
         source = gr.Dropdown(ctx.run_choices() + ctx.adapter_choices(), label="Run or adapter",
-                             info="Runs and adapter files under outputs/")
+                             info="Runs and adapter files under outputs/", allow_custom_value=True)
         with gr.Row():
             fmt = gr.Radio(FORMATS, value="kohya", label="Format")
             precision = gr.Dropdown(["fp16", "bf16", "fp32"], value="fp16", label="Precision")

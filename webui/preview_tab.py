@@ -98,7 +98,8 @@ def build(ctx: Context) -> dict[str, Any]:
         with gr.Row():
             model = gr.Dropdown(["builtin:tiny"], value="builtin:tiny", label="Base model", allow_custom_value=True,
                                 info="builtin:tiny, a diffusers folder, a .safetensors checkpoint or a hub id")
-            adapter = gr.Dropdown(ctx.adapter_choices(), label="Adapter", info="Adapters of the runs under outputs/")
+            adapter = gr.Dropdown(ctx.adapter_choices(), label="Adapter", info="Adapters of the runs under outputs/",
+                                  allow_custom_value=True)  # checked by Workspace.inside
             upload = gr.File(label="…or any adapter file", file_types=[".safetensors"], type="filepath")
             refresh_btn = gr.Button("Refresh list", scale=0)
         with gr.Row():
