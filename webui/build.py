@@ -24,6 +24,7 @@ def build_app(root: str | Path = ".", ctx: Context | None = None) -> tuple[gr.Bl
             train = train_tab.build(ctx)
             preview_tab.build(ctx)
             export_tab.build(ctx)
+        gr.api(train["train_toml"], api_name="train_toml", concurrency_limit=None)  # scripting: a config as TOML
         # Cross-tab wiring: a new dataset appears in the Train form's dataset picker.
         create_btn, create, new_name, status, images = data["create"]
         create_btn.click(create, new_name, [data["dataset"], status, images, train["form"].widgets["data.path"]],

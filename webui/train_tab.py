@@ -203,6 +203,5 @@ def build(ctx: Context) -> dict[str, Any]:
     toml_in.upload(load_toml, toml_in, form.components, api_name="load_toml")
     save_btn.click(save_toml, form.components, toml_out, api_name="save_toml")
     start_btn.click(train, form.components, outputs, api_name="train", concurrency_limit=None)
-    gr.api(train_toml, api_name="train_toml", concurrency_limit=None)  # scripting: a whole config as TOML
     stop_btn.click(stop, None, log, api_name="stop", concurrency_limit=None)
-    return {"form": form, "outputs": outputs, "follow": lambda: (yield from follow(ctx))}
+    return {"form": form, "outputs": outputs, "follow": lambda: (yield from follow(ctx)), "train_toml": train_toml}
