@@ -131,6 +131,7 @@ def test_second_start_is_refused_and_a_new_page_sees_the_run(app) -> None:
             break
     with pytest.raises(AppError, match="already running"):
         client.predict(TINY_RUN, api_name="/train_toml")
+    job.cancel()  # the browser that started it goes away: the training goes on
     # a new browser (a new client session) attaches to the running job and sees its progress
     watcher = Client(client.src, verbose=False).submit(api_name="/watch")
     first = next(iter(watcher))

@@ -30,7 +30,9 @@ def build_app(root: str | Path = ".", ctx: Context | None = None) -> tuple[gr.Bl
         create_btn.click(create, new_name, [data["dataset"], status, images, train["form"].widgets["data.path"]],
                          api_name="create_dataset")
         show, dataset, images = data["show"]
+        data_path = train["form"].widgets["data.path"]
         demo.load(data["refresh"], dataset, dataset, api_name=False).then(show, dataset, images, api_name=False)
+        demo.load(lambda: gr.update(choices=ctx.dataset_choices()), None, data_path, api_name=False)
         # A reopened browser shows the running (or last) training and keeps following it.
         demo.load(train["follow"], None, train["outputs"], api_name="watch", concurrency_limit=None)
     return demo, ctx

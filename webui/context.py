@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import importlib
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +43,7 @@ class Context:
 
     def previewer(self, model: str) -> Any:
         """The Previewer of ``model``, loaded once and kept while the same model is asked for."""
-        from stylelora.generate import Previewer
+        Previewer = library("stylelora.generate", "Previewer")  # noqa: N806
 
         if self._previewer is None or self._previewer_model != model:
             self._previewer = None  # let the old pipeline go before loading the next
@@ -61,3 +62,12 @@ def user_error(e: Exception) -> gr.Error:
     if isinstance(e, StyleloraError):
         return gr.Error(html.escape(str(e)), print_exception=False)
     return gr.Error(html.escape(f"{type(e).__name__}: {e}"))
+
+
+def library(module: str, name: str) -> Any:
+    """``module.name`` of the library, imported when first used; a clear message if this version lacks it."""
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        raise gr.Error(f"this version of stylelora has no {module}.{name}; update stylelora to use it",
+                       print_exception=False) from None

@@ -10,7 +10,7 @@ import gradio as gr
 from stylelora import collect
 from stylelora.errors import StyleloraError
 
-from .context import Context, user_error
+from .context import Context, library, user_error
 
 ACCEPTED = [".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".txt", ".zip"]
 
@@ -78,7 +78,7 @@ def build(ctx: Context) -> dict[str, Any]:
         return f"added '{word.strip()}' to {changed} caption(s)", gallery(name)
 
     def check(name: str, resolution: float):
-        from stylelora.doctor import check_dataset
+        check_dataset = library("stylelora.doctor", "check_dataset")
 
         try:
             report = check_dataset(folder(name), resolution=int(resolution or 512))

@@ -9,7 +9,7 @@ import gradio as gr
 
 from stylelora.errors import StyleloraError
 
-from .context import Context, user_error
+from .context import Context, library, user_error
 
 FORMATS = [("kohya (AUTOMATIC1111, ComfyUI)", "kohya"), ("diffusers (pipe.load_lora_weights)", "diffusers")]
 
@@ -33,7 +33,7 @@ def build(ctx: Context) -> dict[str, Any]:
         return source.parent
 
     def export(choice: str | None, fmt: str, precision: str):
-        from stylelora.formats import export as export_adapter
+        export_adapter = library("stylelora.formats", "export")
 
         source = source_path(choice)
         run = run_folder(source)
@@ -50,7 +50,7 @@ def build(ctx: Context) -> dict[str, Any]:
         return text, str(download) if download.is_file() else None
 
     def merge(model: str, choice: str | None, scale: float):
-        from stylelora.formats import merge as merge_adapter
+        merge_adapter = library("stylelora.formats", "merge")
 
         source = source_path(choice)
         run = run_folder(source)

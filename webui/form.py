@@ -29,32 +29,35 @@ def _base_type(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
+def elem_id(dotted: str) -> str:
+    """The HTML id of a field's widget (``train.steps`` -> ``cfg-train-steps``), for tests and styling."""
+    return "cfg-" + dotted.replace(".", "-").replace("_", "-")
+
+
 def widget_for(dotted: str, value: Any, datasets: list[str]) -> gr.components.Component:
-    """The widget of one config field showing ``value`` (label = the dotted name; info = its help text)."""
-    f = all_fields()[dotted]
+    """The widget of one config field showing ``value``: the type picks the widget, Literal choices make a
+    dropdown, bounds limit numbers; the label is the dotted name and the help text is shown under it."""
+    meta = all_fields()[dotted].metadata
     tp, optional = _base_type(field_type(dotted))
-    meta = f.metadata
-    info = meta.get("help", "")
-    label = dotted
-    default = to_widget_value(dotted, value)
+    value = to_widget_value(dotted, value)
+    common: dict[str, Any] = {"label": dotted, "info": meta.get("help", ""), "elem_id": elem_id(dotted)}
     if dotted == "data.path":
-        return gr.Dropdown(datasets, value=default, label=label, info=info, allow_custom_value=True)
+        return gr.Dropdown(datasets, value=value, allow_custom_value=True, **common)
     if dotted == "model.name":
-        return gr.Dropdown(MODEL_SUGGESTIONS, value=default, label=label, info=info, allow_custom_value=True)
+        return gr.Dropdown(MODEL_SUGGESTIONS, value=value, allow_custom_value=True, **common)
     if typing.get_origin(tp) is Literal:
-        return gr.Dropdown(list(typing.get_args(tp)), value=default, label=label, info=info)
+        return gr.Dropdown(list(typing.get_args(tp)), value=value, **common)
     if tp is bool:
-        return gr.Checkbox(value=default, label=label, info=info)
+        return gr.Checkbox(value=value, **common)
     if tp in (int, float):
-        minimum = meta.get("ge")
-        maximum = meta.get("le")
         if optional:
-            info += " Leave empty for the default."
-        return gr.Number(value=default, label=label, info=info, precision=0 if tp is int else None,
-                         minimum=minimum, maximum=maximum, step=1 if tp is int else "any")
+            common["info"] += " Leave empty for the default."
+        return gr.Number(value=value, precision=0 if tp is int else None, minimum=meta.get("ge"),
+                         maximum=meta.get("le"), **common)
     if typing.get_origin(tp) is list:
-        return gr.Textbox(value=default, label=label, info=info + " One per line.", lines=3)
-    return gr.Textbox(value=default, label=label, info=info)
+        common["info"] += " One per line."
+        return gr.Textbox(value=value, lines=3, **common)
+    return gr.Textbox(value=value, **common)
 
 
 def to_widget_value(dotted: str, value: Any) -> Any:

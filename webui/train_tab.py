@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import html
 import math
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -128,12 +127,12 @@ def build(ctx: Context) -> dict[str, Any]:
 
     initial = preset_config(DEFAULT_PRESET) if DEFAULT_PRESET in ctx.preset_names() else Config()
     with gr.Tab("Train", id="train"):
-        with gr.Row():
-            preset = gr.Dropdown(ctx.preset_names(), value=DEFAULT_PRESET, label="Preset", scale=2)
+        with gr.Row(equal_height=True):
+            preset = gr.Dropdown(ctx.preset_names(), value=DEFAULT_PRESET, label="Preset", scale=3)
             load_preset_btn = gr.Button("Load preset", scale=1)
-            toml_in = gr.File(label="Load a config.toml", file_types=[".toml"], type="filepath", scale=2)
+            toml_in = gr.UploadButton("Load a TOML…", file_types=[".toml"], type="filepath", scale=1)
             save_btn = gr.Button("Save as TOML", scale=1)
-            toml_out = gr.File(label="Config", interactive=False, scale=2)
+        toml_out = gr.File(label="Config", interactive=False, visible=False)
         form = ConfigForm(initial, ctx.dataset_choices())
         with gr.Row():
             start_btn = gr.Button("Start training", variant="primary", elem_id="start-training")
@@ -167,12 +166,12 @@ def build(ctx: Context) -> dict[str, Any]:
         except StyleloraError as e:
             raise user_error(e) from None
 
-    def save_toml(*values: Any) -> str:
+    def save_toml(*values: Any):
         config = config_from_form(*values)
-        folder = Path(tempfile.mkdtemp(prefix="stylelora-config-"))
-        path = folder / "config.toml"
+        # Saved configs live in outputs/configs/ (the app writes nowhere else), named after the dataset.
+        path = ws.outputs / "configs" / f"{Path(config.data.path).name or 'config'}.toml"
         config.save(path)
-        return str(path)
+        return gr.update(value=str(path), visible=True)
 
     def start(config: Config):
         try:
