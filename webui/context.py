@@ -26,6 +26,7 @@ class Context:
     _preview_lock: threading.Lock = field(default_factory=threading.Lock)
     _previewer: Any = None
     _previewer_model: str = ""
+    attached: dict[int, dict[tuple[str, int], str]] = field(default_factory=dict)  # previewer -> file -> name
 
     def dataset_choices(self) -> list[str]:
         from stylelora.collect import list_datasets
@@ -47,6 +48,7 @@ class Context:
 
         if self._previewer is None or self._previewer_model != model:
             self._previewer = None  # let the old pipeline go before loading the next
+            self.attached.clear()
             self._previewer = Previewer(model)
             self._previewer_model = model
         return self._previewer

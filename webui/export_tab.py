@@ -54,7 +54,7 @@ def build(ctx: Context) -> dict[str, Any]:
 
         source = source_path(choice)
         run = run_folder(source)
-        out = run / "merged"
+        out = run / f"merged-{float(scale):g}"
         try:
             path = merge_adapter(model or "builtin:tiny", source, float(scale), out)
         except StyleloraError as e:

@@ -28,7 +28,6 @@ def parse_scales(text: str) -> list[float]:
 
 def build(ctx: Context) -> dict[str, Any]:
     ws = ctx.workspace
-    base_cache: dict[str, Any] = {}
 
     def adapter_path(choice: str | None, upload: str | None) -> str:
         """The adapter to use: an uploaded file wins over the picker (which only offers outputs/)."""
@@ -44,48 +43,47 @@ def build(ctx: Context) -> dict[str, Any]:
     def options(steps: float, seed: float, negative: str) -> dict[str, Any]:
         return {"negative_prompt": negative or "", "seed": int(seed or 0), "steps": max(1, int(steps or 1))}
 
+    def attached(model: str, path: str) -> tuple[Any, str]:
+        """The model's previewer with ``path`` attached (re-attached only when the file changed)."""
+        previewer = ctx.previewer(model or "builtin:tiny")
+        key = (str(path), Path(path).stat().st_mtime_ns if Path(path).exists() else 0)
+        known = ctx.attached.setdefault(id(previewer), {})
+        if key not in known:
+            known[key] = previewer.attach(path, name=f"{Path(path).parent.name}/{Path(path).stem}")
+        return previewer, known[key]
+
     def preview(model: str, adapter: str | None, upload: str | None, prompt: str, negative: str,
                 seed: float, steps: float, strength: float):
+        """(base image, LoRA image) at one seed; the previewer caches the base image, so moving the
+        strength only renders the LoRA side."""
         path = adapter_path(adapter, upload)
         try:
             with ctx.preview_lock:
-                previewer = ctx.previewer(model or "builtin:tiny")
-                name = previewer.attach(path)
-                opts = options(steps, seed, negative)
-                # The base image does not depend on the adapter or strength: render it once per setting.
-                key = (model, prompt, tuple(sorted(opts.items())))
-                if base_cache.get("key") == key:
-                    base = base_cache["image"]
-                    lora = previewer.generate(prompt, adapter=name, scale=float(strength), **opts)
-                else:
-                    base, lora = previewer.compare(prompt, adapter=name, scale=float(strength), **opts)
-                    base_cache.update(key=key, image=base)
+                previewer, name = attached(model, path)
+                return previewer.compare(prompt, adapter=name, scale=float(strength), **options(steps, seed, negative))
         except StyleloraError as e:
             raise user_error(e) from None
-        return base, lora
 
     def sweep(model: str, adapter: str | None, upload: str | None, prompt: str, negative: str,
               seed: float, steps: float, scales: str):
         path = adapter_path(adapter, upload)
         try:
             with ctx.preview_lock:
-                previewer = ctx.previewer(model or "builtin:tiny")
-                name = previewer.attach(path)
+                previewer, name = attached(model, path)
                 return previewer.sweep(prompt, parse_scales(scales), adapter=name, **options(steps, seed, negative))
         except StyleloraError as e:
             raise user_error(e) from None
 
     def grid(model: str, adapter: str | None, prompt: str, negative: str, seed: float, steps: float, scales: str):
-        """Checkpoints of the picked adapter's run (rows) x strengths (columns)."""
+        """The checkpoints and final adapter of the picked adapter's run (rows) x strengths (columns)."""
         path = Path(adapter_path(adapter, None))
         run = next((r for r in ws.runs() if path.is_relative_to(r.path)), None)
-        if run is None or not run.checkpoints:
-            raise gr.Error("the picked adapter's run has no checkpoints; set train.save_every to keep some",
-                           print_exception=False)
+        if run is None:
+            raise gr.Error("pick an adapter of a run under outputs/ for the checkpoint grid", print_exception=False)
         try:
             with ctx.preview_lock:
                 previewer = ctx.previewer(model or "builtin:tiny")
-                names = [previewer.attach(str(c), name=c.parent.name) for c in run.checkpoints]
+                names = previewer.attach_run(run.path)
                 return previewer.grid(prompt, names, parse_scales(scales), **options(steps, seed, negative))
         except StyleloraError as e:
             raise user_error(e) from None
