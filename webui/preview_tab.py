@@ -98,7 +98,7 @@ def build(ctx: Context) -> dict[str, Any]:
                                 info="builtin:tiny, a diffusers folder, a .safetensors checkpoint or a hub id")
             adapter = gr.Dropdown(ctx.adapter_choices(), label="Adapter", info="Adapters of the runs under outputs/",
                                   allow_custom_value=True)  # checked by Workspace.inside
-            upload = gr.File(label="…or any adapter file", file_types=[".safetensors"], type="filepath")
+            upload = gr.File(label="…or any adapter file", file_types=[".safetensors"], type="filepath", height=100)
             refresh_btn = gr.Button("Refresh list", scale=0)
         with gr.Row():
             prompt = gr.Textbox(DEFAULT_PROMPT, label="Prompt", scale=3)
@@ -110,8 +110,8 @@ def build(ctx: Context) -> dict[str, Any]:
                                  info="0 is the base model; regenerates when you let go")
         generate_btn = gr.Button("Generate", variant="primary", elem_id="generate")
         with gr.Row():
-            base_image = gr.Image(label="Base model", type="pil", elem_id="base-image", format="png")
-            lora_image = gr.Image(label="With LoRA", type="pil", elem_id="lora-image", format="png")
+            base_image = gr.Image(label="Base model", type="pil", elem_id="base-image", format="png", height=320)
+            lora_image = gr.Image(label="With LoRA", type="pil", elem_id="lora-image", format="png", height=320)
         with gr.Row():
             scales = gr.Textbox("0, 0.5, 1, 1.5", label="Strengths for the sweep and grid")
             sweep_btn = gr.Button("Strength sweep")
