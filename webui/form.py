@@ -16,8 +16,9 @@ import gradio as gr
 from stylelora.config import Config, all_fields, field_type
 from stylelora.errors import ConfigError
 
-BASIC = ["model.name", "data.path", "train.steps", "lora.rank", "train.lr", "data.resolution",
-         "lora.train_text_encoder"]
+BASIC_ROWS = [["model.name", "data.path"], ["train.steps", "lora.rank", "train.lr", "data.resolution"],
+              ["lora.train_text_encoder"]]
+BASIC = [name for row in BASIC_ROWS for name in row]
 MODEL_SUGGESTIONS = ["builtin:tiny", "stable-diffusion-v1-5/stable-diffusion-v1-5"]
 
 
@@ -89,19 +90,22 @@ class ConfigForm:
 
     def __init__(self, initial: Config, datasets: list[str]) -> None:
         self.widgets: dict[str, gr.components.Component] = {}
-        fields = list(all_fields())
         with gr.Group():
-            for dotted in BASIC:
-                self.widgets[dotted] = widget_for(dotted, initial.get(dotted), datasets)
+            for row in BASIC_ROWS:
+                with gr.Row():
+                    for dotted in row:
+                        self.widgets[dotted] = widget_for(dotted, initial.get(dotted), datasets)
         with gr.Accordion("Advanced", open=False):
-            section = ""
-            for dotted in fields:
-                if dotted in BASIC:
-                    continue
-                if dotted.split(".")[0] != section:
-                    section = dotted.split(".")[0]
-                    gr.Markdown(f"**[{section}]**")
-                self.widgets[dotted] = widget_for(dotted, initial.get(dotted), datasets)
+            sections: dict[str, list[str]] = {}
+            for dotted in all_fields():
+                if dotted not in BASIC:
+                    sections.setdefault(dotted.split(".")[0], []).append(dotted)
+            for section, names in sections.items():
+                with gr.Accordion(f"[{section}]", open=True):
+                    for i in range(0, len(names), 3):
+                        with gr.Row():
+                            for dotted in names[i : i + 3]:
+                                self.widgets[dotted] = widget_for(dotted, initial.get(dotted), datasets)
 
     @property
     def names(self) -> list[str]:
