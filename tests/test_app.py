@@ -61,6 +61,19 @@ def test_form_has_a_widget_for_every_config_field(app) -> None:
     assert shown["model.name"] == "builtin:tiny" and shown["train.steps"] == preset.train.steps
     assert shown["data.path"] == "datasets/example"
 
+    # Save as TOML writes the form's config; loading that file fills the form with the same values
+    saved = client.predict(*values, api_name="/save_toml")
+    saved_path = saved["value"]  # an update that also shows the (hidden until now) download box
+    assert Config.load(saved_path).to_dict() == Config.load(ctx.presets / "cpu-demo.toml").to_dict()
+    assert client.predict(handle_file(saved_path), api_name="/load_toml") == values
+
+    # a bad value is refused by name, before anything starts
+    steps = BASIC.index("train.steps")
+    bad = list(values)
+    bad[steps] = 0
+    with pytest.raises(AppError, match=r"train.steps: must be >= 1, got 0"):
+        client.predict(*bad, api_name="/train")
+
 
 def test_upload_check_train_preview_export(app, tmp_path: Path) -> None:
     client, ctx, root = app

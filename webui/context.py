@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import html
 import importlib
 import threading
 from dataclasses import dataclass, field
@@ -60,10 +59,15 @@ class Context:
 
 def user_error(e: Exception) -> gr.Error:
     """A message for the browser (and gradio_client) from a library error."""
-    # Gradio renders the message as HTML: escape it, since it can quote file names the user chose.
     if isinstance(e, StyleloraError):
-        return gr.Error(html.escape(str(e)), print_exception=False)
-    return gr.Error(html.escape(f"{type(e).__name__}: {e}"))
+        return gr.Error(_no_markup(str(e)), print_exception=False)
+    return gr.Error(_no_markup(f"{type(e).__name__}: {e}"))
+
+
+def _no_markup(text: str) -> str:
+    """Gradio shows error messages as HTML, and they can quote names the user chose: no tags may get
+    through. Only ``&`` and ``<`` are escaped, so ``must be >= 1`` reads the same in the browser and API."""
+    return text.replace("&", "&amp;").replace("<", "&lt;")
 
 
 def library(module: str, name: str) -> Any:

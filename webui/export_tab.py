@@ -61,9 +61,9 @@ def build(ctx: Context) -> dict[str, Any]:
             raise user_error(e) from None
         return f"merged model written to `{ws.display(path)}`"
 
-    def refresh():
+    def refresh(current: str | None):
         choices = ctx.run_choices() + ctx.adapter_choices()
-        return gr.update(choices=choices, value=choices[0] if choices else None)
+        return gr.update(choices=choices, value=current if current in choices else (choices[0] if choices else None))
 
     with gr.Tab("Export", id="export") as tab:
         source = gr.Dropdown(ctx.run_choices() + ctx.adapter_choices(), label="Run or adapter",
@@ -83,5 +83,5 @@ def build(ctx: Context) -> dict[str, Any]:
 
     export_btn.click(export, [source, fmt, precision], [report, download], api_name="export")
     merge_btn.click(merge, [merge_model, source, merge_scale], merge_report, api_name="merge")
-    tab.select(refresh, None, source, api_name=False)
+    tab.select(refresh, source, source, api_name=False)
     return {}

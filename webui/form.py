@@ -53,8 +53,12 @@ def widget_for(dotted: str, value: Any, datasets: list[str]) -> gr.components.Co
     if tp in (int, float):
         if optional:
             common["info"] += " Leave empty for the default."
-        return gr.Number(value=value, precision=0 if tp is int else None, minimum=meta.get("ge"),
-                         maximum=meta.get("le"), **common)
+        # Bounds go in the help text, not the widget: Config checks them and names the field when wrong.
+        bounds = [f"{word} {meta[key]:g}" for key, word in (("gt", ">"), ("ge", "≥"), ("lt", "<"), ("le", "≤"))
+                  if meta.get(key) is not None]
+        if bounds:
+            common["info"] += f" ({', '.join(bounds)})"
+        return gr.Number(value=value, precision=0 if tp is int else None, **common)
     if typing.get_origin(tp) is list:
         common["info"] += " One per line."
         return gr.Textbox(value=value, lines=3, **common)

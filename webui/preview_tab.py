@@ -8,6 +8,7 @@ from typing import Any
 
 import gradio as gr
 
+from stylelora.config import Config
 from stylelora.errors import StyleloraError
 
 from .context import Context, user_error
@@ -88,9 +89,25 @@ def build(ctx: Context) -> dict[str, Any]:
         except StyleloraError as e:
             raise user_error(e) from None
 
-    def refresh():
+    def refresh(current: str | None):
+        """The adapters on disk now (newest run first); keeps the pick if it is still there."""
         choices = ctx.adapter_choices()
-        return gr.update(choices=choices, value=choices[0] if choices else None)
+        return gr.update(choices=choices, value=current if current in choices else (choices[0] if choices else None))
+
+    def model_of(choice: str | None, current: str):
+        """Picking a run's adapter picks the base model it was trained on."""
+        try:
+            path = ws.inside(choice or "", [ws.outputs])
+        except StyleloraError:
+            return gr.update()
+        run = next((r for r in ws.runs() if path.is_relative_to(r.path)), None)
+        if run is None:
+            return gr.update()
+        try:
+            name = Config.load(run.path / "config.toml").model.name
+        except StyleloraError:
+            return gr.update()
+        return gr.update(value=name, choices=sorted({"builtin:tiny", name, current or "builtin:tiny"}))
 
     with gr.Tab("Preview", id="preview") as tab:
         with gr.Row():
@@ -123,6 +140,7 @@ def build(ctx: Context) -> dict[str, Any]:
     strength.release(preview, [*inputs, strength], [base_image, lora_image], api_name=False)
     sweep_btn.click(sweep, [*inputs, scales], sweep_image, api_name="sweep")
     grid_btn.click(grid, [model, adapter, prompt, negative, seed, steps, scales], sweep_image, api_name="grid")
-    refresh_btn.click(refresh, None, adapter, api_name=False)
-    tab.select(refresh, None, adapter, api_name=False)
+    refresh_btn.click(refresh, adapter, adapter, api_name=False)
+    tab.select(refresh, adapter, adapter, api_name=False)
+    adapter.change(model_of, [adapter, model], model, api_name=False)
     return {}
