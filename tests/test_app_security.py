@@ -35,6 +35,16 @@ def test_exposed_without_auth_refuses_to_start(args: list[str]) -> None:
     assert "refusing to start" in done.stderr and "--auth user:password" in done.stderr
 
 
+def test_which_addresses_need_auth() -> None:
+    from webui.server import exposure_problem
+
+    for host in ["127.0.0.1", "localhost", "::1", "127.0.0.2"]:
+        assert exposure_problem(host, share=False, auth=None) is None
+    for host in ["0.0.0.0", "::", "192.168.1.5", "my-laptop.local"]:
+        assert "--auth" in exposure_problem(host, share=False, auth=None)
+    assert exposure_problem("0.0.0.0", share=True, auth=("alice", "pw")) is None
+
+
 def test_bad_auth_is_a_usage_error() -> None:
     done = _run_app("--host", "0.0.0.0", "--auth", "nopassword")
     assert done.returncode == 2
