@@ -175,10 +175,10 @@ def build(ctx: Context) -> dict[str, Any]:
 
     def start(config: Config):
         try:
-            ctx.job.start(ws.run_config(config))
+            run_id = ctx.job.start(ws.run_config(config))
         except StyleloraError as e:
             raise user_error(e) from None
-        yield from follow(ctx, ctx.job.snapshot().run_id)
+        yield from follow(ctx, run_id)
 
     def train(*values: Any):
         yield from start(config_from_form(*values))
@@ -187,10 +187,9 @@ def build(ctx: Context) -> dict[str, Any]:
         """Train the config given as TOML text; yields {status, step, total_steps, loss, output_dir, log}."""
         try:
             config = Config.from_toml(toml_text, "config")
-            ctx.job.start(ws.run_config(config))
+            run_id = ctx.job.start(ws.run_config(config))
         except StyleloraError as e:
             raise user_error(e) from None
-        run_id = ctx.job.snapshot().run_id
         for _ in follow(ctx, run_id):
             yield summary(ctx.job.snapshot())
 
