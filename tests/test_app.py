@@ -1,4 +1,4 @@
-"""The app scripted with gradio_client, on builtin:tiny: upload -> check -> train -> preview -> export.
+"""The app scripted with gradio_client, on builtin:tiny: upload -> check -> train -> preview -> export -> merge.
 
 Also: the form is made from the config fields, a GUI run writes the config.toml the CLI replays,
 a second Start while training is refused, and a reopened page sees the run.
@@ -130,6 +130,9 @@ def test_upload_check_train_preview_export(app, tmp_path: Path) -> None:
         path = download["path"] if isinstance(download, dict) else download
         assert Path(path).name.endswith(suffix) and Path(path).stat().st_size > 1000
     assert len(list((run / "exports").iterdir())) == 2
+    # merge into the base: a diffusers model folder inside the run
+    assert "outputs/mine/merged-1" in client.predict("builtin:tiny", "outputs/mine", 1.0, api_name="/merge")
+    assert (run / "merged-1" / "model_index.json").is_file()
 
     # --- the GUI run's config.toml is what `stylelora train config.toml` replays: same losses ---
     replayed = train(Config.load(run / "config.toml").with_overrides({"train.output_dir": str(tmp_path / "replay")}))

@@ -54,6 +54,12 @@ def build(ctx: Context) -> dict[str, Any]:
 
         source = source_path(choice)
         run = run_folder(source)
+        if source.is_dir():  # a run folder: merge its adapter (the kohya file comes first)
+            adapters = next((r.adapters for r in ws.runs() if r.path == source), [])
+            if not adapters:
+                raise gr.Error(f"{ws.display(source)}: no adapter in this run yet; train it first",
+                               print_exception=False)
+            source = adapters[0]
         out = run / f"merged-{float(scale):g}"
         try:
             path = merge_adapter(model or "builtin:tiny", source, float(scale), out)
