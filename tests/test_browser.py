@@ -51,7 +51,7 @@ def test_tabs_train_and_slider(page, tmp_path: Path) -> None:
         page.screenshot(path=str(tmp_path / f"tab-{name.lower()}.png"), full_page=True)
     assert errors == []
     page.get_by_role("tab", name="Dataset").click()
-    page.get_by_text("apple").first.wait_for(timeout=15_000)  # the example dataset's captions in the gallery
+    page.get_by_text("apple").first.wait_for(timeout=30_000)  # the example dataset's captions in the gallery
 
     # --- a training started from the Train tab completes ---
     page.get_by_role("tab", name="Train").click()
@@ -65,7 +65,8 @@ def test_tabs_train_and_slider(page, tmp_path: Path) -> None:
 
     # --- preview: generate, then move the strength slider; a new image appears on release ---
     page.get_by_role("tab", name="Preview").click()
-    page.wait_for_timeout(500)  # the adapter list refreshes when the tab opens
+    page.wait_for_function(  # the adapter list refreshes when the tab opens and picks the new run
+        "() => (document.querySelector('#adapter input') || {}).value?.endsWith('.safetensors')", timeout=30_000)
     page.locator("#generate").click()
     lora_image = page.locator("#lora-image img")
     lora_image.wait_for(timeout=120_000)

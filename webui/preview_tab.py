@@ -114,7 +114,7 @@ def build(ctx: Context) -> dict[str, Any]:
             model = gr.Dropdown(["builtin:tiny"], value="builtin:tiny", label="Base model", allow_custom_value=True,
                                 info="builtin:tiny, a diffusers folder, a .safetensors checkpoint or a hub id")
             adapter = gr.Dropdown(ctx.adapter_choices(), label="Adapter", info="Adapters of the runs under outputs/",
-                                  allow_custom_value=True)  # checked by Workspace.inside
+                                  allow_custom_value=True, elem_id="adapter")  # checked by Workspace.inside
             upload = gr.File(label="…or any adapter file", file_types=[".safetensors"], type="filepath", height=100)
             refresh_btn = gr.Button("Refresh list", scale=0)
         with gr.Row():
