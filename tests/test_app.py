@@ -96,8 +96,9 @@ def test_upload_check_train_preview_export(app, tmp_path: Path) -> None:
     assert (root / "datasets/mine/up0.txt").read_text().strip() == "zzstyle, a first picture"
 
     # --- check ---
-    report, findings = client.predict("mine", 64, api_name="/check_data")
-    assert "4 usable image(s)" in report and "ready to train" in report
+    verdict, findings, full = client.predict("mine", 64, api_name="/check_data")
+    assert verdict == "**ready to train**: 4 usable image(s)"
+    assert "datasets/mine" in full
 
     # --- train 5 steps, streaming progress ---
     job = client.submit(TINY_RUN, api_name="/train_toml")

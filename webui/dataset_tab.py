@@ -86,7 +86,7 @@ def build(ctx: Context) -> dict[str, Any]:
             raise user_error(e) from None
         rows = [[ws.display(f.path), f.level, f.problem, f.action] for f in report.findings]
         verdict = "ready to train" if report.can_train else "not ready to train"
-        return f"**{verdict}**: {len(report.usable)} usable image(s)\n\n```\n{report.to_text()}\n```", rows
+        return f"**{verdict}**: {len(report.usable)} usable image(s)", rows, report.to_text()
 
     with gr.Tab("Dataset", id="dataset"):
         with gr.Row():
@@ -114,12 +114,14 @@ def build(ctx: Context) -> dict[str, Any]:
             check_btn = gr.Button("Check the dataset", scale=1)
         report = gr.Markdown()
         findings = gr.Dataframe(headers=["file", "level", "problem", "what to do"], interactive=False, wrap=True)
+        with gr.Accordion("Full report", open=False):
+            full_report = gr.Textbox(show_label=False, lines=12, interactive=False)
 
     dataset.change(gallery, dataset, images, api_name="list_images")
     upload_btn.click(upload, [dataset, files], [status, images], api_name="upload")
     images.select(select, dataset, [image_name, caption], api_name=False)
     save_btn.click(save_caption, [dataset, image_name, caption], [status, images], api_name="save_caption")
     trigger_btn.click(trigger, [dataset, trigger_word], [status, images], api_name="add_trigger")
-    check_btn.click(check, [dataset, check_res], [report, findings], api_name="check_data")
+    check_btn.click(check, [dataset, check_res], [report, findings, full_report], api_name="check_data")
     return {"dataset": dataset, "create": (create_btn, create, new_name, status, images),
             "show": (gallery, dataset, images), "refresh": refresh}
