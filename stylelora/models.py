@@ -83,12 +83,46 @@ def _builtin_tokenizer() -> Any:
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
 
 
+# Sizes of the SD1-shaped built-ins. tiny: tests and the CPU demo (64 px native). small: the same
+# layout as SD1.5 (three cross-attention levels, two layers per block, VAE factor 8) at about a tenth
+# of its width, 256 px native, for benchmarks that should resemble real training.
+SD1_SIZES: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "unet": dict(sample_size=8, block_out_channels=(32, 64), layers_per_block=1,
+                     down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                     cross_attention_dim=32, attention_head_dim=4, norm_num_groups=16),
+        "vae": dict(block_out_channels=(16, 16, 32, 32), norm_num_groups=8, layers_per_block=1, sample_size=64),
+        "clip": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     projection_dim=32),
+    },
+    "small": {
+        "unet": dict(sample_size=32, block_out_channels=(64, 128, 256, 256), layers_per_block=2,
+                     down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                     up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+                     cross_attention_dim=256, attention_head_dim=8, norm_num_groups=32),
+        "vae": dict(block_out_channels=(32, 64, 128, 128), norm_num_groups=32, layers_per_block=1, sample_size=256),
+        "clip": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
+                     projection_dim=256),
+    },
+}
+
+
 def build_tiny(prediction_type: str = "epsilon") -> Any:
     """An SD1.x-shaped pipeline with small, random, deterministic weights (for tests and demos).
 
     The VAE downsamples by 8 and the UNet has cross-attention transformer blocks with 1x1-conv
     proj_in/proj_out, as SD1.5 does, so key names and shapes exercise the real code paths.
     """
+    return _build_sd1(SD1_SIZES["tiny"], prediction_type)
+
+
+def build_small(prediction_type: str = "epsilon") -> Any:
+    """``builtin:small``: SD1.5's layout at a tenth of its width (256 px native), for benchmarks."""
+    return _build_sd1(SD1_SIZES["small"], prediction_type)
+
+
+def _build_sd1(size: dict[str, Any], prediction_type: str) -> Any:
     from diffusers import (
         AutoencoderKL,
         DDIMScheduler,
@@ -100,35 +134,18 @@ def build_tiny(prediction_type: str = "epsilon") -> Any:
     tokenizer = _builtin_tokenizer()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        unet = UNet2DConditionModel(
-            sample_size=8,
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=32,
-            attention_head_dim=4,
-            norm_num_groups=16,
-            use_linear_projection=False,
-        )
+        unet = UNet2DConditionModel(**size["unet"], use_linear_projection=False)
         vae = AutoencoderKL(
-            block_out_channels=(16, 16, 32, 32),
+            **size["vae"],
             down_block_types=("DownEncoderBlock2D",) * 4,
             up_block_types=("UpDecoderBlock2D",) * 4,
             latent_channels=4,
-            norm_num_groups=8,
-            layers_per_block=1,
-            sample_size=64,
         )
         text_encoder = CLIPTextModel(
             CLIPTextConfig(
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=4,
+                **size["clip"],
                 vocab_size=len(tokenizer),
                 max_position_embeddings=77,
-                projection_dim=32,
                 bos_token_id=tokenizer.bos_token_id,
                 eos_token_id=tokenizer.eos_token_id,
                 pad_token_id=tokenizer.pad_token_id,
@@ -225,7 +242,7 @@ def build_tiny_sdxl(prediction_type: str = "epsilon") -> Any:
     )
 
 
-BUILTIN = {"tiny": build_tiny, "tiny-sdxl": build_tiny_sdxl}
+BUILTIN = {"tiny": build_tiny, "small": build_small, "tiny-sdxl": build_tiny_sdxl}
 
 
 # --- loading ------------------------------------------------------------------------------------
