@@ -16,8 +16,8 @@ import torch.nn.functional as F
 
 from . import checkpoint as ckpt
 from . import events
+from .batches import BatchSource, TrainingSet
 from .config import Config
-from .dataset import CaptionedImages, Position, batches
 from .errors import ConfigError, TrainingError
 from .formats import Adapter, save_diffusers, save_kohya
 from .metadata import kohya_metadata
@@ -150,11 +150,11 @@ def train(
     torch.manual_seed(config.train.seed)
 
     # --- model, data, optimizer ---
-    data = CaptionedImages.from_config(config.data)
+    data = TrainingSet.from_config(config)
     if model is None:
         model = load_base_model(config.model.name, config.model.config, config.model.prediction_type)
     params = add_lora(model, config.lora)
-    unet, vae, text_encoder, tokenizer = model.unet, model.vae, model.text_encoder, model.tokenizer
+    unet, vae, text_encoder = model.unet, model.vae, model.text_encoder
     noise_scheduler = DDPMScheduler.from_config(model.pipeline.scheduler.config)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     for module in (unet, vae, text_encoder):
@@ -191,16 +191,18 @@ def train(
     else:
         unet, optimizer = accelerator.prepare(unet, optimizer)
     noise_rng = torch.Generator().manual_seed(config.train.seed)
+    source = BatchSource(data, config, model)
 
     # --- resume ---
-    step, position = 0, Position()
+    step = 0
     if resume_from is not None:
         state = ckpt.load_checkpoint(resume_from)
         set_lora_state(model, state.lora)
         optimizer.load_state_dict(state.optimizer)
         lr_scheduler.load_state_dict(state.lr_scheduler)
         noise_rng.set_state(state.rng["noise"])
-        step, position = state.step, Position(state.epoch, state.batch)
+        step = state.step
+        source.load_state(state.extra.get("data") or {"epoch": state.epoch, "batch": state.batch})
         emit(events.Message(f"resumed from {resume_from} at step {step}"))
     elif config.train.resume == "auto":
         emit(events.Message(f"no checkpoint in {out}; starting from step 0"))
@@ -210,7 +212,9 @@ def train(
     accelerator.init_trackers("stylelora")
     metrics_path = out / "metrics.jsonl"
     _truncate_metrics(metrics_path, step)
-    emit(events.Started(config.train.steps, step, len(data.items), str(accelerator.device), out))
+    emit(events.Started(config.train.steps, step, data.num_images, str(accelerator.device), out))
+    for note in source.notes:
+        emit(events.Message(note))
 
     def save_checkpoint_now() -> None:
         folder = ckpt.checkpoint_dir(out, step)
@@ -218,20 +222,19 @@ def train(
             folder,
             ckpt.TrainingState(
                 step=step,
-                epoch=position.epoch,
-                batch=position.batch,
+                epoch=source.epoch,
+                batch=source.batch,
                 lora=lora_state(model),
                 optimizer=optimizer.state_dict(),
                 lr_scheduler=lr_scheduler.state_dict(),
                 rng={"noise": noise_rng.get_state()},
-                extra={},
+                extra={"data": source.state()},
             ),
         )
         ckpt.prune_checkpoints(out, config.train.keep_checkpoints)
         emit(events.CheckpointSaved(step, folder))
 
     # --- the loop: one iteration is one optimizer step of `accumulation` micro-batches ---
-    stream = batches(len(data), config.train.batch_size, config.train.seed, position)
     losses: list[float] = []
     started, start_step, stopped = time.perf_counter(), step, False
     while step < config.train.steps:
@@ -241,33 +244,24 @@ def train(
         step_loss = 0.0
         images = 0
         for _ in range(config.train.gradient_accumulation_steps):
-            position, indices = next(stream)
-            examples = [data.example(i, config.train.seed, position.epoch) for i in indices]
-            pixels = torch.stack([e["pixels"] for e in examples]).to(accelerator.device, weight_dtype)
-            ids = tokenizer(
-                [str(e["caption"]) for e in examples],
-                padding="max_length",
-                max_length=tokenizer.model_max_length,
-                truncation=True,
-                return_tensors="pt",
-            ).input_ids.to(accelerator.device)
+            batch = source.next_batch()
+            latents = batch.latents
             with accelerator.accumulate(unet, text_encoder), accelerator.autocast():
-                with torch.no_grad():
-                    latents = vae.encode(pixels).latent_dist.sample(generator=noise_rng)
-                    latents = latents * vae.config.scaling_factor
                 noise = torch.randn(latents.shape, generator=noise_rng).to(latents)
                 timesteps = torch.randint(
                     0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=noise_rng
                 ).to(accelerator.device)
                 noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-                with torch.set_grad_enabled(config.lora.train_text_encoder):
-                    encoder_states = text_encoder(ids)[0]
+                encoder_states = batch.encoder_states
+                if encoder_states is None:  # the text encoder trains: run it here, with gradients
+                    encoder_states = text_encoder(batch.input_ids)[0]
                 if noise_scheduler.config.prediction_type == "v_prediction":
                     target = noise_scheduler.get_velocity(latents, noise, timesteps)
                 else:
                     target = noise
                 pred = unet(noisy, timesteps, encoder_states).sample
-                loss = F.mse_loss(pred.float(), target.float(), reduction="mean")
+                per_example = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+                loss = (per_example * batch.loss_weights).mean()  # prior_loss_weight on regularisation images
                 if not torch.isfinite(loss):
                     raise TrainingError(
                         f"the loss became {loss.item()} at step {step + 1}; the last saved checkpoint "
@@ -282,7 +276,7 @@ def train(
                     lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             step_loss += loss.item() / config.train.gradient_accumulation_steps
-            images += len(indices)
+            images += len(batch)
         step += 1
         losses.append(step_loss)
 
@@ -314,7 +308,7 @@ def train(
 
     # --- final save (also after a stop request) ---
     save_checkpoint_now()
-    paths = export_adapter(model, config, out, step, len(data.items))
+    paths = export_adapter(model, config, out, step, data.num_images)
     emit(events.AdapterSaved(step, paths))
     accelerator.end_training()
     if stopped:
