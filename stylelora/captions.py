@@ -15,12 +15,10 @@ def split_tags(caption: str) -> list[str]:
     return [t.strip() for t in caption.split(",") if t.strip()]
 
 
-def shuffle_tags(caption: str, keep: int, rng: np.random.Generator) -> str:
-    """Shuffle the comma-separated tags of ``caption``, leaving the first ``keep`` in place."""
-    tags = split_tags(caption)
+def shuffle_tags(tags: list[str], keep: int, rng: np.random.Generator) -> list[str]:
+    """The tags in a random order, except the first ``keep``, which stay in place."""
     head, tail = tags[:keep], tags[keep:]
-    order = rng.permutation(len(tail))
-    return ", ".join(head + [tail[i] for i in order])
+    return head + [tail[i] for i in rng.permutation(len(tail)).tolist()]
 
 
 def build_caption(caption: str, config: DataConfig, rng: np.random.Generator, trigger: bool = True) -> str:
@@ -33,8 +31,7 @@ def build_caption(caption: str, config: DataConfig, rng: np.random.Generator, tr
     word = config.trigger_word.strip() if trigger else ""
     tags = [t for t in split_tags(caption) if t != word]
     if config.shuffle_tags:
-        keep = config.keep_tags
-        tags = tags[:keep] + [tags[keep:][i] for i in rng.permutation(len(tags[keep:]))]
+        tags = shuffle_tags(tags, config.keep_tags, rng)
     if word:
         tags.insert(0, word)
     return "" if dropped else ", ".join(tags)
