@@ -1,10 +1,11 @@
 """Aspect-ratio buckets: train each image near its own shape instead of a square crop.
 
-Buckets are (width, height) pairs in multiples of ``step`` pixels whose area is at most the target
-area (resolution²), with no side longer than twice the resolution. Each image goes to the largest
-bucket it fits with less than one ``step`` of crop, and among buckets of that area to the nearest
-aspect ratio. The floor-rounded shape of the image scaled to the target area always qualifies, so
-no image is cropped by a full step or more (kohya's nearest-aspect rule can crop more than that).
+Buckets are (width, height) pairs in multiples of ``step`` pixels around the target area
+(resolution²), as kohya makes them: for each width the tallest height within the area, sides up to
+twice the resolution. Each image goes to the bucket of the nearest aspect ratio, unless that would
+crop a full step or more (it can, between two far-apart buckets): then to its own shape scaled to
+the target area and rounded down to the step, which never crops that much. Only images more than
+2:1 beyond the longest bucket side lose more.
 """
 
 from __future__ import annotations
@@ -25,18 +26,27 @@ _ROTATED = {5, 6, 7, 8}
 
 @lru_cache(maxsize=16)
 def make_buckets(resolution: int, step: int = 64) -> tuple[Size, ...]:
-    """Every (w, h) in multiples of ``step`` with w*h <= resolution² and sides up to 2*resolution."""
-    area, longest = resolution * resolution, max(step, 2 * resolution // step * step)
-    return tuple(
-        (w, h)
-        for w in range(step, longest + 1, step)
-        for h in range(step, longest + 1, step)
-        if w * h <= area
-    )
+    """kohya's buckets: for each side in multiples of ``step``, the longest other side within the area."""
+    area, longest = resolution * resolution, _longest(resolution, step)
+    found: set[Size] = set()
+    for w in range(step, longest + 1, step):
+        h = min(longest, area // w // step * step)
+        if h >= step:
+            found |= {(w, h), (h, w)}
+    return tuple(sorted(found))
+
+
+def _longest(resolution: int, step: int) -> int:
+    return max(step, 2 * resolution // step * step)
+
+
+def _floor(size: tuple[float, float], step: int, longest: int) -> Size:
+    w, h = (min(longest, max(step, int(side) // step * step)) for side in size)
+    return w, h
 
 
 def crop_after_resize(image: Size, bucket: Size) -> tuple[float, Size]:
-    """(scale, pixels cropped in x and y) when ``image`` is resized to cover ``bucket`` and centre-cropped."""
+    """(scale, pixels cropped in x and y) when ``image`` is resized to cover ``bucket`` and cropped."""
     (iw, ih), (w, h) = image, bucket
     scale = max(w / iw, h / ih)
     return scale, (max(w, round(iw * scale)) - w, max(h, round(ih * scale)) - h)
@@ -44,25 +54,27 @@ def crop_after_resize(image: Size, bucket: Size) -> tuple[float, Size]:
 
 @lru_cache(maxsize=4096)
 def assign_bucket(image: Size, resolution: int, step: int = 64, no_upscale: bool = False) -> Size:
-    """The bucket of an image of size ``image`` (w, h): the largest with less than ``step`` of crop."""
+    """The bucket (w, h) of an image of upright size ``image`` (w, h).
+
+    The bucket of the nearest aspect ratio, when the image fits it with less than ``step`` pixels
+    of crop; otherwise the image's own shape scaled to the target area and rounded down to the
+    step, which always fits that way. With ``no_upscale`` an image smaller than the target area
+    keeps its own size, rounded down to the step.
+    """
     iw, ih = image
+    area, longest = resolution * resolution, _longest(resolution, step)
+    if no_upscale and iw * ih <= area:
+        return _floor((iw, ih), step, longest)
     candidates = make_buckets(resolution, step)
     if no_upscale:
-        fitting = [b for b in candidates if b[0] <= iw and b[1] <= ih]
-        candidates = tuple(fitting) or candidates  # smaller than one step: upscaling is unavoidable
+        candidates = tuple(b for b in candidates if b[0] <= iw and b[1] <= ih)
     aspect = math.log(iw / ih)
-    best: tuple[int, float] | None = None
-    chosen = candidates[0]
-    for bucket in candidates:
-        _, (cx, cy) = crop_after_resize(image, bucket)
-        if max(cx, cy) >= step:
-            continue
-        key = (bucket[0] * bucket[1], -abs(math.log(bucket[0] / bucket[1]) - aspect))
-        if best is None or key > best:
-            best, chosen = key, bucket
-    if best is None:  # only when no bucket avoids a crop: take the nearest aspect
-        chosen = min(candidates, key=lambda b: abs(math.log(b[0] / b[1]) - aspect))
-    return chosen
+    if candidates:
+        nearest = min(candidates, key=lambda b: (abs(math.log(b[0] / b[1]) - aspect), -b[0] * b[1]))
+        if max(crop_after_resize(image, nearest)[1]) < step:
+            return nearest
+    scale = math.sqrt(area / (iw * ih))
+    return _floor((iw * scale, ih * scale), step, longest)
 
 
 def oriented_size(path: Path) -> Size:
