@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import draw_image, make_dataset, tiny_config
+from conftest import draw_image, tiny_config
 from stylelora.batches import BatchSource, TrainingSet
 from stylelora.models import load_base_model
 
