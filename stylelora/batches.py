@@ -29,7 +29,7 @@ from .buckets import Size, assign_bucket, oriented_size
 from .cache import LatentCache, default_cache_dir, module_identity
 from .captions import build_caption
 from .config import Config, DataConfig
-from .dataset import load_image, prepare, scan
+from .dataset import Item, load_image, prepare, scan
 from .errors import DataError
 
 log = logging.getLogger(__name__)
@@ -52,19 +52,22 @@ class Example:
 
 def folder_repeats(image: Path, root: Path) -> tuple[int | None, str]:
     """(repeats, class words) from the nearest folder named like ``10_sks style`` under ``root``."""
-    for parent in image.relative_to(root).parents:
+    try:
+        relative = image.resolve().relative_to(root.resolve())
+    except ValueError:  # an image listed from outside the folder: no folder name applies
+        return None, ""
+    for parent in relative.parents:
         match = FOLDER_REPEATS.match(parent.name)
         if match:
             return int(match.group(1)), match.group(2).replace("_", " ").strip()
     return None, ""
 
 
-def _examples(folder: str, config: DataConfig, regularisation: bool) -> list[Example]:
-    """The examples of ``folder``, each listed as many times as it repeats per epoch."""
-    root = Path(folder)
+def _examples(items: list[Item], root: Path, config: DataConfig, regularisation: bool) -> list[Example]:
+    """The examples of ``items`` (images under ``root``), each listed as often as it repeats per epoch."""
     side = config.resolution
     out: list[Example] = []
-    for item in scan(root, config.caption_extension):
+    for item in items:
         repeats, words = folder_repeats(item.image, root)
         caption = item.caption or (config.reg_caption if regularisation else "") or words
         size = oriented_size(item.image)
@@ -88,10 +91,20 @@ class TrainingSet:
         self.epoch_batches = lru_cache(maxsize=2)(self._epoch_batches)
 
     @classmethod
-    def from_config(cls, config: Config) -> TrainingSet:
+    def from_config(cls, config: Config, items: list[Item] | None = None) -> TrainingSet:
+        """The set ``config`` describes; ``items`` replaces the scan of data.path (e.g. only usable images)."""
         data = config.data
-        reg = _examples(data.reg_path, data, regularisation=True) if data.reg_path else []
-        return cls(_examples(data.path, data, False), reg, data, config.train.batch_size, config.train.seed)
+        if items is None:
+            items = scan(data.path, data.caption_extension)
+        reg: list[Example] = []
+        if data.reg_path:
+            try:
+                reg_items = scan(data.reg_path, data.caption_extension)
+            except DataError as e:
+                raise DataError(f"data.reg_path (regularisation images): {e}") from e
+            reg = _examples(reg_items, Path(data.reg_path), data, regularisation=True)
+        images = _examples(items, Path(data.path), data, regularisation=False)
+        return cls(images, reg, data, config.train.batch_size, config.train.seed)
 
     @property
     def num_images(self) -> int:

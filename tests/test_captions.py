@@ -95,3 +95,23 @@ def test_new_options_are_validated() -> None:
         tiny_config(Path("x"), Path("y"), **{"data.bucket_step": 60})
     with pytest.raises(ConfigError, match="cache.latents: must be one of"):
         tiny_config(Path("x"), Path("y"), **{"cache.latents": "gpu"})
+
+
+def test_a_missing_regularisation_folder_is_named(tmp_path: Path) -> None:
+    from stylelora.errors import DataError
+
+    draw_image(tmp_path / "d" / "a.png", (16, 16))
+    config = tiny_config(tmp_path / "d", tmp_path / "o", **{"data.reg_path": str(tmp_path / "nope")})
+    with pytest.raises(DataError, match=r"data.reg_path \(regularisation images\): dataset '.*nope': no such folder"):
+        TrainingSet.from_config(config)
+
+
+def test_repeat_folders_work_with_metadata_jsonl(tmp_path: Path) -> None:
+    import json
+
+    draw_image(tmp_path / "d" / "2_x" / "a.png", (16, 16))
+    draw_image(tmp_path / "d" / "b.png", (16, 16))
+    rows = [{"file_name": "2_x/a.png", "text": "first"}, {"file_name": "b.png", "text": "second"}]
+    (tmp_path / "d" / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    data = TrainingSet.from_config(tiny_config(tmp_path / "d", tmp_path / "o"))
+    assert Counter(e.caption for e in data.images) == {"first": 2, "second": 1}
