@@ -83,3 +83,14 @@ def test_without_buckets_every_image_is_a_square_crop(tmp_path: Path) -> None:
     config = tiny_config(_mixed(tmp_path / "d"), tmp_path / "o", **{"data.buckets": False})
     data = TrainingSet.from_config(config)
     assert {e.bucket for e in data.images} == {(64, 64)}
+
+
+def test_no_upscale_option_reaches_the_training_set(tmp_path: Path) -> None:
+    draw_image(tmp_path / "d" / "small.png", (100, 70))
+    opts = {"data.resolution": 128, "data.bucket_step": 32}
+    big = TrainingSet.from_config(tiny_config(tmp_path / "d", tmp_path / "o", **opts)).images[0].bucket
+    small = TrainingSet.from_config(
+        tiny_config(tmp_path / "d", tmp_path / "o", **opts, **{"data.bucket_no_upscale": True})).images[0]
+    assert big[0] > 100 and small.bucket == (96, 64)
+    assert tuple(TrainingSet.from_config(tiny_config(tmp_path / "d", tmp_path / "o", **opts)).pixels(0, 0).shape) \
+        == (3, big[1], big[0])

@@ -46,6 +46,10 @@ def test_caption_dropout_rate_on_a_seeded_run(tmp_path: Path) -> None:
         assert abs(dropped - rate) < 0.03, dropped
         again = TrainingSet.from_config(tiny_config(tmp_path / "d", tmp_path / "o", **{"data.caption_dropout": rate}))
         assert [again.caption(3, s) for s in range(10)] == [data.caption(3, s) for s in range(10)]
+    config = tiny_config(tmp_path / "d", tmp_path / "o", **{"data.shuffle_tags": True, "data.trigger_word": "zxc"})
+    shuffled = TrainingSet.from_config(config)
+    orders = {shuffled.caption(epoch, 0) for epoch in range(20)}
+    assert orders == {"zxc, tag0, other", "zxc, other, tag0"}
 
 
 def test_folder_repeats_like_kohya(tmp_path: Path) -> None:
