@@ -246,15 +246,18 @@ class BatchSource:
         cache = self.latent_cache
         posteriors = [cache.get(k) if cache is not None else None for k in keys]
         missing = [i for i, p in enumerate(posteriors) if p is None]
-        if missing:
-            pixels = torch.stack([self.data.pixels(epoch, slots[i]) for i in missing])
+        # With a cache, images are encoded one by one, so a cached value depends on its image alone
+        # (not on which others shared its first batch) and a resumed run recomputes it bit for bit.
+        groups = [[i] for i in missing] if cache is not None else [missing] if missing else []
+        for group in groups:
+            pixels = torch.stack([self.data.pixels(epoch, slots[i]) for i in group])
             with torch.no_grad():
                 dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
             mean, std = dist.mean.float().cpu(), dist.std.float().cpu()
-            for j, i in enumerate(missing):
-                posteriors[i] = (mean[j], std[j])
+            for j, i in enumerate(group):
+                posteriors[i] = (mean[j].clone(), std[j].clone())
                 if cache is not None:
-                    cache.put(keys[i], (mean[j].clone(), std[j].clone()))
+                    cache.put(keys[i], posteriors[i])
         means = torch.stack([p[0] for p in posteriors if p is not None])
         stds = torch.stack([p[1] for p in posteriors if p is not None])
         noise = torch.stack([

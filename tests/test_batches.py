@@ -46,7 +46,7 @@ def test_resumed_source_gives_the_same_batches(dataset: Path, tmp_path: Path, mo
     for expected in batches[3:]:
         got = resumed.next_batch()
         assert got.images == expected.images and got.captions == expected.captions
-        assert torch.allclose(got.latents, expected.latents, atol=1e-5)
+        assert torch.equal(got.latents, expected.latents)  # bit for bit, though one run read its cache
 
 
 def test_latent_cache_encodes_each_image_once_and_keeps_sampling(dataset: Path, tmp_path: Path, model,
