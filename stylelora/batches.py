@@ -98,6 +98,11 @@ class TrainingSet:
             items = scan(data.path, data.caption_extension)
         reg: list[Example] = []
         if data.reg_path:
+            if not Path(data.reg_path).is_dir():
+                raise DataError(
+                    f"data.reg_path: '{data.reg_path}': no such folder. Point it at a folder of class images "
+                    "(regularisation), or leave it empty to train without them."
+                )
             try:
                 reg_items = scan(data.reg_path, data.caption_extension)
             except DataError as e:

@@ -106,7 +106,7 @@ def test_a_missing_regularisation_folder_is_named(tmp_path: Path) -> None:
 
     draw_image(tmp_path / "d" / "a.png", (16, 16))
     config = tiny_config(tmp_path / "d", tmp_path / "o", **{"data.reg_path": str(tmp_path / "nope")})
-    with pytest.raises(DataError, match=r"data.reg_path \(regularisation images\): dataset '.*nope': no such folder"):
+    with pytest.raises(DataError, match=r"data.reg_path: '.*nope': no such folder. Point it at a folder of class"):
         TrainingSet.from_config(config)
 
 

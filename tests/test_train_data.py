@@ -61,6 +61,7 @@ def test_buckets_caches_and_caption_options_resume_exactly(tmp_path: Path, monke
     assert whole.steps == 4 and 0 < first.rows <= 12  # at most once per image and flip side
     started = next(e for e in seen if isinstance(e, events.Started))
     assert started.num_images == 5
+    assert any(isinstance(e, events.Message) and "latent cache: " in e.text for e in seen)  # where it is
 
     # a second run on the same data (a new output folder), stopped half way and resumed
     model = load_base_model("builtin:tiny")
