@@ -119,3 +119,16 @@ def test_repeat_folders_work_with_metadata_jsonl(tmp_path: Path) -> None:
     (tmp_path / "d" / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     data = TrainingSet.from_config(tiny_config(tmp_path / "d", tmp_path / "o"))
     assert Counter(e.caption for e in data.images) == {"first": 2, "second": 1}
+
+
+def test_data_options_are_in_the_adapter_metadata(tmp_path: Path) -> None:
+    from stylelora.metadata import kohya_metadata
+    from stylelora.models import load_base_model
+
+    config = tiny_config(tmp_path, tmp_path / "o", **{
+        "data.shuffle_tags": True, "data.keep_tags": 2, "data.caption_dropout": 0.1, "data.buckets": False,
+        "data.reg_path": str(tmp_path), "data.prior_loss_weight": 0.5})
+    meta = kohya_metadata(config, load_base_model("builtin:tiny"), 3, 4)
+    assert meta["ss_shuffle_caption"] == "True" and meta["ss_keep_tokens"] == "2"
+    assert meta["ss_caption_dropout_rate"] == "0.1" and meta["ss_enable_bucket"] == "False"
+    assert meta["ss_prior_loss_weight"] == "0.5" and meta["ss_cache_latents"] == "True"
