@@ -112,9 +112,14 @@ class TrainingSet:
         return cls(images, reg, data, config.train.batch_size, config.train.seed)
 
     @property
+    def items(self) -> list[Item]:
+        """The distinct training images with their captions (no repeats, no regularisation images)."""
+        unique = {e.image: Item(e.image, e.caption) for e in self.images}
+        return list(unique.values())
+
+    @property
     def num_images(self) -> int:
-        """Distinct training images (not counting repeats or regularisation images)."""
-        return len({e.image for e in self.images})
+        return len(self.items)
 
     def __len__(self) -> int:
         """Examples per epoch."""

@@ -124,6 +124,30 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .formats import export
+
+    report = export(args.source, args.format, args.out, precision=args.precision, base_model=args.model)
+    print(report.summary)
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from .formats import merge
+
+    out = merge(args.model, args.lora, args.scale, args.out)
+    print(f"merged {args.lora} at scale {args.scale:g} into {args.model}: {out}")
+    return 0
+
+
+def cmd_resize(args: argparse.Namespace) -> int:
+    from .formats import resize
+
+    report = resize(args.file, args.rank, args.out, base_model=args.model)
+    print(report.summary)
+    return 0
+
+
 def _not_yet(name: str) -> Callable[[argparse.Namespace], int]:
     def run(_args: argparse.Namespace) -> int:
         raise StyleloraError(f"'stylelora {name}' is not implemented yet in this version")
@@ -158,11 +182,28 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", required=True)
     g.set_defaults(func=_not_yet("generate"))
 
-    e = sub.add_parser("export", help="convert a run or adapter file to kohya or diffusers format")
-    e.add_argument("source", help="a run folder or an adapter file")
-    e.add_argument("--format", choices=["kohya", "diffusers"], required=True)
-    e.add_argument("--out", required=True)
-    e.set_defaults(func=_not_yet("export"))
+    e = sub.add_parser("export", help="convert a run or adapter file to kohya or diffusers format, verified")
+    e.add_argument("source", help="a run folder, an adapter .safetensors (kohya or diffusers), or a diffusers folder")
+    e.add_argument("--format", choices=["kohya", "diffusers"], required=True,
+                   help="kohya: one .safetensors for AUTOMATIC1111/ComfyUI; diffusers: a folder for load_lora_weights")
+    e.add_argument("--out", required=True, help="kohya: FILE.safetensors; diffusers: a folder")
+    e.add_argument("--precision", choices=["fp16", "fp32", "bf16"], default="fp16", help="saved precision")
+    e.add_argument("--model", help="the base model, when the file does not name it (files from other trainers)")
+    e.set_defaults(func=cmd_export)
+
+    m = sub.add_parser("merge", help="bake an adapter into its base model and save a diffusers folder")
+    m.add_argument("--model", required=True, help="the base model (builtin:tiny, a folder, a .safetensors, a hub id)")
+    m.add_argument("--lora", required=True, help="the adapter file (kohya or diffusers)")
+    m.add_argument("--scale", type=float, default=1.0, help="adapter strength baked in (default 1.0)")
+    m.add_argument("--out", required=True, help="the diffusers folder to write")
+    m.set_defaults(func=cmd_merge)
+
+    r = sub.add_parser("resize", help="lower an adapter's rank by SVD and report the energy retained")
+    r.add_argument("file", help="the adapter file (kohya or diffusers)")
+    r.add_argument("--rank", type=int, required=True, help="the new, lower rank")
+    r.add_argument("--out", required=True, help="the adapter file to write (same format as the input)")
+    r.add_argument("--model", help="the base model, when the file does not name it")
+    r.set_defaults(func=cmd_resize)
 
     c = sub.add_parser("check-data", help="check a dataset folder and explain every problem")
     c.add_argument("folder")
@@ -182,6 +223,7 @@ def _quiet_libraries() -> None:
         dlog.set_verbosity_error()
         dlog.disable_progress_bar()
         tlog.set_verbosity_error()
+        tlog.disable_progress_bar()
     except ImportError:  # pragma: no cover - both are dependencies
         pass
 

@@ -40,8 +40,18 @@ class BaseModel:
         return self.pipeline.text_encoder
 
     @property
+    def text_encoder_2(self) -> torch.nn.Module | None:
+        """SDXL's second (OpenCLIP-shaped) text encoder; None for SD1/SD2."""
+        return getattr(self.pipeline, "text_encoder_2", None)
+
+    @property
     def tokenizer(self) -> Any:
         return self.pipeline.tokenizer
+
+    def parts(self) -> list[tuple[str, torch.nn.Module]]:
+        """The adaptable networks by canonical part name: unet, text_encoder and (SDXL) text_encoder_2."""
+        found = [("unet", self.unet), ("text_encoder", self.text_encoder), ("text_encoder_2", self.text_encoder_2)]
+        return [(name, module) for name, module in found if module is not None]
 
     @property
     def prediction_type(self) -> str:
@@ -143,7 +153,77 @@ def build_tiny(prediction_type: str = "epsilon") -> Any:
     )
 
 
-BUILTIN = {"tiny": build_tiny}
+def build_tiny_sdxl(prediction_type: str = "epsilon") -> Any:
+    """An SDXL-shaped pipeline with small random deterministic weights: two text encoders, the
+    added time/text conditioning, and SDXL's block layout (DownBlock2D then two cross-attention
+    levels, two layers per block), so SGM key names and the XL loaders are exercised for real."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizer = _builtin_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel(
+            sample_size=8,
+            block_out_channels=(32, 32, 64),
+            layers_per_block=2,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 1, 2),
+            attention_head_dim=(2, 4, 8),
+            use_linear_projection=True,
+            cross_attention_dim=64,  # text_encoder hidden (32) + text_encoder_2 hidden (32)
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=6 * 8 + 32,  # 6 time ids + pooled text_encoder_2
+            norm_num_groups=16,
+        )
+        vae = AutoencoderKL(
+            block_out_channels=(16, 16, 32, 32),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            latent_channels=4,
+            norm_num_groups=8,
+            layers_per_block=1,
+            sample_size=64,
+            force_upcast=False,
+        )
+        encoders = []
+        for cls in (CLIPTextModel, CLIPTextModelWithProjection):
+            encoders.append(cls(CLIPTextConfig(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                vocab_size=len(tokenizer),
+                max_position_embeddings=77,
+                projection_dim=32,
+                hidden_act="gelu",
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )))
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing="leading",
+        prediction_type=prediction_type,
+    )
+    return StableDiffusionXLPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=encoders[0],
+        text_encoder_2=encoders[1],
+        tokenizer=tokenizer,
+        tokenizer_2=_builtin_tokenizer(),
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=True,
+    )
+
+
+BUILTIN = {"tiny": build_tiny, "tiny-sdxl": build_tiny_sdxl}
 
 
 # --- loading ------------------------------------------------------------------------------------
@@ -278,8 +358,8 @@ def add_lora(model: BaseModel, lora: LoraConfig) -> list[torch.nn.Parameter]:
 
     targets: list[tuple[torch.nn.Module, list[str]]] = [(model.unet, lora.unet_targets)]
     if lora.train_text_encoder:
-        targets.append((model.text_encoder, lora.text_encoder_targets))
-    for module in (model.unet, model.vae, model.text_encoder):
+        targets += [(m, lora.text_encoder_targets) for part, m in model.parts() if part.startswith("text_encoder")]
+    for module in [model.vae] + [m for _, m in model.parts()]:
         module.requires_grad_(False)
     params: list[torch.nn.Parameter] = []
     for module, names in targets:
@@ -306,7 +386,7 @@ def lora_state(model: BaseModel) -> dict[str, dict[str, torch.Tensor]]:
     from peft import get_peft_model_state_dict
 
     out: dict[str, dict[str, torch.Tensor]] = {}
-    for part, module in (("unet", model.unet), ("text_encoder", model.text_encoder)):
+    for part, module in model.parts():
         if any("lora_" in n for n, _ in module.named_parameters()):
             sd = get_peft_model_state_dict(module, adapter_name=ADAPTER_NAME)
             out[part] = {k: v.detach().to("cpu", torch.float32).clone() for k, v in sd.items()}
@@ -331,10 +411,26 @@ def adaptable_modules(model: BaseModel) -> dict[str, list[str]]:
     This is the model's own list of names; adapter loading maps file keys onto it (never guessing).
     """
     out: dict[str, list[str]] = {}
-    for part, module in (("unet", model.unet), ("text_encoder", model.text_encoder)):
+    for part, module in model.parts():
         names = []
         for name, sub in module.named_modules():
             if isinstance(sub, (torch.nn.Linear, torch.nn.Conv2d)) and "lora_" not in name:
                 names.append(name.removesuffix(".base_layer"))
         out[part] = sorted(set(names))
+    return out
+
+
+def lora_alphas(model: BaseModel) -> dict[str, dict[str, float]]:
+    """The alpha peft uses for every adapted module, per part (rank_pattern/alpha_pattern included)."""
+    from peft.tuners.lora import LoraLayer
+
+    out: dict[str, dict[str, float]] = {}
+    for part, module in model.parts():
+        found = {
+            name: float(sub.lora_alpha[ADAPTER_NAME])
+            for name, sub in module.named_modules()
+            if isinstance(sub, LoraLayer) and ADAPTER_NAME in sub.lora_alpha
+        }
+        if found:
+            out[part] = found
     return out

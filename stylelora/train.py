@@ -19,9 +19,9 @@ from . import events
 from .batches import BatchSource, TrainingSet
 from .config import Config
 from .errors import ConfigError, TrainingError
-from .formats import Adapter, save_diffusers, save_kohya
+from .formats import Adapter, ModelLayout, save_diffusers, save_kohya
 from .metadata import kohya_metadata
-from .models import BaseModel, add_lora, load_base_model, lora_state, set_lora_state
+from .models import BaseModel, add_lora, load_base_model, lora_alphas, lora_state, set_lora_state
 
 log = logging.getLogger(__name__)
 
@@ -87,13 +87,24 @@ def _find_resume(config: Config, out: Path) -> Path | None:
     return path
 
 
-def export_adapter(model: BaseModel, config: Config, out: Path, step: int, num_images: int) -> list[Path]:
-    """Write the run's adapter in kohya and diffusers formats."""
-    alpha = {part: config.lora.alpha for part in ("unet", "text_encoder")}
-    adapter = Adapter(lora_state(model), alpha, kohya_metadata(config, model, step, num_images))
-    kohya = save_kohya(out / f"{config.run_name}.safetensors", adapter, config.export.precision)
-    diffusers = save_diffusers(out / "diffusers", adapter, config.export.precision)
-    return [kohya, diffusers]
+def export_adapter(
+    model: BaseModel, config: Config, out: Path, step: int, num_images: int, items: list | None = None
+) -> list[Path]:
+    """Write the run's adapter in kohya and diffusers formats, each re-read and verified.
+
+    Alphas are read from the injected peft layers, so LoCon's conv alpha comes out as trained.
+    DoRA has no kohya form that loads right everywhere, so a DoRA run writes the diffusers file only.
+    """
+    metadata = kohya_metadata(config, model, step, num_images, items)
+    adapter = Adapter.from_module_alphas(lora_state(model), lora_alphas(model), metadata)
+    layout = ModelLayout.of(model)
+    paths = []
+    if adapter.is_dora:
+        log.warning("DoRA adapter: writing the diffusers format only (no kohya file; see stylelora export)")
+    else:
+        paths.append(save_kohya(out / f"{config.run_name}.safetensors", adapter, layout, config.export.precision))
+    paths.append(save_diffusers(out / "diffusers", adapter, layout, config.export.precision))
+    return paths
 
 
 def render_samples(model: BaseModel, config: Config, out: Path, step: int) -> list[Path]:
@@ -153,6 +164,11 @@ def train(
     data = TrainingSet.from_config(config)
     if model is None:
         model = load_base_model(config.model.name, config.model.config, config.model.prediction_type)
+    if model.kind == "sdxl":  # the loop feeds no SDXL added conditioning (pooled text, time ids) yet
+        raise ConfigError(
+            f"model.name: '{config.model.name}' is an SDXL model; this version trains SD1.x/SD2.x only "
+            "(SDXL adapters from other trainers can be exported, merged and resized)"
+        )
     params = add_lora(model, config.lora)
     unet, vae, text_encoder = model.unet, model.vae, model.text_encoder
     noise_scheduler = DDPMScheduler.from_config(model.pipeline.scheduler.config)
@@ -308,7 +324,7 @@ def train(
 
     # --- final save (also after a stop request) ---
     save_checkpoint_now()
-    paths = export_adapter(model, config, out, step, data.num_images)
+    paths = export_adapter(model, config, out, step, data.num_images, data.items)
     emit(events.AdapterSaved(step, paths))
     accelerator.end_training()
     if stopped:

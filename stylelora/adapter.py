@@ -1,0 +1,142 @@
+"""The canonical adapter in memory (peft weights keyed by the model's module paths, alpha per kind of
+module) and the layout of a base model that adapter files are mapped onto and checked against."""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import TYPE_CHECKING
+
+import torch
+
+from .config import Config
+from .errors import ConfigError, FormatError
+from .kohya_names import KohyaNames
+
+if TYPE_CHECKING:
+    from .models import BaseModel
+
+
+def module_paths(state: dict[str, torch.Tensor]) -> list[str]:
+    return sorted({k.rsplit(".lora_", 1)[0] for k in state})
+
+
+def most_common(values: list[float]) -> float | None:
+    return collections.Counter(values).most_common(1)[0][0] if values else None
+
+
+@dataclass
+class Adapter:
+    """Canonical LoRA weights with their alphas, and the file's metadata.
+
+    Alpha is looked up per module by kind: ``alpha[part]`` for linear and 1x1-conv modules,
+    ``conv_alpha[part]`` for kxk convs (LoCon; falls back to ``alpha[part]``), and
+    ``module_alpha[part][path]`` only for the odd module of a file from another trainer whose
+    alpha differs from its kind. ``alpha_of(part, path)`` is the one lookup everything uses.
+    """
+
+    state: dict[str, dict[str, torch.Tensor]]
+    alpha: dict[str, float]
+    metadata: dict[str, str] = field(default_factory=dict)
+    conv_alpha: dict[str, float] = field(default_factory=dict)
+    module_alpha: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    @classmethod
+    def from_module_alphas(
+        cls, state: dict[str, dict[str, torch.Tensor]], alphas: dict[str, dict[str, float]],
+        metadata: dict[str, str] | None = None,
+    ) -> Adapter:
+        """Fold per-module alphas into one alpha per kind (plus exceptions); a missing alpha is the rank."""
+        adapter = cls(state, {}, dict(metadata or {}))
+        for part, sd in state.items():
+            given = alphas.get(part, {})
+            per_module = {p: float(given.get(p, adapter.rank_of(part, p))) for p in module_paths(sd)}
+            linear = [a for p, a in per_module.items() if not adapter.is_kxk_conv(part, p)]
+            conv = [a for p, a in per_module.items() if adapter.is_kxk_conv(part, p)]
+            adapter.alpha[part] = most_common(linear) or most_common(conv) or 1.0
+            if conv:
+                adapter.conv_alpha[part] = most_common(conv)  # type: ignore[assignment]
+            odd = {p: a for p, a in per_module.items() if a != adapter.alpha_of(part, p)}
+            if odd:
+                adapter.module_alpha[part] = odd
+        return adapter
+
+    def modules(self, part: str) -> list[str]:
+        return module_paths(self.state.get(part, {}))
+
+    def rank_of(self, part: str, path: str) -> int:
+        return int(self.state[part][f"{path}.lora_A.weight"].shape[0])
+
+    def is_kxk_conv(self, part: str, path: str) -> bool:
+        down = self.state[part][f"{path}.lora_A.weight"]
+        return down.dim() == 4 and down.shape[2] * down.shape[3] > 1
+
+    def alpha_of(self, part: str, path: str) -> float:
+        if path in self.module_alpha.get(part, {}):
+            return self.module_alpha[part][path]
+        if self.is_kxk_conv(part, path) and part in self.conv_alpha:
+            return self.conv_alpha[part]
+        return self.alpha[part]
+
+    @property
+    def rank(self) -> int:
+        """The rank of most modules (kxk convs may have their own)."""
+        ranks = [self.rank_of(part, p) for part in self.state for p in self.modules(part)
+                 if not self.is_kxk_conv(part, p)]
+        return int(most_common(ranks) or 0)
+
+    @property
+    def is_dora(self) -> bool:
+        return any(k.endswith("lora_magnitude_vector") for sd in self.state.values() for k in sd)
+
+    @property
+    def config(self) -> Config | None:
+        """The training config embedded in the file (``stylelora.config``), or None."""
+        text = self.metadata.get("stylelora.config")
+        if not text:
+            return None
+        try:
+            return Config.from_toml(text, "the adapter's embedded stylelora.config")
+        except ConfigError as e:
+            raise FormatError(f"the embedded training config cannot be read ({e}); pass the base model") from None
+
+    def num_modules(self) -> dict[str, int]:
+        return {part: len(self.modules(part)) for part in self.state}
+
+
+@dataclass
+class ModelLayout:
+    """What adapter files are checked against: a base model's adaptable modules and their weight shapes."""
+
+    kind: str
+    shapes: dict[str, dict[str, tuple[int, ...]]]
+    layers_per_block: int = 2
+    name: str = ""
+
+    @classmethod
+    def of(cls, model: BaseModel | ModelLayout | dict[str, list[str]]) -> ModelLayout:
+        """The layout of a loaded model; a layout passes through; a bare ``{part: [module paths]}``
+        (``models.adaptable_modules``) gives names without shapes, so shapes go unchecked."""
+        if isinstance(model, ModelLayout):
+            return model
+        if isinstance(model, dict):
+            kind = "sdxl" if "text_encoder_2" in model else "sd1"
+            return cls(kind, {part: dict.fromkeys(paths, ()) for part, paths in model.items()})
+        shapes: dict[str, dict[str, tuple[int, ...]]] = {}
+        for part, module in model.parts():
+            found = {}
+            for name, sub in module.named_modules():
+                if isinstance(sub, (torch.nn.Linear, torch.nn.Conv2d)) and "lora_" not in name:
+                    found[name.removesuffix(".base_layer")] = tuple(sub.weight.shape)
+            shapes[part] = found
+        lpb = model.unet.config.layers_per_block
+        return cls(model.kind, shapes, lpb if isinstance(lpb, int) else int(lpb[0]), model.name)
+
+    @property
+    def modules(self) -> dict[str, list[str]]:
+        return {part: sorted(s) for part, s in self.shapes.items()}
+
+    @cached_property
+    def kohya(self) -> KohyaNames:
+        return KohyaNames(self.modules, self.kind, self.layers_per_block)

@@ -1,0 +1,146 @@
+"""``export``: turn a run folder or an adapter file (ours or another trainer's) into a verified kohya
+or diffusers file. Finding the adapter and its base model is shared with merge and resize."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import Config
+from .errors import FormatError
+from .formats import (
+    DIFFUSERS_WEIGHT_NAME,
+    DTYPES,
+    Adapter,
+    ModelLayout,
+    adapter_from_tensors,
+    file_format,
+    read_safetensors,
+    save_diffusers,
+    save_kohya,
+)
+from .models import BaseModel, load_base_model
+
+FORMATS = ("kohya", "diffusers")
+
+
+@dataclass
+class ExportReport:
+    path: Path
+    format: str
+    num_tensors: int
+    verified: bool
+    summary: str
+
+
+@dataclass
+class Source:
+    """An adapter read from disk, with the base model it belongs to."""
+
+    path: Path
+    format: str
+    adapter: Adapter
+    model: BaseModel
+    layout: ModelLayout
+    precision: str
+    name: str
+
+
+def find_adapter_file(source: str | Path) -> tuple[Path, Config | None, str]:
+    """The adapter file of a run folder, a diffusers folder or a file; with the run's config and name."""
+    p = Path(source).expanduser()
+    if not p.exists():
+        raise FormatError(f"{p}: no such run folder or adapter file")
+    if p.is_file():
+        folder = p.parent.parent if p.parent.name == "diffusers" else p.parent  # a run's diffusers/ file
+        name = folder.resolve().name if p.name == DIFFUSERS_WEIGHT_NAME else p.stem
+        return p, None, name
+    if (p / "config.toml").is_file():
+        config = Config.load(p / "config.toml")
+        name = config.export.name or p.resolve().name
+        for candidate in (p / f"{name}.safetensors", p / "diffusers" / DIFFUSERS_WEIGHT_NAME):
+            if candidate.is_file():
+                return candidate, config, name
+        raise FormatError(
+            f"{p}: this run folder holds no adapter yet ({name}.safetensors or diffusers/{DIFFUSERS_WEIGHT_NAME}); "
+            f"finish the training or resume it: stylelora train {p / 'config.toml'} --resume auto"
+        )
+    if (p / DIFFUSERS_WEIGHT_NAME).is_file():
+        return p / DIFFUSERS_WEIGHT_NAME, None, p.name
+    raise FormatError(f"{p}: not a run folder (no config.toml) and no {DIFFUSERS_WEIGHT_NAME} inside")
+
+
+def open_adapter(source: str | Path, base_model: str | BaseModel | None = None) -> Source:
+    """Read the adapter named by ``source`` and load its base model: ``base_model`` if given, else the
+    run's config.toml, else the config embedded in the file; without any, a clear error."""
+    path, run_config, name = find_adapter_file(source)
+    tensors, metadata = read_safetensors(path)
+    fmt = file_format(tensors)
+    if fmt is None:
+        keys = sorted(tensors)[:3]
+        raise FormatError(f"{path}: no LoRA keys in a known layout (kohya or diffusers); first keys: {keys}")
+    if isinstance(base_model, BaseModel):
+        model = base_model
+    else:
+        try:
+            config = run_config or Adapter({}, {}, metadata).config
+        except FormatError as e:
+            raise FormatError(f"{path}: {e}") from None
+        if base_model:
+            model = load_base_model(base_model, config.model.config if config else "")
+        elif config is not None:
+            model = load_base_model(config.model.name, config.model.config)
+        else:
+            raise FormatError(
+                f"{path}: the file does not say which base model it was trained on (no stylelora.config in "
+                "its metadata); name it with --model (e.g. --model stable-diffusion-v1-5/stable-diffusion-v1-5 "
+                "or a local folder or .safetensors checkpoint)"
+            )
+    layout = ModelLayout.of(model)
+    adapter = adapter_from_tensors(tensors, metadata, layout, str(path))
+    dtype = next(v.dtype for k, v in tensors.items() if "lora_A" in k or "lora_down" in k or "lora.down" in k)
+    precision = {v: k for k, v in DTYPES.items()}.get(dtype, "fp32")
+    return Source(path, fmt, adapter, model, layout, precision, name)
+
+
+def write_adapter(adapter: Adapter, fmt: str, out: str | Path, layout: ModelLayout, precision: str,
+                  name: str) -> tuple[Path, int]:
+    """Save ``adapter`` as ``fmt`` at ``out`` (verified); returns the file and its number of tensors."""
+    if fmt not in FORMATS:
+        raise FormatError(f"format '{fmt}': choose one of {', '.join(FORMATS)}")
+    if precision not in DTYPES:
+        raise FormatError(f"precision '{precision}': choose one of {', '.join(DTYPES)}")
+    target = Path(out).expanduser()
+    if fmt == "kohya":
+        if target.is_dir():
+            target = target / f"{name}.safetensors"
+        elif target.suffix.lower() != ".safetensors":
+            raise FormatError(f"--out {out}: a kohya adapter is one file; give a name ending in .safetensors")
+        path = save_kohya(target, adapter, layout, precision)
+    else:
+        path = save_diffusers(target, adapter, layout, precision)
+    tensors, _ = read_safetensors(path)
+    return path, len(tensors)
+
+
+def describe(adapter: Adapter) -> str:
+    parts = ", ".join(f"{part} {n}" for part, n in adapter.num_modules().items())
+    alphas = ", ".join(f"{part} {a:g}" for part, a in adapter.alpha.items())
+    text = f"{sum(adapter.num_modules().values())} modules ({parts}), rank {adapter.rank}, alpha {alphas}"
+    if adapter.conv_alpha:
+        text += ", conv alpha " + ", ".join(f"{p} {a:g}" for p, a in adapter.conv_alpha.items())
+    return text + (", DoRA" if adapter.is_dora else "")
+
+
+def export(source: str | Path, fmt: str, out: str | Path, precision: str = "fp16",
+           base_model: str | BaseModel | None = None) -> ExportReport:
+    if fmt not in FORMATS:
+        raise FormatError(f"format '{fmt}': choose one of {', '.join(FORMATS)}")
+    src = open_adapter(source, base_model)
+    path, count = write_adapter(src.adapter, fmt, out, src.layout, precision, src.name)
+    summary = (
+        f"{fmt} adapter {path}: {count} tensors, {describe(src.adapter)}, {precision}; verified: re-read, every "
+        f"tensor equal, every key names a module of {src.model.name}"
+    )
+    return ExportReport(path, fmt, count, True, summary)
+

@@ -1,0 +1,116 @@
+"""kohya module names (A1111, ComfyUI, sd-scripts) for the modules of a base model, and back.
+
+The forward map is written from the rules kohya's tools use; the reverse map is the inverse of
+the forward map over the base model's own module list, so no key is ever parsed by guessing which
+underscores were dots.
+
+- SD1/SD2 UNet: ``lora_unet_`` + the diffusers path with ``.`` -> ``_`` (sd-scripts trains SD1/2 on
+  a UNet with diffusers names).
+- SDXL UNet: ``lora_unet_`` + the original SGM path (``input_blocks.4.1.transformer_blocks.0...``,
+  ``middle_block``, ``output_blocks``), since kohya's SDXL tools use the SGM UNet.
+- CLIP text encoders: ``lora_te_`` (SDXL: ``lora_te1_`` / ``lora_te2_``) + the path including
+  ``text_model.``, which transformers 5 dropped from CLIPTextModel's module names.
+"""
+
+from __future__ import annotations
+
+from .errors import FormatError
+
+KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+
+# diffusers ResnetBlock2D layer -> SGM ResBlock layer
+_SGM_RESNET = {"conv1": "in_layers.2", "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1",
+               "conv_shortcut": "skip_connection"}
+_SGM_TOP = {"conv_in": "input_blocks.0.0", "conv_out": "out.2", "time_embedding.linear_1": "time_embed.0",
+            "time_embedding.linear_2": "time_embed.2", "add_embedding.linear_1": "label_emb.0.0",
+            "add_embedding.linear_2": "label_emb.0.2"}
+
+
+def kohya_prefix(part: str, kind: str) -> str:
+    if part == "unet":
+        return "lora_unet_"
+    if part == "text_encoder":
+        return "lora_te1_" if kind == "sdxl" else "lora_te_"
+    if part == "text_encoder_2":
+        return "lora_te2_"
+    raise FormatError(f"no kohya name for adapter part '{part}'")
+
+
+def _text_path(path: str) -> str:
+    # transformers 5 flattened CLIPTextModel (encoder.layers...); the exchange formats keep text_model.
+    if path.startswith("text_model.") or path == "text_projection":
+        return path
+    return "text_model." + path
+
+
+def sgm_path(path: str, layers_per_block: int, up_blocks_with_attention: set[int]) -> str | None:
+    """The SGM (original Stability) name of a diffusers SDXL UNet module, or None if it has none."""
+    if path in _SGM_TOP:
+        return _SGM_TOP[path]
+    p = path.split(".")
+    n = layers_per_block + 1  # SGM input/output blocks per diffusers level (layers + down/upsampler)
+
+    def resnet(rest: list[str]) -> str | None:
+        inner = _SGM_RESNET.get(".".join(rest))
+        return inner
+
+    if p[0] == "down_blocks" and len(p) >= 5:
+        i, kind, j, rest = int(p[1]), p[2], int(p[3]), p[4:]
+        if kind == "resnets" and (inner := resnet(rest)):
+            return f"input_blocks.{1 + i * n + j}.0.{inner}"
+        if kind == "attentions":
+            return f"input_blocks.{1 + i * n + j}.1." + ".".join(rest)
+        if kind == "downsamplers" and rest == ["conv"]:
+            return f"input_blocks.{(i + 1) * n}.0.op"
+    if p[0] == "mid_block" and len(p) >= 4:
+        kind, j, rest = p[1], int(p[2]), p[3:]
+        if kind == "resnets" and (inner := resnet(rest)):
+            return f"middle_block.{2 * j}.{inner}"
+        if kind == "attentions" and j == 0:
+            return "middle_block.1." + ".".join(rest)
+    if p[0] == "up_blocks" and len(p) >= 5:
+        i, kind, j, rest = int(p[1]), p[2], int(p[3]), p[4:]
+        if kind == "resnets" and (inner := resnet(rest)):
+            return f"output_blocks.{i * n + j}.0.{inner}"
+        if kind == "attentions":
+            return f"output_blocks.{i * n + j}.1." + ".".join(rest)
+        if kind == "upsamplers" and rest == ["conv"]:
+            slot = 2 if i in up_blocks_with_attention else 1
+            return f"output_blocks.{i * n + layers_per_block}.{slot}.conv"
+    return None
+
+
+class KohyaNames:
+    """Kohya name <-> (part, module path) for one base model's module list."""
+
+    def __init__(self, modules: dict[str, list[str]], kind: str, layers_per_block: int = 2) -> None:
+        self.kind = kind
+        self.forward: dict[tuple[str, str], str] = {}
+        up_attn = {int(m.split(".")[1]) for m in modules.get("unet", []) if m.startswith("up_blocks.")
+                   and m.split(".")[2] == "attentions"}
+        for part, paths in modules.items():
+            prefix = kohya_prefix(part, kind)
+            for path in paths:
+                if part == "unet":
+                    mapped = sgm_path(path, layers_per_block, up_attn) if kind == "sdxl" else path
+                else:
+                    mapped = _text_path(path)
+                if mapped is not None:
+                    self.forward[(part, path)] = prefix + mapped.replace(".", "_")
+        self.reverse: dict[str, tuple[str, str]] = {}
+        for key, name in self.forward.items():
+            if name in self.reverse:  # two modules whose names differ only in '.' vs '_'
+                raise FormatError(f"kohya name {name} is ambiguous: {self.reverse[name][1]} and {key[1]}")
+            self.reverse[name] = key
+        if kind == "sdxl":  # read (never write) SDXL files that some trainers name with diffusers paths
+            for path in modules.get("unet", []):
+                self.reverse.setdefault("lora_unet_" + path.replace(".", "_"), ("unet", path))
+
+    def name(self, part: str, path: str) -> str:
+        try:
+            return self.forward[(part, path)]
+        except KeyError:
+            raise FormatError(
+                f"{part} module '{path}' has no kohya name for this {self.kind} model (it is not a module "
+                "kohya's tools adapt); export --format diffusers instead"
+            ) from None

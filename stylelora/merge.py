@@ -1,0 +1,103 @@
+"""Weight surgery on adapters: merge one into its base model, or lower its rank by SVD."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import fileio
+from .convert import describe, open_adapter, write_adapter
+from .errors import FormatError
+from .formats import Adapter, load_adapter, module_paths, save_diffusers
+from .metadata import adapter_facts
+from .models import BaseModel, load_base_model
+
+log = logging.getLogger(__name__)
+MERGE_ADAPTER_NAME = "stylelora_merge"
+
+
+def merge(model: str | BaseModel, lora: str | Path, scale: float, out: str | Path) -> Path:
+    """Bake ``lora`` at strength ``scale`` into the base weights (diffusers' own fuse_lora) and save the
+    pipeline as a diffusers folder at ``out``. A BaseModel passed in is changed in place."""
+    base = model if isinstance(model, BaseModel) else load_base_model(model)
+    adapter = load_adapter(lora, base)
+    pipe = base.pipeline
+    with tempfile.TemporaryDirectory(prefix="stylelora-merge-") as tmp:
+        save_diffusers(tmp, adapter, precision="fp32")
+        pipe.load_lora_weights(tmp, adapter_name=MERGE_ADAPTER_NAME)
+    pipe.fuse_lora(lora_scale=scale, adapter_names=[MERGE_ADAPTER_NAME])
+    pipe.unload_lora_weights()
+    with fileio.atomic_dir(out) as folder:
+        pipe.save_pretrained(folder, safe_serialization=True)
+    return Path(out)
+
+
+@dataclass
+class ResizeReport:
+    path: Path
+    rank: int
+    energy_retained: float  # kept share of the squared singular values of all deltas, 0..1
+    min_energy_retained: float = 1.0  # of the worst single module
+    summary: str = ""
+
+
+def _low_rank(down: torch.Tensor, up: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """Best rank-``rank`` factors of up@down (Eckart-Young); returns them with kept and total energy."""
+    product = up.flatten(1).double() @ down.flatten(1).double()
+    u, s, vh = torch.linalg.svd(product, full_matrices=False)
+    root = s[:rank].sqrt()
+    new_down = (root[:, None] * vh[:rank]).reshape(rank, *down.shape[1:])
+    new_up = (u[:, :rank] * root).reshape(up.shape[0], rank, *up.shape[2:])
+    energy = s.pow(2)
+    return new_down.float(), new_up.float(), float(energy[:rank].sum()), float(energy.sum())
+
+
+def resize_adapter(adapter: Adapter, rank: int) -> tuple[Adapter, float, float]:
+    """Every module above ``rank`` gets rank ``rank``; alpha shrinks with it so alpha/rank, the
+    scale, is unchanged. Returns the adapter, the overall and the worst module's retained energy."""
+    state: dict[str, dict[str, torch.Tensor]] = {}
+    alphas: dict[str, dict[str, float]] = {}
+    kept_all = total_all = 0.0
+    worst = 1.0
+    for part, sd in adapter.state.items():
+        state[part] = {k: v for k, v in sd.items() if ".lora_A." not in k and ".lora_B." not in k}
+        alphas[part] = {}
+        for path in module_paths(sd):
+            down, up = sd[f"{path}.lora_A.weight"], sd[f"{path}.lora_B.weight"]
+            old, alpha = down.shape[0], adapter.alpha_of(part, path)
+            scale2 = (alpha / old) ** 2
+            if old <= rank:
+                energy = float((up.flatten(1).double() @ down.flatten(1).double()).pow(2).sum())
+                kept = total = energy
+                alphas[part][path] = alpha
+            else:
+                down, up, kept, total = _low_rank(down, up, rank)
+                alphas[part][path] = alpha * rank / old
+            state[part][f"{path}.lora_A.weight"], state[part][f"{path}.lora_B.weight"] = down, up
+            kept_all, total_all = kept_all + kept * scale2, total_all + total * scale2
+            if total > 0:
+                worst = min(worst, kept / total)
+    resized = Adapter.from_module_alphas(state, alphas, adapter.metadata)
+    return resized, (kept_all / total_all if total_all > 0 else 1.0), worst
+
+
+def resize(path: str | Path, rank: int, out: str | Path, base_model: str | BaseModel | None = None) -> ResizeReport:
+    """Lower an adapter file's rank to ``rank``; writes ``out`` in the same format, verified."""
+    if rank < 1:
+        raise FormatError(f"--rank {rank}: must be at least 1")
+    src = open_adapter(path, base_model)
+    if src.adapter.rank <= rank and all(src.adapter.rank_of(p, m) <= rank for p in src.adapter.state
+                                       for m in src.adapter.modules(p)):
+        raise FormatError(f"{src.path}: the adapter is already rank {src.adapter.rank}; give a --rank below that")
+    before = describe(src.adapter)
+    resized, energy, worst = resize_adapter(src.adapter, rank)
+    resized.metadata.update(adapter_facts(resized, src.layout.kind))
+    resized.metadata["stylelora.resized"] = f"from {before} to rank {rank}; energy retained {energy:.4f}"
+    written, _ = write_adapter(resized, src.format, out, src.layout, src.precision, src.name)
+    summary = (f"{written}: rank {src.adapter.rank} -> {rank}, {energy:.2%} of the adapter's energy retained "
+               f"(worst module {worst:.2%}); verified")
+    return ResizeReport(written, rank, energy, worst, summary)
