@@ -18,6 +18,7 @@ from typing import Any
 
 from .config import Config, all_fields
 from .errors import StyleloraError
+from .samplers import sampler_names
 
 # flag -> dotted config field; the help text comes from the field itself.
 TRAIN_FLAGS: dict[str, str] = {
@@ -124,6 +125,51 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_generate(sub: Any) -> None:
+    g = sub.add_parser("generate", help="render images with an adapter at one or more strengths")
+    g.add_argument("--model", default="builtin:tiny", help="base model: builtin:tiny, a folder, a file or a hub id")
+    g.add_argument("--lora", help="adapter: a .safetensors file, a diffusers folder, a run or checkpoint folder")
+    g.add_argument("--scale", type=float, nargs="+", metavar="S",
+                   help="adapter strength (0 = base model, 1 = as trained; -1..2 are fine); several make a strip")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--negative-prompt", default="")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--steps", type=int, default=20, help="denoising steps")
+    g.add_argument("--width", type=int, help="pixels, a multiple of 8 (default: the model's native size)")
+    g.add_argument("--height", type=int, help="pixels, a multiple of 8 (default: the model's native size)")
+    g.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    g.add_argument("--sampler", help="the model's own scheduler by default; or one of: "
+                   + ", ".join(sampler_names()))
+    g.add_argument("--out", required=True, help="the PNG to write (it carries the parameters, as A1111's do)")
+    g.set_defaults(func=cmd_generate)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .generate import Previewer, check_sampler, find_adapter
+    from .images import check_png_path, save_png
+
+    # Cheap checks first, so a typo fails before the base model loads.
+    sampler = check_sampler(args.sampler)
+    check_png_path(args.out)
+    if args.scale and not args.lora:
+        raise StyleloraError("--scale: give --lora too; without an adapter there is nothing to scale")
+    if args.lora:
+        find_adapter(args.lora)
+    preview = Previewer(args.model)
+    name = preview.attach(args.lora) if args.lora else None
+    scales = args.scale or [1.0]
+    settings = {
+        "negative_prompt": args.negative_prompt, "seed": args.seed, "steps": args.steps,
+        "guidance": args.guidance, "width": args.width, "height": args.height, "sampler": sampler,
+    }
+    if len(scales) > 1:
+        image = preview.sweep(args.prompt, scales, adapter=name, **settings)
+    else:
+        image = preview.generate(args.prompt, adapter=name, scale=scales[0], **settings)
+    print(save_png(image, args.out))
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from .formats import export
 
@@ -168,19 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser = lambda *a, **k: real_add(*a, parents=[debug], **k)  # type: ignore[method-assign]
     _add_train(sub)
 
-    g = sub.add_parser("generate", help="render images with an adapter at one or more strengths")
-    g.add_argument("--model", default="builtin:tiny")
-    g.add_argument("--lora")
-    g.add_argument("--scale", type=float, nargs="+", default=[1.0])
-    g.add_argument("--prompt", required=True)
-    g.add_argument("--negative-prompt", default="")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--steps", type=int, default=20)
-    g.add_argument("--width", type=int)
-    g.add_argument("--height", type=int)
-    g.add_argument("--guidance", type=float, default=7.5)
-    g.add_argument("--out", required=True)
-    g.set_defaults(func=_not_yet("generate"))
+    _add_generate(sub)
 
     e = sub.add_parser("export", help="convert a run or adapter file to kohya or diffusers format, verified")
     e.add_argument("source", help="a run folder, an adapter .safetensors (kohya or diffusers), or a diffusers folder")

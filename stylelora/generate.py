@@ -1,0 +1,498 @@
+"""Preview: render a base model with LoRA adapters at any strength, without ever reloading the base.
+
+``Previewer`` loads the base pipeline once. Adapters are injected beside the base weights with peft
+(one peft adapter per attached file) and never fused, so moving the strength slider only changes
+peft's per-layer scale (``LoraLayer.set_scale``), and strength 0 switches the LoRA layers off, which
+gives exactly the base model's image. Adapter files are read with stylelora's own strict reader
+(``formats.load_adapter``), so a file meant for another model fails with the keys named.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import threading
+import warnings
+from collections import Counter, OrderedDict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from . import images
+from .adapter import Adapter, ModelLayout, module_paths
+from .checkpoint import STEP_DIR, list_checkpoints
+from .config import Config
+from .convert import find_adapter_file
+from .errors import ConfigError, FormatError
+from .formats import load_adapter
+from .models import BaseModel, load_base_model
+from .samplers import DEFAULT_SAMPLER, check_sampler, make_scheduler, sampler_label
+
+log = logging.getLogger(__name__)
+
+TEXT_PARTS = ("text_encoder", "text_encoder_2")  # SDXL has two text encoders
+CACHE_SIZE = 32
+
+# --- where an adapter comes from ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AdapterSource:
+    """A resolved adapter location: the file to read, a default name, and the alphas when the file lacks them."""
+
+    file: Path
+    name: str
+    alpha: float | None = None  # checkpoints store raw weights; their alpha is in the run's config.toml
+    conv_alpha: float | None = None
+
+
+def _run_config(run_dir: Path) -> Config:
+    return Config.load(run_dir / "config.toml")
+
+
+def _checkpoint_source(folder: Path) -> AdapterSource:
+    run_dir = folder.parent.parent
+    alpha = conv_alpha = None
+    if (run_dir / "config.toml").is_file():
+        lora = _run_config(run_dir).lora
+        alpha, conv_alpha = lora.alpha, getattr(lora, "conv_alpha", None)  # conv_alpha: runs with LoCon
+    else:
+        log.warning("%s: no config.toml in the run folder, so the LoRA alpha is unknown; using alpha = rank", folder)
+    return AdapterSource(folder / "lora.safetensors", f"{run_dir.name}-{folder.name}", alpha, conv_alpha)
+
+
+def find_adapter(path: str | Path) -> AdapterSource:
+    """Resolve what a user pointed at: an adapter file, a diffusers folder, a run folder or a checkpoint.
+
+    A run folder gives its final adapter (the kohya file), or its newest checkpoint while training
+    has not finished. Raises FormatError naming the path when nothing usable is there.
+    """
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise FormatError(f"{p}: no such adapter file or folder")
+    checkpoint = p.parent if p.name == "lora.safetensors" else p
+    if (checkpoint / "state.json").is_file() and (checkpoint / "lora.safetensors").is_file():
+        return _checkpoint_source(checkpoint)
+    if p.is_dir() and (p / "config.toml").is_file() and list_checkpoints(p):
+        try:
+            file, _, name = find_adapter_file(p)
+        except FormatError:  # training not finished: its newest checkpoint
+            return _checkpoint_source(list_checkpoints(p)[-1])
+        return AdapterSource(file, name)
+    try:
+        file, _, name = find_adapter_file(p)
+    except FormatError as e:
+        raise FormatError(f"{e}. Give a .safetensors LoRA file, a diffusers LoRA folder, a run folder or a "
+                          "checkpoint folder (checkpoints/step-NNNNNN)") from None
+    return AdapterSource(file, name)
+
+
+def run_adapters(run_dir: str | Path) -> list[AdapterSource]:
+    """Every checkpoint of a run, oldest first, then its final adapter: the rows of a checkpoint grid."""
+    run = Path(run_dir).expanduser()
+    sources = [_checkpoint_source(folder) for folder in list_checkpoints(run)]
+    final = find_adapter(run)
+    if not STEP_DIR.match(final.file.parent.name):
+        sources.append(final)
+    if not sources:
+        raise FormatError(f"{run}: no adapter and no checkpoint in this run folder")
+    return sources
+
+
+# --- generation settings ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything besides the adapter that decides an image; hashable, so it keys the caches."""
+
+    prompt: str
+    negative_prompt: str
+    seed: int
+    steps: int
+    guidance: float
+    width: int
+    height: int
+    sampler: str
+
+
+@dataclass
+class _Attached:
+    name: str
+    peft_name: str  # peft adapter names must be valid module keys; user names need not be
+    parts: tuple[str, ...]
+    source: AdapterSource
+
+
+def _peft_config(adapter: Adapter, part: str) -> Any:
+    """A peft LoraConfig that recreates ``adapter``'s layers for one part, rank and alpha per module."""
+    from peft import LoraConfig as PeftLoraConfig
+
+    state = adapter.state[part]
+    paths = module_paths(state)
+    ranks = {p: int(state[f"{p}.lora_A.weight"].shape[0]) for p in paths}
+    alphas = {p: adapter.alpha_of(part, p) for p in paths}
+    rank = Counter(ranks.values()).most_common(1)[0][0]
+    alpha = Counter(alphas.values()).most_common(1)[0][0]
+    # Exact names: a regex that must match the whole module path, so no other module is caught.
+    exact = {p: "^" + re.escape(p) for p in paths}
+    return PeftLoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        target_modules="|".join(re.escape(p) for p in paths),
+        rank_pattern={exact[p]: r for p, r in ranks.items() if r != rank},
+        alpha_pattern={exact[p]: a for p, a in alphas.items() if a != alpha},
+        use_dora=adapter.is_dora,
+    )
+
+
+def _lora_layers(module: torch.nn.Module) -> list[Any]:
+    from peft.tuners.lora import LoraLayer
+
+    return [m for m in module.modules() if isinstance(m, LoraLayer)]
+
+
+class Previewer:
+    """A base model loaded once, with adapters attached by name and rendered at any strength.
+
+    ``generate(prompt, adapter=name, scale=s)`` renders with one adapter at strength ``s`` on UNet
+    and text encoder (any real number: 0 is the base model exactly, 1 the adapter as trained,
+    negative values push away from the style). Nothing is reloaded or fused between calls.
+    The base image for given settings is rendered once per session, and text embeddings are reused
+    whenever the text encoder is unchanged. Calls are serialised with a lock (one pipeline).
+    """
+
+    def __init__(
+        self,
+        model: str = "builtin:tiny",
+        *,
+        device: str | None = None,
+        dtype: torch.dtype | None = None,
+        config_source: str = "",
+        prediction_type: str = "auto",
+    ) -> None:
+        self.model_name = model
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
+        self.base_loads = 0  # how often the base model was loaded (tests and benchmarks count it)
+        self._lock = threading.RLock()
+        self.model: BaseModel = self._load(model, config_source, prediction_type)
+        self._layout = ModelLayout.of(self.model)  # taken before any LoRA layer wraps a module
+        self._parts = [part for part, _ in self.model.parts()]
+        self._default_scheduler = self.pipeline.scheduler
+        self._schedulers: dict[str, Any] = {DEFAULT_SAMPLER: self._default_scheduler}
+        self._adapters: dict[str, _Attached] = {}
+        self._layers: dict[str, list[Any]] = {part: [] for part in self._parts}
+        self._next_id = 0
+        self._base_cache: OrderedDict[Settings, Image.Image] = OrderedDict()
+        self._embeds_cache: OrderedDict[tuple, dict[str, torch.Tensor]] = OrderedDict()
+
+    def _load(self, model: str, config_source: str, prediction_type: str) -> BaseModel:
+        loaded = load_base_model(model, config_source, prediction_type)
+        self.base_loads += 1
+        pipe = loaded.pipeline
+        if pipe.unet.dtype != self.dtype:  # casting warns even when it changes nothing
+            pipe.to(dtype=self.dtype)
+        pipe.to(self.device)
+        pipe.set_progress_bar_config(disable=True)
+        for part in (pipe.unet, pipe.vae, pipe.text_encoder):
+            part.eval().requires_grad_(False)
+        return loaded
+
+    @property
+    def pipeline(self) -> Any:
+        return self.model.pipeline
+
+    @property
+    def adapters(self) -> list[str]:
+        """Names of the attached adapters, in the order they were attached."""
+        return list(self._adapters)
+
+    # --- adapters -------------------------------------------------------------------------------
+
+    def attach(self, path: str | Path | AdapterSource, name: str | None = None) -> str:
+        """Attach an adapter (kohya or diffusers file, diffusers folder, run or checkpoint folder).
+
+        Returns its name (``name``, or one derived from the path). Attaching under a name already in
+        use replaces that adapter (e.g. the same run after more training).
+        """
+        source = path if isinstance(path, AdapterSource) else find_adapter(path)
+        adapter = load_adapter(source.file, self._layout)
+        if source.alpha is not None:
+            adapter = replace(
+                adapter, alpha=dict.fromkeys(adapter.state, source.alpha), module_alpha={},
+                conv_alpha=dict.fromkeys(adapter.state, source.conv_alpha) if source.conv_alpha else {},
+            )
+        name = name or source.name
+        with self._lock:
+            if name in self._adapters:
+                self.detach(name)
+            peft_name = f"stylelora_{self._next_id}"
+            self._next_id += 1
+            for part in adapter.state:
+                self._inject(part, peft_name, adapter)
+            self._adapters[name] = _Attached(name, peft_name, tuple(adapter.state), source)
+            self._refresh_layers()
+        log.info("attached %s from %s (%s)", name, source.file, ", ".join(adapter.state))
+        return name
+
+    def attach_run(self, run_dir: str | Path) -> list[str]:
+        """Attach every checkpoint of a run and its final adapter; returns their names, oldest first."""
+        return [self.attach(source) for source in run_adapters(run_dir)]
+
+    def _inject(self, part: str, peft_name: str, adapter: Adapter) -> None:
+        from peft.functional import inject_adapter_in_model, set_peft_model_state_dict
+
+        module = getattr(self.pipeline, part)
+        try:
+            with warnings.catch_warnings():  # several adapters side by side is the point here
+                warnings.filterwarnings("ignore", message=".*multiple adapters.*")
+                inject_adapter_in_model(_peft_config(adapter, part), module, adapter_name=peft_name)
+            result = set_peft_model_state_dict(module, adapter.state[part], adapter_name=peft_name)
+        except (ValueError, RuntimeError) as e:  # shape mismatch: the file is for another model
+            self._remove(peft_name)
+            raise FormatError(f"adapter does not fit this base model ({part}): {str(e).splitlines()[0]}") from e
+        missing = [k for k in result.missing_keys if f".{peft_name}." in k and "lora_" in k]
+        if result.unexpected_keys or missing:
+            self._remove(peft_name)
+            raise FormatError(f"adapter does not fit this base model ({part}): "
+                              f"{(result.unexpected_keys + missing)[:5]}")
+        module.to(self.device)
+        module.requires_grad_(False)
+
+    def detach(self, name: str) -> None:
+        """Remove an attached adapter (its layers and cached text embeddings)."""
+        with self._lock:
+            attached = self._require(name)
+            self._remove(attached.peft_name)
+            del self._adapters[name]
+            for key in [k for k in self._embeds_cache if k[-1] and k[-1][0] == attached.peft_name]:
+                del self._embeds_cache[key]
+            self._refresh_layers()
+
+    def _remove(self, peft_name: str) -> None:
+        from peft.functional import delete_adapter
+
+        for part in self._parts:
+            module = getattr(self.pipeline, part)
+            with warnings.catch_warnings():  # "was active ... now deleted": _activate sets it per render
+                warnings.simplefilter("ignore", UserWarning)
+                delete_adapter(module, peft_name, prefix="lora_")
+            getattr(module, "peft_config", {}).pop(peft_name, None)
+
+    def _refresh_layers(self) -> None:
+        self._layers = {part: _lora_layers(getattr(self.pipeline, part)) for part in self._parts}
+
+    def _require(self, name: str) -> _Attached:
+        if name not in self._adapters:
+            attached = ", ".join(self._adapters) or "none"
+            raise ConfigError(f"adapter '{name}': not attached (attached: {attached}); attach it first")
+        return self._adapters[name]
+
+    def _resolve(self, adapter: str | None) -> _Attached | None:
+        if adapter is not None:
+            return self._require(adapter)
+        if len(self._adapters) > 1:
+            raise ConfigError(f"several adapters are attached ({', '.join(self._adapters)}); say which one")
+        return next(iter(self._adapters.values()), None)
+
+    def _activate(self, attached: _Attached | None, scale: float) -> None:
+        """Make ``attached`` the only active adapter at ``scale``; None switches every LoRA layer off."""
+        for part in self._parts:
+            on = attached is not None and part in attached.parts
+            for layer in self._layers[part]:
+                layer.enable_adapters(on)
+                if on:
+                    layer.set_adapter([attached.peft_name], inference_mode=True)
+                    layer.set_scale(attached.peft_name, scale)
+
+    # --- rendering ------------------------------------------------------------------------------
+
+    def settings(
+        self,
+        prompt: str,
+        *,
+        negative_prompt: str = "",
+        seed: int = 0,
+        steps: int = 20,
+        guidance: float = 7.5,
+        width: int | None = None,
+        height: int | None = None,
+        sampler: str | None = None,
+    ) -> Settings:
+        """Validated settings; width and height default to the model's native resolution."""
+        multiple = self.pipeline.vae_scale_factor
+        native = self.model.native_resolution
+        width, height = width or native, height or native
+        for field, value in (("width", width), ("height", height)):
+            if value <= 0 or value % multiple:
+                raise ConfigError(f"{field}: must be a positive multiple of {multiple}, got {value}")
+        if steps < 1:
+            raise ConfigError(f"steps: must be at least 1, got {steps}")
+        if guidance < 0 or not math.isfinite(guidance):
+            raise ConfigError(f"guidance: must be >= 0, got {guidance}")
+        if not 0 <= seed < 2**63:
+            raise ConfigError(f"seed: must be between 0 and 2**63 - 1, got {seed}")
+        return Settings(prompt, negative_prompt, int(seed), int(steps), float(guidance), int(width), int(height),
+                        check_sampler(sampler))
+
+    def generate(
+        self,
+        prompt: str,
+        *,
+        negative_prompt: str = "",
+        seed: int = 0,
+        steps: int = 20,
+        guidance: float = 7.5,
+        width: int | None = None,
+        height: int | None = None,
+        sampler: str | None = None,
+        adapter: str | None = None,
+        scale: float = 1.0,
+    ) -> Image.Image:
+        """One image with ``adapter`` (default: the only attached one, if any) at strength ``scale``.
+
+        The image's ``info["parameters"]`` holds A1111-style parameters; ``images.save_png`` writes them.
+        """
+        s = self.settings(prompt, negative_prompt=negative_prompt, seed=seed, steps=steps, guidance=guidance,
+                          width=width, height=height, sampler=sampler)
+        return self.render(s, adapter, scale)
+
+    def render(self, settings: Settings, adapter: str | None = None, scale: float = 1.0) -> Image.Image:
+        """``generate`` for ready-made Settings."""
+        with self._lock:
+            return self._render(settings, self._resolve(adapter), scale)
+
+    def base(self, prompt: str, **settings: Any) -> Image.Image:
+        """The base model's image (no adapter), from the session cache when it was rendered before."""
+        with self._lock:
+            return self._render(self.settings(prompt, **settings), None, 0.0)
+
+    def _render(self, settings: Settings, attached: _Attached | None, scale: float) -> Image.Image:
+        scale = float(scale)
+        if not math.isfinite(scale):
+            raise ConfigError(f"scale: must be a finite number, got {scale}")
+        if attached is None or scale == 0:
+            image = self._base(settings)
+        else:
+            image = self._run(settings, attached, scale)
+        strength = {attached.name: scale} if attached is not None else {}
+        image.info[images.PARAMETERS_KEY] = self.parameters(settings, strength)
+        return image
+
+    def _base(self, settings: Settings) -> Image.Image:
+        cached = self._base_cache.get(settings)
+        if cached is None:
+            cached = self._run(settings, None, 0.0)
+            self._base_cache[settings] = cached
+            while len(self._base_cache) > CACHE_SIZE:
+                self._base_cache.popitem(last=False)
+        self._base_cache.move_to_end(settings)
+        return cached.copy()
+
+    def _run(self, settings: Settings, attached: _Attached | None, scale: float) -> Image.Image:
+        self._activate(attached, scale)
+        embeddings = self._embeddings(settings, attached, scale)
+        pipe = self.pipeline
+        pipe.scheduler = self._scheduler(settings.sampler)
+        result = pipe(
+            **embeddings,
+            num_inference_steps=settings.steps,
+            guidance_scale=settings.guidance,
+            width=settings.width,
+            height=settings.height,
+            generator=torch.Generator("cpu").manual_seed(settings.seed),  # same noise on every device
+        )
+        return result.images[0]
+
+    def _embeddings(self, settings: Settings, attached: _Attached | None, scale: float) -> dict[str, Any]:
+        """Prompt embeddings as pipeline arguments, reused while the text encoders are unchanged."""
+        guided = settings.guidance > 1.0
+        adapts_text = attached is not None and any(part in attached.parts for part in TEXT_PARTS)
+        text_lora = (attached.peft_name, scale) if adapts_text else None
+        key = (settings.prompt, settings.negative_prompt if guided else "", guided, text_lora)
+        if key not in self._embeds_cache:
+            with torch.no_grad():
+                encoded = self.pipeline.encode_prompt(
+                    settings.prompt, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=guided,
+                    negative_prompt=settings.negative_prompt or None,
+                )
+            names = ["prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds",
+                     "negative_pooled_prompt_embeds"]  # SD returns the first two, SDXL all four
+            self._embeds_cache[key] = {n: e for n, e in zip(names, encoded, strict=False) if e is not None}
+            while len(self._embeds_cache) > CACHE_SIZE * 4:
+                self._embeds_cache.popitem(last=False)
+        self._embeds_cache.move_to_end(key)
+        return self._embeds_cache[key]
+
+    def _scheduler(self, name: str) -> Any:
+        if name not in self._schedulers:
+            self._schedulers[name] = make_scheduler(name, self._default_scheduler)
+        return self._schedulers[name]
+
+    def parameters(self, settings: Settings, strengths: dict[str, Any] | None = None) -> str:
+        """A1111-style parameters text for an image rendered with these settings.
+
+        ``strengths`` maps adapter name to strength (a number, or a list of them for a sweep).
+        """
+        fields: dict[str, Any] = {
+            "Steps": settings.steps,
+            "Sampler": sampler_label(self._scheduler(settings.sampler)),
+            "CFG scale": f"{settings.guidance:g}",
+            "Seed": settings.seed,
+            "Size": f"{settings.width}x{settings.height}",
+            "Model": self.model_name,
+        }
+        if strengths:
+            fields["Lora"] = ", ".join(strengths)
+            values = {_format_scales(v) for v in strengths.values()}
+            fields["Lora strength"] = values.pop() if len(values) == 1 else ", ".join(
+                _format_scales(v) for v in strengths.values())
+        return images.format_parameters(settings.prompt, settings.negative_prompt, fields)
+
+    # --- views ----------------------------------------------------------------------------------
+
+    def generate_batch(self, prompt: str, seeds: Iterable[int], **kwargs: Any) -> list[Image.Image]:
+        """One image per seed (other arguments as ``generate``); each equals the single-seed image."""
+        return [self.generate(prompt, seed=seed, **kwargs) for seed in seeds]
+
+    def compare(self, prompt: str, *, adapter: str | None = None, scale: float = 1.0,
+                **settings: Any) -> tuple[Image.Image, Image.Image]:
+        """(base image, adapter image) for one prompt and seed."""
+        s = self.settings(prompt, **settings)
+        return self.render(s, adapter, 0.0), self.render(s, adapter, scale)
+
+    def sweep(self, prompt: str, scales: Sequence[float], *, adapter: str | None = None,
+              **settings: Any) -> Image.Image:
+        """One prompt and seed at several strengths, as a strip labelled with the strengths."""
+        s = self.settings(prompt, **settings)
+        with self._lock:
+            attached = self._resolve(adapter)
+            tiles = [self._render(s, attached, scale) for scale in scales]
+        sheet = images.strip(tiles, [f"{scale:g}" for scale in scales])
+        sheet.info[images.PARAMETERS_KEY] = self.parameters(s, {attached.name: list(scales)} if attached else {})
+        return sheet
+
+    def grid(self, prompt: str, adapters: Sequence[str], scales: Sequence[float], **settings: Any) -> Image.Image:
+        """Rows of adapters (e.g. a run's checkpoints) by columns of strengths, labelled.
+
+        ``adapters`` are names of attached adapters, or paths, which are attached first.
+        """
+        s = self.settings(prompt, **settings)
+        names = [a if a in self._adapters else self.attach(a) for a in adapters]
+        with self._lock:
+            rows = [[self._render(s, self._require(name), scale) for scale in scales] for name in names]
+        sheet = images.grid(rows, [f"{scale:g}" for scale in scales], names)
+        sheet.info[images.PARAMETERS_KEY] = self.parameters(s, {name: list(scales) for name in names})
+        return sheet
+
+
+def _format_scales(value: float | Sequence[float]) -> str:
+    if isinstance(value, (int, float)):
+        return f"{value:g}"
+    return ", ".join(f"{x:g}" for x in value)
