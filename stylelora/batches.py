@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
 from .buckets import Size, assign_bucket, oriented_size
 from .cache import LatentCache, default_cache_dir, module_identity
@@ -150,10 +149,7 @@ class TrainingSet:
         example = self.example(epoch, slot)
         rng = _rng(self.seed, epoch, slot, _VIEW)
         flip = self.config.random_flip and bool(rng.integers(0, 2))
-        try:
-            image = load_image(example.image)
-        except (OSError, ValueError, Image.DecompressionBombError) as e:
-            raise DataError(f"{example.image}: cannot read this image ({e}); remove or replace it") from e
+        image = load_image(example.image)  # raises a DataError naming the file when it cannot be used
         return prepare(image, example.bucket, self.config.center_crop, flip, rng)
 
     def caption(self, epoch: int, slot: int) -> str:

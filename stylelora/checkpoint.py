@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
 
 from . import fileio
 from .errors import TrainingError
@@ -76,8 +77,9 @@ def save_checkpoint(folder: Path, state: TrainingState) -> Path:
     lora = {f"{part}.{k}": v.contiguous() for part, sd in state.lora.items() for k, v in sd.items()}
     opt_tensors, opt_meta = _flatten_optimizer(state.optimizer)
     with fileio.atomic_dir(folder) as tmp:
-        save_file(lora, str(tmp / "lora.safetensors"))
-        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        # Written from Python (not safetensors' own writer) so a full disk raises OSError(ENOSPC).
+        (tmp / "lora.safetensors").write_bytes(save(lora))
+        (tmp / "optimizer.safetensors").write_bytes(save(opt_tensors))
         meta = {
             "step": state.step,
             "epoch": state.epoch,
@@ -97,8 +99,8 @@ def load_checkpoint(folder: Path) -> TrainingState:
         meta = json.loads((folder / "state.json").read_text(encoding="utf-8"))
         flat = load_file(str(folder / "lora.safetensors"))
         opt_tensors = load_file(str(folder / "optimizer.safetensors"))
-    except (OSError, ValueError, KeyError) as e:
-        raise TrainingError(f"{folder}: not a complete stylelora checkpoint ({e})") from None
+    except (OSError, ValueError, KeyError, SafetensorError) as e:
+        raise TrainingError(f"{folder}: not a complete stylelora checkpoint ({e}); pick an earlier one") from None
     if not meta.get("complete"):
         raise TrainingError(f"{folder}: checkpoint is incomplete; pick an earlier one")
     lora: dict[str, dict[str, torch.Tensor]] = {}

@@ -90,11 +90,16 @@ class TerminalProgress:
         elif isinstance(event, events.SampleSaved):
             self._write(f"samples at step {event.step}: {', '.join(str(p) for p in event.paths)}")
         elif isinstance(event, events.Finished):
-            if self.bar is not None:
-                self.bar.close()
+            self.close()
             print(f"done: {event.step} steps; adapter files:", file=sys.stderr)
             for path in event.adapter_paths:
                 print(f"  {path}")
+
+    def close(self) -> None:
+        """End the progress bar's line, so that a message printed after it starts on its own line."""
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
     def _write(self, text: str) -> None:
         if self.bar is not None:
@@ -117,12 +122,29 @@ def cmd_train(args: argparse.Namespace) -> int:
         stop.set()
 
     previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    progress = TerminalProgress()
     try:
-        train(config, TerminalProgress(), stop)
+        train(config, progress, stop)
     finally:
+        progress.close()
         for s, handler in previous.items():
             signal.signal(s, handler)
     return 0
+
+
+def cmd_check_data(args: argparse.Namespace) -> int:
+    from .doctor import check_dataset
+
+    # the same limits as training, with the same messages
+    Config().with_overrides({"data.resolution": args.resolution, "data.repeats": args.repeats})
+    if args.batch_size < 1:
+        raise StyleloraError(f"--batch-size: must be >= 1, got {args.batch_size}")
+    report = check_dataset(
+        args.folder, args.resolution, args.batch_size, caption_extension=args.caption_extension,
+        repeats=args.repeats, trigger_word=args.trigger_word, model=args.model,
+    )
+    print(report.to_text(args.level))
+    return 0 if report.can_train else 1
 
 
 def _add_generate(sub: Any) -> None:
@@ -194,13 +216,6 @@ def cmd_resize(args: argparse.Namespace) -> int:
     return 0
 
 
-def _not_yet(name: str) -> Callable[[argparse.Namespace], int]:
-    def run(_args: argparse.Namespace) -> int:
-        raise StyleloraError(f"'stylelora {name}' is not implemented yet in this version")
-
-    return run
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="stylelora", description="Train, preview and export Stable Diffusion style LoRAs."
@@ -239,9 +254,22 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--model", help="the base model, when the file does not name it")
     r.set_defaults(func=cmd_resize)
 
-    c = sub.add_parser("check-data", help="check a dataset folder and explain every problem")
-    c.add_argument("folder")
-    c.set_defaults(func=_not_yet("check-data"))
+    c = sub.add_parser(
+        "check-data", help="check a dataset folder and explain every problem",
+        description="Check every file of a dataset folder (the folder is only read): per file, what is wrong "
+        "and what stylelora will do about it, then a summary. Exit status 0 when training can proceed "
+        "(warnings allowed), 1 when it cannot.")
+    c.add_argument("folder", help="the dataset folder")
+    c.add_argument("--resolution", type=int, default=512, help="training resolution to check sizes against")
+    c.add_argument("--batch-size", type=int, default=1, help="batch size the dataset must fill")
+    c.add_argument("--model", help="count caption tokens with this model's tokenizer (else the cached CLIP "
+                   "tokenizer, else an estimate)")
+    c.add_argument("--caption-extension", default=".txt", help="extension of caption sidecar files")
+    c.add_argument("--trigger-word", default="", help="word put in front of every caption")
+    c.add_argument("--repeats", type=int, default=1, help="how many times each image is seen per epoch")
+    c.add_argument("--level", choices=["error", "warning", "info"], default="info",
+                   help="show findings of this level and worse (default: all)")
+    c.set_defaults(func=cmd_check_data)
     return parser
 
 
@@ -262,10 +290,31 @@ def _quiet_libraries() -> None:
         pass
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to the current ``sys.stderr`` (which tests and embedding hosts may swap), not the one at setup."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:
+        pass
+
+
+def _log_to_stderr() -> None:
+    root = logging.getLogger()
+    if not any(isinstance(h, _StderrHandler) for h in root.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("warning: %(message)s"))
+        root.addHandler(handler)
+    root.setLevel(logging.WARNING)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="warning: %(message)s", stream=sys.stderr)
+    _log_to_stderr()
     if args.command != "train" or not getattr(args, "print_config", False):
         _quiet_libraries()
     try:
@@ -278,6 +327,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception:  # a bug, not a user error: show everything needed to report it
+        traceback.print_exc()
+        print("error: this is a bug in stylelora, not a problem with your input. Please report it with the "
+              "traceback above and the command you ran.", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -208,6 +208,9 @@ class Config:
     @classmethod
     def load(cls, path: str | Path) -> Config:
         p = Path(path)
+        if p.is_dir():
+            raise ConfigError(f"{p}: is a folder, not a config file; give a .toml file (a dataset folder goes "
+                              "in data.path, --data on the command line)")
         if not p.is_file():
             raise ConfigError(f"{p}: config file not found")
         try:

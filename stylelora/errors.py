@@ -23,3 +23,7 @@ class FormatError(StyleloraError):
 
 class TrainingError(StyleloraError):
     """Training cannot go on (NaN loss, out of memory, disk full); the message gives advice."""
+
+
+class DiskFullError(StyleloraError):
+    """A save ran out of disk space; nothing partial was left under the file's name."""

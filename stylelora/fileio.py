@@ -13,7 +13,9 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import StyleloraError
+from .errors import DiskFullError
+
+NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
 
 
 def _disk_full_message(path: Path) -> str:
@@ -38,8 +40,8 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         os.replace(tmp, final)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        if e.errno == errno.ENOSPC:
-            raise StyleloraError(_disk_full_message(final)) from e
+        if e.errno in NO_SPACE:
+            raise DiskFullError(_disk_full_message(final)) from e
         raise
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -62,21 +64,21 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    old = final.with_name(f".{final.name}.old")
+    moved_old = False
     try:
         yield tmp
-        old = None
         if final.exists():
-            old = final.with_name(f".{final.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)
+            moved_old = True
         os.replace(tmp, final)
-        if old is not None:
+        if moved_old:
             shutil.rmtree(old, ignore_errors=True)
-    except OSError as e:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if e.errno == errno.ENOSPC:
-            raise StyleloraError(_disk_full_message(final)) from e
-        raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if moved_old and not final.exists():
+            os.replace(old, final)  # put the previous folder back
+        if isinstance(e, OSError) and e.errno in NO_SPACE:
+            raise DiskFullError(_disk_full_message(final)) from e
         raise

@@ -319,6 +319,16 @@ def _load_folder(path: Path, name: str) -> Any:
 
 def _load_single_file(path: Path, config_source: str) -> Any:
     from diffusers import StableDiffusionPipeline
+    from safetensors import SafetensorError, safe_open
+
+    try:  # reads the header only; a truncated or corrupt file fails here with its own reason
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+    except (SafetensorError, OSError) as e:
+        raise ModelError(
+            f"model '{path}': not a readable .safetensors file ({e}); it may be truncated or corrupt. "
+            "Download or copy it again."
+        ) from None
 
     kwargs: dict[str, Any] = {"safety_checker": None, "requires_safety_checker": False}
     if config_source:
@@ -434,3 +444,36 @@ def lora_alphas(model: BaseModel) -> dict[str, dict[str, float]]:
         if found:
             out[part] = found
     return out
+
+
+def load_tokenizer(name: str) -> Any | None:
+    """Only the tokenizer of the model ``name`` (cheap; for counting caption tokens), or None.
+
+    None when the model keeps no tokenizer locally: a single-file checkpoint, or a hub id that is
+    not in the local cache (nothing is downloaded here).
+    """
+    if name.startswith("builtin:"):
+        return _builtin_tokenizer()
+    path = Path(name).expanduser()
+    folder: Path | None = None
+    if path.is_dir():
+        folder = path / "tokenizer"
+    elif not path.exists() and name.count("/") == 1:
+        from huggingface_hub import try_to_load_from_cache
+
+        for sub in ("tokenizer/", ""):  # a pipeline keeps it in tokenizer/, a CLIP repo at its root
+            cached = try_to_load_from_cache(name, f"{sub}tokenizer_config.json")
+            if isinstance(cached, str):
+                folder = Path(cached).parent
+                break
+    # transformers 5 returns an empty tokenizer for a folder without vocab files, so check first.
+    files = {p.name for p in folder.iterdir()} if folder is not None and folder.is_dir() else set()
+    if "tokenizer.json" not in files and not {"vocab.json", "merges.txt"} <= files:
+        return None
+    from transformers import CLIPTokenizer
+
+    try:
+        return CLIPTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError) as e:  # not a CLIP tokenizer after all
+        log.debug("no tokenizer for %s: %s", name, e)
+        return None

@@ -18,7 +18,16 @@ from . import checkpoint as ckpt
 from . import events
 from .batches import BatchSource, TrainingSet
 from .config import Config
-from .errors import ConfigError, TrainingError
+from .doctor import training_items
+from .errors import ConfigError, DiskFullError, TrainingError
+from .failures import (
+    RunTracker,
+    disk_full_advice,
+    is_out_of_memory,
+    mismatched_checkpoint,
+    out_of_memory_advice,
+    where_to_resume,
+)
 from .formats import Adapter, ModelLayout, save_diffusers, save_kohya
 from .metadata import kohya_metadata
 from .models import BaseModel, add_lora, load_base_model, lora_alphas, lora_state, set_lora_state
@@ -51,6 +60,12 @@ def resolve_output_dir(config: Config) -> Path:
     out = config.output_dir
     if out.exists() and not out.is_dir():
         raise ConfigError(f"train.output_dir: '{out}' is a file; give a folder path for the run")
+    blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise ConfigError(f"train.output_dir: '{out}' cannot be created because '{blocking}' is a file")
+    if out.resolve().is_relative_to(Path(config.data.path).resolve()):
+        raise ConfigError(f"train.output_dir: '{out}' is inside the dataset folder, which stylelora never "
+                          "writes to; choose a folder outside it")
     holds_run = (out / "config.toml").is_file()
     if holds_run and not config.train.resume:
         if config.train.output_dir:
@@ -140,13 +155,30 @@ def train(
     """Train a LoRA as ``config`` says; events go to ``on_event``; ``stop`` ends it after a step.
 
     ``model`` lets a caller pass an already loaded base model (it gets the LoRA layers injected);
-    by default the model named in the config is loaded.
+    by default the model named in the config is loaded. Running out of memory or disk space, or a
+    diverging loss, raises :class:`TrainingError` saying which checkpoint is intact and what to do.
     """
+    tracker = RunTracker(on_event)
+    try:
+        return _train(config, tracker, stop, model)
+    except DiskFullError as e:
+        raise TrainingError(disk_full_advice(str(e), tracker)) from e
+    except TrainingError as e:
+        if tracker.output_dir is None:
+            raise
+        raise TrainingError(f"{e}\n{where_to_resume(tracker)}") from e
+    except RuntimeError as e:  # torch.OutOfMemoryError is a RuntimeError
+        if not is_out_of_memory(e):
+            raise
+        raise TrainingError(out_of_memory_advice(config, tracker)) from e
+
+
+def _train(config: Config, on_event: EventHandler, stop: StopSignal, model: BaseModel | None) -> RunResult:
     from accelerate import Accelerator
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
 
-    emit: EventHandler = on_event or (lambda e: None)
+    emit = on_event
     out = resolve_output_dir(config)
     resume_from = _find_resume(config, out)
     accelerator = Accelerator(
@@ -161,7 +193,14 @@ def train(
     torch.manual_seed(config.train.seed)
 
     # --- model, data, optimizer ---
-    data = TrainingSet.from_config(config)
+    items, report = training_items(config.data, config.train.batch_size, model=config.model.name,
+                                   tokenizer=model.tokenizer if model is not None else None)
+    for line in report.skipped_lines():  # one line per unusable image; check-data explains the rest
+        emit(events.Message(line))
+    if report.counts["warnings"]:
+        emit(events.Message(f"{report.counts['warnings']} warnings about the dataset (its images are used); "
+                            f"'stylelora check-data {config.data.path}' lists them"))
+    data = TrainingSet.from_config(config, items)
     if model is None:
         model = load_base_model(config.model.name, config.model.config, config.model.prediction_type)
     if model.kind == "sdxl":  # the loop feeds no SDXL added conditioning (pooled text, time ids) yet
@@ -213,8 +252,11 @@ def train(
     step = 0
     if resume_from is not None:
         state = ckpt.load_checkpoint(resume_from)
-        set_lora_state(model, state.lora)
-        optimizer.load_state_dict(state.optimizer)
+        try:
+            set_lora_state(model, state.lora)
+            optimizer.load_state_dict(state.optimizer)
+        except (RuntimeError, ValueError) as e:  # shapes or parameter groups differ from this config's
+            raise ConfigError(mismatched_checkpoint(resume_from, out, e)) from e
         lr_scheduler.load_state_dict(state.lr_scheduler)
         noise_rng.set_state(state.rng["noise"])
         step = state.step

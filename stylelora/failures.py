@@ -1,0 +1,96 @@
+"""What a user is told when a run cannot go on: out of memory, a full disk, a diverged loss.
+
+Each message says what happened, that the last complete checkpoint and adapter are intact (and
+where), how to continue, and what to change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from . import checkpoint as ckpt
+from . import events
+from .config import Config, all_fields, choices
+
+
+class RunTracker:
+    """Passes events through and remembers where the run is (its folder and step)."""
+
+    def __init__(self, on_event: Callable[[events.Event], None] | None) -> None:
+        self.on_event = on_event
+        self.output_dir: Path | None = None
+        self.step = 0
+
+    def __call__(self, event: events.Event) -> None:
+        if isinstance(event, events.Started):
+            self.output_dir, self.step = Path(event.output_dir), event.start_step
+        elif isinstance(event, events.Progress):
+            self.step = event.step
+        if self.on_event is not None:
+            self.on_event(event)
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, or the RuntimeError other backends raise for an allocation failure."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def where_to_resume(tracker: RunTracker) -> str:
+    """The last complete checkpoint and adapter of the run, and the command that continues it."""
+    out = tracker.output_dir
+    if out is None:
+        return "The run had not started; nothing of it was changed."
+    found = ckpt.list_checkpoints(out)
+    adapters = sorted(p.name for p in out.glob("*.safetensors"))
+    kept = f"the last complete checkpoint, {found[-1]}, is intact" if found else "no checkpoint was saved yet"
+    if adapters:
+        kept += f", and so is the adapter {', '.join(adapters)}"
+    resume = f" Continue with: stylelora train {out / 'config.toml'} --resume auto" if found else ""
+    return f"Stopped at step {tracker.step}; {kept}.{resume}"
+
+
+def out_of_memory_advice(config: Config, tracker: RunTracker) -> str:
+    """What to change so the run fits; only options this version's config actually has are named."""
+    fields = all_fields()
+    tips = []
+    if config.train.batch_size > 1:
+        tips.append(f"a smaller batch (--batch-size {max(1, config.train.batch_size // 2)}, with "
+                    f"--set train.gradient_accumulation_steps={2 * config.train.gradient_accumulation_steps} "
+                    "to keep the effective batch)")
+    if "train.gradient_checkpointing" in fields and not config.get("train.gradient_checkpointing"):
+        tips.append("gradient checkpointing (--set train.gradient_checkpointing=true)")
+    eight_bit = [c for c in choices("train.optimizer") or [] if "8bit" in str(c).lower()]
+    if eight_bit and config.train.optimizer not in eight_bit:
+        tips.append(f"an 8-bit optimizer (--set train.optimizer={eight_bit[0]})")
+    if config.train.mixed_precision == "no":
+        tips.append("mixed precision (--set train.mixed_precision=bf16)")
+    if config.lora.train_text_encoder:
+        tips.append("training the UNet only (without --train-text-encoder)")
+    if config.data.resolution >= 256:
+        tips.append(f"a lower resolution (--resolution {config.data.resolution * 3 // 4 // 8 * 8})")
+    return (f"out of GPU memory at step {tracker.step + 1} (batch size {config.train.batch_size}, resolution "
+            f"{config.data.resolution}).\n{where_to_resume(tracker)}\nTo fit in memory, try: " + "; ".join(tips) + ".")
+
+
+def disk_full_advice(message: str, tracker: RunTracker) -> str:
+    return f"{message}\n{where_to_resume(tracker)} Free some disk space first."
+
+
+def mismatched_checkpoint(checkpoint: Path, out: Path, error: Exception) -> str:
+    """A checkpoint whose LoRA weights or optimizer groups do not fit the config being resumed."""
+    text = str(error)
+    if "size mismatch" in text:
+        why = "its LoRA weights have other shapes (was lora.rank different?)"
+    elif "parameter group" in text or "doesn't match the size" in text:
+        why = "its optimizer trained other weights (was --train-text-encoder, or the target modules, different?)"
+    else:
+        why = f"it does not fit this model ({text.splitlines()[0] if text else type(error).__name__})"
+    return (f"train.resume: the checkpoint {checkpoint} was saved with other LoRA settings: {why}. Resume with "
+            f"the run's own settings (stylelora train {out / 'config.toml'} --resume auto), or start a new run "
+            "with --output NEW_FOLDER")
