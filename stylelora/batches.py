@@ -24,11 +24,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import dataset
 from .buckets import Size, assign_bucket, oriented_size
 from .cache import LatentCache, default_cache_dir, module_identity
 from .captions import build_caption
 from .config import Config, DataConfig
-from .dataset import Item, load_image, prepare, scan
+from .dataset import Item, prepare, scan
 from .errors import DataError
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,12 @@ class TrainingSet:
         if not images:
             raise DataError(f"dataset '{config.path}': every image repeats 0 times; rename its 0_ folders")
         self.images, self.reg, self.config = images, reg, config
+        if len(self) < batch_size:
+            raise DataError(
+                f"dataset '{config.path}': {len(self)} examples per epoch (images x repeats"
+                f"{', plus as many regularisation images' if reg else ''}) cannot fill one batch of {batch_size}; "
+                f"lower the batch size to {len(self)} or fewer, or add images"
+            )
         self.batch_size, self.seed = batch_size, seed
         self.epoch_batches = lru_cache(maxsize=2)(self._epoch_batches)
 
@@ -149,7 +156,7 @@ class TrainingSet:
         example = self.example(epoch, slot)
         rng = _rng(self.seed, epoch, slot, _VIEW)
         flip = self.config.random_flip and bool(rng.integers(0, 2))
-        image = load_image(example.image)  # raises a DataError naming the file when it cannot be used
+        image = dataset.load_image(example.image)  # raises a DataError naming the file when it cannot be used
         return prepare(image, example.bucket, self.config.center_crop, flip, rng)
 
     def caption(self, epoch: int, slot: int) -> str:

@@ -193,7 +193,9 @@ def _train(config: Config, on_event: EventHandler, stop: StopSignal, model: Base
     torch.manual_seed(config.train.seed)
 
     # --- model, data, optimizer ---
-    items, report = training_items(config.data, config.train.batch_size, model=config.model.name,
+    # Batch size 1 here: whether an epoch fills a batch depends on folder repeats and regularisation
+    # images, which the training set counts (it raises the same "cannot fill one batch" error).
+    items, report = training_items(config.data, 1, model=config.model.name,
                                    tokenizer=model.tokenizer if model is not None else None)
     for line in report.skipped_lines():  # one line per unusable image; check-data explains the rest
         emit(events.Message(line))

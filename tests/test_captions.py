@@ -132,3 +132,17 @@ def test_data_options_are_in_the_adapter_metadata(tmp_path: Path) -> None:
     assert meta["ss_shuffle_caption"] == "True" and meta["ss_keep_tokens"] == "2"
     assert meta["ss_caption_dropout_rate"] == "0.1" and meta["ss_enable_bucket"] == "False"
     assert meta["ss_prior_loss_weight"] == "0.5" and meta["ss_cache_latents"] == "True"
+
+
+def test_a_batch_larger_than_an_epoch_is_refused_counting_repeats_and_reg(tmp_path: Path) -> None:
+    from stylelora.errors import DataError
+
+    draw_image(tmp_path / "d" / "3_x" / "a.png", (16, 16))
+    draw_image(tmp_path / "reg" / "r.png", (16, 16))
+    assert len(TrainingSet.from_config(tiny_config(tmp_path / "d", tmp_path / "o", **{"train.batch_size": 3}))) == 3
+    with pytest.raises(DataError, match="3 examples per epoch .* cannot fill one batch of 4; lower the batch size to 3"
+                       ):
+        TrainingSet.from_config(tiny_config(tmp_path / "d", tmp_path / "o", **{"train.batch_size": 4}))
+    reg = {"train.batch_size": 6, "data.reg_path": str(tmp_path / "reg")}
+    with_reg = tiny_config(tmp_path / "d", tmp_path / "o", **reg)
+    assert len(TrainingSet.from_config(with_reg)) == 6
