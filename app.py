@@ -1,11 +1,10 @@
-"""stylelora's Gradio app. Placeholder until the GUI lands: runs a short headless demo training."""
+"""stylelora in the browser: ``python app.py`` serves on http://127.0.0.1:7860 (``--help`` for options)."""
 
 from __future__ import annotations
 
 import sys
 
-from stylelora.cli import main
+from webui.server import main
 
 if __name__ == "__main__":
-    sys.exit(main(["train", "--model", "builtin:tiny", "--data", "datasets/example", "--steps", "20",
-                   "--resolution", "64", *sys.argv[1:]]))
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""A workspace: the ``datasets/`` and ``outputs/`` folders an app may read and write, and nothing else.
+
+The GUI resolves every dataset, run folder and adapter it is asked for through here, so a request
+naming ``../..``, an absolute path or a symlink that leads out of these folders is refused with a
+message instead of being read or written.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import Config
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """One run folder under outputs/: its adapter files and checkpoints, newest step last."""
+
+    name: str
+    path: Path
+    adapters: list[Path]
+    checkpoints: list[Path]
+
+
+class Workspace:
+    def __init__(self, root: str | Path, datasets: str | Path | None = None, outputs: str | Path | None = None):
+        self.root = Path(root).resolve()
+        self.datasets = Path(datasets).resolve() if datasets else self.root / "datasets"
+        self.outputs = Path(outputs).resolve() if outputs else self.root / "outputs"
+        self.outputs.mkdir(parents=True, exist_ok=True)
+        self.datasets.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def folders(self) -> list[Path]:
+        return [self.datasets, self.outputs]
+
+    def inside(self, path: str | Path, folders: list[Path] | None = None) -> Path:
+        """``path`` resolved (relative ones against the root); refused unless inside ``folders``."""
+        p = Path(path).expanduser()
+        p = (p if p.is_absolute() else self.root / p).resolve()
+        allowed = folders or self.folders
+        if not any(p == f or p.is_relative_to(f) for f in allowed):
+            names = " or ".join(str(f) for f in allowed)
+            raise ConfigError(f"{path}: the app only works with files under {names}")
+        return p
+
+    def dataset(self, path: str | Path) -> Path:
+        """A dataset folder: a name (``example``), ``datasets/example`` or an absolute path inside datasets/."""
+        text = str(path).strip()
+        if text and "/" not in text and "\\" not in text and not (self.root / text).exists():
+            text = str(self.datasets / text)
+        p = self.inside(text, [self.datasets])
+        if p == self.datasets:
+            raise ConfigError(f"data.path: '{path}' is the datasets folder itself; pick one dataset inside it")
+        return p
+
+    def display(self, path: str | Path) -> str:
+        """``path`` relative to the root when it is inside it (what the form shows)."""
+        p = Path(path)
+        try:
+            return str(p.resolve().relative_to(self.root))
+        except ValueError:
+            return str(path)
+
+    def run_config(self, config: Config) -> Config:
+        """The config a GUI run uses: absolute dataset path, and a fresh run folder under outputs/
+        (``train.output_dir`` empty means outputs/<dataset name>, -2, -3... when taken), so the saved
+        config.toml replays the run from any folder."""
+        data = self.dataset(config.data.path)
+        if config.train.output_dir:
+            out = self.inside(config.train.output_dir, [self.outputs])
+            if out == self.outputs:
+                raise ConfigError("train.output_dir: give a run folder inside outputs/, not outputs/ itself")
+        else:
+            out = self.new_run_dir(data.name)
+        return config.with_overrides({"data.path": str(data), "train.output_dir": str(out)})
+
+    def new_run_dir(self, name: str) -> Path:
+        name = re.sub(r"[^\w.-]", "_", name).lstrip(".") or "run"
+        out = self.outputs / name
+        n = 2
+        while (out / "config.toml").exists():
+            out = self.outputs / f"{name}-{n}"
+            n += 1
+        return out
+
+    def runs(self) -> list[RunInfo]:
+        """Run folders under outputs/ that hold a config.toml, newest first."""
+        found = []
+        for cfg in self.outputs.glob("*/config.toml"):
+            run = cfg.parent
+            adapters = sorted(p for p in run.glob("*.safetensors") if not p.name.startswith("."))
+            diffusers = run / "diffusers" / "pytorch_lora_weights.safetensors"
+            if diffusers.is_file():
+                adapters.append(diffusers)
+            checkpoints = sorted(run.glob("checkpoints/step-*/lora.safetensors"))
+            found.append((cfg.stat().st_mtime, RunInfo(run.name, run, adapters, checkpoints)))
+        return [info for _, info in sorted(found, key=lambda t: t[0], reverse=True)]
+
+    def adapter_files(self) -> list[Path]:
+        """Every adapter file a run wrote (kohya first), newest run first."""
+        return [a for run in self.runs() for a in run.adapters]

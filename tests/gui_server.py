@@ -1,0 +1,33 @@
+"""Start the real app for the GUI tests: in-process on a free port over a throwaway root folder."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_root(folder: Path) -> Path:
+    """A workspace like a fresh checkout's: datasets/example and an empty outputs/."""
+    shutil.copytree(ROOT / "datasets" / "example", folder / "datasets" / "example")
+    (folder / "outputs").mkdir(parents=True)
+    return folder
+
+
+def launch(root: Path):
+    """Launch the app as ``python app.py`` would (same queue and allowed paths); returns (demo, ctx, url)."""
+    from webui.build import build_app
+    from webui.server import launch as serve
+
+    demo, ctx = build_app(root)
+    port = free_port()
+    serve(demo, ctx, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    return demo, ctx, f"http://127.0.0.1:{port}/"

@@ -1,0 +1,162 @@
+"""The app scripted with gradio_client, on builtin:tiny: upload -> check -> train -> preview -> export -> merge.
+
+Also: the form is made from the config fields, a GUI run writes the config.toml the CLI replays,
+a second Start while training is refused, and a reopened page sees the run.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+from gui_server import launch, make_root
+from PIL import Image
+
+from conftest import draw_image
+from stylelora.config import Config, all_fields
+from stylelora.train import train
+
+TINY_RUN = """
+[model]
+name = "builtin:tiny"
+[data]
+path = "datasets/mine"
+resolution = 64
+[lora]
+rank = 4
+alpha = 4.0
+[train]
+steps = 5
+lr = 0.01
+"""
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory: pytest.TempPathFactory):
+    root = make_root(tmp_path_factory.mktemp("gui") / "root")
+    demo, ctx, url = launch(root)
+    yield Client(url, verbose=False), ctx, root
+    demo.close()
+
+
+def _pixels(image: str | dict) -> np.ndarray:
+    path = image["path"] if isinstance(image, dict) else image
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+
+
+def test_form_has_a_widget_for_every_config_field(app) -> None:
+    from webui.form import BASIC
+
+    client, ctx, _ = app
+    values = client.predict("cpu-demo", api_name="/load_preset")
+    assert len(values) == len(all_fields())
+    preset = Config.load(ctx.presets / "cpu-demo.toml")
+    shown = dict(zip(BASIC, values[: len(BASIC)], strict=True))
+    assert shown["model.name"] == "builtin:tiny" and shown["train.steps"] == preset.train.steps
+    assert shown["data.path"] == "datasets/example"
+
+    # Save as TOML writes the form's config; loading that file fills the form with the same values
+    saved = client.predict(*values, api_name="/save_toml")
+    saved_path = saved["value"]  # an update that also shows the (hidden until now) download box
+    assert Config.load(saved_path).to_dict() == Config.load(ctx.presets / "cpu-demo.toml").to_dict()
+    assert client.predict(handle_file(saved_path), api_name="/load_toml") == values
+
+    # a bad value is refused by name, before anything starts
+    steps = BASIC.index("train.steps")
+    bad = list(values)
+    bad[steps] = 0
+    with pytest.raises(AppError, match=r"train.steps: must be >= 1, got 0"):
+        client.predict(*bad, api_name="/train")
+
+
+def test_upload_check_train_preview_export(app, tmp_path: Path) -> None:
+    client, ctx, root = app
+    # --- upload: two images, and a zip with two more and a caption ---
+    client.predict("mine", api_name="/create_dataset")
+    images = [draw_image(tmp_path / f"up{i}.png", (64, 64), seed=i) for i in range(2)]
+    archive = tmp_path / "more.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for i in range(2, 4):
+            buf = io.BytesIO()
+            Image.open(draw_image(tmp_path / f"z{i}.png", (64, 64), seed=i)).save(buf, "PNG")
+            z.writestr(f"folder/z{i}.png", buf.getvalue())
+        z.writestr("folder/z2.txt", "a zipped picture")
+    result, gallery = client.predict("mine", [handle_file(p) for p in [*images, archive]], api_name="/upload")
+    assert result.startswith("added 5 file(s)")
+    assert len(gallery) == 4
+    assert sorted(p.name for p in (root / "datasets/mine").glob("*.png")) == ["up0.png", "up1.png", "z2.png", "z3.png"]
+    client.predict("mine", "up0.png", "a first picture", api_name="/save_caption")
+    client.predict("mine", "zzstyle", api_name="/add_trigger")
+    assert (root / "datasets/mine/up0.txt").read_text().strip() == "zzstyle, a first picture"
+
+    # --- check ---
+    verdict, findings, full = client.predict("mine", 64, api_name="/check_data")
+    assert verdict == "**ready to train**: 4 usable image(s)"
+    assert "datasets/mine" in full
+
+    # --- train 5 steps, streaming progress ---
+    job = client.submit(TINY_RUN, api_name="/train_toml")
+    updates = list(job)
+    final = updates[-1]
+    assert final["status"] == "finished", final["error"]
+    assert final["step"] == 5 and final["total_steps"] == 5
+    run = Path(final["output_dir"])
+    assert run == root / "outputs" / "mine"
+    assert (run / "mine.safetensors").is_file() and (run / "diffusers/pytorch_lora_weights.safetensors").is_file()
+    # the run's config.toml is what `stylelora train config.toml` replays
+    replay = Config.load(run / "config.toml")
+    assert replay.data.path == str(root / "datasets/mine") and replay.train.steps == 5
+
+    # --- preview: strength 0 is the base image; strength 1 differs ---
+    adapter = "outputs/mine/mine.safetensors"
+    common = ["builtin:tiny", adapter, None, "a small house", "", 7, 4]
+    base0, lora0 = client.predict(*common, 0.0, api_name="/preview")
+    base1, lora1 = client.predict(*common, 1.0, api_name="/preview")
+    assert np.array_equal(_pixels(base0), _pixels(lora0))
+    assert np.array_equal(_pixels(base0), _pixels(base1))
+    assert np.abs(_pixels(lora1) - _pixels(base1)).mean() > 0.5
+    strip = client.predict(*common, "0, 1", api_name="/sweep")
+    assert Image.open(strip["path"] if isinstance(strip, dict) else strip).width >= 2 * 64
+
+    # --- export both formats, verified, downloadable ---
+    for fmt, suffix in [("kohya", ".safetensors"), ("diffusers", "pytorch_lora_weights.safetensors")]:
+        text, download = client.predict("outputs/mine", fmt, "fp16", api_name="/export")
+        assert "verified" in text and "NOT verified" not in text
+        path = download["path"] if isinstance(download, dict) else download
+        assert Path(path).name.endswith(suffix) and Path(path).stat().st_size > 1000
+    assert len(list((run / "exports").iterdir())) == 2
+    # merge into the base: a diffusers model folder inside the run
+    assert "outputs/mine/merged-1" in client.predict("builtin:tiny", "outputs/mine", 1.0, api_name="/merge")
+    assert (run / "merged-1" / "model_index.json").is_file()
+
+    # --- the GUI run's config.toml is what `stylelora train config.toml` replays: same losses ---
+    replayed = train(Config.load(run / "config.toml").with_overrides({"train.output_dir": str(tmp_path / "replay")}))
+    gui_losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert replayed.losses == pytest.approx(gui_losses, rel=1e-4)
+
+
+def test_second_start_is_refused_and_a_new_page_sees_the_run(app) -> None:
+    client, ctx, root = app
+    long_run = TINY_RUN.replace("steps = 5", "steps = 400").replace("datasets/mine", "datasets/example")
+    job = client.submit(long_run, api_name="/train_toml")
+    for update in job:
+        if update["step"] >= 1:
+            break
+    with pytest.raises(AppError, match="already running"):
+        client.predict(TINY_RUN, api_name="/train_toml")
+    job.cancel()  # the browser that started it goes away: the training goes on
+    # a new browser (a new client session) attaches to the running job and sees its progress
+    watcher = Client(client.src, verbose=False).submit(api_name="/watch")
+    first = next(iter(watcher))
+    assert 'data-status="running"' in first[0]
+    assert client.predict(api_name="/stop") == "stopping after the current step"
+    ctx.job.join(60)
+    snap = ctx.job.snapshot()
+    assert snap.status == "stopped"
+    assert (root / "outputs" / "example" / "example.safetensors").is_file()  # a stop still saves the adapter

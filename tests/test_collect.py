@@ -1,0 +1,133 @@
+"""stylelora.collect: uploads land inside the dataset under safe names; bad files are refused with a reason."""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import draw_image
+from stylelora import collect
+from stylelora.dataset import scan
+from stylelora.errors import DataError
+
+
+def _files_under(path: Path) -> set[str]:
+    return {str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()}
+
+
+def _png_bytes(seed: int = 0) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.full((16, 16, 3), seed * 40, np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [("../../x.png", "x.png"), ("..\\..\\evil.PNG", "evil.png"), ("/etc/passwd", "passwd"),
+     (".hidden.png", "hidden.png"), ("a b<c>.jpg", "a b_c_.jpg"), ("..", "file"), ("", "file")],
+)
+def test_safe_filename_drops_folders_and_dots(name: str, expected: str) -> None:
+    assert collect.safe_filename(name) == expected
+
+
+def test_dataset_names_cannot_be_paths(tmp_path: Path) -> None:
+    for bad in ["../x", "/etc", "a/b", ".hidden", "", "x" * 65]:
+        with pytest.raises(DataError, match="dataset name"):
+            collect.create_dataset(tmp_path, bad)
+    assert collect.create_dataset(tmp_path, "my-style") == (tmp_path / "my-style").resolve()
+    assert collect.list_datasets(tmp_path) == ["my-style"]
+
+
+def test_upload_named_with_dot_dot_stays_inside(tmp_path: Path) -> None:
+    folder = tmp_path / "root" / "datasets" / "d"
+    upload = draw_image(tmp_path / "upload" / "img.png")
+    report = collect.add_files(folder, [(upload, "../../x.png"), (upload, "/tmp/abs.png")])
+    assert report.refused == []
+    assert _files_under(tmp_path / "root") == {"datasets/d/x.png", "datasets/d/abs.png"}
+
+
+def test_zip_with_escaping_entries_writes_only_inside(tmp_path: Path) -> None:
+    archive = tmp_path / "evil.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("../../escaped.png", _png_bytes(1))
+        z.writestr("/abs/rooted.png", _png_bytes(2))
+        z.writestr("sub/dir/nested.png", _png_bytes(3))
+        z.writestr("sub/dir/nested.txt", "a caption, flat style")
+        z.writestr("__MACOSX/._nested.png", b"junk")
+        z.writestr("notes.exe", b"MZ...")
+    folder = tmp_path / "root" / "datasets" / "d"
+    report = collect.add_files(folder, [(archive, "evil.zip")])
+    assert _files_under(tmp_path / "root") == {
+        "datasets/d/escaped.png", "datasets/d/rooted.png", "datasets/d/nested.png", "datasets/d/nested.txt"}
+    assert any("notes.exe" in r and "not an image" in r for r in report.refused)
+    assert [(p.name, c) for p, c in collect.images(folder)][1] == ("nested.png", "a caption, flat style")
+    assert len(scan(folder)) == 3
+
+
+def test_zip_bomb_is_refused_and_writes_nothing(tmp_path: Path) -> None:
+    archive = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        z.writestr("big.png", b"\0" * (20 * 1024**2))  # 20 MiB of zeros deflate to ~20 KiB
+    folder = tmp_path / "d"
+    report = collect.add_files(folder, [(archive, "bomb.zip")])
+    assert report.added == []
+    assert "zip bomb" in report.refused[0]
+    assert _files_under(folder) == set()
+
+
+def test_non_images_and_broken_images_are_refused_with_a_reason(tmp_path: Path) -> None:
+    fake = tmp_path / "fake.png"
+    fake.write_bytes(b"this is not a png")
+    script = tmp_path / "run.sh"
+    script.write_text("rm -rf /")
+    folder = tmp_path / "d"
+    report = collect.add_files(folder, [(fake, "fake.png"), (script, "run.sh"), (tmp_path / "gone.png", "gone.png")])
+    assert report.added == []
+    assert "fake.png: not a readable image" in report.refused[0]
+    assert "run.sh: not an image or caption" in report.refused[1]
+    assert "gone.png: the upload is missing" in report.refused[2]
+    assert "added 0 file(s)" in report.to_text()
+
+
+def test_same_name_uploads_do_not_overwrite(tmp_path: Path) -> None:
+    folder = tmp_path / "d"
+    a = draw_image(tmp_path / "a.png", seed=1)
+    b = draw_image(tmp_path / "b.png", seed=2)
+    collect.add_files(folder, [(a, "pic.png"), (b, "pic.png")])
+    assert sorted(p.name for p in folder.iterdir()) == ["pic-2.png", "pic.png"]
+    assert (folder / "pic.png").read_bytes() == a.read_bytes()
+
+
+def test_caption_edit_and_trigger_word(tmp_path: Path) -> None:
+    folder = tmp_path / "d"
+    for i in range(3):
+        draw_image(folder / f"img{i}.png", seed=i)
+    (folder / "img0.txt").write_text("a red house\n")
+    collect.save_caption(folder, "img1.png", "  a  blue\nboat ")
+    assert (folder / "img1.txt").read_text() == "a blue boat\n"
+    assert collect.add_trigger_word(folder, "zzstyle") == 3
+    assert collect.add_trigger_word(folder, "zzstyle") == 0  # already there: unchanged
+    assert [c for _, c in collect.images(folder)] == ["zzstyle, a red house", "zzstyle, a blue boat", "zzstyle"]
+    assert [i.caption for i in scan(folder)] == ["zzstyle, a red house", "zzstyle, a blue boat", "zzstyle"]
+    assert not [p for p in folder.iterdir() if p.name.startswith(".")]  # no temp files left
+    with pytest.raises(DataError, match="no such image"):
+        collect.save_caption(folder, "../../etc/passwd", "x")
+    with pytest.raises(DataError, match="trigger word: empty"):
+        collect.add_trigger_word(folder, "  ")
+
+
+def test_caption_edit_in_a_metadata_jsonl_dataset(tmp_path: Path) -> None:
+    folder = tmp_path / "d"
+    draw_image(folder / "a.png")
+    draw_image(folder / "b.png", seed=1)
+    (folder / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "text": "old"}) + "\n")
+    collect.save_caption(folder, "a.png", "new caption")
+    collect.save_caption(folder, "b.png", "second")
+    assert [(i.image.name, i.caption) for i in scan(folder)] == [("a.png", "new caption"), ("b.png", "second")]
+    assert not (folder / "a.txt").exists()

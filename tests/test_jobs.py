@@ -1,0 +1,103 @@
+"""stylelora.jobs and stylelora.workspace: one training at a time, history kept, paths kept inside."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from conftest import make_dataset, tiny_config
+from stylelora import events
+from stylelora.config import Config
+from stylelora.errors import ConfigError, DataError
+from stylelora.jobs import Busy, TrainingJob
+from stylelora.workspace import Workspace
+
+
+def _fake_runner(release: threading.Event):
+    def run(config, on_event, stop):
+        on_event(events.Started(3, 0, 1, "cpu", config.output_dir))
+        for step in range(1, 4):
+            release.wait(5)
+            if stop.is_set():
+                on_event(events.Finished(step - 1, True, config.output_dir))
+                return type("R", (), {"stopped_early": True})()
+            on_event(events.Progress(step, 3, 0.5 / step, 1e-4, 2.0, step, 3 - step))
+        on_event(events.Finished(3, False, config.output_dir))
+        return type("R", (), {"stopped_early": False})()
+
+    return run
+
+
+def test_second_start_is_refused_while_running_and_history_is_kept() -> None:
+    release = threading.Event()
+    job = TrainingJob(_fake_runner(release))
+    run_id = job.start(Config())
+    with pytest.raises(Busy, match="already running"):
+        job.start(Config())
+    release.set()
+    job.join(5)
+    snap = job.wait(0, run_id, timeout=1)
+    assert snap.status == "finished"
+    assert [e.step for e in snap.events if isinstance(e, events.Progress)] == [1, 2, 3]
+    # a follower arriving later (a reopened browser) sees the same whole history
+    assert job.snapshot().events == snap.events
+    assert job.start(Config()) == run_id + 1  # free again
+
+
+def test_stop_ends_the_run_early() -> None:
+    release = threading.Event()
+    job = TrainingJob(_fake_runner(release))
+    job.start(Config())
+    assert job.stop() is True
+    release.set()
+    job.join(5)
+    snap = job.snapshot()
+    assert snap.status == "stopped"
+    assert any(isinstance(e, events.Message) and "stop requested" in e.text for e in snap.events)
+    assert job.stop() is False  # nothing running
+
+
+def test_a_failing_run_reports_its_message() -> None:
+    def broken(config, on_event, stop):
+        raise DataError("dataset 'x': no images found")
+
+    job = TrainingJob(broken)
+    job.start(Config())
+    job.join(5)
+    snap = job.snapshot()
+    assert snap.status == "failed"
+    assert snap.error == "dataset 'x': no images found"
+    assert isinstance(snap.events[-1], events.Message) and snap.events[-1].level == "error"
+
+
+def test_real_training_through_the_job(tmp_path: Path) -> None:
+    data = make_dataset(tmp_path / "data", n=2, size=(64, 64))
+    job = TrainingJob()
+    job.start(tiny_config(data, tmp_path / "run", **{"train.steps": 2}))
+    job.join(120)
+    snap = job.snapshot()
+    assert snap.status == "finished", snap.error
+    assert (tmp_path / "run" / "run.safetensors").is_file()
+    assert isinstance(snap.events[-1], events.Finished) and snap.events[-1].step == 2
+
+
+def test_workspace_keeps_runs_and_datasets_inside(tmp_path: Path) -> None:
+    ws = Workspace(tmp_path)
+    make_dataset(ws.datasets / "cats", n=1)
+    config = ws.run_config(Config().with_overrides({"data.path": "datasets/cats"}))
+    assert config.data.path == str(ws.datasets / "cats")
+    assert config.train.output_dir == str(ws.outputs / "cats")
+    (ws.outputs / "cats").mkdir()
+    (ws.outputs / "cats" / "config.toml").write_text("")
+    assert ws.run_config(Config().with_overrides({"data.path": "cats"})).train.output_dir == str(ws.outputs / "cats-2")
+    for bad in ["/etc", "../datasets/cats", "datasets/../../x", str(tmp_path), "outputs/cats"]:
+        with pytest.raises(ConfigError, match="only works with files under|datasets folder itself"):
+            ws.run_config(Config().with_overrides({"data.path": bad}))
+    with pytest.raises(ConfigError, match="only works with files under"):
+        ws.run_config(Config().with_overrides({"data.path": "cats", "train.output_dir": "/tmp/elsewhere"}))
+    (ws.datasets / "link").symlink_to("/etc")
+    with pytest.raises(ConfigError, match="only works with files under"):
+        ws.dataset("datasets/link")
+    assert [r.name for r in ws.runs()] == ["cats"]

@@ -1,0 +1,1 @@
+"""stylelora's Gradio app (the library under stylelora/ never imports gradio)."""

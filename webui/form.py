@@ -1,0 +1,133 @@
+"""The Config form: one widget per config field, made by one mapping from field to widget.
+
+Widgets are derived from the field's type, choices (``Literal``), bounds and help text, so a field a
+helper adds to ``stylelora.config`` appears here without touching the app. Values go back into a
+``Config`` by dotted name, never by position.
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from typing import Any, Literal
+
+import gradio as gr
+
+from stylelora.config import Config, all_fields, field_type
+from stylelora.errors import ConfigError
+
+BASIC_ROWS = [["model.name", "data.path"], ["train.steps", "lora.rank", "train.lr", "data.resolution"],
+              ["lora.train_text_encoder"]]
+BASIC = [name for row in BASIC_ROWS for name in row]
+MODEL_SUGGESTIONS = ["builtin:tiny", "stable-diffusion-v1-5/stable-diffusion-v1-5"]
+
+
+def _base_type(tp: Any) -> tuple[Any, bool]:
+    """(the type without Optional, whether None is allowed)."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0], len(args) < len(typing.get_args(tp))
+    return tp, False
+
+
+def elem_id(dotted: str) -> str:
+    """The HTML id of a field's widget (``train.steps`` -> ``cfg-train-steps``), for tests and styling."""
+    return "cfg-" + dotted.replace(".", "-").replace("_", "-")
+
+
+def widget_for(dotted: str, value: Any, datasets: list[str]) -> gr.components.Component:
+    """The widget of one config field showing ``value``: the type picks the widget, Literal choices make a
+    dropdown, bounds limit numbers; the label is the dotted name and the help text is shown under it."""
+    meta = all_fields()[dotted].metadata
+    tp, optional = _base_type(field_type(dotted))
+    value = to_widget_value(dotted, value)
+    common: dict[str, Any] = {"label": dotted, "info": meta.get("help", ""), "elem_id": elem_id(dotted)}
+    if dotted == "data.path":
+        return gr.Dropdown(datasets, value=value, allow_custom_value=True, **common)
+    if dotted == "model.name":
+        return gr.Dropdown(MODEL_SUGGESTIONS, value=value, allow_custom_value=True, **common)
+    if typing.get_origin(tp) is Literal:
+        return gr.Dropdown(list(typing.get_args(tp)), value=value, **common)
+    if tp is bool:
+        return gr.Checkbox(value=value, **common)
+    if tp in (int, float):
+        if optional:
+            common["info"] += " Leave empty for the default."
+        # Bounds go in the help text, not the widget: Config checks them and names the field when wrong.
+        bounds = [f"{word} {meta[key]:g}" for key, word in (("gt", ">"), ("ge", "≥"), ("lt", "<"), ("le", "≤"))
+                  if meta.get(key) is not None]
+        if bounds:
+            common["info"] += f" ({', '.join(bounds)})"
+        return gr.Number(value=value, precision=0 if tp is int else None, **common)
+    if typing.get_origin(tp) is list:
+        common["info"] += " One per line."
+        return gr.Textbox(value=value, lines=3, **common)
+    return gr.Textbox(value=value, **common)
+
+
+def to_widget_value(dotted: str, value: Any) -> Any:
+    tp, _ = _base_type(field_type(dotted))
+    if typing.get_origin(tp) is list:
+        return "\n".join(value or [])
+    return value
+
+
+def from_widget_value(dotted: str, value: Any) -> Any:
+    tp, optional = _base_type(field_type(dotted))
+    if typing.get_origin(tp) is list:
+        return [line.strip() for line in str(value or "").splitlines() if line.strip()]
+    if value is None or value == "":
+        if optional:
+            return None
+        if tp is str:
+            return ""
+        raise ConfigError(f"{dotted}: empty; give a value")
+    if tp is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+class ConfigForm:
+    """Every config field's widget, in Basic and Advanced groups, keyed by dotted name."""
+
+    def __init__(self, initial: Config, datasets: list[str]) -> None:
+        self.widgets: dict[str, gr.components.Component] = {}
+        with gr.Group():
+            for row in BASIC_ROWS:
+                with gr.Row():
+                    for dotted in row:
+                        self.widgets[dotted] = widget_for(dotted, initial.get(dotted), datasets)
+        with gr.Accordion("Advanced", open=False):
+            sections: dict[str, list[str]] = {}
+            for dotted in all_fields():
+                if dotted not in BASIC:
+                    sections.setdefault(dotted.split(".")[0], []).append(dotted)
+            for section, names in sections.items():
+                with gr.Accordion(f"[{section}]", open=True):
+                    for i in range(0, len(names), 3):
+                        with gr.Row():
+                            for dotted in names[i : i + 3]:
+                                self.widgets[dotted] = widget_for(dotted, initial.get(dotted), datasets)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.widgets)
+
+    @property
+    def components(self) -> list[gr.components.Component]:
+        return list(self.widgets.values())
+
+    def to_config(self, values: list[Any]) -> Config:
+        """The Config the widgets describe (values in ``components`` order); ConfigError names the field."""
+        data: dict[str, dict[str, Any]] = {}
+        for dotted, value in zip(self.names, values, strict=True):
+            section, key = dotted.split(".", 1)
+            converted = from_widget_value(dotted, value)
+            if converted is not None:
+                data.setdefault(section, {})[key] = converted
+        return Config.from_dict(data)
+
+    def values(self, config: Config) -> list[Any]:
+        return [to_widget_value(d, config.get(d)) for d in self.names]

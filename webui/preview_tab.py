@@ -1,0 +1,146 @@
+"""Preview tab: base beside LoRA at one seed, a strength slider that regenerates on release,
+a strength sweep strip and a checkpoint x strength grid (all from ``stylelora.generate.Previewer``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from stylelora.config import Config
+from stylelora.errors import StyleloraError
+
+from .context import Context, user_error
+
+DEFAULT_PROMPT = "a small house, flat style"
+
+
+def parse_scales(text: str) -> list[float]:
+    try:
+        scales = [float(s) for s in text.replace(",", " ").split()]
+    except ValueError:
+        raise gr.Error(f"strengths {text!r}: give numbers separated by commas, e.g. 0, 0.5, 1",
+                       print_exception=False) from None
+    if not scales or len(scales) > 12:
+        raise gr.Error("strengths: give between 1 and 12 numbers", print_exception=False)
+    return scales
+
+
+def build(ctx: Context) -> dict[str, Any]:
+    ws = ctx.workspace
+
+    def adapter_path(choice: str | None, upload: str | None) -> str:
+        """The adapter to use: an uploaded file wins over the picker (which only offers outputs/)."""
+        if upload:
+            return str(upload)
+        if not choice:
+            raise gr.Error("pick an adapter (train one first) or upload an adapter file", print_exception=False)
+        try:
+            return str(ws.inside(choice, [ws.outputs]))
+        except StyleloraError as e:
+            raise user_error(e) from None
+
+    def options(steps: float, seed: float, negative: str) -> dict[str, Any]:
+        return {"negative_prompt": negative or "", "seed": int(seed or 0), "steps": max(1, int(steps or 1))}
+
+    def attached(model: str, path: str) -> tuple[Any, str]:
+        """The model's previewer with ``path`` attached (re-attached only when the file changed)."""
+        previewer = ctx.previewer(model or "builtin:tiny")
+        key = (str(path), Path(path).stat().st_mtime_ns if Path(path).exists() else 0)
+        known = ctx.attached.setdefault(id(previewer), {})
+        if key not in known:
+            known[key] = previewer.attach(path, name=f"{Path(path).parent.name}/{Path(path).stem}")
+        return previewer, known[key]
+
+    def preview(model: str, adapter: str | None, upload: str | None, prompt: str, negative: str,
+                seed: float, steps: float, strength: float):
+        """(base image, LoRA image) at one seed; the previewer caches the base image, so moving the
+        strength only renders the LoRA side."""
+        path = adapter_path(adapter, upload)
+        try:
+            with ctx.preview_lock:
+                previewer, name = attached(model, path)
+                return previewer.compare(prompt, adapter=name, scale=float(strength), **options(steps, seed, negative))
+        except StyleloraError as e:
+            raise user_error(e) from None
+
+    def sweep(model: str, adapter: str | None, upload: str | None, prompt: str, negative: str,
+              seed: float, steps: float, scales: str):
+        path = adapter_path(adapter, upload)
+        try:
+            with ctx.preview_lock:
+                previewer, name = attached(model, path)
+                return previewer.sweep(prompt, parse_scales(scales), adapter=name, **options(steps, seed, negative))
+        except StyleloraError as e:
+            raise user_error(e) from None
+
+    def grid(model: str, adapter: str | None, prompt: str, negative: str, seed: float, steps: float, scales: str):
+        """The checkpoints and final adapter of the picked adapter's run (rows) x strengths (columns)."""
+        path = Path(adapter_path(adapter, None))
+        run = next((r for r in ws.runs() if path.is_relative_to(r.path)), None)
+        if run is None:
+            raise gr.Error("pick an adapter of a run under outputs/ for the checkpoint grid", print_exception=False)
+        try:
+            with ctx.preview_lock:
+                previewer = ctx.previewer(model or "builtin:tiny")
+                names = previewer.attach_run(run.path)
+                return previewer.grid(prompt, names, parse_scales(scales), **options(steps, seed, negative))
+        except StyleloraError as e:
+            raise user_error(e) from None
+
+    def refresh(current: str | None):
+        """The adapters on disk now (newest run first); keeps the pick if it is still there."""
+        choices = ctx.adapter_choices()
+        return gr.update(choices=choices, value=current if current in choices else (choices[0] if choices else None))
+
+    def model_of(choice: str | None, current: str):
+        """Picking a run's adapter picks the base model it was trained on."""
+        try:
+            path = ws.inside(choice or "", [ws.outputs])
+        except StyleloraError:
+            return gr.update()
+        run = next((r for r in ws.runs() if path.is_relative_to(r.path)), None)
+        if run is None:
+            return gr.update()
+        try:
+            name = Config.load(run.path / "config.toml").model.name
+        except StyleloraError:
+            return gr.update()
+        return gr.update(value=name, choices=sorted({"builtin:tiny", name, current or "builtin:tiny"}))
+
+    with gr.Tab("Preview", id="preview") as tab:
+        with gr.Row():
+            model = gr.Dropdown(["builtin:tiny"], value="builtin:tiny", label="Base model", allow_custom_value=True,
+                                info="builtin:tiny, a diffusers folder, a .safetensors checkpoint or a hub id")
+            adapter = gr.Dropdown(ctx.adapter_choices(), label="Adapter", info="Adapters of the runs under outputs/",
+                                  allow_custom_value=True, elem_id="adapter")  # checked by Workspace.inside
+            upload = gr.File(label="…or any adapter file", file_types=[".safetensors"], type="filepath", height=100)
+            refresh_btn = gr.Button("Refresh list", scale=0)
+        with gr.Row():
+            prompt = gr.Textbox(DEFAULT_PROMPT, label="Prompt", scale=3)
+            negative = gr.Textbox("", label="Negative prompt", scale=2)
+        with gr.Row():
+            seed = gr.Number(0, label="Seed", precision=0)
+            steps = gr.Slider(1, 100, value=8, step=1, label="Steps")
+            strength = gr.Slider(-1, 2, value=1, step=0.05, label="Strength", elem_id="strength",
+                                 info="0 is the base model; regenerates when you let go")
+        generate_btn = gr.Button("Generate", variant="primary", elem_id="generate")
+        with gr.Row():
+            base_image = gr.Image(label="Base model", type="pil", elem_id="base-image", format="png", height=320)
+            lora_image = gr.Image(label="With LoRA", type="pil", elem_id="lora-image", format="png", height=320)
+        with gr.Row():
+            scales = gr.Textbox("0, 0.5, 1, 1.5", label="Strengths for the sweep and grid")
+            sweep_btn = gr.Button("Strength sweep")
+            grid_btn = gr.Button("Checkpoint × strength grid")
+        sweep_image = gr.Image(label="Sweep / grid", type="pil", format="png")
+
+    inputs = [model, adapter, upload, prompt, negative, seed, steps]
+    generate_btn.click(preview, [*inputs, strength], [base_image, lora_image], api_name="preview")
+    strength.release(preview, [*inputs, strength], [base_image, lora_image], api_name=False)
+    sweep_btn.click(sweep, [*inputs, scales], sweep_image, api_name="sweep")
+    grid_btn.click(grid, [model, adapter, prompt, negative, seed, steps, scales], sweep_image, api_name="grid")
+    refresh_btn.click(refresh, adapter, adapter, api_name=False)
+    tab.select(refresh, adapter, adapter, api_name=False)
+    adapter.change(model_of, [adapter, model], model, api_name=False)
+    return {}

@@ -1,0 +1,86 @@
+"""Command line of ``python app.py``: where to listen, and who may connect."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def parse_auth(text: str | None) -> tuple[str, str] | None:
+    if not text:
+        return None
+    user, sep, password = text.partition(":")
+    if not sep or not user or not password:
+        raise ValueError("--auth: expected user:password, e.g. --auth alice:s3cret-passphrase")
+    return user, password
+
+
+def exposure_problem(host: str, share: bool, auth: tuple[str, str] | None) -> str | None:
+    """Why the app must not start as asked (reachable by others without a password), or None."""
+    if auth:
+        return None
+    if share:
+        return ("refusing to start: --share puts the app on a public URL, and anyone with it could read your "
+                "datasets and run trainings. Add --auth user:password.")
+    if not is_loopback(host):
+        return (f"refusing to start: --host {host} lets other machines reach the app, and anyone on the network "
+                "could read your datasets and run trainings. Add --auth user:password, or use --host 127.0.0.1.")
+    return None
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="app.py", description="stylelora in the browser: collect, train, preview, export.")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    p.add_argument("--share", action="store_true", help="also serve on a public gradio.live URL (needs --auth)")
+    p.add_argument("--auth", metavar="USER:PASS", help="require this login (needed with --share or a non-local --host)")
+    p.add_argument("--root", default=str(ROOT), help="folder holding datasets/ and outputs/ (default: next to app.py)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        auth = parse_auth(args.auth)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    problem = exposure_problem(args.host, args.share, auth)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own startup requests
+    from .build import build_app
+
+    demo, ctx = build_app(args.root)
+    launch(demo, ctx, server_name=args.host, server_port=args.port, share=args.share, auth=auth)
+    return 0
+
+
+def launch(demo: Any, ctx: Any, **kwargs: Any) -> Any:
+    """Serve ``demo``; Gradio may serve files only from the workspace's datasets/ and outputs/."""
+    return demo.queue(default_concurrency_limit=1).launch(
+        allowed_paths=[str(p) for p in ctx.workspace.folders],
+        show_error=False,
+        footer_links=["api"],
+        **kwargs,
+    )
