@@ -16,6 +16,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from .dataset import load_image
 from .errors import DataError
 
 Size = tuple[int, int]
@@ -84,5 +85,6 @@ def oriented_size(path: Path) -> Size:
             w, h = im.size
             orientation = im.getexif().get(0x0112, 1)
     except (OSError, ValueError, Image.DecompressionBombError) as e:
+        load_image(path)  # raises the precise ImageLoadError naming the file (e.g. "not an image")
         raise DataError(f"{path}: cannot read this image ({e}); remove or replace it") from e
     return (h, w) if orientation in _ROTATED else (w, h)
