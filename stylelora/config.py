@@ -72,6 +72,33 @@ class DataConfig:
     trigger_word: str = option("", "Word put in front of every caption.")
     repeats: int = option(1, "How many times each image is seen per epoch.", ge=1)
     caption_extension: str = option(".txt", "Extension of caption sidecar files.")
+    buckets: bool = option(
+        True, "Aspect-ratio bucketing: train each image near its own aspect ratio instead of a square crop."
+    )
+    bucket_step: int = option(64, "Bucket sides are multiples of this many pixels (multiple of 8).", ge=8, le=512)
+    bucket_no_upscale: bool = option(False, "Never upscale an image to fit a bucket; small images get small buckets.")
+    shuffle_tags: bool = option(False, "Shuffle the comma-separated tags of each caption every time it is used.")
+    keep_tags: int = option(
+        0, "When shuffling, keep this many leading tags in place (the trigger word always stays first).", ge=0
+    )
+    caption_dropout: float = option(0.0, "Chance that an example trains with an empty caption.", ge=0, le=1)
+    reg_path: str = option(
+        "", "Folder of regularisation (class) images for prior preservation; empty turns it off."
+    )
+    reg_caption: str = option("", "Caption of regularisation images that have none, e.g. 'a painting'.")
+    prior_loss_weight: float = option(1.0, "Loss weight of regularisation images.", ge=0)
+
+
+@dataclass
+class CacheConfig:
+    latents: Literal["off", "memory", "disk"] = option(
+        "memory",
+        "Cache VAE latents: in memory for this run, or on disk (reused by later runs on the same images and VAE).",
+    )
+    text_encoder: bool = option(
+        True, "Cache text-encoder outputs when the text encoder is not trained and tags are not shuffled."
+    )
+    dir: str = option("", "Folder of the disk latent cache; empty means ~/.cache/stylelora/latents.")
 
 
 @dataclass
@@ -162,6 +189,7 @@ class ExportConfig:
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
@@ -382,6 +410,8 @@ def _check(obj: Any, prefix: str) -> list[str]:
                 errors.append(f"{dotted}: must be {word} {b:g}, got {value:g}")
     if type(obj).__name__ == "DataConfig" and obj.resolution % 8:
         errors.append(f"{prefix}resolution: must be a multiple of 8, got {obj.resolution}")
+    if type(obj).__name__ == "DataConfig" and obj.bucket_step % 8:
+        errors.append(f"{prefix}bucket_step: must be a multiple of 8, got {obj.bucket_step}")
     return errors
 
 

@@ -136,6 +136,7 @@ def kohya_metadata(
         "modelspec.date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"),
         "stylelora.config": config.to_toml(),
     }
+    meta.update(_data_facts(config))
     if config.data.trigger_word:
         meta["modelspec.trigger_phrase"] = config.data.trigger_word
     record: dict[str, Any] = {
@@ -150,3 +151,21 @@ def kohya_metadata(
         record["num_images"] = len(items)
     meta["stylelora.reproducibility"] = json.dumps(record, sort_keys=True)
     return meta
+
+
+def _data_facts(config: Config) -> dict[str, str]:
+    """How the data was fed, under the keys sd-scripts uses (Civitai and the A1111 info panel show them)."""
+    data = config.data
+    return {
+        "ss_enable_bucket": str(data.buckets),
+        "ss_bucket_no_upscale": str(data.bucket_no_upscale),
+        "ss_min_bucket_reso": str(data.bucket_step),
+        "ss_max_bucket_reso": str(max(data.bucket_step, 2 * data.resolution // data.bucket_step * data.bucket_step)),
+        "ss_flip_aug": str(data.random_flip),
+        "ss_random_crop": str(not data.center_crop),
+        "ss_shuffle_caption": str(data.shuffle_tags),
+        "ss_keep_tokens": str(data.keep_tags),
+        "ss_caption_dropout_rate": f"{data.caption_dropout:g}",
+        "ss_prior_loss_weight": f"{data.prior_loss_weight:g}" if data.reg_path else "1",
+        "ss_cache_latents": str(config.cache.latents != "off" and data.center_crop),
+    }

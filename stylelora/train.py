@@ -18,8 +18,9 @@ import torch
 from . import checkpoint as ckpt
 from . import events, losses, optim
 from .artifacts import export_adapter, render_samples
+from .batches import BatchSource, TrainingSet
 from .config import Config
-from .dataset import CaptionedImages, Position, batches
+from .dataset import CaptionedImages
 from .doctor import training_items
 from .ema import LoraEMA
 from .errors import ConfigError, DiskFullError, TrainingError
@@ -169,7 +170,9 @@ def _train(config: Config, on_event: EventHandler, stop: StopSignal, model: Base
     torch.manual_seed(cfg.seed)
 
     # --- data: the usable images, a seeded few held out for the validation loss ---
-    items, report = training_items(config.data, config.train.batch_size, model=config.model.name,
+    # Batch size 1 here: whether an epoch fills a batch depends on folder repeats and regularisation
+    # images, which the training set counts (it raises the same "cannot fill one batch" error).
+    items, report = training_items(config.data, 1, model=config.model.name,
                                    tokenizer=model.tokenizer if model is not None else None)
     for line in report.skipped_lines():  # one line per unusable image; check-data explains the rest
         emit(events.Message(line))
@@ -177,7 +180,7 @@ def _train(config: Config, on_event: EventHandler, stop: StopSignal, model: Base
         emit(events.Message(f"{report.counts['warnings']} warnings about the dataset (its images are used); "
                             f"'stylelora check-data {config.data.path}' lists them"))
     items, held_out = split_holdout(items, cfg.validation_images, cfg.seed)
-    data = CaptionedImages(items, config.data)
+    data = TrainingSet.from_config(config, items)
 
     # --- model: LoRA (or LoCon/DoRA) layers in fp32 on a frozen base in the training precision ---
     if model is None:
@@ -195,7 +198,7 @@ def _train(config: Config, on_event: EventHandler, stop: StopSignal, model: Base
         model.pipeline.scheduler = DDIMScheduler.from_config(
             model.pipeline.scheduler.config, rescale_betas_zero_snr=True, timestep_spacing="trailing")
     params = add_lora(model, config.lora)
-    unet, vae, text_encoder, tokenizer = model.unet, model.vae, model.text_encoder, model.tokenizer
+    unet, vae, text_encoder = model.unet, model.vae, model.text_encoder
     _set_attention(unet, cfg.attention)
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -231,9 +234,10 @@ def _train(config: Config, on_event: EventHandler, stop: StopSignal, model: Base
     else:
         unet, optimizer = accelerator.prepare(unet, optimizer)
     noise_rng = torch.Generator().manual_seed(cfg.seed)
+    source = BatchSource(data, config, model)  # buckets, caches, captions, regularisation images
 
     # --- resume: weights, optimizer, schedule, EMA, every RNG and the data position ---
-    step, position, elapsed_before = 0, Position(), 0.0
+    step, elapsed_before = 0, 0.0
     if resume_from is not None:
         state = ckpt.load_checkpoint(resume_from)
         if state.extra.get("optimizer", type(optimizer.optimizer).__name__) != type(optimizer.optimizer).__name__:
@@ -251,7 +255,8 @@ def _train(config: Config, on_event: EventHandler, stop: StopSignal, model: Base
             raise ConfigError(mismatched_checkpoint(resume_from, out, e)) from e
         lr_scheduler.load_state_dict(state.lr_scheduler)
         ckpt.restore_rng(noise_rng, state.rng)
-        step, position = state.step, Position(state.epoch, state.batch)
+        step = state.step
+        source.load_state(state.extra.get("data") or {"epoch": state.epoch, "batch": state.batch})
         elapsed_before = float(state.extra.get("elapsed_s", 0.0))
         emit(events.Message(f"resumed from {resume_from} at step {step}"))
         discarded = ckpt.discard_after(out, step)
@@ -266,7 +271,9 @@ def _train(config: Config, on_event: EventHandler, stop: StopSignal, model: Base
     accelerator.init_trackers("stylelora")
     metrics_path = out / "metrics.jsonl"
     _truncate_metrics(metrics_path, step)
-    emit(events.Started(cfg.steps, step, len(data.items), str(accelerator.device), out))
+    emit(events.Started(cfg.steps, step, data.num_images, str(accelerator.device), out))
+    for note in source.notes:
+        emit(events.Message(note))
     averaged = ema.applied if ema is not None else contextlib.nullcontext
 
     def save_checkpoint_now() -> None:
@@ -281,14 +288,14 @@ def _train(config: Config, on_event: EventHandler, stop: StopSignal, model: Base
             folder,
             ckpt.TrainingState(
                 step=step,
-                epoch=position.epoch,
-                batch=position.batch,
+                epoch=source.epoch,
+                batch=source.batch,
                 lora=lora_state(model),
                 optimizer=optimizer.state_dict(),
                 lr_scheduler=lr_scheduler.state_dict(),
                 rng=ckpt.capture_rng(noise_rng),
                 extra={"optimizer": type(optimizer.optimizer).__name__, "elapsed_s": elapsed,
-                       "ema_steps": ema.steps if ema is not None else 0},
+                       "ema_steps": ema.steps if ema is not None else 0, "data": source.state()},
                 ema=ema_state,
             ),
         )
@@ -296,7 +303,6 @@ def _train(config: Config, on_event: EventHandler, stop: StopSignal, model: Base
         emit(events.CheckpointSaved(step, folder))
 
     # --- the loop: one iteration is one optimizer step of `accumulation` micro-batches ---
-    stream = batches(len(data), cfg.batch_size, cfg.seed, position)
     losses_seen: list[float] = []
     started, start_step, stopped = time.perf_counter(), step, False
     elapsed = elapsed_before
@@ -307,31 +313,20 @@ def _train(config: Config, on_event: EventHandler, stop: StopSignal, model: Base
         step_loss = 0.0
         images = 0
         for _ in range(cfg.gradient_accumulation_steps):
-            position, indices = next(stream)
-            examples = [data.example(i, cfg.seed, position.epoch) for i in indices]
-            pixels = torch.stack([e["pixels"] for e in examples]).to(accelerator.device, weight_dtype)
-            ids = tokenizer(
-                [str(e["caption"]) for e in examples],
-                padding="max_length",
-                max_length=tokenizer.model_max_length,
-                truncation=True,
-                return_tensors="pt",
-            ).input_ids.to(accelerator.device)
-            example_weights = torch.ones(len(indices), device=accelerator.device)
+            batch = source.next_batch()  # latents (cached or encoded), text inputs, per-example loss weights
+            latents = batch.latents
             with accelerator.accumulate(unet, text_encoder), accelerator.autocast():
-                with torch.no_grad():
-                    latents = vae.encode(pixels).latent_dist.sample(generator=noise_rng)
-                    latents = latents * vae.config.scaling_factor
                 noise = losses.sample_noise(latents.shape, noise_rng, cfg.noise_offset).to(latents)
                 timesteps = torch.randint(
                     0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=noise_rng
                 ).to(accelerator.device)
                 noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-                with torch.set_grad_enabled(config.lora.train_text_encoder):
-                    encoder_states = text_encoder(ids)[0]
+                encoder_states = batch.encoder_states
+                if encoder_states is None:  # the text encoder trains: run it here, with gradients
+                    encoder_states = text_encoder(batch.input_ids)[0]
                 target = losses.training_target(noise_scheduler, latents, noise, timesteps)
                 pred = unet(noisy, timesteps, encoder_states).sample
-                weights = example_weights * losses.min_snr_weights(noise_scheduler, timesteps, cfg.min_snr_gamma)
+                weights = batch.loss_weights * losses.min_snr_weights(noise_scheduler, timesteps, cfg.min_snr_gamma)
                 loss = (losses.per_example_mse(pred, target) * weights).mean()
                 if not torch.isfinite(loss):
                     raise TrainingError(
@@ -349,7 +344,7 @@ def _train(config: Config, on_event: EventHandler, stop: StopSignal, model: Base
                         ema.update()
                 optimizer.zero_grad(set_to_none=True)
             step_loss += loss.item() / cfg.gradient_accumulation_steps
-            images += len(indices)
+            images += len(batch)
         step += 1
         losses_seen.append(step_loss)
 
@@ -387,7 +382,7 @@ def _train(config: Config, on_event: EventHandler, stop: StopSignal, model: Base
     # --- final save (also after a stop request); the export uses the EMA weights when EMA is on ---
     save_checkpoint_now()
     with averaged():
-        paths = export_adapter(model, config, out, step, len(data.items), data.items)
+        paths = export_adapter(model, config, out, step, data.num_images, data.items)
     emit(events.AdapterSaved(step, paths))
     accelerator.end_training()
     if stopped:

@@ -41,9 +41,8 @@ def metrics(out: Path) -> list[dict]:
 
 
 def first_timestep(seed: int = SEED) -> int:
-    """The loop's first timestep: its generator draws the VAE sample, then the noise, then t."""
+    """The loop's first timestep: its generator draws the noise, then t (the batches sample latents themselves)."""
     g = torch.Generator().manual_seed(seed)
-    torch.randn((1, 4, 8, 8), generator=g)
     torch.randn((1, 4, 8, 8), generator=g)
     return int(torch.randint(0, 1000, (1,), generator=g))
 
