@@ -1,7 +1,7 @@
 """Latency of a strength change (slider move to image) against one plain diffusers generation.
 
     python benchmarks/bench_preview.py                      # builtin:tiny, 64 px
-    python benchmarks/bench_preview.py --model small        # a larger SD1-shaped model built here, 256 px
+    python benchmarks/bench_preview.py --model builtin:small  # SD1.5's layout at a tenth of its width, 256 px
 
 For each repeat it times, interleaved so that machine load hits all alike:
 - ``plain``: a separate diffusers StableDiffusionPipeline of the same weights, no LoRA, ``pipe(prompt, ...)``;
@@ -18,58 +18,22 @@ import argparse
 import logging
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from datetime import date
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, installed or not
 
-from stylelora.config import LoraConfig
+import torch  # noqa: E402
+
+from stylelora.config import LoraConfig  # noqa: E402
 from stylelora.formats import Adapter, ModelLayout, save_diffusers, save_kohya
 from stylelora.generate import Previewer
-from stylelora.models import add_lora, build_tiny, load_base_model, lora_state
+from stylelora.models import add_lora, load_base_model, lora_state
 
 PROMPT = "a watercolour painting of a lighthouse at dusk"
-
-
-def build_small(folder: Path) -> str:
-    """An SD1-shaped pipeline several times the size of builtin:tiny (random weights), saved as a diffusers folder."""
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    tiny = build_tiny()
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=32,
-        block_out_channels=(64, 128, 256),
-        layers_per_block=2,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=256,
-        attention_head_dim=8,
-        norm_num_groups=32,
-    )
-    vae = AutoencoderKL(
-        block_out_channels=(32, 64, 128, 128),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        norm_num_groups=32,
-        layers_per_block=1,
-        sample_size=256,
-    )
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        hidden_size=256, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=8,
-        vocab_size=len(tiny.tokenizer), max_position_embeddings=77, projection_dim=256,
-        bos_token_id=tiny.tokenizer.bos_token_id, eos_token_id=tiny.tokenizer.eos_token_id,
-        pad_token_id=tiny.tokenizer.pad_token_id,
-    ))
-    pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tiny.tokenizer,
-                                   scheduler=tiny.scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    pipe.save_pretrained(folder)
-    return str(folder)
 
 
 def random_adapter(model_name: str, rank: int, text_encoder: bool) -> Adapter:
@@ -92,7 +56,7 @@ def timed(fn) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="builtin:tiny", help="builtin:tiny, 'small' (built here), or any model")
+    parser.add_argument("--model", default="builtin:tiny", help="builtin:tiny, builtin:small, or any model")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--size", type=int, help="pixels (default: the model's native size)")
     parser.add_argument("--rank", type=int, default=16)
@@ -112,7 +76,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        model = build_small(root / "small") if args.model == "small" else args.model
+        model = args.model
         layout = ModelLayout.of(load_base_model(model))
         both = save_kohya(root / "both.safetensors", random_adapter(model, args.rank, True), layout, "fp32")
         unet_only_adapter = random_adapter(model, args.rank, False)
