@@ -13,7 +13,6 @@ import json
 import logging
 import re
 import struct
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -331,28 +330,6 @@ class CaptionedImages:
         image = load_image(item.image)
         pixels = prepare(image, size, self.config.center_crop, flip, rng)
         return {"pixels": pixels, "caption": with_trigger(item.caption, self.config.trigger_word)}
-
-
-@dataclass(frozen=True)
-class Position:
-    """Where the data stream is: the epoch and how many batches of it were already used."""
-
-    epoch: int = 0
-    batch: int = 0
-
-
-def batches(
-    num_examples: int, batch_size: int, seed: int, start: Position = Position()
-) -> Iterator[tuple[Position, list[int]]]:
-    """Endless seeded epochs of shuffled batches; yields (position after this batch, indices)."""
-    epoch, first = start.epoch, start.batch
-    while True:
-        order = torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-        chunks = [order[i : i + batch_size] for i in range(0, num_examples, batch_size)]
-        for b in range(first, len(chunks)):
-            after = Position(epoch, b + 1) if b + 1 < len(chunks) else Position(epoch + 1, 0)
-            yield after, chunks[b]
-        epoch, first = epoch + 1, 0
 
 
 def write_caption(image: Path, caption: str, caption_extension: str = ".txt") -> Path:

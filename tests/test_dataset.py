@@ -8,7 +8,7 @@ from PIL import Image
 
 from conftest import draw_image, make_dataset
 from stylelora.config import DataConfig
-from stylelora.dataset import CaptionedImages, Position, batches, load_image, scan
+from stylelora.dataset import CaptionedImages, load_image, scan
 from stylelora.errors import DataError
 
 
@@ -78,13 +78,3 @@ def test_random_flip_and_crop_are_seeded(tmp_path: Path) -> None:
     views = [data.example(0, seed=3, epoch=e)["pixels"] for e in range(8)]
     assert torch.equal(views[0], data.example(0, seed=3, epoch=0)["pixels"])
     assert len({v.sum().item() for v in views}) > 1  # different epochs crop or flip differently
-
-
-def test_batches_cover_each_epoch_and_resume_mid_epoch() -> None:
-    stream = batches(5, 2, seed=0)
-    first = [next(stream) for _ in range(6)]
-    epoch0 = sorted(i for _, b in first[:3] for i in b)
-    assert epoch0 == [0, 1, 2, 3, 4]
-    resumed = batches(5, 2, seed=0, start=first[3][0])
-    assert [next(resumed) for _ in range(2)] == first[4:6]
-    assert first[2][0] == Position(1, 0)
