@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -166,9 +167,10 @@ def _train(config: Config, on_event: EventHandler, stop: StopSignal, model: Base
     )
     if cfg.device == "cuda" and accelerator.device.type != "cuda":
         raise ConfigError("train.device: 'cuda' was asked for but no CUDA GPU is available")
-    if accelerator.num_processes > 1:  # said plainly rather than training the same batches on every GPU
+    processes = max(accelerator.num_processes, int(os.environ.get("WORLD_SIZE", "1") or 1))
+    if processes > 1:  # said plainly rather than training the same batches on every GPU
         raise ConfigError(
-            f"train.device: {accelerator.num_processes} processes were launched, but this version trains on "
+            f"train.device: {processes} processes were launched, but this version trains on "
             "one GPU (or the CPU) per run: the batch source does not shard data across processes yet. "
             "Run 'stylelora train' without 'accelerate launch'."
         )

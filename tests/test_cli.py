@@ -113,3 +113,18 @@ def test_folder_without_model_index_is_explained(dataset: Path, tmp_path: Path) 
     (tmp_path / "notamodel").mkdir()
     r = run_cli("train", "--model", str(tmp_path / "notamodel"), "--data", str(dataset), "--steps", "1")
     assert r.returncode == 1 and "model_index.json" in r.stderr
+
+
+def test_multi_process_launch_is_refused_before_anything_is_written(dataset: Path, tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    env = dict(os.environ, WORLD_SIZE="2", PYTHONPATH=str(ROOT))  # what torchrun/accelerate launch set
+    r = subprocess.run([sys.executable, "-m", "stylelora", "train", "--data", str(dataset), "--steps", "1",
+                        "--resolution", "64", "--output", str(tmp_path / "run")],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "2 processes were launched" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "run").exists()
