@@ -108,6 +108,20 @@ SD1_SIZES: dict[str, dict[str, Any]] = {
 }
 
 
+def _clip_config(tokenizer: Any, **size: Any) -> Any:
+    """A CLIP text config of the given size that fits the built-in tokenizer (77 tokens, its special ids)."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        **size,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=77,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
 def build_tiny(prediction_type: str = "epsilon") -> Any:
     """An SD1.x-shaped pipeline with small, random, deterministic weights (for tests and demos).
 
@@ -129,7 +143,7 @@ def _build_sd1(size: dict[str, Any], prediction_type: str) -> Any:
         StableDiffusionPipeline,
         UNet2DConditionModel,
     )
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
     tokenizer = _builtin_tokenizer()
     with torch.random.fork_rng(devices=[]):
@@ -141,16 +155,7 @@ def _build_sd1(size: dict[str, Any], prediction_type: str) -> Any:
             up_block_types=("UpDecoderBlock2D",) * 4,
             latent_channels=4,
         )
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                **size["clip"],
-                vocab_size=len(tokenizer),
-                max_position_embeddings=77,
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        )
+        text_encoder = CLIPTextModel(_clip_config(tokenizer, **size["clip"]))
     scheduler = DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -177,7 +182,7 @@ def build_tiny_sdxl(prediction_type: str = "epsilon") -> Any:
     added time/text conditioning, and SDXL's block layout (DownBlock2D then two cross-attention
     levels, two layers per block), so SGM key names and the XL loaders are exercised for real."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     tokenizer = _builtin_tokenizer()
     with torch.random.fork_rng(devices=[]):
@@ -209,19 +214,8 @@ def build_tiny_sdxl(prediction_type: str = "epsilon") -> Any:
         )
         encoders = []
         for cls in (CLIPTextModel, CLIPTextModelWithProjection):
-            encoders.append(cls(CLIPTextConfig(
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                vocab_size=len(tokenizer),
-                max_position_embeddings=77,
-                projection_dim=32,
-                hidden_act="gelu",
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )))
+            encoders.append(cls(_clip_config(tokenizer, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4, projection_dim=32, hidden_act="gelu")))
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085,
         beta_end=0.012,
