@@ -21,6 +21,15 @@ def shuffle_tags(tags: list[str], keep: int, rng: np.random.Generator) -> list[s
     return head + [tail[i] for i in rng.permutation(len(tail)).tolist()]
 
 
+def with_trigger(caption: str, trigger: str) -> str:
+    """The caption with the trigger word first, once: what training uses when nothing is shuffled or dropped.
+
+    Validation and the dataset check use this too, so they see the captions training sees."""
+    word = trigger.strip()
+    tags = [t for t in split_tags(caption) if t != word]
+    return ", ".join([word, *tags] if word else tags)
+
+
 def build_caption(caption: str, config: DataConfig, rng: np.random.Generator, trigger: bool = True) -> str:
     """The caption one use of an example trains with (``trigger=False`` for regularisation images).
 
@@ -32,6 +41,4 @@ def build_caption(caption: str, config: DataConfig, rng: np.random.Generator, tr
     tags = [t for t in split_tags(caption) if t != word]
     if config.shuffle_tags:
         tags = shuffle_tags(tags, config.keep_tags, rng)
-    if word:
-        tags.insert(0, word)
-    return "" if dropped else ", ".join(tags)
+    return "" if dropped else with_trigger(", ".join(tags), word)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .captions import with_trigger
 from .config import DataConfig
 from .errors import DataError
 
@@ -299,12 +300,6 @@ def prepare(
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
-
-
-def with_trigger(caption: str, trigger: str) -> str:
-    if not trigger or caption.startswith(trigger):
-        return caption or trigger
-    return f"{trigger}, {caption}" if caption else trigger
 
 
 class CaptionedImages:

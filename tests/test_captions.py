@@ -146,3 +146,17 @@ def test_a_batch_larger_than_an_epoch_is_refused_counting_repeats_and_reg(tmp_pa
     reg = {"train.batch_size": 6, "data.reg_path": str(tmp_path / "reg")}
     with_reg = tiny_config(tmp_path / "d", tmp_path / "o", **reg)
     assert len(TrainingSet.from_config(with_reg)) == 6
+
+
+def test_validation_and_check_captions_match_what_training_uses() -> None:
+    import numpy as np
+
+    from stylelora.captions import build_caption, with_trigger
+    from stylelora.config import DataConfig
+
+    config = DataConfig(trigger_word="zxc")
+    for caption in ["a cat, zxc, oil", "zxc, a cat", "a cat", "", "zxcvb, a cat"]:
+        trained = build_caption(caption, config, np.random.default_rng(0))
+        assert with_trigger(caption, "zxc") == trained
+    assert with_trigger("a cat, zxc, oil", "zxc") == "zxc, a cat, oil"
+    assert with_trigger("zxcvb, a cat", "zxc") == "zxc, zxcvb, a cat"
