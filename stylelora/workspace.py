@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from .checkpoint import list_checkpoints
 from .config import Config
 from .errors import ConfigError
 
@@ -96,7 +97,7 @@ class Workspace:
             diffusers = run / "diffusers" / "pytorch_lora_weights.safetensors"
             if diffusers.is_file():
                 adapters.append(diffusers)
-            checkpoints = sorted(run.glob("checkpoints/step-*/lora.safetensors"))
+            checkpoints = [folder / "lora.safetensors" for folder in list_checkpoints(run)]  # complete ones only
             found.append((cfg.stat().st_mtime, RunInfo(run.name, run, adapters, checkpoints)))
         return [info for _, info in sorted(found, key=lambda t: t[0], reverse=True)]
 
