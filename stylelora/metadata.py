@@ -126,14 +126,14 @@ def kohya_metadata(
         "ss_mixed_precision": config.train.mixed_precision,
         "ss_seed": str(config.train.seed),
         "ss_network_train_unet_only": str(not config.lora.train_text_encoder),
-        "ss_training_finished_at": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"),
+        "ss_training_finished_at": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S"),
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": f"{ARCHITECTURE[model.kind]}/lora",
         "modelspec.implementation": "https://github.com/kohya-ss/sd-scripts",
         "modelspec.title": config.run_name,
         "modelspec.resolution": f"{res}x{res}",
         "modelspec.prediction_type": model.prediction_type,
-        "modelspec.date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"),
+        "modelspec.date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S"),
         "stylelora.config": config.to_toml(),
     }
     meta.update(_data_facts(config))

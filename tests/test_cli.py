@@ -1,9 +1,9 @@
 import json
 import math
+import tomllib
 from pathlib import Path
 
 import pytest
-import tomllib
 
 from conftest import run_cli
 
