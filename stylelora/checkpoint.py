@@ -1,7 +1,9 @@
 """Resumable training state, stored as safetensors + JSON only (nothing is ever unpickled).
 
 A checkpoint folder ``checkpoints/step-NNNNNN/`` holds:
-- ``lora.safetensors``: canonical LoRA weights (fp32), keys ``unet.<path>`` / ``text_encoder.<path>``;
+- ``lora.safetensors``: canonical LoRA weights (fp32), keys ``unet.<path>`` / ``text_encoder.<path>``, and
+  every module's alpha as a scalar ``<part>.<module path>.alpha`` (float64), so the file reads as an
+  adapter with ``formats.load_adapter`` (checkpoints from before the alphas were stored lack them);
 - ``optimizer.safetensors``: every tensor of the optimizer state, plus its non-tensor state as JSON;
 - ``ema.safetensors`` (only when EMA is on): the averaged LoRA weights, keyed as ``lora.safetensors``;
 - ``state.json``: step, data position, LR-scheduler state, RNG states, and a completeness marker.
@@ -25,18 +27,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
 from . import events, fileio
 from .config import TrainConfig
 from .errors import ConfigError, TrainingError
-from .models import BaseModel, lora_state, set_lora_state
+from .models import BaseModel, lora_alphas, lora_state, set_lora_state
 
 if TYPE_CHECKING:
     from .ema import LoraEMA
 
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
+ALPHA_SUFFIX = ".alpha"  # a module's alpha in lora.safetensors: <part>.<module path>.alpha, as diffusers files
 
 
 @dataclass
@@ -50,6 +53,7 @@ class TrainingState:
     rng: dict[str, torch.Tensor]
     extra: dict[str, Any]
     ema: dict[str, dict[str, torch.Tensor]] | None = None
+    alphas: dict[str, dict[str, float]] | None = None  # per part, per module path; None in older checkpoints
 
 
 def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -87,7 +91,7 @@ def _decode_rng(rng: dict[str, str]) -> dict[str, torch.Tensor]:
 
 def save_checkpoint(folder: Path, state: TrainingState) -> Path:
     """Write ``folder`` (e.g. run/checkpoints/step-000100) atomically."""
-    lora = _flatten_parts(state.lora)
+    lora = _flatten_parts(state.lora) | _alpha_tensors(state.alphas or {})
     opt_tensors, opt_meta = _flatten_optimizer(state.optimizer)
     with fileio.atomic_dir(folder) as tmp:
         # Written from Python (not safetensors' own writer) so a full disk raises OSError(ENOSPC).
@@ -120,7 +124,8 @@ def load_checkpoint(folder: Path) -> TrainingState:
         raise TrainingError(f"{folder}: not a complete stylelora checkpoint ({e}); pick an earlier one") from None
     if not meta.get("complete"):
         raise TrainingError(f"{folder}: checkpoint is incomplete; pick an earlier one")
-    lora = _unflatten_parts(flat)
+    alphas = _unflatten_parts({k: v for k, v in flat.items() if k.endswith(ALPHA_SUFFIX)})
+    lora = _unflatten_parts({k: v for k, v in flat.items() if not k.endswith(ALPHA_SUFFIX)})
     return TrainingState(
         step=meta["step"],
         epoch=meta["epoch"],
@@ -131,11 +136,28 @@ def load_checkpoint(folder: Path) -> TrainingState:
         rng=_decode_rng(meta["rng"]),
         extra=meta.get("extra", {}),
         ema=ema,
+        alphas={part: {k.removesuffix(ALPHA_SUFFIX): float(v) for k, v in sd.items()} for part, sd in alphas.items()}
+        or None,
     )
 
 
 def _flatten_parts(state: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {f"{part}.{k}": v.contiguous() for part, sd in state.items() for k, v in sd.items()}
+
+
+def _alpha_tensors(alphas: dict[str, dict[str, float]]) -> dict[str, torch.Tensor]:
+    # float64, so an alpha such as 0.1 reads back as exactly the number peft trained with
+    return {f"{part}.{path}{ALPHA_SUFFIX}": torch.tensor(alpha, dtype=torch.float64)
+            for part, per_module in alphas.items() for path, alpha in per_module.items()}
+
+
+def stores_alphas(folder: Path) -> bool:
+    """True when the checkpoint's lora.safetensors holds the alphas (read from its header only)."""
+    try:
+        with safe_open(str(folder / "lora.safetensors"), framework="pt") as f:
+            return any(k.endswith(ALPHA_SUFFIX) for k in f.keys())
+    except (SafetensorError, OSError):
+        return False
 
 
 def _unflatten_parts(flat: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
@@ -273,7 +295,7 @@ EventHandler = Callable[[events.Event], None]
 
 
 def snapshot(live: LiveState, step: int, elapsed_s: float, keep: int, on_event: EventHandler) -> Path | None:
-    """Save everything a run needs to go on exactly (LoRA weights, EMA, optimizer, schedule,
+    """Save everything a run needs to go on exactly (LoRA weights and alphas, EMA, optimizer, schedule,
     RNG, data position, time spent) as ``checkpoints/step-NNNNNN``, then keep only the newest ``keep``.
 
     Returns the folder, or None when the run has not moved since it resumed from that folder.
@@ -297,6 +319,7 @@ def snapshot(live: LiveState, step: int, elapsed_s: float, keep: int, on_event: 
         extra={"optimizer": live.optimizer_class, "elapsed_s": elapsed_s,
                "ema_steps": live.ema.steps if live.ema is not None else 0, "data": position},
         ema=ema_state,
+        alphas=lora_alphas(live.model),
     )
     save_checkpoint(folder, state)
     prune_checkpoints(live.run_dir, keep)

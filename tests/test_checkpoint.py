@@ -1,19 +1,25 @@
-"""Checkpoints: snapshot() and restore() carry a run's whole state."""
+"""Checkpoints: snapshot() and restore() carry a run's whole state, and a checkpoint's LoRA file holds every
+module's alpha, so it previews as trained whatever the run's config.toml says now."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from conftest import make_dataset, tiny_config
 from stylelora import events, optim
 from stylelora.batches import BatchSource, TrainingSet
-from stylelora.checkpoint import LiveState, list_checkpoints, load_checkpoint, restore, snapshot
+from stylelora.checkpoint import LiveState, list_checkpoints, load_checkpoint, restore, snapshot, stores_alphas
 from stylelora.config import Config
 from stylelora.ema import LoraEMA
+from stylelora.formats import ModelLayout, load_adapter
+from stylelora.generate import Previewer
 from stylelora.models import load_base_model, lora_state, prepare_for_training
 
 PROMPT = "a picture number 1, flat style"
@@ -22,6 +28,68 @@ LOCON_CONV = "down_blocks.0.resnets.0.conv1"
 
 def pixels(image) -> np.ndarray:
     return np.asarray(image.convert("RGB"), dtype=np.float64)
+
+
+@pytest.fixture(scope="module")
+def locon_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A LoCon run whose alphas are neither the rank nor exact in fp32 (0.1), a checkpoint per step."""
+    from stylelora.train import train
+
+    data = make_dataset(tmp_path_factory.mktemp("data"), n=2)
+    out = tmp_path_factory.mktemp("runs") / "locon"
+    config = tiny_config(data, out, **{
+        "train.steps": 2, "train.lr": 0.05, "train.save_every": 1, "lora.alpha": 0.1, "lora.conv_rank": 2,
+        "lora.conv_alpha": 3.0, "lora.train_text_encoder": True, "export.precision": "fp32",
+    })
+    return train(config).output_dir
+
+
+def test_checkpoints_store_every_modules_alpha_read_back_by_the_adapter_reader(locon_run: Path) -> None:
+    folder = list_checkpoints(locon_run)[-1]
+    state = load_checkpoint(folder)
+    assert stores_alphas(folder)
+    assert not any(k.endswith(".alpha") for sd in state.lora.values() for k in sd)  # weights only, as before
+    for part, sd in state.lora.items():
+        modules = {k.rsplit(".lora_", 1)[0] for k in sd}
+        assert set(state.alphas[part]) == modules
+    assert state.alphas["unet"][LOCON_CONV] == 3.0
+    assert state.alphas["unet"]["down_blocks.0.attentions.0.proj_in"] == 0.1  # exactly, not fp32's 0.1
+    assert set(state.alphas["text_encoder"].values()) == {0.1}
+
+    # the adapter reader gives the checkpoint the same per-module alphas as the run's exported adapter
+    layout = ModelLayout.of(load_base_model("builtin:tiny"))
+    from_checkpoint = load_adapter(folder / "lora.safetensors", layout)
+    exported = load_adapter(locon_run / "diffusers", layout)
+    for part in exported.state:
+        for module in exported.modules(part):
+            alpha = state.alphas[part][module]
+            assert from_checkpoint.alpha_of(part, module) == exported.alpha_of(part, module) == alpha
+        for key, value in exported.state[part].items():
+            assert torch.equal(from_checkpoint.state[part][key], value)
+
+
+def test_a_checkpoint_previews_with_its_own_alphas_and_old_ones_fall_back_to_config_toml(
+    locon_run: Path, tmp_path: Path
+) -> None:
+    # a checkpoint saved before alphas were stored: the same run with the alpha tensors taken out
+    old_run = shutil.copytree(locon_run, tmp_path / "old")
+    old_file = list_checkpoints(old_run)[-1] / "lora.safetensors"
+    save_file({k: v for k, v in load_file(old_file).items() if not k.endswith(".alpha")}, old_file)
+    assert not stores_alphas(old_file.parent)
+
+    # the run's config.toml changed after training (say, edited for a next run): the checkpoint does not care
+    edited = tmp_path / "edited"
+    shutil.copytree(locon_run, edited)
+    Config.load(edited / "config.toml").with_overrides({"lora.alpha": 1.0, "lora.conv_alpha": 1.0}).save(
+        edited / "config.toml")
+
+    p = Previewer("builtin:tiny")
+    final = p.generate(PROMPT, adapter=p.attach(locon_run / "diffusers", "final"), steps=3)
+    base = p.generate(PROMPT, adapter="final", scale=0.0, steps=3)
+    assert np.abs(pixels(final) - pixels(base)).mean() > 1
+    for run in (locon_run, edited, old_run):
+        name = p.attach(list_checkpoints(run)[-1], f"{run.name}-last")
+        assert np.array_equal(pixels(p.generate(PROMPT, adapter=name, steps=3)), pixels(final)), run.name
 
 
 def _live(run_dir: Path, config: Config, seed: int) -> LiveState:
