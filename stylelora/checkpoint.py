@@ -20,7 +20,6 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -291,10 +290,7 @@ class LiveState:
         return self.ema.applied() if self.ema is not None else contextlib.nullcontext()
 
 
-EventHandler = Callable[[events.Event], None]
-
-
-def snapshot(live: LiveState, step: int, elapsed_s: float, keep: int, on_event: EventHandler) -> Path | None:
+def snapshot(live: LiveState, step: int, elapsed_s: float, keep: int, on_event: events.EventHandler) -> Path | None:
     """Save everything a run needs to go on exactly (LoRA weights and alphas, EMA, optimizer, schedule,
     RNG, data position, time spent) as ``checkpoints/step-NNNNNN``, then keep only the newest ``keep``.
 
@@ -327,7 +323,9 @@ def snapshot(live: LiveState, step: int, elapsed_s: float, keep: int, on_event: 
     return folder
 
 
-def restore(live: LiveState, folder: Path | None, train: TrainConfig, on_event: EventHandler) -> tuple[int, float]:
+def restore(
+    live: LiveState, folder: Path | None, train: TrainConfig, on_event: events.EventHandler
+) -> tuple[int, float]:
     """Load the checkpoint ``folder`` (from ``find_resume``) into the live objects; the checkpoints after
     it are removed, since the run goes on from there. Returns (step, seconds trained before), which is
     (0, 0.0) without a checkpoint. One saved with other settings than ``train`` and the model's LoRA

@@ -30,7 +30,7 @@ from .validation import Validator, split_holdout
 
 log = logging.getLogger(__name__)
 
-EventHandler = Callable[[events.Event], None]
+EventHandler = events.EventHandler
 StopSignal = threading.Event | Callable[[], bool] | None
 
 
