@@ -450,6 +450,26 @@ def test_training_export_writes_locon_alphas_and_skips_kohya_for_dora(tmp_path: 
     assert [p.name for p in paths] == ["pytorch_lora_weights.safetensors"]
 
 
+def test_both_files_of_a_run_state_what_the_weights_say_and_how_they_were_trained(tmp_path: Path) -> None:
+    from stylelora.artifacts import export_adapter
+
+    # weights that disagree with the config on purpose: rank, alpha and LoCon are read from the weights
+    _, model = make_adapter(rank=4, alpha=2.0, conv_rank=2, conv_alpha=3.0, te=False, with_model=True)
+    config = tiny_config(tmp_path / "data", tmp_path / "run",
+                         **{"lora.rank": 8, "lora.alpha": 8.0, "lora.train_text_encoder": True})
+    files = export_adapter(model, config, tmp_path / "run", 5, 3)
+    assert [p.name for p in files] == ["run.safetensors", "pytorch_lora_weights.safetensors"]
+    for path in files:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata()
+        assert (meta["ss_network_dim"], meta["ss_network_alpha"]) == ("4", "2"), path
+        assert json.loads(meta["ss_network_args"]) == {"conv_dim": "2", "conv_alpha": "3"}, path
+        assert meta["ss_network_train_unet_only"] == "True", path
+        assert meta["ss_base_model_version"] == "sd_v1" and meta["modelspec.architecture"] == "stable-diffusion-v1/lora"
+        assert (meta["ss_steps"], meta["ss_num_train_images"], meta["ss_output_name"]) == ("5", "3", "run"), path
+        assert Config.from_toml(meta["stylelora.config"]).lora.rank == 8  # the run's config, as given
+
+
 def test_training_an_sdxl_model_is_refused_with_a_plain_message(dataset: Path, tmp_path: Path) -> None:
     from stylelora.errors import ConfigError
     from stylelora.train import train
