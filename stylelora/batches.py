@@ -3,13 +3,21 @@
 The training loop asks ``BatchSource.next_batch()`` for a ``Batch`` (latents, caption token ids or
 cached text-encoder states, per-example loss weights) and saves ``BatchSource.state()`` in its
 checkpoints. Everything random (batch order, flips, crops, caption shuffle and dropout, the sample
-drawn from the VAE posterior) is derived from (seed, epoch, slot) alone, so a resumed run gets
-exactly the batches an uninterrupted one would, cached or not.
+drawn from the VAE posterior, and each example's training noise and timestep) is derived from
+(seed, epoch, slot) alone, so a resumed run gets exactly the batches an uninterrupted one would, cached
+or not, and an example is trained on the same way whatever batch it falls in.
 
 An epoch holds every training image ``repeats`` times (a folder named ``10_name`` repeats its
 images 10 times, as in kohya's layout) and, with ``data.reg_path``, as many regularisation
 examples, drawn in turn from the regularisation images. Slots are shuffled, grouped by bucket and
-cut into batches, so every batch has one shape; the order of the batches is shuffled too.
+cut into batches, so every batch has one shape; batches follow each other in the order their first
+slots were shuffled into. With one bucket the epoch is thus one shuffled list of slots read in batch
+size steps: two batches of 1 hold the examples of one batch of 2.
+
+Under N processes (``accelerate launch``, ``torchrun``) the stream of batches is one global order that
+the processes deal out: process r takes every N-th batch, starting at the r-th. So N processes at their
+batch b train on exactly what one process sees at batches N·b ... N·b + N-1, and a run's result does
+not depend on how many GPUs shared it (up to rounding), only on the effective batch.
 """
 
 from __future__ import annotations
@@ -36,7 +44,7 @@ log = logging.getLogger(__name__)
 
 FOLDER_REPEATS = re.compile(r"^(\d+)_(.+)$")
 # Separate streams of the per-slot randomness, so e.g. caption dropout never shifts a crop.
-_ORDER, _VIEW, _CAPTION, _POSTERIOR = range(4)
+_ORDER, _VIEW, _CAPTION, _POSTERIOR, _NOISE = range(5)
 
 
 @dataclass(frozen=True)
@@ -140,13 +148,16 @@ class TrainingSet:
         return self.reg[(epoch * n + slot - n) % len(self.reg)]
 
     def _epoch_batches(self, epoch: int) -> list[list[int]]:
-        rng = _rng(self.seed, epoch, 0, _ORDER)
+        order = _rng(self.seed, epoch, 0, _ORDER).permutation(len(self)).tolist()
         groups: dict[Size, list[int]] = {}
-        for slot in rng.permutation(len(self)).tolist():
+        for slot in order:
             groups.setdefault(self.example(epoch, slot).bucket, []).append(slot)
         size = self.batch_size
         chunks = [group[i : i + size] for group in groups.values() for i in range(0, len(group), size)]
-        return [chunks[i] for i in rng.permutation(len(chunks)).tolist()]
+        # Ordered by where their first slot was shuffled to (not shuffled again), so with one bucket the
+        # batches of 1 are the batches of 2 cut in half: results depend on the effective batch only.
+        place = {slot: i for i, slot in enumerate(order)}
+        return sorted(chunks, key=lambda chunk: place[chunk[0]])
 
     def flip(self, epoch: int, slot: int) -> bool:
         return self.config.random_flip and bool(_rng(self.seed, epoch, slot, _VIEW).integers(0, 2))
@@ -169,6 +180,11 @@ def _rng(seed: int, epoch: int, slot: int, stream: int) -> np.random.Generator:
     return np.random.default_rng([seed, epoch, slot, stream])
 
 
+def noise_generator(seed: int, epoch: int, slot: int) -> torch.Generator:
+    """The generator of one example's training noise and timestep (the loop draws the noise first)."""
+    return _torch_generator(seed, epoch, slot, _NOISE)
+
+
 def _torch_generator(seed: int, epoch: int, slot: int, stream: int) -> torch.Generator:
     state = np.random.SeedSequence([seed, epoch, slot, stream]).generate_state(1, dtype=np.uint64)[0]
     return torch.Generator().manual_seed(int(state) & ((1 << 63) - 1))
@@ -184,16 +200,22 @@ class Batch:
     loss_weights: torch.Tensor  # (B,) 1 for training images, data.prior_loss_weight for regularisation ones
     captions: list[str]
     images: list[Path]
+    noise_generators: list[torch.Generator]  # per example, keyed by (seed, epoch, slot): its noise and timestep
 
     def __len__(self) -> int:
         return len(self.captions)
 
 
 class BatchSource:
-    """Produces the run's batches in order; ``state()``/``load_state()`` resume it exactly."""
+    """Produces the run's batches in order; ``state()``/``load_state()`` resume it exactly.
 
-    def __init__(self, data: TrainingSet, config: Config, model: Any):
+    ``rank`` of ``processes``: this process takes every ``processes``-th batch of the global order,
+    starting at the ``rank``-th; the position it saves is the global one, the same in every process.
+    """
+
+    def __init__(self, data: TrainingSet, config: Config, model: Any, rank: int = 0, processes: int = 1):
         self.data, self.model = data, model
+        self.rank, self.processes = rank, processes
         self.epoch = self.batch = 0
         self.train_text_encoder = config.lora.train_text_encoder
         self.prior_loss_weight = config.data.prior_loss_weight
@@ -208,7 +230,8 @@ class BatchSource:
             self.latent_cache = LatentCache()
         elif config.cache.latents == "disk":
             folder = Path(config.cache.dir) if config.cache.dir else default_cache_dir()
-            self.latent_cache = LatentCache(folder, module_identity(model.vae))
+            # each entry is written by one process only (the others read it, or encode it themselves)
+            self.latent_cache = LatentCache(folder, module_identity(model.vae), writer=(rank, processes))
             self.notes.append(f"latent cache: {self.latent_cache.folder}")
         self.text_cache: dict[str, torch.Tensor] | None = None
         if config.cache.text_encoder and not self.train_text_encoder:
@@ -226,6 +249,12 @@ class BatchSource:
         self.epoch, self.batch = int(state.get("epoch", 0)), int(state.get("batch", 0))
 
     def next_batch(self) -> Batch:
+        """This process's next batch; the global position moves on by one batch per process."""
+        dealt = [self._take() for _ in range(self.processes)]
+        return self.make_batch(*dealt[self.rank])
+
+    def _take(self) -> tuple[int, list[int]]:
+        """(epoch, slots) of the batch at the global position, which then moves on by one."""
         plan = self.data.epoch_batches(self.epoch)
         if self.batch >= len(plan):  # a position saved at the very end of an epoch
             self.epoch, self.batch = self.epoch + 1, 0
@@ -234,7 +263,7 @@ class BatchSource:
         self.batch += 1
         if self.batch == len(plan):
             self.epoch, self.batch = self.epoch + 1, 0
-        return self.make_batch(epoch, slots)
+        return epoch, slots
 
     # --- building a batch ----------------------------------------------------------------------------
     def make_batch(self, epoch: int, slots: list[int]) -> Batch:
@@ -250,6 +279,7 @@ class BatchSource:
             loss_weights=torch.tensor(weights, dtype=torch.float32, device=latents.device),
             captions=captions,
             images=[e.image for e in examples],
+            noise_generators=[noise_generator(self.data.seed, epoch, s) for s in slots],
         )
 
     def _latents(self, epoch: int, slots: list[int]) -> torch.Tensor:

@@ -5,6 +5,8 @@ trainer samples ``mean + std * noise`` with its own seeded noise each time, exac
 run would. On disk each entry is one safetensors file keyed by the image file's content hash, the
 bucket, the crop, the flip and the VAE's identity (a hash of its config and weights), so a later run
 on the same images and VAE reuses it, and a different VAE or crop never picks up a stale entry.
+Under several processes each entry has one writer (chosen from its name), so no two processes ever
+write the same file; the others read it once it is there, or encode the image themselves.
 """
 
 from __future__ import annotations
@@ -57,10 +59,14 @@ def file_hash(path: Path) -> str:
 
 
 class LatentCache:
-    """Posteriors keyed by (image, bucket, crop, flip): in memory, and on disk when ``folder`` is set."""
+    """Posteriors keyed by (image, bucket, crop, flip): in memory, and on disk when ``folder`` is set.
 
-    def __init__(self, folder: Path | None = None, vae_identity: str = ""):
+    ``writer`` is (rank, processes): this process writes the disk entries whose name falls to its rank.
+    """
+
+    def __init__(self, folder: Path | None = None, vae_identity: str = "", writer: tuple[int, int] = (0, 1)):
         self.memory: dict[tuple[Any, ...], Posterior] = {}
+        self.rank, self.processes = writer
         self.folder = folder / vae_identity[:24] if folder is not None else None
         self._hashes: dict[Path, str] = {}
         self.hits = self.misses = 0
@@ -97,6 +103,8 @@ class LatentCache:
         if self.folder is None:
             return
         file = self._file(key)
+        if int(file.stem, 16) % self.processes != self.rank:  # another process writes this entry
+            return
         path, bucket, crop, flip = key
         meta = {"image": path.name, "bucket": f"{bucket[0]}x{bucket[1]}", "crop": str(crop), "flip": str(flip)}
         try:

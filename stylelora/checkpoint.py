@@ -6,10 +6,12 @@ A checkpoint folder ``checkpoints/step-NNNNNN/`` holds:
   adapter with ``formats.load_adapter`` (checkpoints from before the alphas were stored lack them);
 - ``optimizer.safetensors``: every tensor of the optimizer state, plus its non-tensor state as JSON;
 - ``ema.safetensors`` (only when EMA is on): the averaged LoRA weights, keyed as ``lora.safetensors``;
-- ``state.json``: step, data position, LR-scheduler state, RNG states, and a completeness marker.
+- ``state.json``: step, data position, LR-scheduler state, RNG states (of every process of a run
+  that several processes trained: ``rank1.torch``, ...), and a completeness marker.
 It is written into a temporary folder and renamed, so a folder named ``step-*`` is always complete.
 
 ``snapshot()`` and ``restore()`` move a run between its live objects (``LiveState``) and such a folder.
+Under several processes every process calls both: only the main one writes, and each reads its own RNG.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import os
 import re
 import shutil
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -33,6 +35,7 @@ from . import events, fileio
 from .config import TrainConfig
 from .errors import ConfigError, TrainingError
 from .models import BaseModel, lora_alphas, lora_state, set_lora_state
+from .processes import Processes
 
 if TYPE_CHECKING:
     from .ema import LoraEMA
@@ -235,21 +238,34 @@ def checkpoint_dir(run_dir: Path, step: int) -> Path:
     return run_dir / "checkpoints" / f"step-{step:06d}"
 
 
-def capture_rng(noise_rng: torch.Generator) -> dict[str, torch.Tensor]:
-    """Every random stream the loop draws from: noise/timesteps/VAE sampling, and torch's global one (dropout)."""
-    state = {"noise": noise_rng.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+def capture_rng(device: torch.device | None = None) -> dict[str, torch.Tensor]:
+    """The random streams of this process that the loop draws from in sequence: torch's global one and
+    the GPU's (LoRA dropout). Noise, timesteps, crops and flips are keyed by example, not drawn in turn."""
+    state = {"torch": torch.get_rng_state()}
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def restore_rng(noise_rng: torch.Generator, state: dict[str, torch.Tensor]) -> None:
-    noise_rng.set_state(state["noise"])
+def restore_rng(state: dict[str, torch.Tensor], device: torch.device | None = None) -> None:
     if "torch" in state:
         torch.set_rng_state(state["torch"])
-    cuda = [state[f"cuda{i}"] for i in range(len(state)) if f"cuda{i}" in state]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
+    cuda = state.get("cuda", state.get("cuda0"))  # cuda0: checkpoints that stored every GPU's stream
+    if cuda is not None and device is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda, device)
+
+
+def _rng_of_ranks(per_rank: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """One dict of every process's streams: the main one's as a single process saves them, rank r's as rank<r>.*"""
+    return {(f"rank{rank}.{k}" if rank else k): v for rank, state in enumerate(per_rank) for k, v in state.items()}
+
+
+def _rng_of(rng: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
+    """Process ``rank``'s streams in a checkpoint (empty when the run had fewer processes)."""
+    if rank == 0:
+        return {k: v for k, v in rng.items() if not k.startswith("rank")}
+    prefix = f"rank{rank}."
+    return {k.removeprefix(prefix): v for k, v in rng.items() if k.startswith(prefix)}
 
 
 # --- a run's live objects <-> a checkpoint folder --------------------------------------------------
@@ -267,18 +283,18 @@ class DataPosition(Protocol):
 class LiveState:
     """The objects a checkpoint captures, as the training loop holds them.
 
-    ``optimizer`` may be accelerate's wrapper (its ``.optimizer`` names the class); ``noise_rng`` draws the
-    loop's noise and timesteps. ``restore()`` sets ``resumed_from``, so the first ``snapshot()`` of a run
-    that has not moved since does not rewrite that very folder.
+    ``optimizer`` may be accelerate's wrapper (its ``.optimizer`` names the class); ``processes`` says
+    which process this is (the main one writes). ``restore()`` sets ``resumed_from``, so the first
+    ``snapshot()`` of a run that has not moved since does not rewrite that very folder.
     """
 
     run_dir: Path
     model: BaseModel
     optimizer: Any
     lr_scheduler: Any
-    noise_rng: torch.Generator
     data: DataPosition
     ema: LoraEMA | None = None
+    processes: Processes = field(default_factory=Processes)
     resumed_from: Path | None = None
 
     @property
@@ -294,11 +310,15 @@ def snapshot(live: LiveState, step: int, elapsed_s: float, keep: int, on_event: 
     """Save everything a run needs to go on exactly (LoRA weights and alphas, EMA, optimizer, schedule,
     RNG, data position, time spent) as ``checkpoints/step-NNNNNN``, then keep only the newest ``keep``.
 
-    Returns the folder, or None when the run has not moved since it resumed from that folder.
+    Every process calls it (each hands over its RNG streams); only the main one writes. Returns the
+    folder, or None in the other processes and when the run has not moved since it resumed from that folder.
     """
     folder = checkpoint_dir(live.run_dir, step)
     if live.resumed_from is not None and folder.resolve() == live.resumed_from.resolve():
         return None  # no step since resuming from this very folder: it already holds this state
+    rng = live.processes.gather(capture_rng(live.processes.device))
+    if not live.processes.is_main:
+        return None
     ema_state = None
     if live.ema is not None:
         with live.ema.applied():
@@ -311,7 +331,7 @@ def snapshot(live: LiveState, step: int, elapsed_s: float, keep: int, on_event: 
         lora=lora_state(live.model),
         optimizer=live.optimizer.state_dict(),
         lr_scheduler=live.lr_scheduler.state_dict(),
-        rng=capture_rng(live.noise_rng),
+        rng=_rng_of_ranks(rng),
         extra={"optimizer": live.optimizer_class, "elapsed_s": elapsed_s,
                "ema_steps": live.ema.steps if live.ema is not None else 0, "data": position},
         ema=ema_state,
@@ -350,10 +370,12 @@ def restore(
     except (RuntimeError, ValueError, KeyError) as e:  # shapes or parameter groups differ from this config's
         raise ConfigError(mismatched_checkpoint(folder, live.run_dir, e)) from e
     live.lr_scheduler.load_state_dict(state.lr_scheduler)
-    restore_rng(live.noise_rng, state.rng)
+    restore_rng(_rng_of(state.rng, live.processes.rank), live.processes.device)
     live.data.load_state(state.extra.get("data") or {"epoch": state.epoch, "batch": state.batch})
     live.resumed_from = folder
     on_event(events.Message(f"resumed from {folder} at step {state.step}"))
+    if not live.processes.is_main:
+        return state.step, float(state.extra.get("elapsed_s", 0.0))
     discarded = discard_after(live.run_dir, state.step)
     if discarded:
         on_event(events.Message(f"rewound to step {state.step}: removed the later checkpoints "
@@ -363,11 +385,11 @@ def restore(
 
 def find_resume(resume: str, run_dir: Path) -> Path | None:
     """The checkpoint ``train.resume`` names: "auto" is the newest complete one of ``run_dir`` (None
-    when there is none; leftovers of a killed save are removed first), "" is none, else a folder."""
+    when there is none; leftovers of a killed save are never picked), "" is none, else a folder.
+    It only reads: every process of a run looks, and the main one then clears leftovers (``remove_stale``)."""
     if not resume:
         return None
     if resume == "auto":
-        remove_stale(run_dir)
         return newest_complete(run_dir)
     path = Path(resume)
     if not (path / "state.json").is_file():

@@ -7,17 +7,19 @@ Exit status: 0 success, 1 a problem with the user's input (one plain message, no
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from .config import Config, all_fields
-from .errors import StyleloraError
+from .errors import ConfigError, StyleloraError
 from .samplers import sampler_names
 
 # flag -> dotted config field; the help text comes from the field itself.
@@ -36,6 +38,9 @@ TRAIN_FLAGS: dict[str, str] = {
     "--resume": "train.resume",
 }
 FLAG_TYPES: dict[str, Callable[[str], Any]] = {"int": int, "float": float}
+# accelerate launch and torchrun pass a terminal's Ctrl-C on to their processes, which got it already:
+# a second signal this soon after the first is that echo, not a user asking to quit at once.
+LAUNCHER_ECHO_S = 3.0
 
 
 def _add_train(sub: Any) -> None:
@@ -52,6 +57,10 @@ def _add_train(sub: Any) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="set any config field, e.g. --set train.lr_scheduler=cosine (repeatable)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--json-events", action="store_true",
+                   help="report progress as one JSON object per line on stdout (for programs that follow the run)")
+    p.add_argument("--stop-file", metavar="PATH",
+                   help="stop after the step during which this file appears, saving as on Ctrl-C")
     p.set_defaults(func=cmd_train)
 
 
@@ -78,7 +87,9 @@ class TerminalProgress:
         from . import events
 
         if isinstance(event, events.Started):
-            print(f"training on {event.device}: {event.num_images} images -> {event.output_dir}", file=sys.stderr)
+            where = event.device if event.processes == 1 else f"{event.device} with {event.processes} processes"
+            print(f"training on {where} (effective batch {event.effective_batch}): {event.num_images} images -> "
+                  f"{event.output_dir}", file=sys.stderr)
             self.bar = tqdm(total=event.total_steps, initial=event.start_step, unit="step", dynamic_ncols=True)
         elif isinstance(event, events.Progress) and self.bar is not None:
             self.bar.set_postfix(loss=f"{event.loss:.4f}", lr=f"{event.lr:.2e}", img_s=f"{event.images_per_s:.2f}")
@@ -110,6 +121,23 @@ class TerminalProgress:
             print(text, file=sys.stderr)
 
 
+class EventStream:
+    """Writes each event as one JSON line on stdout (``--json-events``), for a program following the run."""
+
+    def __call__(self, event: Any) -> None:
+        from . import events
+
+        print(json.dumps(events.to_record(event)), flush=True)
+
+    def close(self) -> None:
+        pass
+
+
+def _launched() -> bool:
+    """Whether this is one of several processes that accelerate launch or torchrun started."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     if args.print_config:
@@ -118,18 +146,25 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train import train
 
     stop = threading.Event()
+    first_signal = [0.0]
 
     def request_stop(signum: int, _frame: Any) -> None:
         if stop.is_set():  # a second signal means: stop now (the last checkpoint is complete on disk)
+            if _launched() and time.monotonic() - first_signal[0] < LAUNCHER_ECHO_S:
+                return  # the launcher passing on the Ctrl-C this process got from the terminal already
             raise KeyboardInterrupt
+        first_signal[0] = time.monotonic()
         print(f"\n{signal.Signals(signum).name}: stopping after this step and saving a checkpoint "
               "(send it again to quit at once)...", file=sys.stderr)
         stop.set()
 
+    def stop_requested() -> bool:
+        return stop.is_set() or (args.stop_file is not None and os.path.exists(args.stop_file))
+
     previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    progress = TerminalProgress()
+    progress: TerminalProgress | EventStream = EventStream() if args.json_events else TerminalProgress()
     try:
-        train(config, progress, stop)
+        train(config, progress, stop_requested)
     finally:
         progress.close()
         for s, handler in previous.items():
@@ -327,7 +362,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StyleloraError as e:
         if args.debug:
             traceback.print_exc()
-        print(f"error: {e}", file=sys.stderr)
+        rank = int(os.environ.get("RANK", "0") or 0)
+        if rank == 0:
+            print(f"error: {e}", file=sys.stderr)
+        elif not isinstance(e, ConfigError):  # every process checks the same config; the main one says what is wrong
+            print(f"error (process {rank}): {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted; continue from the last complete checkpoint with --resume auto", file=sys.stderr)

@@ -124,7 +124,7 @@ class LoraConfig:
 class TrainConfig:
     output_dir: str = option("", "Run folder; empty means outputs/<dataset folder name>.")
     steps: int = option(1000, "Optimizer steps to train.", ge=1)
-    batch_size: int = option(1, "Images per micro-batch.", ge=1)
+    batch_size: int = option(1, "Images per micro-batch (of each process, when several train together).", ge=1)
     gradient_accumulation_steps: int = option(1, "Micro-batches per optimizer step.", ge=1)
     lr: float = option(1e-4, "UNet learning rate.", gt=0)
     text_encoder_lr: float | None = option(
@@ -151,6 +151,14 @@ class TrainConfig:
         "sdpa", "Attention kernel: sdpa (PyTorch scaled_dot_product_attention) or default (plain matmuls)."
     )
     device: Literal["auto", "cpu", "cuda"] = option("auto", "Where to train.")
+    scale_lr: bool = option(
+        False, "Multiply the learning rates by the number of processes (accelerate launch, torchrun): their "
+        "batches add up to an effective batch that many times larger. Off: the rates are used as given.",
+    )
+    process_timeout: int = option(
+        1800, "Seconds a process of a multi-process run waits for the others (say, while the main one renders "
+        "samples) before it ends the run as stuck.", ge=30,
+    )
     min_snr_gamma: float = option(0.0, "Min-SNR loss weighting gamma (5 is usual); 0 turns it off.", ge=0)
     noise_offset: float = option(0.0, "Noise offset (0.05-0.1 helps very dark/bright images); 0 turns it off.", ge=0)
     zero_terminal_snr: bool = option(

@@ -1,10 +1,16 @@
-"""Events the trainer reports. Shells (CLI, GUI) render them; the library never prints."""
+"""Events the trainer reports. Shells (CLI, GUI) render them; the library never prints.
+
+``to_record``/``from_record`` turn an event into a JSON-ready dict and back, so a run in another process
+(several GPUs through ``accelerate launch``) reports the same events through a line-per-event stream.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 
 @dataclass
@@ -14,6 +20,8 @@ class Started:
     num_images: int
     device: str
     output_dir: Path
+    processes: int = 1  # how many processes train together (accelerate launch, torchrun)
+    effective_batch: int = 1  # images per optimizer step: batch size x processes x accumulation
 
 
 @dataclass
@@ -72,3 +80,35 @@ class Finished:
 
 Event = Started | Progress | Message | Validation | SampleSaved | CheckpointSaved | AdapterSaved | Finished
 EventHandler = Callable[[Event], None]
+KINDS: dict[str, type] = {kind.__name__: kind for kind in Event.__args__}  # type: ignore[attr-defined]
+
+
+def to_record(event: Event) -> dict[str, Any]:
+    """``event`` as a JSON-ready dict: its fields (paths as strings) and ``"event"``, its kind's name."""
+    record: dict[str, Any] = {"event": type(event).__name__}
+    for f in dataclasses.fields(event):  # type: ignore[arg-type]
+        value = getattr(event, f.name)
+        if isinstance(value, Path):
+            value = str(value)
+        elif isinstance(value, list) and "Path" in str(f.type):
+            value = [str(v) for v in value]
+        record[f.name] = value
+    return record
+
+
+def from_record(record: dict[str, Any]) -> Event:
+    """The event ``to_record`` made ``record`` of; raises ValueError for anything else."""
+    kind = KINDS.get(str(record.get("event")))
+    if kind is None:
+        raise ValueError(f"not a stylelora event: {record!r}")
+    values = {}
+    for f in dataclasses.fields(kind):
+        if f.name in record:
+            value = record[f.name]
+            if "Path" in str(f.type):
+                value = [Path(v) for v in value] if isinstance(value, list) else Path(value)
+            values[f.name] = value
+    try:
+        return kind(**values)  # type: ignore[no-any-return]
+    except TypeError as e:
+        raise ValueError(f"not a stylelora event: {record!r} ({e})") from None

@@ -1,4 +1,4 @@
-"""What a user is told when a run cannot go on: out of memory, a full disk, a diverged loss.
+"""What a user is told when a run cannot go on: out of memory, a full disk, a diverged loss, a lost process.
 
 Each message says what happened, that the last complete checkpoint and adapter are intact (and
 where), how to continue, and what to change.
@@ -14,15 +14,23 @@ import torch
 from . import checkpoint as ckpt
 from . import events
 from .config import Config, all_fields, choices
+from .processes import Processes
 
 
 class RunTracker:
-    """Passes events through and remembers where the run is (its folder and step)."""
+    """Passes events through and remembers where the run is (its folder, step and processes).
+
+    ``mute()`` keeps the remembering but passes nothing on: processes other than the main one report
+    nothing (the main one speaks for the run)."""
 
     def __init__(self, on_event: Callable[[events.Event], None] | None) -> None:
         self.on_event = on_event
         self.output_dir: Path | None = None
         self.step = 0
+        self.processes = Processes()
+
+    def mute(self) -> None:
+        self.on_event = None
 
     def __call__(self, event: events.Event) -> None:
         if isinstance(event, events.Started):
@@ -31,6 +39,14 @@ class RunTracker:
             self.step = event.step
         if self.on_event is not None:
             self.on_event(event)
+
+
+def resume_command(run_dir: Path, processes: int = 1) -> str:
+    """The command that continues the run in ``run_dir`` from its newest checkpoint, as it was launched."""
+    command = f"stylelora train {run_dir / 'config.toml'} --resume auto"
+    if processes > 1:  # the same launcher again (several machines: each with its accelerate config)
+        return f"accelerate launch --multi_gpu --num_processes {processes} -m {command}"
+    return command
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -51,8 +67,13 @@ def where_to_resume(tracker: RunTracker) -> str:
     kept = f"the last complete checkpoint, {found[-1]}, is intact" if found else "no checkpoint was saved yet"
     if adapters:
         kept += f", and so is the adapter {', '.join(adapters)}"
-    resume = f" Continue with: stylelora train {out / 'config.toml'} --resume auto" if found else ""
+    resume = f" Continue with: {resume_command(out, tracker.processes.count)}" if found else ""
     return f"Stopped at step {tracker.step}; {kept}.{resume}"
+
+
+def lost_contact_advice(tracker: RunTracker) -> str:
+    """A process of a multi-process run died or hung: which one, what is intact, how to continue."""
+    return f"{tracker.processes.lost_contact_text()}.\n{where_to_resume(tracker)}"
 
 
 def out_of_memory_advice(config: Config, tracker: RunTracker) -> str:

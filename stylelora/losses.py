@@ -1,7 +1,8 @@
 """What the UNet learns: the noise schedule, the noise, the target, and the per-example loss weights.
 
-Everything random is drawn from one ``torch.Generator`` passed in, so a resumed run draws the same
-numbers as an uninterrupted one.
+Everything random is drawn from the ``torch.Generator`` passed in, one per example in the loop (keyed
+by the example's seed, epoch and slot), so a resumed run draws the same numbers as an uninterrupted
+one, and an example gets the same noise and timestep in any batch, on any of several processes.
 """
 
 from __future__ import annotations
@@ -42,6 +43,18 @@ def sample_noise(shape: torch.Size | tuple[int, ...], generator: torch.Generator
     if offset:
         noise = noise + offset * torch.randn((shape[0], shape[1], 1, 1), generator=generator)
     return noise
+
+
+def noise_and_timesteps(
+    generators: list[torch.Generator], latent_shape: torch.Size | tuple[int, ...], num_timesteps: int,
+    offset: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per example, from its own generator: its noise (``sample_noise``), then its timestep in [0, num_timesteps)."""
+    noise, timesteps = [], []
+    for generator in generators:
+        noise.append(sample_noise((1, *latent_shape), generator, offset))
+        timesteps.append(torch.randint(0, num_timesteps, (1,), generator=generator))
+    return torch.cat(noise), torch.cat(timesteps)
 
 
 def training_target(

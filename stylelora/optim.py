@@ -34,14 +34,15 @@ def check_optimizer(train: TrainConfig, device: torch.device) -> None:
             )
 
 
-def param_groups(model: BaseModel, train: TrainConfig) -> list[dict[str, Any]]:
+def param_groups(model: BaseModel, train: TrainConfig, scale: float = 1.0) -> list[dict[str, Any]]:
     """The trainable weights by learning rate: the UNet's at ``train.lr``, then (when they train) the text
-    encoders' at ``train.text_encoder_lr`` or ``train.lr``. The order is the one checkpoints save."""
+    encoders' at ``train.text_encoder_lr`` or ``train.lr``, each times ``scale`` (``train.scale_lr``). The
+    order is the one checkpoints save."""
     unet, *text_encoders = (module for _, module in model.parts())
-    groups = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": train.lr}]
+    groups = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": train.lr * scale}]
     te_params = [p for module in text_encoders for p in module.parameters() if p.requires_grad]
     if te_params:
-        groups.append({"params": te_params, "lr": train.text_encoder_lr or train.lr})
+        groups.append({"params": te_params, "lr": (train.text_encoder_lr or train.lr) * scale})
     return groups
 
 

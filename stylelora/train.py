@@ -1,4 +1,9 @@
-"""train(config, on_event, stop) -> RunResult: the LoRA training loop, read top to bottom."""
+"""train(config, on_event, stop) -> RunResult: the LoRA training loop, read top to bottom.
+
+Under ``accelerate launch`` or ``torchrun`` every process runs ``train``: accelerate wraps the model in
+DDP (NCCL on GPUs, gloo on CPUs), each process trains on its share of the batches (``BatchSource``
+deals them out), and the main process alone writes the run's files and reports its events.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +29,18 @@ from .dataset import CaptionedImages, Item
 from .doctor import training_items
 from .ema import LoraEMA
 from .errors import ConfigError, DiskFullError, TrainingError
-from .failures import RunTracker, disk_full_advice, is_out_of_memory, out_of_memory_advice, where_to_resume
+from .failures import (
+    RunTracker,
+    disk_full_advice,
+    is_out_of_memory,
+    lost_contact_advice,
+    out_of_memory_advice,
+    resume_command,
+    where_to_resume,
+)
 from .metrics import MetricsLog
 from .models import BaseModel, load_base_model, prepare_for_training
+from .processes import Processes
 from .validation import Validator, split_holdout
 
 log = logging.getLogger(__name__)
@@ -95,27 +110,62 @@ def _new_accelerator(**kwargs: Any) -> Any:
 
 
 def _accelerator(config: Config, out: Path) -> Any:
-    """The run's Accelerator (device, precision, accumulation, TensorBoard under ``logs/``), after the
-    checks that fail before any model is loaded: a missing GPU, a multi-process launch, the optimizer."""
+    """The run's Accelerator (device, precision, accumulation, the processes of a multi-process launch,
+    TensorBoard under ``logs/``), after the checks that fail before any model is loaded: a missing GPU,
+    a launch accelerate cannot join, the optimizer."""
+    from accelerate.utils import InitProcessGroupKwargs
+
     cfg = config.train
-    accelerator = _new_accelerator(
-        mixed_precision=_mixed_precision(config),
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        cpu=cfg.device == "cpu",
-        log_with="tensorboard",
-        project_dir=str(out / "logs"),
-    )
+    launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    try:
+        accelerator = _new_accelerator(
+            mixed_precision=_mixed_precision(config),
+            gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+            # without a GPU, "auto" is the CPU; saying so lets accelerate join several CPU processes over gloo
+            cpu=cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()),
+            log_with="tensorboard",
+            project_dir=str(out / "logs"),
+            kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.process_timeout))],
+        )
+    except (ValueError, RuntimeError) as e:
+        if launched == 1:
+            raise
+        raise ConfigError(f"train.device: the {launched} processes of this launch could not join ({e}). Start them "
+                          "with 'accelerate launch' or 'torchrun' (the README shows how).") from None
     if cfg.device == "cuda" and accelerator.device.type != "cuda":
         raise ConfigError("train.device: 'cuda' was asked for but no CUDA GPU is available")
-    processes = max(accelerator.num_processes, int(os.environ.get("WORLD_SIZE", "1") or 1))
-    if processes > 1:  # said plainly rather than training the same batches on every GPU
+    if accelerator.num_processes != launched:  # never train the same batches twice, each process alone
         raise ConfigError(
-            f"train.device: {processes} processes were launched, but this version trains on "
-            "one GPU (or the CPU) per run: the batch source does not shard data across processes yet. "
-            "Run 'stylelora train' without 'accelerate launch'."
+            f"train.device: {launched} processes were launched, but accelerate joined {accelerator.num_processes} "
+            f"of them on '{accelerator.device.type}'. Launch one process per GPU, or add --set train.device=cpu "
+            "to train in several CPU processes."
         )
     optim.check_optimizer(cfg, accelerator.device)
     return accelerator
+
+
+def _processes(config: Config, accelerator: Any, tracker: RunTracker, out: Path,
+               resume_from: Path | None) -> tuple[Processes, Path, Path | None]:
+    """The run's processes; every one goes on with the main one's run folder and checkpoint, and only the
+    main one reports events (the others keep track of the run for their error messages)."""
+    team = Processes.of(accelerator)
+    out, resume_from = team.share((out, resume_from))
+    tracker.processes = team
+    if not team.is_main:
+        tracker.mute()
+    elif config.train.resume == "auto":
+        ckpt.remove_stale(out)  # leftovers of a killed save: the main process alone deletes
+    return team, out, resume_from
+
+
+def _learning_rate_scale(config: Config, team: Processes, emit: EventHandler) -> float:
+    """``train.scale_lr``: the rates times the process count, said aloud; 1 otherwise."""
+    cfg = config.train
+    if team.count > 1 and cfg.scale_lr:
+        emit(events.Message(f"train.scale_lr: learning rates x {team.count} processes "
+                            f"(lr {cfg.lr:g} -> {cfg.lr * team.count:g})"))
+        return float(team.count)
+    return 1.0
 
 
 def _training_data(config: Config, model: BaseModel | None, emit: EventHandler) -> tuple[TrainingSet, list[Item]]:
@@ -200,19 +250,20 @@ def _every(interval: int, step: int) -> bool:
 
 class _Due:
     """Which extras of a step are due: validation and the metrics line also at the last step, a
-    checkpoint never there (the final save follows the loop), samples only with prompts."""
+    checkpoint never there (the final save follows the loop), samples only with prompts. Only the main
+    process validates, logs and renders; every process takes part in a checkpoint (its RNG streams)."""
 
-    def __init__(self, config: Config) -> None:
-        self.train, self.sample = config.train, config.sample
+    def __init__(self, config: Config, team: Processes) -> None:
+        self.train, self.sample, self.main = config.train, config.sample, team.is_main
 
     def validation(self, step: int) -> bool:
-        return _every(self.train.validate_every, step) or step == self.train.steps
+        return self.main and (_every(self.train.validate_every, step) or step == self.train.steps)
 
     def metrics(self, step: int) -> bool:
-        return _every(self.train.log_every, step) or step == self.train.steps
+        return self.main and (_every(self.train.log_every, step) or step == self.train.steps)
 
     def samples(self, step: int) -> bool:
-        return bool(self.sample.prompts) and _every(self.sample.every, step)
+        return self.main and bool(self.sample.prompts) and _every(self.sample.every, step)
 
     def checkpoint(self, step: int) -> bool:
         return _every(self.train.save_every, step) and step < self.train.steps
@@ -247,17 +298,20 @@ def train(
         if tracker.output_dir is None:
             raise
         raise TrainingError(f"{e}\n{where_to_resume(tracker)}") from e
-    except RuntimeError as e:  # torch.OutOfMemoryError is a RuntimeError
+    except RuntimeError as e:  # torch.OutOfMemoryError and lost processes' errors are RuntimeErrors
+        if tracker.processes.lost_contact(e):
+            raise TrainingError(lost_contact_advice(tracker)) from e
         if not is_out_of_memory(e):
             raise
         raise TrainingError(out_of_memory_advice(config, tracker)) from e
 
 
-def _train(config: Config, emit: EventHandler, stop: StopSignal, model: BaseModel | None) -> RunResult:
+def _train(config: Config, emit: RunTracker, stop: StopSignal, model: BaseModel | None) -> RunResult:
     cfg = config.train
     out = resolve_output_dir(config)
     resume_from = ckpt.find_resume(cfg.resume, out)
     accelerator = _accelerator(config, out)
+    team, out, resume_from = _processes(config, accelerator, emit, out, resume_from)
     torch.manual_seed(cfg.seed)
     data, held_out = _training_data(config, model, emit)
 
@@ -267,30 +321,37 @@ def _train(config: Config, emit: EventHandler, stop: StopSignal, model: BaseMode
     params, weight_dtype = prepare_for_training(model, config, accelerator.device, accelerator.mixed_precision)
 
     # --- optimizer, schedule, EMA, validation ---
-    optimizer = optim.build_optimizer(optim.param_groups(model, cfg), cfg, accelerator.device)
+    lr_scale = _learning_rate_scale(config, team, emit)
+    optimizer = optim.build_optimizer(optim.param_groups(model, cfg, lr_scale), cfg, accelerator.device)
     lr_scheduler = optim.build_lr_scheduler(optimizer, cfg)
     ema = LoraEMA(params, cfg.ema_decay) if cfg.ema else None
-    validator = _validator(config, held_out, model, noise_scheduler, accelerator.device, weight_dtype)
+    validator = _validator(config, held_out if team.is_main else [], model, noise_scheduler, accelerator.device,
+                           weight_dtype)
     unet, text_encoder, optimizer = _prepare(accelerator, model, optimizer, config.lora.train_text_encoder)
-    noise_rng = torch.Generator().manual_seed(cfg.seed)
-    source = BatchSource(data, config, model)  # buckets, caches, captions, regularisation images
-    live = ckpt.LiveState(out, model, optimizer, lr_scheduler, noise_rng, source, ema)
+    team.seed_own_stream(cfg.seed)  # each process its own dropout
+    # buckets, caches, captions, regularisation images; this process's share of the batches
+    source = BatchSource(data, config, model, team.rank, team.count)
+    live = ckpt.LiveState(out, model, optimizer, lr_scheduler, source, ema, team)
 
-    # --- resume: weights, optimizer, schedule, EMA, every RNG and the data position ---
+    # --- resume: weights, optimizer, schedule, EMA, every process's RNG and the data position ---
     step, seconds_before = ckpt.restore(live, resume_from, cfg, emit)
-    out.mkdir(parents=True, exist_ok=True)
-    config.with_overrides({"train.output_dir": str(out), "train.resume": ""}).save(out / "config.toml")
-    accelerator.init_trackers("stylelora")
-    metrics = MetricsLog(out / "metrics.jsonl", step, accelerator.log)
-    emit(events.Started(cfg.steps, step, data.num_images, str(accelerator.device), out))
+    metrics = None
+    if team.is_main:  # the one writer of the run's files
+        out.mkdir(parents=True, exist_ok=True)
+        config.with_overrides({"train.output_dir": str(out), "train.resume": ""}).save(out / "config.toml")
+        accelerator.init_trackers("stylelora")
+        metrics = MetricsLog(out / "metrics.jsonl", step, accelerator.log)
+    effective_batch = cfg.batch_size * team.count * cfg.gradient_accumulation_steps
+    log.info("training with %d process(es): effective batch %d", team.count, effective_batch)
+    emit(events.Started(cfg.steps, step, data.num_images, str(accelerator.device), out, team.count, effective_batch))
     for note in source.notes:
         emit(events.Message(note))
 
-    # --- the loop: one iteration is one optimizer step of `accumulation` micro-batches ---
+    # --- the loop: one iteration is one optimizer step of `accumulation` micro-batches in every process ---
     losses_seen: list[float] = []
-    clock, due, stopped = _Clock(step, seconds_before), _Due(config), False
+    clock, due, stopped = _Clock(step, seconds_before), _Due(config, team), False
     while step < cfg.steps:
-        if _stop_requested(stop):
+        if team.any(_stop_requested(stop)):  # all processes stop after the same step
             stopped = True
             break
         step_loss = 0.0
@@ -299,10 +360,10 @@ def _train(config: Config, emit: EventHandler, stop: StopSignal, model: BaseMode
             batch = source.next_batch()  # latents (cached or encoded), text inputs, per-example loss weights
             latents = batch.latents
             with accelerator.accumulate(unet, text_encoder), accelerator.autocast():
-                noise = losses.sample_noise(latents.shape, noise_rng, cfg.noise_offset).to(latents)
-                timesteps = torch.randint(
-                    0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=noise_rng
-                ).to(accelerator.device)
+                noise, timesteps = losses.noise_and_timesteps(  # each example's own, whatever its batch
+                    batch.noise_generators, latents.shape[1:], noise_scheduler.config.num_train_timesteps,
+                    cfg.noise_offset)
+                noise, timesteps = noise.to(latents), timesteps.to(accelerator.device)
                 noisy = noise_scheduler.add_noise(latents, noise, timesteps)
                 encoder_states = batch.encoder_states
                 if encoder_states is None:  # the text encoder trains: run it here, with gradients
@@ -322,8 +383,9 @@ def _train(config: Config, emit: EventHandler, stop: StopSignal, model: BaseMode
                         ema.update()
                 optimizer.zero_grad(set_to_none=True)
             step_loss += loss.item() / cfg.gradient_accumulation_steps
-            images += len(batch)
+            images += len(batch) * team.count
         step += 1
+        step_loss = team.mean(step_loss)  # the loss of the whole step, as one process would have seen it
         losses_seen.append(step_loss)
 
         elapsed, rate, eta = clock.pace(step, cfg.steps)
@@ -334,7 +396,7 @@ def _train(config: Config, emit: EventHandler, stop: StopSignal, model: BaseMode
             with live.averaged():
                 record["val_loss"] = validator.loss(accelerator.autocast)
             emit(events.Validation(step, record["val_loss"]))
-        if due.metrics(step) or "val_loss" in record:
+        if metrics is not None and (due.metrics(step) or "val_loss" in record):
             metrics.write(record)
         if due.samples(step):
             with live.averaged():
@@ -345,12 +407,14 @@ def _train(config: Config, emit: EventHandler, stop: StopSignal, model: BaseMode
 
     # --- final save (also after a stop request); the export uses the EMA weights when EMA is on ---
     ckpt.snapshot(live, step, clock.elapsed(), cfg.keep_checkpoints, emit)
-    with live.averaged():
-        paths = export_adapter(model, config, out, step, data.num_images, data.items)
-    emit(events.AdapterSaved(step, paths))
-    accelerator.end_training()
+    paths: list[Path] = []
+    if team.is_main:
+        with live.averaged():
+            paths = export_adapter(model, config, out, step, data.num_images, data.items)
+        emit(events.AdapterSaved(step, paths))
+    team.wait()  # the others end with the main one, so a failed export ends the whole launch
+    accelerator.end_training()  # also leaves the process group
     if stopped:
-        resume_cmd = f"stylelora train {out / 'config.toml'} --resume auto"
-        emit(events.Message(f"stopped at step {step} of {cfg.steps}; continue with: {resume_cmd}"))
+        emit(events.Message(f"stopped at step {step} of {cfg.steps}; continue with: {resume_command(out, team.count)}"))
     emit(events.Finished(step, stopped, out, paths))
     return RunResult(out, step, stopped, paths, losses_seen)

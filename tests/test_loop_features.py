@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from conftest import make_dataset, tiny_config
 from stylelora import events
+from stylelora.batches import TrainingSet, noise_generator
 from stylelora.checkpoint import list_checkpoints, load_checkpoint
 from stylelora.errors import ConfigError
 from stylelora.models import load_base_model
@@ -40,9 +41,12 @@ def metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def first_timestep(seed: int = SEED) -> int:
-    """The loop's first timestep: its generator draws the noise, then t (the batches sample latents themselves)."""
-    g = torch.Generator().manual_seed(seed)
+def first_timestep(data: Path) -> int:
+    """The loop's first timestep: the first example's own generator, keyed by (seed, epoch, slot), draws its
+    noise, then t."""
+    config = tiny_config(data, data.parent / "unused", **{"train.seed": SEED})
+    slot = TrainingSet.from_config(config).epoch_batches(0)[0][0]
+    g = noise_generator(SEED, 0, slot)
     torch.randn((1, 4, 8, 8), generator=g)
     return int(torch.randint(0, 1000, (1,), generator=g))
 
@@ -80,13 +84,14 @@ def test_min_snr_weights_follow_the_formula(prediction_type: str) -> None:
 
 
 def test_min_snr_scales_the_training_loss_by_its_weight(data: Path, tmp_path: Path, baseline) -> None:
-    from stylelora.losses import min_snr_weights
+    from stylelora.losses import min_snr_weights, snr
 
     base_result, _ = baseline
-    result, _, _ = run(data, tmp_path / "snr", **{"train.min_snr_gamma": 1.0})
-    t = torch.tensor([first_timestep()])
-    weight = float(min_snr_weights(tiny_scheduler(), t, 1.0)[0])
-    assert weight != pytest.approx(1.0)
+    t = torch.tensor([first_timestep(data)])
+    gamma = round(float(snr(tiny_scheduler(), t)[0]) / 2, 6)  # clips the first step's SNR to about half
+    result, _, _ = run(data, tmp_path / "snr", **{"train.min_snr_gamma": gamma})
+    weight = float(min_snr_weights(tiny_scheduler(), t, gamma)[0])
+    assert weight == pytest.approx(0.5, rel=1e-3)
     assert result.losses[0] == pytest.approx(base_result.losses[0] * weight, rel=1e-4)
 
 
