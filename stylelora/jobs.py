@@ -55,8 +55,10 @@ class TrainingJob:
         with self._cond:
             return self._status == "running"
 
-    def start(self, config: Config) -> int:
-        """Start training ``config`` in the background; returns the run id. Raises Busy if one runs."""
+    def start(self, config: Config, runner: Runner | None = None) -> int:
+        """Start training ``config`` in the background; returns the run id. Raises Busy if one runs.
+
+        ``runner`` replaces the job's own for this run (e.g. ``launch.ProcessRunner`` for several GPUs)."""
         with self._cond:
             if self._status == "running":
                 raise Busy(f"a training is already running ({self._where()}); wait for it to finish or press Stop")
@@ -65,7 +67,8 @@ class TrainingJob:
             self._stop = threading.Event()
             self.config = config
             self._thread = threading.Thread(
-                target=self._work, args=(config, self._run_id), name=f"stylelora-train-{self._run_id}", daemon=True
+                target=self._work, args=(config, self._run_id, runner or self._runner),
+                name=f"stylelora-train-{self._run_id}", daemon=True,
             )
             self._thread.start()
             self._cond.notify_all()
@@ -110,10 +113,10 @@ class TrainingJob:
             self._events.append(event)
             self._cond.notify_all()
 
-    def _work(self, config: Config, run_id: int) -> None:
+    def _work(self, config: Config, run_id: int, runner: Runner) -> None:
         status, error = "finished", ""
         try:
-            result = self._runner(config, on_event=self._record, stop=self._stop)
+            result = runner(config, on_event=self._record, stop=self._stop)
             if getattr(result, "stopped_early", False):
                 status = "stopped"
         except StyleloraError as e:

@@ -1,0 +1,236 @@
+"""Several processes through accelerate launch and torchrun (DDP over gloo on the CPU, builtin:tiny).
+
+One run: one writer, each step logged once, an adapter like a single process's. The same result as one
+process with the same effective batch. Exact resume under two processes, and a clear end, naming the
+process, when one of them is killed. The app's runner follows such a run through its events and stops it.
+Each launch starts two Python processes that import torch, so these tests are few, and their timeouts
+are generous for a loaded machine; nothing here is timed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, make_dataset
+from stylelora import events
+from stylelora.checkpoint import is_complete, list_checkpoints, load_checkpoint
+from stylelora.cli import build_parser, config_from_args
+from stylelora.formats import load_adapter
+from stylelora.jobs import TrainingJob
+from stylelora.launch import ProcessRunner
+from stylelora.models import load_base_model
+from stylelora.train import train
+
+LAUNCH_TIMEOUT = 900  # seconds; a launch takes well under a minute on an idle 2-core machine
+# Every random source of the loop but dropout (which draws per batch, so batches of 1 and 2 differ):
+# flips, noise offset, min-SNR timesteps, warmup + cosine, EMA, validation on a held-out image.
+FEATURES = ["--set", "data.random_flip=true", "--set", "train.noise_offset=0.1", "--set", "train.min_snr_gamma=5",
+            "--set", "train.lr_scheduler=cosine", "--set", "train.lr_warmup_steps=2", "--set", "train.ema=true",
+            "--set", "train.ema_decay=0.9", "--set", "export.precision=fp32", "--set", "export.name=style",
+            "--set", "train.validation_images=1", "--set", "train.validate_every=3", "--set", "train.device=cpu"]
+# Measured: 2.4e-7 (2 processes x batch 1 vs 1 process x batch 2, 6 steps, weights up to ~1): rounding only,
+# from DDP averaging two gradients where one process averages the batch.
+TOLERANCE = 1e-5
+
+
+def bin_of(name: str) -> str:
+    """A launcher installed beside this Python (the venv's), else on PATH."""
+    here = Path(sys.executable).parent / name
+    found = str(here) if here.is_file() else shutil.which(name)
+    assert found, f"{name} is not installed"
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def launcher(kind: str) -> list[str]:
+    """The start of a two-process launch, as the README writes it (plus a free port: tests may overlap)."""
+    if kind == "accelerate":
+        return [bin_of("accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+                "--main_process_port", str(free_port()), "-m"]
+    return [bin_of("torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m"]
+
+
+def start(kind: str, *args: str) -> subprocess.Popen[str]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.Popen([*launcher(kind), "stylelora", *args], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+
+
+def launch(kind: str, *args: str) -> subprocess.CompletedProcess[str]:
+    proc = start(kind, *args)
+    stdout, stderr = proc.communicate(timeout=LAUNCH_TIMEOUT)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def train_args(data: Path, out: Path, *extra: str, steps: int = 6, batch: int = 1) -> list[str]:
+    return ["train", "--model", "builtin:tiny", "--data", str(data), "--output", str(out), "--steps", str(steps),
+            "--resolution", "64", "--rank", "4", "--lr", "1e-3", "--save-every", "2", "--batch-size", str(batch),
+            *FEATURES, *extra]
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # 5 images, one held out: 4 examples an epoch, so batches of 1 pair up into batches of 2 exactly
+    return make_dataset(tmp_path_factory.mktemp("multi") / "data", n=5)
+
+
+@pytest.fixture(scope="module")
+def two_processes(data: Path) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    out = data.parent / "runs" / "two"
+    result = launch("accelerate", *train_args(data, out))
+    assert result.returncode == 0, result.stderr
+    return out, result
+
+
+@pytest.fixture(scope="module")
+def one_process(data: Path) -> Path:
+    """The same run in one process with the same effective batch: batch 2."""
+    out = data.parent / "runs" / "one"
+    train(config_from_args(build_parser().parse_args(train_args(data, out, batch=2))))
+    return out
+
+
+def test_accelerate_launch_trains_one_run_in_two_processes(two_processes, one_process: Path) -> None:
+    out, result = two_processes
+    assert f"training on cpu:0 with 2 processes (effective batch 2): 4 images -> {out}" in result.stderr
+    assert result.stderr.count("done: 6 steps") == 1  # only the main process reports
+    assert sorted(p.name for p in out.parent.iterdir()) == ["one", "two"]  # no second run folder
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["style.safetensors"]
+    assert [p.name for p in out.glob("*.toml")] == ["config.toml"] and len(list(out.glob("*.jsonl"))) == 1
+    assert len(list((out / "logs").rglob("events.out.tfevents.*"))) == 1
+    assert [m["step"] for m in metrics(out)] == [1, 2, 3, 4, 5, 6]  # each step once
+    assert [p.name for p in list_checkpoints(out)] == ["step-000002", "step-000004", "step-000006"]
+    assert all(p.name.startswith("step-") for p in (out / "checkpoints").iterdir())  # no temporary leftovers
+    assert "rank1.torch" in load_checkpoint(out / "checkpoints" / "step-000006").rng  # both processes' streams
+
+    # the adapter loads like the single-process one: same modules, ranks, alphas and facts; diffusers takes it
+    model = load_base_model("builtin:tiny")
+    two, one = load_adapter(out / "style.safetensors", model), load_adapter(one_process / "style.safetensors", model)
+    assert {part: sd.keys() for part, sd in two.state.items()} == {part: sd.keys() for part, sd in one.state.items()}
+    assert two.rank == one.rank == 4 and two.alpha == one.alpha
+    for key in ("ss_network_dim", "ss_network_alpha", "ss_steps", "ss_num_train_images"):
+        assert two.metadata[key] == one.metadata[key], key
+    model.pipeline.load_lora_weights(str(out / "diffusers"), adapter_name="two")
+
+
+def test_two_processes_of_batch_1_reach_the_adapter_of_one_process_of_batch_2(two_processes, one_process: Path) -> None:
+    out, _ = two_processes
+    two, one = load_file(out / "style.safetensors"), load_file(one_process / "style.safetensors")
+    assert two.keys() == one.keys()
+    difference = max(float((two[k] - one[k]).abs().max()) for k in one)
+    largest = max(float(one[k].abs().max()) for k in one)
+    assert largest > 0.01 and difference < TOLERANCE, (difference, largest)
+    for a, b in zip(metrics(out), metrics(one_process), strict=True):  # the logged loss is the whole step's
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["lr"] == pytest.approx(b["lr"])
+        assert a.get("val_loss", 0) == pytest.approx(b.get("val_loss", 0), rel=1e-5)
+
+
+def workers(launcher_pid: int) -> dict[int, int]:
+    """rank -> pid of the processes a launcher started (read from /proc: their RANK variable)."""
+    found = {}
+    for task in Path(f"/proc/{launcher_pid}/task").iterdir():
+        for pid in (task / "children").read_text().split():
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            rank = next((v for v in environ if v.startswith(b"RANK=")), None)
+            if rank is not None:
+                found[int(rank.split(b"=")[1])] = int(pid)
+    return found
+
+
+def test_a_killed_process_is_named_and_the_run_resumes_exactly(data: Path) -> None:
+    runs = data.parent / "runs"
+    killed, whole = runs / "killed", runs / "whole"
+    dropout = ["--set", "lora.dropout=0.1"]  # each process's own dropout stream must resume too
+    proc = start("torchrun", *train_args(data, killed, *dropout, steps=8))
+    deadline = time.monotonic() + LAUNCH_TIMEOUT
+    while not (killed / "checkpoints" / "step-000002" / "state.json").is_file():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "timed out waiting for the first checkpoint"
+        time.sleep(0.02)
+    ranks = workers(proc.pid)
+    os.kill(ranks[1], signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=LAUNCH_TIMEOUT)
+
+    assert proc.returncode != 0
+    assert f"error: process 1 (pid {ranks[1]}) of this run ended unexpectedly, so process 0 of 2 stopped too" in stderr
+    newest = list_checkpoints(killed)[-1]
+    assert is_complete(newest) and load_checkpoint(newest).step >= 2
+    assert f"the last complete checkpoint, {newest}, is intact" in stderr
+    resume = f"-m stylelora train {killed / 'config.toml'} --resume auto"
+    assert f"Continue with: accelerate launch --multi_gpu --num_processes 2 {resume}" in stderr
+    assert not (killed / "style.safetensors").exists()  # nothing half-done: no adapter of an unfinished run
+    assert all(p.name.startswith("step-") for p in (killed / "checkpoints").iterdir())
+
+    resumed = launch("accelerate", *train_args(data, killed, *dropout, steps=8), "--resume", "auto")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed from {newest}" in resumed.stderr
+    uninterrupted = launch("torchrun", *train_args(data, whole, *dropout, steps=8))
+    assert uninterrupted.returncode == 0, uninterrupted.stderr
+
+    expected, got = load_file(whole / "style.safetensors"), load_file(killed / "style.safetensors")
+    assert expected.keys() == got.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)
+    assert [m["step"] for m in metrics(killed)] == list(range(1, 9))
+    for m, n in zip(metrics(whole), metrics(killed), strict=True):
+        assert n["loss"] == pytest.approx(m["loss"], rel=1e-4)
+
+
+def test_the_app_runner_follows_a_two_process_run_and_stops_it(data: Path) -> None:
+    from stylelora.config import Config
+
+    out = data.parent / "runs" / "app"
+    config = Config().with_overrides({
+        "model.name": "builtin:tiny", "data.path": str(data), "data.resolution": 64, "train.output_dir": str(out),
+        "train.steps": 1000, "lora.rank": 4, "train.device": "cpu"})
+    job = TrainingJob()
+    run_id = job.start(config, runner=ProcessRunner(2))
+    snap = job.wait(0, run_id, timeout=LAUNCH_TIMEOUT)
+    while snap.status == "running" and not any(isinstance(e, events.Progress) for e in snap.events):
+        snap = job.wait(len(snap.events), run_id, timeout=LAUNCH_TIMEOUT)
+    assert job.stop()
+    job.join(timeout=LAUNCH_TIMEOUT)
+    snap = job.snapshot()
+    seen = snap.events
+    assert snap.status == "stopped", (snap.error, seen)
+    started = next(e for e in seen if isinstance(e, events.Started))
+    assert (started.processes, started.effective_batch, started.output_dir) == (2, 2, out)
+    steps = [e.step for e in seen if isinstance(e, events.Progress)]
+    finished = seen[-1]
+    assert isinstance(finished, events.Finished) and finished.stopped_early and 1 <= finished.step == steps[-1] < 1000
+    assert [p.name for p in finished.adapter_paths] == ["app.safetensors", "pytorch_lora_weights.safetensors"]
+    assert [m["step"] for m in metrics(out)] == steps
+    assert [p.name for p in list_checkpoints(out)] == [f"step-{finished.step:06d}"]
+    assert any(isinstance(e, events.Message) and "stopped at step" in e.text for e in seen)
+
+
+def test_events_survive_the_json_stream() -> None:
+    sent = [events.Started(10, 2, 4, "cuda:0", Path("/runs/a"), 2, 8),
+            events.Progress(3, 10, 0.25, 1e-4, 7.5, 1.5, float("inf")),
+            events.SampleSaved(3, [Path("/runs/a/samples/a.png")], ["a cat"]),
+            events.Finished(10, False, Path("/runs/a"), [Path("/runs/a/a.safetensors")])]
+    assert [events.from_record(json.loads(json.dumps(events.to_record(e)))) for e in sent] == sent
+    with pytest.raises(ValueError, match="not a stylelora event"):
+        events.from_record({"event": "Exploded"})
+
