@@ -40,9 +40,10 @@ FEATURES = ["--set", "data.random_flip=true", "--set", "train.noise_offset=0.1",
             "--set", "train.lr_scheduler=cosine", "--set", "train.lr_warmup_steps=2", "--set", "train.ema=true",
             "--set", "train.ema_decay=0.9", "--set", "export.precision=fp32", "--set", "export.name=style",
             "--set", "train.validation_images=1", "--set", "train.validate_every=3", "--set", "train.device=cpu"]
-# Measured: 2.4e-7 (2 processes x batch 1 vs 1 process x batch 2, 6 steps, weights up to ~1): rounding only,
-# from DDP averaging two gradients where one process averages the batch.
-TOLERANCE = 1e-5
+# Largest difference of a LoRA weight, 2 processes x batch 1 vs 1 process x batch 2 after 6 steps (fp32, lr 1e-3,
+# weights up to 1.0): measured 2.3e-6. Rounding only: DDP averages two gradients where one process averages
+# the batch, and Adam's first steps magnify such differences in the weights that start at zero.
+TOLERANCE = 2e-5
 
 
 def bin_of(name: str) -> str:
@@ -139,8 +140,8 @@ def test_two_processes_of_batch_1_reach_the_adapter_of_one_process_of_batch_2(tw
     two, one = load_file(out / "style.safetensors"), load_file(one_process / "style.safetensors")
     assert two.keys() == one.keys()
     difference = max(float((two[k] - one[k]).abs().max()) for k in one)
-    largest = max(float(one[k].abs().max()) for k in one)
-    assert largest > 0.01 and difference < TOLERANCE, (difference, largest)
+    largest = max(float(one[k].abs().max()) for k in one if not k.endswith(".alpha"))
+    assert largest > 0.1 and difference < TOLERANCE, (difference, largest)
     for a, b in zip(metrics(out), metrics(one_process), strict=True):  # the logged loss is the whole step's
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["lr"] == pytest.approx(b["lr"])
         assert a.get("val_loss", 0) == pytest.approx(b.get("val_loss", 0), rel=1e-5)
