@@ -14,6 +14,7 @@ from pathlib import Path
 from .checkpoint import list_checkpoints
 from .config import Config
 from .errors import ConfigError, FormatError
+from .formats import DIFFUSERS_WEIGHT_NAME
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,7 @@ class Workspace:
 
     def _run_info(self, run: Path) -> RunInfo:
         adapters = sorted(p for p in run.glob("*.safetensors") if not p.name.startswith("."))
-        diffusers = run / "diffusers" / "pytorch_lora_weights.safetensors"
+        diffusers = run / "diffusers" / DIFFUSERS_WEIGHT_NAME
         if diffusers.is_file():
             adapters.append(diffusers)
         checkpoints = [folder / "lora.safetensors" for folder in list_checkpoints(run)]  # complete ones only

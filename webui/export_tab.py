@@ -8,6 +8,7 @@ from typing import Any
 import gradio as gr
 
 from stylelora.convert import export as export_adapter
+from stylelora.formats import DIFFUSERS_WEIGHT_NAME
 from stylelora.merge import merge as merge_adapter
 
 from .context import Context, user_errors
@@ -29,7 +30,7 @@ def build(ctx: Context) -> dict[str, Any]:
         report = export_adapter(ws.inside(source, [ws.outputs]), fmt, ws.export_target(source, fmt, precision),
                                 precision=precision)
         path = Path(report.path)
-        download = path if path.is_file() else path / "pytorch_lora_weights.safetensors"
+        download = path if path.is_file() else path / DIFFUSERS_WEIGHT_NAME
         verdict = "verified: reloaded and compared every tensor" if report.verified else "NOT verified"
         text = f"**{verdict}**\n\n`{ws.display(path)}` — {report.num_tensors} tensors\n\n{report.summary}"
         return text, str(download) if download.is_file() else None
