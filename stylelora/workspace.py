@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .checkpoint import list_checkpoints
-from .config import Config
+from .config import Config, next_free_run_dir
 from .errors import ConfigError, FormatError
 from .formats import DIFFUSERS_WEIGHT_NAME
 
@@ -82,12 +82,7 @@ class Workspace:
 
     def new_run_dir(self, name: str) -> Path:
         name = re.sub(r"[^\w.-]", "_", name).lstrip(".") or "run"
-        out = self.outputs / name
-        n = 2
-        while (out / "config.toml").exists():
-            out = self.outputs / f"{name}-{n}"
-            n += 1
-        return out
+        return next_free_run_dir(self.outputs / name)
 
     def runs(self) -> list[RunInfo]:
         """Run folders under outputs/ that hold a config.toml, newest first."""

@@ -106,3 +106,19 @@ def test_sample_settings_take_their_defaults_from_generation_and_keep_their_keys
     with pytest.raises(ConfigError, match="sample.steps: must be <= 200, got 201"):
         Config().with_overrides({"sample.steps": 201})
     assert all_fields()["sample.steps"].metadata["help"] == "Denoising steps per sample."
+
+
+def test_a_new_run_never_lands_in_an_older_runs_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from stylelora.train import resolve_output_dir
+    from stylelora.workspace import Workspace
+
+    monkeypatch.chdir(tmp_path)
+    ws = Workspace(tmp_path)
+    cli_run = Config().with_overrides({"data.path": str(ws.datasets / "cats")})  # no --output: outputs/cats
+    assert resolve_output_dir(cli_run) == Path("outputs/cats") and ws.new_run_dir("cats") == ws.outputs / "cats"
+    for taken in ("cats", "cats-2"):
+        (ws.outputs / taken).mkdir()
+        (ws.outputs / taken / "config.toml").write_text("")
+    (ws.outputs / "cats-3").mkdir()  # a folder without a run's config.toml is free
+    assert resolve_output_dir(cli_run) == Path("outputs/cats-3")
+    assert ws.new_run_dir("cats") == ws.outputs / "cats-3"

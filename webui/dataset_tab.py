@@ -12,7 +12,7 @@ from stylelora.config import DataConfig
 
 from .context import Context, user_errors
 
-ACCEPTED = [".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".txt", ".zip"]
+ACCEPTED = list(collect.UPLOAD_SUFFIXES)
 
 
 def build(ctx: Context) -> dict[str, Any]:
