@@ -25,7 +25,7 @@ from typing import IO, Any
 
 from . import events
 from .config import Config
-from .errors import TrainingError
+from .errors import ConfigError, TrainingError
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,24 @@ def launch_command(processes: int, config_file: Path, stop_file: Path, python: s
     return [python, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",  # the config decides these
             "-m", "stylelora", "train", str(config_file), "--json-events", "--stop-file", str(stop_file)]
+
+
+def visible_gpus() -> int:
+    """How many CUDA devices this process sees (0 without CUDA)."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def runner_for(gpus: int, visible: int | None = None) -> ProcessRunner | None:
+    """The runner of a run on ``gpus`` GPUs: None (the caller's own, in-process) for one, else a
+    ``ProcessRunner`` with one process per GPU; more GPUs than are visible is refused."""
+    if gpus <= 1:
+        return None
+    visible = visible_gpus() if visible is None else visible
+    if gpus > visible:
+        raise ConfigError(f"GPUs: {gpus} were asked for, but {visible} CUDA device(s) are visible; pick 1 to {visible}")
+    return ProcessRunner(gpus)
 
 
 class ProcessRunner:

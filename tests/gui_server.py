@@ -22,12 +22,15 @@ def make_root(folder: Path) -> Path:
     return folder
 
 
-def launch(root: Path):
-    """Launch the app as ``python app.py`` would (same queue and allowed paths); returns (demo, ctx, url)."""
+def launch(root: Path, **context: object):
+    """Launch the app as ``python app.py`` would (same queue and allowed paths); returns (demo, ctx, url).
+    ``context`` sets fields of the app's Context (e.g. ``gpus=2``, as on a machine with two GPUs)."""
+    from stylelora.workspace import Workspace
     from webui.build import build_app
+    from webui.context import Context
     from webui.server import launch as serve
 
-    demo, ctx = build_app(root)
+    demo, ctx = build_app(root, Context(Workspace(root), **context) if context else None)
     port = free_port()
     serve(demo, ctx, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     return demo, ctx, f"http://127.0.0.1:{port}/"

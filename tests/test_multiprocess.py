@@ -27,9 +27,8 @@ from conftest import ROOT, make_dataset
 from stylelora import events
 from stylelora.checkpoint import is_complete, list_checkpoints, load_checkpoint
 from stylelora.cli import build_parser, config_from_args
+from stylelora.config import Config
 from stylelora.formats import load_adapter
-from stylelora.jobs import TrainingJob
-from stylelora.launch import ProcessRunner
 from stylelora.models import load_base_model
 from stylelora.train import train
 
@@ -198,32 +197,44 @@ def test_a_killed_process_is_named_and_the_run_resumes_exactly(data: Path) -> No
         assert n["loss"] == pytest.approx(m["loss"], rel=1e-4)
 
 
-def test_the_app_runner_follows_a_two_process_run_and_stops_it(data: Path) -> None:
-    from stylelora.config import Config
+def test_the_app_offers_gpus_and_follows_and_stops_a_two_process_run(tmp_path: Path) -> None:
+    """The app on a machine with 2 GPUs (as its Context says): "GPUs: 2" runs accelerate launch, and the page
+    gets progress, the loss curve and Stop as for one GPU. Here the two processes train on the CPU."""
+    from gradio_client import Client
+    from gui_server import launch as serve
+    from gui_server import make_root
 
-    out = data.parent / "runs" / "app"
-    config = Config().with_overrides({
-        "model.name": "builtin:tiny", "data.path": str(data), "data.resolution": 64, "train.output_dir": str(out),
-        "train.steps": 1000, "lora.rank": 4, "train.device": "cpu"})
-    job = TrainingJob()
-    run_id = job.start(config, runner=ProcessRunner(2))
-    snap = job.wait(0, run_id, timeout=LAUNCH_TIMEOUT)
-    while snap.status == "running" and not any(isinstance(e, events.Progress) for e in snap.events):
-        snap = job.wait(len(snap.events), run_id, timeout=LAUNCH_TIMEOUT)
-    assert job.stop()
-    job.join(timeout=LAUNCH_TIMEOUT)
-    snap = job.snapshot()
-    seen = snap.events
-    assert snap.status == "stopped", (snap.error, seen)
-    started = next(e for e in seen if isinstance(e, events.Started))
+    root = make_root(tmp_path / "root")
+    demo, ctx, url = serve(root, gpus=2)
+    try:
+        gpus = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "train-gpus")
+        assert gpus.visible and [c[1] for c in gpus.choices] == [1, 2]
+        client = Client(url, verbose=False)
+        toml = "\n".join(['[model]', 'name = "builtin:tiny"', '[data]', 'path = "datasets/example"',
+                          'resolution = 64', '[lora]', 'rank = 4', '[train]', 'steps = 1000', 'device = "cpu"'])
+        job = client.submit(toml, 2, api_name="/train_toml")
+        for update in job:
+            if update["step"] >= 2:
+                break
+        assert client.predict(api_name="/stop") == "stopping after the current step"
+        ctx.job.join(LAUNCH_TIMEOUT)
+    finally:
+        demo.close()
+    snap = ctx.job.snapshot()
+    assert snap.status == "stopped", snap.error
+    started = next(e for e in snap.events if isinstance(e, events.Started))
+    out = root / "outputs" / "example"
     assert (started.processes, started.effective_batch, started.output_dir) == (2, 2, out)
-    steps = [e.step for e in seen if isinstance(e, events.Progress)]
-    finished = seen[-1]
-    assert isinstance(finished, events.Finished) and finished.stopped_early and 1 <= finished.step == steps[-1] < 1000
-    assert [p.name for p in finished.adapter_paths] == ["app.safetensors", "pytorch_lora_weights.safetensors"]
+    steps = [e.step for e in snap.events if isinstance(e, events.Progress)]  # the page's progress and loss plot
+    finished = snap.events[-1]
+    assert isinstance(finished, events.Finished) and finished.stopped_early and 2 <= finished.step == steps[-1] < 1000
+    assert [p.name for p in finished.adapter_paths] == ["example.safetensors", "pytorch_lora_weights.safetensors"]
     assert [m["step"] for m in metrics(out)] == steps
     assert [p.name for p in list_checkpoints(out)] == [f"step-{finished.step:06d}"]
-    assert any(isinstance(e, events.Message) and "stopped at step" in e.text for e in seen)
+    assert any(isinstance(e, events.Message) and "stopped at step" in e.text for e in snap.events)
+    replay = Config.load(out / "config.toml")  # the TOML a CLI run writes, which `stylelora train` replays
+    assert (replay.data.path, replay.train.output_dir, replay.train.device) == (
+        str(root / "datasets" / "example"), str(out), "cpu")
 
 
 def test_events_survive_the_json_stream() -> None:

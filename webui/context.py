@@ -16,6 +16,7 @@ from stylelora.collect import list_datasets
 from stylelora.errors import StyleloraError
 from stylelora.generate import Previewer
 from stylelora.jobs import TrainingJob
+from stylelora.launch import visible_gpus
 from stylelora.workspace import Workspace
 
 PRESETS = Path(__file__).resolve().parent.parent / "presets"
@@ -28,6 +29,7 @@ class Context:
     job: TrainingJob = field(default_factory=TrainingJob)
     presets: Path = PRESETS
     preview_lock: threading.Lock = field(default_factory=threading.Lock)  # one render at a time, one model
+    gpus: int = field(default_factory=visible_gpus)  # CUDA devices: with more than one, Train offers "GPUs"
     _previewer: Previewer | None = None
 
     def dataset_choices(self) -> list[str]:

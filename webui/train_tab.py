@@ -19,6 +19,7 @@ import pandas as pd
 from stylelora import events
 from stylelora.config import Config
 from stylelora.jobs import Snapshot
+from stylelora.launch import runner_for
 
 from .context import Context, user_errors
 from .form import ConfigForm
@@ -36,8 +37,9 @@ def _clock(seconds: float) -> str:
 
 def _log_line(e: events.Event) -> str | None:
     if isinstance(e, events.Started):
-        return (f"started: {e.num_images} images on {e.device}, steps {e.start_step}->{e.total_steps}, "
-                f"run folder {e.output_dir}")
+        where = e.device if e.processes == 1 else f"{e.device} with {e.processes} processes"
+        return (f"started: {e.num_images} images on {where} (effective batch {e.effective_batch}), "
+                f"steps {e.start_step}->{e.total_steps}, run folder {e.output_dir}")
     if isinstance(e, events.Message):
         return f"{e.level}: {e.text}"
     if isinstance(e, events.SampleSaved):
@@ -152,8 +154,12 @@ def build(ctx: Context) -> dict[str, Any]:
         toml_out = gr.File(label="Config", interactive=False, visible=False)
         form = ConfigForm(initial, ctx.dataset_choices())
         with gr.Row():
-            start_btn = gr.Button("Start training", variant="primary", elem_id="start-training")
-            stop_btn = gr.Button("Stop", variant="stop", elem_id="stop-training")
+            # Several GPUs: the run goes through accelerate launch, one process per GPU (launch.ProcessRunner)
+            gpus = gr.Dropdown(list(range(1, max(ctx.gpus, 1) + 1)), value=1, label="GPUs", elem_id="train-gpus",
+                               visible=ctx.gpus > 1, scale=1,
+                               info="one process per GPU (accelerate launch); the batch size is per GPU")
+            start_btn = gr.Button("Start training", variant="primary", elem_id="start-training", scale=3)
+            stop_btn = gr.Button("Stop", variant="stop", elem_id="stop-training", scale=1)
         progress = gr.HTML(elem_id="train-status")
         with gr.Row():
             plot = gr.LinePlot(x="step", y="loss", title="Training loss", height=260, label="Loss")
@@ -186,13 +192,16 @@ def build(ctx: Context) -> dict[str, Any]:
 
     @user_errors
     def train(*values: Any):
-        run_id = ctx.job.start(ws.run_config(form.to_config(list(values))))
+        *fields, gpus = values
+        run_id = ctx.job.start(ws.run_config(form.to_config(fields)), runner=runner_for(int(gpus), ctx.gpus))
         yield from follow(ctx, run_id)
 
     @user_errors
-    def train_toml(toml_text: str) -> Iterator[dict]:
-        """Train the config given as TOML text; yields {status, step, total_steps, loss, output_dir, log}."""
-        run_id = ctx.job.start(ws.run_config(Config.from_toml(toml_text, "config")))
+    def train_toml(toml_text: str, gpus: int = 1) -> Iterator[dict]:
+        """Train the config given as TOML text on ``gpus`` GPUs; yields {status, step, total_steps, loss,
+        output_dir, log}."""
+        config = Config.from_toml(toml_text, "config")
+        run_id = ctx.job.start(ws.run_config(config), runner=runner_for(int(gpus), ctx.gpus))
         for _ in follow(ctx, run_id):
             yield summary(ctx.job.snapshot())
 
@@ -203,6 +212,6 @@ def build(ctx: Context) -> dict[str, Any]:
     load_preset_btn.click(load_preset, preset, form.components, api_name="load_preset")
     toml_in.upload(load_toml, toml_in, form.components, api_name="load_toml")
     save_btn.click(save_toml, form.components, toml_out, api_name="save_toml")
-    start_btn.click(train, form.components, outputs, api_name="train", concurrency_limit=None)
+    start_btn.click(train, [*form.components, gpus], outputs, api_name="train", concurrency_limit=None)
     stop_btn.click(stop, None, log, api_name="stop", concurrency_limit=None)
     return {"form": form, "outputs": outputs, "follow": lambda: (yield from follow(ctx)), "train_toml": train_toml}
