@@ -169,6 +169,11 @@ def _launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
 
 
+def _rank() -> int:
+    """This process's rank under accelerate launch or torchrun (0, the main one, otherwise)."""
+    return int(os.environ.get("RANK", "0") or 0)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     if args.print_config:
@@ -185,8 +190,9 @@ def cmd_train(args: argparse.Namespace) -> int:
                 return  # the launcher passing on the Ctrl-C this process got from the terminal already
             raise KeyboardInterrupt
         first_signal[0] = time.monotonic()
-        print(f"\n{signal.Signals(signum).name}: stopping after this step and saving a checkpoint "
-              "(send it again to quit at once)...", file=sys.stderr)
+        if _rank() == 0:  # the main process speaks for the run
+            print(f"\n{signal.Signals(signum).name}: stopping after this step and saving a checkpoint "
+                  "(send it again to quit at once)...", file=sys.stderr)
         stop.set()
 
     def stop_requested() -> bool:
@@ -381,7 +387,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StyleloraError as e:
         if args.debug:
             traceback.print_exc()
-        rank = int(os.environ.get("RANK", "0") or 0)
+        rank = _rank()
         if rank == 0:
             print(f"error: {e}", file=sys.stderr)
         elif not isinstance(e, ConfigError):  # every process checks the same config; the main one says what is wrong
