@@ -134,6 +134,12 @@ def _accelerator(config: Config, out: Path) -> Any:
                           "with 'accelerate launch' or 'torchrun' (the README shows how).") from None
     if cfg.device == "cuda" and accelerator.device.type != "cuda":
         raise ConfigError("train.device: 'cuda' was asked for but no CUDA GPU is available")
+    if accelerator.distributed_type.name in ("DEEPSPEED", "FSDP"):  # the LoRA is read and saved unsharded
+        raise ConfigError(
+            f"train.device: this launch uses {accelerator.distributed_type.name}, which stylelora does not support; "
+            "launch plain data-parallel processes (accelerate launch --multi_gpu, or an accelerate config with "
+            "distributed_type: MULTI_GPU). The README says why and what saves memory instead."
+        )
     if accelerator.num_processes != launched:  # never train the same batches twice, each process alone
         raise ConfigError(
             f"train.device: {launched} processes were launched, but accelerate joined {accelerator.num_processes} "
