@@ -65,20 +65,15 @@ class Processes:
 
     def any(self, flag: bool) -> bool:
         """Whether ``flag`` is set in any process (a stop request reaches one of them, all stop together)."""
-        if self.count == 1:
-            return flag
-        return self._sum(float(flag)) > 0
+        return self.sum([float(flag)])[0] > 0
 
-    def mean(self, value: float) -> float:
-        """The mean of every process's ``value`` (their losses make the loss of the step)."""
+    def sum(self, values: list[float]) -> list[float]:
+        """Each of ``values`` summed over the processes (in one all-reduce)."""
         if self.count == 1:
-            return value
-        return self._sum(value) / self.count
-
-    def _sum(self, value: float) -> float:
-        summed = torch.tensor([value], dtype=torch.float64, device=self.device)
+            return list(values)
+        summed = torch.tensor(values, dtype=torch.float64, device=self.device)
         torch.distributed.all_reduce(summed)
-        return float(summed[0])
+        return summed.tolist()
 
     def wait(self) -> None:
         """Wait until every process gets here."""

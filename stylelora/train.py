@@ -389,9 +389,10 @@ def _train(config: Config, emit: RunTracker, stop: StopSignal, model: BaseModel 
                         ema.update()
                 optimizer.zero_grad(set_to_none=True)
             step_loss += loss.item() / cfg.gradient_accumulation_steps
-            images += len(batch) * team.count
+            images += len(batch)
         step += 1
-        step_loss = team.mean(step_loss)  # the loss of the whole step, as one process would have seen it
+        loss_sum, images = team.sum([step_loss, images])  # the whole step's, as one process would see it
+        step_loss = loss_sum / team.count
         losses_seen.append(step_loss)
 
         elapsed, rate, eta = clock.pace(step, cfg.steps)
