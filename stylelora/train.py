@@ -414,14 +414,14 @@ def _train(config: Config, emit: RunTracker, stop: StopSignal, model: BaseModel 
 
     # --- final save (also after a stop request); the export uses the EMA weights when EMA is on ---
     ckpt.snapshot(live, step, clock.elapsed(), cfg.keep_checkpoints, emit)
-    paths: list[Path] = []
+    adapters: list[Path] = []
     if team.is_main:
         with live.averaged():
-            paths = export_adapter(model, config, out, step, data.num_images, data.items)
-        emit(events.AdapterSaved(step, paths))
+            adapters = export_adapter(model, config, out, step, data.num_images, data.items)
+        emit(events.AdapterSaved(step, adapters))
     team.wait()  # the others end with the main one, so a failed export ends the whole launch
     accelerator.end_training()  # also leaves the process group
     if stopped:
         emit(events.Message(f"stopped at step {step} of {cfg.steps}; continue with: {resume_command(out, team.count)}"))
-    emit(events.Finished(step, stopped, out, paths))
-    return RunResult(out, step, stopped, paths, losses_seen)
+    emit(events.Finished(step, stopped, out, adapters))
+    return RunResult(out, step, stopped, adapters, losses_seen)

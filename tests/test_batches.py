@@ -7,6 +7,7 @@ import torch
 
 from conftest import draw_image, tiny_config
 from stylelora.batches import BatchSource, TrainingSet
+from stylelora.losses import noise_and_timesteps
 from stylelora.models import load_base_model
 
 
@@ -135,3 +136,36 @@ def test_text_encoder_runs_once_per_caption_when_cached(dataset: Path, tmp_path:
     training = source_for(dataset, tmp_path, model, **{"lora.train_text_encoder": True})
     te.rows = 0
     assert training.next_batch().encoder_states is None and te.rows == 0  # the loop runs it, with gradients
+
+
+def _noise(batch) -> tuple[torch.Tensor, torch.Tensor]:
+    return noise_and_timesteps(batch.noise_generators, batch.latents.shape[1:], 1000, offset=0.1)
+
+
+def test_processes_deal_out_one_global_order_of_batches(dataset: Path, tmp_path: Path, model) -> None:
+    # every per-example random choice on: flips, random crops, caption dropout, the posterior sample, noise
+    opts = {"data.random_flip": True, "data.center_crop": False, "data.caption_dropout": 0.3}
+    single = source_for(dataset, tmp_path, model, **opts)
+    expected = [single.next_batch() for _ in range(10)]  # two and a half epochs of 4 images
+    config = tiny_config(dataset, tmp_path / "out", **opts)
+    ranks = [BatchSource(TrainingSet.from_config(config), config, model, rank, 2) for rank in (0, 1)]
+    for b in range(5):  # process r's batch b is the single process's batch 2b + r
+        for rank, source in enumerate(ranks):
+            got, want = source.next_batch(), expected[2 * b + rank]
+            assert got.images == want.images and got.captions == want.captions
+            assert torch.equal(got.latents, want.latents)
+            assert all(torch.equal(x, y) for x, y in zip(_noise(got), _noise(want), strict=True))
+        assert ranks[0].state() == ranks[1].state()  # the position saved is the global one
+    assert ranks[0].state() == single.state() == {"epoch": 2, "batch": 2}
+
+
+def test_an_example_trains_the_same_in_batches_of_1_and_of_2(dataset: Path, tmp_path: Path, model) -> None:
+    ones = source_for(dataset, tmp_path, model, **{"data.random_flip": True})
+    twos = source_for(dataset, tmp_path, model, **{"data.random_flip": True, "train.batch_size": 2})
+    for _ in range(4):  # two epochs: a batch of 2 holds the next two batches of 1, with their noise
+        pair, first, second = twos.next_batch(), ones.next_batch(), ones.next_batch()
+        assert pair.images == first.images + second.images
+        assert torch.equal(pair.latents, torch.cat([first.latents, second.latents]))
+        noise, timesteps = _noise(pair)
+        (n1, t1), (n2, t2) = _noise(first), _noise(second)
+        assert torch.equal(noise, torch.cat([n1, n2])) and torch.equal(timesteps, torch.cat([t1, t2]))
