@@ -169,3 +169,21 @@ def test_an_example_trains_the_same_in_batches_of_1_and_of_2(dataset: Path, tmp_
         noise, timesteps = _noise(pair)
         (n1, t1), (n2, t2) = _noise(first), _noise(second)
         assert torch.equal(noise, torch.cat([n1, n2])) and torch.equal(timesteps, torch.cat([t1, t2]))
+
+
+def test_processes_share_the_disk_cache_and_each_entry_has_one_writer(dataset: Path, tmp_path: Path) -> None:
+    from stylelora.cache import LatentCache
+
+    keys = [(image, (64, 64), "centre", flip) for image in sorted(dataset.glob("*.png")) for flip in (False, True)]
+    posterior = (torch.zeros(4, 8, 8), torch.ones(4, 8, 8))
+    folder = tmp_path / "cache"
+    written: list[set[Path]] = []
+    for rank in (0, 1):  # each process puts every key, as both meet every image over a run
+        before = set(folder.rglob("*.safetensors"))
+        process = LatentCache(folder, "vae", writer=(rank, 2))
+        for key in keys:
+            process.put(key, posterior)
+        written.append(set(folder.rglob("*.safetensors")) - before)
+    assert all(written) and len(written[0]) + len(written[1]) == len(keys)  # split, none written twice
+    reader = LatentCache(folder, "vae")  # a later run, or the other process, reads every entry
+    assert all(reader.get(key) is not None for key in keys) and reader.hits == len(keys)
