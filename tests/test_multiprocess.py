@@ -213,7 +213,8 @@ def test_the_app_offers_gpus_and_follows_and_stops_a_two_process_run(tmp_path: P
         assert gpus.visible and [c[1] for c in gpus.choices] == [1, 2]
         client = Client(url, verbose=False)
         toml = "\n".join(['[model]', 'name = "builtin:tiny"', '[data]', 'path = "datasets/example"',
-                          'resolution = 64', '[lora]', 'rank = 4', '[train]', 'steps = 1000', 'device = "cpu"'])
+                          'resolution = 64', '[lora]', 'rank = 4', '[train]', 'steps = 1000', 'device = "cpu"',
+                          'lr = 1e-4', 'scale_lr = true'])
         job = client.submit(toml, 2, api_name="/train_toml")
         for update in job:
             if update["step"] >= 2:
@@ -233,7 +234,11 @@ def test_the_app_offers_gpus_and_follows_and_stops_a_two_process_run(tmp_path: P
     assert [p.name for p in finished.adapter_paths] == ["example.safetensors", "pytorch_lora_weights.safetensors"]
     assert [m["step"] for m in metrics(out)] == steps
     assert [p.name for p in list_checkpoints(out)] == [f"step-{finished.step:06d}"]
-    assert any(isinstance(e, events.Message) and "stopped at step" in e.text for e in snap.events)
+    messages = [e.text for e in snap.events if isinstance(e, events.Message)]
+    assert any("stopped at step" in m for m in messages)
+    # train.scale_lr: said aloud, and the rate trained with is the configured one times the processes
+    assert "train.scale_lr: learning rates x 2 processes (lr 0.0001 -> 0.0002)" in messages
+    assert all(m["lr"] == pytest.approx(2e-4) for m in metrics(out))
     replay = Config.load(out / "config.toml")  # the TOML a CLI run writes, which `stylelora train` replays
     assert (replay.data.path, replay.train.output_dir, replay.train.device) == (
         str(root / "datasets" / "example"), str(out), "cpu")
