@@ -88,7 +88,8 @@ def selects(selector: str, path: str) -> bool:
     return block is not None and (block == selector or block.startswith(selector + "."))
 
 
-def select(paths: Iterable[str], selectors: Iterable[str], field: str = "lora.blocks") -> list[str]:
+def select(paths: Iterable[str], selectors: Iterable[str], field: str = "lora.blocks",
+           what: str = "this model's UNet") -> list[str]:
     """The module paths inside the selected blocks. A selector that picks none of ``paths`` raises
     ConfigError naming the blocks that do exist (e.g. ``style`` on an SD1.5 UNet, whose first up block
     has no attention)."""
@@ -100,7 +101,7 @@ def select(paths: Iterable[str], selectors: Iterable[str], field: str = "lora.bl
         if not found:
             known = sorted({b for b in (block_name(p) for p in paths) if b is not None}, key=_block_order)
             raise ConfigError(
-                f"{field}: '{selector}' names no module of this model's UNet; its blocks are: {', '.join(known)}"
+                f"{field}: '{selector}' names no module of {what}; its blocks are: {', '.join(known) or 'none'}"
                 + (" (the style and content presets follow B-LoRA's finding for SDXL's UNet)"
                    if selector in PRESETS["style"] + PRESETS["content"] else "")
             )

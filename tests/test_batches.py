@@ -75,7 +75,7 @@ def test_flips_are_cached_per_side(dataset: Path, tmp_path: Path, model, monkeyp
     source = source_for(dataset, tmp_path, model, **{"data.random_flip": True})
     for _ in range(40):
         source.next_batch()
-    sides = {(e, source.data.view(ep, s).flip) for ep in range(10) for s in range(4) for e in [source.data.example(ep, s)]}
+    sides = {(source.data.example(ep, s), source.data.view(ep, s).flip) for ep in range(10) for s in range(4)}
     assert len({f for _, f in sides}) == 2 and vae.rows == len(sides) <= 8
 
 
