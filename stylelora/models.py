@@ -22,6 +22,7 @@ LOCON_TARGETS = ["conv1", "conv2"]
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
 KINDS = ("sd1", "sd2", "sd2-v", "sdxl")  # SD1.x, SD2 512 (epsilon), SD2 768-v, SDXL
 KIND_NAMES = {"sd1": "SD1.x", "sd2": "SD2 512", "sd2-v": "SD2 768-v", "sdxl": "SDXL"}
+KIND_PRESETS = {"sdxl": "sdxl-style", "sd2-v": "sd2-768v"}  # presets/<name>.toml made for a kind
 
 
 @dataclass
@@ -470,6 +471,73 @@ def _load_hub(name: str) -> Any:
     except Exception as e:
         raise ModelError(_offline_hint(name)) from e
     return pipeline
+
+
+# --- what a model is, without loading it ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """A base model's kind and native resolution, as read from its configs (forms show them)."""
+
+    kind: str
+    native_resolution: int
+
+    def describe(self) -> str:
+        return f"{KIND_NAMES[self.kind]}, {self.native_resolution} px native"
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    import json
+
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _folder_facts(folder: Path) -> ModelFacts:
+    index = _read_json(folder / "model_index.json")
+    unet = _read_json(folder / "unet" / "config.json")
+    encoder = folder / "text_encoder" / "config.json"
+    scheduler = folder / "scheduler" / "scheduler_config.json"
+    vae = folder / "vae" / "config.json"
+    kind = detect_kind(index.get("_class_name", ""), unet, _read_json(encoder) if encoder.is_file() else None,
+                       _read_json(scheduler) if scheduler.is_file() else None)
+    levels = len(_read_json(vae).get("block_out_channels", [0] * 4)) if vae.is_file() else 4
+    return ModelFacts(kind, int(unet.get("sample_size", 64)) * 2 ** (levels - 1))
+
+
+# what diffusers assumes for a single-file checkpoint of each family (its SD2 default is 2.1, 768-v)
+_SINGLE_FILE_FACTS = {"sdxl": ModelFacts("sdxl", 1024), "sd2": ModelFacts("sd2-v", 768), "sd1": ModelFacts("sd1", 512)}
+
+
+def peek_model(name: str, config_source: str = "") -> ModelFacts | None:
+    """The kind and native resolution of the model ``name`` from its configs, without loading weights: a
+    built-in, a diffusers folder, a single file (by its keys: SGM's second text encoder says SDXL, an
+    OpenCLIP one SD2), a hub id in the local cache. None when that cannot be known before loading."""
+    try:
+        if name.startswith("builtin:"):
+            model = load_base_model(name)
+            return ModelFacts(model.kind, model.native_resolution)
+        path = Path(name).expanduser()
+        if path.is_dir() and (path / "model_index.json").is_file():
+            return _folder_facts(path)
+        if path.is_file() and path.suffix.lower() == ".safetensors":
+            if config_source and (Path(config_source) / "model_index.json").is_file():
+                return _folder_facts(Path(config_source))
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                keys = list(f.keys())
+            if any(k.startswith(SDXL_SINGLE_FILE_KEY) for k in keys):
+                return _SINGLE_FILE_FACTS["sdxl"]
+            return _SINGLE_FILE_FACTS["sd2" if any(k.startswith("cond_stage_model.model.") for k in keys) else "sd1"]
+        if not path.exists() and name.count("/") == 1 and not name.startswith((".", "/", "~")):
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(name, "model_index.json")
+            return _folder_facts(Path(cached).parent) if isinstance(cached, str) else None
+    except (OSError, ValueError, ModelError) as e:  # unreadable configs: the loader will say what is wrong
+        log.debug("cannot tell what %s is before loading it: %s", name, e)
+    return None
 
 
 # --- LoRA ---------------------------------------------------------------------------------------

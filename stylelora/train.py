@@ -25,7 +25,7 @@ from .ema import LoraEMA
 from .errors import ConfigError, DiskFullError, TrainingError
 from .failures import RunTracker, disk_full_advice, is_out_of_memory, out_of_memory_advice, where_to_resume
 from .metrics import MetricsLog
-from .models import KIND_NAMES, BaseModel, load_base_model, prepare_for_training
+from .models import KIND_NAMES, KIND_PRESETS, BaseModel, load_base_model, prepare_for_training
 from .text import encode_text
 from .validation import Validator, split_holdout
 
@@ -148,10 +148,9 @@ def _model_notes(config: Config, model: BaseModel) -> list[events.Message]:
     notes = [events.Message(f"base model: {KIND_NAMES[model.kind]}, {model.prediction_type} prediction, "
                             f"{native} px native; training at {resolution} px")]
     if model.kind in ("sdxl", "sd2-v") and resolution < native * 3 // 4:
-        preset = "sdxl-style" if model.kind == "sdxl" else "sd2-768v"
         notes.append(events.Message(
             f"data.resolution {resolution} is far below this model's {native} px: it learns worse at a small "
-            f"size; set data.resolution={native} (presets/{preset}.toml does)", level="warning"))
+            f"size; set data.resolution={native} (presets/{KIND_PRESETS[model.kind]}.toml does)", level="warning"))
     return notes
 
 

@@ -386,3 +386,14 @@ def test_headless_run_on_a_model_folder_stylelora_did_not_write(kind: str, tmp_p
     with captured_logs() as records:
         pipe.load_lora_weights(str(out), weight_name=path.name)
     assert_loaded_cleanly(records)
+
+
+def test_presets_for_sdxl_and_sd2_768v_load_and_fit_their_kind() -> None:
+    from conftest import ROOT
+    from stylelora.models import KIND_PRESETS
+
+    sdxl = Config.load(ROOT / "presets" / f"{KIND_PRESETS['sdxl']}.toml")
+    assert (sdxl.data.resolution, sdxl.train.gradient_checkpointing, sdxl.train.mixed_precision) == (1024, True, "auto")
+    assert "xl" in sdxl.model.name
+    sd2 = Config.load(ROOT / "presets" / f"{KIND_PRESETS['sd2-v']}.toml")
+    assert sd2.data.resolution == 768 and sd2.model.prediction_type == "auto"  # v is read from the scheduler
