@@ -3,6 +3,7 @@ by structure, metadata per kind, adapters that diffusers loads, exact resume, fo
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -242,7 +243,9 @@ def test_sdxl_resume_gives_the_uninterrupted_adapter(tmp_path: Path, data: Path)
     settings = {"model.name": "builtin:tiny-sdxl", "train.steps": 6, "train.save_every": 2,
                 "lora.train_text_encoder": True, "data.random_flip": True, "train.noise_offset": 0.1,
                 "train.min_snr_gamma": 5.0, "train.ema": True,
-                "lora.dropout": 0.1, "train.text_encoder_2_lr": 5e-5, "export.precision": "fp32", "export.name": "s"}
+                "lora.dropout": 0.1, "train.text_encoder_2_lr": 5e-5, "export.precision": "fp32", "export.name": "s",
+                "train.validation_images": 1, "train.validate_every": 3, "sample.prompts": ["a cat"],
+                "sample.every": 3, "sample.steps": 2}
     whole = train(tiny_config(data, tmp_path / "whole", **settings))
     steps: list[int] = []
     stopped = train(tiny_config(data, tmp_path / "cut", **settings),
@@ -255,6 +258,13 @@ def test_sdxl_resume_gives_the_uninterrupted_adapter(tmp_path: Path, data: Path)
     assert expected.keys() == got.keys() and any(k.startswith("lora_te2_") for k in got)
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)
+    # validation and samples ran with SDXL's conditioning, and agree between the two runs
+    metrics = [[json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+               for run in ("whole", "cut")]
+    validation = [[m["val_loss"] for m in run if "val_loss" in m] for run in metrics]
+    assert len(validation[0]) == 2 and validation[1] == pytest.approx(validation[0], rel=1e-5)
+    for step in (3, 6):
+        assert (tmp_path / "cut" / "samples" / f"step-{step:06d}-00.png").is_file()
 
 
 def test_each_text_encoder_trains_at_its_own_rate_or_not_at_all(tmp_path: Path, data: Path) -> None:
@@ -281,6 +291,14 @@ def test_fp16_runs_keep_sdxls_vae_in_fp32(tmp_path: Path, data: Path) -> None:
     assert dtype == torch.float16 and model.unet.dtype == torch.float16 and model.vae.dtype == torch.float32
     source = BatchSource(TrainingSet.from_config(config), config, model)
     assert any("VAE encodes in fp32" in n and "SDXL's VAE overflows in fp16" in n for n in source.notes)
+    assert source.next_batch().latents.dtype == torch.float32  # encoded by the fp32 VAE
+    # samples: the fp16 UNet's latents are decoded by the fp32 VAE (the pipeline alone would mix dtypes)
+    from stylelora.artifacts import render_samples
+
+    [path] = render_samples(model, config.with_overrides({"sample.prompts": ["a cat"], "sample.steps": 2}),
+                            tmp_path / "o", step=1)
+    sample = np.asarray(Image.open(path), dtype=np.float32)
+    assert sample.shape == (64, 64, 3) and sample.std() > 1
     sd1 = load_base_model("builtin:tiny")
     prepare_for_training(sd1, config.with_overrides({"model.name": "builtin:tiny"}), torch.device("cpu"), "fp16")
     assert sd1.vae.dtype == torch.float16
