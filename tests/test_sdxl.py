@@ -415,3 +415,15 @@ def test_presets_for_sdxl_and_sd2_768v_load_and_fit_their_kind() -> None:
     assert "xl" in sdxl.model.name
     sd2 = Config.load(ROOT / "presets" / f"{KIND_PRESETS['sd2-v']}.toml")
     assert sd2.data.resolution == 768 and sd2.model.prediction_type == "auto"  # v is read from the scheduler
+
+
+def test_model_kind_set_in_the_config_reaches_the_run_files_and_later_exports(tmp_path: Path, data: Path) -> None:
+    from stylelora.convert import export
+
+    out = tmp_path / "run"
+    train(tiny_config(data, out, **{"model.kind": "sd2-v", "train.steps": 1}))  # builtin:tiny taken as SD2-768-v
+    exported = export(out, "kohya", tmp_path / "again.safetensors").path
+    for path in (out / "run.safetensors", exported):
+        meta = kohya_metadata(path)
+        assert (meta["ss_v2"], meta["ss_v_parameterization"], meta["modelspec.architecture"]) == (
+            "True", "True", "stable-diffusion-v2-768-v/lora"), path
