@@ -201,7 +201,7 @@ def _add_generate(sub: Any) -> None:
 
 
 def _group_strength(text: str) -> tuple[str, float]:
-    group, sep, value = text.partition("=")
+    group, _, value = text.partition("=")
     try:
         return group.strip(), float(value)
     except ValueError:
@@ -216,8 +216,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     settings = GenerateSettings(**{name: getattr(args, name) for name in GENERATE_FLAGS.values()})
     check_sampler(settings.sampler)
     check_png_path(args.out)
-    if (args.scale or args.blocks) and not args.lora:
-        raise StyleloraError("--scale/--blocks: give --lora too; without an adapter there is nothing to scale")
+    for flag, given in (("--scale", args.scale), ("--blocks", args.blocks)):
+        if given and not args.lora:
+            raise StyleloraError(f"{flag}: give --lora too; without an adapter there is nothing to scale")
     groups = block_scales(dict(_group_strength(text) for text in args.blocks))
     if args.lora:
         find_adapter(args.lora)
