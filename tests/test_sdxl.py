@@ -97,6 +97,23 @@ def test_sdxl_text_is_both_encoders_penultimate_states_and_the_pooled_second() -
     assert ids[1][0, 0, -1] == model.tokenizers[1].pad_token_id == 0  # the second tokenizer pads with "!"
 
 
+def test_sdxl_long_captions_join_their_chunks_as_kohyas_sdxl_trainer() -> None:
+    model = load_base_model("builtin:tiny-sdxl")
+    caption = "a" * 199 + "z"  # 200 tokens for the built-in tokenizers (one per character)
+    ids = tokenize(model.tokenizers, [caption], max_token_length=225)
+    assert [t.shape for t in ids] == [(1, 3, 77), (1, 3, 77)]
+    with torch.no_grad():
+        text = encode_text(model.text_encoders, ids)
+        other = encode_text(model.text_encoders, tokenize(model.tokenizers, ["a" * 199 + "y"], 225))
+        first = model.text_encoder_2(ids[1][:, 0])
+        one = model.text_encoder(ids[0][0], output_hidden_states=True).hidden_states[-2]  # the 3 chunks
+    assert text.states.shape == (1, 227, 64)  # start, 3 x 75 text states, end; both encoders side by side
+    torch.testing.assert_close(text.states[0, 1:76, :32], one[0, 1:76])
+    torch.testing.assert_close(text.states[0, 151:226, :32], one[2, 1:76])
+    torch.testing.assert_close(text.pooled, first.text_embeds)  # the pooled text of the first chunk, as kohya
+    assert (text.states - other.states).abs().max() > 1e-3  # the 200th token counts
+
+
 def test_time_ids_are_each_images_real_size_applied_crop_and_bucket(tmp_path: Path) -> None:
     sizes = [(120, 72), (56, 150), (200, 200)]  # (w, h): landscape, portrait (smaller than the target), square
     for i, size in enumerate(sizes):
@@ -427,3 +444,37 @@ def test_model_kind_set_in_the_config_reaches_the_run_files_and_later_exports(tm
         meta = kohya_metadata(path)
         assert (meta["ss_v2"], meta["ss_v_parameterization"], meta["modelspec.architecture"]) == (
             "True", "True", "stable-diffusion-v2-768-v/lora"), path
+
+
+def test_sdxl_text_cache_holds_both_encoders_and_the_pooled_text(tmp_path: Path, data: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    model = load_base_model("builtin:tiny-sdxl")
+    calls = {"text_encoder": 0, "text_encoder_2": 0}
+    for part in calls:
+        encoder = getattr(model, part)
+        original = encoder.forward
+
+        def counted(*args, _part=part, _original=original, **kwargs):
+            calls[_part] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(encoder, "forward", counted)
+    config = tiny_config(data, tmp_path / "o", **{"model.name": "builtin:tiny-sdxl"})
+    cached = BatchSource(TrainingSet.from_config(config), config, model)
+    first = [cached.next_batch() for _ in range(6)]  # two epochs of three captions
+    assert calls == {"text_encoder": 3, "text_encoder_2": 3}  # each caption encoded once, by both
+    plain = BatchSource(TrainingSet.from_config(config), config.with_overrides({"cache.text_encoder": False}), model)
+    for a, b in zip(first, [plain.next_batch() for _ in range(6)], strict=True):
+        assert a.text is not None and b.text is not None and a.text.pooled is not None
+        torch.testing.assert_close(a.text.states, b.text.states)
+        torch.testing.assert_close(a.text.pooled, b.text.pooled)
+
+
+def test_buckets_at_1024_are_sdxls_usual_ones() -> None:
+    from stylelora.buckets import make_buckets
+
+    # SDXL's training resolutions (w, h) with the widest side for each height, from its paper's list
+    sdxl = {(1024, 1024), (1152, 896), (896, 1152), (1216, 832), (832, 1216), (1344, 768), (768, 1344),
+            (1600, 640), (640, 1600), (2048, 512), (512, 2048)}
+    assert sdxl <= set(make_buckets(1024, 64))
+    assert all(w * h <= 1024 * 1024 and max(w, h) <= 2048 for w, h in make_buckets(1024, 64))
