@@ -543,9 +543,6 @@ def peek_model(name: str, config_source: str = "") -> ModelFacts | None:
 # --- LoRA ---------------------------------------------------------------------------------------
 
 
-TEXT_ENCODER_CHOICE = {"both": ("text_encoder", "text_encoder_2"), "te1": ("text_encoder",), "te2": ("text_encoder_2",)}
-
-
 def _matches(path: str, names: list[str]) -> bool:
     """peft's rule for a list of target names: the module path is a name or ends with ``.name``."""
     return any(path == name or path.endswith("." + name) for name in names)
@@ -568,7 +565,9 @@ def add_lora(model: BaseModel, lora: LoraConfig) -> list[torch.nn.Parameter]:
     unet_names = [*lora.unet_targets, *(LOCON_TARGETS if lora.conv_rank else [])]
     targets: list[tuple[torch.nn.Module, list[str]]] = [(model.unet, unet_targets(model, lora, unet_names))]
     if lora.train_text_encoder:
-        chosen = TEXT_ENCODER_CHOICE[lora.text_encoders] if model.text_encoder_2 is not None else ("text_encoder",)
+        chosen = blocks.TEXT_PARTS["te" if lora.text_encoders == "both" else lora.text_encoders]
+        if model.text_encoder_2 is None:  # SD1/SD2: the one text encoder
+            chosen = ("text_encoder",)
         targets += [(m, lora.text_encoder_targets) for part, m in model.parts() if part in chosen]
     for module in [model.vae] + [m for _, m in model.parts()]:
         module.requires_grad_(False)
