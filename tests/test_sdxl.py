@@ -55,6 +55,22 @@ def runs(tmp_path_factory: pytest.TempPathFactory, data: Path) -> dict[str, Path
 # --- what the model is --------------------------------------------------------------------------------
 
 
+def test_forms_learn_the_kind_from_configs_or_file_keys_without_loading(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from stylelora.models import ModelFacts, peek_model
+
+    folder = _foreign_sd2v(tmp_path / "sd2v")
+    assert peek_model(str(folder)) == ModelFacts("sd2-v", 192)  # 96 latents wide, a VAE that halves twice
+    assert peek_model("builtin:tiny-sdxl") == ModelFacts("sdxl", 64)
+    for key, kind in [("conditioner.embedders.1.model.ln_final.weight", "sdxl"),
+                      ("cond_stage_model.model.ln_final.weight", "sd2-v"),
+                      ("cond_stage_model.transformer.text_model.final_layer_norm.weight", "sd1")]:
+        save_file({key: torch.zeros(1)}, str(tmp_path / "single.safetensors"))
+        assert peek_model(str(tmp_path / "single.safetensors")).kind == kind
+    assert peek_model("someone/not-in-the-cache") is None
+
+
 def test_kind_is_told_apart_by_structure_and_can_be_set() -> None:
     kinds = [load_base_model(f"builtin:{k}").kind for k in ("tiny", "tiny-sd2v", "tiny-sdxl")]
     assert kinds == ["sd1", "sd2-v", "sdxl"]
