@@ -494,3 +494,13 @@ def test_buckets_at_1024_are_sdxls_usual_ones() -> None:
             (1600, 640), (640, 1600), (2048, 512), (512, 2048)}
     assert sdxl <= set(make_buckets(1024, 64))
     assert all(w * h <= 1024 * 1024 and max(w, h) <= 2048 for w, h in make_buckets(1024, 64))
+
+
+def test_zero_terminal_snr_trains_the_v_prediction_sd2_and_is_refused_for_epsilon_sdxl(tmp_path: Path,
+                                                                                     data: Path) -> None:
+    result = train(tiny_config(data, tmp_path / "v", **{"model.name": "builtin:tiny-sd2v", "train.steps": 2,
+                                                         "train.zero_terminal_snr": True}))
+    assert result.steps == 2 and all(np.isfinite(result.losses))
+    with pytest.raises(ConfigError, match="zero_terminal_snr: needs v-prediction, but this model predicts epsilon"):
+        train(tiny_config(data, tmp_path / "xl", **{"model.name": "builtin:tiny-sdxl", "train.steps": 2,
+                                                    "train.zero_terminal_snr": True}))
