@@ -3,7 +3,7 @@
 Latents are cached as the VAE posterior's mean and standard deviation, not as one sample: the
 trainer samples ``mean + std * noise`` with its own seeded noise each time, exactly as an uncached
 run would. On disk each entry is one safetensors file keyed by the image file's content hash, the
-bucket, the crop, the flip and the VAE's identity (a hash of its config and weights), so a later run
+bucket, the crop box, the flip and the VAE's identity (a hash of its config and weights), so a later run
 on the same images and VAE reuses it, and a different VAE or crop never picks up a stale entry.
 Under several processes each entry has one writer (chosen from its name), so no two processes ever
 write the same file; the others read it once it is there, or encode the image themselves.
@@ -28,7 +28,7 @@ from .fileio import atomic_path
 log = logging.getLogger(__name__)
 
 # Bump when the way pixels are prepared changes, so old disk entries stop matching.
-PREPARE_VERSION = "1"
+PREPARE_VERSION = "2"  # 2: the crop box (left,top) in the key, not "centre"
 
 Posterior = tuple[torch.Tensor, torch.Tensor]  # (mean, std), fp32 on the CPU
 
@@ -59,7 +59,7 @@ def file_hash(path: Path) -> str:
 
 
 class LatentCache:
-    """Posteriors keyed by (image, bucket, crop, flip): in memory, and on disk when ``folder`` is set.
+    """Posteriors keyed by (image, bucket, crop "left,top", flip): in memory, and on disk when ``folder`` is set.
 
     ``writer`` is (rank, processes): this process writes the disk entries whose name falls to its rank.
     """

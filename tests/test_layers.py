@@ -24,9 +24,9 @@ LAYERS: list[tuple[str, list[tuple[str, ...]]]] = [
     ("engine", [("train", "generate"), ("artifacts",)]),
     ("adapters", [("merge",), ("convert",), ("formats",), ("metadata",), ("adapter",), ("kohya_names",)]),
     ("data", [("batches", "doctor"), ("buckets", "imagecheck"), ("dataset", "cache", "images"), ("captions",)]),
-    ("model", [("failures", "validation"), ("checkpoint", "optim"), ("models", "losses", "samplers", "ema"),
+    ("model", [("failures", "validation"), ("checkpoint", "optim"), ("models", "losses", "samplers", "ema", "text"),
                ("processes",)]),
-    ("base", [("events", "metrics"), ("config",), ("fileio",), ("errors",)]),
+    ("base", [("events", "metrics"), ("config",), ("blocks",), ("fileio",), ("errors",)]),
 ]
 SHELLS = ("app", "webui")  # first-party code outside the library: the Gradio app
 
