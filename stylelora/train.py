@@ -236,12 +236,22 @@ def _validator(config: Config, held_out: list[Item], model: BaseModel, noise_sch
 
 def _prepare(accelerator: Any, model: BaseModel, optimizer: Any) -> tuple[Any, list[Any], Any]:
     """(unet, text encoders, optimizer) wrapped by accelerate. Only modules with trainable weights are
-    prepared: DDP refuses a fully frozen module."""
+    prepared: DDP refuses a fully frozen module. Under several processes, DDP looks for weights without a
+    gradient in the text encoders (only there, as it costs a walk of the graph every step): the last
+    layers' LoRA never reaches the loss when the states come from an earlier layer (SDXL, clip skip).
+    Where every weight does reach it, PyTorch warns once that the search found nothing; that is harmless
+    (its static_graph alternative fails with gradient accumulation)."""
+    from accelerate.utils import DistributedDataParallelKwargs
+
     encoders = model.text_encoders
     training = [i for i, encoder in enumerate(encoders) if any(p.requires_grad for p in encoder.parameters())]
-    unet, *prepared, optimizer = accelerator.prepare(model.unet, *(encoders[i] for i in training), optimizer)
-    for i, encoder in zip(training, prepared, strict=True):
-        encoders[i] = encoder
+    unet, optimizer = accelerator.prepare(model.unet, optimizer)
+    accelerator.ddp_handler = DistributedDataParallelKwargs(find_unused_parameters=True)
+    try:
+        for i in training:
+            encoders[i] = accelerator.prepare_model(encoders[i])
+    finally:
+        accelerator.ddp_handler = None
     return unet, encoders, optimizer
 
 
