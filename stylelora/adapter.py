@@ -101,6 +101,21 @@ class Adapter:
         except ConfigError as e:
             raise FormatError(f"the embedded training config cannot be read ({e}); pass the base model") from None
 
+    def with_alpha_baked(self) -> Adapter:
+        """The same deltas with alpha/rank folded into each lora_B and alpha = rank (scale 1), for
+        loaders that read no alpha. DoRA magnitudes stay: W + scale·B·A is unchanged."""
+        state: dict[str, dict[str, torch.Tensor]] = {}
+        alphas: dict[str, dict[str, float]] = {}
+        for part, sd in self.state.items():
+            state[part] = dict(sd)
+            alphas[part] = {}
+            for path in self.modules(part):
+                rank = self.rank_of(part, path)
+                up = sd[f"{path}.lora_B.weight"]
+                state[part][f"{path}.lora_B.weight"] = (up.double() * (self.alpha_of(part, path) / rank)).to(up.dtype)
+                alphas[part][path] = float(rank)
+        return Adapter.from_module_alphas(state, alphas, self.metadata)
+
     def num_modules(self) -> dict[str, int]:
         return {part: len(self.modules(part)) for part in self.state}
 

@@ -98,7 +98,7 @@ def open_adapter(source: str | Path, base_model: str | BaseModel | None = None) 
             )
     layout = ModelLayout.of(model)
     adapter = adapter_from_tensors(tensors, metadata, layout, str(path))
-    dtype = next(v.dtype for k, v in tensors.items() if "lora_A" in k or "lora_down" in k or "lora.down" in k)
+    dtype = next(v.dtype for v in tensors.values() if v.dim() >= 2)  # of the weights, not the alphas
     precision = {v: k for k, v in DTYPES.items()}.get(dtype, "fp32")
     return Source(path, fmt, adapter, model, layout, precision, name)
 

@@ -80,7 +80,16 @@ def _builtin_tokenizer() -> Any:
         vocab[s] = len(vocab)
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    try:
+        return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    except TypeError:  # transformers 4: the tokenizer reads its vocabulary from files only
+        import json
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="stylelora-tokenizer-") as tmp:
+            (Path(tmp) / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+            (Path(tmp) / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+            return CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), model_max_length=77)
 
 
 # Sizes of the SD1-shaped built-ins. tiny: tests and the CPU demo (64 px native). small: the same
