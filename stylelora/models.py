@@ -16,8 +16,14 @@ from .errors import ModelError
 log = logging.getLogger(__name__)
 
 ADAPTER_NAME = "default"
-# The 3x3 convs of diffusers' ResnetBlock2D (no other UNet module is named conv1/conv2).
-LOCON_TARGETS = ["conv1", "conv2"]
+# LoCon covers what kohya's conv_dim covers (sd-scripts networks/lora.py): every Conv2d and Linear
+# inside the UNet's ResnetBlock2D, Downsample2D and Upsample2D. Its kxk convs (ResNet conv1/conv2, the
+# down/upsampler conv) take conv_rank/conv_alpha; the 1x1 conv_shortcut (ResNets that change width)
+# and time_emb_proj take the network's rank/alpha, as kohya gives 1x1 convs and Linears.
+# (No other UNet module ends in these names.)
+LOCON_KXK_TARGETS = ["conv1", "conv2", "downsamplers.0.conv", "upsamplers.0.conv"]
+LOCON_LINEAR_TARGETS = ["conv_shortcut", "time_emb_proj"]
+LOCON_TARGETS = LOCON_KXK_TARGETS + LOCON_LINEAR_TARGETS
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
 
 
@@ -398,10 +404,11 @@ def add_lora(model: BaseModel, lora: LoraConfig) -> list[torch.nn.Parameter]:
         rank_pattern: dict[str, int] = {}
         alpha_pattern: dict[str, float] = {}
         if module is model.unet and lora.conv_rank:
-            # LoCon: the 3x3 convs of the ResNet blocks, with their own rank and alpha.
-            names = [*names, *LOCON_TARGETS]
-            rank_pattern = {name: lora.conv_rank for name in LOCON_TARGETS}
-            alpha_pattern = {name: lora.conv_alpha for name in LOCON_TARGETS}
+            # LoCon as kohya's conv_dim: the kxk convs with their own rank and alpha, the rest of the
+            # ResNet/down/upsample blocks' layers at the network's.
+            names = [*names, *(t for t in LOCON_TARGETS if t not in names)]
+            rank_pattern = {name: lora.conv_rank for name in LOCON_KXK_TARGETS}
+            alpha_pattern = {name: lora.conv_alpha for name in LOCON_KXK_TARGETS}
         peft_config = PeftLoraConfig(
             r=lora.rank,
             lora_alpha=lora.alpha,

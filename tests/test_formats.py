@@ -19,20 +19,20 @@ from stylelora import formats
 from stylelora.config import TEXT_ENCODER_TARGETS, UNET_TARGETS, Config
 from stylelora.errors import FormatError
 from stylelora.formats import Adapter, ModelLayout, load_adapter, save_diffusers, save_kohya, to_kohya
-from stylelora.models import load_base_model, lora_alphas, lora_state
+from stylelora.models import LOCON_KXK_TARGETS, LOCON_TARGETS, load_base_model, lora_alphas, lora_state
 
 # --- helpers -------------------------------------------------------------------------------------
 
 
 def make_adapter(kind: str = "tiny", rank: int = 4, alpha: float = 2.0, conv_rank: int = 0, conv_alpha: float = 1.0,
                  te: bool = True, dora: bool = False, seed: int = 0, with_model: bool = False):
-    """A LoRA (optionally LoCon on the resnets' 3x3 convs, optionally DoRA) with random non-zero weights,
-    injected by peft exactly as training does, read back through lora_state/lora_alphas."""
+    """A LoRA (optionally LoCon over what kohya's conv_dim covers, optionally DoRA) with random non-zero
+    weights, injected by peft exactly as training does, read back through lora_state/lora_alphas."""
     from peft import LoraConfig, inject_adapter_in_model
 
     model = load_base_model(f"builtin:{kind}")
-    unet_targets = list(UNET_TARGETS) + (["conv1", "conv2"] if conv_rank else [])
-    pattern = {"conv1": conv_rank, "conv2": conv_rank} if conv_rank else {}
+    unet_targets = list(UNET_TARGETS) + (LOCON_TARGETS if conv_rank else [])
+    pattern = dict.fromkeys(LOCON_KXK_TARGETS, conv_rank) if conv_rank else {}
     cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=unet_targets, rank_pattern=pattern,
                      alpha_pattern={k: conv_alpha for k in pattern}, use_dora=dora)
     inject_adapter_in_model(cfg, model.unet, adapter_name="default")
@@ -456,3 +456,52 @@ def test_training_an_sdxl_model_is_refused_with_a_plain_message(dataset: Path, t
     with pytest.raises(ConfigError, match="model.name: 'builtin:tiny-sdxl' is an SDXL model"):
         train(tiny_config(dataset, tmp_path / "xl", **{"model.name": "builtin:tiny-sdxl"}))
     assert not (tmp_path / "xl" / "config.toml").exists()
+
+
+# --- LoCon as wide as kohya's conv_dim ----------------------------------------------------------------
+
+
+def kohya_conv_dim_modules(unet: torch.nn.Module) -> set[str]:
+    """What sd-scripts' networks/lora.py adapts in a UNet once conv_dim is set, beyond the attention
+    blocks: every Linear and Conv2d inside a ResnetBlock2D, Downsample2D or Upsample2D (its rule,
+    restated here independently of stylelora's target list)."""
+    found = set()
+    for name, module in unet.named_modules():
+        if type(module).__name__ in ("ResnetBlock2D", "Downsample2D", "Upsample2D"):
+            for child, sub in module.named_modules():
+                if type(sub).__name__ in ("Linear", "Conv2d") and "lora_" not in child and child:
+                    found.add(f"{name}.{child}".removesuffix(".base_layer"))
+    return found
+
+
+@pytest.mark.parametrize("kind, expected", [
+    ("tiny", {  # SD1 names are the diffusers paths; SD1.5 has the same three at these places
+        "lora_unet_down_blocks_1_resnets_0_conv_shortcut": ((4, 32, 1, 1), (64, 4, 1, 1), 2.0),
+        "lora_unet_down_blocks_0_downsamplers_0_conv": ((2, 32, 3, 3), (32, 2, 1, 1), 3.0),
+        "lora_unet_up_blocks_0_upsamplers_0_conv": ((2, 64, 3, 3), (64, 2, 1, 1), 3.0),
+        "lora_unet_down_blocks_0_resnets_0_time_emb_proj": ((4, 128), (32, 4), 2.0),
+    }),
+    ("tiny-sdxl", {  # SGM names (SDXL base 1.0 has input_blocks_7_0_skip_connection, _3_0_op, output_blocks_2_2_conv)
+        "lora_unet_input_blocks_7_0_skip_connection": ((4, 32, 1, 1), (64, 4, 1, 1), 2.0),
+        "lora_unet_input_blocks_3_0_op": ((2, 32, 3, 3), (32, 2, 1, 1), 3.0),
+        "lora_unet_input_blocks_6_0_op": ((2, 32, 3, 3), (32, 2, 1, 1), 3.0),
+        "lora_unet_output_blocks_2_2_conv": ((2, 64, 3, 3), (64, 2, 1, 1), 3.0),
+        "lora_unet_output_blocks_5_2_conv": ((2, 32, 3, 3), (32, 2, 1, 1), 3.0),
+        "lora_unet_input_blocks_1_0_emb_layers_1": ((4, 128), (32, 4), 2.0),
+    }),
+])
+def test_locon_covers_what_kohya_conv_dim_covers_with_kohya_names(kind: str, expected: dict) -> None:
+    from stylelora.models import add_lora
+
+    model = load_base_model(f"builtin:{kind}")
+    config = Config().with_overrides({"lora.rank": 4, "lora.alpha": 2.0, "lora.conv_rank": 2, "lora.conv_alpha": 3.0})
+    add_lora(model, config.lora)
+    adapter = Adapter.from_module_alphas(lora_state(model), lora_alphas(model))
+    tensors = to_kohya(adapter, ModelLayout.of(model))
+    for name, (down, up, alpha) in expected.items():
+        assert tuple(tensors[f"{name}.lora_down.weight"].shape) == down, name
+        assert tuple(tensors[f"{name}.lora_up.weight"].shape) == up, name
+        assert float(tensors[f"{name}.alpha"]) == alpha, name
+    # and nothing more or less than kohya's rule outside the attention blocks
+    adapted = set(adapter.modules("unet"))
+    assert {p for p in adapted if "attentions" not in p} == kohya_conv_dim_modules(model.unet)
