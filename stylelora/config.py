@@ -184,6 +184,9 @@ class SampleConfig:
 class ExportConfig:
     name: str = option("", "Adapter file name; empty means the run folder's name.")
     precision: Literal["fp16", "fp32", "bf16"] = option("fp16", "Precision of saved adapters.")
+    bake_alpha: bool = option(
+        False, "diffusers file: fold alpha/rank into each lora_B and store alpha = rank, so loaders that read no "
+        "alpha (diffusers before 0.34) apply the right strength; the kohya file keeps its alphas.")
 
 
 @dataclass

@@ -104,7 +104,7 @@ def open_adapter(source: str | Path, base_model: str | BaseModel | None = None) 
 
 
 def write_adapter(adapter: Adapter, fmt: str, out: str | Path, layout: ModelLayout, precision: str,
-                  name: str) -> tuple[Path, int]:
+                  name: str, bake_alpha: bool = False) -> tuple[Path, int]:
     """Save ``adapter`` as ``fmt`` at ``out`` (verified); returns the file and its number of tensors."""
     if fmt not in FORMATS:
         raise FormatError(f"format '{fmt}': choose one of {', '.join(FORMATS)}")
@@ -118,7 +118,7 @@ def write_adapter(adapter: Adapter, fmt: str, out: str | Path, layout: ModelLayo
             raise FormatError(f"--out {out}: a kohya adapter is one file; give a name ending in .safetensors")
         path = save_kohya(target, adapter, layout, precision)
     else:
-        path = save_diffusers(target, adapter, layout, precision)
+        path = save_diffusers(target, adapter, layout, precision, bake_alpha=bake_alpha)
     tensors, _ = read_safetensors(path)
     return path, len(tensors)
 
@@ -133,11 +133,13 @@ def describe(adapter: Adapter) -> str:
 
 
 def export(source: str | Path, fmt: str, out: str | Path, precision: str = "fp16",
-           base_model: str | BaseModel | None = None) -> ExportReport:
+           base_model: str | BaseModel | None = None, bake_alpha: bool = False) -> ExportReport:
+    """Convert a run folder or adapter file to ``fmt`` ("kohya" or "diffusers") at ``out``, verified.
+    ``bake_alpha`` (diffusers only) folds alpha/rank into the weights for loaders that read no alpha."""
     if fmt not in FORMATS:
         raise FormatError(f"format '{fmt}': choose one of {', '.join(FORMATS)}")
     src = open_adapter(source, base_model)
-    path, count = write_adapter(src.adapter, fmt, out, src.layout, precision, src.name)
+    path, count = write_adapter(src.adapter, fmt, out, src.layout, precision, src.name, bake_alpha)
     summary = (
         f"{fmt} adapter {path}: {count} tensors, {describe(src.adapter)}, {precision}; verified: re-read, every "
         f"tensor equal, every key names a module of {src.model.name}"

@@ -378,11 +378,11 @@ def _check_pairs_and_shapes(state, layout: ModelLayout, source: str) -> None:
 
 
 def export(source: str | Path, fmt: str, out: str | Path, precision: str = "fp16",
-           base_model: str | BaseModel | None = None) -> ExportReport:
+           base_model: str | BaseModel | None = None, bake_alpha: bool = False) -> ExportReport:
     """Convert a run folder or adapter file to ``fmt`` ("kohya" or "diffusers") at ``out``, verified."""
     from .convert import export as _export
 
-    return _export(source, fmt, out, precision, base_model)
+    return _export(source, fmt, out, precision, base_model, bake_alpha)
 
 
 def merge(model: str | BaseModel, lora: str | Path, scale: float, out: str | Path) -> Path:

@@ -430,3 +430,170 @@ def test_locon_covers_what_kohya_conv_dim_covers_with_kohya_names(kind: str, exp
     # and nothing more or less than kohya's rule outside the attention blocks
     adapted = set(adapter.modules("unet"))
     assert {p for p in adapted if "attentions" not in p} == kohya_conv_dim_modules(model.unet)
+
+
+# --- the diffusers file: conventional names, alphas every version reads, every layout read -------------
+
+
+@pytest.mark.parametrize("kind", ["tiny", "tiny-sdxl"])
+def test_diffusers_file_names_text_encoder_modules_under_text_model_whatever_transformers_calls_them(
+        tmp_path: Path, kind: str) -> None:
+    import transformers
+
+    adapter, model = make_adapter(kind, with_model=True)
+    module_names = [n for n, _ in model.text_encoder.named_modules() if n.endswith("q_proj")]
+    if int(transformers.__version__.split(".")[0]) >= 5:  # transformers 5 calls them encoder.layers...
+        assert module_names and not any(n.startswith("text_model.") for n in module_names)
+    path = save_diffusers(tmp_path / "d", adapter, load_base_model(f"builtin:{kind}"))
+    keys = load_file(path).keys()
+    te_keys = [k for k in keys if k.startswith("text_encoder")]
+    encoders = ["text_encoder", "text_encoder_2"] if kind == "tiny-sdxl" else ["text_encoder"]
+    assert {k.split(".", 1)[0] for k in te_keys} == set(encoders)
+    assert all(k.split(".", 1)[1].startswith("text_model.encoder.layers.") for k in te_keys)
+    assert f"{encoders[-1]}.text_model.encoder.layers.1.self_attn.q_proj.lora_A.weight" in keys
+    with safe_open(str(path), "pt") as f:
+        assert f.metadata()["stylelora.alpha"].startswith("lora_adapter_metadata")
+
+
+def strip_header(path: Path) -> Path:
+    """The file as a loader that reads no lora_adapter_metadata (diffusers before 0.34) sees it."""
+    tensors = load_file(path)
+    bare = path.with_name("bare.safetensors")
+    save_file(tensors, str(bare), metadata={"format": "pt"})
+    return bare
+
+
+def test_baked_alpha_gives_the_right_strength_to_a_loader_that_reads_no_alpha(tmp_path: Path) -> None:
+    adapter = make_adapter(rank=4, alpha=2.0, conv_rank=2, conv_alpha=3.0)  # scales 0.5 and 1.5
+    model = load_base_model("builtin:tiny")
+    baked = save_diffusers(tmp_path / "baked", adapter, model, precision="fp32", bake_alpha=True)
+    plain = save_diffusers(tmp_path / "plain", adapter, model, precision="fp32")
+    with safe_open(str(baked), "pt") as f:
+        assert f.metadata()["stylelora.alpha"].startswith("baked")
+    # read back, the baked file is the same adapter: every module's delta equal
+    again = load_adapter(baked, model)
+    for part in adapter.state:
+        for path in adapter.modules(part):
+            def delta(a: Adapter) -> torch.Tensor:
+                sd = a.state[part]
+                up, down = sd[f"{path}.lora_B.weight"].flatten(1), sd[f"{path}.lora_A.weight"].flatten(1)
+                return (up @ down) * a.alpha_of(part, path) / a.rank_of(part, path)
+            torch.testing.assert_close(delta(again), delta(adapter), atol=1e-7, rtol=1e-6)
+    # without the header (an old loader), the baked file still applies exactly; the plain one would not
+    before = {part: weights(module) for part, module in model.parts()}
+    bare = strip_header(baked)
+    with captured_logs() as records:
+        model.pipeline.load_lora_weights(str(bare.parent), weight_name=bare.name)
+    assert_loaded_cleanly(records)
+    model.pipeline.fuse_lora(lora_scale=1.0)
+    model.pipeline.unload_lora_weights()
+    assert_fused_delta(adapter, model, before)
+    wrong = load_adapter(strip_header(plain), model)
+    assert wrong.alpha_of("unet", "down_blocks.0.resnets.0.conv1") == 2.0  # alpha = rank: 1.5x scale lost
+
+
+def diffusers_sdxl_script_file(adapter: Adapter) -> dict[str, torch.Tensor]:
+    """An adapter keyed as diffusers' SDXL LoRA scripts (train_dreambooth_lora_sdxl.py,
+    train_text_to_image_lora_sdxl.py) save it: convert_state_dict_to_diffusers gives the UNet
+    ``.lora.down/.lora.up`` and the text encoders' q/k/v/out_proj ``.lora_linear_layer.down/up``, under
+    ``unet.``, ``text_encoder.`` and ``text_encoder_2.`` with transformers 4's ``text_model.`` paths."""
+    out = {}
+    for part, sd in adapter.state.items():
+        for key, value in sd.items():
+            module, _, suffix = key.rpartition(".lora_")
+            side = {"A.weight": "down", "B.weight": "up"}[suffix]
+            if part == "unet":
+                out[f"unet.{module}.lora.{side}.weight"] = value
+            else:
+                path = module if module.startswith("text_model.") else f"text_model.{module}"
+                out[f"{part}.{path}.lora_linear_layer.{side}.weight"] = value
+    return out
+
+
+def test_sdxl_file_from_diffusers_scripts_exports_to_kohya_with_exact_deltas(tmp_path: Path) -> None:
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from stylelora.models import load_base_model as load
+
+    model = load("builtin:tiny-sdxl")  # the scripts' targets: attention projections of UNet and both CLIPs
+    inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]),
+                            model.unet)
+    for part, module in model.parts()[1:]:
+        inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "k_proj", "v_proj",
+                                                                              "out_proj"]), module)
+    gen = torch.Generator().manual_seed(5)
+    for _, module in model.parts():
+        for name, p in module.named_parameters():
+            if "lora_" in name:
+                p.data = torch.randn(p.shape, generator=gen) * 0.2
+    adapter = Adapter.from_module_alphas(lora_state(model), {})  # alpha = rank, as the scripts train
+    source = tmp_path / "pytorch_lora_weights.safetensors"
+    save_file(diffusers_sdxl_script_file(adapter), str(source), metadata={"format": "pt"})
+    base = load("builtin:tiny-sdxl")
+    with captured_logs() as records:  # diffusers itself loads the file
+        base.pipeline.load_lora_weights(str(tmp_path), adapter_name="scripts")
+    assert_loaded_cleanly(records)
+    base.pipeline.unload_lora_weights()
+
+    report = formats.export(source, "kohya", tmp_path / "k.safetensors", precision="fp32",
+                            base_model="builtin:tiny-sdxl")
+    kohya = load_file(report.path)
+    counts = {p: sum(k.startswith(p) and k.endswith(".alpha") for k in kohya) for p in ("lora_unet_", "lora_te1_",
+                                                                                      "lora_te2_")}
+    modules = adapter.num_modules()  # every module came along: 8 projections per transformer block, 4 per CLIP layer
+    assert counts == {"lora_unet_": modules["unet"], "lora_te1_": 8, "lora_te2_": 8} and modules["unet"] % 8 == 0
+    # each kohya module applies exactly the source's delta: alpha/rank * up @ down
+    layout = ModelLayout.of(base)
+    for part in adapter.state:
+        for path in adapter.modules(part):
+            name = layout.kohya.name(part, path)
+            up, down = kohya[f"{name}.lora_up.weight"].flatten(1), kohya[f"{name}.lora_down.weight"].flatten(1)
+            got = up @ down * float(kohya[f"{name}.alpha"]) / down.shape[0]
+            sd = adapter.state[part]
+            assert torch.equal(got, sd[f"{path}.lora_B.weight"] @ sd[f"{path}.lora_A.weight"]), name
+    # and the kohya file fuses into the SDXL pipeline by exactly those deltas
+    before = {part: weights(module) for part, module in base.parts()}
+    with captured_logs() as records:
+        base.pipeline.load_lora_weights(str(tmp_path), weight_name="k.safetensors")
+    assert_loaded_cleanly(records)
+    base.pipeline.fuse_lora(lora_scale=1.0)
+    base.pipeline.unload_lora_weights()
+    assert_fused_delta(adapter, base, before)
+
+
+@pytest.mark.parametrize("layout_name", ["peft", "peft-no-prefix", "lora.down", "lora_linear_layer",
+                                         "attention-processor", "transformers-5-names"])
+def test_every_layout_diffusers_writes_reads_as_the_same_adapter(tmp_path: Path, layout_name: str) -> None:
+    adapter = make_adapter(rank=4, alpha=4.0)  # alpha = rank: files without alphas mean exactly this
+    model = load_base_model("builtin:tiny")
+    tensors = {}
+    for part, sd in adapter.state.items():
+        for key, value in sd.items():
+            module, _, suffix = key.rpartition(".lora_")
+            side = {"A.weight": "down", "B.weight": "up"}[suffix]
+            te = part != "unet"
+            long = module if module.startswith("text_model.") or not te else f"text_model.{module}"
+            if layout_name == "peft":
+                tensors[f"{part}.{long}.lora_{suffix}"] = value
+            elif layout_name == "peft-no-prefix" and not te:
+                tensors[f"{module}.lora_{suffix}"] = value  # a UNet-only file saved without the part prefix
+            elif layout_name == "lora.down":
+                tensors[f"{part}.{long}.lora.{side}.weight"] = value
+            elif layout_name == "lora_linear_layer":
+                tensors[f"{part}.{long}.{'lora_linear_layer' if te else 'lora'}.{side}.weight"] = value
+            elif layout_name == "attention-processor" and not te and ".attn" in module and "ff." not in module:
+                owner, proj = module.rsplit(".", 1) if not module.endswith("to_out.0") else (module[:-9], "to_out")
+                tensors[f"{owner}.processor.{proj}_lora.{side}.weight"] = value
+            elif layout_name == "transformers-5-names":
+                tensors[f"{part}.{long.removeprefix('text_model.')}.lora_{suffix}"] = value
+    path = tmp_path / "x.safetensors"
+    save_file(tensors, str(path))
+    read = load_adapter(path, model)
+    expected = {part: {k: v for k, v in sd.items()
+                       if f"{part}.{k}" in {f"{p}.{m}" for p, s in read.state.items() for m in s}}
+                for part, sd in adapter.state.items()}
+    assert sum(len(sd) for sd in read.state.values()) == len(tensors)
+    for part, sd in read.state.items():
+        assert sd.keys() == expected[part].keys()
+        assert all(torch.equal(sd[k], expected[part][k]) for k in sd)
+        assert all(read.alpha_of(part, p) == 4.0 for p in read.modules(part))
