@@ -285,7 +285,7 @@ class BatchSource:
     def _text(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         tokenizer, encoder = self.model.tokenizer, self.model.text_encoder
         ids = tokenizer(
-            captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+            captions, padding="max_length", max_length=self.model.token_limit, truncation=True,
             return_tensors="pt",
         ).input_ids.to(encoder.device)
         if self.train_text_encoder:

@@ -56,6 +56,11 @@ class BaseModel:
     def tokenizer(self) -> Any:
         return self.pipeline.tokenizer
 
+    @property
+    def token_limit(self) -> int:
+        """How many tokens (start and end included) a caption may have: the text encoder's positions."""
+        return token_limit(self.tokenizer, self.text_encoder)
+
     def parts(self) -> list[tuple[str, torch.nn.Module]]:
         """The adaptable networks by canonical part name: unet, text_encoder and (SDXL) text_encoder_2."""
         found = [("unet", self.unet), ("text_encoder", self.text_encoder), ("text_encoder_2", self.text_encoder_2)]
@@ -68,6 +73,23 @@ class BaseModel:
     @property
     def native_resolution(self) -> int:
         return self.unet.config.sample_size * self.pipeline.vae_scale_factor
+
+
+def token_limit(tokenizer: Any, text_encoder: Any) -> int:
+    """The longest token sequence ``text_encoder`` takes: its ``max_position_embeddings``, whatever the
+    tokenizer's ``model_max_length`` says (ComfyUI's SD1 tokenizer config says 8192; CLIP has 77)."""
+    positions = getattr(getattr(text_encoder, "config", None), "max_position_embeddings", None)
+    return min(int(tokenizer.model_max_length), int(positions)) if positions else int(tokenizer.model_max_length)
+
+
+def fit_tokenizers(pipeline: Any) -> None:
+    """Cut each tokenizer's ``model_max_length`` to its text encoder's positions, so every prompt and
+    caption (training batches, validation, diffusers' own prompt encoding in samples and previews) is
+    cut where the text encoder ends instead of crashing it."""
+    for tokenizer_name, encoder_name in (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")):
+        tokenizer, encoder = getattr(pipeline, tokenizer_name, None), getattr(pipeline, encoder_name, None)
+        if tokenizer is not None and encoder is not None:
+            tokenizer.model_max_length = token_limit(tokenizer, encoder)
 
 
 # --- built-in models ----------------------------------------------------------------------------
@@ -315,6 +337,7 @@ def load_base_model(name: str, config_source: str = "", prediction_type: str = "
         pipeline.scheduler = DDIMScheduler.from_config(
             pipeline.scheduler.config, prediction_type=prediction_type
         )
+    fit_tokenizers(pipeline)
     return BaseModel(pipeline, name, _kind(pipeline))
 
 

@@ -43,7 +43,7 @@ class Validator:
         with torch.no_grad():
             latents = vae.encode(pixels).latent_dist.mode() * vae.config.scaling_factor
         ids = tokenizer([str(e["caption"]) for e in examples], padding="max_length",
-                        max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+                        max_length=model.token_limit, truncation=True, return_tensors="pt").input_ids
         n, k = len(examples), TIMESTEPS_PER_IMAGE
         total = scheduler.config.num_train_timesteps
         # Each image at k timesteps spread evenly over the schedule (offset per image).

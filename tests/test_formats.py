@@ -463,6 +463,12 @@ def strip_header(path: Path) -> Path:
     return bare
 
 
+def module_delta(adapter: Adapter, part: str, path: str) -> torch.Tensor:
+    sd = adapter.state[part]
+    up, down = sd[f"{path}.lora_B.weight"].flatten(1), sd[f"{path}.lora_A.weight"].flatten(1)
+    return (up @ down) * adapter.alpha_of(part, path) / adapter.rank_of(part, path)
+
+
 def test_baked_alpha_gives_the_right_strength_to_a_loader_that_reads_no_alpha(tmp_path: Path) -> None:
     adapter = make_adapter(rank=4, alpha=2.0, conv_rank=2, conv_alpha=3.0)  # scales 0.5 and 1.5
     model = load_base_model("builtin:tiny")
@@ -474,11 +480,8 @@ def test_baked_alpha_gives_the_right_strength_to_a_loader_that_reads_no_alpha(tm
     again = load_adapter(baked, model)
     for part in adapter.state:
         for path in adapter.modules(part):
-            def delta(a: Adapter) -> torch.Tensor:
-                sd = a.state[part]
-                up, down = sd[f"{path}.lora_B.weight"].flatten(1), sd[f"{path}.lora_A.weight"].flatten(1)
-                return (up @ down) * a.alpha_of(part, path) / a.rank_of(part, path)
-            torch.testing.assert_close(delta(again), delta(adapter), atol=1e-7, rtol=1e-6)
+            torch.testing.assert_close(module_delta(again, part, path), module_delta(adapter, part, path),
+                                       atol=1e-7, rtol=1e-6)
     # without the header (an old loader), the baked file still applies exactly; the plain one would not
     before = {part: weights(module) for part, module in model.parts()}
     bare = strip_header(baked)
@@ -518,7 +521,7 @@ def test_sdxl_file_from_diffusers_scripts_exports_to_kohya_with_exact_deltas(tmp
     model = load("builtin:tiny-sdxl")  # the scripts' targets: attention projections of UNet and both CLIPs
     inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]),
                             model.unet)
-    for part, module in model.parts()[1:]:
+    for _, module in model.parts()[1:]:
         inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "k_proj", "v_proj",
                                                                               "out_proj"]), module)
     gen = torch.Generator().manual_seed(5)
