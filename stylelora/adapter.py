@@ -112,7 +112,7 @@ class Adapter:
             for path in self.modules(part):
                 rank = self.rank_of(part, path)
                 up = sd[f"{path}.lora_B.weight"]
-                state[part][f"{path}.lora_B.weight"] = (up.double() * (self.alpha_of(part, path) / rank)).to(up.dtype)
+                state[part][f"{path}.lora_B.weight"] = (up.double() * (self.alpha_of(part, path) / rank)).float()
                 alphas[part][path] = float(rank)
         return Adapter.from_module_alphas(state, alphas, self.metadata)
 

@@ -19,7 +19,7 @@ from .formats import (
     save_diffusers,
     save_kohya,
 )
-from .models import BaseModel, load_base_model
+from .models import BaseModel, load_skeleton
 
 FORMATS = ("kohya", "diffusers")
 
@@ -86,10 +86,10 @@ def open_adapter(source: str | Path, base_model: str | BaseModel | None = None) 
             config = run_config or Adapter({}, {}, metadata).config
         except FormatError as e:
             raise FormatError(f"{path}: {e}") from None
-        if base_model:
-            model = load_base_model(base_model, config.model.config if config else "")
+        if base_model:  # names and shapes are all a conversion needs: no weights are read
+            model = load_skeleton(base_model, config.model.config if config else "")
         elif config is not None:
-            model = load_base_model(config.model.name, config.model.config)
+            model = load_skeleton(config.model.name, config.model.config)
         else:
             raise FormatError(
                 f"{path}: the file does not say which base model it was trained on (no stylelora.config in "
@@ -97,7 +97,8 @@ def open_adapter(source: str | Path, base_model: str | BaseModel | None = None) 
                 "or a local folder or .safetensors checkpoint)"
             )
     layout = ModelLayout.of(model)
-    adapter = adapter_from_tensors(tensors, metadata, layout, str(path))
+    # the file's own precision: converting casts each tensor once, on writing (an SDXL adapter is not doubled)
+    adapter = adapter_from_tensors(tensors, metadata, layout, str(path), upcast=False)
     dtype = next(v.dtype for v in tensors.values() if v.dim() >= 2)  # of the weights, not the alphas
     precision = {v: k for k, v in DTYPES.items()}.get(dtype, "fp32")
     return Source(path, fmt, adapter, model, layout, precision, name)

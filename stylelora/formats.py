@@ -156,6 +156,7 @@ def _write_verified(
     fails the check is removed and an older file at ``path`` stays as it was."""
     with fileio.atomic_path(path) as tmp:
         tmp.write_bytes(blob)
+        del blob  # the only reference: verifying re-reads the file, so the bytes need not stay in memory
         if layout is not None:
             verify_file(tmp, expected, layout, shown_as=path)
 
@@ -174,7 +175,7 @@ def verify_file(path: str | Path, expected: dict[str, torch.Tensor], layout: Mod
         raise FormatError(f"{path}: verification failed: {len(wrong)} tensors differ from those written: {wrong[:5]}")
     if is_kohya(tensors) and "lora_adapter_metadata" in metadata:
         raise FormatError(f"{path}: verification failed: a kohya file must not carry lora_adapter_metadata")
-    return adapter_from_tensors(tensors, metadata, layout, str(path))
+    return adapter_from_tensors(tensors, metadata, layout, str(path), upcast=False)
 
 
 # --- reading ------------------------------------------------------------------------------------
@@ -218,8 +219,11 @@ def load_adapter(path: str | Path, model: BaseModel | ModelLayout) -> Adapter:
 
 
 def adapter_from_tensors(
-    tensors: dict[str, torch.Tensor], metadata: dict[str, str], layout: ModelLayout, source: str = "adapter"
+    tensors: dict[str, torch.Tensor], metadata: dict[str, str], layout: ModelLayout, source: str = "adapter",
+    upcast: bool = True,
 ) -> Adapter:
+    """Map a file's tensors onto ``layout`` strictly (see ``load_adapter``); the weights come out fp32
+    unless ``upcast`` is False (a check that needs no copy of them)."""
     fmt = file_format(tensors)
     if fmt is None:
         raise FormatError(
@@ -233,6 +237,8 @@ def adapter_from_tensors(
             f"({layout.kind}): {unknown[:8]}. Was it made for another base model? Name that one with --model."
         )
     _check_pairs_and_shapes(state, layout, source)
+    if upcast:
+        state = {part: {k: v.float() for k, v in sd.items()} for part, sd in state.items()}
     return Adapter.from_module_alphas(state, alphas, metadata)
 
 
@@ -248,9 +254,9 @@ def _from_kohya(tensors, metadata, layout):
             continue
         part, module = reverse[name]
         if suffix == "lora_down.weight":
-            state.setdefault(part, {})[f"{module}.lora_A.weight"] = value.float()
+            state.setdefault(part, {})[f"{module}.lora_A.weight"] = value
         elif suffix == "lora_up.weight":
-            state.setdefault(part, {})[f"{module}.lora_B.weight"] = value.float()
+            state.setdefault(part, {})[f"{module}.lora_B.weight"] = value
         elif suffix == "alpha":
             alphas.setdefault(part, {})[module] = float(value)
         elif suffix == "dora_scale":
@@ -341,7 +347,7 @@ def _from_diffusers(tensors, metadata, layout):
         if parsed[2] == "alpha":
             network_alphas.setdefault(part, {})[module] = float(value)
         else:
-            state.setdefault(part, {})[f"{module}.{parsed[2]}"] = value.float()
+            state.setdefault(part, {})[f"{module}.{parsed[2]}"] = value
     peft_meta = json.loads(metadata.get("lora_adapter_metadata", "{}") or "{}")
     alphas: dict[str, dict[str, float]] = {}
     for part, sd in state.items():

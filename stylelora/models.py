@@ -280,11 +280,19 @@ BUILTIN = {"tiny": build_tiny, "small": build_small, "tiny-sdxl": build_tiny_sdx
 
 
 def _kind(pipeline: Any) -> str:
-    if "XL" in type(pipeline).__name__:
+    return _kind_of(type(pipeline).__name__, pipeline.unet.config)
+
+
+def _kind_of(pipeline_class: str, unet_config: Any) -> str:
+    if "XL" in pipeline_class:
         return "sdxl"
-    if pipeline.unet.config.cross_attention_dim == 1024:
+    if unet_config.cross_attention_dim == 1024:
         return "sd2"
     return "sd1"
+
+
+def _is_hub_id(name: str) -> bool:
+    return "/" in name and not name.startswith((".", "/", "~")) and name.count("/") == 1
 
 
 def _offline_hint(name: str) -> str:
@@ -324,7 +332,7 @@ def load_base_model(name: str, config_source: str = "", prediction_type: str = "
             f"model '{name}': not a diffusers folder or a .safetensors file; give one of those, "
             "a hub id, or builtin:tiny"
         )
-    elif "/" in name and not name.startswith((".", "/", "~")) and name.count("/") == 1:
+    elif _is_hub_id(name):
         pipeline = _load_hub(name)
     else:
         raise ModelError(
@@ -407,6 +415,68 @@ def _load_hub(name: str) -> Any:
     except Exception as e:
         raise ModelError(_offline_hint(name)) from e
     return pipeline
+
+
+# --- module names and shapes only: export, convert, resize -------------------------------------
+
+
+def load_skeleton(name: str, config_source: str = "") -> BaseModel:
+    """The base model's UNet and text encoders built from their configs on the meta device: every
+    module's name and weight shape, no weights and no VAE (an SDXL skeleton takes a few MB), which is
+    all that exporting, converting or resizing an adapter maps it onto and checks it against.
+
+    Its ``pipeline`` holds only ``unet``, ``text_encoder`` and ``text_encoder_2``: it cannot generate.
+    A diffusers folder gives one, a hub id too (only its config files are fetched), and so does a
+    single-file checkpoint with ``config_source`` (a diffusers folder of its architecture). Anything
+    else (built-ins, which are small; a single file without configs; names that are refused) is
+    loaded by ``load_base_model``, with its messages."""
+    path = Path(name).expanduser()
+    configs = Path(config_source).expanduser() if config_source else None
+    folder: Path | None = None
+    if path.is_dir() and (path / "model_index.json").is_file():
+        folder = path
+    elif (path.is_file() and path.suffix.lower() == ".safetensors" and configs is not None
+          and (configs / "model_index.json").is_file()):
+        folder = configs
+    elif not name.startswith("builtin:") and not path.exists() and _is_hub_id(name):
+        folder = _hub_configs(name)
+    if folder is None:
+        return load_base_model(name, config_source)
+    return _skeleton(folder, name)
+
+
+def _hub_configs(name: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes"}
+    try:
+        return Path(snapshot_download(name, allow_patterns=["model_index.json", "*/config.json"],
+                                      local_files_only=offline))
+    except Exception as e:  # offline and not cached, or no such repo
+        raise ModelError(_offline_hint(name)) from e
+
+
+def _skeleton(folder: Path, name: str) -> BaseModel:
+    import json
+    from types import SimpleNamespace
+
+    import transformers
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+
+    try:
+        index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+        with init_empty_weights():
+            unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(str(folder / "unet")))
+            encoders = {}
+            for part in ("text_encoder", "text_encoder_2"):
+                class_name = (index.get(part) or [None, None])[1]
+                if class_name:
+                    cls = getattr(transformers, class_name)
+                    encoders[part] = cls(cls.config_class.from_pretrained(str(folder / part)))
+    except (OSError, ValueError, AttributeError, TypeError) as e:  # a missing or broken config file
+        raise ModelError(f"model '{name}': cannot read the model configs in {folder}: {e}") from e
+    return BaseModel(SimpleNamespace(unet=unet, **encoders), name, _kind_of(index.get("_class_name", ""), unet.config))
 
 
 # --- LoRA ---------------------------------------------------------------------------------------

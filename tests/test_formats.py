@@ -600,3 +600,33 @@ def test_every_layout_diffusers_writes_reads_as_the_same_adapter(tmp_path: Path,
         assert sd.keys() == expected[part].keys()
         assert all(torch.equal(sd[k], expected[part][k]) for k in sd)
         assert all(read.alpha_of(part, p) == 4.0 for p in read.modules(part))
+
+
+# --- lean conversion ------------------------------------------------------------------------------------
+
+
+def test_converting_against_a_model_folder_reads_its_configs_only(tmp_path: Path) -> None:
+    from stylelora.models import load_skeleton
+
+    model = load_base_model("builtin:tiny-sdxl")
+    folder = tmp_path / "sdxl-configs"
+    model.pipeline.save_pretrained(folder)
+    for weights_file in folder.rglob("*.safetensors"):  # no weights at all, and no VAE
+        weights_file.unlink()
+    for leftover in (folder / "vae").iterdir():
+        leftover.unlink()
+    (folder / "vae").rmdir()
+    skeleton = load_skeleton(str(folder))
+    assert skeleton.kind == "sdxl" and {p for p, _ in skeleton.parts()} == {"unet", "text_encoder", "text_encoder_2"}
+    assert all(p.device.type == "meta" for _, m in skeleton.parts() for p in m.parameters())
+    assert ModelLayout.of(skeleton).shapes == ModelLayout.of(model).shapes
+
+    adapter = make_adapter("tiny-sdxl", conv_rank=2)
+    source = save_kohya(tmp_path / "style.safetensors", adapter, model)
+    report = formats.export(source, "diffusers", tmp_path / "d", base_model=str(folder))
+    reference = formats.export(source, "diffusers", tmp_path / "ref", base_model="builtin:tiny-sdxl")
+    ours, theirs = load_file(report.path), load_file(reference.path)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    back = formats.export(report.path, "kohya", tmp_path / "back.safetensors", base_model=str(folder))
+    original, again = load_file(source), load_file(back.path)
+    assert original.keys() == again.keys() and all(torch.equal(original[k], again[k]) for k in original)
