@@ -38,7 +38,8 @@ DIFFUSERS_ONLY_METADATA = ("format", "lora_adapter_metadata", "stylelora.alpha")
 # how a diffusers file carries alpha (header key stylelora.alpha)
 ALPHA_METADATA_KEY = "stylelora.alpha"
 ALPHA_IN_METADATA = "lora_adapter_metadata (alpha and alpha_pattern per module; diffusers >= 0.34 reads it)"
-ALPHA_BAKED = "baked: every lora_B holds alpha/rank and alpha = rank (right strength in every diffusers version)"
+ALPHA_BAKED = ("baked: every lora_B holds alpha/rank, ranks padded with zeros to one per part, alpha = rank "
+               "(right strength in every diffusers version)")
 DORA_KOHYA_REFUSAL = (
     "DoRA adapters are not exported to kohya format: AUTOMATIC1111 normalises a kohya dora_scale per input "
     "channel where peft (and stylelora) normalise per output channel, and diffusers drops dora_scale keys, "
@@ -124,8 +125,9 @@ def save_diffusers(
     ``pipe.load_lora_weights``; verified against ``layout`` when one is given.
 
     Alphas travel in ``lora_adapter_metadata``, which diffusers reads from 0.34 on; ``bake_alpha``
-    multiplies each lora_B by alpha/rank and stores alpha = rank instead, so loaders that ignore
-    that header (diffusers before 0.34, peft-only tools) apply the same strength.
+    multiplies each lora_B by alpha/rank, pads each part's modules to one rank, and stores
+    alpha = rank instead (``Adapter.with_alpha_baked``), so loaders that ignore that header (diffusers
+    before 0.34, peft-only tools) apply the same strength.
     ``stylelora.alpha`` in the header says which was done."""
     target = Path(folder)
     if target.suffix.lower() != ".safetensors":

@@ -209,13 +209,15 @@ def test_hand_written_kohya_file_from_another_trainer_loads_and_applies(tmp_path
     adapter = load_adapter(path, model)
     assert adapter.modules("unet") == ["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
                                        "up_blocks.1.attentions.1.proj_out"]
-    assert adapter.modules("text_encoder") == ["encoder.layers.1.mlp.fc1"]
+    fc1 = "text_model.encoder.layers.1.mlp.fc1"  # CLIP's own module path (transformers 5 drops "text_model.")
+    fc1 = fc1 if any(n == fc1 for n, _ in model.text_encoder.named_modules()) else fc1.removeprefix("text_model.")
+    assert adapter.modules("text_encoder") == [fc1]
     from stylelora.models import adaptable_modules
 
     assert load_adapter(path, adaptable_modules(model)).state.keys() == adapter.state.keys()  # names-only form
     assert adapter.alpha_of("unet", "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q") == 4.0
     assert adapter.alpha_of("unet", "up_blocks.1.attentions.1.proj_out") == 2.0
-    assert adapter.alpha_of("text_encoder", "encoder.layers.1.mlp.fc1") == 4.0
+    assert adapter.alpha_of("text_encoder", fc1) == 4.0
     before = {part: weights(module) for part, module in model.parts()}
     with captured_logs() as records:
         model.pipeline.load_lora_weights(str(tmp_path), weight_name=path.name)
@@ -274,7 +276,7 @@ def test_dora_goes_to_diffusers_and_is_refused_for_kohya_with_a_reason(tmp_path:
         save_kohya(tmp_path / "d.safetensors", adapter, model)
     path = save_diffusers(tmp_path / "d", adapter, model)
     with captured_logs() as records:
-        model.pipeline.load_lora_weights(str(path.parent))
+        model.pipeline.load_lora_weights(str(path.parent), weight_name=path.name)
     assert_loaded_cleanly(records)
     assert load_adapter(path, model).is_dora
     # diffusers applies the magnitudes as peft does in training
@@ -555,7 +557,7 @@ def test_sdxl_file_from_diffusers_scripts_exports_to_kohya_with_exact_deltas(tmp
     save_file(diffusers_sdxl_script_file(adapter), str(source), metadata={"format": "pt"})
     base = load("builtin:tiny-sdxl")
     with captured_logs() as records:  # diffusers itself loads the file
-        base.pipeline.load_lora_weights(str(tmp_path), adapter_name="scripts")
+        base.pipeline.load_lora_weights(str(tmp_path), weight_name=source.name, adapter_name="scripts")
     assert_loaded_cleanly(records)
     base.pipeline.unload_lora_weights()
 
