@@ -38,6 +38,7 @@ def unet_output(model, seed: int = 0) -> torch.Tensor:
 # --- key names -----------------------------------------------------------------------------------
 
 
+@pytest.mark.interop
 def test_kohya_names_for_builtin_tiny_are_the_documented_ones() -> None:
     model = load_base_model("builtin:tiny")
     tensors = to_kohya(make_adapter(), ModelLayout.of(model))
@@ -71,6 +72,7 @@ def test_kohya_names_for_builtin_tiny_are_the_documented_ones() -> None:
     assert tensors[f"{q}.lora_down.weight"].dtype == torch.float16
 
 
+@pytest.mark.interop
 def test_sdxl_uses_sgm_names_and_two_text_encoders() -> None:
     model = load_base_model("builtin:tiny-sdxl")
     names = {k.split(".")[0] for k in to_kohya(make_adapter("tiny-sdxl", conv_rank=2), ModelLayout.of(model))}
@@ -99,6 +101,7 @@ def test_sdxl_kohya_file_with_diffusers_style_names_is_read(tmp_path: Path) -> N
 # --- diffusers' own loaders ------------------------------------------------------------------------
 
 
+@pytest.mark.interop
 @pytest.mark.parametrize("fmt", ["kohya", "diffusers"])
 @pytest.mark.parametrize("kind", ["tiny", "tiny-sdxl"])
 def test_diffusers_loads_the_file_and_fuses_exactly_up_down_alpha_over_rank(tmp_path: Path, fmt: str,
@@ -187,6 +190,7 @@ def test_kohya_to_diffusers_to_kohya_keeps_every_tensor_and_the_config(run: Path
     assert trained.keys() == exported.keys() and all(torch.equal(trained[k], exported[k]) for k in trained)
 
 
+@pytest.mark.interop
 def test_hand_written_kohya_file_from_another_trainer_loads_and_applies(tmp_path: Path) -> None:
     gen = torch.Generator().manual_seed(3)
     q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
@@ -269,6 +273,7 @@ def test_a_corrupted_write_fails_verification_and_keeps_the_old_file(tmp_path: P
     assert [p.name for p in tmp_path.iterdir()] == ["x.safetensors"]  # no temporary file left behind
 
 
+@pytest.mark.interop
 def test_dora_goes_to_diffusers_and_is_refused_for_kohya_with_a_reason(tmp_path: Path) -> None:
     adapter, trained = make_adapter(dora=True, with_model=True)
     model = load_base_model("builtin:tiny")
@@ -422,6 +427,7 @@ def kohya_conv_dim_modules(unet: torch.nn.Module) -> set[str]:
     return found
 
 
+@pytest.mark.interop
 @pytest.mark.parametrize("kind, expected", [
     ("tiny", {  # SD1 names are the diffusers paths; SD1.5 has the same three at these places
         "lora_unet_down_blocks_1_resnets_0_conv_shortcut": ((4, 32, 1, 1), (64, 4, 1, 1), 2.0),
@@ -458,6 +464,7 @@ def test_locon_covers_what_kohya_conv_dim_covers_with_kohya_names(kind: str, exp
 # --- the diffusers file: conventional names, alphas every version reads, every layout read -------------
 
 
+@pytest.mark.interop
 @pytest.mark.parametrize("kind", ["tiny", "tiny-sdxl"])
 def test_diffusers_file_names_text_encoder_modules_under_text_model_whatever_transformers_calls_them(
         tmp_path: Path, kind: str) -> None:
@@ -492,6 +499,7 @@ def module_delta(adapter: Adapter, part: str, path: str) -> torch.Tensor:
     return (up @ down) * adapter.alpha_of(part, path) / adapter.rank_of(part, path)
 
 
+@pytest.mark.interop
 def test_baked_alpha_gives_the_right_strength_to_a_loader_that_reads_no_alpha(tmp_path: Path) -> None:
     adapter = make_adapter(rank=4, alpha=2.0, conv_rank=2, conv_alpha=3.0)  # scales 0.5 and 1.5
     model = load_base_model("builtin:tiny")
@@ -536,6 +544,7 @@ def diffusers_sdxl_script_file(adapter: Adapter) -> dict[str, torch.Tensor]:
     return out
 
 
+@pytest.mark.interop
 def test_sdxl_file_from_diffusers_scripts_exports_to_kohya_with_exact_deltas(tmp_path: Path) -> None:
     from peft import LoraConfig, inject_adapter_in_model
 
@@ -589,6 +598,7 @@ def test_sdxl_file_from_diffusers_scripts_exports_to_kohya_with_exact_deltas(tmp
 
 @pytest.mark.parametrize("layout_name", ["peft", "peft-no-prefix", "lora.down", "lora_linear_layer",
                                          "attention-processor", "transformers-5-names"])
+@pytest.mark.interop
 def test_every_layout_diffusers_writes_reads_as_the_same_adapter(tmp_path: Path, layout_name: str) -> None:
     adapter = make_adapter(rank=4, alpha=4.0)  # alpha = rank: files without alphas mean exactly this
     model = load_base_model("builtin:tiny")
@@ -628,6 +638,7 @@ def test_every_layout_diffusers_writes_reads_as_the_same_adapter(tmp_path: Path,
 # --- lean conversion ------------------------------------------------------------------------------------
 
 
+@pytest.mark.interop
 def test_converting_against_a_model_folder_reads_its_configs_only(tmp_path: Path) -> None:
     from stylelora.models import load_skeleton
 
