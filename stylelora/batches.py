@@ -253,6 +253,22 @@ class BatchSource:
         )
 
     def _latents(self, epoch: int, slots: list[int]) -> torch.Tensor:
+        """Latents sampled from each image's VAE posterior with its seeded (seed, epoch, slot) noise, scaled."""
+        vae = self.model.vae
+        posteriors = self._posteriors(epoch, slots)
+        means = torch.stack([mean for mean, _ in posteriors])
+        stds = torch.stack([std for _, std in posteriors])
+        noise = torch.stack([
+            torch.randn(means.shape[1:], generator=_torch_generator(self.data.seed, epoch, s, _POSTERIOR))
+            for s in slots
+        ])
+        latents = means + stds * noise
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        latents = (latents - shift) * vae.config.scaling_factor
+        return latents.to(vae.device, vae.dtype)
+
+    def _posteriors(self, epoch: int, slots: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The VAE posterior (mean, std; fp32 on the CPU) of each slot's image: cached, or encoded now."""
         vae = self.model.vae
         keys = [(e.image, e.bucket, "centre", self.data.flip(epoch, s))
                 for e, s in ((self.data.example(epoch, s), s) for s in slots)]
@@ -271,16 +287,7 @@ class BatchSource:
                 posteriors[i] = (mean[j].clone(), std[j].clone())
                 if cache is not None:
                     cache.put(keys[i], posteriors[i])
-        means = torch.stack([p[0] for p in posteriors if p is not None])
-        stds = torch.stack([p[1] for p in posteriors if p is not None])
-        noise = torch.stack([
-            torch.randn(means.shape[1:], generator=_torch_generator(self.data.seed, epoch, s, _POSTERIOR))
-            for s in slots
-        ])
-        latents = means + stds * noise
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        latents = (latents - shift) * vae.config.scaling_factor
-        return latents.to(vae.device, vae.dtype)
+        return posteriors  # type: ignore[return-value]  # every None was filled above
 
     def _text(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         tokenizer, encoder = self.model.tokenizer, self.model.text_encoder

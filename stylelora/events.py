@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,3 +71,4 @@ class Finished:
 
 
 Event = Started | Progress | Message | Validation | SampleSaved | CheckpointSaved | AdapterSaved | Finished
+EventHandler = Callable[[Event], None]

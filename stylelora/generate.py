@@ -25,8 +25,8 @@ from PIL import Image
 
 from . import images
 from .adapter import Adapter, ModelLayout
-from .checkpoint import STEP_DIR, list_checkpoints
-from .config import Config
+from .checkpoint import STEP_DIR, list_checkpoints, stores_alphas
+from .config import Config, GenerateSettings
 from .convert import find_adapter_file
 from .errors import ConfigError, FormatError
 from .formats import load_adapter
@@ -47,7 +47,7 @@ class AdapterSource:
 
     file: Path
     name: str
-    alpha: float | None = None  # checkpoints store raw weights; their alpha is in the run's config.toml
+    alpha: float | None = None  # only for checkpoints saved before they stored alphas: from config.toml
     conv_alpha: float | None = None
 
 
@@ -57,6 +57,8 @@ def _run_config(run_dir: Path) -> Config:
 
 def _checkpoint_source(folder: Path) -> AdapterSource:
     run_dir = folder.parent.parent
+    if stores_alphas(folder):  # its lora.safetensors reads like any adapter file, every module's alpha included
+        return AdapterSource(folder / "lora.safetensors", f"{run_dir.name}-{folder.name}")
     alpha = conv_alpha = None
     if (run_dir / "config.toml").is_file():
         lora = _run_config(run_dir).lora
@@ -104,21 +106,10 @@ def run_adapters(run_dir: str | Path) -> list[AdapterSource]:
     return sources
 
 
-# --- generation settings ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Settings:
-    """Everything besides the adapter that decides an image; hashable, so it keys the caches."""
-
-    prompt: str
-    negative_prompt: str
-    seed: int
-    steps: int
-    guidance: float
-    width: int
-    height: int
-    sampler: str
+def file_stamp(path: Path) -> tuple[str, int, int]:
+    """(resolved path, modification time in ns, size): a file with the same stamp was not rewritten."""
+    stat = path.stat()
+    return str(path.resolve()), stat.st_mtime_ns, stat.st_size
 
 
 @dataclass
@@ -127,6 +118,7 @@ class _Attached:
     peft_name: str  # peft adapter names must be valid module keys; user names need not be
     parts: tuple[str, ...]
     source: AdapterSource
+    stamp: tuple[str, int, int]  # of source.file when it was read
 
 
 def _peft_config(adapter: Adapter, part: str) -> Any:
@@ -185,7 +177,7 @@ class Previewer:
         self._adapters: dict[str, _Attached] = {}
         self._layers: dict[str, list[Any]] = {part: [] for part in self._parts}
         self._next_id = 0
-        self._base_cache: OrderedDict[Settings, Image.Image] = OrderedDict()
+        self._base_cache: OrderedDict[tuple[str, GenerateSettings], Image.Image] = OrderedDict()
         self._embeds_cache: OrderedDict[tuple, dict[str, torch.Tensor]] = OrderedDict()
 
     def _load(self, model: str, config_source: str, prediction_type: str) -> BaseModel:
@@ -215,16 +207,22 @@ class Previewer:
         """Attach an adapter (kohya or diffusers file, diffusers folder, run or checkpoint folder).
 
         Returns its name (``name``, or one derived from the path). Attaching under a name already in
-        use replaces that adapter (e.g. the same run after more training).
+        use replaces that adapter (e.g. the same run after more training), unless it is the same file
+        unchanged (same path, modification time and size): then nothing is read again.
         """
         source = path if isinstance(path, AdapterSource) else find_adapter(path)
+        name = name or source.name
+        stamp = file_stamp(source.file)  # before reading: a rewrite during the read is seen next time
+        with self._lock:
+            known = self._adapters.get(name)
+            if known is not None and known.stamp == stamp:
+                return name
         adapter = load_adapter(source.file, self._layout)
         if source.alpha is not None:
             adapter = replace(
                 adapter, alpha=dict.fromkeys(adapter.state, source.alpha), module_alpha={},
                 conv_alpha=dict.fromkeys(adapter.state, source.conv_alpha) if source.conv_alpha else {},
             )
-        name = name or source.name
         with self._lock:
             if name in self._adapters:
                 self.detach(name)
@@ -232,7 +230,7 @@ class Previewer:
             self._next_id += 1
             for part in adapter.state:
                 self._inject(part, peft_name, adapter)
-            self._adapters[name] = _Attached(name, peft_name, tuple(adapter.state), source)
+            self._adapters[name] = _Attached(name, peft_name, tuple(adapter.state), source, stamp)
             self._refresh_layers()
         log.info("attached %s from %s (%s)", name, source.file, ", ".join(adapter.state))
         return name
@@ -309,91 +307,63 @@ class Previewer:
 
     # --- rendering ------------------------------------------------------------------------------
 
-    def settings(
-        self,
-        prompt: str,
-        *,
-        negative_prompt: str = "",
-        seed: int = 0,
-        steps: int = 20,
-        guidance: float = 7.5,
-        width: int | None = None,
-        height: int | None = None,
-        sampler: str | None = None,
-    ) -> Settings:
-        """Validated settings; width and height default to the model's native resolution."""
+    def resolve(self, settings: GenerateSettings | None = None, **overrides: Any) -> GenerateSettings:
+        """``settings`` (default ``GenerateSettings()``) with ``overrides`` (its fields by name, ``seed=7``),
+        made definite for this model: width and height default to its native resolution and must be
+        multiples of the VAE's scale factor; the sampler is named canonically."""
+        s = (settings or GenerateSettings()).replace(**overrides)
         multiple = self.pipeline.vae_scale_factor
         native = self.model.native_resolution
-        width, height = width or native, height or native
+        width, height = s.width or native, s.height or native
         for field, value in (("width", width), ("height", height)):
             if value <= 0 or value % multiple:
                 raise ConfigError(f"{field}: must be a positive multiple of {multiple}, got {value}")
-        if steps < 1:
-            raise ConfigError(f"steps: must be at least 1, got {steps}")
-        if guidance < 0 or not math.isfinite(guidance):
-            raise ConfigError(f"guidance: must be >= 0, got {guidance}")
-        if not 0 <= seed < 2**63:
-            raise ConfigError(f"seed: must be between 0 and 2**63 - 1, got {seed}")
-        return Settings(prompt, negative_prompt, int(seed), int(steps), float(guidance), int(width), int(height),
-                        check_sampler(sampler))
+        return s.replace(width=width, height=height, sampler=check_sampler(s.sampler))
 
-    def generate(
-        self,
-        prompt: str,
-        *,
-        negative_prompt: str = "",
-        seed: int = 0,
-        steps: int = 20,
-        guidance: float = 7.5,
-        width: int | None = None,
-        height: int | None = None,
-        sampler: str | None = None,
-        adapter: str | None = None,
-        scale: float = 1.0,
-    ) -> Image.Image:
+    def generate(self, prompt: str, settings: GenerateSettings | None = None, *, adapter: str | None = None,
+                 scale: float = 1.0, **overrides: Any) -> Image.Image:
         """One image with ``adapter`` (default: the only attached one, if any) at strength ``scale``.
 
-        The image's ``info["parameters"]`` holds A1111-style parameters; ``images.save_png`` writes them.
+        ``settings`` and ``overrides`` as in ``resolve``. The image's ``info["parameters"]`` holds
+        A1111-style parameters; ``images.save_png`` writes them.
         """
-        s = self.settings(prompt, negative_prompt=negative_prompt, seed=seed, steps=steps, guidance=guidance,
-                          width=width, height=height, sampler=sampler)
-        return self.render(s, adapter, scale)
-
-    def render(self, settings: Settings, adapter: str | None = None, scale: float = 1.0) -> Image.Image:
-        """``generate`` for ready-made Settings."""
+        s = self.resolve(settings, **overrides)
         with self._lock:
-            return self._render(settings, self._resolve(adapter), scale)
+            return self._render(prompt, s, self._resolve(adapter), scale)
 
-    def base(self, prompt: str, **settings: Any) -> Image.Image:
+    def base(self, prompt: str, settings: GenerateSettings | None = None, **overrides: Any) -> Image.Image:
         """The base model's image (no adapter), from the session cache when it was rendered before."""
+        s = self.resolve(settings, **overrides)
         with self._lock:
-            return self._render(self.settings(prompt, **settings), None, 0.0)
+            return self._render(prompt, s, None, 0.0)
 
-    def _render(self, settings: Settings, attached: _Attached | None, scale: float) -> Image.Image:
+    def _render(self, prompt: str, settings: GenerateSettings, attached: _Attached | None,
+                scale: float) -> Image.Image:
         scale = float(scale)
         if not math.isfinite(scale):
             raise ConfigError(f"scale: must be a finite number, got {scale}")
         if attached is None or scale == 0:
-            image = self._base(settings)
+            image = self._base(prompt, settings)
         else:
-            image = self._run(settings, attached, scale)
+            image = self._run(prompt, settings, attached, scale)
         strength = {attached.name: scale} if attached is not None else {}
-        image.info[images.PARAMETERS_KEY] = self.parameters(settings, strength)
+        image.info[images.PARAMETERS_KEY] = self.parameters(prompt, settings, strength)
         return image
 
-    def _base(self, settings: Settings) -> Image.Image:
-        cached = self._base_cache.get(settings)
+    def _base(self, prompt: str, settings: GenerateSettings) -> Image.Image:
+        key = (prompt, settings)
+        cached = self._base_cache.get(key)
         if cached is None:
-            cached = self._run(settings, None, 0.0)
-            self._base_cache[settings] = cached
+            cached = self._run(prompt, settings, None, 0.0)
+            self._base_cache[key] = cached
             while len(self._base_cache) > CACHE_SIZE:
                 self._base_cache.popitem(last=False)
-        self._base_cache.move_to_end(settings)
+        self._base_cache.move_to_end(key)
         return cached.copy()
 
-    def _run(self, settings: Settings, attached: _Attached | None, scale: float) -> Image.Image:
+    def _run(self, prompt: str, settings: GenerateSettings, attached: _Attached | None, scale: float) -> Image.Image:
         self._activate(attached, scale)
-        embeddings = self._embeddings(settings, attached, scale)
+        embeddings = self._embeddings(prompt, settings, attached, scale)
         pipe = self.pipeline
         pipe.scheduler = self._scheduler(settings.sampler)
         result = pipe(
@@ -406,16 +376,17 @@ class Previewer:
         )
         return result.images[0]
 
-    def _embeddings(self, settings: Settings, attached: _Attached | None, scale: float) -> dict[str, Any]:
+    def _embeddings(self, prompt: str, settings: GenerateSettings, attached: _Attached | None,
+                    scale: float) -> dict[str, Any]:
         """Prompt embeddings as pipeline arguments, reused while the text encoders are unchanged."""
         guided = settings.guidance > 1.0
         adapts_text = attached is not None and any(part in attached.parts for part in TEXT_PARTS)
         text_lora = (attached.peft_name, scale) if adapts_text else None
-        key = (settings.prompt, settings.negative_prompt if guided else "", guided, text_lora)
+        key = (prompt, settings.negative_prompt if guided else "", guided, text_lora)
         if key not in self._embeds_cache:
             with torch.no_grad():
                 encoded = self.pipeline.encode_prompt(
-                    settings.prompt, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=guided,
+                    prompt, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=guided,
                     negative_prompt=settings.negative_prompt or None,
                 )
             names = ["prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds",
@@ -431,8 +402,8 @@ class Previewer:
             self._schedulers[name] = make_scheduler(name, self._default_scheduler)
         return self._schedulers[name]
 
-    def parameters(self, settings: Settings, strengths: dict[str, Any] | None = None) -> str:
-        """A1111-style parameters text for an image rendered with these settings.
+    def parameters(self, prompt: str, settings: GenerateSettings, strengths: dict[str, Any] | None = None) -> str:
+        """A1111-style parameters text for an image rendered from ``prompt`` with resolved ``settings``.
 
         ``strengths`` maps adapter name to strength (a number, or a list of them for a sweep).
         """
@@ -449,43 +420,50 @@ class Previewer:
             values = {_format_scales(v) for v in strengths.values()}
             fields["Lora strength"] = values.pop() if len(values) == 1 else ", ".join(
                 _format_scales(v) for v in strengths.values())
-        return images.format_parameters(settings.prompt, settings.negative_prompt, fields)
+        return images.format_parameters(prompt, settings.negative_prompt, fields)
 
     # --- views ----------------------------------------------------------------------------------
 
-    def generate_batch(self, prompt: str, seeds: Iterable[int], **kwargs: Any) -> list[Image.Image]:
+    def generate_batch(self, prompt: str, seeds: Iterable[int], settings: GenerateSettings | None = None, *,
+                       adapter: str | None = None, scale: float = 1.0, **overrides: Any) -> list[Image.Image]:
         """One image per seed (other arguments as ``generate``); each equals the single-seed image."""
-        return [self.generate(prompt, seed=seed, **kwargs) for seed in seeds]
+        s = (settings or GenerateSettings()).replace(**overrides)
+        return [self.generate(prompt, s.replace(seed=seed), adapter=adapter, scale=scale) for seed in seeds]
 
-    def compare(self, prompt: str, *, adapter: str | None = None, scale: float = 1.0,
-                **settings: Any) -> tuple[Image.Image, Image.Image]:
+    def compare(self, prompt: str, settings: GenerateSettings | None = None, *, adapter: str | None = None,
+                scale: float = 1.0, **overrides: Any) -> tuple[Image.Image, Image.Image]:
         """(base image, adapter image) for one prompt and seed."""
-        s = self.settings(prompt, **settings)
-        return self.render(s, adapter, 0.0), self.render(s, adapter, scale)
-
-    def sweep(self, prompt: str, scales: Sequence[float], *, adapter: str | None = None,
-              **settings: Any) -> Image.Image:
-        """One prompt and seed at several strengths, as a strip labelled with the strengths."""
-        s = self.settings(prompt, **settings)
+        s = self.resolve(settings, **overrides)
         with self._lock:
             attached = self._resolve(adapter)
-            tiles = [self._render(s, attached, scale) for scale in scales]
+            return self._render(prompt, s, attached, 0.0), self._render(prompt, s, attached, scale)
+
+    def sweep(self, prompt: str, scales: Sequence[float], settings: GenerateSettings | None = None, *,
+              adapter: str | None = None, **overrides: Any) -> Image.Image:
+        """One prompt and seed at several strengths, as a strip labelled with the strengths."""
+        s = self.resolve(settings, **overrides)
+        with self._lock:
+            attached = self._resolve(adapter)
+            tiles = [self._render(prompt, s, attached, scale) for scale in scales]
         sheet = images.strip(tiles, [f"{scale:g}" for scale in scales])
-        sheet.info[images.PARAMETERS_KEY] = self.parameters(s, {attached.name: list(scales)} if attached else {})
+        strengths = {attached.name: list(scales)} if attached else {}
+        sheet.info[images.PARAMETERS_KEY] = self.parameters(prompt, s, strengths)
         return sheet
 
-    def grid(self, prompt: str, adapters: Sequence[str], scales: Sequence[float], **settings: Any) -> Image.Image:
+    def grid(self, prompt: str, adapters: Sequence[str], scales: Sequence[float],
+             settings: GenerateSettings | None = None, **overrides: Any) -> Image.Image:
         """Rows of adapters (e.g. a run's checkpoints) by columns of strengths, labelled.
 
         ``adapters`` are names of attached adapters, or paths, which are attached first.
         """
-        s = self.settings(prompt, **settings)
+        s = self.resolve(settings, **overrides)
         names = [a if a in self._adapters else self.attach(a) for a in adapters]
         with self._lock:
-            rows = [[self._render(s, self._require(name), scale) for scale in scales] for name in names]
+            rows = [[self._render(prompt, s, self._require(name), scale) for scale in scales] for name in names]
         sheet = images.grid(rows, [f"{scale:g}" for scale in scales], names)
-        sheet.info[images.PARAMETERS_KEY] = self.parameters(s, {name: list(scales) for name in names})
+        sheet.info[images.PARAMETERS_KEY] = self.parameters(prompt, s, {name: list(scales) for name in names})
         return sheet
+
 
 
 def _format_scales(value: float | Sequence[float]) -> str:
