@@ -664,3 +664,40 @@ def test_converting_against_a_model_folder_reads_its_configs_only(tmp_path: Path
     back = export(report.path, "kohya", tmp_path / "back.safetensors", base_model=str(folder))
     original, again = load_file(source), load_file(back.path)
     assert original.keys() == again.keys() and all(torch.equal(original[k], again[k]) for k in original)
+
+
+# --- true fp32 from a run ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ema", [False, True], ids=["weights", "ema"])
+def test_fp32_export_of_a_run_is_its_checkpoints_fp32_state_exactly(tmp_path: Path, ema: bool) -> None:
+    from conftest import make_dataset
+    from stylelora.checkpoint import load_checkpoint, newest_complete
+    from stylelora.kohya_names import conventional_text_path
+    from stylelora.train import train
+
+    out = tmp_path / "style"
+    train(tiny_config(make_dataset(tmp_path / "data", n=2), out, **{
+        "train.steps": 2, "lora.train_text_encoder": True, "lora.alpha": 2.0, "lora.conv_rank": 2,
+        "lora.conv_alpha": 3.0, "train.ema": ema, "train.ema_decay": 0.5}))
+    state = load_checkpoint(newest_complete(out))
+    weights = state.ema if ema else state.lora
+    if ema:  # the average is not the live weights, so the test tells which one was exported
+        assert any(not torch.equal(weights["unet"][k], state.lora["unet"][k]) for k in weights["unet"])
+    layout = ModelLayout.of(load_base_model("builtin:tiny"))
+
+    kohya = load_file(export(out, "kohya", tmp_path / "k.safetensors", precision="fp32").path)
+    diffusers = load_file(export(out, "diffusers", tmp_path / "d", precision="fp32").path)
+    fp16 = load_file(out / "style.safetensors")
+    for part, sd in weights.items():
+        for key, value in sd.items():
+            module, _, suffix = key.rpartition(".lora_")
+            name = layout.kohya.name(part, module)
+            side = {"A.weight": "lora_down.weight", "B.weight": "lora_up.weight"}[suffix]
+            assert kohya[f"{name}.{side}"].dtype == torch.float32
+            assert torch.equal(kohya[f"{name}.{side}"], value), name
+            path = conventional_text_path(module) if part != "unet" else module
+            assert torch.equal(diffusers[f"{part}.{path}.lora_{suffix}"], value), key
+            assert float(kohya[f"{name}.alpha"]) == state.alphas[part][module]
+    # the run's fp16 file widened is not that (what export --precision fp32 used to write)
+    assert any(not torch.equal(fp16[k].float(), kohya[k]) for k in kohya if k.endswith("weight"))
