@@ -654,6 +654,9 @@ def test_converting_against_a_model_folder_reads_its_configs_only(tmp_path: Path
     assert skeleton.kind == "sdxl" and {p for p, _ in skeleton.parts()} == {"unet", "text_encoder", "text_encoder_2"}
     assert all(p.device.type == "meta" for _, m in skeleton.parts() for p in m.parameters())
     assert ModelLayout.of(skeleton).shapes == ModelLayout.of(model).shapes
+    single = tmp_path / "sdxl-single-file.safetensors"  # a single-file checkpoint takes model.config's configs
+    save_file({"model.diffusion_model.out.2.weight": torch.zeros(1)}, str(single))
+    assert ModelLayout.of(load_skeleton(str(single), str(folder))).shapes == ModelLayout.of(model).shapes
 
     adapter = make_adapter("tiny-sdxl", conv_rank=2)
     source = save_kohya(tmp_path / "style.safetensors", adapter, model)
