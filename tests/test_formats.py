@@ -402,15 +402,6 @@ def test_both_files_of_a_run_state_what_the_weights_say_and_how_they_were_traine
         assert Config.from_toml(meta["stylelora.config"]).lora.rank == 8  # the run's config, as given
 
 
-def test_training_an_sdxl_model_is_refused_with_a_plain_message(dataset: Path, tmp_path: Path) -> None:
-    from stylelora.errors import ConfigError
-    from stylelora.train import train
-
-    with pytest.raises(ConfigError, match="model.name: 'builtin:tiny-sdxl' is an SDXL model"):
-        train(tiny_config(dataset, tmp_path / "xl", **{"model.name": "builtin:tiny-sdxl"}))
-    assert not (tmp_path / "xl" / "config.toml").exists()
-
-
 # --- LoCon as wide as kohya's conv_dim ----------------------------------------------------------------
 
 
