@@ -180,7 +180,8 @@ def _training_data(config: Config, model: BaseModel | None, emit: EventHandler) 
     # Batch size 1 here: whether an epoch fills a batch depends on folder repeats and regularisation
     # images, which the training set counts (it raises the same "cannot fill one batch" error).
     items, report = training_items(config.data, 1, model=config.model.name,
-                                   tokenizer=model.tokenizer if model is not None else None)
+                                   tokenizer=model.tokenizer if model is not None else None,
+                                   token_limit=model.token_limit if model is not None else None)
     for line in report.skipped_lines():  # one line per unusable image; check-data explains the rest
         emit(events.Message(line))
     if report.counts["warnings"]:
