@@ -221,6 +221,168 @@ def cmd_resize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _settings_flags(parser: argparse.ArgumentParser, settings_cls: type, skip: set[str]) -> None:
+    """One flag per field of a settings dataclass made with ``option()``: its help, type and choices."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(settings_cls)
+    for f in dataclasses.fields(settings_cls):
+        if f.name in skip:
+            continue
+        flag, tp, text = "--" + f.name.replace("_", "-"), hints[f.name], f.metadata["help"]
+        if tp is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
+        elif typing.get_origin(tp) is list:
+            parser.add_argument(flag, dest=f.name, nargs="+", metavar="WORD", help=text)
+        elif typing.get_origin(tp) is typing.Literal:
+            parser.add_argument(flag, dest=f.name, choices=typing.get_args(tp), help=f"{text} (default {f.default})")
+        else:
+            parser.add_argument(flag, dest=f.name, type=tp if tp in (int, float) else str,
+                                metavar=f.name.upper(), help=f"{text} (default {f.default})")
+
+
+def _add_caption(sub: Any) -> None:
+    from .autocaption import CaptionSettings
+
+    c = sub.add_parser(
+        "caption", help="write captions for a dataset's images with a captioner (BLIP, Florence-2, WD14 tagger)",
+        description="Caption every image of a dataset folder. Existing captions are kept unless --mode says "
+        "otherwise (overwrite, prefix, suffix); every write is atomic and 'stylelora captions undo DIR' puts "
+        "the previous captions back.")
+    c.add_argument("folder", help="the dataset folder")
+    c.add_argument("--captioner", required=True, help=all_caption_help("captioner"))
+    _settings_flags(c, CaptionSettings, skip={"captioner"})
+    c.add_argument("--style-words-file", metavar="FILE", help="the style filter's words, one per line "
+                   "(replaces the built-in list; --style-words does the same on the command line)")
+    c.add_argument("--dry-run", action="store_true", help="show the captions that would be written; write nothing")
+    c.add_argument("--limit", type=int, metavar="N", help="caption at most N images (with --dry-run: a quick preview)")
+    c.set_defaults(func=cmd_caption)
+
+
+def all_caption_help(name: str) -> str:
+    import dataclasses
+
+    from .autocaption import CaptionSettings
+
+    return next(f.metadata["help"] for f in dataclasses.fields(CaptionSettings) if f.name == name)
+
+
+def caption_settings_from_args(args: argparse.Namespace) -> Any:
+    import dataclasses
+
+    from .autocaption import CaptionSettings
+
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(CaptionSettings)
+              if getattr(args, f.name, None) is not None}
+    if args.style_words_file:
+        try:
+            lines = open(args.style_words_file, encoding="utf-8").read().splitlines()
+        except OSError as e:
+            raise StyleloraError(f"--style-words-file: cannot read {args.style_words_file} "
+                                 f"({e.strerror or e})") from None
+        values["style_words"] = [w.strip() for w in lines if w.strip() and not w.startswith("#")]
+    if args.limit is not None and args.limit < 1:
+        raise StyleloraError(f"--limit: must be >= 1, got {args.limit}")
+    return CaptionSettings(**values)
+
+
+def cmd_caption(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .autocaption import caption_folder, load_captioner, plan_captions
+    from .caption_tools import read_captions
+
+    settings = caption_settings_from_args(args)
+    read_captions(args.folder, settings.caption_extension)  # a wrong folder fails before the captioner loads
+    captioner = load_captioner(settings.captioner)
+    bar = tqdm(unit="image", dynamic_ncols=True, file=sys.stderr)
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    try:
+        if args.dry_run or args.limit:
+            report = plan_captions(args.folder, captioner, settings, limit=args.limit, on_progress=progress)
+        else:
+            report = caption_folder(args.folder, captioner, settings, on_progress=progress)
+    finally:
+        bar.close()
+    for change in report.changes:
+        print(f"{change.image}: {change.after}")
+    for line in report.skipped:
+        print(f"skipped {line}", file=sys.stderr)
+    if args.dry_run:
+        print(f"dry run: {len(report.changes)} caption(s) would be written; nothing was changed", file=sys.stderr)
+    else:
+        if args.limit:
+            from .caption_tools import apply_changes
+
+            apply_changes(args.folder, report.changes, f"caption ({settings.mode}) with {captioner.name}",
+                          settings.caption_extension)
+        print(report.summary() + ("; 'stylelora captions undo' puts the previous captions back"
+                                  if report.changes else ""), file=sys.stderr)
+    return 0
+
+
+def _add_captions(sub: Any) -> None:
+    c = sub.add_parser("captions", help="bulk caption edits: find/replace, remove or replace a tag, tag list, undo")
+    tools = c.add_subparsers(dest="tool", required=True, metavar="TOOL")
+
+    def tool(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = tools.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("folder", help="the dataset folder")
+        p.add_argument("--caption-extension", default=".txt", help="extension of caption sidecar files")
+        return p
+
+    r = tool("replace", "find and replace text in every caption (shows each change; undo with 'captions undo')")
+    r.add_argument("find", help="the text to find (a Python regular expression with --regex)")
+    r.add_argument("replacement", help="what to put instead ('' to delete; \\1 refers to a group with --regex)")
+    r.add_argument("--regex", action="store_true", help="FIND is a regular expression")
+    rt = tool("replace-tag", "replace one comma-separated tag in every caption by another")
+    rt.add_argument("tag", help="the tag to replace (case, '_' and ' ' do not matter)")
+    rt.add_argument("new", help="the tag to put instead")
+    rm = tool("remove-tag", "remove one comma-separated tag from every caption")
+    rm.add_argument("tag", help="the tag to remove (case, '_' and ' ' do not matter)")
+    for p in (r, rt, rm):
+        p.add_argument("--dry-run", action="store_true", help="show the changes; write nothing")
+    t = tool("tags", "list every tag with the number of captions holding it, most frequent first")
+    t.add_argument("--top", type=int, metavar="N", help="only the N most frequent")
+    tool("undo", "put back the captions of the last bulk edit (caption, replace, tag edits)")
+    c.set_defaults(func=cmd_captions)
+
+
+def cmd_captions(args: argparse.Namespace) -> int:
+    from . import caption_tools as tools
+
+    ext = args.caption_extension
+    if args.tool == "tags":
+        for tag, count in tools.tag_frequency(args.folder, caption_extension=ext)[: args.top]:
+            print(f"{count:6d}  {tag}")
+        return 0
+    if args.tool == "undo":
+        label, files = tools.undo_last(args.folder)
+        print(f"undid '{label}': {files} file(s) restored")
+        return 0
+    if args.tool == "replace":
+        changes = tools.find_replace(args.folder, args.find, args.replacement, regex=args.regex, caption_extension=ext)
+        label = f"replace {args.find!r} with {args.replacement!r}"
+    elif args.tool == "replace-tag":
+        changes = tools.replace_tag(args.folder, args.tag, args.new, caption_extension=ext)
+        label = f"replace tag {args.tag!r} with {args.new!r}"
+    else:
+        changes = tools.remove_tag(args.folder, args.tag, caption_extension=ext)
+        label = f"remove tag {args.tag!r}"
+    print(tools.preview_text(changes, args.folder))
+    if args.dry_run:
+        print("dry run: nothing was changed", file=sys.stderr)
+    elif changes:
+        tools.apply_changes(args.folder, changes, label, ext)
+        print("written; 'stylelora captions undo' puts the previous captions back", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="stylelora", description="Train, preview and export Stable Diffusion style LoRAs."
@@ -235,6 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
 
     _add_generate(sub)
+    _add_caption(sub)
+    _add_captions(sub)
 
     e = sub.add_parser("export", help="convert a run or adapter file to kohya or diffusers format, verified")
     e.add_argument("source", help="a run folder, an adapter .safetensors (kohya or diffusers), or a diffusers folder")

@@ -305,6 +305,14 @@ def choices(dotted: str) -> list[Any] | None:
 # --- validation -----------------------------------------------------------------------------------
 
 
+def validate(section: Any, prefix: str = "") -> None:
+    """Raise ConfigError naming every field of a settings dataclass (made with ``option()``) that is out of
+    its type or bounds; for settings kept outside Config, such as the captioning ones."""
+    errors = _check(section, prefix)
+    if errors:
+        raise ConfigError("\n".join(errors))
+
+
 def _unknown(dotted: str, known: typing.Iterable[str]) -> str:
     close = difflib.get_close_matches(dotted, list(known), n=1, cutoff=0.5)
     hint = f"; did you mean '{close[0]}'?" if close else ""

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from .config import LoraConfig
-from .errors import ModelError
+from .errors import ModelError, offline_hint
 
 log = logging.getLogger(__name__)
 
@@ -251,11 +251,8 @@ def _kind(pipeline: Any) -> str:
 
 
 def _offline_hint(name: str) -> str:
-    return (
-        f"model '{name}': could not be downloaded from the Hugging Face hub (this machine looks "
-        "offline, or the id is wrong). Download it where you have internet and pass the local "
-        "folder (--model /path/to/folder) or a single .safetensors file (--model file.safetensors)."
-    )
+    return offline_hint("model", name, "the folder (--model /path/to/folder) or a single .safetensors file "
+                        "(--model file.safetensors)")
 
 
 def load_base_model(name: str, config_source: str = "", prediction_type: str = "auto") -> BaseModel:
