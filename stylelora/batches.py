@@ -28,7 +28,7 @@ from . import dataset
 from .buckets import Size, assign_bucket, oriented_size
 from .cache import LatentCache, default_cache_dir, module_identity
 from .captions import build_caption
-from .config import Config, DataConfig
+from .config import Config, DataConfig, TrainConfig
 from .dataset import Item, prepare, scan
 from .errors import DataError
 
@@ -130,6 +130,16 @@ class TrainingSet:
     def __len__(self) -> int:
         """Examples per epoch."""
         return len(self.images) * (2 if self.reg else 1)
+
+    def steps_per_epoch(self, accumulation: int = 1) -> int:
+        """Optimizer steps in one pass over the epoch's batches (kohya counts epochs the same way)."""
+        return max(1, -(-len(self.epoch_batches(0)) // accumulation))
+
+    def total_steps(self, train: TrainConfig) -> int:
+        """The run's length: ``train.epochs`` passes when set, else ``train.steps``."""
+        if train.epochs:
+            return train.epochs * self.steps_per_epoch(train.gradient_accumulation_steps)
+        return train.steps
 
     def example(self, epoch: int, slot: int) -> Example:
         n = len(self.images)

@@ -383,6 +383,36 @@ def cmd_captions(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_import_kohya(sub: Any) -> None:
+    k = sub.add_parser(
+        "import-kohya", help="turn a kohya_ss GUI JSON or sd-scripts TOML config into a stylelora config",
+        description="Read a kohya_ss GUI config (.json) or an sd-scripts --config_file TOML (with its "
+        "--dataset_config TOML) and write a stylelora config that 'stylelora train' runs. Every key that is "
+        "not imported is listed with the reason, in the output and as comments at the top of the file.")
+    k.add_argument("file", help="the kohya_ss .json, the sd-scripts config .toml, or a dataset config .toml alone")
+    k.add_argument("--dataset-config", metavar="TOML", help="sd-scripts' --dataset_config file (read from the "
+                   "config's dataset_config key when not given)")
+    k.add_argument("--out", required=True, help="the stylelora config .toml to write")
+    k.add_argument("--force", action="store_true", help="replace --out if it exists")
+    k.set_defaults(func=cmd_import_kohya)
+
+
+def cmd_import_kohya(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from . import fileio
+    from .kohya_import import import_kohya
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise StyleloraError(f"--out: {out} exists; choose another name or pass --force to replace it")
+    report = import_kohya(args.file, args.dataset_config)
+    fileio.write_text(out, report.to_toml())
+    print(report.to_text())
+    print(f"wrote {out}; train with: stylelora train {out}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="stylelora", description="Train, preview and export Stable Diffusion style LoRAs."
@@ -399,6 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_caption(sub)
     _add_captions(sub)
+    _add_import_kohya(sub)
 
     e = sub.add_parser("export", help="convert a run or adapter file to kohya or diffusers format, verified")
     e.add_argument("source", help="a run folder, an adapter .safetensors (kohya or diffusers), or a diffusers folder")
