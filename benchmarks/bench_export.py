@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from stylelora import formats  # noqa: E402
+from stylelora import convert, formats  # noqa: E402
 from stylelora.config import TEXT_ENCODER_TARGETS, UNET_TARGETS  # noqa: E402
 from stylelora.formats import Adapter, ModelLayout  # noqa: E402
 from stylelora.models import load_base_model, lora_alphas, lora_state  # noqa: E402
@@ -74,7 +74,7 @@ def main() -> None:
             out = Path(tmp) / f"d{i}"
             timed("write+verify diffusers", formats.save_diffusers, out, loaded, layout)
             timed("write+verify kohya", formats.save_kohya, Path(tmp) / f"k{i}.safetensors", loaded, layout)
-            timed("export() kohya->diffusers total", formats.export, src, "diffusers", Path(tmp) / f"e{i}",
+            timed("export() kohya->diffusers total", convert.export, src, "diffusers", Path(tmp) / f"e{i}",
                   base_model=args.model)
 
     print(f"# {args.model}, rank {args.rank}, conv rank {args.conv_rank}: {len(tensors)} tensors, "

@@ -6,13 +6,14 @@ from __future__ import annotations
 import collections
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .config import Config
 from .errors import ConfigError, FormatError
 from .kohya_names import KohyaNames
+from .models import module_shapes
 
 if TYPE_CHECKING:
     from .models import BaseModel
@@ -104,6 +105,22 @@ class Adapter:
     def num_modules(self) -> dict[str, int]:
         return {part: len(self.modules(part)) for part in self.state}
 
+    def peft_fields(self, part: str) -> dict[str, Any]:
+        """The peft ``LoraConfig`` fields that recreate one part's layers: the rank of most modules,
+        the part's alpha, the modules that differ from them (by plain module path) and every module."""
+        paths = self.modules(part)
+        ranks = {p: self.rank_of(part, p) for p in paths}
+        alphas = {p: self.alpha_of(part, p) for p in paths}
+        r = int(most_common(list(ranks.values())) or 0)
+        return {
+            "r": r,
+            "lora_alpha": self.alpha[part],
+            "rank_pattern": {p: v for p, v in ranks.items() if v != r},
+            "alpha_pattern": {p: a for p, a in alphas.items() if a != self.alpha[part]},
+            "target_modules": paths,
+            "use_dora": any(k.endswith("lora_magnitude_vector") for k in self.state[part]),
+        }
+
 
 @dataclass
 class ModelLayout:
@@ -123,15 +140,8 @@ class ModelLayout:
         if isinstance(model, dict):
             kind = "sdxl" if "text_encoder_2" in model else "sd1"
             return cls(kind, {part: dict.fromkeys(paths, ()) for part, paths in model.items()})
-        shapes: dict[str, dict[str, tuple[int, ...]]] = {}
-        for part, module in model.parts():
-            found = {}
-            for name, sub in module.named_modules():
-                if isinstance(sub, (torch.nn.Linear, torch.nn.Conv2d)) and "lora_" not in name:
-                    found[name.removesuffix(".base_layer")] = tuple(sub.weight.shape)
-            shapes[part] = found
         lpb = model.unet.config.layers_per_block
-        return cls(model.kind, shapes, lpb if isinstance(lpb, int) else int(lpb[0]), model.name)
+        return cls(model.kind, module_shapes(model), lpb if isinstance(lpb, int) else int(lpb[0]), model.name)
 
     @property
     def modules(self) -> dict[str, list[str]]:

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import torch
 
+from .adapter import Adapter, ModelLayout
 from .config import Config
 from .fileio import atomic_path
-from .formats import Adapter, ModelLayout, save_diffusers, save_kohya
-from .metadata import kohya_metadata
+from .formats import save_diffusers, save_kohya
+from .metadata import adapter_facts, kohya_metadata
 from .models import BaseModel, lora_alphas, lora_state
 
 log = logging.getLogger(__name__)
@@ -24,9 +25,12 @@ def export_adapter(
     Alphas are read from the injected peft layers, so LoCon's conv alpha comes out as trained.
     DoRA has no kohya form that loads right everywhere, so a DoRA run writes the diffusers file only.
     """
-    metadata = kohya_metadata(config, model, step, num_images, items)
+    adapter = Adapter.from_module_alphas(lora_state(model), lora_alphas(model))
+    layout = ModelLayout.of(model)
+    adapter.metadata.update(adapter_facts(adapter, layout.kind))  # what the weights say, for both files
+    adapter.metadata.update(kohya_metadata(config, model, step, num_images, items))
     cfg = config.train
-    metadata.update({  # the loop's facts under sd-scripts' keys, so tools and Civitai show them
+    adapter.metadata.update({  # the loop's facts under sd-scripts' keys, so tools and Civitai show them
         "ss_min_snr_gamma": f"{cfg.min_snr_gamma:g}",
         "ss_noise_offset": f"{cfg.noise_offset:g}",
         "ss_zero_terminal_snr": str(cfg.zero_terminal_snr),
@@ -35,8 +39,6 @@ def export_adapter(
         "ss_lr_scheduler_power": f"{cfg.lr_scheduler_power:g}",
         "stylelora.ema": f"{cfg.ema_decay:g}" if cfg.ema else "off",
     })
-    adapter = Adapter.from_module_alphas(lora_state(model), lora_alphas(model), metadata)
-    layout = ModelLayout.of(model)
     paths = []
     if adapter.is_dora:
         log.warning("DoRA adapter: writing the diffusers format only (no kohya file; see stylelora export)")

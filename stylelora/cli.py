@@ -198,7 +198,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .formats import export
+    from .convert import export
 
     report = export(args.source, args.format, args.out, precision=args.precision, base_model=args.model)
     print(report.summary)
@@ -206,7 +206,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from .formats import merge
+    from .merge import merge
 
     out = merge(args.model, args.lora, args.scale, args.out)
     print(f"merged {args.lora} at scale {args.scale:g} into {args.model}: {out}")
@@ -214,7 +214,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_resize(args: argparse.Namespace) -> int:
-    from .formats import resize
+    from .merge import resize
 
     report = resize(args.file, args.rank, args.out, base_model=args.model)
     print(report.summary)

@@ -33,6 +33,7 @@ MAX_ZIP_MEMBERS = 5000
 MAX_ZIP_TOTAL_BYTES = 2 * 1024**3  # everything a zip unpacks to
 MAX_ZIP_RATIO = 200  # uncompressed/compressed per member; images barely compress, bombs compress ~1000x
 MAX_IMAGE_PIXELS = 64 * 1024**2
+UPLOAD_SUFFIXES = (*sorted(IMAGE_SUFFIXES), ".txt", ".zip")  # images, caption sidecars, zips of both
 
 
 @dataclass
@@ -121,7 +122,7 @@ def _add_one(folder: Path, source: Path, original_name: str, report: AddReport) 
     suffix = Path(name).suffix.lower()
     if suffix not in IMAGE_SUFFIXES and suffix != ".txt":
         report.refused.append(
-            f"{original_name}: not an image or caption (allowed: {', '.join(sorted(IMAGE_SUFFIXES))}, .txt, .zip)"
+            f"{original_name}: not an image or caption (allowed: {', '.join(UPLOAD_SUFFIXES)})"
         )
         return
     size = source.stat().st_size

@@ -304,6 +304,17 @@ class Config:
         return getattr(getattr(self, section), key)
 
 
+def next_free_run_dir(path: str | Path) -> Path:
+    """``path``, or when it already holds a run (a ``config.toml``) the first of ``path-2``,
+    ``path-3``, ... that does not: a new run never lands in an older run's folder."""
+    path = Path(path)
+    out, n = path, 2
+    while (out / "config.toml").is_file():
+        out = path.with_name(f"{path.name}-{n}")
+        n += 1
+    return out
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """``train.lr=1e-4`` -> ("train.lr", 0.0001); values use TOML syntax, bare words are strings."""
     key, sep, raw = text.partition("=")

@@ -6,13 +6,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from .adapter import Adapter, ModelLayout
 from .config import Config
 from .errors import FormatError
 from .formats import (
     DIFFUSERS_WEIGHT_NAME,
     DTYPES,
-    Adapter,
-    ModelLayout,
     adapter_from_tensors,
     file_format,
     read_safetensors,

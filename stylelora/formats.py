@@ -3,7 +3,8 @@
 In memory an adapter is canonical: ``{"unet": {...}, "text_encoder": {...}}`` of peft state dicts
 keyed by the model's own module paths (``down_blocks.0.attentions.0.proj_in.lora_A.weight``).
 Alpha is per kind of module (see ``Adapter``). Every file written here is re-read and checked
-(``verify_file``); converting lives in ``stylelora.convert``, merging and resizing in ``stylelora.merge``.
+(``verify_file``). Converting a run or file lives above this module, in ``stylelora.convert``;
+merging and resizing in ``stylelora.merge``; the metadata written here comes from ``stylelora.metadata``.
 """
 
 from __future__ import annotations
@@ -17,17 +18,17 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
 from . import fileio
-from .adapter import Adapter, ModelLayout, module_paths, most_common
+from .adapter import Adapter, ModelLayout, module_paths
 from .errors import FormatError
 from .kohya_names import KOHYA_PREFIXES
+from .metadata import adapter_facts, model_hashes
+from .models import PICKLE_SUFFIXES
 
 if TYPE_CHECKING:
-    from .convert import ExportReport
-    from .merge import ResizeReport
     from .models import BaseModel
 
-__all__ = ["Adapter", "ModelLayout", "export", "load_adapter", "merge", "read_safetensors", "resize",
-           "save_diffusers", "save_kohya", "verify_file"]
+__all__ = ["Adapter", "ModelLayout", "load_adapter", "read_safetensors", "save_diffusers", "save_kohya",
+           "verify_file"]
 PARTS = ("unet", "text_encoder", "text_encoder_2")
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}
@@ -71,27 +72,12 @@ def to_diffusers(adapter: Adapter, precision: str = "fp16") -> dict[str, torch.T
 
 def peft_metadata(adapter: Adapter) -> dict[str, object]:
     """diffusers' ``lora_adapter_metadata``: the LoraConfig per part, so it scales every module right."""
-    meta: dict[str, object] = {}
-    for part in adapter.state:
-        paths = adapter.modules(part)
-        ranks = {p: adapter.rank_of(part, p) for p in paths}
-        r = int(most_common(list(ranks.values())) or 0)
-        config = {
-            "r": r,
-            "lora_alpha": adapter.alpha[part],
-            "rank_pattern": {p: v for p, v in ranks.items() if v != r},
-            "alpha_pattern": {p: adapter.alpha_of(part, p) for p in paths
-                              if adapter.alpha_of(part, p) != adapter.alpha[part]},
-            "target_modules": paths,
-            "use_dora": any(k.endswith("lora_magnitude_vector") for k in adapter.state[part]),
-        }
-        meta.update({f"{part}.{k}": v for k, v in config.items()})
-    return meta
+    return {f"{part}.{k}": v for part in adapter.state for k, v in adapter.peft_fields(part).items()}
 
 
 def kohya_file_metadata(adapter: Adapter, layout: ModelLayout, tensors: dict[str, torch.Tensor]) -> dict[str, str]:
-    from .metadata import adapter_facts, model_hashes
-
+    """The adapter's metadata for a kohya file: what the weights say (``adapter_facts``) replaces any
+    older statement of it, and kohya's hashes are taken over the tensors written."""
     metadata = {k: v for k, v in adapter.metadata.items() if k not in DIFFUSERS_ONLY_METADATA}
     metadata.update(adapter_facts(adapter, layout.kind))
     metadata["sshs_model_hash"], metadata["sshs_legacy_hash"] = model_hashes(tensors, metadata)
@@ -159,7 +145,7 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
     p = Path(path)
     if p.is_dir():
         p = p / DIFFUSERS_WEIGHT_NAME
-    if p.suffix.lower() in {".ckpt", ".pt", ".pth", ".bin"}:
+    if p.suffix.lower() in PICKLE_SUFFIXES:
         raise FormatError(f"{p}: pickled files can run code when opened and are not read; use a .safetensors file")
     if not p.is_file():
         raise FormatError(f"{p}: no such adapter file")
@@ -282,28 +268,3 @@ def _check_pairs_and_shapes(state, layout: ModelLayout, source: str) -> None:
                                 f"do not fit the module's weight {weight}")
     if problems:
         raise FormatError(f"{source}: {len(problems)} modules do not fit the base model: " + "; ".join(problems[:5]))
-
-
-# --- the public conversions (implemented in stylelora.convert) --------------------------------------
-
-
-def export(source: str | Path, fmt: str, out: str | Path, precision: str = "fp16",
-           base_model: str | BaseModel | None = None) -> ExportReport:
-    """Convert a run folder or adapter file to ``fmt`` ("kohya" or "diffusers") at ``out``, verified."""
-    from .convert import export as _export
-
-    return _export(source, fmt, out, precision, base_model)
-
-
-def merge(model: str | BaseModel, lora: str | Path, scale: float, out: str | Path) -> Path:
-    """Bake ``lora`` at strength ``scale`` into the base model's weights; writes a diffusers folder."""
-    from .merge import merge as _merge
-
-    return _merge(model, lora, scale, out)
-
-
-def resize(path: str | Path, rank: int, out: str | Path, base_model: str | BaseModel | None = None) -> ResizeReport:
-    """Lower the rank of an adapter by SVD of each module's delta; reports the energy retained."""
-    from .merge import resize as _resize
-
-    return _resize(path, rank, out, base_model)

@@ -14,7 +14,7 @@ import math
 import re
 import threading
 import warnings
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from . import images
-from .adapter import Adapter, ModelLayout, module_paths
+from .adapter import Adapter, ModelLayout
 from .checkpoint import STEP_DIR, list_checkpoints
 from .config import Config
 from .convert import find_adapter_file
@@ -133,22 +133,18 @@ def _peft_config(adapter: Adapter, part: str) -> Any:
     """A peft LoraConfig that recreates ``adapter``'s layers for one part, rank and alpha per module."""
     from peft import LoraConfig as PeftLoraConfig
 
-    state = adapter.state[part]
-    paths = module_paths(state)
-    ranks = {p: int(state[f"{p}.lora_A.weight"].shape[0]) for p in paths}
-    alphas = {p: adapter.alpha_of(part, p) for p in paths}
-    rank = Counter(ranks.values()).most_common(1)[0][0]
-    alpha = Counter(alphas.values()).most_common(1)[0][0]
+    fields = adapter.peft_fields(part)
+
     # Exact names: a regex that must match the whole module path, so no other module is caught.
-    exact = {p: "^" + re.escape(p) for p in paths}
-    return PeftLoraConfig(
-        r=rank,
-        lora_alpha=alpha,
-        target_modules="|".join(re.escape(p) for p in paths),
-        rank_pattern={exact[p]: r for p, r in ranks.items() if r != rank},
-        alpha_pattern={exact[p]: a for p, a in alphas.items() if a != alpha},
-        use_dora=adapter.is_dora,
-    )
+    def exact(patterns: dict[str, float]) -> dict[str, float]:
+        return {"^" + re.escape(p): v for p, v in patterns.items()}
+
+    return PeftLoraConfig(**{
+        **fields,
+        "target_modules": "|".join(re.escape(p) for p in fields["target_modules"]),
+        "rank_pattern": exact(fields["rank_pattern"]),
+        "alpha_pattern": exact(fields["alpha_pattern"]),
+    })
 
 
 def _lora_layers(module: torch.nn.Module) -> list[Any]:

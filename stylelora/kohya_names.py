@@ -47,37 +47,50 @@ def sgm_path(path: str, layers_per_block: int, up_blocks_with_attention: set[int
     """The SGM (original Stability) name of a diffusers SDXL UNet module, or None if it has none."""
     if path in _SGM_TOP:
         return _SGM_TOP[path]
-    p = path.split(".")
-    n = layers_per_block + 1  # SGM input/output blocks per diffusers level (layers + down/upsampler)
-
-    def resnet(rest: list[str]) -> str | None:
-        inner = _SGM_RESNET.get(".".join(rest))
-        return inner
-
-    if p[0] == "down_blocks" and len(p) >= 5:
-        i, kind, j, rest = int(p[1]), p[2], int(p[3]), p[4:]
-        if kind == "resnets" and (inner := resnet(rest)):
-            return f"input_blocks.{1 + i * n + j}.0.{inner}"
-        if kind == "attentions":
-            return f"input_blocks.{1 + i * n + j}.1." + ".".join(rest)
-        if kind == "downsamplers" and rest == ["conv"]:
-            return f"input_blocks.{(i + 1) * n}.0.op"
-    if p[0] == "mid_block" and len(p) >= 4:
-        kind, j, rest = p[1], int(p[2]), p[3:]
-        if kind == "resnets" and (inner := resnet(rest)):
-            return f"middle_block.{2 * j}.{inner}"
-        if kind == "attentions" and j == 0:
-            return "middle_block.1." + ".".join(rest)
-    if p[0] == "up_blocks" and len(p) >= 5:
-        i, kind, j, rest = int(p[1]), p[2], int(p[3]), p[4:]
-        if kind == "resnets" and (inner := resnet(rest)):
-            return f"output_blocks.{i * n + j}.0.{inner}"
-        if kind == "attentions":
-            return f"output_blocks.{i * n + j}.1." + ".".join(rest)
-        if kind == "upsamplers" and rest == ["conv"]:
-            slot = 2 if i in up_blocks_with_attention else 1
-            return f"output_blocks.{i * n + layers_per_block}.{slot}.conv"
+    block, *p = path.split(".")
+    if block == "down_blocks" and len(p) >= 4:
+        return _sgm_down(p, layers_per_block)
+    if block == "mid_block" and len(p) >= 3:
+        return _sgm_mid(p)
+    if block == "up_blocks" and len(p) >= 4:
+        return _sgm_up(p, layers_per_block, up_blocks_with_attention)
     return None
+
+
+def _sgm_layer(kind: str, rest: list[str]) -> str | None:
+    """Inside an SGM input or output block: ``0.<ResBlock layer>`` for a resnet, ``1.<path>`` for attention."""
+    if kind == "resnets":
+        inner = _SGM_RESNET.get(".".join(rest))
+        return None if inner is None else f"0.{inner}"
+    return "1." + ".".join(rest) if kind == "attentions" else None
+
+
+# SGM has an input/output block per diffusers layer, plus one per level for its down/upsampler.
+def _sgm_down(p: list[str], layers_per_block: int) -> str | None:
+    i, kind, j, rest = int(p[0]), p[1], int(p[2]), p[3:]
+    n = layers_per_block + 1
+    if kind == "downsamplers":
+        return f"input_blocks.{(i + 1) * n}.0.op" if rest == ["conv"] else None
+    layer = _sgm_layer(kind, rest)
+    return None if layer is None else f"input_blocks.{1 + i * n + j}.{layer}"
+
+
+def _sgm_mid(p: list[str]) -> str | None:
+    kind, j, rest = p[0], int(p[1]), p[2:]
+    inner = _SGM_RESNET.get(".".join(rest))
+    if kind == "resnets" and inner is not None:
+        return f"middle_block.{2 * j}.{inner}"
+    return "middle_block.1." + ".".join(rest) if kind == "attentions" and j == 0 else None
+
+
+def _sgm_up(p: list[str], layers_per_block: int, up_blocks_with_attention: set[int]) -> str | None:
+    i, kind, j, rest = int(p[0]), p[1], int(p[2]), p[3:]
+    n = layers_per_block + 1
+    if kind == "upsamplers":
+        slot = 2 if i in up_blocks_with_attention else 1  # after the resnet, and the attention if any
+        return f"output_blocks.{i * n + layers_per_block}.{slot}.conv" if rest == ["conv"] else None
+    layer = _sgm_layer(kind, rest)
+    return None if layer is None else f"output_blocks.{i * n + j}.{layer}"
 
 
 class KohyaNames:

@@ -10,9 +10,10 @@ from pathlib import Path
 import torch
 
 from . import fileio
+from .adapter import Adapter, module_paths
 from .convert import describe, open_adapter, write_adapter
 from .errors import FormatError
-from .formats import Adapter, load_adapter, module_paths, save_diffusers
+from .formats import load_adapter, save_diffusers
 from .metadata import adapter_facts
 from .models import BaseModel, load_base_model
 

@@ -1,5 +1,8 @@
 """Metadata embedded in exported adapters: kohya's ss_* keys, modelspec, the run's config and a
-reproducibility record. All values are strings (safetensors headers hold only strings)."""
+reproducibility record. All values are strings (safetensors headers hold only strings).
+
+Two sources, one owner each: ``adapter_facts`` states what the weights themselves say (rank, alpha,
+LoCon, base model kind), ``kohya_metadata`` states how they were trained (config, steps, data)."""
 
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ from safetensors.torch import save
 from .config import Config
 
 if TYPE_CHECKING:
-    from .formats import Adapter
+    from .adapter import Adapter
     from .models import BaseModel
 
 BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
@@ -98,17 +101,13 @@ def library_versions() -> dict[str, str]:
 def kohya_metadata(
     config: Config, model: BaseModel, steps: int, num_images: int, items: Sequence[Any] | None = None
 ) -> dict[str, str]:
-    """String metadata as sd-scripts writes it, so A1111, ComfyUI and Civitai show the right facts,
-    plus the run's config (``stylelora.config``) and how to reproduce it (``stylelora.reproducibility``).
-    ``items`` are the training images (``dataset.Item``) for tag frequencies and the dataset hash."""
+    """The training facts as sd-scripts writes them, so A1111, ComfyUI and Civitai show them, plus the
+    run's config (``stylelora.config``) and how to reproduce it (``stylelora.reproducibility``).
+    ``items`` are the training images (``dataset.Item``) for tag frequencies and the dataset hash.
+    What the weights say (rank, alpha, base model version) is ``adapter_facts``'s, not repeated here."""
     res = config.data.resolution
     te_lr = config.train.text_encoder_lr or config.train.lr
     meta = {
-        "ss_network_module": "networks.lora",
-        "ss_network_dim": str(config.lora.rank),
-        "ss_network_alpha": _g(config.lora.alpha),
-        "ss_base_model_version": BASE_MODEL_VERSION[model.kind],
-        "ss_v2": str(model.kind == "sd2"),
         "ss_output_name": config.run_name,
         "ss_sd_model_name": config.model.name,
         "ss_resolution": f"({res}, {res})",
@@ -125,10 +124,7 @@ def kohya_metadata(
         "ss_optimizer": config.train.optimizer,
         "ss_mixed_precision": config.train.mixed_precision,
         "ss_seed": str(config.train.seed),
-        "ss_network_train_unet_only": str(not config.lora.train_text_encoder),
         "ss_training_finished_at": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S"),
-        "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": f"{ARCHITECTURE[model.kind]}/lora",
         "modelspec.implementation": "https://github.com/kohya-ss/sd-scripts",
         "modelspec.title": config.run_name,
         "modelspec.resolution": f"{res}x{res}",

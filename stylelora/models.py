@@ -435,19 +435,26 @@ def set_lora_state(model: BaseModel, state: dict[str, dict[str, torch.Tensor]]) 
             raise ModelError(f"{part}: LoRA weights for modules this model lacks: {unexpected[:5]}")
 
 
-def adaptable_modules(model: BaseModel) -> dict[str, list[str]]:
-    """Module paths (per part) that can carry LoRA: every Linear and Conv2d of UNet and text encoder.
+def module_shapes(model: BaseModel) -> dict[str, dict[str, tuple[int, ...]]]:
+    """Every module (per part) that can carry LoRA, every Linear and Conv2d of the UNet and text
+    encoders, with its weight shape. A module peft has wrapped keeps its own path (``.base_layer``
+    dropped) and peft's own layers are left out, so the answer is the same before and after LoRA.
 
     This is the model's own list of names; adapter loading maps file keys onto it (never guessing).
     """
-    out: dict[str, list[str]] = {}
+    out: dict[str, dict[str, tuple[int, ...]]] = {}
     for part, module in model.parts():
-        names = []
-        for name, sub in module.named_modules():
-            if isinstance(sub, (torch.nn.Linear, torch.nn.Conv2d)) and "lora_" not in name:
-                names.append(name.removesuffix(".base_layer"))
-        out[part] = sorted(set(names))
+        out[part] = {
+            name.removesuffix(".base_layer"): tuple(sub.weight.shape)
+            for name, sub in module.named_modules()
+            if isinstance(sub, (torch.nn.Linear, torch.nn.Conv2d)) and "lora_" not in name
+        }
     return out
+
+
+def adaptable_modules(model: BaseModel) -> dict[str, list[str]]:
+    """Module paths (per part) that can carry LoRA, sorted: the names of ``module_shapes``."""
+    return {part: sorted(shapes) for part, shapes in module_shapes(model).items()}
 
 
 def lora_alphas(model: BaseModel) -> dict[str, dict[str, float]]:

@@ -20,7 +20,7 @@ from . import checkpoint as ckpt
 from . import events, losses, optim
 from .artifacts import export_adapter, render_samples
 from .batches import BatchSource, TrainingSet
-from .config import Config
+from .config import Config, next_free_run_dir
 from .dataset import CaptionedImages
 from .doctor import training_items
 from .ema import LoraEMA
@@ -77,10 +77,7 @@ def resolve_output_dir(config: Config) -> Path:
                 f"train.output_dir: '{out}' already holds a run; pass --resume auto to continue it, "
                 "or --output with a new folder"
             )
-        n = 2
-        while (out.with_name(f"{out.name}-{n}") / "config.toml").is_file():
-            n += 1
-        out = out.with_name(f"{out.name}-{n}")
+        out = next_free_run_dir(out)
     return out
 
 

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .checkpoint import list_checkpoints
-from .config import Config
+from .config import Config, next_free_run_dir
 from .errors import ConfigError
+from .formats import DIFFUSERS_WEIGHT_NAME
 
 
 @dataclass(frozen=True)
@@ -81,12 +82,7 @@ class Workspace:
 
     def new_run_dir(self, name: str) -> Path:
         name = re.sub(r"[^\w.-]", "_", name).lstrip(".") or "run"
-        out = self.outputs / name
-        n = 2
-        while (out / "config.toml").exists():
-            out = self.outputs / f"{name}-{n}"
-            n += 1
-        return out
+        return next_free_run_dir(self.outputs / name)
 
     def runs(self) -> list[RunInfo]:
         """Run folders under outputs/ that hold a config.toml, newest first."""
@@ -94,7 +90,7 @@ class Workspace:
         for cfg in self.outputs.glob("*/config.toml"):
             run = cfg.parent
             adapters = sorted(p for p in run.glob("*.safetensors") if not p.name.startswith("."))
-            diffusers = run / "diffusers" / "pytorch_lora_weights.safetensors"
+            diffusers = run / "diffusers" / DIFFUSERS_WEIGHT_NAME
             if diffusers.is_file():
                 adapters.append(diffusers)
             checkpoints = [folder / "lora.safetensors" for folder in list_checkpoints(run)]  # complete ones only

@@ -79,3 +79,19 @@ def test_output_dir_defaults_to_dataset_name() -> None:
     config = Config().with_overrides({"data.path": "datasets/my-style"})
     assert config.output_dir == Path("outputs/my-style")
     assert config.run_name == "my-style"
+
+
+def test_a_new_run_never_lands_in_an_older_runs_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from stylelora.train import resolve_output_dir
+    from stylelora.workspace import Workspace
+
+    monkeypatch.chdir(tmp_path)
+    ws = Workspace(tmp_path)
+    cli_run = Config().with_overrides({"data.path": str(ws.datasets / "cats")})  # no --output: outputs/cats
+    assert resolve_output_dir(cli_run) == Path("outputs/cats") and ws.new_run_dir("cats") == ws.outputs / "cats"
+    for taken in ("cats", "cats-2"):
+        (ws.outputs / taken).mkdir()
+        (ws.outputs / taken / "config.toml").write_text("")
+    (ws.outputs / "cats-3").mkdir()  # a folder without a run's config.toml is free
+    assert resolve_output_dir(cli_run) == Path("outputs/cats-3")
+    assert ws.new_run_dir("cats") == ws.outputs / "cats-3"

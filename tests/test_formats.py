@@ -15,10 +15,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from conftest import run_cli, tiny_config
-from stylelora import formats
 from stylelora.config import TEXT_ENCODER_TARGETS, UNET_TARGETS, Config
+from stylelora.convert import export
 from stylelora.errors import FormatError
 from stylelora.formats import Adapter, ModelLayout, load_adapter, save_diffusers, save_kohya, to_kohya
+from stylelora.merge import merge, resize
 from stylelora.models import load_base_model, lora_alphas, lora_state
 
 # --- helpers -------------------------------------------------------------------------------------
@@ -244,9 +245,9 @@ def test_run_files_carry_metadata_hashes_and_config(run: Path) -> None:
 
 def test_kohya_to_diffusers_to_kohya_keeps_every_tensor_and_the_config(run: Path, tmp_path: Path) -> None:
     original = load_file(run / "style.safetensors")
-    to_diffusers = formats.export(run, "diffusers", tmp_path / "d")
+    to_diffusers = export(run, "diffusers", tmp_path / "d")
     assert to_diffusers.verified and to_diffusers.path == tmp_path / "d" / "pytorch_lora_weights.safetensors"
-    back = formats.export(to_diffusers.path, "kohya", tmp_path / "back.safetensors")
+    back = export(to_diffusers.path, "kohya", tmp_path / "back.safetensors")
     assert back.num_tensors == len(original)
     again = load_file(back.path)
     assert again.keys() == original.keys()
@@ -298,10 +299,10 @@ def test_hand_written_kohya_file_from_another_trainer_loads_and_applies(tmp_path
     model.pipeline.unload_lora_weights()
     assert_fused_delta(adapter, model, before, scale=0.5)
     # stylelora converts it too, given the base model (the file does not name one)
-    report = formats.export(path, "diffusers", tmp_path / "converted", base_model="builtin:tiny")
+    report = export(path, "diffusers", tmp_path / "converted", base_model="builtin:tiny")
     assert report.num_tensors == 6
     with pytest.raises(FormatError, match="--model"):
-        formats.export(path, "diffusers", tmp_path / "nope")
+        export(path, "diffusers", tmp_path / "nope")
 
 
 def test_keys_naming_no_module_are_refused_and_listed(tmp_path: Path) -> None:
@@ -361,7 +362,7 @@ def test_dora_goes_to_diffusers_and_is_refused_for_kohya_with_a_reason(tmp_path:
 def test_merge_equals_the_base_with_the_adapter_at_that_scale(tmp_path: Path) -> None:
     model = load_base_model("builtin:tiny")
     lora = save_kohya(tmp_path / "style.safetensors", make_adapter(conv_rank=2), model, precision="fp32")
-    merged = formats.merge("builtin:tiny", lora, 0.7, tmp_path / "merged")
+    merged = merge("builtin:tiny", lora, 0.7, tmp_path / "merged")
     assert (merged / "model_index.json").is_file()
     base = unet_output(model)
     model.pipeline.load_lora_weights(str(tmp_path), weight_name=lora.name, adapter_name="style")
@@ -381,7 +382,7 @@ def test_resize_lowers_the_rank_reports_energy_and_stays_close(tmp_path: Path) -
         if key.endswith("lora_B.weight"):
             adapter.state["unet"][key] = value * decay.reshape(1, -1, *[1] * (value.dim() - 2))
     src = save_kohya(tmp_path / "r8.safetensors", adapter, model, precision="fp32")
-    report = formats.resize(src, 4, tmp_path / "r4.safetensors", base_model="builtin:tiny")
+    report = resize(src, 4, tmp_path / "r4.safetensors", base_model="builtin:tiny")
     small = load_adapter(report.path, model)
     assert small.rank == 4 and small.alpha["unet"] == 4.0
     assert 0.9 < report.energy_retained < 1.0 and report.min_energy_retained <= report.energy_retained
@@ -447,6 +448,26 @@ def test_training_export_writes_locon_alphas_and_skips_kohya_for_dora(tmp_path: 
     _, dora_model = make_adapter(dora=True, with_model=True)
     paths = export_adapter(dora_model, config, tmp_path / "dora", 5, 0)
     assert [p.name for p in paths] == ["pytorch_lora_weights.safetensors"]
+
+
+def test_both_files_of_a_run_state_what_the_weights_say_and_how_they_were_trained(tmp_path: Path) -> None:
+    from stylelora.artifacts import export_adapter
+
+    # weights that disagree with the config on purpose: rank, alpha and LoCon are read from the weights
+    _, model = make_adapter(rank=4, alpha=2.0, conv_rank=2, conv_alpha=3.0, te=False, with_model=True)
+    config = tiny_config(tmp_path / "data", tmp_path / "run",
+                         **{"lora.rank": 8, "lora.alpha": 8.0, "lora.train_text_encoder": True})
+    files = export_adapter(model, config, tmp_path / "run", 5, 3)
+    assert [p.name for p in files] == ["run.safetensors", "pytorch_lora_weights.safetensors"]
+    for path in files:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata()
+        assert (meta["ss_network_dim"], meta["ss_network_alpha"]) == ("4", "2"), path
+        assert json.loads(meta["ss_network_args"]) == {"conv_dim": "2", "conv_alpha": "3"}, path
+        assert meta["ss_network_train_unet_only"] == "True", path
+        assert meta["ss_base_model_version"] == "sd_v1" and meta["modelspec.architecture"] == "stable-diffusion-v1/lora"
+        assert (meta["ss_steps"], meta["ss_num_train_images"], meta["ss_output_name"]) == ("5", "3", "run"), path
+        assert Config.from_toml(meta["stylelora.config"]).lora.rank == 8  # the run's config, as given
 
 
 def test_training_an_sdxl_model_is_refused_with_a_plain_message(dataset: Path, tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ def test_ruff_is_clean() -> None:
     ruff = shutil.which("ruff") or str(Path(sys.executable).parent / "ruff")
     if not Path(ruff).exists():
         pytest.fail("ruff is not installed; install the test extra: pip install -e '.[test]'")
-    r = subprocess.run([ruff, "check", "stylelora", "tests", "app.py", "scripts", "benchmarks"],
+    r = subprocess.run([ruff, "check", "stylelora", "tests", "webui", "app.py", "scripts", "benchmarks"],
                        cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
 

@@ -12,7 +12,7 @@ from stylelora.errors import StyleloraError
 
 from .context import Context, library, user_error
 
-ACCEPTED = [".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".txt", ".zip"]
+ACCEPTED = list(collect.UPLOAD_SUFFIXES)
 
 
 def build(ctx: Context) -> dict[str, Any]:

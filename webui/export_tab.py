@@ -8,6 +8,7 @@ from typing import Any
 import gradio as gr
 
 from stylelora.errors import StyleloraError
+from stylelora.formats import DIFFUSERS_WEIGHT_NAME
 
 from .context import Context, library, user_error
 
@@ -33,7 +34,7 @@ def build(ctx: Context) -> dict[str, Any]:
         return source.parent
 
     def export(choice: str | None, fmt: str, precision: str):
-        export_adapter = library("stylelora.formats", "export")
+        export_adapter = library("stylelora.convert", "export")
 
         source = source_path(choice)
         run = run_folder(source)
@@ -44,13 +45,13 @@ def build(ctx: Context) -> dict[str, Any]:
         except StyleloraError as e:
             raise user_error(e) from None
         path = Path(report.path)
-        download = path if path.is_file() else path / "pytorch_lora_weights.safetensors"
+        download = path if path.is_file() else path / DIFFUSERS_WEIGHT_NAME
         verdict = "verified: reloaded and compared every tensor" if report.verified else "NOT verified"
         text = f"**{verdict}**\n\n`{ws.display(path)}` — {report.num_tensors} tensors\n\n{report.summary}"
         return text, str(download) if download.is_file() else None
 
     def merge(model: str, choice: str | None, scale: float):
-        merge_adapter = library("stylelora.formats", "merge")
+        merge_adapter = library("stylelora.merge", "merge")
 
         source = source_path(choice)
         run = run_folder(source)
