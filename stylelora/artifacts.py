@@ -20,7 +20,8 @@ log = logging.getLogger(__name__)
 def export_adapter(
     model: BaseModel, config: Config, out: Path, step: int, num_images: int, items: list | None = None
 ) -> list[Path]:
-    """Write the run's adapter in kohya and diffusers formats, each re-read and verified.
+    """Write the run's adapter in kohya and diffusers formats, each re-read and verified (LoHa and LoKr:
+    the kohya file only, in LyCORIS' layout).
 
     Alphas are read from the injected peft layers, so LoCon's conv alpha comes out as trained.
     DoRA has no kohya form that loads right everywhere, so a DoRA run writes the diffusers file only.
@@ -44,7 +45,8 @@ def export_adapter(
         log.warning("DoRA adapter: writing the diffusers format only (no kohya file; see stylelora export)")
     else:
         paths.append(save_kohya(out / f"{config.run_name}.safetensors", adapter, layout, config.export.precision))
-    paths.append(save_diffusers(out / "diffusers", adapter, layout, config.export.precision))
+    if adapter.network == "lora":  # diffusers loads LoRA only; LoHa and LoKr live in the LyCORIS layout
+        paths.append(save_diffusers(out / "diffusers", adapter, layout, config.export.precision))
     return paths
 
 

@@ -6,7 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .adapter import Adapter, ModelLayout
+import torch
+
+from .adapter import NETWORK_NAMES, Adapter, ModelLayout
 from .config import Config
 from .errors import FormatError
 from .formats import (
@@ -97,7 +99,7 @@ def open_adapter(source: str | Path, base_model: str | BaseModel | None = None) 
             )
     layout = ModelLayout.of(model)
     adapter = adapter_from_tensors(tensors, metadata, layout, str(path))
-    dtype = next(v.dtype for k, v in tensors.items() if "lora_A" in k or "lora_down" in k or "lora.down" in k)
+    dtype = next((v.dtype for k, v in tensors.items() if not k.endswith(".alpha")), torch.float32)
     precision = {v: k for k, v in DTYPES.items()}.get(dtype, "fp32")
     return Source(path, fmt, adapter, model, layout, precision, name)
 
@@ -128,7 +130,8 @@ def describe(adapter: Adapter) -> str:
     text = f"{sum(adapter.num_modules().values())} modules ({parts}), rank {adapter.rank}, alpha {alphas}"
     if adapter.conv_alpha:
         text += ", conv alpha " + ", ".join(f"{p} {a:g}" for p, a in adapter.conv_alpha.items())
-    return text + (", DoRA" if adapter.is_dora else "")
+    network = f", {NETWORK_NAMES[adapter.network]}" if adapter.network != "lora" else ""
+    return text + (", DoRA" if adapter.is_dora else "") + network
 
 
 def export(source: str | Path, fmt: str, out: str | Path, precision: str = "fp16",

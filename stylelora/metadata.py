@@ -46,12 +46,18 @@ def adapter_facts(adapter: Adapter, kind: str) -> dict[str, str]:
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": f"{ARCHITECTURE[kind]}/lora",
     }
+    args: dict[str, str] = {}
+    if adapter.network != "lora":  # LoHa/LoKr: LyCORIS' kohya network, as sd-scripts records it
+        facts["ss_network_module"] = "lycoris.kohya"
+        args["algo"] = adapter.network
+        if adapter.network == "lokr":
+            args["factor"] = str(adapter.lokr_factor(next(iter(adapter.state))))
     convs = [(part, p) for part in adapter.state for p in adapter.modules(part) if adapter.is_kxk_conv(part, p)]
     if convs:  # LoCon: sd-scripts' networks.lora takes the 3x3-conv rank and alpha as network args
         part, path = convs[0]
-        facts["ss_network_args"] = json.dumps(
-            {"conv_dim": str(adapter.rank_of(part, path)), "conv_alpha": _g(adapter.alpha_of(part, path))}
-        )
+        args.update({"conv_dim": str(adapter.rank_of(part, path)), "conv_alpha": _g(adapter.alpha_of(part, path))})
+    if args:
+        facts["ss_network_args"] = json.dumps(args)
     unet_only = set(adapter.state) == {"unet"}
     facts["ss_network_train_unet_only"] = str(unet_only)
     return facts

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,8 @@ ADAPTER_NAME = "default"
 # The 3x3 convs of diffusers' ResnetBlock2D (no other UNet module is named conv1/conv2).
 LOCON_TARGETS = ["conv1", "conv2"]
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
+# peft's own layers and weights: LoRA (lora_A, lora_B, lora_magnitude_vector), LoHa (hada_*), LoKr (lokr_*)
+ADAPTER_PARAM = re.compile(r"(^|\.)(lora_|hada_|lokr_)")
 
 
 @dataclass
@@ -371,9 +374,25 @@ def _load_hub(name: str) -> Any:
 # --- LoRA ---------------------------------------------------------------------------------------
 
 
-def add_lora(model: BaseModel, lora: LoraConfig) -> list[torch.nn.Parameter]:
-    """Freeze the base model and inject LoRA layers with peft; returns the trainable parameters."""
+def peft_config(lora: LoraConfig, targets: list[str], rank_pattern: dict[str, int] | None = None,
+                alpha_pattern: dict[str, float] | None = None) -> Any:
+    """The peft config of ``lora.type``: LoRA (and LoCon, DoRA), LoHa or LoKr, all through peft."""
+    from peft import LoHaConfig, LoKrConfig
     from peft import LoraConfig as PeftLoraConfig
+
+    common: dict[str, Any] = {"r": lora.rank, "target_modules": targets, "rank_pattern": rank_pattern or {},
+                              "alpha_pattern": alpha_pattern or {}}
+    if lora.type == "loha":
+        return LoHaConfig(alpha=lora.alpha, **common)
+    if lora.type == "lokr":
+        return LoKrConfig(alpha=lora.alpha, decompose_factor=lora.lokr_factor, **common)
+    return PeftLoraConfig(lora_alpha=lora.alpha, lora_dropout=lora.dropout, use_dora=lora.dora,
+                          init_lora_weights="gaussian", **common)
+
+
+def add_lora(model: BaseModel, lora: LoraConfig) -> list[torch.nn.Parameter]:
+    """Freeze the base model and inject the adapter layers (``lora.type``) with peft; returns the
+    trainable parameters."""
     from peft import inject_adapter_in_model
 
     targets: list[tuple[torch.nn.Module, list[str]]] = [(model.unet, lora.unet_targets)]
@@ -382,32 +401,22 @@ def add_lora(model: BaseModel, lora: LoraConfig) -> list[torch.nn.Parameter]:
     for module in [model.vae] + [m for _, m in model.parts()]:
         module.requires_grad_(False)
     params: list[torch.nn.Parameter] = []
+    conv_rank = lora.conv_rank or (lora.rank if lora.type == "locon" else 0)
     for module, names in targets:
         rank_pattern: dict[str, int] = {}
         alpha_pattern: dict[str, float] = {}
-        if module is model.unet and lora.conv_rank:
-            # LoCon: the 3x3 convs of the ResNet blocks, with their own rank and alpha.
+        if module is model.unet and conv_rank:
+            # LoCon (and LoHa/LoKr on convs): the 3x3 convs of the ResNet blocks, with their own rank and alpha.
             names = [*names, *LOCON_TARGETS]
-            rank_pattern = {name: lora.conv_rank for name in LOCON_TARGETS}
+            rank_pattern = {name: conv_rank for name in LOCON_TARGETS}
             alpha_pattern = {name: lora.conv_alpha for name in LOCON_TARGETS}
-        peft_config = PeftLoraConfig(
-            r=lora.rank,
-            lora_alpha=lora.alpha,
-            lora_dropout=lora.dropout,
-            target_modules=names,
-            rank_pattern=rank_pattern,
-            alpha_pattern=alpha_pattern,
-            use_dora=lora.dora,
-            init_lora_weights="gaussian",
-        )
         try:
-            inject_adapter_in_model(peft_config, module, adapter_name=ADAPTER_NAME)
+            inject_adapter_in_model(peft_config(lora, names, rank_pattern, alpha_pattern), module,
+                                    adapter_name=ADAPTER_NAME)
         except ValueError as e:
             raise ModelError(f"cannot add LoRA to {type(module).__name__}: {e}") from e
-        for n, p in module.named_parameters():
-            if "lora_" in n:
-                p.requires_grad_(True)
-                params.append(p)
+        # peft leaves only its own layers trainable in the module it injected into
+        params += [p for p in module.parameters() if p.requires_grad]
     return params
 
 
@@ -417,7 +426,7 @@ def lora_state(model: BaseModel) -> dict[str, dict[str, torch.Tensor]]:
 
     out: dict[str, dict[str, torch.Tensor]] = {}
     for part, module in model.parts():
-        if any("lora_" in n for n, _ in module.named_parameters()):
+        if any(ADAPTER_PARAM.search(n) for n, _ in module.named_parameters()):
             sd = get_peft_model_state_dict(module, adapter_name=ADAPTER_NAME)
             out[part] = {k: v.detach().to("cpu", torch.float32).clone() for k, v in sd.items()}
     return out
@@ -447,7 +456,7 @@ def module_shapes(model: BaseModel) -> dict[str, dict[str, tuple[int, ...]]]:
         out[part] = {
             name.removesuffix(".base_layer"): tuple(sub.weight.shape)
             for name, sub in module.named_modules()
-            if isinstance(sub, (torch.nn.Linear, torch.nn.Conv2d)) and "lora_" not in name
+            if isinstance(sub, (torch.nn.Linear, torch.nn.Conv2d)) and not ADAPTER_PARAM.search(name)
         }
     return out
 
@@ -457,17 +466,30 @@ def adaptable_modules(model: BaseModel) -> dict[str, list[str]]:
     return {part: sorted(shapes) for part, shapes in module_shapes(model).items()}
 
 
+def full_lokr_rank(w2: torch.Tensor) -> int:
+    """The rank at which peft builds a LoKr module's second factor as this full matrix. LyCORIS and
+    ComfyUI scale a module of two full factors by 1, so its alpha is this rank in every file."""
+    return int(max(w2.shape[0], w2.shape[1]))
+
+
 def lora_alphas(model: BaseModel) -> dict[str, dict[str, float]]:
-    """The alpha peft uses for every adapted module, per part (rank_pattern/alpha_pattern included)."""
+    """The alpha of every adapted module, per part (rank_pattern/alpha_pattern included): LoRA layers keep
+    it in ``lora_alpha``, LoHa and LoKr layers in ``alpha``. A LoKr module of two full factors is given
+    the alpha that keeps peft's scale at ``full_lokr_rank`` (the rank the canonical adapter states)."""
     from peft.tuners.lora import LoraLayer
+    from peft.tuners.lycoris_utils import LycorisLayer
 
     out: dict[str, dict[str, float]] = {}
     for part, module in model.parts():
-        found = {
-            name: float(sub.lora_alpha[ADAPTER_NAME])
-            for name, sub in module.named_modules()
-            if isinstance(sub, LoraLayer) and ADAPTER_NAME in sub.lora_alpha
-        }
+        found = {}
+        for name, sub in module.named_modules():
+            if isinstance(sub, LoraLayer) and ADAPTER_NAME in sub.lora_alpha:
+                found[name] = float(sub.lora_alpha[ADAPTER_NAME])
+            elif isinstance(sub, LycorisLayer) and ADAPTER_NAME in sub.alpha:
+                found[name] = float(sub.alpha[ADAPTER_NAME])
+                w1, w2 = getattr(sub, "lokr_w1", {}), getattr(sub, "lokr_w2", {})
+                if ADAPTER_NAME in w1 and ADAPTER_NAME in w2:
+                    found[name] = found[name] / sub.r[ADAPTER_NAME] * full_lokr_rank(w2[ADAPTER_NAME])
         if found:
             out[part] = found
     return out
