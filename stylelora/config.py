@@ -475,6 +475,11 @@ def _check(obj: Any, prefix: str) -> list[str]:
 def _cross_checks(config: Config) -> list[str]:
     """Errors that involve two fields (each message names the field to change)."""
     errors = []
+    if config.lora.type in ("loha", "lokr") and config.lora.dora:
+        errors.append(f"lora.dora: DoRA works with lora.type lora or locon, not {config.lora.type}; "
+                      "set lora.dora=false")
+    if config.lora.type in ("loha", "lokr") and config.lora.dropout:
+        errors.append(f"lora.dropout: {config.lora.type} layers have no input dropout; set lora.dropout=0")
     if config.train.zero_terminal_snr and config.model.prediction_type == "epsilon":
         errors.append(
             "train.zero_terminal_snr: needs v-prediction (with zero terminal SNR the last timestep is pure "

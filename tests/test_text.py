@@ -25,7 +25,8 @@ def test_clip_skip_2_takes_the_layer_before_the_last(tiny) -> None:
     with torch.no_grad():
         one = encode_captions(tokenizer, te, ["a lighthouse, flat style"], clip_skip=1)
         two = encode_captions(tokenizer, te, ["a lighthouse, flat style"], clip_skip=2)
-        ids = tokenizer(["a lighthouse, flat style"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+        ids = tokenizer(["a lighthouse, flat style"], padding="max_length", max_length=77,
+                        return_tensors="pt").input_ids
         hidden = te(ids, output_hidden_states=True).hidden_states
     assert one.shape == two.shape == (1, 77, 32)
     assert torch.equal(one, te(ids)[0].detach())  # clip skip 1 is the encoder's usual output
