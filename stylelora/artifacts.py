@@ -13,12 +13,14 @@ from .fileio import atomic_path
 from .formats import save_diffusers, save_kohya
 from .metadata import adapter_facts, kohya_metadata
 from .models import BaseModel, lora_alphas, lora_state
+from .text import encode_captions
 
 log = logging.getLogger(__name__)
 
 
 def export_adapter(
-    model: BaseModel, config: Config, out: Path, step: int, num_images: int, items: list | None = None
+    model: BaseModel, config: Config, out: Path, step: int, num_images: int, items: list | None = None,
+    total_steps: int | None = None, epoch: int | None = None,
 ) -> list[Path]:
     """Write the run's adapter in kohya and diffusers formats, each re-read and verified (LoHa and LoKr:
     the kohya file only, in LyCORIS' layout).
@@ -29,7 +31,7 @@ def export_adapter(
     adapter = Adapter.from_module_alphas(lora_state(model), lora_alphas(model))
     layout = ModelLayout.of(model)
     adapter.metadata.update(adapter_facts(adapter, layout.kind))  # what the weights say, for both files
-    adapter.metadata.update(kohya_metadata(config, model, step, num_images, items))
+    adapter.metadata.update(kohya_metadata(config, model, step, num_images, items, total_steps, epoch))
     cfg = config.train
     adapter.metadata.update({  # the loop's facts under sd-scripts' keys, so tools and Civitai show them
         "ss_min_snr_gamma": f"{cfg.min_snr_gamma:g}",
@@ -40,13 +42,17 @@ def export_adapter(
         "ss_lr_scheduler_power": f"{cfg.lr_scheduler_power:g}",
         "stylelora.ema": f"{cfg.ema_decay:g}" if cfg.ema else "off",
     })
+    # an epoch's adapter sits beside the final one, named as kohya names them (name-000002.safetensors)
+    suffix = f"-{epoch:06d}" if epoch is not None else ""
     paths = []
     if adapter.is_dora:
         log.warning("DoRA adapter: writing the diffusers format only (no kohya file; see stylelora export)")
     else:
-        paths.append(save_kohya(out / f"{config.run_name}.safetensors", adapter, layout, config.export.precision))
-    if adapter.network == "lora":  # diffusers loads LoRA only; LoHa and LoKr live in the LyCORIS layout
-        paths.append(save_diffusers(out / "diffusers", adapter, layout, config.export.precision))
+        paths.append(save_kohya(out / f"{config.run_name}{suffix}.safetensors", adapter, layout,
+                                config.export.precision))
+    # diffusers loads LoRA only (LoHa and LoKr live in the LyCORIS layout); an epoch gets one file
+    if adapter.network == "lora" and (epoch is None or adapter.is_dora):
+        paths.append(save_diffusers(out / f"diffusers{suffix}", adapter, layout, config.export.precision))
     return paths
 
 
@@ -55,10 +61,15 @@ def render_samples(model: BaseModel, config: Config, out: Path, step: int) -> li
     unet_mode, te_mode = model.unet.training, model.text_encoder.training
     model.unet.eval()
     model.text_encoder.eval()
+    length, skip = config.data.max_token_length, config.model.clip_skip
+    with torch.no_grad():  # the prompts as training encodes captions: clip skip, 75-token chunks
+        negative = encode_captions(model.tokenizer, model.text_encoder, [config.sample.negative_prompt], length, skip)
     for i, prompt in enumerate(config.sample.prompts):
+        with torch.no_grad():
+            positive = encode_captions(model.tokenizer, model.text_encoder, [prompt], length, skip)
         image = model.pipeline(
-            prompt,
-            negative_prompt=config.sample.negative_prompt or None,
+            prompt_embeds=positive,
+            negative_prompt_embeds=negative,
             num_inference_steps=config.sample.steps,
             guidance_scale=config.sample.guidance,
             height=config.data.resolution,

@@ -31,6 +31,7 @@ from .captions import build_caption
 from .config import Config, DataConfig, TrainConfig
 from .dataset import Item, prepare, scan
 from .errors import DataError
+from .text import encode, token_ids
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +190,7 @@ class Batch:
     """One micro-batch, ready for the UNet; every tensor is on the model's device."""
 
     latents: torch.Tensor  # (B, C, h, w), sampled from the VAE posterior and scaled
-    input_ids: torch.Tensor  # (B, tokens) caption token ids
+    input_ids: torch.Tensor  # (B, chunks, 77) caption token ids (text.token_ids)
     encoder_states: torch.Tensor | None  # text-encoder output; None when the text encoder trains
     loss_weights: torch.Tensor  # (B,) 1 for training images, data.prior_loss_weight for regularisation ones
     captions: list[str]
@@ -206,6 +207,7 @@ class BatchSource:
         self.data, self.model = data, model
         self.epoch = self.batch = 0
         self.train_text_encoder = config.lora.train_text_encoder
+        self.max_token_length, self.clip_skip = config.data.max_token_length, config.model.clip_skip
         self.prior_loss_weight = config.data.prior_loss_weight
         self.notes: list[str] = []  # things the user should know about how data is fed (cache choices)
         self.latent_cache: LatentCache | None = None
@@ -263,6 +265,22 @@ class BatchSource:
         )
 
     def _latents(self, epoch: int, slots: list[int]) -> torch.Tensor:
+        """Latents sampled from each image's VAE posterior with its seeded (seed, epoch, slot) noise, scaled."""
+        vae = self.model.vae
+        posteriors = self._posteriors(epoch, slots)
+        means = torch.stack([mean for mean, _ in posteriors])
+        stds = torch.stack([std for _, std in posteriors])
+        noise = torch.stack([
+            torch.randn(means.shape[1:], generator=_torch_generator(self.data.seed, epoch, s, _POSTERIOR))
+            for s in slots
+        ])
+        latents = means + stds * noise
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        latents = (latents - shift) * vae.config.scaling_factor
+        return latents.to(vae.device, vae.dtype)
+
+    def _posteriors(self, epoch: int, slots: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The VAE posterior (mean, std; fp32 on the CPU) of each slot's image: cached, or encoded now."""
         vae = self.model.vae
         keys = [(e.image, e.bucket, "centre", self.data.flip(epoch, s))
                 for e, s in ((self.data.example(epoch, s), s) for s in slots)]
@@ -281,33 +299,23 @@ class BatchSource:
                 posteriors[i] = (mean[j].clone(), std[j].clone())
                 if cache is not None:
                     cache.put(keys[i], posteriors[i])
-        means = torch.stack([p[0] for p in posteriors if p is not None])
-        stds = torch.stack([p[1] for p in posteriors if p is not None])
-        noise = torch.stack([
-            torch.randn(means.shape[1:], generator=_torch_generator(self.data.seed, epoch, s, _POSTERIOR))
-            for s in slots
-        ])
-        latents = means + stds * noise
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        latents = (latents - shift) * vae.config.scaling_factor
-        return latents.to(vae.device, vae.dtype)
+        return posteriors  # type: ignore[return-value]  # every None was filled above
 
     def _text(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        tokenizer, encoder = self.model.tokenizer, self.model.text_encoder
-        ids = tokenizer(
-            captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(encoder.device)
+        """Token ids (batch, chunks, 77) of the captions (data.max_token_length) and, unless the text encoder
+        trains, its states at model.clip_skip (from the cache when a caption was seen before)."""
+        encoder = self.model.text_encoder
+        ids = token_ids(self.model.tokenizer, captions, self.max_token_length).to(encoder.device)
         if self.train_text_encoder:
             return ids, None  # the loop runs the text encoder with gradients
         cache = self.text_cache
         if cache is None:
             with torch.no_grad():
-                return ids, encoder(ids)[0]
+                return ids, encode(encoder, ids, self.clip_skip)
         new = sorted({c for c in captions if c not in cache})
         if new:
             rows = [captions.index(c) for c in new]
             with torch.no_grad():
-                states = encoder(ids[rows])[0]
+                states = encode(encoder, ids[rows], self.clip_skip)
             cache.update(zip(new, states, strict=True))
         return ids, torch.stack([cache[c] for c in captions])

@@ -1,32 +1,44 @@
 """Resumable training state, stored as safetensors + JSON only (nothing is ever unpickled).
 
 A checkpoint folder ``checkpoints/step-NNNNNN/`` holds:
-- ``lora.safetensors``: canonical LoRA weights (fp32), keys ``unet.<path>`` / ``text_encoder.<path>``;
+- ``lora.safetensors``: canonical LoRA weights (fp32), keys ``unet.<path>`` / ``text_encoder.<path>``, and
+  every module's alpha as a scalar ``<part>.<module path>.alpha`` (float64), so the file reads as an
+  adapter with ``formats.load_adapter`` (checkpoints from before the alphas were stored lack them);
 - ``optimizer.safetensors``: every tensor of the optimizer state, plus its non-tensor state as JSON;
 - ``ema.safetensors`` (only when EMA is on): the averaged LoRA weights, keyed as ``lora.safetensors``;
 - ``state.json``: step, data position, LR-scheduler state, RNG states, and a completeness marker.
 It is written into a temporary folder and renamed, so a folder named ``step-*`` is always complete.
+
+``snapshot()`` and ``restore()`` move a run between its live objects (``LiveState``) and such a folder.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import re
 import shutil
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
-from . import fileio
-from .errors import TrainingError
+from . import events, fileio
+from .config import TrainConfig
+from .errors import ConfigError, TrainingError
+from .models import BaseModel, lora_alphas, lora_state, set_lora_state
+
+if TYPE_CHECKING:
+    from .ema import LoraEMA
 
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
+ALPHA_SUFFIX = ".alpha"  # a module's alpha in lora.safetensors: <part>.<module path>.alpha, as diffusers files
 
 
 @dataclass
@@ -40,6 +52,7 @@ class TrainingState:
     rng: dict[str, torch.Tensor]
     extra: dict[str, Any]
     ema: dict[str, dict[str, torch.Tensor]] | None = None
+    alphas: dict[str, dict[str, float]] | None = None  # per part, per module path; None in older checkpoints
 
 
 def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -77,7 +90,7 @@ def _decode_rng(rng: dict[str, str]) -> dict[str, torch.Tensor]:
 
 def save_checkpoint(folder: Path, state: TrainingState) -> Path:
     """Write ``folder`` (e.g. run/checkpoints/step-000100) atomically."""
-    lora = _flatten_parts(state.lora)
+    lora = _flatten_parts(state.lora) | _alpha_tensors(state.alphas or {})
     opt_tensors, opt_meta = _flatten_optimizer(state.optimizer)
     with fileio.atomic_dir(folder) as tmp:
         # Written from Python (not safetensors' own writer) so a full disk raises OSError(ENOSPC).
@@ -110,7 +123,8 @@ def load_checkpoint(folder: Path) -> TrainingState:
         raise TrainingError(f"{folder}: not a complete stylelora checkpoint ({e}); pick an earlier one") from None
     if not meta.get("complete"):
         raise TrainingError(f"{folder}: checkpoint is incomplete; pick an earlier one")
-    lora = _unflatten_parts(flat)
+    alphas = _unflatten_parts({k: v for k, v in flat.items() if k.endswith(ALPHA_SUFFIX)})
+    lora = _unflatten_parts({k: v for k, v in flat.items() if not k.endswith(ALPHA_SUFFIX)})
     return TrainingState(
         step=meta["step"],
         epoch=meta["epoch"],
@@ -121,11 +135,28 @@ def load_checkpoint(folder: Path) -> TrainingState:
         rng=_decode_rng(meta["rng"]),
         extra=meta.get("extra", {}),
         ema=ema,
+        alphas={part: {k.removesuffix(ALPHA_SUFFIX): float(v) for k, v in sd.items()} for part, sd in alphas.items()}
+        or None,
     )
 
 
 def _flatten_parts(state: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {f"{part}.{k}": v.contiguous() for part, sd in state.items() for k, v in sd.items()}
+
+
+def _alpha_tensors(alphas: dict[str, dict[str, float]]) -> dict[str, torch.Tensor]:
+    # float64, so an alpha such as 0.1 reads back as exactly the number peft trained with
+    return {f"{part}.{path}{ALPHA_SUFFIX}": torch.tensor(alpha, dtype=torch.float64)
+            for part, per_module in alphas.items() for path, alpha in per_module.items()}
+
+
+def stores_alphas(folder: Path) -> bool:
+    """True when the checkpoint's lora.safetensors holds the alphas (read from its header only)."""
+    try:
+        with safe_open(str(folder / "lora.safetensors"), framework="pt") as f:
+            return any(k.endswith(ALPHA_SUFFIX) for k in f.keys())
+    except (SafetensorError, OSError):
+        return False
 
 
 def _unflatten_parts(flat: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
@@ -219,3 +250,140 @@ def restore_rng(noise_rng: torch.Generator, state: dict[str, torch.Tensor]) -> N
     cuda = [state[f"cuda{i}"] for i in range(len(state)) if f"cuda{i}" in state]
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda)
+
+
+# --- a run's live objects <-> a checkpoint folder --------------------------------------------------
+
+
+class DataPosition(Protocol):
+    """Where the batch stream is (``batches.BatchSource``): saved as a dict, restored from one."""
+
+    def state(self) -> dict[str, int]: ...
+
+    def load_state(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class LiveState:
+    """The objects a checkpoint captures, as the training loop holds them.
+
+    ``optimizer`` may be accelerate's wrapper (its ``.optimizer`` names the class); ``noise_rng`` draws the
+    loop's noise and timesteps. ``restore()`` sets ``resumed_from``, so the first ``snapshot()`` of a run
+    that has not moved since does not rewrite that very folder.
+    """
+
+    run_dir: Path
+    model: BaseModel
+    optimizer: Any
+    lr_scheduler: Any
+    noise_rng: torch.Generator
+    data: DataPosition
+    ema: LoraEMA | None = None
+    resumed_from: Path | None = None
+
+    @property
+    def optimizer_class(self) -> str:
+        return type(getattr(self.optimizer, "optimizer", self.optimizer)).__name__
+
+    def averaged(self) -> AbstractContextManager[None]:
+        """Within the block the model holds the EMA weights when EMA is on (samples, validation, export)."""
+        return self.ema.applied() if self.ema is not None else contextlib.nullcontext()
+
+
+def snapshot(live: LiveState, step: int, elapsed_s: float, keep: int, on_event: events.EventHandler) -> Path | None:
+    """Save everything a run needs to go on exactly (LoRA weights and alphas, EMA, optimizer, schedule,
+    RNG, data position, time spent) as ``checkpoints/step-NNNNNN``, then keep only the newest ``keep``.
+
+    Returns the folder, or None when the run has not moved since it resumed from that folder.
+    """
+    folder = checkpoint_dir(live.run_dir, step)
+    if live.resumed_from is not None and folder.resolve() == live.resumed_from.resolve():
+        return None  # no step since resuming from this very folder: it already holds this state
+    ema_state = None
+    if live.ema is not None:
+        with live.ema.applied():
+            ema_state = lora_state(live.model)
+    position = live.data.state()
+    state = TrainingState(
+        step=step,
+        epoch=position["epoch"],
+        batch=position["batch"],
+        lora=lora_state(live.model),
+        optimizer=live.optimizer.state_dict(),
+        lr_scheduler=live.lr_scheduler.state_dict(),
+        rng=capture_rng(live.noise_rng),
+        extra={"optimizer": live.optimizer_class, "elapsed_s": elapsed_s,
+               "ema_steps": live.ema.steps if live.ema is not None else 0, "data": position},
+        ema=ema_state,
+        alphas=lora_alphas(live.model),
+    )
+    save_checkpoint(folder, state)
+    prune_checkpoints(live.run_dir, keep)
+    on_event(events.CheckpointSaved(step, folder))
+    return folder
+
+
+def restore(
+    live: LiveState, folder: Path | None, train: TrainConfig, on_event: events.EventHandler
+) -> tuple[int, float]:
+    """Load the checkpoint ``folder`` (from ``find_resume``) into the live objects; the checkpoints after
+    it are removed, since the run goes on from there. Returns (step, seconds trained before), which is
+    (0, 0.0) without a checkpoint. One saved with other settings than ``train`` and the model's LoRA
+    raises ConfigError saying which.
+    """
+    if folder is None:
+        if train.resume == "auto":
+            on_event(events.Message(f"no checkpoint in {live.run_dir}; starting from step 0"))
+        return 0, 0.0
+    state = load_checkpoint(folder)
+    if state.extra.get("optimizer", live.optimizer_class) != live.optimizer_class:
+        raise ConfigError(
+            f"train.optimizer: {folder} was trained with {state.extra['optimizer']}, this config asks "
+            f"for {train.optimizer}; resume with the run's own config.toml"
+        )
+    try:
+        if live.ema is not None:  # the saved average, or (EMA newly turned on) the weights themselves
+            set_lora_state(live.model, state.ema if state.ema is not None else state.lora)
+            live.ema.reset_from_params(int(state.extra.get("ema_steps", 0)) if state.ema is not None else 0)
+        set_lora_state(live.model, state.lora)
+        live.optimizer.load_state_dict(state.optimizer)
+    except (RuntimeError, ValueError, KeyError) as e:  # shapes or parameter groups differ from this config's
+        raise ConfigError(mismatched_checkpoint(folder, live.run_dir, e)) from e
+    live.lr_scheduler.load_state_dict(state.lr_scheduler)
+    restore_rng(live.noise_rng, state.rng)
+    live.data.load_state(state.extra.get("data") or {"epoch": state.epoch, "batch": state.batch})
+    live.resumed_from = folder
+    on_event(events.Message(f"resumed from {folder} at step {state.step}"))
+    discarded = discard_after(live.run_dir, state.step)
+    if discarded:
+        on_event(events.Message(f"rewound to step {state.step}: removed the later checkpoints "
+                                + ", ".join(p.name for p in discarded), level="warning"))
+    return state.step, float(state.extra.get("elapsed_s", 0.0))
+
+
+def find_resume(resume: str, run_dir: Path) -> Path | None:
+    """The checkpoint ``train.resume`` names: "auto" is the newest complete one of ``run_dir`` (None
+    when there is none; leftovers of a killed save are removed first), "" is none, else a folder."""
+    if not resume:
+        return None
+    if resume == "auto":
+        remove_stale(run_dir)
+        return newest_complete(run_dir)
+    path = Path(resume)
+    if not (path / "state.json").is_file():
+        raise ConfigError(f"train.resume: '{resume}' is not a checkpoint folder (no state.json inside)")
+    return path  # a damaged one fails in load_checkpoint, naming what is wrong
+
+
+def mismatched_checkpoint(checkpoint: Path, out: Path, error: Exception) -> str:
+    """A checkpoint whose LoRA weights or optimizer groups do not fit the config being resumed."""
+    text = str(error)
+    if "size mismatch" in text:
+        why = "its LoRA weights have other shapes (was lora.rank different?)"
+    elif "parameter group" in text or "doesn't match the size" in text:
+        why = "its optimizer trained other weights (was --train-text-encoder, or the target modules, different?)"
+    else:
+        why = f"it does not fit this model ({text.splitlines()[0] if text else type(error).__name__})"
+    return (f"train.resume: the checkpoint {checkpoint} was saved with other LoRA settings: {why}. Resume with "
+            f"the run's own settings (stylelora train {out / 'config.toml'} --resume auto), or start a new run "
+            "with --output NEW_FOLDER")

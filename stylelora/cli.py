@@ -52,6 +52,8 @@ def _add_train(sub: Any) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="set any config field, e.g. --set train.lr_scheduler=cosine (repeatable)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--estimate", action="store_true", help="print the memory and time the run would take "
+                   "(and what to change if it will not fit), then exit without training")
     p.set_defaults(func=cmd_train)
 
 
@@ -83,6 +85,8 @@ class TerminalProgress:
         elif isinstance(event, events.Progress) and self.bar is not None:
             self.bar.set_postfix(loss=f"{event.loss:.4f}", lr=f"{event.lr:.2e}", img_s=f"{event.images_per_s:.2f}")
             self.bar.update(event.step - self.bar.n)
+        elif isinstance(event, events.Estimated):
+            self._write(event.summary if event.fits else f"warning: {event.summary}")
         elif isinstance(event, events.Message):
             self._write(event.text)
         elif isinstance(event, events.Validation):
@@ -115,6 +119,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(config.to_toml(), end="")
         return 0
+    if args.estimate:
+        from .train import estimate_run
+
+        result = estimate_run(config)
+        print(result.summary())
+        return 0 if result.fits else 1
     from .train import train
 
     stop = threading.Event()

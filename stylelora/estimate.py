@@ -13,6 +13,7 @@ does not, which option to change first.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import time
@@ -23,8 +24,10 @@ from typing import Any
 
 import torch
 
+from . import events
 from .config import Config
 
+log = logging.getLogger(__name__)
 GiB = 2**30
 # Calibrated on builtin:small (SD1.5's layout) on a CPU with benchmarks/bench_estimate.py; see RESULTS.md.
 ACTIVATION_FACTOR = 1.0  # resident bytes per byte the backward pass keeps (allocator slack, gradients in flight)
@@ -169,8 +172,8 @@ def profile_step(model: Any, config: Config, batch_size: int | None = None, reso
 def matmul_flops_per_second(device: torch.device, seconds: float = 0.15) -> float:
     """A large fp32 matmul's speed on ``device`` with torch's current threads (the best of short runs)."""
     n = 1024 if device.type == "cpu" else 4096
-    a = torch.randn(n, n, device=device)
-    b = torch.randn(n, n, device=device)
+    a = torch.rand(n, n, device=device, generator=torch.Generator(device).manual_seed(0))
+    b = torch.rand(n, n, device=device, generator=torch.Generator(device).manual_seed(1))
     best, spent = math.inf, 0.0
     while spent < seconds or best == math.inf:
         if device.type == "cuda":
@@ -320,3 +323,19 @@ def advice(model: Any, config: Config, result: Estimate) -> list[str]:
                         int(fixed + base * (lower / config.data.resolution) ** 2 * ACTIVATION_FACTOR)))
     options.sort(key=lambda o: o[1])
     return [f"{text} (~{peak / GiB:.2f} GiB)" for text, peak in options]
+
+
+def emit_estimate(model: Any, config: Config, device: torch.device, steps: int, num_images: int,
+                  on_event: events.EventHandler) -> Estimate | None:
+    """Estimate the run and report it as an ``Estimated`` event (a warning when it will not fit). The
+    estimate only advises: if it cannot be made, the run goes on and a log line says why. It draws no
+    number from the run's random streams, so a resumed run and an uninterrupted one stay the same."""
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            result = estimate(model, config, device, steps, num_images)
+    except (RuntimeError, ValueError, TypeError, NotImplementedError) as e:  # an architecture meta tensors miss
+        log.warning("no memory and time estimate for this run (%s: %s)", type(e).__name__, e)
+        return None
+    on_event(events.Estimated(result.summary(), result.fits, result.peak_bytes, result.step_seconds,
+                              result.total_seconds, result.method, result.advice))
+    return result

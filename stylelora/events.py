@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +33,19 @@ class Message:
 
     text: str
     level: str = "info"
+
+
+@dataclass
+class Estimated:
+    """The memory and time a run will take, said before it starts (``stylelora.estimate``)."""
+
+    summary: str
+    fits: bool
+    peak_bytes: int
+    step_seconds: float
+    total_seconds: float
+    method: str  # "measured" or "formula"
+    advice: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -69,4 +83,6 @@ class Finished:
     adapter_paths: list[Path] = field(default_factory=list)
 
 
-Event = Started | Progress | Message | Validation | SampleSaved | CheckpointSaved | AdapterSaved | Finished
+Event = (Started | Progress | Message | Estimated | Validation | SampleSaved | CheckpointSaved | AdapterSaved
+         | Finished)
+EventHandler = Callable[[Event], None]

@@ -80,17 +80,3 @@ def out_of_memory_advice(config: Config, tracker: RunTracker) -> str:
 
 def disk_full_advice(message: str, tracker: RunTracker) -> str:
     return f"{message}\n{where_to_resume(tracker)} Free some disk space first."
-
-
-def mismatched_checkpoint(checkpoint: Path, out: Path, error: Exception) -> str:
-    """A checkpoint whose LoRA weights or optimizer groups do not fit the config being resumed."""
-    text = str(error)
-    if "size mismatch" in text:
-        why = "its LoRA weights have other shapes (was lora.rank different?)"
-    elif "parameter group" in text or "doesn't match the size" in text:
-        why = "its optimizer trained other weights (was --train-text-encoder, or the target modules, different?)"
-    else:
-        why = f"it does not fit this model ({text.splitlines()[0] if text else type(error).__name__})"
-    return (f"train.resume: the checkpoint {checkpoint} was saved with other LoRA settings: {why}. Resume with "
-            f"the run's own settings (stylelora train {out / 'config.toml'} --resume auto), or start a new run "
-            "with --output NEW_FOLDER")

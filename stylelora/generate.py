@@ -25,7 +25,7 @@ from PIL import Image
 
 from . import images
 from .adapter import Adapter, ModelLayout
-from .checkpoint import STEP_DIR, list_checkpoints
+from .checkpoint import STEP_DIR, list_checkpoints, stores_alphas
 from .config import Config
 from .convert import find_adapter_file
 from .errors import ConfigError, FormatError
@@ -47,7 +47,7 @@ class AdapterSource:
 
     file: Path
     name: str
-    alpha: float | None = None  # checkpoints store raw weights; their alpha is in the run's config.toml
+    alpha: float | None = None  # only for checkpoints saved before they stored alphas: from config.toml
     conv_alpha: float | None = None
 
 
@@ -57,6 +57,8 @@ def _run_config(run_dir: Path) -> Config:
 
 def _checkpoint_source(folder: Path) -> AdapterSource:
     run_dir = folder.parent.parent
+    if stores_alphas(folder):  # its lora.safetensors reads like any adapter file, every module's alpha included
+        return AdapterSource(folder / "lora.safetensors", f"{run_dir.name}-{folder.name}")
     alpha = conv_alpha = None
     if (run_dir / "config.toml").is_file():
         lora = _run_config(run_dir).lora

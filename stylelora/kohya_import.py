@@ -297,7 +297,11 @@ class _Importer:
                                      "holds the data here (--data, --set data.reg_path=..., --output)")
             return text
         p = Path(text).expanduser()
-        return str(p if p.is_absolute() or (Path.cwd() / p).exists() else (self.base / p))
+        if p.is_absolute():
+            return str(p)
+        # relative paths: beside the config file when they are there, else from where the command runs
+        beside = self.base / p
+        return str((beside if beside.exists() or not p.exists() else p).resolve())
 
 
 def _simple(k: _Importer) -> None:

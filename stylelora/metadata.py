@@ -105,7 +105,8 @@ def library_versions() -> dict[str, str]:
 
 
 def kohya_metadata(
-    config: Config, model: BaseModel, steps: int, num_images: int, items: Sequence[Any] | None = None
+    config: Config, model: BaseModel, steps: int, num_images: int, items: Sequence[Any] | None = None,
+    total_steps: int | None = None, epoch: int | None = None,
 ) -> dict[str, str]:
     """The training facts as sd-scripts writes them, so A1111, ComfyUI and Civitai show them, plus the
     run's config (``stylelora.config``) and how to reproduce it (``stylelora.reproducibility``).
@@ -118,7 +119,7 @@ def kohya_metadata(
         "ss_sd_model_name": config.model.name,
         "ss_resolution": f"({res}, {res})",
         "ss_steps": str(steps),
-        "ss_max_train_steps": str(config.train.steps),
+        "ss_max_train_steps": str(total_steps or config.train.steps),
         "ss_num_train_images": str(num_images),
         "ss_learning_rate": _g(config.train.lr),
         "ss_unet_lr": _g(config.train.lr),
@@ -139,6 +140,13 @@ def kohya_metadata(
         "stylelora.config": config.to_toml(),
     }
     meta.update(_data_facts(config))
+    meta["ss_clip_skip"] = str(config.model.clip_skip)
+    if config.data.max_token_length != 75:
+        meta["ss_max_token_length"] = str(config.data.max_token_length)
+    if config.train.epochs:
+        meta["ss_num_epochs"] = str(config.train.epochs)
+    if epoch is not None:
+        meta["ss_epoch"] = str(epoch)
     if config.data.trigger_word:
         meta["modelspec.trigger_phrase"] = config.data.trigger_word
     record: dict[str, Any] = {

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .config import LoraConfig
+from .config import Config, LoraConfig
 from .errors import ModelError, offline_hint
 
 log = logging.getLogger(__name__)
@@ -418,6 +418,48 @@ def add_lora(model: BaseModel, lora: LoraConfig) -> list[torch.nn.Parameter]:
         # peft leaves only its own layers trainable in the module it injected into
         params += [p for p in module.parameters() if p.requires_grad]
     return params
+
+
+WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}  # accelerate's mixed_precision -> base weights
+
+
+def prepare_for_training(
+    model: BaseModel, config: Config, device: torch.device, mixed_precision: str
+) -> tuple[list[torch.nn.Parameter], torch.dtype]:
+    """Make ``model`` ready to train: LoRA (or LoCon/DoRA) layers injected with peft and kept in fp32, on a
+    frozen base cast to the training precision (``mixed_precision``: "no", "fp16" or "bf16"), all on
+    ``device``, with the configured attention kernel and gradient checkpointing, UNet (and the text
+    encoders when they train) in train mode and the VAE in eval mode.
+
+    Returns the trainable LoRA parameters and the dtype of the base weights.
+    """
+    lora, train = config.lora, config.train
+    params = add_lora(model, lora)
+    text_encoders = [module for part, module in model.parts() if part.startswith("text_encoder")]
+    set_attention(model.unet, train.attention)
+    if train.gradient_checkpointing:
+        model.unet.enable_gradient_checkpointing()
+        if lora.train_text_encoder:
+            for encoder in text_encoders:
+                encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    weight_dtype = WEIGHT_DTYPES.get(mixed_precision, torch.float32)
+    for module in (model.unet, model.vae, *text_encoders):
+        module.to(device)
+        if weight_dtype != torch.float32:
+            module.to(dtype=weight_dtype)
+    for p in params:  # LoRA weights train in fp32 whatever the base precision
+        p.data = p.data.float()
+    model.vae.eval()
+    model.unet.train()
+    for encoder in text_encoders:
+        encoder.train(lora.train_text_encoder)
+    return params, weight_dtype
+
+
+def set_attention(unet: torch.nn.Module, kind: str) -> None:
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    unet.set_attn_processor(AttnProcessor2_0() if kind == "sdpa" else AttnProcessor())
 
 
 def lora_state(model: BaseModel) -> dict[str, dict[str, torch.Tensor]]:

@@ -7,12 +7,15 @@ import importlib.util
 import io
 import logging
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .config import TrainConfig
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .models import BaseModel
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +77,17 @@ def _construct(cls: Any, groups: list[dict[str, Any]], defaults: dict[str, Any],
     except (TypeError, ValueError) as e:
         raise ConfigError(f"train.optimizer_args: {train.optimizer} ({cls.__name__}) does not accept "
                           f"{sorted(kwargs)}: {e}") from None
+
+
+def param_groups(model: BaseModel, train: TrainConfig) -> list[dict[str, Any]]:
+    """The trainable weights by learning rate: the UNet's at ``train.lr``, then (when they train) the text
+    encoders' at ``train.text_encoder_lr`` or ``train.lr``. The order is the one checkpoints save."""
+    unet, *text_encoders = (module for _, module in model.parts())
+    groups = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": train.lr}]
+    te_params = [p for module in text_encoders for p in module.parameters() if p.requires_grad]
+    if te_params:
+        groups.append({"params": te_params, "lr": train.text_encoder_lr or train.lr})
+    return groups
 
 
 def build_optimizer(groups: list[dict[str, Any]], train: TrainConfig, device: torch.device) -> torch.optim.Optimizer:

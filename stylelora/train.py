@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -17,28 +16,24 @@ from typing import Any
 import torch
 
 from . import checkpoint as ckpt
-from . import events, losses, optim
+from . import events, losses, optim, trackers
 from .artifacts import export_adapter, render_samples
 from .batches import BatchSource, TrainingSet
 from .config import Config, next_free_run_dir
-from .dataset import CaptionedImages
+from .dataset import CaptionedImages, Item
 from .doctor import training_items
 from .ema import LoraEMA
 from .errors import ConfigError, DiskFullError, TrainingError
-from .failures import (
-    RunTracker,
-    disk_full_advice,
-    is_out_of_memory,
-    mismatched_checkpoint,
-    out_of_memory_advice,
-    where_to_resume,
-)
-from .models import BaseModel, add_lora, load_base_model, lora_state, set_lora_state
+from .estimate import Estimate, emit_estimate, estimate
+from .failures import RunTracker, disk_full_advice, is_out_of_memory, out_of_memory_advice, where_to_resume
+from .metrics import MetricsLog
+from .models import BaseModel, load_base_model, prepare_for_training
+from .text import check_clip_skip, encode
 from .validation import Validator, split_holdout
 
 log = logging.getLogger(__name__)
 
-EventHandler = Callable[[events.Event], None]
+EventHandler = events.EventHandler
 StopSignal = threading.Event | Callable[[], bool] | None
 
 
@@ -90,24 +85,9 @@ def _mixed_precision(config: Config) -> str:
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
-def _find_resume(config: Config, out: Path) -> Path | None:
-    resume = config.train.resume
-    if not resume:
-        return None
-    if resume == "auto":
-        ckpt.remove_stale(out)
-        return ckpt.newest_complete(out)
-    path = Path(resume)
-    if not (path / "state.json").is_file():
-        raise ConfigError(f"train.resume: '{resume}' is not a checkpoint folder (no state.json inside)")
-    return path  # a damaged one fails in load_checkpoint, naming what is wrong
-
-
 def _new_accelerator(**kwargs: Any) -> Any:
     """An Accelerator with this run's settings. accelerate keeps its state process-wide, so a second run in
     the same process (the GUI, tests) with another precision or device needs that state reset first."""
-    import os
-
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
 
@@ -117,10 +97,154 @@ def _new_accelerator(**kwargs: Any) -> Any:
     return Accelerator(**kwargs)
 
 
-def _set_attention(unet: torch.nn.Module, kind: str) -> None:
-    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+def _accelerator(config: Config, out: Path) -> Any:
+    """The run's Accelerator (device, precision, accumulation, the tracker of train.log_with), after the
+    checks that fail before any model is loaded: a missing GPU, a multi-process launch, the optimizer."""
+    cfg = config.train
+    accelerator = _new_accelerator(
+        mixed_precision=_mixed_precision(config),
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        cpu=cfg.device == "cpu",
+        log_with=trackers.check(cfg.log_with),
+        project_dir=str(out / "logs"),
+    )
+    if cfg.device == "cuda" and accelerator.device.type != "cuda":
+        raise ConfigError("train.device: 'cuda' was asked for but no CUDA GPU is available")
+    processes = max(accelerator.num_processes, int(os.environ.get("WORLD_SIZE", "1") or 1))
+    if processes > 1:  # said plainly rather than training the same batches on every GPU
+        raise ConfigError(
+            f"train.device: {processes} processes were launched, but this version trains on "
+            "one GPU (or the CPU) per run: the batch source does not shard data across processes yet. "
+            "Run 'stylelora train' without 'accelerate launch'."
+        )
+    optim.check_optimizer(cfg, accelerator.device)
+    return accelerator
 
-    unet.set_attn_processor(AttnProcessor2_0() if kind == "sdpa" else AttnProcessor())
+
+def _training_data(config: Config, model: BaseModel | None, emit: EventHandler) -> tuple[TrainingSet, list[Item]]:
+    """The usable images as the training set, and a seeded few held out for the validation loss."""
+    # Batch size 1 here: whether an epoch fills a batch depends on folder repeats and regularisation
+    # images, which the training set counts (it raises the same "cannot fill one batch" error).
+    items, report = training_items(config.data, 1, model=config.model.name,
+                                   tokenizer=model.tokenizer if model is not None else None)
+    for line in report.skipped_lines():  # one line per unusable image; check-data explains the rest
+        emit(events.Message(line))
+    if report.counts["warnings"]:
+        emit(events.Message(f"{report.counts['warnings']} warnings about the dataset (its images are used); "
+                            f"'stylelora check-data {config.data.path}' lists them"))
+    items, held_out = split_holdout(items, config.train.validation_images, config.train.seed)
+    return TrainingSet.from_config(config, items), held_out
+
+
+def _base_model(config: Config, model: BaseModel | None) -> BaseModel:
+    if model is None:
+        model = load_base_model(config.model.name, config.model.config, config.model.prediction_type)
+    if model.kind == "sdxl":  # the loop feeds no SDXL added conditioning (pooled text, time ids) yet
+        raise ConfigError(
+            f"model.name: '{config.model.name}' is an SDXL model; this version trains SD1.x/SD2.x only "
+            "(SDXL adapters from other trainers can be exported, merged and resized)"
+        )
+    check_clip_skip(model.text_encoder, config.model.clip_skip)
+    return model
+
+
+def _noise_scheduler(config: Config, model: BaseModel) -> Any:
+    """The schedule the loop adds noise with; zero-terminal SNR rescales the sampling scheduler too."""
+    cfg = config.train
+    scheduler = losses.training_scheduler(model.pipeline.scheduler.config, model.prediction_type,
+                                          cfg.zero_terminal_snr)
+    if cfg.zero_terminal_snr:  # samples must start from pure noise too
+        from diffusers import DDIMScheduler
+
+        model.pipeline.scheduler = DDIMScheduler.from_config(
+            model.pipeline.scheduler.config, rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    return scheduler
+
+
+def _validator(config: Config, held_out: list[Item], model: BaseModel, noise_scheduler: Any,
+               device: torch.device, weight_dtype: torch.dtype) -> Validator | None:
+    """Scores the held-out images (centre crop, no flip) at fixed noise; None when none are held out."""
+    if not held_out:
+        return None
+    seed = config.train.seed
+    validation_data = CaptionedImages(held_out, replace(config.data, center_crop=True, random_flip=False))
+    examples = [validation_data.example(i, seed, 0) for i in range(len(validation_data.items))]
+    return Validator(examples, model, noise_scheduler, device, weight_dtype, seed, config.data.max_token_length,
+                     config.model.clip_skip)
+
+
+def _prepare(accelerator: Any, model: BaseModel, optimizer: Any, train_text_encoder: bool) -> tuple[Any, Any, Any]:
+    """(unet, text_encoder, optimizer) wrapped by accelerate. Only modules with trainable weights are
+    prepared: DDP refuses a fully frozen module."""
+    if train_text_encoder:
+        return accelerator.prepare(model.unet, model.text_encoder, optimizer)
+    unet, optimizer = accelerator.prepare(model.unet, optimizer)
+    return unet, model.text_encoder, optimizer
+
+
+class _Clock:
+    """Seconds trained across resumes, and this session's pace (steps per second) for speed and ETA."""
+
+    def __init__(self, step: int, seconds_before: float) -> None:
+        self.start_step, self.before, self.started = step, seconds_before, time.perf_counter()
+
+    def elapsed(self) -> float:
+        return self.before + time.perf_counter() - self.started
+
+    def pace(self, step: int, total: int) -> tuple[float, float, float]:
+        """(seconds trained, steps per second, seconds left) at ``step`` of ``total``."""
+        elapsed = self.elapsed()
+        rate = (step - self.start_step) / (elapsed - self.before) if elapsed > self.before else 0.0
+        return elapsed, rate, (total - step) / rate if rate > 0 else math.inf
+
+
+def _every(interval: int, step: int) -> bool:
+    """Whether ``step`` is one of every ``interval`` steps (0: never)."""
+    return interval > 0 and step % interval == 0
+
+
+class _Due:
+    """Which extras of a step are due: validation and the metrics line also at the last step, a
+    checkpoint never there (the final save follows the loop), samples only with prompts, an epoch's
+    checkpoint and adapter when an epoch ends (``train.save_every_epochs``)."""
+
+    def __init__(self, config: Config, total: int, epochs_done: int) -> None:
+        self.train, self.sample, self.total, self.epochs_done = config.train, config.sample, total, epochs_done
+
+    def validation(self, step: int) -> bool:
+        return _every(self.train.validate_every, step) or step == self.total
+
+    def metrics(self, step: int) -> bool:
+        return _every(self.train.log_every, step) or step == self.total
+
+    def samples(self, step: int) -> bool:
+        return bool(self.sample.prompts) and _every(self.sample.every, step)
+
+    def checkpoint(self, step: int) -> bool:
+        return _every(self.train.save_every, step) and step < self.total
+
+    def epoch_end(self, step: int, epochs_done: int) -> int | None:
+        """The epoch that just ended when its adapter is due (not at the last step: the final save follows)."""
+        ended = epochs_done > self.epochs_done
+        self.epochs_done = epochs_done
+        due = ended and _every(self.train.save_every_epochs, epochs_done) and step < self.total
+        return epochs_done if due else None
+
+
+@contextlib.contextmanager
+def _evaluation_weights(live: ckpt.LiveState) -> Iterator[None]:
+    """The weights samples, validation and the adapter use: the EMA average when EMA is on, and a
+    schedule-free optimizer's averaged weights."""
+    with optim.evaluation_weights(live.optimizer), live.averaged():
+        yield
+
+
+def _check_finite(loss: torch.Tensor, step: int) -> None:
+    if not torch.isfinite(loss):
+        raise TrainingError(
+            f"the loss became {loss.item()} at step {step}; the last saved checkpoint is kept. Lower the "
+            "learning rate, use fp32 or bf16 instead of fp16, or check the data for broken images."
+        )
 
 
 def train(
@@ -150,168 +274,56 @@ def train(
         raise TrainingError(out_of_memory_advice(config, tracker)) from e
 
 
-def _train(config: Config, on_event: EventHandler, stop: StopSignal, model: BaseModel | None) -> RunResult:
-    emit = on_event
+def estimate_run(config: Config, model: BaseModel | None = None) -> Estimate:
+    """The memory and time ``config`` would take (``stylelora train --estimate``, the app's Estimate
+    button): the data is checked and the model prepared as for training; nothing is trained or written."""
+    accelerator = _accelerator(config, config.output_dir)
+    data, _ = _training_data(config, model, lambda _event: None)
+    model = _base_model(config, model)
+    prepare_for_training(model, config, accelerator.device, accelerator.mixed_precision)
+    return estimate(model, config, accelerator.device, data.total_steps(config.train), data.num_images)
+
+
+def _train(config: Config, emit: EventHandler, stop: StopSignal, model: BaseModel | None) -> RunResult:
     cfg = config.train
     out = resolve_output_dir(config)
-    resume_from = _find_resume(config, out)
-    accelerator = _new_accelerator(
-        mixed_precision=_mixed_precision(config),
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        cpu=cfg.device == "cpu",
-        log_with="tensorboard",
-        project_dir=str(out / "logs"),
-    )
-    if cfg.device == "cuda" and accelerator.device.type != "cuda":
-        raise ConfigError("train.device: 'cuda' was asked for but no CUDA GPU is available")
-    processes = max(accelerator.num_processes, int(os.environ.get("WORLD_SIZE", "1") or 1))
-    if processes > 1:  # said plainly rather than training the same batches on every GPU
-        raise ConfigError(
-            f"train.device: {processes} processes were launched, but this version trains on "
-            "one GPU (or the CPU) per run: the batch source does not shard data across processes yet. "
-            "Run 'stylelora train' without 'accelerate launch'."
-        )
-    optim.check_optimizer(cfg, accelerator.device)
+    resume_from = ckpt.find_resume(cfg.resume, out)
+    accelerator = _accelerator(config, out)
     torch.manual_seed(cfg.seed)
-
-    # --- data: the usable images, a seeded few held out for the validation loss ---
-    # Batch size 1 here: whether an epoch fills a batch depends on folder repeats and regularisation
-    # images, which the training set counts (it raises the same "cannot fill one batch" error).
-    items, report = training_items(config.data, 1, model=config.model.name,
-                                   tokenizer=model.tokenizer if model is not None else None)
-    for line in report.skipped_lines():  # one line per unusable image; check-data explains the rest
-        emit(events.Message(line))
-    if report.counts["warnings"]:
-        emit(events.Message(f"{report.counts['warnings']} warnings about the dataset (its images are used); "
-                            f"'stylelora check-data {config.data.path}' lists them"))
-    items, held_out = split_holdout(items, cfg.validation_images, cfg.seed)
-    data = TrainingSet.from_config(config, items)
+    data, held_out = _training_data(config, model, emit)
 
     # --- model: LoRA (or LoCon/DoRA) layers in fp32 on a frozen base in the training precision ---
-    if model is None:
-        model = load_base_model(config.model.name, config.model.config, config.model.prediction_type)
-    if model.kind == "sdxl":  # the loop feeds no SDXL added conditioning (pooled text, time ids) yet
-        raise ConfigError(
-            f"model.name: '{config.model.name}' is an SDXL model; this version trains SD1.x/SD2.x only "
-            "(SDXL adapters from other trainers can be exported, merged and resized)"
-        )
-    noise_scheduler = losses.training_scheduler(model.pipeline.scheduler.config, model.prediction_type,
-                                                cfg.zero_terminal_snr)
-    if cfg.zero_terminal_snr:  # samples must start from pure noise too
-        from diffusers import DDIMScheduler
+    model = _base_model(config, model)
+    noise_scheduler = _noise_scheduler(config, model)
+    params, weight_dtype = prepare_for_training(model, config, accelerator.device, accelerator.mixed_precision)
 
-        model.pipeline.scheduler = DDIMScheduler.from_config(
-            model.pipeline.scheduler.config, rescale_betas_zero_snr=True, timestep_spacing="trailing")
-    params = add_lora(model, config.lora)
-    unet, vae, text_encoder = model.unet, model.vae, model.text_encoder
-    _set_attention(unet, cfg.attention)
-    if cfg.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-        if config.lora.train_text_encoder:
-            text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    for module in (unet, vae, text_encoder):
-        module.to(accelerator.device)
-        if weight_dtype != torch.float32:
-            module.to(dtype=weight_dtype)
-    for p in params:  # LoRA weights train in fp32 whatever the base precision
-        p.data = p.data.float()
-    vae.eval()
-    unet.train()
-    text_encoder.train(config.lora.train_text_encoder)
+    total = data.total_steps(cfg)  # train.steps, or train.epochs passes over the data
 
     # --- optimizer, schedule, EMA, validation ---
-    groups = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": cfg.lr}]
-    te_params = [p for p in text_encoder.parameters() if p.requires_grad]
-    if te_params:
-        groups.append({"params": te_params, "lr": cfg.text_encoder_lr or cfg.lr})
-    optimizer = optim.build_optimizer(groups, cfg, accelerator.device)
-    lr_scheduler = optim.build_lr_scheduler(optimizer, cfg)
+    optimizer = optim.build_optimizer(optim.param_groups(model, cfg), cfg, accelerator.device)
+    lr_scheduler = optim.build_lr_scheduler(optimizer, cfg, total)
     ema = LoraEMA(params, cfg.ema_decay) if cfg.ema else None
-    validator = None
-    if held_out:
-        validation_data = CaptionedImages(held_out, replace(config.data, center_crop=True, random_flip=False))
-        examples = [validation_data.example(i, cfg.seed, 0) for i in range(len(validation_data.items))]
-        validator = Validator(examples, model, noise_scheduler, accelerator.device, weight_dtype, cfg.seed)
-    # Only modules with trainable weights are prepared: DDP refuses a fully frozen module.
-    if config.lora.train_text_encoder:
-        unet, text_encoder, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
-    else:
-        unet, optimizer = accelerator.prepare(unet, optimizer)
+    validator = _validator(config, held_out, model, noise_scheduler, accelerator.device, weight_dtype)
+    unet, text_encoder, optimizer = _prepare(accelerator, model, optimizer, config.lora.train_text_encoder)
     noise_rng = torch.Generator().manual_seed(cfg.seed)
     source = BatchSource(data, config, model)  # buckets, caches, captions, regularisation images
+    live = ckpt.LiveState(out, model, optimizer, lr_scheduler, noise_rng, source, ema)
 
     # --- resume: weights, optimizer, schedule, EMA, every RNG and the data position ---
-    step, elapsed_before = 0, 0.0
-    if resume_from is not None:
-        state = ckpt.load_checkpoint(resume_from)
-        if state.extra.get("optimizer", type(optimizer.optimizer).__name__) != type(optimizer.optimizer).__name__:
-            raise ConfigError(
-                f"train.optimizer: {resume_from} was trained with {state.extra['optimizer']}, this config asks "
-                f"for {cfg.optimizer}; resume with the run's own config.toml"
-            )
-        try:
-            if ema is not None:  # the saved average, or (EMA newly turned on) the weights themselves
-                set_lora_state(model, state.ema if state.ema is not None else state.lora)
-                ema.reset_from_params(int(state.extra.get("ema_steps", 0)) if state.ema is not None else 0)
-            set_lora_state(model, state.lora)
-            optimizer.load_state_dict(state.optimizer)
-        except (RuntimeError, ValueError, KeyError) as e:  # shapes or parameter groups differ from this config's
-            raise ConfigError(mismatched_checkpoint(resume_from, out, e)) from e
-        lr_scheduler.load_state_dict(state.lr_scheduler)
-        ckpt.restore_rng(noise_rng, state.rng)
-        step = state.step
-        source.load_state(state.extra.get("data") or {"epoch": state.epoch, "batch": state.batch})
-        elapsed_before = float(state.extra.get("elapsed_s", 0.0))
-        emit(events.Message(f"resumed from {resume_from} at step {step}"))
-        discarded = ckpt.discard_after(out, step)
-        if discarded:
-            emit(events.Message(f"rewound to step {step}: removed the later checkpoints "
-                                + ", ".join(p.name for p in discarded), level="warning"))
-    elif cfg.resume == "auto":
-        emit(events.Message(f"no checkpoint in {out}; starting from step 0"))
-
+    step, seconds_before = ckpt.restore(live, resume_from, cfg, emit)
     out.mkdir(parents=True, exist_ok=True)
     config.with_overrides({"train.output_dir": str(out), "train.resume": ""}).save(out / "config.toml")
-    accelerator.init_trackers("stylelora")
-    metrics_path = out / "metrics.jsonl"
-    _truncate_metrics(metrics_path, step)
-    emit(events.Started(cfg.steps, step, data.num_images, str(accelerator.device), out))
+    trackers.start(accelerator, config, out)
+    metrics = MetricsLog(out / "metrics.jsonl", step, accelerator.log)
+    emit(events.Started(total, step, data.num_images, str(accelerator.device), out))
+    emit_estimate(model, config, accelerator.device, total - step, data.num_images, emit)
     for note in source.notes:
         emit(events.Message(note))
-    averaged = ema.applied if ema is not None else contextlib.nullcontext
-
-    def save_checkpoint_now() -> None:
-        folder = ckpt.checkpoint_dir(out, step)
-        if resume_from is not None and folder.resolve() == resume_from.resolve():
-            return  # no step since resuming from this very folder: it already holds this state
-        ema_state = None
-        if ema is not None:
-            with ema.applied():
-                ema_state = lora_state(model)
-        ckpt.save_checkpoint(
-            folder,
-            ckpt.TrainingState(
-                step=step,
-                epoch=source.epoch,
-                batch=source.batch,
-                lora=lora_state(model),
-                optimizer=optimizer.state_dict(),
-                lr_scheduler=lr_scheduler.state_dict(),
-                rng=ckpt.capture_rng(noise_rng),
-                extra={"optimizer": type(optimizer.optimizer).__name__, "elapsed_s": elapsed,
-                       "ema_steps": ema.steps if ema is not None else 0, "data": source.state()},
-                ema=ema_state,
-            ),
-        )
-        ckpt.prune_checkpoints(out, cfg.keep_checkpoints)
-        emit(events.CheckpointSaved(step, folder))
 
     # --- the loop: one iteration is one optimizer step of `accumulation` micro-batches ---
     losses_seen: list[float] = []
-    started, start_step, stopped = time.perf_counter(), step, False
-    elapsed = elapsed_before
-    while step < cfg.steps:
+    clock, due, stopped = _Clock(step, seconds_before), _Due(config, total, source.epoch), False
+    while step < total:
         if _stop_requested(stop):
             stopped = True
             break
@@ -328,17 +340,12 @@ def _train(config: Config, on_event: EventHandler, stop: StopSignal, model: Base
                 noisy = noise_scheduler.add_noise(latents, noise, timesteps)
                 encoder_states = batch.encoder_states
                 if encoder_states is None:  # the text encoder trains: run it here, with gradients
-                    encoder_states = text_encoder(batch.input_ids)[0]
+                    encoder_states = encode(text_encoder, batch.input_ids, config.model.clip_skip)
                 target = losses.training_target(noise_scheduler, latents, noise, timesteps)
                 pred = unet(noisy, timesteps, encoder_states).sample
                 weights = batch.loss_weights * losses.min_snr_weights(noise_scheduler, timesteps, cfg.min_snr_gamma)
                 loss = (losses.per_example_mse(pred, target) * weights).mean()
-                if not torch.isfinite(loss):
-                    raise TrainingError(
-                        f"the loss became {loss.item()} at step {step + 1}; the last saved checkpoint "
-                        "is kept. Lower the learning rate, use fp32 or bf16 instead of fp16, or check "
-                        "the data for broken images."
-                    )
+                _check_finite(loss, step + 1)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and cfg.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -353,64 +360,36 @@ def _train(config: Config, on_event: EventHandler, stop: StopSignal, model: Base
         step += 1
         losses_seen.append(step_loss)
 
-        elapsed = elapsed_before + time.perf_counter() - started
-        rate = (step - start_step) / (elapsed - elapsed_before) if elapsed > elapsed_before else 0.0
+        elapsed, rate, eta = clock.pace(step, total)
         lr = lr_scheduler.get_last_lr()[0]
-        progress = events.Progress(
-            step=step,
-            total_steps=cfg.steps,
-            loss=step_loss,
-            lr=lr,
-            images_per_s=images * rate,
-            elapsed_s=elapsed,
-            eta_s=(cfg.steps - step) / rate if rate > 0 else math.inf,
-        )
-        emit(progress)
-        record: dict[str, float] = {}
-        if validator is not None and ((cfg.validate_every and step % cfg.validate_every == 0) or step == cfg.steps):
-            with averaged():
+        emit(events.Progress(step, total, step_loss, lr, images * rate, elapsed, eta))
+        record = {"step": step, "loss": step_loss, "lr": lr, "images_per_s": images * rate, "seconds": elapsed}
+        if validator is not None and due.validation(step):
+            with _evaluation_weights(live):
                 record["val_loss"] = validator.loss(accelerator.autocast)
             emit(events.Validation(step, record["val_loss"]))
-        if step % cfg.log_every == 0 or step == cfg.steps or record:
-            record = {"step": step, "loss": step_loss, "lr": lr, "images_per_s": progress.images_per_s,
-                      "seconds": elapsed, **record}
-            with open(metrics_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
-            accelerator.log({k: v for k, v in record.items() if k in ("loss", "lr", "val_loss")}, step=step)
-        if config.sample.every and config.sample.prompts and step % config.sample.every == 0:
-            with averaged():
+        if due.metrics(step) or "val_loss" in record:
+            metrics.write(record)
+        if due.samples(step):
+            with _evaluation_weights(live):
                 paths = render_samples(model, config, out, step)
             emit(events.SampleSaved(step, paths, list(config.sample.prompts)))
-        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
-            save_checkpoint_now()
+        epoch = due.epoch_end(step, source.epoch)
+        if due.checkpoint(step) or epoch is not None:
+            ckpt.snapshot(live, step, clock.elapsed(), cfg.keep_checkpoints, emit)
+        if epoch is not None:  # kohya's save_every_n_epochs: an adapter file per epoch beside the checkpoint
+            with _evaluation_weights(live):
+                saved = export_adapter(model, config, out, step, data.num_images, data.items, total, epoch)
+            emit(events.AdapterSaved(step, saved))
 
-    # --- final save (also after a stop request); the export uses the EMA weights when EMA is on ---
-    save_checkpoint_now()
-    with averaged():
-        paths = export_adapter(model, config, out, step, data.num_images, data.items)
+    # --- final save (also after a stop request); the export uses the EMA (or schedule-free) average ---
+    ckpt.snapshot(live, step, clock.elapsed(), cfg.keep_checkpoints, emit)
+    with _evaluation_weights(live):
+        paths = export_adapter(model, config, out, step, data.num_images, data.items, total)
     emit(events.AdapterSaved(step, paths))
     accelerator.end_training()
     if stopped:
         resume_cmd = f"stylelora train {out / 'config.toml'} --resume auto"
-        emit(events.Message(f"stopped at step {step} of {cfg.steps}; continue with: {resume_cmd}"))
+        emit(events.Message(f"stopped at step {step} of {total}; continue with: {resume_cmd}"))
     emit(events.Finished(step, stopped, out, paths))
     return RunResult(out, step, stopped, paths, losses_seen)
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop metric lines past the checkpoint so the log matches the resumed run.
-
-    A kill can cut the last line short; such a line is dropped too."""
-    if not path.is_file():
-        return
-    from .fileio import write_text
-
-    kept = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and record.get("step", 0) <= step:
-            kept.append(line)
-    write_text(path, "".join(line + "\n" for line in kept))

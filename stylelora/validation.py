@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 import torch
 
 from . import losses
+from .text import encode, token_ids
 
 T = TypeVar("T")
 TIMESTEPS_PER_IMAGE = 4
@@ -36,14 +37,14 @@ class Validator:
     """Scores the current LoRA on fixed (image, caption, noise, timestep) tuples."""
 
     def __init__(self, examples: list[dict[str, Any]], model: Any, scheduler: Any, device: torch.device,
-                 dtype: torch.dtype, seed: int):
+                 dtype: torch.dtype, seed: int, max_token_length: int = 75, clip_skip: int = 1):
         self.model, self.scheduler, self.device, self.dtype = model, scheduler, device, dtype
+        self.clip_skip = clip_skip
         tokenizer, vae = model.tokenizer, model.vae
         pixels = torch.stack([e["pixels"] for e in examples]).to(device, dtype)
         with torch.no_grad():
             latents = vae.encode(pixels).latent_dist.mode() * vae.config.scaling_factor
-        ids = tokenizer([str(e["caption"]) for e in examples], padding="max_length",
-                        max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+        ids = token_ids(tokenizer, [str(e["caption"]) for e in examples], max_token_length)
         n, k = len(examples), TIMESTEPS_PER_IMAGE
         total = scheduler.config.num_train_timesteps
         # Each image at k timesteps spread evenly over the schedule (offset per image).
@@ -66,7 +67,7 @@ class Validator:
             with autocast() if autocast else contextlib.nullcontext():
                 noisy = self.scheduler.add_noise(self.latents, self.noise, self.timesteps)
                 target = losses.training_target(self.scheduler, self.latents, self.noise, self.timesteps)
-                states = text_encoder(self.ids)[0]
+                states = encode(text_encoder, self.ids, self.clip_skip)
                 pred = unet(noisy, self.timesteps, states).sample
                 return float(losses.per_example_mse(pred, target).mean())
         finally:

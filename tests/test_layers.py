@@ -25,9 +25,9 @@ LAYERS: list[tuple[str, list[tuple[str, ...]]]] = [
     ("adapters", [("merge",), ("convert",), ("formats",), ("metadata",), ("adapter",), ("kohya_names",)]),
     ("data", [("batches", "doctor", "autocaption"), ("buckets", "imagecheck", "caption_tools"),
               ("dataset", "cache", "images"), ("captions",)]),
-    ("model", [("failures", "validation", "estimate"), ("checkpoint", "optim"),
+    ("model", [("failures", "validation", "estimate"), ("checkpoint", "optim", "trackers"),
                ("models", "losses", "samplers", "ema", "text")]),
-    ("base", [("events",), ("config",), ("fileio",), ("errors",)]),
+    ("base", [("events", "metrics"), ("config",), ("fileio",), ("errors",)]),
 ]
 SHELLS = ("app", "webui")  # first-party code outside the library: the Gradio app
 
