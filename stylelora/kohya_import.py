@@ -661,8 +661,8 @@ def _dataset_config(k: _Importer, dataset: dict[str, Any], source: Path) -> None
             k.set("subsets.class_tokens (is_reg)", "data.reg_caption", str(reg_subset["class_tokens"]))
         if len(reg) > 1:
             k.report.unsupported.append(("subsets (is_reg)", len(reg), "one regularisation folder: the first is used"))
-    if "batch_size" in scope:
-        k.set("batch_size", "train.batch_size", _integer(scope["batch_size"], "batch_size"))
+    if "batch_size" in scope:  # the dataset config's batch size wins over --train_batch_size, as in sd-scripts
+        k.settings["train_batch_size"] = scope["batch_size"]
 
 
 def _subset(k: _Importer, subset: dict[str, Any], count: int, source: Path) -> None:
@@ -691,9 +691,9 @@ def _subset(k: _Importer, subset: dict[str, Any], count: int, source: Path) -> N
                                      "one comes from an N_words folder name; caption them (stylelora caption) or "
                                      "name the folder like 10_" + str(subset["class_tokens"])))
     for key, value in subset.items():
-        if key in ("image_dir", "num_repeats", "class_tokens", "is_reg"):
+        if key in ("image_dir", "num_repeats", "class_tokens", "is_reg", "batch_size"):
             continue
-        k.settings.setdefault(key, value)  # the rest reads like the training config's keys
+        k.settings[key] = value  # the rest reads like the training config's keys, and wins over them
 
 
 def import_kohya(path: str | Path, dataset_config: str | Path | None = None) -> ImportReport:

@@ -107,8 +107,9 @@ def test_sd_scripts_config_and_dataset_toml_through_the_cli(workdir: Path) -> No
     # 4 images x 3 repeats + as many regularisation examples = 24 a epoch / batch 2 = 12 steps; 2 epochs; 25% warmup
     assert config.train.lr_warmup_steps == 6
     assert (config.data.shuffle_tags, config.data.keep_tags, config.lora.train_text_encoder) == (True, 1, False)
-    listed = [line.split(" = ")[0].removeprefix("  ") for line in r.stdout.split("not imported")[1].splitlines()[1:]
-              if line.startswith("  ")]
+    section = r.stdout.split("\nnot imported")[1].splitlines()[1:]
+    listed = [line.split(" = ")[0].strip() for line in section[: next(i for i, x in enumerate(section)
+                                                                       if not x.startswith("  "))]]
     assert set(listed) == {"network_args preset", "vae_batch_size", "logging_dir", "min_bucket_reso"}
     assert run_cli("import-kohya", str(workdir / "sd-scripts-config.toml"), "--out", str(out)).returncode == 1
     run = run_cli("train", str(out), "--set", f"train.output_dir={workdir / 'run'}", "--set", "train.epochs=1",
