@@ -7,16 +7,19 @@ Exit status: 0 success, 1 a problem with the user's input (one plain message, no
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import signal
 import sys
 import threading
 import traceback
-from collections.abc import Callable, Sequence
+import types
+import typing
+from collections.abc import Sequence
 from typing import Any
 
-from .config import Config, all_fields
+from .config import Config, GenerateSettings, all_fields, field_type
 from .errors import StyleloraError
 from .samplers import sampler_names
 
@@ -35,18 +38,49 @@ TRAIN_FLAGS: dict[str, str] = {
     "--save-every": "train.save_every",
     "--resume": "train.resume",
 }
-FLAG_TYPES: dict[str, Callable[[str], Any]] = {"int": int, "float": float}
+# check-data checks a dataset as training would read it: the same fields, defaults and limits.
+CHECK_FLAGS: dict[str, str] = {
+    "--resolution": "data.resolution",
+    "--batch-size": "train.batch_size",
+    "--caption-extension": "data.caption_extension",
+    "--trigger-word": "data.trigger_word",
+    "--repeats": "data.repeats",
+    "--max-token-length": "data.max_token_length",
+}
+# generate's flags: one per GenerateSettings field (--negative-prompt for negative_prompt, ...).
+GENERATE_FLAGS: dict[str, str] = {"--" + f.name.replace("_", "-"): f.name for f in dataclasses.fields(GenerateSettings)}
+
+
+def _value_type(tp: Any) -> Any:
+    """What argparse converts a flag's text with: the field's type without ``| None``."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    if typing.get_origin(tp) is typing.Literal and all(isinstance(a, int) for a in typing.get_args(tp)):
+        return int  # data.max_token_length: 75, 150 or 225
+    return tp if tp in (int, float) else str
+
+
+def _add_field_flag(p: argparse.ArgumentParser, flag: str, dest: str, f: dataclasses.Field[Any], tp: Any, *,
+                    default: bool, help_suffix: str = "") -> argparse.Action:
+    """One flag made from a dataclass field: its type, help text and, if ``default``, its default value."""
+    return p.add_argument(flag, dest=dest, type=_value_type(tp), default=f.default if default else None,
+                          metavar=flag.strip("-").upper().replace("-", "_"), help=f.metadata["help"] + help_suffix)
+
+
+def _add_config_flags(p: argparse.ArgumentParser, flags: dict[str, str], *, default: bool) -> None:
+    """Flags for config fields, stored under their dotted names; without ``default`` an unset flag is None
+    (it then overrides nothing)."""
+    fields = all_fields()
+    for flag, dotted in flags.items():
+        suffix = "" if default else f" [{dotted}]"
+        _add_field_flag(p, flag, dotted, fields[dotted], field_type(dotted), default=default, help_suffix=suffix)
 
 
 def _add_train(sub: Any) -> None:
     p = sub.add_parser("train", help="train a LoRA (from a TOML config, flags, or both)")
     p.add_argument("config", nargs="?", help="a config.toml (e.g. a run's own, to replay it)")
+    _add_config_flags(p, TRAIN_FLAGS, default=False)
     fields = all_fields()
-    for flag, dotted in TRAIN_FLAGS.items():
-        f = fields[dotted]
-        kind = FLAG_TYPES.get(str(f.type), str)  # field types are strings under postponed annotations
-        p.add_argument(flag, dest=dotted, type=kind, metavar=flag.strip("-").upper().replace("-", "_"),
-                       help=f"{f.metadata['help']} [{dotted}]")
     p.add_argument("--train-text-encoder", dest="lora.train_text_encoder", action="store_const",
                    const=True, help=fields["lora.train_text_encoder"].metadata["help"])
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -151,12 +185,11 @@ def cmd_check_data(args: argparse.Namespace) -> int:
     from .doctor import check_dataset
 
     # the same limits as training, with the same messages
-    Config().with_overrides({"data.resolution": args.resolution, "data.repeats": args.repeats})
-    if args.batch_size < 1:
-        raise StyleloraError(f"--batch-size: must be >= 1, got {args.batch_size}")
+    config = Config().with_overrides({dotted: getattr(args, dotted) for dotted in CHECK_FLAGS.values()})
     report = check_dataset(
-        args.folder, args.resolution, args.batch_size, caption_extension=args.caption_extension,
-        repeats=args.repeats, trigger_word=args.trigger_word, model=args.model,
+        args.folder, config.data.resolution, config.train.batch_size, caption_extension=config.data.caption_extension,
+        repeats=config.data.repeats, trigger_word=config.data.trigger_word, model=args.model,
+        max_token_length=config.data.max_token_length,
     )
     print(report.to_text(args.level))
     return 0 if report.can_train else 1
@@ -169,14 +202,11 @@ def _add_generate(sub: Any) -> None:
     g.add_argument("--scale", type=float, nargs="+", metavar="S",
                    help="adapter strength (0 = base model, 1 = as trained; -1..2 are fine); several make a strip")
     g.add_argument("--prompt", required=True)
-    g.add_argument("--negative-prompt", default="")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--steps", type=int, default=20, help="denoising steps")
-    g.add_argument("--width", type=int, help="pixels, a multiple of 8 (default: the model's native size)")
-    g.add_argument("--height", type=int, help="pixels, a multiple of 8 (default: the model's native size)")
-    g.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
-    g.add_argument("--sampler", help="the model's own scheduler by default; or one of: "
-                   + ", ".join(sampler_names()))
+    hints = typing.get_type_hints(GenerateSettings)
+    fields = {f.name: f for f in dataclasses.fields(GenerateSettings)}
+    for flag, name in GENERATE_FLAGS.items():
+        suffix = " One of: " + ", ".join(sampler_names()) if name == "sampler" else ""  # samplers.py owns the list
+        _add_field_flag(g, flag, name, fields[name], hints[name], default=True, help_suffix=suffix)
     g.add_argument("--out", required=True, help="the PNG to write (it carries the parameters, as A1111's do)")
     g.set_defaults(func=cmd_generate)
 
@@ -186,7 +216,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .images import check_png_path, save_png
 
     # Cheap checks first, so a typo fails before the base model loads.
-    sampler = check_sampler(args.sampler)
+    settings = GenerateSettings(**{name: getattr(args, name) for name in GENERATE_FLAGS.values()})
+    check_sampler(settings.sampler)
     check_png_path(args.out)
     if args.scale and not args.lora:
         raise StyleloraError("--scale: give --lora too; without an adapter there is nothing to scale")
@@ -195,14 +226,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     preview = Previewer(args.model)
     name = preview.attach(args.lora) if args.lora else None
     scales = args.scale or [1.0]
-    settings = {
-        "negative_prompt": args.negative_prompt, "seed": args.seed, "steps": args.steps,
-        "guidance": args.guidance, "width": args.width, "height": args.height, "sampler": sampler,
-    }
     if len(scales) > 1:
-        image = preview.sweep(args.prompt, scales, adapter=name, **settings)
+        image = preview.sweep(args.prompt, scales, settings, adapter=name)
     else:
-        image = preview.generate(args.prompt, adapter=name, scale=scales[0], **settings)
+        image = preview.generate(args.prompt, settings, adapter=name, scale=scales[0])
     print(save_png(image, args.out))
     return 0
 
@@ -470,13 +497,9 @@ def build_parser() -> argparse.ArgumentParser:
         "and what stylelora will do about it, then a summary. Exit status 0 when training can proceed "
         "(warnings allowed), 1 when it cannot.")
     c.add_argument("folder", help="the dataset folder")
-    c.add_argument("--resolution", type=int, default=512, help="training resolution to check sizes against")
-    c.add_argument("--batch-size", type=int, default=1, help="batch size the dataset must fill")
+    _add_config_flags(c, CHECK_FLAGS, default=True)
     c.add_argument("--model", help="count caption tokens with this model's tokenizer (else the cached CLIP "
                    "tokenizer, else an estimate)")
-    c.add_argument("--caption-extension", default=".txt", help="extension of caption sidecar files")
-    c.add_argument("--trigger-word", default="", help="word put in front of every caption")
-    c.add_argument("--repeats", type=int, default=1, help="how many times each image is seen per epoch")
     c.add_argument("--level", choices=["error", "warning", "info"], default="info",
                    help="show findings of this level and worse (default: all)")
     c.set_defaults(func=cmd_check_data)

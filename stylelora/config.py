@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
+import math
 import tomllib
 import types
 import typing
@@ -207,14 +209,56 @@ class TrainConfig:
     )
 
 
+@dataclass(frozen=True)
+class GenerateSettings:
+    """Everything besides the prompt and the adapter that decides a rendered image: the one source of
+    ``stylelora generate``'s flags, the Preview tab's widgets and ``Previewer.generate``'s settings.
+    Validated on construction (ConfigError naming the field); hashable, so it keys the preview caches."""
+
+    negative_prompt: str = option("", "What the image should not show.")
+    seed: int = option(0, "Seed of the starting noise: the same seed gives the same image.", ge=0, le=2**63 - 1)
+    steps: int = option(20, "Denoising steps.", ge=1)
+    width: int | None = option(None, "Pixels, a multiple of 8 (default: the model's native size).")
+    height: int | None = option(None, "Pixels, a multiple of 8 (default: the model's native size).")
+    guidance: float = option(7.5, "Classifier-free guidance scale.", ge=0)
+    sampler: str | None = option(
+        None, "The model's own scheduler by default, or a sampler by name (AUTOMATIC1111's labels work too)."
+    )
+    clip_skip: int = option(
+        0, "Text-encoder layer from the end: 1 the last, 2 the one before; 0 means as the adapter was trained "
+        "(its model.clip_skip), else 1.", ge=0, le=12,
+    )
+
+    def __post_init__(self) -> None:
+        hints = _hints(GenerateSettings)
+        for f in dataclasses.fields(self):  # ints stay ints, floats become floats: equal settings hash alike
+            object.__setattr__(self, f.name, _coerce(getattr(self, f.name), hints[f.name], f.name))
+        errors = _check(self, "")
+        if not errors and not math.isfinite(self.guidance):
+            errors.append(f"guidance: must be a finite number, got {self.guidance}")
+        if errors:
+            raise ConfigError("\n".join(errors))
+
+    def replace(self, **changes: Any) -> GenerateSettings:
+        """These settings with some fields changed (``seed=7``), validated again."""
+        return dataclasses.replace(self, **changes) if changes else self
+
+
+def option_like(source: type, name: str, help: str | None = None, **bounds: float | None) -> Any:
+    """A field with the default, help text and bounds of ``source``'s field ``name``, some of them changed."""
+    original = {f.name: f for f in dataclasses.fields(source)}[name]
+    meta = {**original.metadata, **bounds, **({"help": help} if help else {})}
+    return field(default=original.default, metadata=meta)
+
+
 @dataclass
 class SampleConfig:
     prompts: list[str] = option([], "Prompts rendered during training.")
-    negative_prompt: str = option("", "Negative prompt for samples.")
+    negative_prompt: str = option_like(GenerateSettings, "negative_prompt", "Negative prompt for samples.")
     every: int = option(0, "Render samples every N steps; 0 turns it off.", ge=0)
     seed: int = option(1234, "Seed of the samples (the same for every step, so they compare).", ge=0)
-    steps: int = option(20, "Denoising steps per sample.", ge=1, le=200)
-    guidance: float = option(7.5, "Classifier-free guidance scale.", ge=0)
+    steps: int = option_like(GenerateSettings, "steps", "Denoising steps per sample.", le=200)
+    guidance: float = option_like(GenerateSettings, "guidance")
 
 
 @dataclass
@@ -362,6 +406,11 @@ def validate(section: Any, prefix: str = "") -> None:
         raise ConfigError("\n".join(errors))
 
 
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
 def _unknown(dotted: str, known: typing.Iterable[str]) -> str:
     close = difflib.get_close_matches(dotted, list(known), n=1, cutoff=0.5)
     hint = f"; did you mean '{close[0]}'?" if close else ""
@@ -464,12 +513,17 @@ def _check(obj: Any, prefix: str) -> list[str]:
         ):
             b = m.get(bound)
             if b is not None and not ok(value, b):
-                errors.append(f"{dotted}: must be {word} {b:g}, got {value:g}")
+                errors.append(f"{dotted}: must be {word} {_number(b)}, got {_number(value)}")
     if type(obj).__name__ == "DataConfig" and obj.resolution % 8:
         errors.append(f"{prefix}resolution: must be a multiple of 8, got {obj.resolution}")
     if type(obj).__name__ == "DataConfig" and obj.bucket_step % 8:
         errors.append(f"{prefix}bucket_step: must be a multiple of 8, got {obj.bucket_step}")
     return errors
+
+
+def _number(x: float) -> str:
+    """A number as messages show it: integers in full (a seed's bound), other numbers short (1e-08)."""
+    return str(x) if isinstance(x, int) else f"{x:g}"
 
 
 def _cross_checks(config: Config) -> list[str]:

@@ -26,12 +26,13 @@ from PIL import Image
 from . import images
 from .adapter import Adapter, ModelLayout
 from .checkpoint import STEP_DIR, list_checkpoints, stores_alphas
-from .config import Config
+from .config import Config, GenerateSettings
 from .convert import find_adapter_file
 from .errors import ConfigError, FormatError
 from .formats import load_adapter
-from .models import BaseModel, load_base_model
+from .models import ADAPTER_PARAM, BaseModel, load_base_model
 from .samplers import DEFAULT_SAMPLER, check_sampler, make_scheduler, sampler_label
+from .text import encode_captions
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ class AdapterSource:
     name: str
     alpha: float | None = None  # only for checkpoints saved before they stored alphas: from config.toml
     conv_alpha: float | None = None
+    text: tuple[int, int] | None = None  # a checkpoint's (clip skip, max token length), from config.toml
 
 
 def _run_config(run_dir: Path) -> Config:
@@ -57,15 +59,19 @@ def _run_config(run_dir: Path) -> Config:
 
 def _checkpoint_source(folder: Path) -> AdapterSource:
     run_dir = folder.parent.parent
+    text = None
+    if (run_dir / "config.toml").is_file():
+        run = _run_config(run_dir)
+        text = (run.model.clip_skip, run.data.max_token_length)
     if stores_alphas(folder):  # its lora.safetensors reads like any adapter file, every module's alpha included
-        return AdapterSource(folder / "lora.safetensors", f"{run_dir.name}-{folder.name}")
+        return AdapterSource(folder / "lora.safetensors", f"{run_dir.name}-{folder.name}", text=text)
     alpha = conv_alpha = None
     if (run_dir / "config.toml").is_file():
         lora = _run_config(run_dir).lora
         alpha, conv_alpha = lora.alpha, getattr(lora, "conv_alpha", None)  # conv_alpha: runs with LoCon
     else:
         log.warning("%s: no config.toml in the run folder, so the LoRA alpha is unknown; using alpha = rank", folder)
-    return AdapterSource(folder / "lora.safetensors", f"{run_dir.name}-{folder.name}", alpha, conv_alpha)
+    return AdapterSource(folder / "lora.safetensors", f"{run_dir.name}-{folder.name}", alpha, conv_alpha, text)
 
 
 def find_adapter(path: str | Path) -> AdapterSource:
@@ -106,21 +112,10 @@ def run_adapters(run_dir: str | Path) -> list[AdapterSource]:
     return sources
 
 
-# --- generation settings ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Settings:
-    """Everything besides the adapter that decides an image; hashable, so it keys the caches."""
-
-    prompt: str
-    negative_prompt: str
-    seed: int
-    steps: int
-    guidance: float
-    width: int
-    height: int
-    sampler: str
+def file_stamp(path: Path) -> tuple[str, int, int]:
+    """(resolved path, modification time in ns, size): a file with the same stamp was not rewritten."""
+    stat = path.stat()
+    return str(path.resolve()), stat.st_mtime_ns, stat.st_size
 
 
 @dataclass
@@ -129,19 +124,25 @@ class _Attached:
     peft_name: str  # peft adapter names must be valid module keys; user names need not be
     parts: tuple[str, ...]
     source: AdapterSource
+    stamp: tuple[str, int, int]  # of source.file when it was read
+    clip_skip: int = 1  # how its captions were encoded (the embedded config), so prompts are too
+    max_token_length: int = 75
 
 
 def _peft_config(adapter: Adapter, part: str) -> Any:
-    """A peft LoraConfig that recreates ``adapter``'s layers for one part, rank and alpha per module."""
+    """A peft config (LoRA, LoHa or LoKr) that recreates ``adapter``'s layers for one part, rank and alpha
+    per module."""
+    from peft import LoHaConfig, LoKrConfig
     from peft import LoraConfig as PeftLoraConfig
 
     fields = adapter.peft_fields(part)
+    config_class = {"loha": LoHaConfig, "lokr": LoKrConfig}.get(adapter.network, PeftLoraConfig)
 
     # Exact names: a regex that must match the whole module path, so no other module is caught.
     def exact(patterns: dict[str, float]) -> dict[str, float]:
         return {"^" + re.escape(p): v for p, v in patterns.items()}
 
-    return PeftLoraConfig(**{
+    return config_class(**{
         **fields,
         "target_modules": "|".join(re.escape(p) for p in fields["target_modules"]),
         "rank_pattern": exact(fields["rank_pattern"]),
@@ -150,9 +151,10 @@ def _peft_config(adapter: Adapter, part: str) -> Any:
 
 
 def _lora_layers(module: torch.nn.Module) -> list[Any]:
-    from peft.tuners.lora import LoraLayer
+    """peft's adapter layers (LoRA, LoHa, LoKr): each takes ``set_scale`` and ``enable_adapters``."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
 
-    return [m for m in module.modules() if isinstance(m, LoraLayer)]
+    return [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
 
 
 class Previewer:
@@ -187,7 +189,7 @@ class Previewer:
         self._adapters: dict[str, _Attached] = {}
         self._layers: dict[str, list[Any]] = {part: [] for part in self._parts}
         self._next_id = 0
-        self._base_cache: OrderedDict[Settings, Image.Image] = OrderedDict()
+        self._base_cache: OrderedDict[tuple[str, GenerateSettings], Image.Image] = OrderedDict()
         self._embeds_cache: OrderedDict[tuple, dict[str, torch.Tensor]] = OrderedDict()
 
     def _load(self, model: str, config_source: str, prediction_type: str) -> BaseModel:
@@ -217,16 +219,22 @@ class Previewer:
         """Attach an adapter (kohya or diffusers file, diffusers folder, run or checkpoint folder).
 
         Returns its name (``name``, or one derived from the path). Attaching under a name already in
-        use replaces that adapter (e.g. the same run after more training).
+        use replaces that adapter (e.g. the same run after more training), unless it is the same file
+        unchanged (same path, modification time and size): then nothing is read again.
         """
         source = path if isinstance(path, AdapterSource) else find_adapter(path)
+        name = name or source.name
+        stamp = file_stamp(source.file)  # before reading: a rewrite during the read is seen next time
+        with self._lock:
+            known = self._adapters.get(name)
+            if known is not None and known.stamp == stamp:
+                return name
         adapter = load_adapter(source.file, self._layout)
         if source.alpha is not None:
             adapter = replace(
                 adapter, alpha=dict.fromkeys(adapter.state, source.alpha), module_alpha={},
                 conv_alpha=dict.fromkeys(adapter.state, source.conv_alpha) if source.conv_alpha else {},
             )
-        name = name or source.name
         with self._lock:
             if name in self._adapters:
                 self.detach(name)
@@ -234,7 +242,9 @@ class Previewer:
             self._next_id += 1
             for part in adapter.state:
                 self._inject(part, peft_name, adapter)
-            self._adapters[name] = _Attached(name, peft_name, tuple(adapter.state), source)
+            trained = adapter.config
+            text = source.text or ((trained.model.clip_skip, trained.data.max_token_length) if trained else (1, 75))
+            self._adapters[name] = _Attached(name, peft_name, tuple(adapter.state), source, stamp, *text)
             self._refresh_layers()
         log.info("attached %s from %s (%s)", name, source.file, ", ".join(adapter.state))
         return name
@@ -255,7 +265,7 @@ class Previewer:
         except (ValueError, RuntimeError) as e:  # shape mismatch: the file is for another model
             self._remove(peft_name)
             raise FormatError(f"adapter does not fit this base model ({part}): {str(e).splitlines()[0]}") from e
-        missing = [k for k in result.missing_keys if f".{peft_name}." in k and "lora_" in k]
+        missing = [k for k in result.missing_keys if f".{peft_name}" in k and ADAPTER_PARAM.search(k)]
         if result.unexpected_keys or missing:
             self._remove(peft_name)
             raise FormatError(f"adapter does not fit this base model ({part}): "
@@ -311,91 +321,65 @@ class Previewer:
 
     # --- rendering ------------------------------------------------------------------------------
 
-    def settings(
-        self,
-        prompt: str,
-        *,
-        negative_prompt: str = "",
-        seed: int = 0,
-        steps: int = 20,
-        guidance: float = 7.5,
-        width: int | None = None,
-        height: int | None = None,
-        sampler: str | None = None,
-    ) -> Settings:
-        """Validated settings; width and height default to the model's native resolution."""
+    def resolve(self, settings: GenerateSettings | None = None, **overrides: Any) -> GenerateSettings:
+        """``settings`` (default ``GenerateSettings()``) with ``overrides`` (its fields by name, ``seed=7``),
+        made definite for this model: width and height default to its native resolution and must be
+        multiples of the VAE's scale factor; the sampler is named canonically."""
+        s = (settings or GenerateSettings()).replace(**overrides)
         multiple = self.pipeline.vae_scale_factor
         native = self.model.native_resolution
-        width, height = width or native, height or native
+        width, height = s.width or native, s.height or native
         for field, value in (("width", width), ("height", height)):
             if value <= 0 or value % multiple:
                 raise ConfigError(f"{field}: must be a positive multiple of {multiple}, got {value}")
-        if steps < 1:
-            raise ConfigError(f"steps: must be at least 1, got {steps}")
-        if guidance < 0 or not math.isfinite(guidance):
-            raise ConfigError(f"guidance: must be >= 0, got {guidance}")
-        if not 0 <= seed < 2**63:
-            raise ConfigError(f"seed: must be between 0 and 2**63 - 1, got {seed}")
-        return Settings(prompt, negative_prompt, int(seed), int(steps), float(guidance), int(width), int(height),
-                        check_sampler(sampler))
+        return s.replace(width=width, height=height, sampler=check_sampler(s.sampler))
 
-    def generate(
-        self,
-        prompt: str,
-        *,
-        negative_prompt: str = "",
-        seed: int = 0,
-        steps: int = 20,
-        guidance: float = 7.5,
-        width: int | None = None,
-        height: int | None = None,
-        sampler: str | None = None,
-        adapter: str | None = None,
-        scale: float = 1.0,
-    ) -> Image.Image:
+    def generate(self, prompt: str, settings: GenerateSettings | None = None, *, adapter: str | None = None,
+                 scale: float = 1.0, **overrides: Any) -> Image.Image:
         """One image with ``adapter`` (default: the only attached one, if any) at strength ``scale``.
 
-        The image's ``info["parameters"]`` holds A1111-style parameters; ``images.save_png`` writes them.
+        ``settings`` and ``overrides`` as in ``resolve``. The image's ``info["parameters"]`` holds
+        A1111-style parameters; ``images.save_png`` writes them.
         """
-        s = self.settings(prompt, negative_prompt=negative_prompt, seed=seed, steps=steps, guidance=guidance,
-                          width=width, height=height, sampler=sampler)
-        return self.render(s, adapter, scale)
-
-    def render(self, settings: Settings, adapter: str | None = None, scale: float = 1.0) -> Image.Image:
-        """``generate`` for ready-made Settings."""
+        s = self.resolve(settings, **overrides)
         with self._lock:
-            return self._render(settings, self._resolve(adapter), scale)
+            return self._render(prompt, s, self._resolve(adapter), scale)
 
-    def base(self, prompt: str, **settings: Any) -> Image.Image:
+    def base(self, prompt: str, settings: GenerateSettings | None = None, **overrides: Any) -> Image.Image:
         """The base model's image (no adapter), from the session cache when it was rendered before."""
+        s = self.resolve(settings, **overrides)
         with self._lock:
-            return self._render(self.settings(prompt, **settings), None, 0.0)
+            return self._render(prompt, s, None, 0.0)
 
-    def _render(self, settings: Settings, attached: _Attached | None, scale: float) -> Image.Image:
+    def _render(self, prompt: str, settings: GenerateSettings, attached: _Attached | None,
+                scale: float) -> Image.Image:
         scale = float(scale)
         if not math.isfinite(scale):
             raise ConfigError(f"scale: must be a finite number, got {scale}")
+        if settings.clip_skip == 0:  # as the adapter was trained (the base image too, so they compare)
+            settings = settings.replace(clip_skip=attached.clip_skip if attached is not None else 1)
         if attached is None or scale == 0:
-            image = self._base(settings)
+            image = self._base(prompt, settings)
         else:
-            image = self._run(settings, attached, scale)
+            image = self._run(prompt, settings, attached, scale)
         strength = {attached.name: scale} if attached is not None else {}
-        image.info[images.PARAMETERS_KEY] = self.parameters(settings, strength)
+        image.info[images.PARAMETERS_KEY] = self.parameters(prompt, settings, strength)
         return image
 
-    def _base(self, settings: Settings) -> Image.Image:
-        cached = self._base_cache.get(settings)
+    def _base(self, prompt: str, settings: GenerateSettings) -> Image.Image:
+        key = (prompt, settings)
+        cached = self._base_cache.get(key)
         if cached is None:
-            cached = self._run(settings, None, 0.0)
-            self._base_cache[settings] = cached
+            cached = self._run(prompt, settings, None, 0.0)
+            self._base_cache[key] = cached
             while len(self._base_cache) > CACHE_SIZE:
                 self._base_cache.popitem(last=False)
-        self._base_cache.move_to_end(settings)
+        self._base_cache.move_to_end(key)
         return cached.copy()
 
-    def _run(self, settings: Settings, attached: _Attached | None, scale: float) -> Image.Image:
+    def _run(self, prompt: str, settings: GenerateSettings, attached: _Attached | None, scale: float) -> Image.Image:
         self._activate(attached, scale)
-        embeddings = self._embeddings(settings, attached, scale)
+        embeddings = self._embeddings(prompt, settings, attached, scale)
         pipe = self.pipeline
         pipe.scheduler = self._scheduler(settings.sampler)
         result = pipe(
@@ -408,33 +392,47 @@ class Previewer:
         )
         return result.images[0]
 
-    def _embeddings(self, settings: Settings, attached: _Attached | None, scale: float) -> dict[str, Any]:
+    def _embeddings(self, prompt: str, settings: GenerateSettings, attached: _Attached | None,
+                    scale: float) -> dict[str, Any]:
         """Prompt embeddings as pipeline arguments, reused while the text encoders are unchanged."""
         guided = settings.guidance > 1.0
         adapts_text = attached is not None and any(part in attached.parts for part in TEXT_PARTS)
         text_lora = (attached.peft_name, scale) if adapts_text else None
-        key = (settings.prompt, settings.negative_prompt if guided else "", guided, text_lora)
+        length = attached.max_token_length if attached is not None else 75
+        key = (prompt, settings.negative_prompt if guided else "", guided, settings.clip_skip, length, text_lora)
         if key not in self._embeds_cache:
             with torch.no_grad():
-                encoded = self.pipeline.encode_prompt(
-                    settings.prompt, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=guided,
-                    negative_prompt=settings.negative_prompt or None,
-                )
-            names = ["prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds",
-                     "negative_pooled_prompt_embeds"]  # SD returns the first two, SDXL all four
-            self._embeds_cache[key] = {n: e for n, e in zip(names, encoded, strict=False) if e is not None}
+                self._embeds_cache[key] = self._encode(prompt, settings, guided, length)
             while len(self._embeds_cache) > CACHE_SIZE * 4:
                 self._embeds_cache.popitem(last=False)
         self._embeds_cache.move_to_end(key)
         return self._embeds_cache[key]
+
+    def _encode(self, prompt: str, settings: GenerateSettings, guided: bool, length: int) -> dict[str, Any]:
+        """Prompt embeddings as training encodes captions (clip skip, 75-token chunks); SDXL's two text
+        encoders are the pipeline's own business (diffusers counts clip skip from 0)."""
+        if self.model.kind == "sdxl":
+            encoded = self.pipeline.encode_prompt(
+                prompt, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=guided,
+                negative_prompt=settings.negative_prompt or None, clip_skip=settings.clip_skip - 1 or None,
+            )
+            names = ["prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds",
+                     "negative_pooled_prompt_embeds"]
+            return {n: e for n, e in zip(names, encoded, strict=False) if e is not None}
+        tokenizer, encoder = self.pipeline.tokenizer, self.pipeline.text_encoder
+        out = {"prompt_embeds": encode_captions(tokenizer, encoder, [prompt], length, settings.clip_skip)}
+        if guided:
+            out["negative_prompt_embeds"] = encode_captions(tokenizer, encoder, [settings.negative_prompt], length,
+                                                            settings.clip_skip)
+        return out
 
     def _scheduler(self, name: str) -> Any:
         if name not in self._schedulers:
             self._schedulers[name] = make_scheduler(name, self._default_scheduler)
         return self._schedulers[name]
 
-    def parameters(self, settings: Settings, strengths: dict[str, Any] | None = None) -> str:
-        """A1111-style parameters text for an image rendered with these settings.
+    def parameters(self, prompt: str, settings: GenerateSettings, strengths: dict[str, Any] | None = None) -> str:
+        """A1111-style parameters text for an image rendered from ``prompt`` with resolved ``settings``.
 
         ``strengths`` maps adapter name to strength (a number, or a list of them for a sweep).
         """
@@ -446,48 +444,57 @@ class Previewer:
             "Size": f"{settings.width}x{settings.height}",
             "Model": self.model_name,
         }
+        if settings.clip_skip > 1:  # A1111 writes it only when it is not 1
+            fields["Clip skip"] = settings.clip_skip
         if strengths:
             fields["Lora"] = ", ".join(strengths)
             values = {_format_scales(v) for v in strengths.values()}
             fields["Lora strength"] = values.pop() if len(values) == 1 else ", ".join(
                 _format_scales(v) for v in strengths.values())
-        return images.format_parameters(settings.prompt, settings.negative_prompt, fields)
+        return images.format_parameters(prompt, settings.negative_prompt, fields)
 
     # --- views ----------------------------------------------------------------------------------
 
-    def generate_batch(self, prompt: str, seeds: Iterable[int], **kwargs: Any) -> list[Image.Image]:
+    def generate_batch(self, prompt: str, seeds: Iterable[int], settings: GenerateSettings | None = None, *,
+                       adapter: str | None = None, scale: float = 1.0, **overrides: Any) -> list[Image.Image]:
         """One image per seed (other arguments as ``generate``); each equals the single-seed image."""
-        return [self.generate(prompt, seed=seed, **kwargs) for seed in seeds]
+        s = (settings or GenerateSettings()).replace(**overrides)
+        return [self.generate(prompt, s.replace(seed=seed), adapter=adapter, scale=scale) for seed in seeds]
 
-    def compare(self, prompt: str, *, adapter: str | None = None, scale: float = 1.0,
-                **settings: Any) -> tuple[Image.Image, Image.Image]:
+    def compare(self, prompt: str, settings: GenerateSettings | None = None, *, adapter: str | None = None,
+                scale: float = 1.0, **overrides: Any) -> tuple[Image.Image, Image.Image]:
         """(base image, adapter image) for one prompt and seed."""
-        s = self.settings(prompt, **settings)
-        return self.render(s, adapter, 0.0), self.render(s, adapter, scale)
-
-    def sweep(self, prompt: str, scales: Sequence[float], *, adapter: str | None = None,
-              **settings: Any) -> Image.Image:
-        """One prompt and seed at several strengths, as a strip labelled with the strengths."""
-        s = self.settings(prompt, **settings)
+        s = self.resolve(settings, **overrides)
         with self._lock:
             attached = self._resolve(adapter)
-            tiles = [self._render(s, attached, scale) for scale in scales]
+            return self._render(prompt, s, attached, 0.0), self._render(prompt, s, attached, scale)
+
+    def sweep(self, prompt: str, scales: Sequence[float], settings: GenerateSettings | None = None, *,
+              adapter: str | None = None, **overrides: Any) -> Image.Image:
+        """One prompt and seed at several strengths, as a strip labelled with the strengths."""
+        s = self.resolve(settings, **overrides)
+        with self._lock:
+            attached = self._resolve(adapter)
+            tiles = [self._render(prompt, s, attached, scale) for scale in scales]
         sheet = images.strip(tiles, [f"{scale:g}" for scale in scales])
-        sheet.info[images.PARAMETERS_KEY] = self.parameters(s, {attached.name: list(scales)} if attached else {})
+        strengths = {attached.name: list(scales)} if attached else {}
+        sheet.info[images.PARAMETERS_KEY] = self.parameters(prompt, s, strengths)
         return sheet
 
-    def grid(self, prompt: str, adapters: Sequence[str], scales: Sequence[float], **settings: Any) -> Image.Image:
+    def grid(self, prompt: str, adapters: Sequence[str], scales: Sequence[float],
+             settings: GenerateSettings | None = None, **overrides: Any) -> Image.Image:
         """Rows of adapters (e.g. a run's checkpoints) by columns of strengths, labelled.
 
         ``adapters`` are names of attached adapters, or paths, which are attached first.
         """
-        s = self.settings(prompt, **settings)
+        s = self.resolve(settings, **overrides)
         names = [a if a in self._adapters else self.attach(a) for a in adapters]
         with self._lock:
-            rows = [[self._render(s, self._require(name), scale) for scale in scales] for name in names]
+            rows = [[self._render(prompt, s, self._require(name), scale) for scale in scales] for name in names]
         sheet = images.grid(rows, [f"{scale:g}" for scale in scales], names)
-        sheet.info[images.PARAMETERS_KEY] = self.parameters(s, {name: list(scales) for name in names})
+        sheet.info[images.PARAMETERS_KEY] = self.parameters(prompt, s, {name: list(scales) for name in names})
         return sheet
+
 
 
 def _format_scales(value: float | Sequence[float]) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .checkpoint import list_checkpoints
 from .config import Config, next_free_run_dir
-from .errors import ConfigError
+from .errors import ConfigError, FormatError
 from .formats import DIFFUSERS_WEIGHT_NAME
 
 
@@ -86,16 +86,53 @@ class Workspace:
 
     def runs(self) -> list[RunInfo]:
         """Run folders under outputs/ that hold a config.toml, newest first."""
-        found = []
-        for cfg in self.outputs.glob("*/config.toml"):
-            run = cfg.parent
-            adapters = sorted(p for p in run.glob("*.safetensors") if not p.name.startswith("."))
-            diffusers = run / "diffusers" / DIFFUSERS_WEIGHT_NAME
-            if diffusers.is_file():
-                adapters.append(diffusers)
-            checkpoints = [folder / "lora.safetensors" for folder in list_checkpoints(run)]  # complete ones only
-            found.append((cfg.stat().st_mtime, RunInfo(run.name, run, adapters, checkpoints)))
+        found = [(cfg.stat().st_mtime, self._run_info(cfg.parent)) for cfg in self.outputs.glob("*/config.toml")]
         return [info for _, info in sorted(found, key=lambda t: t[0], reverse=True)]
+
+    def _run_info(self, run: Path) -> RunInfo:
+        adapters = sorted(p for p in run.glob("*.safetensors") if not p.name.startswith("."))
+        diffusers = run / "diffusers" / DIFFUSERS_WEIGHT_NAME
+        if diffusers.is_file():
+            adapters.append(diffusers)
+        checkpoints = [folder / "lora.safetensors" for folder in list_checkpoints(run)]  # complete ones only
+        return RunInfo(run.name, run, adapters, checkpoints)
+
+    def run_of(self, path: str | Path) -> RunInfo | None:
+        """The run folder under outputs/ that ``path`` is or lies in (an adapter, a checkpoint, an export),
+        or None when it belongs to no run. Relative paths are taken from the root, like ``inside``."""
+        p = Path(path).expanduser()
+        p = (p if p.is_absolute() else self.root / p).resolve()
+        if not p.is_relative_to(self.outputs) or p == self.outputs:
+            return None
+        run = self.outputs / p.relative_to(self.outputs).parts[0]
+        return self._run_info(run) if (run / "config.toml").is_file() else None
+
+    def export_target(self, source: str | Path, fmt: str, precision: str) -> Path:
+        """Where the app exports ``source`` (a run, or an adapter under outputs/) as ``fmt`` ("kohya" or
+        "diffusers"): ``<run>/exports/<name>-<precision>.safetensors`` or ``<run>/exports/diffusers-<precision>``,
+        named after the run, or after the file when it is one of the run's own adapter files."""
+        src = self.inside(source, [self.outputs])
+        folder = self._home(src)
+        stem = src.stem if src.is_file() and src.parent == folder else folder.name
+        return folder / "exports" / (f"{stem}-{precision}.safetensors" if fmt == "kohya" else f"diffusers-{precision}")
+
+    def merge_target(self, source: str | Path, scale: float) -> tuple[Path, Path]:
+        """(the adapter file to merge, the diffusers folder to write) for ``source``: an adapter file, or a
+        run folder, whose first adapter (the kohya file) is used. The model goes to ``<run>/merged-<scale>``."""
+        src = self.inside(source, [self.outputs])
+        out = self._home(src) / f"merged-{float(scale):g}"
+        if src.is_dir():
+            run = self.run_of(src)
+            adapters = run.adapters if run is not None and run.path == src else []
+            if not adapters:
+                raise FormatError(f"{self.display(src)}: no adapter in this run yet; train it first")
+            src = adapters[0]
+        return src, out
+
+    def _home(self, path: Path) -> Path:
+        """The folder that what is made from ``path`` goes into: its run, or the folder it is in."""
+        run = self.run_of(path)
+        return run.path if run is not None else path.parent
 
     def adapter_files(self) -> list[Path]:
         """Every adapter file a run wrote (kohya first), newest run first."""

@@ -1,3 +1,4 @@
+import argparse
 import json
 import math
 import tomllib
@@ -128,3 +129,41 @@ def test_multi_process_launch_is_refused_before_anything_is_written(dataset: Pat
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 1 and "2 processes were launched" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "run").exists()
+
+
+def _options(command: str) -> dict[str, argparse.Action]:
+    from stylelora.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return {flag: action for action in sub.choices[command]._actions for flag in action.option_strings}
+
+
+def test_generate_flags_are_the_generate_settings_fields() -> None:
+    import dataclasses
+
+    from stylelora.cli import build_parser
+    from stylelora.config import GenerateSettings
+
+    options = _options("generate")
+    for f in dataclasses.fields(GenerateSettings):
+        action = options["--" + f.name.replace("_", "-")]
+        assert action.dest == f.name and action.default == f.default and f.metadata["help"] in action.help
+    assert "euler_a" in options["--sampler"].help  # the sampler names, from samplers.py
+    args = build_parser().parse_args(["generate", "--prompt", "p", "--out", "x.png", "--seed", "9", "--guidance",
+                                      "4.5", "--width", "96", "--negative-prompt", "blurry"])
+    settings = GenerateSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(GenerateSettings)})
+    assert settings == GenerateSettings(negative_prompt="blurry", seed=9, guidance=4.5, width=96)
+    assert (settings.steps, settings.height, settings.sampler) == (20, None, None)  # the defaults
+
+
+def test_check_data_flags_are_the_training_fields() -> None:
+    from stylelora.config import Config
+
+    options, config = _options("check-data"), Config()
+    for flag, dotted in [("--resolution", "data.resolution"), ("--batch-size", "train.batch_size"),
+                         ("--caption-extension", "data.caption_extension"), ("--trigger-word", "data.trigger_word"),
+                         ("--repeats", "data.repeats")]:
+        assert options[flag].dest == dotted and options[flag].default == config.get(dotted), flag
+    assert options["--resolution"].default == 512 and options["--model"].default is None
+    r = run_cli("check-data", "datasets/example", "--batch-size", "0")
+    assert r.returncode == 1 and "train.batch_size: must be >= 1, got 0" in r.stderr

@@ -81,6 +81,33 @@ def test_output_dir_defaults_to_dataset_name() -> None:
     assert config.run_name == "my-style"
 
 
+def test_generate_settings_are_checked_on_construction() -> None:
+    from stylelora.config import GenerateSettings
+
+    assert GenerateSettings(guidance=6) == GenerateSettings(guidance=6.0)  # one key per setting in the caches
+    assert hash(GenerateSettings(seed=2)) == hash(GenerateSettings().replace(seed=2))
+    for changes, message in [({"steps": 0}, "steps: must be >= 1, got 0"), ({"seed": -1}, "seed: must be >= 0"),
+                             ({"seed": 2**63}, "seed: must be <= 9223372036854775807, got 9223372036854775808"),
+                             ({"guidance": float("inf")}, "guidance: must be a finite number"),
+                             ({"seed": "7"}, "seed: must be an integer, got '7'")]:
+        with pytest.raises(ConfigError, match=message):
+            GenerateSettings(**changes)
+        with pytest.raises(ConfigError, match=message):
+            GenerateSettings().replace(**changes)
+
+
+def test_sample_settings_take_their_defaults_from_generation_and_keep_their_keys() -> None:
+    from stylelora.config import GenerateSettings
+
+    sample, generate = Config().sample, GenerateSettings()
+    assert (sample.steps, sample.guidance, sample.negative_prompt) == (generate.steps, generate.guidance, "")
+    assert sample.seed == 1234  # samples have their own seed
+    assert list(Config().to_dict()["sample"]) == ["prompts", "negative_prompt", "every", "seed", "steps", "guidance"]
+    with pytest.raises(ConfigError, match="sample.steps: must be <= 200, got 201"):
+        Config().with_overrides({"sample.steps": 201})
+    assert all_fields()["sample.steps"].metadata["help"] == "Denoising steps per sample."
+
+
 def test_a_new_run_never_lands_in_an_older_runs_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from stylelora.train import resolve_output_dir
     from stylelora.workspace import Workspace

@@ -13,7 +13,7 @@ from PIL import Image
 from conftest import make_dataset, run_cli, tiny_config
 from stylelora import cli, images
 from stylelora import generate as generate_module
-from stylelora.config import LoraConfig
+from stylelora.config import GenerateSettings, LoraConfig
 from stylelora.errors import ConfigError, FormatError
 from stylelora.formats import Adapter, ModelLayout, save_diffusers, save_kohya
 from stylelora.generate import Previewer
@@ -188,6 +188,49 @@ def test_base_is_loaded_once_and_never_modified(files: dict[str, Path], monkeypa
     after = {k.replace(".base_layer", ""): v for k, v in p.pipeline.unet.state_dict().items() if "lora_" not in k}
     assert after.keys() == base_weights.keys()
     assert all(torch.equal(after[k], v) for k, v in base_weights.items())
+
+
+def test_attach_rereads_a_file_only_when_it_changed(files: dict[str, Path], tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    reads: list[Path] = []
+    real = generate_module.load_adapter
+    monkeypatch.setattr(generate_module, "load_adapter", lambda path, *a: reads.append(Path(path)) or real(path, *a))
+    path = tmp_path / "style.safetensors"
+    path.write_bytes(files["kohya"].read_bytes())
+    p = Previewer("builtin:tiny")
+    assert p.attach(path, "s") == "s"
+    first = p.generate(PROMPT, adapter="s", **FAST)
+    for _ in range(3):  # the same file, unchanged: nothing is read again, the adapter stays as it was
+        assert p.attach(path, "s") == "s"
+    assert p.attach(str(path), "s") == "s" and len(reads) == 1 and p.adapters == ["s"]
+    assert np.array_equal(pixels(first), pixels(p.generate(PROMPT, adapter="s", **FAST)))
+
+    # the file rewritten (a run that trained on): read again, and the new weights render
+    path.write_bytes(files["unet_only"].read_bytes())
+    assert p.attach(path, "s") == "s" and len(reads) == 2 and p.adapters == ["s"]
+    changed = p.generate(PROMPT, adapter="s", **FAST)
+    p.attach(files["unet_only"], "b")
+    assert np.array_equal(pixels(changed), pixels(p.generate(PROMPT, adapter="b", **FAST)))
+    assert mean_diff(changed, first) > 1
+    # another name is another adapter, even from the same file
+    assert p.attach(path, "t") == "t" and len(reads) == 4
+    assert p.base_loads == 1
+
+
+def test_settings_object_and_keywords_give_the_same_image(preview: Previewer) -> None:
+    settings = GenerateSettings(seed=3, steps=2, guidance=5.0, sampler="euler")
+    image = preview.generate(PROMPT, settings, adapter="a", scale=0.6)
+    assert np.array_equal(pixels(image), pixels(preview.generate(
+        PROMPT, adapter="a", scale=0.6, seed=3, steps=2, guidance=5.0, sampler="euler")))
+    # keywords change single fields of a settings object
+    assert np.array_equal(pixels(preview.generate(PROMPT, settings, adapter="a", scale=0.6, seed=4)),
+                          pixels(preview.generate(PROMPT, settings.replace(seed=4), adapter="a", scale=0.6)))
+    fields = images.parse_parameters(image.info["parameters"])
+    assert (fields["Seed"], fields["Steps"], fields["CFG scale"], fields["Sampler"]) == ("3", "2", "5", "Euler")
+    resolved = preview.resolve(settings)
+    assert (resolved.width, resolved.height, resolved.sampler) == (64, 64, "euler")
+    with pytest.raises(ConfigError, match="seed: must be >= 0, got -1"):
+        preview.generate(PROMPT, settings, adapter="a", seed=-1)
 
 
 def test_base_image_and_text_embeddings_are_computed_once(preview: Previewer,

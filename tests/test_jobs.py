@@ -10,7 +10,7 @@ import pytest
 from conftest import make_dataset, tiny_config
 from stylelora import events
 from stylelora.config import Config
-from stylelora.errors import ConfigError, DataError
+from stylelora.errors import ConfigError, DataError, FormatError
 from stylelora.jobs import Busy, TrainingJob
 from stylelora.workspace import Workspace
 
@@ -101,3 +101,68 @@ def test_workspace_keeps_runs_and_datasets_inside(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="only works with files under"):
         ws.dataset("datasets/link")
     assert [r.name for r in ws.runs()] == ["cats"]
+
+
+def _fake_run(ws: Workspace, name: str, *, adapters: bool = True, steps: tuple[int, ...] = ()) -> Path:
+    """A run folder laid out as training leaves it (file contents do not matter to the workspace)."""
+    run = ws.outputs / name
+    run.mkdir(parents=True)
+    (run / "config.toml").write_text("")
+    if adapters:
+        (run / f"{name}.safetensors").write_bytes(b"kohya")
+        (run / "diffusers").mkdir()
+        (run / "diffusers" / "pytorch_lora_weights.safetensors").write_bytes(b"diffusers")
+    for step in steps:
+        folder = run / "checkpoints" / f"step-{step:06d}"
+        folder.mkdir(parents=True)
+        (folder / "state.json").write_text("{}")
+        (folder / "lora.safetensors").write_bytes(b"lora")
+    return run
+
+
+def test_run_of_finds_the_run_a_path_belongs_to(tmp_path: Path) -> None:
+    ws = Workspace(tmp_path)
+    run = _fake_run(ws, "cats", steps=(2, 4))
+    (run / "exports").mkdir()
+    for path in [run, run / "cats.safetensors", "outputs/cats/diffusers/pytorch_lora_weights.safetensors",
+                 run / "checkpoints" / "step-000002" / "lora.safetensors", run / "exports",
+                 ws.outputs / "elsewhere" / ".." / "cats"]:
+        found = ws.run_of(path)
+        assert found is not None and found.path == run, path
+    assert found.adapters == [run / "cats.safetensors", run / "diffusers" / "pytorch_lora_weights.safetensors"]
+    assert found.checkpoints == [run / "checkpoints" / f"step-{s:06d}" / "lora.safetensors" for s in (2, 4)]
+    (ws.outputs / "loose").mkdir()
+    (ws.outputs / "loose" / "x.safetensors").write_bytes(b"")
+    for path in [ws.outputs, ws.outputs / "loose" / "x.safetensors", ws.datasets, "/etc/passwd", tmp_path]:
+        assert ws.run_of(path) is None, path
+
+
+def test_export_and_merge_targets_lie_inside_the_run(tmp_path: Path) -> None:
+    ws = Workspace(tmp_path)
+    run = _fake_run(ws, "cats")
+    exports = run / "exports"
+    # a run folder merges its kohya file
+    assert ws.merge_target("outputs/cats", 0.8) == (run / "cats.safetensors", run / "merged-0.8")
+    diffusers = run / "diffusers" / "pytorch_lora_weights.safetensors"
+    assert ws.merge_target(diffusers, 1) == (diffusers, run / "merged-1")
+    assert ws.export_target("outputs/cats", "kohya", "fp16") == exports / "cats-fp16.safetensors"
+    assert ws.export_target(run, "diffusers", "bf16") == exports / "diffusers-bf16"
+    # a file of the run is exported under its own name; one deeper in the run under the run's name
+    (run / "cats-old.safetensors").write_bytes(b"")
+    assert ws.export_target(run / "cats-old.safetensors", "kohya", "fp32") == exports / "cats-old-fp32.safetensors"
+    assert (ws.export_target(run / "diffusers" / "pytorch_lora_weights.safetensors", "kohya", "fp16")
+            == exports / "cats-fp16.safetensors")
+    # an adapter outside any run: next to it
+    (ws.outputs / "loose").mkdir()
+    (ws.outputs / "loose" / "x.safetensors").write_bytes(b"")
+    assert (ws.export_target("outputs/loose/x.safetensors", "kohya", "fp16")
+            == ws.outputs / "loose" / "exports" / "x-fp16.safetensors")
+
+    _fake_run(ws, "empty", adapters=False)
+    with pytest.raises(FormatError, match="outputs/empty: no adapter in this run yet"):
+        ws.merge_target("outputs/empty", 1.0)
+    for bad in ["/etc/passwd", "datasets", "outputs/../../x"]:
+        with pytest.raises(ConfigError, match="only works with files under"):
+            ws.export_target(bad, "kohya", "fp16")
+        with pytest.raises(ConfigError, match="only works with files under"):
+            ws.merge_target(bad, 1.0)

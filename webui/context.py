@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
-import importlib
+import functools
+import inspect
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import gradio as gr
 
+from stylelora.collect import list_datasets
 from stylelora.errors import StyleloraError
+from stylelora.generate import Previewer
 from stylelora.jobs import TrainingJob
 from stylelora.workspace import Workspace
 
 PRESETS = Path(__file__).resolve().parent.parent / "presets"
+Handler = TypeVar("Handler", bound=Callable[..., Any])
 
 
 @dataclass
@@ -22,14 +27,10 @@ class Context:
     workspace: Workspace
     job: TrainingJob = field(default_factory=TrainingJob)
     presets: Path = PRESETS
-    _preview_lock: threading.Lock = field(default_factory=threading.Lock)
-    _previewer: Any = None
-    _previewer_model: str = ""
-    attached: dict[int, dict[tuple[str, int], str]] = field(default_factory=dict)  # previewer -> file -> name
+    preview_lock: threading.Lock = field(default_factory=threading.Lock)  # one render at a time, one model
+    _previewer: Previewer | None = None
 
     def dataset_choices(self) -> list[str]:
-        from stylelora.collect import list_datasets
-
         return [self.workspace.display(self.workspace.datasets / n) for n in list_datasets(self.workspace.datasets)]
 
     def preset_names(self) -> list[str]:
@@ -41,20 +42,12 @@ class Context:
     def run_choices(self) -> list[str]:
         return [self.workspace.display(r.path) for r in self.workspace.runs()]
 
-    def previewer(self, model: str) -> Any:
+    def previewer(self, model: str) -> Previewer:
         """The Previewer of ``model``, loaded once and kept while the same model is asked for."""
-        Previewer = library("stylelora.generate", "Previewer")  # noqa: N806
-
-        if self._previewer is None or self._previewer_model != model:
+        if self._previewer is None or self._previewer.model_name != model:
             self._previewer = None  # let the old pipeline go before loading the next
-            self.attached.clear()
             self._previewer = Previewer(model)
-            self._previewer_model = model
         return self._previewer
-
-    @property
-    def preview_lock(self) -> threading.Lock:
-        return self._preview_lock
 
 
 def user_error(e: Exception) -> gr.Error:
@@ -64,16 +57,33 @@ def user_error(e: Exception) -> gr.Error:
     return gr.Error(_no_markup(f"{type(e).__name__}: {e}"))
 
 
+def user_errors(handler: Handler) -> Handler:
+    """An event handler whose library errors (StyleloraError) reach the page as one plain message.
+
+    Works for plain and generator handlers (Gradio streams the latter); the signature is kept, so
+    Gradio still sees special parameters such as ``gr.SelectData``.
+    """
+    if inspect.isgeneratorfunction(handler):
+        @functools.wraps(handler)
+        def stream(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return (yield from handler(*args, **kwargs))
+            except StyleloraError as e:
+                raise user_error(e) from None
+
+        return stream  # type: ignore[return-value]
+
+    @functools.wraps(handler)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return handler(*args, **kwargs)
+        except StyleloraError as e:
+            raise user_error(e) from None
+
+    return call  # type: ignore[return-value]
+
+
 def _no_markup(text: str) -> str:
     """Gradio shows error messages as HTML, and they can quote names the user chose: no tags may get
     through. Only ``&`` and ``<`` are escaped, so ``must be >= 1`` reads the same in the browser and API."""
     return text.replace("&", "&amp;").replace("<", "&lt;")
-
-
-def library(module: str, name: str) -> Any:
-    """``module.name`` of the library, imported when first used; a clear message if this version lacks it."""
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError):
-        raise gr.Error(f"this version of stylelora has no {module}.{name}; update stylelora to use it",
-                       print_exception=False) from None

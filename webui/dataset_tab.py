@@ -7,10 +7,10 @@ from typing import Any
 
 import gradio as gr
 
-from stylelora import collect
-from stylelora.errors import StyleloraError
+from stylelora import collect, doctor
+from stylelora.config import DataConfig
 
-from .context import Context, library, user_error
+from .context import Context, user_errors
 
 ACCEPTED = list(collect.UPLOAD_SUFFIXES)
 
@@ -19,10 +19,7 @@ def build(ctx: Context) -> dict[str, Any]:
     ws = ctx.workspace
 
     def folder(name: str) -> Path:
-        try:
-            path = collect.dataset_folder(ws.datasets, name)
-        except StyleloraError as e:
-            raise user_error(e) from None
+        path = collect.dataset_folder(ws.datasets, name)
         if not path.is_dir():
             raise gr.Error(f"dataset '{name}' does not exist; create it first", print_exception=False)
         return path
@@ -31,6 +28,7 @@ def build(ctx: Context) -> dict[str, Any]:
         """The dataset list as it is now on disk (on page load: others may have added datasets)."""
         return gr.update(choices=names(), value=name if name in names() else None)
 
+    @user_errors
     def gallery(name: str) -> list[tuple[str, str]]:
         if not name:
             return []
@@ -39,14 +37,13 @@ def build(ctx: Context) -> dict[str, Any]:
     def names() -> list[str]:
         return collect.list_datasets(ws.datasets)
 
+    @user_errors
     def create(name: str):
-        try:
-            made = collect.create_dataset(ws.datasets, name)
-        except StyleloraError as e:
-            raise user_error(e) from None
+        made = collect.create_dataset(ws.datasets, name)
         return (gr.update(choices=names(), value=made.name), f"dataset folder: `{ws.display(made)}`",
                 gallery(made.name), gr.update(choices=ctx.dataset_choices()))
 
+    @user_errors
     def upload(name: str, files: list[str] | None):
         if not files:
             raise gr.Error("choose images, captions or a zip to upload first", print_exception=False)
@@ -54,6 +51,7 @@ def build(ctx: Context) -> dict[str, Any]:
         report = collect.add_files(target, [(f, Path(f).name) for f in files])
         return report.to_text(), gallery(name)
 
+    @user_errors
     def select(name: str, evt: gr.SelectData):
         items = collect.images(folder(name))
         if evt.index is None or evt.index >= len(items):
@@ -61,29 +59,21 @@ def build(ctx: Context) -> dict[str, Any]:
         image, caption = items[evt.index]
         return image.name, caption
 
+    @user_errors
     def save_caption(name: str, image: str, caption: str):
         if not image:
             raise gr.Error("click an image in the gallery first", print_exception=False)
-        try:
-            collect.save_caption(folder(name), image, caption)
-        except StyleloraError as e:
-            raise user_error(e) from None
+        collect.save_caption(folder(name), image, caption)
         return f"saved the caption of {image}", gallery(name)
 
+    @user_errors
     def trigger(name: str, word: str):
-        try:
-            changed = collect.add_trigger_word(folder(name), word)
-        except StyleloraError as e:
-            raise user_error(e) from None
+        changed = collect.add_trigger_word(folder(name), word)
         return f"added '{word.strip()}' to {changed} caption(s)", gallery(name)
 
+    @user_errors
     def check(name: str, resolution: float):
-        check_dataset = library("stylelora.doctor", "check_dataset")
-
-        try:
-            report = check_dataset(folder(name), resolution=int(resolution or 512))
-        except StyleloraError as e:
-            raise user_error(e) from None
+        report = doctor.check_dataset(folder(name), resolution=int(resolution or DataConfig.resolution))
         rows = [[ws.display(f.path), f.level, f.problem, f.action] for f in report.findings]
         verdict = "ready to train" if report.can_train else "not ready to train"
         return f"**{verdict}**: {len(report.usable)} usable image(s)", rows, report.to_text()
@@ -110,7 +100,7 @@ def build(ctx: Context) -> dict[str, Any]:
             trigger_word = gr.Textbox(label="Trigger word", info="Put in front of every caption", scale=3)
             trigger_btn = gr.Button("Add to every caption", scale=1)
         with gr.Row():
-            check_res = gr.Number(512, label="Training resolution", precision=0, scale=1)
+            check_res = gr.Number(DataConfig.resolution, label="Training resolution", precision=0, scale=1)
             check_btn = gr.Button("Check the dataset", scale=1)
         report = gr.Markdown()
         findings = gr.Dataframe(headers=["file", "level", "problem", "what to do"], interactive=False, wrap=True)

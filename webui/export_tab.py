@@ -7,10 +7,11 @@ from typing import Any
 
 import gradio as gr
 
-from stylelora.errors import StyleloraError
+from stylelora.convert import export as export_adapter
 from stylelora.formats import DIFFUSERS_WEIGHT_NAME
+from stylelora.merge import merge as merge_adapter
 
-from .context import Context, library, user_error
+from .context import Context, user_errors
 
 FORMATS = [("kohya (AUTOMATIC1111, ComfyUI)", "kohya"), ("diffusers (pipe.load_lora_weights)", "diffusers")]
 
@@ -18,54 +19,26 @@ FORMATS = [("kohya (AUTOMATIC1111, ComfyUI)", "kohya"), ("diffusers (pipe.load_l
 def build(ctx: Context) -> dict[str, Any]:
     ws = ctx.workspace
 
-    def source_path(choice: str | None) -> Path:
+    def picked(choice: str | None) -> str:
         if not choice:
             raise gr.Error("pick a run or an adapter to export (train one first)", print_exception=False)
-        try:
-            return ws.inside(choice, [ws.outputs])
-        except StyleloraError as e:
-            raise user_error(e) from None
+        return choice
 
-    def run_folder(source: Path) -> Path:
-        """The run a source belongs to (exports are written inside it)."""
-        for run in ws.runs():
-            if source == run.path or source.is_relative_to(run.path):
-                return run.path
-        return source.parent
-
+    @user_errors
     def export(choice: str | None, fmt: str, precision: str):
-        export_adapter = library("stylelora.convert", "export")
-
-        source = source_path(choice)
-        run = run_folder(source)
-        stem = source.stem if source.is_file() and source.parent == run else run.name
-        out = run / "exports" / (f"{stem}-{precision}.safetensors" if fmt == "kohya" else f"diffusers-{precision}")
-        try:
-            report = export_adapter(source, fmt, out, precision=precision)
-        except StyleloraError as e:
-            raise user_error(e) from None
+        source = picked(choice)
+        report = export_adapter(ws.inside(source, [ws.outputs]), fmt, ws.export_target(source, fmt, precision),
+                                precision=precision)
         path = Path(report.path)
         download = path if path.is_file() else path / DIFFUSERS_WEIGHT_NAME
         verdict = "verified: reloaded and compared every tensor" if report.verified else "NOT verified"
         text = f"**{verdict}**\n\n`{ws.display(path)}` — {report.num_tensors} tensors\n\n{report.summary}"
         return text, str(download) if download.is_file() else None
 
+    @user_errors
     def merge(model: str, choice: str | None, scale: float):
-        merge_adapter = library("stylelora.merge", "merge")
-
-        source = source_path(choice)
-        run = run_folder(source)
-        if source.is_dir():  # a run folder: merge its adapter (the kohya file comes first)
-            adapters = next((r.adapters for r in ws.runs() if r.path == source), [])
-            if not adapters:
-                raise gr.Error(f"{ws.display(source)}: no adapter in this run yet; train it first",
-                               print_exception=False)
-            source = adapters[0]
-        out = run / f"merged-{float(scale):g}"
-        try:
-            path = merge_adapter(model or "builtin:tiny", source, float(scale), out)
-        except StyleloraError as e:
-            raise user_error(e) from None
+        adapter, out = ws.merge_target(picked(choice), float(scale))
+        path = merge_adapter(model or "builtin:tiny", adapter, float(scale), out)
         return f"merged model written to `{ws.display(path)}`"
 
     def refresh(current: str | None):

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import gradio as gr
 
-from stylelora.config import Config, all_fields, field_type
+from stylelora.config import Config, GenerateSettings, all_fields, field_type
 from stylelora.errors import ConfigError
 
 BASIC_ROWS = [["model.name", "data.path"], ["train.steps", "lora.rank", "train.lr", "data.resolution"],
@@ -131,3 +131,41 @@ class ConfigForm:
 
     def values(self, config: Config) -> list[Any]:
         return [to_widget_value(d, config.get(d)) for d in self.names]
+
+
+# --- generation settings (the Preview tab) ------------------------------------------------------
+
+
+def _settings_type(name: str) -> Any:
+    return _base_type(typing.get_type_hints(GenerateSettings)[name])[0]
+
+
+def settings_widget(start: GenerateSettings, name: str, *, slider_max: float | None = None,
+                    **ui: Any) -> gr.components.Component:
+    """The widget of one GenerateSettings field showing its value in ``start``, labelled with the field's
+    name and its help text under it. A number is a box, or with ``slider_max`` a slider from the field's
+    lower bound; ``ui`` goes to the widget (``scale=2``)."""
+    meta = GenerateSettings.__dataclass_fields__[name].metadata
+    tp = _settings_type(name)
+    common: dict[str, Any] = {"label": name.replace("_", " ").capitalize(), "info": meta["help"], **ui}
+    value = getattr(start, name)
+    if tp in (int, float) and slider_max is not None:
+        low = meta.get("ge") if meta.get("ge") is not None else 0
+        return gr.Slider(minimum=low, maximum=slider_max, value=value, step=1 if tp is int else 0.1, **common)
+    if tp in (int, float):
+        return gr.Number(value=value, precision=0 if tp is int else None, **common)
+    return gr.Textbox(value=value or "", **common)
+
+
+def settings_from_widgets(names: list[str], values: list[Any]) -> GenerateSettings:
+    """The GenerateSettings that the widgets of ``names`` show (checked: ConfigError names the field);
+    an emptied number box means the field's default."""
+    changes: dict[str, Any] = {}
+    for name, value in zip(names, values, strict=True):
+        tp = _settings_type(name)
+        if value is None or (value == "" and tp is not str):
+            continue
+        if tp is int and isinstance(value, float) and value.is_integer():
+            value = int(value)
+        changes[name] = value
+    return GenerateSettings(**changes)

@@ -8,12 +8,16 @@ from typing import Any
 
 import gradio as gr
 
-from stylelora.config import Config
+from stylelora.config import Config, GenerateSettings
 from stylelora.errors import StyleloraError
 
-from .context import Context, user_error
+from .context import Context, user_errors
+from .form import settings_from_widgets, settings_widget
 
 DEFAULT_PROMPT = "a small house, flat style"
+SETTINGS = ["negative_prompt", "seed", "steps"]  # the GenerateSettings fields the tab shows, in API order
+START = GenerateSettings(steps=8)  # what the widgets show first: a preview in seconds on a CPU
+STEPS_SLIDER_MAX = 100
 
 
 def parse_scales(text: str) -> list[float]:
@@ -36,58 +40,45 @@ def build(ctx: Context) -> dict[str, Any]:
             return str(upload)
         if not choice:
             raise gr.Error("pick an adapter (train one first) or upload an adapter file", print_exception=False)
-        try:
-            return str(ws.inside(choice, [ws.outputs]))
-        except StyleloraError as e:
-            raise user_error(e) from None
-
-    def options(steps: float, seed: float, negative: str) -> dict[str, Any]:
-        return {"negative_prompt": negative or "", "seed": int(seed or 0), "steps": max(1, int(steps or 1))}
+        return str(ws.inside(choice, [ws.outputs]))
 
     def attached(model: str, path: str) -> tuple[Any, str]:
-        """The model's previewer with ``path`` attached (re-attached only when the file changed)."""
+        """The model's previewer with ``path`` attached (the previewer re-reads it only when it changed)."""
         previewer = ctx.previewer(model or "builtin:tiny")
-        key = (str(path), Path(path).stat().st_mtime_ns if Path(path).exists() else 0)
-        known = ctx.attached.setdefault(id(previewer), {})
-        if key not in known:
-            known[key] = previewer.attach(path, name=f"{Path(path).parent.name}/{Path(path).stem}")
-        return previewer, known[key]
+        return previewer, previewer.attach(path, name=f"{Path(path).parent.name}/{Path(path).stem}")
 
+    # The handlers take the SETTINGS widgets' values as (negative, seed, steps): Gradio names the API's
+    # parameters after them.
+    @user_errors
     def preview(model: str, adapter: str | None, upload: str | None, prompt: str, negative: str,
                 seed: float, steps: float, strength: float):
         """(base image, LoRA image) at one seed; the previewer caches the base image, so moving the
         strength only renders the LoRA side."""
+        settings = settings_from_widgets(SETTINGS, [negative, seed, steps])
         path = adapter_path(adapter, upload)
-        try:
-            with ctx.preview_lock:
-                previewer, name = attached(model, path)
-                return previewer.compare(prompt, adapter=name, scale=float(strength), **options(steps, seed, negative))
-        except StyleloraError as e:
-            raise user_error(e) from None
+        with ctx.preview_lock:
+            previewer, name = attached(model, path)
+            return previewer.compare(prompt, settings, adapter=name, scale=float(strength))
 
+    @user_errors
     def sweep(model: str, adapter: str | None, upload: str | None, prompt: str, negative: str,
               seed: float, steps: float, scales: str):
+        settings = settings_from_widgets(SETTINGS, [negative, seed, steps])
         path = adapter_path(adapter, upload)
-        try:
-            with ctx.preview_lock:
-                previewer, name = attached(model, path)
-                return previewer.sweep(prompt, parse_scales(scales), adapter=name, **options(steps, seed, negative))
-        except StyleloraError as e:
-            raise user_error(e) from None
+        with ctx.preview_lock:
+            previewer, name = attached(model, path)
+            return previewer.sweep(prompt, parse_scales(scales), settings, adapter=name)
 
+    @user_errors
     def grid(model: str, adapter: str | None, prompt: str, negative: str, seed: float, steps: float, scales: str):
         """The checkpoints and final adapter of the picked adapter's run (rows) x strengths (columns)."""
-        path = Path(adapter_path(adapter, None))
-        run = next((r for r in ws.runs() if path.is_relative_to(r.path)), None)
+        settings = settings_from_widgets(SETTINGS, [negative, seed, steps])
+        run = ws.run_of(adapter_path(adapter, None))
         if run is None:
             raise gr.Error("pick an adapter of a run under outputs/ for the checkpoint grid", print_exception=False)
-        try:
-            with ctx.preview_lock:
-                previewer = ctx.previewer(model or "builtin:tiny")
-                names = previewer.attach_run(run.path)
-                return previewer.grid(prompt, names, parse_scales(scales), **options(steps, seed, negative))
-        except StyleloraError as e:
-            raise user_error(e) from None
+        with ctx.preview_lock:
+            previewer = ctx.previewer(model or "builtin:tiny")
+            return previewer.grid(prompt, previewer.attach_run(run.path), parse_scales(scales), settings)
 
     def refresh(current: str | None):
         """The adapters on disk now (newest run first); keeps the pick if it is still there."""
@@ -97,15 +88,11 @@ def build(ctx: Context) -> dict[str, Any]:
     def model_of(choice: str | None, current: str):
         """Picking a run's adapter picks the base model it was trained on."""
         try:
-            path = ws.inside(choice or "", [ws.outputs])
+            run = ws.run_of(ws.inside(choice or "", [ws.outputs]))
+            name = Config.load(run.path / "config.toml").model.name if run else None
         except StyleloraError:
-            return gr.update()
-        run = next((r for r in ws.runs() if path.is_relative_to(r.path)), None)
-        if run is None:
-            return gr.update()
-        try:
-            name = Config.load(run.path / "config.toml").model.name
-        except StyleloraError:
+            name = None
+        if name is None:
             return gr.update()
         return gr.update(value=name, choices=sorted({"builtin:tiny", name, current or "builtin:tiny"}))
 
@@ -119,10 +106,10 @@ def build(ctx: Context) -> dict[str, Any]:
             refresh_btn = gr.Button("Refresh list", scale=0)
         with gr.Row():
             prompt = gr.Textbox(DEFAULT_PROMPT, label="Prompt", scale=3)
-            negative = gr.Textbox("", label="Negative prompt", scale=2)
+            shown = {"negative_prompt": settings_widget(START, "negative_prompt", scale=2)}
         with gr.Row():
-            seed = gr.Number(0, label="Seed", precision=0)
-            steps = gr.Slider(1, 100, value=8, step=1, label="Steps")
+            shown["seed"] = settings_widget(START, "seed")
+            shown["steps"] = settings_widget(START, "steps", slider_max=STEPS_SLIDER_MAX)
             strength = gr.Slider(-1, 2, value=1, step=0.05, label="Strength", elem_id="strength",
                                  info="0 is the base model; regenerates when you let go")
         generate_btn = gr.Button("Generate", variant="primary", elem_id="generate")
@@ -135,11 +122,12 @@ def build(ctx: Context) -> dict[str, Any]:
             grid_btn = gr.Button("Checkpoint × strength grid")
         sweep_image = gr.Image(label="Sweep / grid", type="pil", format="png")
 
-    inputs = [model, adapter, upload, prompt, negative, seed, steps]
+    settings = [shown[name] for name in SETTINGS]
+    inputs = [model, adapter, upload, prompt, *settings]
     generate_btn.click(preview, [*inputs, strength], [base_image, lora_image], api_name="preview")
     strength.release(preview, [*inputs, strength], [base_image, lora_image], api_name=False)
     sweep_btn.click(sweep, [*inputs, scales], sweep_image, api_name="sweep")
-    grid_btn.click(grid, [model, adapter, prompt, negative, seed, steps, scales], sweep_image, api_name="grid")
+    grid_btn.click(grid, [model, adapter, prompt, *settings, scales], sweep_image, api_name="grid")
     refresh_btn.click(refresh, adapter, adapter, api_name=False)
     tab.select(refresh, adapter, adapter, api_name=False)
     adapter.change(model_of, [adapter, model], model, api_name=False)

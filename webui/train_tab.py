@@ -11,17 +11,16 @@ import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import gradio as gr
 import pandas as pd
 
 from stylelora import events
 from stylelora.config import Config
-from stylelora.errors import StyleloraError
 from stylelora.jobs import Snapshot
 
-from .context import Context, user_error
+from .context import Context, user_errors
 from .form import ConfigForm
 
 LOG_LINES = 300
@@ -52,52 +51,74 @@ def _log_line(e: events.Event) -> str | None:
     return None
 
 
-def render(snap: Snapshot) -> tuple[str, pd.DataFrame, list[tuple[str, str]], str]:
-    """(progress HTML, loss table, samples, log) of a job snapshot."""
-    progress = [e for e in snap.events if isinstance(e, events.Progress)]
-    last = progress[-1] if progress else None
-    started = next((e for e in snap.events if isinstance(e, events.Started)), None)
-    total = last.total_steps if last else (started.total_steps if started else 0)
-    step = last.step if last else (started.start_step if started else 0)
-    pct = 100.0 * step / total if total else 0.0
+E = TypeVar("E", bound=events.Event)
+
+
+def _first(snap: Snapshot, kind: type[E]) -> E | None:
+    return next((e for e in snap.events if isinstance(e, kind)), None)
+
+
+def _last(snap: Snapshot, kind: type[E]) -> E | None:
+    return next((e for e in reversed(snap.events) if isinstance(e, kind)), None)
+
+
+def _position(snap: Snapshot) -> tuple[int, int]:
+    """(step, total steps) of the job: from its last progress, else from its start, else (0, 0)."""
+    last, started = _last(snap, events.Progress), _first(snap, events.Started)
+    if last:
+        return last.step, last.total_steps
+    return (started.start_step, started.total_steps) if started else (0, 0)
+
+
+def _status_text(snap: Snapshot) -> str:
+    last = _last(snap, events.Progress)
     if snap.status == "idle":
         text = "no training yet: pick a preset or fill the form, then Start"
     elif last:
+        eta = _clock(last.eta_s) if snap.status == "running" else "0:00"
         text = (f"step {last.step}/{last.total_steps} · loss {last.loss:.4f} · {last.images_per_s:.2f} images/s · "
-                f"elapsed {_clock(last.elapsed_s)} · ETA {_clock(last.eta_s) if snap.status == 'running' else '0:00'}")
+                f"elapsed {_clock(last.elapsed_s)} · ETA {eta}")
     else:
         text = "loading the model and data…" if snap.status == "running" else ""
-    if snap.error:
-        text += f" — {snap.error}"
+    return text + (f" — {snap.error}" if snap.error else "")
+
+
+def _log(snap: Snapshot) -> list[str]:
+    """The last LOG_LINES lines of the run log."""
+    return [line for e in snap.events if (line := _log_line(e))][-LOG_LINES:]
+
+
+def render(snap: Snapshot) -> tuple[str, pd.DataFrame, list[tuple[str, str]], str]:
+    """(progress HTML, loss table, samples, log) of a job snapshot."""
+    step, total = _position(snap)
+    pct = 100.0 * step / total if total else 0.0
     progress_html = (
         f'<div id="train-progress" data-status="{snap.status}" data-step="{step}">'
         f'<div style="display:flex;justify-content:space-between"><b>{snap.status}</b>'
-        f'<span>{html.escape(text)}</span></div>'
+        f'<span>{html.escape(_status_text(snap))}</span></div>'
         f'<div style="background:var(--neutral-200,#ddd);border-radius:4px;height:12px;margin-top:4px">'
         f'<div style="width:{pct:.1f}%;height:12px;border-radius:4px;background:var(--color-accent,#f97316)">'
         f"</div></div></div>"
     )
+    progress = [e for e in snap.events if isinstance(e, events.Progress)]
     losses = pd.DataFrame({"step": [p.step for p in progress], "loss": [p.loss for p in progress]})
     samples = [(str(path), f"step {e.step}: {prompt}") for e in snap.events if isinstance(e, events.SampleSaved)
                for path, prompt in zip(e.paths, e.prompts, strict=False)]
-    lines = [line for e in snap.events if (line := _log_line(e))]
-    return progress_html, losses, samples[::-1], "\n".join(lines[-LOG_LINES:])
+    return progress_html, losses, samples[::-1], "\n".join(_log(snap))
 
 
 def summary(snap: Snapshot) -> dict[str, Any]:
     """The job as plain JSON (what the ``train_toml`` API streams)."""
-    last = next((e for e in reversed(snap.events) if isinstance(e, events.Progress)), None)
-    started = next((e for e in snap.events if isinstance(e, events.Started)), None)
-    finished = next((e for e in snap.events if isinstance(e, events.Finished)), None)
+    last, started, finished = _last(snap, events.Progress), _first(snap, events.Started), _first(snap, events.Finished)
     return {
         "status": snap.status,
         "step": last.step if last else 0,
-        "total_steps": last.total_steps if last else (started.total_steps if started else 0),
+        "total_steps": _position(snap)[1],
         "loss": last.loss if last else None,
         "output_dir": str(started.output_dir) if started else "",
         "adapters": [str(p) for p in finished.adapter_paths] if finished else [],
         "error": snap.error,
-        "log": [line for e in snap.events if (line := _log_line(e))][-LOG_LINES:],
+        "log": _log(snap),
     }
 
 
@@ -119,11 +140,7 @@ def build(ctx: Context) -> dict[str, Any]:
     ws = ctx.workspace
 
     def preset_config(name: str) -> Config:
-        path = ctx.presets / f"{Path(name).name}.toml"
-        try:
-            return Config.load(path)
-        except StyleloraError as e:
-            raise user_error(e) from None
+        return Config.load(ctx.presets / f"{Path(name).name}.toml")
 
     initial = preset_config(DEFAULT_PRESET) if DEFAULT_PRESET in ctx.preset_names() else Config()
     with gr.Tab("Train", id="train"):
@@ -143,12 +160,7 @@ def build(ctx: Context) -> dict[str, Any]:
             samples = gr.Gallery(label="Samples", columns=3, height=260)
         log = gr.Textbox(label="Run log", lines=8, max_lines=16, autoscroll=True, interactive=False)
 
-    def config_from_form(*values: Any) -> Config:
-        try:
-            return form.to_config(list(values))
-        except StyleloraError as e:
-            raise user_error(e) from None
-
+    @user_errors
     def load_preset(name: str) -> list[Any]:
         return _shown(preset_config(name))
 
@@ -158,38 +170,29 @@ def build(ctx: Context) -> dict[str, Any]:
         values[i] = ws.display(values[i]) if Path(values[i]).is_absolute() else values[i]
         return values
 
+    @user_errors
     def load_toml(path: str | None) -> list[Any]:
         if not path:
             return [gr.update() for _ in form.names]
-        try:
-            return _shown(Config.load(path))
-        except StyleloraError as e:
-            raise user_error(e) from None
+        return _shown(Config.load(path))
 
+    @user_errors
     def save_toml(*values: Any):
-        config = config_from_form(*values)
+        config = form.to_config(list(values))
         # Saved configs live in outputs/configs/ (the app writes nowhere else), named after the dataset.
         path = ws.outputs / "configs" / f"{Path(config.data.path).name or 'config'}.toml"
         config.save(path)
         return gr.update(value=str(path), visible=True)
 
-    def start(config: Config):
-        try:
-            run_id = ctx.job.start(ws.run_config(config))
-        except StyleloraError as e:
-            raise user_error(e) from None
+    @user_errors
+    def train(*values: Any):
+        run_id = ctx.job.start(ws.run_config(form.to_config(list(values))))
         yield from follow(ctx, run_id)
 
-    def train(*values: Any):
-        yield from start(config_from_form(*values))
-
+    @user_errors
     def train_toml(toml_text: str) -> Iterator[dict]:
         """Train the config given as TOML text; yields {status, step, total_steps, loss, output_dir, log}."""
-        try:
-            config = Config.from_toml(toml_text, "config")
-            run_id = ctx.job.start(ws.run_config(config))
-        except StyleloraError as e:
-            raise user_error(e) from None
+        run_id = ctx.job.start(ws.run_config(Config.from_toml(toml_text, "config")))
         for _ in follow(ctx, run_id):
             yield summary(ctx.job.snapshot())
 
