@@ -69,6 +69,16 @@ def test_clip_skip_2_trains_samples_and_is_recorded(tmp_path: Path) -> None:
     assert not np.array_equal(np.asarray(Image.open(img1)), np.asarray(Image.open(img2)))  # samples use it
     result = train(tiny_config(data, tmp_path / "run", **{"model.clip_skip": 2, "train.steps": 2}))
     assert metadata(result.adapter_paths[0])["ss_clip_skip"] == "2"
+    from stylelora.config import GenerateSettings
+    from stylelora.generate import Previewer
+
+    preview = Previewer("builtin:tiny")  # the preview encodes prompts as the adapter was trained
+    name = preview.attach(result.adapter_paths[0])
+    as_trained = preview.generate("a lighthouse", GenerateSettings(steps=2), adapter=name)
+    assert "Clip skip: 2" in as_trained.info["parameters"]
+    last_layer = preview.generate("a lighthouse", GenerateSettings(steps=2, clip_skip=1), adapter=name)
+    assert "Clip skip" not in last_layer.info["parameters"]
+    assert not np.array_equal(np.asarray(as_trained), np.asarray(last_layer))
     assert tomllib.loads((tmp_path / "run" / "config.toml").read_text())["model"]["clip_skip"] == 2
     with pytest.raises(Exception, match="model.clip_skip: 3 is more than"):
         train(tiny_config(data, tmp_path / "run3", **{"model.clip_skip": 3}))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from lycoris import kohya as lycoris
@@ -130,3 +131,17 @@ def test_lycoris_networks_have_no_diffusers_file(trained, tmp_path: Path) -> Non
                  "--model", "builtin:tiny", "--precision", "fp32")
     assert ok.returncode == 0, ok.stderr
     assert "LoHa" in ok.stdout or "LoKr" in ok.stdout
+
+
+def test_the_preview_renders_them_and_strength_0_is_the_base_image(trained) -> None:
+    from stylelora.config import GenerateSettings
+    from stylelora.generate import Previewer
+
+    _, paths, _ = trained
+    preview = Previewer("builtin:tiny")
+    name = preview.attach(paths[0])
+    settings = GenerateSettings(seed=3, steps=2)
+    base = np.asarray(preview.base("a lighthouse", settings))
+    assert np.array_equal(np.asarray(preview.generate("a lighthouse", settings, adapter=name, scale=0.0)), base)
+    styled = np.asarray(preview.generate("a lighthouse", settings, adapter=name, scale=1.0))
+    assert not np.array_equal(styled, base)
