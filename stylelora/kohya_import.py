@@ -696,6 +696,21 @@ def _subset(k: _Importer, subset: dict[str, Any], count: int, source: Path) -> N
         k.settings[key] = value  # the rest reads like the training config's keys, and wins over them
 
 
+CONFIG_SECTIONS = {"model", "data", "cache", "lora", "train", "sample", "export"}
+
+
+def is_kohya_file(path: str | Path) -> bool:
+    """Whether ``path`` is a kohya config (a kohya_ss JSON, an sd-scripts TOML) rather than a stylelora one."""
+    p = Path(path)
+    if p.suffix.lower() == ".json":
+        return True
+    try:
+        data = tomllib.loads(p.read_text(encoding="utf-8-sig"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return False  # Config.load says what is wrong with it
+    return not set(data) <= CONFIG_SECTIONS or not all(isinstance(v, dict) for v in data.values())
+
+
 def import_kohya(path: str | Path, dataset_config: str | Path | None = None) -> ImportReport:
     """Read a kohya_ss GUI JSON or sd-scripts TOML (and its dataset TOML) into a stylelora Config."""
     source = Path(path)
