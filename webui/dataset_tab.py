@@ -99,7 +99,11 @@ def build(ctx: Context) -> dict[str, Any]:
         values = [captioner, mode, prompt, batch_size, style_filter, style_words, threshold]
         root, chosen = folder(name), settings(values)
         report = autocaption.plan_captions(root, ctx.captioner(chosen.captioner), chosen, limit=PREVIEW_CAPTIONS)
-        note = f"preview of the first {len(report.changes)} caption(s); nothing was written"
+        if report.changes:
+            note = f"preview of the first {len(report.changes)} caption(s); nothing was written"
+        else:
+            note = (f"no image gets a new caption in mode '{chosen.mode}'; choose overwrite, prefix or suffix to "
+                    "caption images that have one")
         if report.unchanged:
             note += f" ({report.unchanged} image(s) keep their caption in mode '{chosen.mode}')"
         return note, caption_rows(root, report.changes)
