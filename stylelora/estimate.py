@@ -29,9 +29,10 @@ from .config import Config
 
 log = logging.getLogger(__name__)
 GiB = 2**30
-# Calibrated on builtin:small (SD1.5's layout) on a CPU with benchmarks/bench_estimate.py; see RESULTS.md.
-ACTIVATION_FACTOR = 1.0  # resident bytes per byte the backward pass keeps (allocator slack, gradients in flight)
-CPU_EFFICIENCY = 0.5  # a UNet step's FLOP/s over a large fp32 matmul's FLOP/s on the same CPU threads
+# Calibrated on builtin:small (SD1.5's layout) at 256 px on a CPU with benchmarks/bench_estimate.py and checked
+# at 384 px; the figures are in benchmarks/RESULTS.md.
+ACTIVATION_FACTOR = 2.0  # resident bytes per byte the backward pass keeps (gradients in flight, allocator slack)
+CPU_EFFICIENCY = 0.14  # a UNet training step's FLOP/s over a large fp32 matmul's FLOP/s on the same threads
 STEP_OVERHEAD_S = 0.02  # per step: data, optimizer, Python
 # the optimizer's bytes per trainable parameter besides the fp32 weight: gradient + state
 OPTIMIZER_STATE = {"adamw": 12, "adamw8bit": 6, "prodigy": 20, "adafactor": 8, "lion": 8, "came": 12,
@@ -170,21 +171,25 @@ def profile_step(model: Any, config: Config, batch_size: int | None = None, reso
 
 
 def matmul_flops_per_second(device: torch.device, seconds: float = 0.15) -> float:
-    """A large fp32 matmul's speed on ``device`` with torch's current threads (the best of short runs)."""
+    """A large fp32 matmul's speed on ``device`` with torch's current threads, as the machine would give it
+    with nobody else running: on a CPU counted in this process's CPU seconds (a busy machine slows the
+    wall clock, not the work), divided over torch's threads; on a GPU the best of short runs."""
     n = 1024 if device.type == "cpu" else 4096
     a = torch.rand(n, n, device=device, generator=torch.Generator(device).manual_seed(0))
     b = torch.rand(n, n, device=device, generator=torch.Generator(device).manual_seed(1))
+    clock = time.process_time if device.type == "cpu" else time.perf_counter
     best, spent = math.inf, 0.0
     while spent < seconds or best == math.inf:
         if device.type == "cuda":
             torch.cuda.synchronize()
-        start = time.perf_counter()
+        start = clock()
         a @ b
         if device.type == "cuda":
             torch.cuda.synchronize()
-        took = time.perf_counter() - start
+        took = max(clock() - start, 1e-6)
         best, spent = min(best, took), spent + took
-    return 2 * n**3 / best
+    threads = torch.get_num_threads() if device.type == "cpu" else 1
+    return 2 * n**3 / best * threads
 
 
 def resident_bytes() -> int:
