@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -57,29 +58,51 @@ def export_adapter(
 
 
 def render_samples(model: BaseModel, config: Config, out: Path, step: int) -> list[Path]:
+    """The sample prompts rendered with the pipeline (SDXL's with SDXL's), one PNG per prompt."""
     paths = []
-    unet_mode, te_mode = model.unet.training, model.text_encoder.training
-    model.unet.eval()
-    model.text_encoder.eval()
-    length, skip = config.data.max_token_length, config.model.clip_skip
-    with torch.no_grad():  # the prompts as training encodes captions: clip skip, 75-token chunks
-        negative = encode_captions(model.tokenizer, model.text_encoder, [config.sample.negative_prompt], length, skip)
+    networks = [model.unet, *model.text_encoders]
+    modes = [network.training for network in networks]
+    for network in networks:
+        network.eval()
     for i, prompt in enumerate(config.sample.prompts):
-        with torch.no_grad():
-            positive = encode_captions(model.tokenizer, model.text_encoder, [prompt], length, skip)
-        image = model.pipeline(
-            prompt_embeds=positive,
-            negative_prompt_embeds=negative,
-            num_inference_steps=config.sample.steps,
-            guidance_scale=config.sample.guidance,
-            height=config.data.resolution,
-            width=config.data.resolution,
-            generator=torch.Generator().manual_seed(config.sample.seed + i),
-        ).images[0]
+        image = _sample(model, config, prompt, torch.Generator().manual_seed(config.sample.seed + i))
         path = out / "samples" / f"step-{step:06d}-{i:02d}.png"
         with atomic_path(path) as tmp:
             image.save(tmp, format="PNG")
         paths.append(path)
-    model.unet.train(unet_mode)
-    model.text_encoder.train(te_mode)
+    for network, mode in zip(networks, modes, strict=True):
+        network.train(mode)
     return paths
+
+
+def _sample(model: BaseModel, config: Config, prompt: str, generator: torch.Generator) -> Any:
+    """One sample image. A VAE kept in fp32 beside an fp16 UNet (SDXL's) decodes the latents itself: the
+    pipeline would hand it fp16 latents."""
+    pipe, vae = model.pipeline, model.vae
+    own_decode = vae.dtype != model.unet.dtype
+    result = pipe(
+        **_prompts(model, config, prompt),
+        num_inference_steps=config.sample.steps,
+        guidance_scale=config.sample.guidance,
+        height=config.data.resolution,
+        width=config.data.resolution,
+        generator=generator,
+        output_type="latent" if own_decode else "pil",
+    ).images
+    if not own_decode:
+        return result[0]
+    with torch.no_grad():
+        pixels = vae.decode(result.to(vae.dtype) / vae.config.scaling_factor).sample
+    return pipe.image_processor.postprocess(pixels, output_type="pil")[0]
+
+
+def _prompts(model: BaseModel, config: Config, prompt: str) -> dict[str, Any]:
+    """The pipeline's prompt arguments: SD1/SD2 prompts encoded as training encodes captions (clip skip,
+    75-token chunks); SDXL's the pipeline encodes itself (SDXL already skips the last layer)."""
+    if model.kind == "sdxl":
+        return {"prompt": prompt, "negative_prompt": config.sample.negative_prompt or None}
+    length, skip = config.data.max_token_length, config.model.clip_skip
+    with torch.no_grad():
+        texts = {"prompt_embeds": prompt, "negative_prompt_embeds": config.sample.negative_prompt}
+        return {name: encode_captions(model.tokenizer, model.text_encoder, [text], length, skip)
+                for name, text in texts.items()}

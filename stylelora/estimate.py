@@ -121,6 +121,14 @@ def _meta_copy(model: Any) -> Any:
     return BaseModel(pipeline, model.name, model.kind)
 
 
+def _added_conditions(unet: Any, batch: int) -> dict[str, torch.Tensor] | None:
+    """SDXL's added conditioning (pooled text, six time ids) as meta tensors; None for SD1/SD2."""
+    if unet.config.get("addition_embed_type") != "text_time":
+        return None
+    pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+    return {"text_embeds": torch.zeros(batch, pooled, device="meta"), "time_ids": torch.zeros(batch, 6, device="meta")}
+
+
 def profile_step(model: Any, config: Config, batch_size: int | None = None, resolution: int | None = None,
                  gradient_checkpointing: bool | None = None) -> StepProfile:
     """Count one training step of ``config`` on ``model``'s architecture (the weights are not touched)."""
@@ -150,13 +158,15 @@ def profile_step(model: Any, config: Config, batch_size: int | None = None, reso
     tokens = chunks_for(config.data.max_token_length) * 77
     latents = torch.zeros(batch, meta.unet.config.in_channels, side, side, device="meta")
     counter = FlopCounterMode(display=False)
+    added = _added_conditions(meta.unet, batch)
     with counter, _cpu_attention(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        if config.lora.train_text_encoder:
+        if config.lora.train_text_encoder and added is None:
             ids = torch.zeros(batch, 77, dtype=torch.long, device="meta").repeat(1, tokens // 77)
             states = meta.text_encoder(ids.reshape(-1, 77))[0].reshape(batch, tokens, -1)
         else:
             states = torch.zeros(batch, tokens, meta.unet.config.cross_attention_dim, device="meta")
-        out = meta.unet(latents, torch.zeros(batch, dtype=torch.long, device="meta"), states).sample
+        out = meta.unet(latents, torch.zeros(batch, dtype=torch.long, device="meta"), states,
+                        added_cond_kwargs=added).sample
         out.float().square().mean().backward()
     flops = counter.get_total_flops()
     pixels = torch.zeros(batch, 3, side * model.pipeline.vae_scale_factor, side * model.pipeline.vae_scale_factor,
@@ -338,7 +348,7 @@ def emit_estimate(model: Any, config: Config, device: torch.device, steps: int, 
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             result = estimate(model, config, device, steps, num_images)
-    except (RuntimeError, ValueError, TypeError, NotImplementedError) as e:  # an architecture meta tensors miss
+    except (RuntimeError, ValueError, TypeError, AttributeError, NotImplementedError) as e:  # meta tensors miss it
         log.warning("no memory and time estimate for this run (%s: %s)", type(e).__name__, e)
         return None
     on_event(events.Estimated(result.summary(), result.fits, result.peak_bytes, result.step_seconds,

@@ -27,7 +27,7 @@ LAYERS: list[tuple[str, list[tuple[str, ...]]]] = [
               ("dataset", "cache", "images"), ("captions",)]),
     ("model", [("failures", "validation", "estimate"), ("checkpoint", "optim", "trackers"),
                ("models", "losses", "samplers", "ema", "text")]),
-    ("base", [("events", "metrics"), ("config",), ("fileio",), ("errors",)]),
+    ("base", [("events", "metrics"), ("config",), ("blocks",), ("fileio",), ("errors",)]),
 ]
 SHELLS = ("app", "webui")  # first-party code outside the library: the Gradio app
 
