@@ -53,7 +53,8 @@ def export_adapter(
                                 config.export.precision))
     # diffusers loads LoRA only (LoHa and LoKr live in the LyCORIS layout); an epoch gets one file
     if adapter.network == "lora" and (epoch is None or adapter.is_dora):
-        paths.append(save_diffusers(out / f"diffusers{suffix}", adapter, layout, config.export.precision))
+        paths.append(save_diffusers(out / f"diffusers{suffix}", adapter, layout, config.export.precision,
+                                    bake_alpha=config.export.bake_alpha))
     return paths
 
 

@@ -1,5 +1,8 @@
-"""LoHa and LoKr: trained through peft, written in LyCORIS' layout, and read by LyCORIS' own loader
-(lycoris-lora) with every key matched and the same weights as ours; strength 0 is the base model."""
+"""A second, independent kohya loader: LyCORIS (lycoris-lora) builds its network from stylelora's kohya
+file by matching each key's name to a module of the model, as sd-scripts and A1111's extension do.
+LoRA and LoCon: every key matched, merged weights equal ours. LoHa and LoKr (trained through peft,
+written in LyCORIS' layout): every key matched, the same weights and merged weights as ours, and
+strength 0 is the base model."""
 
 from __future__ import annotations
 
@@ -9,23 +12,62 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from lycoris import kohya as lycoris
+from lycoris.kohya import LycorisNetworkKohya, create_network_from_weights
+from peft.tuners.lycoris_utils import LycorisLayer
 from safetensors import safe_open
+from safetensors.torch import load_file
 
-from conftest import make_dataset, run_cli, tiny_config
-from stylelora.formats import load_adapter
+from conftest import assert_fused_delta, make_adapter, make_dataset, run_cli, tiny_config, weights
+from stylelora.formats import load_adapter, save_kohya
 from stylelora.merge import merge
 from stylelora.models import ADAPTER_NAME, load_base_model
 from stylelora.train import train
 
 
-class CLIPNames(torch.nn.Module):
-    """The text encoder under the module names the exchange formats use (``text_model.encoder...``):
-    transformers 5 dropped the ``text_model`` level, A1111 and LyCORIS name modules with it."""
+@pytest.fixture(autouse=True)
+def sd_targets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """LyCORIS 4 also lists the "TimestepEmbedding" class (for Anima) beside the name time_embedding.linear_1,
+    so building its default network on an SD UNet asserts "duplicated lora name". Its SD targets
+    (sd-scripts' list) avoid that; they do not change how a file's keys are matched."""
+    monkeypatch.setattr(LycorisNetworkKohya, "UNET_TARGET_REPLACE_MODULE",
+                        ["Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D"])
 
-    def __init__(self, text_encoder: torch.nn.Module):
-        super().__init__()
-        self.text_model = text_encoder
+
+def text_encoder_as_kohya_sees_it(text_encoder: torch.nn.Module) -> torch.nn.Module:
+    """sd-scripts, A1111 and ComfyUI walk CLIP with its modules under ``text_model.`` (transformers 4's
+    layout). transformers 5 flattened CLIPTextModel, so there LyCORIS gets the same modules under that name."""
+    if any(name.startswith("text_model.") for name, _ in text_encoder.named_modules()):
+        return text_encoder
+    holder = torch.nn.Module()
+    holder.text_model = text_encoder
+    return holder
+
+
+@pytest.mark.parametrize("conv_rank", [0, 2], ids=["lora", "locon"])
+def test_lycoris_matches_every_key_to_a_module_and_merges_the_same_weights(tmp_path: Path, conv_rank: int) -> None:
+    adapter = make_adapter("tiny", rank=4, alpha=2.0, conv_rank=conv_rank, conv_alpha=3.0)
+    base = load_base_model("builtin:tiny")
+    path = save_kohya(tmp_path / "style.safetensors", adapter, base, precision="fp32")
+    tensors = load_file(path)
+    text_encoder = text_encoder_as_kohya_sees_it(base.text_encoder)
+
+    network, _ = create_network_from_weights(1.0, str(path), None, text_encoder, base.unet, weights_sd=tensors)
+    loras = network.unet_loras + network.text_encoder_loras
+    # every module named in the file was found in the model by name, and LyCORIS built a LoRA/LoCon for it
+    assert sorted(m.lora_name for m in loras) == sorted({k.split(".")[0] for k in tensors})
+    assert {type(m).__name__ for m in loras} == {"LoConModule"}
+    convs = [m for m in loras if tensors[f"{m.lora_name}.lora_down.weight"].dim() == 4
+             and tensors[f"{m.lora_name}.lora_down.weight"].shape[-1] == 3]
+    assert bool(convs) == bool(conv_rank)
+    for m in loras:  # shapes as the file has them (LyCORIS copies them in; a broadcastable misfit would pass)
+        assert m.lora_down.weight.shape == tensors[f"{m.lora_name}.lora_down.weight"].shape, m.lora_name
+        assert m.lora_up.weight.shape == tensors[f"{m.lora_name}.lora_up.weight"].shape, m.lora_name
+        assert float(m.alpha) == float(tensors[f"{m.lora_name}.alpha"]), m.lora_name
+
+    before = {part: weights(module) for part, module in base.parts()}
+    network.merge_to(text_encoder, base.unet, tensors, torch.float32, "cpu")
+    # LyCORIS's merged weights are ours: W + alpha/rank * up @ down in every adapted module, the rest untouched
+    assert_fused_delta(adapter, base, before)
 
 
 @pytest.fixture(scope="module", params=["loha", "lokr"])
@@ -41,19 +83,9 @@ def trained(request, tmp_path_factory):
 
 
 def lycoris_network(path: Path, base) -> tuple[object, dict]:
-    """LyCORIS' kohya loader on ``base``; its default preset is emptied first, so every module it builds
-    comes from the file (its preset also matches time_embedding twice on a diffusers UNet)."""
-    net = lycoris.LycorisNetworkKohya
-    saved = {k: getattr(net, k) for k in ("UNET_TARGET_REPLACE_MODULE", "UNET_TARGET_REPLACE_NAME",
-                                          "TEXT_ENCODER_TARGET_REPLACE_MODULE", "TEXT_ENCODER_TARGET_REPLACE_NAME")}
-    net.apply_preset({"unet_target_module": [], "unet_target_name": [], "text_encoder_target_module": [],
-                      "text_encoder_target_name": []})
-    try:
-        return lycoris.create_network_from_weights(1.0, str(path), base.vae, CLIPNames(base.text_encoder), base.unet,
-                                                   for_inference=True)
-    finally:
-        for key, value in saved.items():
-            setattr(net, key, value)
+    """LyCORIS' kohya loader on ``base``, building its modules from the file."""
+    return create_network_from_weights(1.0, str(path), base.vae, text_encoder_as_kohya_sees_it(base.text_encoder),
+                                       base.unet, for_inference=True)
 
 
 def test_only_a_lycoris_file_is_written_with_its_metadata(trained) -> None:
@@ -76,10 +108,8 @@ def test_lycoris_loads_every_key_and_builds_our_weights(trained) -> None:
     lyco, weights = lycoris_network(paths[0], base)
     names = {k.split(".")[0] for k in weights}
     loaded = {m.lora_name: m for m in lyco.unet_loras + lyco.text_encoder_loras}
-    assert set(loaded) == names and len(names) == 76  # 64 UNet modules (52 linear + 12 convs) + 12 TE
+    assert set(loaded) == names and len(names) == 91  # 79 UNet modules (48 attention, 31 where conv_dim reaches) + 12 TE
     ours = load_adapter(paths[0], base)
-    from peft.tuners.lycoris_utils import LycorisLayer
-
     compared = 0
     for part, module in model.parts():
         for path, layer in module.named_modules():
@@ -94,7 +124,7 @@ def test_lycoris_loads_every_key_and_builds_our_weights(trained) -> None:
             assert torch.allclose(ours.delta(part, path, shape), trained_delta, atol=1e-7, rtol=1e-5), name
             assert trained_delta.abs().max() > 0  # the steps moved it away from its zero start
             compared += 1
-    assert compared == 76
+    assert compared == 91
 
 
 def test_merged_weights_and_outputs_equal_lycoris_and_strength_0_is_the_base(trained, tmp_path: Path) -> None:
