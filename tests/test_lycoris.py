@@ -108,7 +108,7 @@ def test_lycoris_loads_every_key_and_builds_our_weights(trained) -> None:
     lyco, weights = lycoris_network(paths[0], base)
     names = {k.split(".")[0] for k in weights}
     loaded = {m.lora_name: m for m in lyco.unet_loras + lyco.text_encoder_loras}
-    assert set(loaded) == names and len(names) == 91  # 79 UNet modules (48 attention, 31 where conv_dim reaches) + 12 TE
+    assert set(loaded) == names and len(names) == 91  # UNet: 48 attention + 31 conv_dim modules; 12 TE
     ours = load_adapter(paths[0], base)
     compared = 0
     for part, module in model.parts():
