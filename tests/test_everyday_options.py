@@ -58,9 +58,9 @@ def test_clip_skip_2_trains_samples_and_is_recorded(tmp_path: Path) -> None:
     source2 = BatchSource(TrainingSet.from_config(two), two, model)
     b1, b2 = source1.next_batch(), source2.next_batch()
     assert b1.captions == b2.captions
-    assert (b1.encoder_states - b2.encoder_states).abs().max() > 1e-3  # different text states
+    assert (b1.text.states - b2.text.states).abs().max() > 1e-3  # different text states
     with torch.no_grad():
-        assert torch.equal(b2.encoder_states, encode(model.text_encoder, b2.input_ids, 2))
+        assert torch.equal(b2.text.states, encode(model.text_encoder, b2.input_ids[0], 2))
     sample = {"sample.prompts": ["a lighthouse"], "sample.steps": 2}
     img1 = render_samples(model, one.with_overrides(sample), tmp_path / "s1", 0)[0]
     img2 = render_samples(model, two.with_overrides(sample), tmp_path / "s2", 0)[0]
@@ -98,9 +98,10 @@ def test_a_200_token_caption_trains_whole_at_225(tmp_path: Path) -> None:
     assert not any("tokens" in f.problem for f in long.findings)
     config = tiny_config(data, tmp_path / "run", **{"data.max_token_length": 225, "train.steps": 2})
     batch = BatchSource(TrainingSet.from_config(config), config, model).next_batch()
-    assert batch.input_ids.shape == (1, 3, 77) and batch.encoder_states.shape == (1, 227, 32)
-    assert (batch.input_ids[:, :, 1:-1] != model.tokenizer.eos_token_id).sum() == 200  # every token is in
-    assert torch.equal(batch.input_ids, token_ids(model.tokenizer, batch.captions, 225))
+    [ids] = batch.input_ids  # SD1: one text encoder
+    assert ids.shape == (1, 3, 77) and batch.text.states.shape == (1, 227, 32)
+    assert (ids[:, :, 1:-1] != model.tokenizer.eos_token_id).sum() == 200  # every token is in
+    assert torch.equal(ids, token_ids(model.tokenizer, batch.captions, 225))
     result = train(config)
     assert result.steps == 2 and metadata(result.adapter_paths[0])["ss_max_token_length"] == "225"
 
