@@ -13,14 +13,28 @@ import torch
 from .config import Config
 from .errors import ConfigError, FormatError
 from .kohya_names import KohyaNames
-from .models import module_shapes
+from .models import ADAPTER_PARAM, LOCON_TARGETS, full_lokr_rank, module_shapes
 
 if TYPE_CHECKING:
     from .models import BaseModel
 
 
 def module_paths(state: dict[str, torch.Tensor]) -> list[str]:
-    return sorted({k.rsplit(".lora_", 1)[0] for k in state})
+    return sorted({k[: ADAPTER_PARAM.search(k).start()] for k in state})  # type: ignore[union-attr]
+
+
+NETWORK_NAMES = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr"}
+
+
+def network_of(state: dict[str, dict[str, torch.Tensor]]) -> str:
+    """"lora" (LoRA, LoCon, DoRA), "loha" or "lokr", from the weights' names."""
+    for sd in state.values():
+        for key in sd:
+            if ".hada_" in key:
+                return "loha"
+            if ".lokr_" in key:
+                return "lokr"
+    return "lora"
 
 
 def most_common(values: list[float]) -> float | None:
@@ -66,12 +80,30 @@ class Adapter:
     def modules(self, part: str) -> list[str]:
         return module_paths(self.state.get(part, {}))
 
+    @property
+    def network(self) -> str:
+        return network_of(self.state)
+
     def rank_of(self, part: str, path: str) -> int:
-        return int(self.state[part][f"{path}.lora_A.weight"].shape[0])
+        """LoRA's rank; LoHa's and a LoKr's inner dimension; for a LoKr module made of two full
+        matrices, the rank at which peft builds it that way (``full_lokr_rank``)."""
+        sd = self.state[part]
+        for key in ("lora_A.weight", "hada_w1_b", "lokr_w2_b", "lokr_w1_b"):
+            if f"{path}.{key}" in sd:
+                return int(sd[f"{path}.{key}"].shape[0])
+        return full_lokr_rank(sd[f"{path}.lokr_w2"])
+
+    def is_full_lokr(self, part: str, path: str) -> bool:
+        sd = self.state[part]
+        return f"{path}.lokr_w1" in sd and f"{path}.lokr_w2" in sd
 
     def is_kxk_conv(self, part: str, path: str) -> bool:
-        down = self.state[part][f"{path}.lora_A.weight"]
-        return down.dim() == 4 and down.shape[2] * down.shape[3] > 1
+        sd = self.state[part]
+        down = sd.get(f"{path}.lora_A.weight", sd.get(f"{path}.lokr_w2"))
+        if down is not None and down.dim() == 4:
+            return down.shape[2] * down.shape[3] > 1
+        # LoHa and LoKr keep convs flattened: the ResNet convs are known by name
+        return down is None and path.rsplit(".", 1)[-1] in LOCON_TARGETS
 
     def alpha_of(self, part: str, path: str) -> float:
         if path in self.module_alpha.get(part, {}):
@@ -129,20 +161,67 @@ class Adapter:
         return {part: len(self.modules(part)) for part in self.state}
 
     def peft_fields(self, part: str) -> dict[str, Any]:
-        """The peft ``LoraConfig`` fields that recreate one part's layers: the rank of most modules,
-        the part's alpha, the modules that differ from them (by plain module path) and every module."""
+        """The peft config fields (``LoraConfig``, ``LoHaConfig`` or ``LoKrConfig`` by ``network``) that
+        recreate one part's layers: the rank of most modules, the part's alpha, the modules that differ
+        from them (by plain module path) and every module."""
         paths = self.modules(part)
         ranks = {p: self.rank_of(part, p) for p in paths}
         alphas = {p: self.alpha_of(part, p) for p in paths}
         r = int(most_common(list(ranks.values())) or 0)
-        return {
+        fields: dict[str, Any] = {
             "r": r,
-            "lora_alpha": self.alpha[part],
             "rank_pattern": {p: v for p, v in ranks.items() if v != r},
             "alpha_pattern": {p: a for p, a in alphas.items() if a != self.alpha[part]},
             "target_modules": paths,
-            "use_dora": any(k.endswith("lora_magnitude_vector") for k in self.state[part]),
         }
+        if self.network == "lora":
+            fields["lora_alpha"] = self.alpha[part]
+            fields["use_dora"] = any(k.endswith("lora_magnitude_vector") for k in self.state[part])
+        else:
+            fields["alpha"] = self.alpha[part]
+        if self.network == "lokr":
+            fields["decompose_factor"] = self.lokr_factor(part)
+            fields["decompose_both"] = any(k.endswith(".lokr_w1_a") for k in self.state[part])
+        return fields
+
+    def lokr_factor(self, part: str) -> int:
+        """The ``decompose_factor`` that splits every LoKr module of ``part`` into the stored shapes."""
+        from peft.tuners.lokr.layer import factorization
+
+        sd = self.state[part]
+        sides = []
+        for path in self.modules(part):
+            w1 = sd.get(f"{path}.lokr_w1")
+            w1_rows = w1.shape[0] if w1 is not None else sd[f"{path}.lokr_w1_a"].shape[0]
+            w1_cols = w1.shape[1] if w1 is not None else sd[f"{path}.lokr_w1_b"].shape[1]
+            w2 = sd.get(f"{path}.lokr_w2")
+            w2_rows = w2.shape[0] if w2 is not None else sd[f"{path}.lokr_w2_a"].shape[0]
+            w2_cols = w2.shape[1] if w2 is not None else None  # a flattened w2_b also holds the kernel
+            cols = w1_cols * w2_cols if w2_cols is not None else None
+            sides.append((w1_rows * w2_rows, w1_rows, cols, w1_cols))
+        for factor in [-1, *sorted({s[1] for s in sides} | {s[3] for s in sides})]:
+            if all(factorization(out, factor)[0] == rows and (cols is None or factorization(cols, factor)[0] == c)
+                   for out, rows, cols, c in sides):
+                return int(factor)
+        raise FormatError(f"{part}: the LoKr factors do not come from one decompose factor; cannot rebuild them")
+
+    def delta(self, part: str, path: str, shape: tuple[int, ...]) -> torch.Tensor:
+        """The change this module makes to a base weight of ``shape``, at strength 1 (alpha/rank applied)."""
+        sd = self.state[part]
+        scale = self.alpha_of(part, path) / self.rank_of(part, path)
+        if self.network == "loha":
+            w1 = sd[f"{path}.hada_w1_a"] @ sd[f"{path}.hada_w1_b"]
+            weight = w1 * (sd[f"{path}.hada_w2_a"] @ sd[f"{path}.hada_w2_b"])
+        elif self.network == "lokr":
+            w1 = sd.get(f"{path}.lokr_w1")
+            w1 = w1 if w1 is not None else sd[f"{path}.lokr_w1_a"] @ sd[f"{path}.lokr_w1_b"]
+            w2 = sd.get(f"{path}.lokr_w2")
+            w2 = w2 if w2 is not None else sd[f"{path}.lokr_w2_a"] @ sd[f"{path}.lokr_w2_b"]
+            # a full conv factor (out, in, k, k): the kernel stays with each entry, as peft's make_kron does
+            weight = torch.kron(w1[:, :, None, None], w2) if w2.dim() > 2 else torch.kron(w1, w2)
+        else:
+            weight = sd[f"{path}.lora_B.weight"].flatten(1) @ sd[f"{path}.lora_A.weight"].flatten(1)
+        return (weight * scale).reshape(shape)
 
 
 @dataclass

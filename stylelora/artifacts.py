@@ -14,14 +14,17 @@ from .fileio import atomic_path
 from .formats import save_diffusers, save_kohya
 from .metadata import adapter_facts, kohya_metadata
 from .models import BaseModel, lora_alphas, lora_state
+from .text import encode_captions
 
 log = logging.getLogger(__name__)
 
 
 def export_adapter(
-    model: BaseModel, config: Config, out: Path, step: int, num_images: int, items: list | None = None
+    model: BaseModel, config: Config, out: Path, step: int, num_images: int, items: list | None = None,
+    total_steps: int | None = None, epoch: int | None = None,
 ) -> list[Path]:
-    """Write the run's adapter in kohya and diffusers formats, each re-read and verified.
+    """Write the run's adapter in kohya and diffusers formats, each re-read and verified (LoHa and LoKr:
+    the kohya file only, in LyCORIS' layout).
 
     Alphas are read from the injected peft layers, so LoCon's conv alpha comes out as trained.
     DoRA has no kohya form that loads right everywhere, so a DoRA run writes the diffusers file only.
@@ -29,7 +32,7 @@ def export_adapter(
     adapter = Adapter.from_module_alphas(lora_state(model), lora_alphas(model))
     layout = ModelLayout.of(model)
     adapter.metadata.update(adapter_facts(adapter, layout.kind))  # what the weights say, for both files
-    adapter.metadata.update(kohya_metadata(config, model, step, num_images, items))
+    adapter.metadata.update(kohya_metadata(config, model, step, num_images, items, total_steps, epoch))
     cfg = config.train
     adapter.metadata.update({  # the loop's facts under sd-scripts' keys, so tools and Civitai show them
         "ss_min_snr_gamma": f"{cfg.min_snr_gamma:g}",
@@ -40,13 +43,18 @@ def export_adapter(
         "ss_lr_scheduler_power": f"{cfg.lr_scheduler_power:g}",
         "stylelora.ema": f"{cfg.ema_decay:g}" if cfg.ema else "off",
     })
+    # an epoch's adapter sits beside the final one, named as kohya names them (name-000002.safetensors)
+    suffix = f"-{epoch:06d}" if epoch is not None else ""
     paths = []
     if adapter.is_dora:
         log.warning("DoRA adapter: writing the diffusers format only (no kohya file; see stylelora export)")
     else:
-        paths.append(save_kohya(out / f"{config.run_name}.safetensors", adapter, layout, config.export.precision))
-    paths.append(save_diffusers(out / "diffusers", adapter, layout, config.export.precision,
-                                bake_alpha=config.export.bake_alpha))
+        paths.append(save_kohya(out / f"{config.run_name}{suffix}.safetensors", adapter, layout,
+                                config.export.precision))
+    # diffusers loads LoRA only (LoHa and LoKr live in the LyCORIS layout); an epoch gets one file
+    if adapter.network == "lora" and (epoch is None or adapter.is_dora):
+        paths.append(save_diffusers(out / f"diffusers{suffix}", adapter, layout, config.export.precision,
+                                    bake_alpha=config.export.bake_alpha))
     return paths
 
 
@@ -74,8 +82,7 @@ def _sample(model: BaseModel, config: Config, prompt: str, generator: torch.Gene
     pipe, vae = model.pipeline, model.vae
     own_decode = vae.dtype != model.unet.dtype
     result = pipe(
-        prompt,
-        negative_prompt=config.sample.negative_prompt or None,
+        **_prompts(model, config, prompt),
         num_inference_steps=config.sample.steps,
         guidance_scale=config.sample.guidance,
         height=config.data.resolution,
@@ -88,3 +95,15 @@ def _sample(model: BaseModel, config: Config, prompt: str, generator: torch.Gene
     with torch.no_grad():
         pixels = vae.decode(result.to(vae.dtype) / vae.config.scaling_factor).sample
     return pipe.image_processor.postprocess(pixels, output_type="pil")[0]
+
+
+def _prompts(model: BaseModel, config: Config, prompt: str) -> dict[str, Any]:
+    """The pipeline's prompt arguments: SD1/SD2 prompts encoded as training encodes captions (clip skip,
+    75-token chunks); SDXL's the pipeline encodes itself (SDXL already skips the last layer)."""
+    if model.kind == "sdxl":
+        return {"prompt": prompt, "negative_prompt": config.sample.negative_prompt or None}
+    length, skip = config.data.max_token_length, config.model.clip_skip
+    with torch.no_grad():
+        texts = {"prompt_embeds": prompt, "negative_prompt_embeds": config.sample.negative_prompt}
+        return {name: encode_captions(model.tokenizer, model.text_encoder, [text], length, skip)
+                for name, text in texts.items()}

@@ -37,7 +37,7 @@ from . import dataset
 from .buckets import Size, assign_bucket, oriented_size
 from .cache import LatentCache, default_cache_dir, module_identity
 from .captions import build_caption
-from .config import Config, DataConfig
+from .config import Config, DataConfig, TrainConfig
 from .dataset import Item, View, apply_view, plan_view, scan
 from .errors import DataError
 from .text import TextStates, encode_text, tokenize
@@ -141,6 +141,16 @@ class TrainingSet:
         """Examples per epoch."""
         return len(self.images) * (2 if self.reg else 1)
 
+    def steps_per_epoch(self, accumulation: int = 1) -> int:
+        """Optimizer steps in one pass over the epoch's batches (kohya counts epochs the same way)."""
+        return max(1, -(-len(self.epoch_batches(0)) // accumulation))
+
+    def total_steps(self, train: TrainConfig) -> int:
+        """The run's length: ``train.epochs`` passes when set, else ``train.steps``."""
+        if train.epochs:
+            return train.epochs * self.steps_per_epoch(train.gradient_accumulation_steps)
+        return train.steps
+
     def example(self, epoch: int, slot: int) -> Example:
         n = len(self.images)
         if slot < n:
@@ -223,6 +233,7 @@ class BatchSource:
         self.rank, self.processes = rank, processes
         self.epoch = self.batch = 0
         self.train_text_encoder = config.lora.train_text_encoder
+        self.max_token_length, self.clip_skip = config.data.max_token_length, config.model.clip_skip
         self.prior_loss_weight = config.data.prior_loss_weight
         self.notes: list[str] = []  # things the user should know about how data is fed (cache choices)
         self.latent_cache: LatentCache | None = None
@@ -332,19 +343,20 @@ class BatchSource:
         return posteriors  # type: ignore[return-value]  # every None was filled above
 
     def _text(self, captions: list[str]) -> tuple[list[torch.Tensor], TextStates | None]:
-        """Token ids per text encoder, and the encoders' states unless one trains (the loop runs them then)."""
+        """Token ids per text encoder (data.max_token_length), and the encoders' states at model.clip_skip unless
+        one trains (the loop runs them then)."""
         encoders = self.model.text_encoders
-        ids = [t.to(encoders[0].device) for t in tokenize(self.model.tokenizers, captions)]
+        ids = [t.to(encoders[0].device) for t in tokenize(self.model.tokenizers, captions, self.max_token_length)]
         if self.train_text_encoder:
             return ids, None
         cache = self.text_cache
         if cache is None:
             with torch.no_grad():
-                return ids, encode_text(encoders, ids)
+                return ids, encode_text(encoders, ids, self.clip_skip)
         new = sorted({c for c in captions if c not in cache})
         if new:
             rows = [captions.index(c) for c in new]
             with torch.no_grad():
-                states = encode_text(encoders, [t[rows] for t in ids])
+                states = encode_text(encoders, [t[rows] for t in ids], self.clip_skip)
             cache.update((caption, states.row(i)) for i, caption in enumerate(new))
         return ids, TextStates.stack([cache[c] for c in captions])

@@ -50,6 +50,7 @@ CHECK_FLAGS: dict[str, str] = {
     "--caption-extension": "data.caption_extension",
     "--trigger-word": "data.trigger_word",
     "--repeats": "data.repeats",
+    "--max-token-length": "data.max_token_length",
 }
 # generate's flags: one per GenerateSettings field (--negative-prompt for negative_prompt, ...).
 GENERATE_FLAGS: dict[str, str] = {"--" + f.name.replace("_", "-"): f.name for f in dataclasses.fields(GenerateSettings)}
@@ -59,6 +60,8 @@ def _value_type(tp: Any) -> Any:
     """What argparse converts a flag's text with: the field's type without ``| None``."""
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    if typing.get_origin(tp) is typing.Literal and all(isinstance(a, int) for a in typing.get_args(tp)):
+        return int  # data.max_token_length: 75, 150 or 225
     return tp if tp in (int, float) else str
 
 
@@ -92,6 +95,8 @@ def _add_train(sub: Any) -> None:
                    help="report progress as one JSON object per line on stdout (for programs that follow the run)")
     p.add_argument("--stop-file", metavar="PATH",
                    help="stop after the step during which this file appears, saving as on Ctrl-C")
+    p.add_argument("--estimate", action="store_true", help="print the memory and time the run would take "
+                   "(and what to change if it will not fit), then exit without training")
     p.set_defaults(func=cmd_train)
 
 
@@ -125,6 +130,8 @@ class TerminalProgress:
         elif isinstance(event, events.Progress) and self.bar is not None:
             self.bar.set_postfix(loss=f"{event.loss:.4f}", lr=f"{event.lr:.2e}", img_s=f"{event.images_per_s:.2f}")
             self.bar.update(event.step - self.bar.n)
+        elif isinstance(event, events.Estimated):
+            self._write(event.summary if event.fits else f"warning: {event.summary}")
         elif isinstance(event, events.Message):
             self._write(event.text)
         elif isinstance(event, events.Validation):
@@ -179,6 +186,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(config.to_toml(), end="")
         return 0
+    if args.estimate:
+        from .train import estimate_run
+
+        result = estimate_run(config)
+        print(result.summary())
+        return 0 if result.fits else 1
     from .train import train
 
     stop = threading.Event()
@@ -217,6 +230,7 @@ def cmd_check_data(args: argparse.Namespace) -> int:
     report = check_dataset(
         args.folder, config.data.resolution, config.train.batch_size, caption_extension=config.data.caption_extension,
         repeats=config.data.repeats, trigger_word=config.data.trigger_word, model=args.model,
+        max_token_length=config.data.max_token_length,
     )
     print(report.to_text(args.level))
     return 0 if report.can_train else 1
@@ -299,6 +313,198 @@ def cmd_resize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _settings_flags(parser: argparse.ArgumentParser, settings_cls: type, skip: set[str]) -> None:
+    """One flag per field of a settings dataclass made with ``option()``: its help, type and choices."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(settings_cls)
+    for f in dataclasses.fields(settings_cls):
+        if f.name in skip:
+            continue
+        flag, tp, text = "--" + f.name.replace("_", "-"), hints[f.name], f.metadata["help"]
+        if tp is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
+        elif typing.get_origin(tp) is list:
+            parser.add_argument(flag, dest=f.name, nargs="+", metavar="WORD", help=text)
+        elif typing.get_origin(tp) is typing.Literal:
+            parser.add_argument(flag, dest=f.name, choices=typing.get_args(tp), help=f"{text} (default {f.default})")
+        else:
+            parser.add_argument(flag, dest=f.name, type=tp if tp in (int, float) else str,
+                                metavar=f.name.upper(), help=f"{text} (default {f.default})")
+
+
+def _add_caption(sub: Any) -> None:
+    from .autocaption import CaptionSettings
+
+    c = sub.add_parser(
+        "caption", help="write captions for a dataset's images with a captioner (BLIP, Florence-2, WD14 tagger)",
+        description="Caption every image of a dataset folder. Existing captions are kept unless --mode says "
+        "otherwise (overwrite, prefix, suffix); every write is atomic and 'stylelora captions undo DIR' puts "
+        "the previous captions back.")
+    c.add_argument("folder", help="the dataset folder")
+    c.add_argument("--captioner", required=True, help=all_caption_help("captioner"))
+    _settings_flags(c, CaptionSettings, skip={"captioner"})
+    c.add_argument("--style-words-file", metavar="FILE", help="the style filter's words, one per line "
+                   "(replaces the built-in list; --style-words does the same on the command line)")
+    c.add_argument("--dry-run", action="store_true", help="show the captions that would be written; write nothing")
+    c.add_argument("--limit", type=int, metavar="N", help="caption at most N images (with --dry-run: a quick preview)")
+    c.set_defaults(func=cmd_caption)
+
+
+def all_caption_help(name: str) -> str:
+    import dataclasses
+
+    from .autocaption import CaptionSettings
+
+    return next(f.metadata["help"] for f in dataclasses.fields(CaptionSettings) if f.name == name)
+
+
+def caption_settings_from_args(args: argparse.Namespace) -> Any:
+    import dataclasses
+
+    from .autocaption import CaptionSettings
+
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(CaptionSettings)
+              if getattr(args, f.name, None) is not None}
+    if args.style_words_file:
+        try:
+            lines = open(args.style_words_file, encoding="utf-8").read().splitlines()
+        except OSError as e:
+            raise StyleloraError(f"--style-words-file: cannot read {args.style_words_file} "
+                                 f"({e.strerror or e})") from None
+        values["style_words"] = [w.strip() for w in lines if w.strip() and not w.startswith("#")]
+    if args.limit is not None and args.limit < 1:
+        raise StyleloraError(f"--limit: must be >= 1, got {args.limit}")
+    return CaptionSettings(**values)
+
+
+def cmd_caption(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .autocaption import caption_folder, load_captioner, plan_captions
+    from .caption_tools import read_captions
+
+    settings = caption_settings_from_args(args)
+    read_captions(args.folder, settings.caption_extension)  # a wrong folder fails before the captioner loads
+    captioner = load_captioner(settings.captioner)
+    bar = tqdm(unit="image", dynamic_ncols=True, file=sys.stderr)
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    try:
+        if args.dry_run or args.limit:
+            report = plan_captions(args.folder, captioner, settings, limit=args.limit, on_progress=progress)
+        else:
+            report = caption_folder(args.folder, captioner, settings, on_progress=progress)
+    finally:
+        bar.close()
+    for change in report.changes:
+        print(f"{change.image}: {change.after}")
+    for line in report.skipped:
+        print(f"skipped {line}", file=sys.stderr)
+    if args.dry_run:
+        print(f"dry run: {len(report.changes)} caption(s) would be written; nothing was changed", file=sys.stderr)
+    else:
+        if args.limit:
+            from .caption_tools import apply_changes
+
+            apply_changes(args.folder, report.changes, f"caption ({settings.mode}) with {captioner.name}",
+                          settings.caption_extension)
+        print(report.summary() + ("; 'stylelora captions undo' puts the previous captions back"
+                                  if report.changes else ""), file=sys.stderr)
+    return 0
+
+
+def _add_captions(sub: Any) -> None:
+    c = sub.add_parser("captions", help="bulk caption edits: find/replace, remove or replace a tag, tag list, undo")
+    tools = c.add_subparsers(dest="tool", required=True, metavar="TOOL")
+
+    def tool(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = tools.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("folder", help="the dataset folder")
+        p.add_argument("--caption-extension", default=".txt", help="extension of caption sidecar files")
+        return p
+
+    r = tool("replace", "find and replace text in every caption (shows each change; undo with 'captions undo')")
+    r.add_argument("find", help="the text to find (a Python regular expression with --regex)")
+    r.add_argument("replacement", help="what to put instead ('' to delete; \\1 refers to a group with --regex)")
+    r.add_argument("--regex", action="store_true", help="FIND is a regular expression")
+    rt = tool("replace-tag", "replace one comma-separated tag in every caption by another")
+    rt.add_argument("tag", help="the tag to replace (case, '_' and ' ' do not matter)")
+    rt.add_argument("new", help="the tag to put instead")
+    rm = tool("remove-tag", "remove one comma-separated tag from every caption")
+    rm.add_argument("tag", help="the tag to remove (case, '_' and ' ' do not matter)")
+    for p in (r, rt, rm):
+        p.add_argument("--dry-run", action="store_true", help="show the changes; write nothing")
+    t = tool("tags", "list every tag with the number of captions holding it, most frequent first")
+    t.add_argument("--top", type=int, metavar="N", help="only the N most frequent")
+    tool("undo", "put back the captions of the last bulk edit (caption, replace, tag edits)")
+    c.set_defaults(func=cmd_captions)
+
+
+def cmd_captions(args: argparse.Namespace) -> int:
+    from . import caption_tools as tools
+
+    ext = args.caption_extension
+    if args.tool == "tags":
+        for tag, count in tools.tag_frequency(args.folder, caption_extension=ext)[: args.top]:
+            print(f"{count:6d}  {tag}")
+        return 0
+    if args.tool == "undo":
+        label, files = tools.undo_last(args.folder)
+        print(f"undid '{label}': {files} file(s) restored")
+        return 0
+    if args.tool == "replace":
+        changes = tools.find_replace(args.folder, args.find, args.replacement, regex=args.regex, caption_extension=ext)
+        label = f"replace {args.find!r} with {args.replacement!r}"
+    elif args.tool == "replace-tag":
+        changes = tools.replace_tag(args.folder, args.tag, args.new, caption_extension=ext)
+        label = f"replace tag {args.tag!r} with {args.new!r}"
+    else:
+        changes = tools.remove_tag(args.folder, args.tag, caption_extension=ext)
+        label = f"remove tag {args.tag!r}"
+    print(tools.preview_text(changes, args.folder))
+    if args.dry_run:
+        print("dry run: nothing was changed", file=sys.stderr)
+    elif changes:
+        tools.apply_changes(args.folder, changes, label, ext)
+        print("written; 'stylelora captions undo' puts the previous captions back", file=sys.stderr)
+    return 0
+
+
+def _add_import_kohya(sub: Any) -> None:
+    k = sub.add_parser(
+        "import-kohya", help="turn a kohya_ss GUI JSON or sd-scripts TOML config into a stylelora config",
+        description="Read a kohya_ss GUI config (.json) or an sd-scripts --config_file TOML (with its "
+        "--dataset_config TOML) and write a stylelora config that 'stylelora train' runs. Every key that is "
+        "not imported is listed with the reason, in the output and as comments at the top of the file.")
+    k.add_argument("file", help="the kohya_ss .json, the sd-scripts config .toml, or a dataset config .toml alone")
+    k.add_argument("--dataset-config", metavar="TOML", help="sd-scripts' --dataset_config file (read from the "
+                   "config's dataset_config key when not given)")
+    k.add_argument("--out", required=True, help="the stylelora config .toml to write")
+    k.add_argument("--force", action="store_true", help="replace --out if it exists")
+    k.set_defaults(func=cmd_import_kohya)
+
+
+def cmd_import_kohya(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from . import fileio
+    from .kohya_import import import_kohya
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise StyleloraError(f"--out: {out} exists; choose another name or pass --force to replace it")
+    report = import_kohya(args.file, args.dataset_config)
+    fileio.write_text(out, report.to_toml())
+    print(report.to_text())
+    print(f"wrote {out}; train with: stylelora train {out}", file=sys.stderr)
+    return 0
+
+
 def cmd_split(args: argparse.Namespace) -> int:
     from .merge import split
 
@@ -321,6 +527,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
 
     _add_generate(sub)
+    _add_caption(sub)
+    _add_captions(sub)
+    _add_import_kohya(sub)
 
     e = sub.add_parser("export", help="convert a run or adapter file to kohya or diffusers format, verified")
     e.add_argument("source", help="a run folder, an adapter .safetensors (kohya or diffusers), or a diffusers folder")

@@ -44,7 +44,9 @@ UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2",
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 
 Precision = Literal["auto", "no", "fp16", "bf16"]
-Optimizer = Literal["adamw", "adamw8bit", "prodigy", "adafactor"]
+# adamw8bit is bitsandbytes'; prodigy is prodigyopt's; lion, came, ademamix and schedulefree_adamw come from
+# the pytorch-optimizer package.
+Optimizer = Literal["adamw", "adamw8bit", "prodigy", "adafactor", "lion", "came", "ademamix", "schedulefree_adamw"]
 LrScheduler = Literal[
     "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
 ]
@@ -63,6 +65,12 @@ class ModelConfig:
         "",
         "For a single-file checkpoint: a local diffusers folder whose configs describe it (offline use).",
     )
+    clip_skip: int = option(
+        1,
+        "Use the text encoder's output this many layers from the end: 1 is the last layer; 2 the one before, "
+        "which most anime models (NovelAI lineage) were trained with. Used in training, samples and preview.",
+        ge=1, le=12,
+    )
     kind: Literal["auto", "sd1", "sd2", "sd2-v", "sdxl"] = option(
         "auto",
         "Model family: auto tells SD1, SD2-512 (epsilon), SD2-768-v and SDXL apart from the model's structure; "
@@ -79,6 +87,11 @@ class DataConfig:
     trigger_word: str = option("", "Word put in front of every caption.")
     repeats: int = option(1, "How many times each image is seen per epoch.", ge=1)
     caption_extension: str = option(".txt", "Extension of caption sidecar files.")
+    max_token_length: Literal[75, 150, 225] = option(
+        75,
+        "Caption length in tokens: 75 is CLIP's window; 150 and 225 encode longer captions in 75-token "
+        "chunks, as kohya does (the text-encoder states of the chunks are joined).",
+    )
     buckets: bool = option(
         True, "Aspect-ratio bucketing: train each image near its own aspect ratio instead of a square crop."
     )
@@ -110,6 +123,11 @@ class CacheConfig:
 
 @dataclass
 class LoraConfig:
+    type: Literal["lora", "locon", "loha", "lokr"] = option(
+        "lora",
+        "Network: lora; locon (LoRA on the ResNet 3x3 convs too, conv_rank defaulting to rank); loha "
+        "(Hadamard product) or lokr (Kronecker product), exported in the LyCORIS layout A1111 and ComfyUI load.",
+    )
     rank: int = option(16, "LoRA rank (network dim).", ge=1, le=1024)
     alpha: float = option(16.0, "LoRA alpha; the update is scaled by alpha/rank.", gt=0)
     dropout: float = option(0.0, "Dropout on the LoRA path.", ge=0, lt=1)
@@ -129,6 +147,10 @@ class LoraConfig:
         1.0, "LoCon: alpha of the conv LoRA (its update is scaled by conv_alpha/conv_rank).", gt=0
     )
     dora: bool = option(False, "DoRA: learn a magnitude per output as well as the LoRA direction (peft use_dora).")
+    lokr_factor: int = option(
+        -1, "LoKr: split each weight's sides by this factor (-1 picks the most balanced split, as LyCORIS does).",
+        ge=-1,
+    )
     blocks: list[str] = option(
         [],
         "UNet blocks that get LoRA, by name: down.N, mid, up.N, optionally .attn.M or .res.M (up.0.attn.1); "
@@ -139,7 +161,11 @@ class LoraConfig:
 @dataclass
 class TrainConfig:
     output_dir: str = option("", "Run folder; empty means outputs/<dataset folder name>.")
-    steps: int = option(1000, "Optimizer steps to train.", ge=1)
+    steps: int = option(1000, "Optimizer steps to train (unless train.epochs is set).", ge=1)
+    epochs: int = option(
+        0, "Train this many passes over the dataset (images x repeats, plus regularisation images) instead of "
+        "train.steps; 0 means use train.steps.", ge=0,
+    )
     batch_size: int = option(1, "Images per micro-batch (of each process, when several train together).", ge=1)
     gradient_accumulation_steps: int = option(1, "Micro-batches per optimizer step.", ge=1)
     lr: float = option(1e-4, "UNet learning rate.", gt=0)
@@ -156,6 +182,9 @@ class TrainConfig:
     optimizer: Optimizer = option(
         "adamw",
         "adamw; adamw8bit (bitsandbytes, CUDA only); prodigy (adapts the step size: use lr=1); adafactor.",
+    )
+    optimizer_args: list[str] = option(
+        [], "Extra optimizer arguments as key=value, as kohya's optimizer_args (e.g. betas=0.9,0.99 or d_coef=2).",
     )
     weight_decay: float = option(1e-2, "AdamW weight decay.", ge=0)
     adam_beta1: float = option(0.9, "AdamW beta1.", ge=0, lt=1)
@@ -191,9 +220,18 @@ class TrainConfig:
     validate_every: int = option(0, "Validation loss every N steps (and at the end); 0 means only at the end.", ge=0)
     seed: int = option(42, "One seed for weights, data order, noise and timesteps.", ge=0)
     save_every: int = option(0, "Save a resumable checkpoint every N steps; 0 means only at the end.", ge=0)
+    save_every_epochs: int = option(
+        0, "Save a resumable checkpoint and an adapter file (<name>-eNNNNNN.safetensors) every N epochs; 0 is off.",
+        ge=0,
+    )
     keep_checkpoints: int = option(3, "How many newest checkpoints to keep.", ge=1)
     resume: str = option("", "'auto' continues from the newest checkpoint; or a checkpoint folder.")
     log_every: int = option(1, "Write metrics every N steps.", ge=1)
+    log_with: Literal["tensorboard", "wandb", "mlflow", "none"] = option(
+        "tensorboard",
+        "Experiment tracker (through accelerate), logging loss, lr and the run's config as hyperparameters; "
+        "wandb and mlflow need their package (WANDB_MODE=offline and a file: MLFLOW_TRACKING_URI work offline).",
+    )
 
 
 @dataclass(frozen=True)
@@ -210,6 +248,10 @@ class GenerateSettings:
     guidance: float = option(7.5, "Classifier-free guidance scale.", ge=0)
     sampler: str | None = option(
         None, "The model's own scheduler by default, or a sampler by name (AUTOMATIC1111's labels work too)."
+    )
+    clip_skip: int = option(
+        0, "Text-encoder layer from the end: 1 the last, 2 the one before; 0 means as the adapter was trained "
+        "(its model.clip_skip), else 1.", ge=0, le=12,
     )
 
     def __post_init__(self) -> None:
@@ -384,6 +426,14 @@ def choices(dotted: str) -> list[Any] | None:
 # --- validation -----------------------------------------------------------------------------------
 
 
+def validate(section: Any, prefix: str = "") -> None:
+    """Raise ConfigError naming every field of a settings dataclass (made with ``option()``) that is out of
+    its type or bounds; for settings kept outside Config, such as the captioning ones."""
+    errors = _check(section, prefix)
+    if errors:
+        raise ConfigError("\n".join(errors))
+
+
 @functools.cache
 def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
@@ -507,6 +557,11 @@ def _number(x: float) -> str:
 def _cross_checks(config: Config) -> list[str]:
     """Errors that involve two fields (each message names the field to change)."""
     errors = []
+    if config.lora.type in ("loha", "lokr") and config.lora.dora:
+        errors.append(f"lora.dora: DoRA works with lora.type lora or locon, not {config.lora.type}; "
+                      "set lora.dora=false")
+    if config.lora.type in ("loha", "lokr") and config.lora.dropout:
+        errors.append(f"lora.dropout: {config.lora.type} layers have no input dropout; set lora.dropout=0")
     kind, prediction = config.model.kind, config.model.prediction_type
     if (kind, prediction) in (("sd2-v", "epsilon"), ("sd2", "v_prediction")):
         errors.append(

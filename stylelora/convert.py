@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
-from .adapter import Adapter, ModelLayout
+from .adapter import NETWORK_NAMES, Adapter, ModelLayout
 from .config import Config
 from .errors import FormatError
 from .formats import (
@@ -105,7 +105,7 @@ def open_adapter(source: str | Path, base_model: str | BaseModel | None = None) 
     layout = ModelLayout.of(model)
     # the file's own precision: converting casts each tensor once, on writing (an SDXL adapter is not doubled)
     adapter = adapter_from_tensors(tensors, metadata, layout, str(path), upcast=False)
-    dtype = next(v.dtype for v in tensors.values() if v.dim() >= 2)  # of the weights, not the alphas
+    dtype = next((v.dtype for v in tensors.values() if v.dim() >= 2), torch.float32)  # of the weights, not the alphas
     precision = {v: k for k, v in DTYPES.items()}.get(dtype, "fp32")
     weights_from = ""
     if run_config is not None:  # a run folder: its checkpoint holds the same weights in fp32
@@ -164,7 +164,8 @@ def describe(adapter: Adapter) -> str:
     text = f"{sum(adapter.num_modules().values())} modules ({parts}), rank {adapter.rank}, alpha {alphas}"
     if adapter.conv_alpha:
         text += ", conv alpha " + ", ".join(f"{p} {a:g}" for p, a in adapter.conv_alpha.items())
-    return text + (", DoRA" if adapter.is_dora else "")
+    network = f", {NETWORK_NAMES[adapter.network]}" if adapter.network != "lora" else ""
+    return text + (", DoRA" if adapter.is_dora else "") + network
 
 
 def export(source: str | Path, fmt: str, out: str | Path, precision: str = "fp16",

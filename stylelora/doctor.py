@@ -130,9 +130,13 @@ def check_dataset(
     trigger_word: str = "",
     model: str | None = None,
     tokenizer: Any = None,
+    max_token_length: int = 75,
     token_limit: int | None = None,
 ) -> DatasetReport:
     """Check every file of ``folder`` for training at ``resolution``; the folder is only read.
+
+    Captions are measured against ``max_token_length`` text tokens (``data.max_token_length``: 75, or
+    150/225 encoded in 75-token chunks).
 
     Caption lengths are counted with ``tokenizer``, else the tokenizer of ``model`` (a model name),
     else the CLIP tokenizer from the local Hugging Face cache, else estimated (and the report says so),
@@ -181,7 +185,7 @@ def check_dataset(
             add(Finding(check.path, note, "caption used as decoded", True, level))
         if caption:
             _check_length(check.path, with_trigger(caption, trigger_word), counter, report,
-                          token_limit or TEXT_ENCODER_TOKENS)
+                          token_limit or TEXT_ENCODER_TOKENS, max_token_length)
         report.usable.append(check.path)
     report.token_counter = counter.description if counter.used else ""
 
@@ -356,15 +360,21 @@ class _TokenCounter:
         return 2 + sum(n for _, n in pieces), cut, False
 
 
-def _check_length(image: Path, caption: str, counter: _TokenCounter, report: DatasetReport, limit: int) -> None:
+def _check_length(image: Path, caption: str, counter: _TokenCounter, report: DatasetReport, window: int,
+                  max_token_length: int = 75) -> None:
+    # what text.token_ids keeps: max_token_length text tokens in pieces of window - 2, each with start and end
+    pieces = max(1, -(-max_token_length // (window - 2)))
+    limit = pieces * (window - 2) + 2
     tokens, cut, exact = counter.split(caption, limit)
     if tokens <= limit:
         return
     count = f"{tokens} tokens" if exact else f"about {tokens} tokens (estimated)"
     shown = cut if len(cut) <= 80 else f"{cut[:50]} ... {cut[-25:]}"
+    reads = (f"the text encoder reads {limit} (start and end included)" if max_token_length == 75 else
+             f"data.max_token_length {max_token_length} reads {limit} (start and end included)")
+    longer = "; data.max_token_length=150 or 225 keeps longer captions" if max_token_length < 225 else ""
     report.findings.append(Finding(
-        image, f"caption is {count}; the text encoder reads {limit} (start and end included)",
-        f"used; the end is cut off: \"{shown}\"", True, "warning"))
+        image, f"caption is {count}; {reads}", f"used; the end is cut off: \"{shown}\"{longer}", True, "warning"))
 
 
 def _dataset_level(report: DatasetReport, repeats: int) -> None:
@@ -394,7 +404,7 @@ def training_items(
     """
     report = check_dataset(data.path, data.resolution, batch_size, caption_extension=data.caption_extension,
                            repeats=data.repeats, trigger_word=data.trigger_word, model=model, tokenizer=tokenizer,
-                           token_limit=token_limit)
+                           max_token_length=data.max_token_length, token_limit=token_limit)
     if not report.can_train:
         errors = [f"  {report._name(f.path)}: {f.problem}" for f in report.findings
                   if f.level == "error" and f.path != report.folder]

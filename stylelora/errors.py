@@ -27,3 +27,11 @@ class TrainingError(StyleloraError):
 
 class DiskFullError(StyleloraError):
     """A save ran out of disk space; nothing partial was left under the file's name."""
+
+
+def offline_hint(what: str, name: str, local: str) -> str:
+    """The one message for a hub id that cannot be had (offline, or a wrong id), for models and captioners."""
+    return (
+        f"{what} '{name}': could not be downloaded from the Hugging Face hub (this machine looks "
+        f"offline, or the id is wrong). Download it where you have internet and pass the local copy: {local}."
+    )

@@ -44,6 +44,19 @@ class Message:
 
 
 @dataclass
+class Estimated:
+    """The memory and time a run will take, said before it starts (``stylelora.estimate``)."""
+
+    summary: str
+    fits: bool
+    peak_bytes: int
+    step_seconds: float
+    total_seconds: float
+    method: str  # "measured" or "formula"
+    advice: list[str] = field(default_factory=list)
+
+
+@dataclass
 class Validation:
     """Loss on the held-out images (fixed noise and timesteps, so steps compare)."""
 
@@ -78,7 +91,8 @@ class Finished:
     adapter_paths: list[Path] = field(default_factory=list)
 
 
-Event = Started | Progress | Message | Validation | SampleSaved | CheckpointSaved | AdapterSaved | Finished
+Event = (Started | Progress | Message | Estimated | Validation | SampleSaved | CheckpointSaved | AdapterSaved
+         | Finished)
 EventHandler = Callable[[Event], None]
 KINDS: dict[str, type] = {kind.__name__: kind for kind in Event.__args__}  # type: ignore[attr-defined]
 

@@ -23,7 +23,7 @@ from .adapter import Adapter, ModelLayout, module_paths
 from .errors import FormatError
 from .kohya_names import KOHYA_PREFIXES, conventional_text_path
 from .metadata import adapter_facts, model_hashes
-from .models import PICKLE_SUFFIXES
+from .models import PICKLE_SUFFIXES, full_lokr_rank
 
 if TYPE_CHECKING:
     from .models import BaseModel
@@ -40,6 +40,9 @@ ALPHA_METADATA_KEY = "stylelora.alpha"
 ALPHA_IN_METADATA = "lora_adapter_metadata (alpha and alpha_pattern per module; diffusers >= 0.34 reads it)"
 ALPHA_BAKED = ("baked: every lora_B holds alpha/rank, ranks padded with zeros to one per part, alpha = rank "
                "(right strength in every diffusers version)")
+# LyCORIS' LoHa and LoKr weights as A1111, ComfyUI and LyCORIS name them (Tucker cores not written or read)
+LYCORIS_WEIGHTS = {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "lokr_w1", "lokr_w1_a", "lokr_w1_b",
+                   "lokr_w2", "lokr_w2_a", "lokr_w2_b"}
 DORA_KOHYA_REFUSAL = (
     "DoRA adapters are not exported to kohya format: AUTOMATIC1111 normalises a kohya dora_scale per input "
     "channel where peft (and stylelora) normalise per output channel, and diffusers drops dora_scale keys, "
@@ -51,7 +54,15 @@ DORA_KOHYA_REFUSAL = (
 # --- writing ------------------------------------------------------------------------------------
 
 
+LYCORIS_DIFFUSERS_REFUSAL = (
+    "LoHa and LoKr adapters are written in the LyCORIS layout (--format kohya), which AUTOMATIC1111, ComfyUI "
+    "and LyCORIS load; diffusers' load_lora_weights reads LoRA only, so there is no diffusers file for them."
+)
+
+
 def to_kohya(adapter: Adapter, layout: ModelLayout, precision: str = "fp16") -> dict[str, torch.Tensor]:
+    """kohya's layout: ``lora_down``/``lora_up`` for LoRA, LyCORIS' ``hada_*`` (LoHa) and ``lokr_*``
+    (LoKr) weights under the same module names, and one ``alpha`` per module."""
     if adapter.is_dora:
         raise FormatError(DORA_KOHYA_REFUSAL)
     dtype = DTYPES[precision]
@@ -59,9 +70,20 @@ def to_kohya(adapter: Adapter, layout: ModelLayout, precision: str = "fp16") -> 
     for part, sd in adapter.state.items():
         for path in module_paths(sd):
             name = layout.kohya.name(part, path)
-            out[f"{name}.lora_down.weight"] = sd[f"{path}.lora_A.weight"].to(dtype).contiguous()
-            out[f"{name}.lora_up.weight"] = sd[f"{path}.lora_B.weight"].to(dtype).contiguous()
-            out[f"{name}.alpha"] = torch.tensor(adapter.alpha_of(part, path), dtype=dtype)
+            alpha = adapter.alpha_of(part, path)
+            if adapter.network == "lora":
+                out[f"{name}.lora_down.weight"] = sd[f"{path}.lora_A.weight"].to(dtype).contiguous()
+                out[f"{name}.lora_up.weight"] = sd[f"{path}.lora_B.weight"].to(dtype).contiguous()
+            else:
+                for key, value in sd.items():
+                    param = key[len(path) + 1 :]
+                    if key.startswith(f"{path}.") and "." not in param:  # this module's hada_*/lokr_* weights
+                        out[f"{name}.{param}"] = value.to(dtype).contiguous()
+                if adapter.is_full_lokr(part, path):  # loaders scale two full factors by 1: fold the scale in
+                    rank = adapter.rank_of(part, path)
+                    out[f"{name}.lokr_w2"] = (sd[f"{path}.lokr_w2"] * (alpha / rank)).to(dtype).contiguous()
+                    alpha = rank
+            out[f"{name}.alpha"] = torch.tensor(alpha, dtype=dtype)
     return out
 
 
@@ -129,6 +151,8 @@ def save_diffusers(
     alpha = rank instead (``Adapter.with_alpha_baked``), so loaders that ignore that header (diffusers
     before 0.34, peft-only tools) apply the same strength.
     ``stylelora.alpha`` in the header says which was done."""
+    if adapter.network != "lora":
+        raise FormatError(LYCORIS_DIFFUSERS_REFUSAL)
     target = Path(folder)
     if target.suffix.lower() != ".safetensors":
         target = target / DIFFUSERS_WEIGHT_NAME
@@ -256,8 +280,14 @@ def _from_kohya(tensors, metadata, layout):
             alphas.setdefault(part, {})[module] = float(value)
         elif suffix == "dora_scale":
             raise FormatError(f"kohya DoRA keys ({key}) are not supported; convert the DoRA adapter elsewhere")
+        elif suffix in LYCORIS_WEIGHTS:
+            state.setdefault(part, {})[f"{module}.{suffix}"] = value.float()
         else:
             unknown.append(key)
+    for part, sd in state.items():  # two full LoKr factors: loaders scale by 1 whatever alpha says
+        for module in module_paths(sd):
+            if f"{module}.lokr_w1" in sd and f"{module}.lokr_w2" in sd:
+                alphas.setdefault(part, {})[module] = full_lokr_rank(sd[f"{module}.lokr_w2"])
     return state, alphas, unknown
 
 
@@ -355,10 +385,48 @@ def _from_diffusers(tensors, metadata, layout):
     return state, alphas, unknown
 
 
+def _lycoris_shape(sd: dict[str, torch.Tensor], path: str) -> tuple[int, int] | str:
+    """(rows, columns) of the weight a LoHa or LoKr module rebuilds (a conv's kernel in the columns), or
+    what is missing or does not fit."""
+    get = sd.get
+    if f"{path}.hada_w1_a" in sd:
+        w1a, w1b, w2a, w2b = (get(f"{path}.hada_{k}") for k in ("w1_a", "w1_b", "w2_a", "w2_b"))
+        if w1b is None or w2a is None or w2b is None:
+            return "has only some of the hada_w1_a/w1_b/w2_a/w2_b weights"
+        if not (w1a.shape[1] == w1b.shape[0] and w2a.shape[1] == w2b.shape[0] and w1a.shape[0] == w2a.shape[0]
+                and w1b.shape[1] == w2b.shape[1]):
+            return "hada_* weights of shapes that do not multiply"
+        return int(w1a.shape[0]), int(w1b.shape[1])
+    w1, w2 = get(f"{path}.lokr_w1"), get(f"{path}.lokr_w2")
+    if w1 is None and (get(f"{path}.lokr_w1_a") is None or get(f"{path}.lokr_w1_b") is None):
+        return "has no lokr_w1 (nor lokr_w1_a and lokr_w1_b)"
+    if w2 is None and (get(f"{path}.lokr_w2_a") is None or get(f"{path}.lokr_w2_b") is None):
+        return "has no lokr_w2 (nor lokr_w2_a and lokr_w2_b)"
+    w1_shape = w1.shape if w1 is not None else (sd[f"{path}.lokr_w1_a"].shape[0], sd[f"{path}.lokr_w1_b"].shape[1])
+    if w2 is not None:
+        w2_shape = (w2.shape[0], int(torch.tensor(w2.shape[1:]).prod()))
+    else:
+        w2_shape = (sd[f"{path}.lokr_w2_a"].shape[0], sd[f"{path}.lokr_w2_b"].shape[1])
+    return int(w1_shape[0] * w2_shape[0]), int(w1_shape[1] * w2_shape[1])
+
+
+def _lycoris_problems(sd: dict[str, torch.Tensor], path: str, weight: tuple[int, ...], part: str) -> list[str]:
+    shape = _lycoris_shape(sd, path)
+    if isinstance(shape, str):
+        return [f"{part} {path}: {shape}"]
+    if weight and shape != (weight[0], int(torch.tensor(weight[1:]).prod())):
+        return [f"{part} {path}: rebuilds a {shape[0]}x{shape[1]} weight, which does not fit the module's weight "
+                f"{weight}"]
+    return []
+
+
 def _check_pairs_and_shapes(state, layout: ModelLayout, source: str) -> None:
     problems = []
     for part, sd in state.items():
         for path in module_paths(sd):
+            if f"{path}.lora_A.weight" not in sd and f"{path}.lora_B.weight" not in sd:  # LoHa, LoKr
+                problems += _lycoris_problems(sd, path, layout.shapes[part][path], part)
+                continue
             down, up = sd.get(f"{path}.lora_A.weight"), sd.get(f"{path}.lora_B.weight")
             if down is None or up is None:
                 problems.append(f"{part} {path}: has only one of the down/up (lora_A/lora_B) weights")

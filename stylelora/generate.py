@@ -31,8 +31,9 @@ from .config import Config, GenerateSettings
 from .convert import find_adapter_file
 from .errors import ConfigError, FormatError
 from .formats import load_adapter
-from .models import BaseModel, load_base_model
+from .models import ADAPTER_PARAM, BaseModel, load_base_model
 from .samplers import DEFAULT_SAMPLER, check_sampler, make_scheduler, sampler_label
+from .text import encode_captions
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ class AdapterSource:
     name: str
     alpha: float | None = None  # only for checkpoints saved before they stored alphas: from config.toml
     conv_alpha: float | None = None
+    text: tuple[int, int] | None = None  # a checkpoint's (clip skip, max token length), from config.toml
 
 
 def _run_config(run_dir: Path) -> Config:
@@ -58,15 +60,19 @@ def _run_config(run_dir: Path) -> Config:
 
 def _checkpoint_source(folder: Path) -> AdapterSource:
     run_dir = folder.parent.parent
+    text = None
+    if (run_dir / "config.toml").is_file():
+        run = _run_config(run_dir)
+        text = (run.model.clip_skip, run.data.max_token_length)
     if stores_alphas(folder):  # its lora.safetensors reads like any adapter file, every module's alpha included
-        return AdapterSource(folder / "lora.safetensors", f"{run_dir.name}-{folder.name}")
+        return AdapterSource(folder / "lora.safetensors", f"{run_dir.name}-{folder.name}", text=text)
     alpha = conv_alpha = None
     if (run_dir / "config.toml").is_file():
         lora = _run_config(run_dir).lora
         alpha, conv_alpha = lora.alpha, getattr(lora, "conv_alpha", None)  # conv_alpha: runs with LoCon
     else:
         log.warning("%s: no config.toml in the run folder, so the LoRA alpha is unknown; using alpha = rank", folder)
-    return AdapterSource(folder / "lora.safetensors", f"{run_dir.name}-{folder.name}", alpha, conv_alpha)
+    return AdapterSource(folder / "lora.safetensors", f"{run_dir.name}-{folder.name}", alpha, conv_alpha, text)
 
 
 def find_adapter(path: str | Path) -> AdapterSource:
@@ -120,19 +126,24 @@ class _Attached:
     parts: tuple[str, ...]
     source: AdapterSource
     stamp: tuple[str, int, int]  # of source.file when it was read
+    clip_skip: int = 1  # how its captions were encoded (the embedded config), so prompts are too
+    max_token_length: int = 75
 
 
 def _peft_config(adapter: Adapter, part: str) -> Any:
-    """A peft LoraConfig that recreates ``adapter``'s layers for one part, rank and alpha per module."""
+    """A peft config (LoRA, LoHa or LoKr) that recreates ``adapter``'s layers for one part, rank and alpha
+    per module."""
+    from peft import LoHaConfig, LoKrConfig
     from peft import LoraConfig as PeftLoraConfig
 
     fields = adapter.peft_fields(part)
+    config_class = {"loha": LoHaConfig, "lokr": LoKrConfig}.get(adapter.network, PeftLoraConfig)
 
     # Exact names: a regex that must match the whole module path, so no other module is caught.
     def exact(patterns: dict[str, float]) -> dict[str, float]:
         return {"^" + re.escape(p): v for p, v in patterns.items()}
 
-    return PeftLoraConfig(**{
+    return config_class(**{
         **fields,
         "target_modules": "|".join(re.escape(p) for p in fields["target_modules"]),
         "rank_pattern": exact(fields["rank_pattern"]),
@@ -141,11 +152,12 @@ def _peft_config(adapter: Adapter, part: str) -> Any:
 
 
 def _lora_layers(part: str, module: torch.nn.Module) -> list[tuple[str | None, Any]]:
-    """The LoRA layers of one part, each with its per-block strength group (UNet only: IN, MID, OUT)."""
-    from peft.tuners.lora import LoraLayer
+    """peft's adapter layers of one part (LoRA, LoHa, LoKr: each takes ``set_scale`` and ``enable_adapters``),
+    each with its per-block strength group (UNet only: IN, MID, OUT)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
 
     return [(group_of(name) if part == "unet" else None, m) for name, m in module.named_modules()
-            if isinstance(m, LoraLayer)]
+            if isinstance(m, BaseTunerLayer)]
 
 
 def block_scales(given: Mapping[str, float] | None) -> dict[str, float]:
@@ -247,7 +259,9 @@ class Previewer:
             self._next_id += 1
             for part in adapter.state:
                 self._inject(part, peft_name, adapter)
-            self._adapters[name] = _Attached(name, peft_name, tuple(adapter.state), source, stamp)
+            trained = adapter.config
+            text = source.text or ((trained.model.clip_skip, trained.data.max_token_length) if trained else (1, 75))
+            self._adapters[name] = _Attached(name, peft_name, tuple(adapter.state), source, stamp, *text)
             self._refresh_layers()
         log.info("attached %s from %s (%s)", name, source.file, ", ".join(adapter.state))
         return name
@@ -268,7 +282,7 @@ class Previewer:
         except (ValueError, RuntimeError) as e:  # shape mismatch: the file is for another model
             self._remove(peft_name)
             raise FormatError(f"adapter does not fit this base model ({part}): {str(e).splitlines()[0]}") from e
-        missing = [k for k in result.missing_keys if f".{peft_name}." in k and "lora_" in k]
+        missing = [k for k in result.missing_keys if f".{peft_name}" in k and ADAPTER_PARAM.search(k)]
         if result.unexpected_keys or missing:
             self._remove(peft_name)
             raise FormatError(f"adapter does not fit this base model ({part}): "
@@ -363,6 +377,8 @@ class Previewer:
         scale = float(scale)
         if not math.isfinite(scale):
             raise ConfigError(f"scale: must be a finite number, got {scale}")
+        if settings.clip_skip == 0:  # as the adapter was trained (the base image too, so they compare)
+            settings = settings.replace(clip_skip=attached.clip_skip if attached is not None else 1)
         if attached is None or scale == 0:
             image = self._base(prompt, settings)
         else:
@@ -404,20 +420,33 @@ class Previewer:
         guided = settings.guidance > 1.0
         adapts_text = attached is not None and any(part in attached.parts for part in TEXT_PARTS)
         text_lora = (attached.peft_name, scale) if adapts_text else None
-        key = (prompt, settings.negative_prompt if guided else "", guided, text_lora)
+        length = attached.max_token_length if attached is not None else 75
+        key = (prompt, settings.negative_prompt if guided else "", guided, settings.clip_skip, length, text_lora)
         if key not in self._embeds_cache:
             with torch.no_grad():
-                encoded = self.pipeline.encode_prompt(
-                    prompt, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=guided,
-                    negative_prompt=settings.negative_prompt or None,
-                )
-            names = ["prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds",
-                     "negative_pooled_prompt_embeds"]  # SD returns the first two, SDXL all four
-            self._embeds_cache[key] = {n: e for n, e in zip(names, encoded, strict=False) if e is not None}
+                self._embeds_cache[key] = self._encode(prompt, settings, guided, length)
             while len(self._embeds_cache) > CACHE_SIZE * 4:
                 self._embeds_cache.popitem(last=False)
         self._embeds_cache.move_to_end(key)
         return self._embeds_cache[key]
+
+    def _encode(self, prompt: str, settings: GenerateSettings, guided: bool, length: int) -> dict[str, Any]:
+        """Prompt embeddings as training encodes captions (clip skip, 75-token chunks); SDXL's two text
+        encoders are the pipeline's own business (diffusers counts clip skip from 0)."""
+        if self.model.kind == "sdxl":
+            encoded = self.pipeline.encode_prompt(
+                prompt, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=guided,
+                negative_prompt=settings.negative_prompt or None, clip_skip=settings.clip_skip - 1 or None,
+            )
+            names = ["prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds",
+                     "negative_pooled_prompt_embeds"]
+            return {n: e for n, e in zip(names, encoded, strict=False) if e is not None}
+        tokenizer, encoder = self.pipeline.tokenizer, self.pipeline.text_encoder
+        out = {"prompt_embeds": encode_captions(tokenizer, encoder, [prompt], length, settings.clip_skip)}
+        if guided:
+            out["negative_prompt_embeds"] = encode_captions(tokenizer, encoder, [settings.negative_prompt], length,
+                                                            settings.clip_skip)
+        return out
 
     def _scheduler(self, name: str) -> Any:
         if name not in self._schedulers:
@@ -439,6 +468,8 @@ class Previewer:
             "Size": f"{settings.width}x{settings.height}",
             "Model": self.model_name,
         }
+        if settings.clip_skip > 1:  # A1111 writes it only when it is not 1
+            fields["Clip skip"] = settings.clip_skip
         if strengths:
             fields["Lora"] = ", ".join(strengths)
             values = {_format_scales(v) for v in strengths.values()}

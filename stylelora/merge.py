@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from . import fileio
-from .adapter import Adapter, module_paths
+from .adapter import NETWORK_NAMES, Adapter, module_paths
 from .blocks import TEXT_PARTS, select
 from .convert import describe, open_adapter, write_adapter
 from .errors import ConfigError, FormatError
@@ -29,6 +29,11 @@ def merge(model: str | BaseModel, lora: str | Path, scale: float, out: str | Pat
     base = model if isinstance(model, BaseModel) else load_base_model(model)
     adapter = load_adapter(lora, base)
     pipe = base.pipeline
+    if adapter.network != "lora":
+        add_deltas(base, adapter, scale)
+        with fileio.atomic_dir(out) as folder:
+            pipe.save_pretrained(folder, safe_serialization=True)
+        return Path(out)
     with tempfile.TemporaryDirectory(prefix="stylelora-merge-") as tmp:
         save_diffusers(tmp, adapter, precision="fp32")
         # the file named: diffusers 0.35 refuses a bare folder when HF_HUB_OFFLINE is set
@@ -38,6 +43,17 @@ def merge(model: str | BaseModel, lora: str | Path, scale: float, out: str | Pat
     with fileio.atomic_dir(out) as folder:
         pipe.save_pretrained(folder, safe_serialization=True)
     return Path(out)
+
+
+@torch.no_grad()
+def add_deltas(model: BaseModel, adapter: Adapter, scale: float) -> None:
+    """Add every module's change (``Adapter.delta``) at strength ``scale`` to ``model``'s weights; LoHa
+    and LoKr are merged this way (diffusers' fuse_lora knows LoRA only)."""
+    for part, module in model.parts():
+        modules = dict(module.named_modules())
+        for path in adapter.modules(part):
+            weight = modules[path].weight
+            weight += (scale * adapter.delta(part, path, tuple(weight.shape))).to(weight.dtype)
 
 
 @dataclass
@@ -94,6 +110,9 @@ def resize(path: str | Path, rank: int, out: str | Path, base_model: str | BaseM
     if rank < 1:
         raise FormatError(f"--rank {rank}: must be at least 1")
     src = open_adapter(path, base_model)
+    if src.adapter.network != "lora":
+        raise FormatError(f"{src.path}: resizing works on LoRA and LoCon adapters; this one is "
+                          f"{NETWORK_NAMES[src.adapter.network]}")
     if src.adapter.rank <= rank and all(src.adapter.rank_of(p, m) <= rank for p in src.adapter.state
                                        for m in src.adapter.modules(p)):
         raise FormatError(f"{src.path}: the adapter is already rank {src.adapter.rank}; give a --rank below that")

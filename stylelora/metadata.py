@@ -50,12 +50,18 @@ def adapter_facts(adapter: Adapter, kind: str) -> dict[str, str]:
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": f"{ARCHITECTURE[kind]}/lora",
     }
+    args: dict[str, str] = {}
+    if adapter.network != "lora":  # LoHa/LoKr: LyCORIS' kohya network, as sd-scripts records it
+        facts["ss_network_module"] = "lycoris.kohya"
+        args["algo"] = adapter.network
+        if adapter.network == "lokr":
+            args["factor"] = str(adapter.lokr_factor(next(iter(adapter.state))))
     convs = [(part, p) for part in adapter.state for p in adapter.modules(part) if adapter.is_kxk_conv(part, p)]
     if convs:  # LoCon: sd-scripts' networks.lora takes the 3x3-conv rank and alpha as network args
         part, path = convs[0]
-        facts["ss_network_args"] = json.dumps(
-            {"conv_dim": str(adapter.rank_of(part, path)), "conv_alpha": _g(adapter.alpha_of(part, path))}
-        )
+        args.update({"conv_dim": str(adapter.rank_of(part, path)), "conv_alpha": _g(adapter.alpha_of(part, path))})
+    if args:
+        facts["ss_network_args"] = json.dumps(args)
     unet_only = set(adapter.state) == {"unet"}
     facts["ss_network_train_unet_only"] = str(unet_only)
     return facts
@@ -103,7 +109,8 @@ def library_versions() -> dict[str, str]:
 
 
 def kohya_metadata(
-    config: Config, model: BaseModel, steps: int, num_images: int, items: Sequence[Any] | None = None
+    config: Config, model: BaseModel, steps: int, num_images: int, items: Sequence[Any] | None = None,
+    total_steps: int | None = None, epoch: int | None = None,
 ) -> dict[str, str]:
     """The training facts as sd-scripts writes them, so A1111, ComfyUI and Civitai show them, plus the
     run's config (``stylelora.config``) and how to reproduce it (``stylelora.reproducibility``).
@@ -116,7 +123,7 @@ def kohya_metadata(
         "ss_sd_model_name": config.model.name,
         "ss_resolution": f"({res}, {res})",
         "ss_steps": str(steps),
-        "ss_max_train_steps": str(config.train.steps),
+        "ss_max_train_steps": str(total_steps or config.train.steps),
         "ss_num_train_images": str(num_images),
         "ss_learning_rate": _g(config.train.lr),
         "ss_unet_lr": _g(config.train.lr),
@@ -138,6 +145,13 @@ def kohya_metadata(
         "stylelora.config": config.to_toml(),
     }
     meta.update(_data_facts(config))
+    meta["ss_clip_skip"] = str(config.model.clip_skip)
+    if config.data.max_token_length != 75:
+        meta["ss_max_token_length"] = str(config.data.max_token_length)
+    if config.train.epochs:
+        meta["ss_num_epochs"] = str(config.train.epochs)
+    if epoch is not None:
+        meta["ss_epoch"] = str(epoch)
     if config.data.trigger_word:
         meta["modelspec.trigger_phrase"] = config.data.trigger_word
     record: dict[str, Any] = {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ import torch
 
 from . import blocks
 from .config import Config, LoraConfig
-from .errors import ConfigError, ModelError
+from .errors import ConfigError, ModelError, offline_hint
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +27,8 @@ LOCON_KXK_TARGETS = ["conv1", "conv2", "downsamplers.0.conv", "upsamplers.0.conv
 LOCON_LINEAR_TARGETS = ["conv_shortcut", "time_emb_proj"]
 LOCON_TARGETS = LOCON_KXK_TARGETS + LOCON_LINEAR_TARGETS
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
+# peft's own layers and weights: LoRA (lora_A, lora_B, lora_magnitude_vector), LoHa (hada_*), LoKr (lokr_*)
+ADAPTER_PARAM = re.compile(r"(^|\.)(lora_|hada_|lokr_)")
 KINDS = ("sd1", "sd2", "sd2-v", "sdxl")  # SD1.x, SD2 512 (epsilon), SD2 768-v, SDXL
 KIND_NAMES = {"sd1": "SD1.x", "sd2": "SD2 512", "sd2-v": "SD2 768-v", "sdxl": "SDXL"}
 KIND_PRESETS = {"sdxl": "sdxl-style", "sd2-v": "sd2-768v"}  # presets/<name>.toml made for a kind
@@ -391,11 +394,8 @@ def _is_hub_id(name: str) -> bool:
 
 
 def _offline_hint(name: str) -> str:
-    return (
-        f"model '{name}': could not be downloaded from the Hugging Face hub (this machine looks "
-        "offline, or the id is wrong). Download it where you have internet and pass the local "
-        "folder (--model /path/to/folder) or a single .safetensors file (--model file.safetensors)."
-    )
+    return offline_hint("model", name, "the folder (--model /path/to/folder) or a single .safetensors file "
+                        "(--model file.safetensors)")
 
 
 def load_base_model(name: str, config_source: str = "", prediction_type: str = "auto",
@@ -660,6 +660,22 @@ def peek_model(name: str, config_source: str = "") -> ModelFacts | None:
 # --- LoRA ---------------------------------------------------------------------------------------
 
 
+def peft_config(lora: LoraConfig, targets: list[str], rank_pattern: dict[str, int] | None = None,
+                alpha_pattern: dict[str, float] | None = None) -> Any:
+    """The peft config of ``lora.type``: LoRA (and LoCon, DoRA), LoHa or LoKr, all through peft."""
+    from peft import LoHaConfig, LoKrConfig
+    from peft import LoraConfig as PeftLoraConfig
+
+    common: dict[str, Any] = {"r": lora.rank, "target_modules": targets, "rank_pattern": rank_pattern or {},
+                              "alpha_pattern": alpha_pattern or {}}
+    if lora.type == "loha":
+        return LoHaConfig(alpha=lora.alpha, **common)
+    if lora.type == "lokr":
+        return LoKrConfig(alpha=lora.alpha, decompose_factor=lora.lokr_factor, **common)
+    return PeftLoraConfig(lora_alpha=lora.alpha, lora_dropout=lora.dropout, use_dora=lora.dora,
+                          init_lora_weights="gaussian", **common)
+
+
 def _matches(path: str, names: list[str]) -> bool:
     """peft's rule for a list of target names: the module path is a name or ends with ``.name``."""
     return any(path == name or path.endswith("." + name) for name in names)
@@ -675,11 +691,12 @@ def unet_targets(model: BaseModel, lora: LoraConfig, names: list[str]) -> list[s
 
 
 def add_lora(model: BaseModel, lora: LoraConfig) -> list[torch.nn.Parameter]:
-    """Freeze the base model and inject LoRA layers with peft; returns the trainable parameters."""
-    from peft import LoraConfig as PeftLoraConfig
+    """Freeze the base model and inject the adapter layers (``lora.type``) with peft; returns the
+    trainable parameters."""
     from peft import inject_adapter_in_model
 
-    unet_names = [*lora.unet_targets, *(LOCON_TARGETS if lora.conv_rank else [])]
+    conv_rank = lora.conv_rank or (lora.rank if lora.type == "locon" else 0)
+    unet_names = [*lora.unet_targets, *(LOCON_TARGETS if conv_rank else [])]
     targets: list[tuple[torch.nn.Module, list[str]]] = [(model.unet, unet_targets(model, lora, unet_names))]
     if lora.train_text_encoder:
         chosen = blocks.TEXT_PARTS["te" if lora.text_encoders == "both" else lora.text_encoders]
@@ -692,29 +709,19 @@ def add_lora(model: BaseModel, lora: LoraConfig) -> list[torch.nn.Parameter]:
     for module, names in targets:
         rank_pattern: dict[str, int] = {}
         alpha_pattern: dict[str, float] = {}
-        if module is model.unet and lora.conv_rank:
-            # LoCon as kohya's conv_dim: the kxk convs with their own rank and alpha, the rest of the
-            # ResNet/down/upsample blocks' layers (conv_shortcut, time_emb_proj) at the network's.
-            rank_pattern = {name: lora.conv_rank for name in LOCON_KXK_TARGETS}
+        if module is model.unet and conv_rank:
+            # LoCon as kohya's conv_dim (and LoHa/LoKr on convs): the kxk convs with their own rank and
+            # alpha, the rest of the ResNet/down/upsample blocks' layers (conv_shortcut, time_emb_proj) at
+            # the network's.
+            rank_pattern = {name: conv_rank for name in LOCON_KXK_TARGETS}
             alpha_pattern = {name: lora.conv_alpha for name in LOCON_KXK_TARGETS}
-        peft_config = PeftLoraConfig(
-            r=lora.rank,
-            lora_alpha=lora.alpha,
-            lora_dropout=lora.dropout,
-            target_modules=names,
-            rank_pattern=rank_pattern,
-            alpha_pattern=alpha_pattern,
-            use_dora=lora.dora,
-            init_lora_weights="gaussian",
-        )
         try:
-            inject_adapter_in_model(peft_config, module, adapter_name=ADAPTER_NAME)
+            inject_adapter_in_model(peft_config(lora, names, rank_pattern, alpha_pattern), module,
+                                    adapter_name=ADAPTER_NAME)
         except ValueError as e:
             raise ModelError(f"cannot add LoRA to {type(module).__name__}: {e}") from e
-        for n, p in module.named_parameters():
-            if "lora_" in n:
-                p.requires_grad_(True)
-                params.append(p)
+        # peft leaves only its own layers trainable in the module it injected into
+        params += [p for p in module.parameters() if p.requires_grad]
     return params
 
 
@@ -736,7 +743,7 @@ def prepare_for_training(
     params = add_lora(model, lora)
     text_encoders = model.text_encoders
     training = [any(p.requires_grad for p in encoder.parameters()) for encoder in text_encoders]
-    _set_attention(model.unet, train.attention)
+    set_attention(model.unet, train.attention)
     if train.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
         for encoder, trains in zip(text_encoders, training, strict=True):
@@ -766,7 +773,7 @@ def vae_dtype(model: BaseModel, weight_dtype: torch.dtype) -> torch.dtype:
     return weight_dtype
 
 
-def _set_attention(unet: torch.nn.Module, kind: str) -> None:
+def set_attention(unet: torch.nn.Module, kind: str) -> None:
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
     unet.set_attn_processor(AttnProcessor2_0() if kind == "sdpa" else AttnProcessor())
@@ -778,7 +785,7 @@ def lora_state(model: BaseModel) -> dict[str, dict[str, torch.Tensor]]:
 
     out: dict[str, dict[str, torch.Tensor]] = {}
     for part, module in model.parts():
-        if any("lora_" in n for n, _ in module.named_parameters()):
+        if any(ADAPTER_PARAM.search(n) for n, _ in module.named_parameters()):
             sd = get_peft_model_state_dict(module, adapter_name=ADAPTER_NAME)
             out[part] = {k: v.detach().to("cpu", torch.float32).clone() for k, v in sd.items()}
     return out
@@ -808,7 +815,7 @@ def module_shapes(model: BaseModel) -> dict[str, dict[str, tuple[int, ...]]]:
         out[part] = {
             name.removesuffix(".base_layer"): tuple(sub.weight.shape)
             for name, sub in module.named_modules()
-            if isinstance(sub, (torch.nn.Linear, torch.nn.Conv2d)) and "lora_" not in name
+            if isinstance(sub, (torch.nn.Linear, torch.nn.Conv2d)) and not ADAPTER_PARAM.search(name)
         }
     return out
 
@@ -818,17 +825,30 @@ def adaptable_modules(model: BaseModel) -> dict[str, list[str]]:
     return {part: sorted(shapes) for part, shapes in module_shapes(model).items()}
 
 
+def full_lokr_rank(w2: torch.Tensor) -> int:
+    """The rank at which peft builds a LoKr module's second factor as this full matrix. LyCORIS and
+    ComfyUI scale a module of two full factors by 1, so its alpha is this rank in every file."""
+    return int(max(w2.shape[0], w2.shape[1]))
+
+
 def lora_alphas(model: BaseModel) -> dict[str, dict[str, float]]:
-    """The alpha peft uses for every adapted module, per part (rank_pattern/alpha_pattern included)."""
+    """The alpha of every adapted module, per part (rank_pattern/alpha_pattern included): LoRA layers keep
+    it in ``lora_alpha``, LoHa and LoKr layers in ``alpha``. A LoKr module of two full factors is given
+    the alpha that keeps peft's scale at ``full_lokr_rank`` (the rank the canonical adapter states)."""
     from peft.tuners.lora import LoraLayer
+    from peft.tuners.lycoris_utils import LycorisLayer
 
     out: dict[str, dict[str, float]] = {}
     for part, module in model.parts():
-        found = {
-            name: float(sub.lora_alpha[ADAPTER_NAME])
-            for name, sub in module.named_modules()
-            if isinstance(sub, LoraLayer) and ADAPTER_NAME in sub.lora_alpha
-        }
+        found = {}
+        for name, sub in module.named_modules():
+            if isinstance(sub, LoraLayer) and ADAPTER_NAME in sub.lora_alpha:
+                found[name] = float(sub.lora_alpha[ADAPTER_NAME])
+            elif isinstance(sub, LycorisLayer) and ADAPTER_NAME in sub.alpha:
+                found[name] = float(sub.alpha[ADAPTER_NAME])
+                w1, w2 = getattr(sub, "lokr_w1", {}), getattr(sub, "lokr_w2", {})
+                if ADAPTER_NAME in w1 and ADAPTER_NAME in w2:
+                    found[name] = found[name] / sub.r[ADAPTER_NAME] * full_lokr_rank(w2[ADAPTER_NAME])
         if found:
             out[part] = found
     return out

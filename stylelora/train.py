@@ -7,12 +7,13 @@ deals them out), and the main process alone writes the run's files and reports i
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 
 from . import checkpoint as ckpt
-from . import events, losses, optim
+from . import events, losses, optim, trackers
 from .artifacts import export_adapter, render_samples
 from .batches import BatchSource, TrainingSet
 from .config import Config, next_free_run_dir
@@ -29,6 +30,7 @@ from .dataset import CaptionedImages, Item
 from .doctor import training_items
 from .ema import LoraEMA
 from .errors import ConfigError, DiskFullError, TrainingError
+from .estimate import Estimate, emit_estimate, estimate
 from .failures import (
     RunTracker,
     disk_full_advice,
@@ -41,7 +43,7 @@ from .failures import (
 from .metrics import MetricsLog
 from .models import KIND_NAMES, KIND_PRESETS, BaseModel, load_base_model, prepare_for_training
 from .processes import Processes
-from .text import encode_text
+from .text import check_clip_skip, encode_text
 from .validation import Validator, split_holdout
 
 log = logging.getLogger(__name__)
@@ -112,7 +114,7 @@ def _new_accelerator(**kwargs: Any) -> Any:
 
 def _accelerator(config: Config, out: Path) -> Any:
     """The run's Accelerator (device, precision, accumulation, the processes of a multi-process launch,
-    TensorBoard under ``logs/``), after the checks that fail before any model is loaded: a missing GPU,
+    the tracker of train.log_with), after the checks that fail before any model is loaded: a missing GPU,
     a launch accelerate cannot join, the optimizer."""
     from accelerate.utils import InitProcessGroupKwargs
 
@@ -124,7 +126,7 @@ def _accelerator(config: Config, out: Path) -> Any:
             gradient_accumulation_steps=cfg.gradient_accumulation_steps,
             # without a GPU, "auto" is the CPU; saying so lets accelerate join several CPU processes over gloo
             cpu=cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()),
-            log_with="tensorboard",
+            log_with=trackers.check(cfg.log_with),
             project_dir=str(out / "logs"),
             kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.process_timeout))],
         )
@@ -195,6 +197,8 @@ def _base_model(config: Config, model: BaseModel | None) -> BaseModel:
     if model is None:
         m = config.model
         model = load_base_model(m.name, m.config, m.prediction_type, m.kind)
+    if model.kind != "sdxl":  # SDXL's conditioning already skips the last layer (text.encode_sdxl)
+        check_clip_skip(model.text_encoder, config.model.clip_skip)
     return model
 
 
@@ -232,7 +236,8 @@ def _validator(config: Config, held_out: list[Item], model: BaseModel, noise_sch
     seed = config.train.seed
     validation_data = CaptionedImages(held_out, replace(config.data, center_crop=True, random_flip=False))
     examples = [validation_data.example(i, seed, 0) for i in range(len(validation_data.items))]
-    return Validator(examples, model, noise_scheduler, device, weight_dtype, seed)
+    return Validator(examples, model, noise_scheduler, device, weight_dtype, seed, config.data.max_token_length,
+                     config.model.clip_skip)
 
 
 def _prepare(accelerator: Any, model: BaseModel, optimizer: Any) -> tuple[Any, list[Any], Any]:
@@ -279,23 +284,40 @@ def _every(interval: int, step: int) -> bool:
 
 class _Due:
     """Which extras of a step are due: validation and the metrics line also at the last step, a
-    checkpoint never there (the final save follows the loop), samples only with prompts. Only the main
-    process validates, logs and renders; every process takes part in a checkpoint (its RNG streams)."""
+    checkpoint never there (the final save follows the loop), samples only with prompts, an epoch's
+    checkpoint and adapter when an epoch ends (``train.save_every_epochs``). Only the main process
+    validates, logs, renders and saves adapters; every process takes part in a checkpoint (its RNG streams)."""
 
-    def __init__(self, config: Config, team: Processes) -> None:
+    def __init__(self, config: Config, team: Processes, total: int, epochs_done: int) -> None:
         self.train, self.sample, self.main = config.train, config.sample, team.is_main
+        self.total, self.epochs_done = total, epochs_done
 
     def validation(self, step: int) -> bool:
-        return self.main and (_every(self.train.validate_every, step) or step == self.train.steps)
+        return self.main and (_every(self.train.validate_every, step) or step == self.total)
 
     def metrics(self, step: int) -> bool:
-        return self.main and (_every(self.train.log_every, step) or step == self.train.steps)
+        return self.main and (_every(self.train.log_every, step) or step == self.total)
 
     def samples(self, step: int) -> bool:
         return self.main and bool(self.sample.prompts) and _every(self.sample.every, step)
 
     def checkpoint(self, step: int) -> bool:
-        return _every(self.train.save_every, step) and step < self.train.steps
+        return _every(self.train.save_every, step) and step < self.total
+
+    def epoch_end(self, step: int, epochs_done: int) -> int | None:
+        """The epoch that just ended when its adapter is due (not at the last step: the final save follows)."""
+        ended = epochs_done > self.epochs_done
+        self.epochs_done = epochs_done
+        due = ended and _every(self.train.save_every_epochs, epochs_done) and step < self.total
+        return epochs_done if due else None
+
+
+@contextlib.contextmanager
+def _evaluation_weights(live: ckpt.LiveState) -> Iterator[None]:
+    """The weights samples, validation and the adapter use: the EMA average when EMA is on, and a
+    schedule-free optimizer's averaged weights."""
+    with optim.evaluation_weights(live.optimizer), live.averaged():
+        yield
 
 
 def _check_finite(loss: torch.Tensor, step: int) -> None:
@@ -335,6 +357,16 @@ def train(
         raise TrainingError(out_of_memory_advice(config, tracker)) from e
 
 
+def estimate_run(config: Config, model: BaseModel | None = None) -> Estimate:
+    """The memory and time ``config`` would take (``stylelora train --estimate``, the app's Estimate
+    button): the data is checked and the model prepared as for training; nothing is trained or written."""
+    accelerator = _accelerator(config, config.output_dir)
+    data, _ = _training_data(config, model, lambda _event: None)
+    model = _base_model(config, model)
+    prepare_for_training(model, config, accelerator.device, accelerator.mixed_precision)
+    return estimate(model, config, accelerator.device, data.total_steps(config.train), data.num_images)
+
+
 def _train(config: Config, emit: RunTracker, stop: StopSignal, model: BaseModel | None) -> RunResult:
     cfg = config.train
     out = resolve_output_dir(config)
@@ -349,10 +381,12 @@ def _train(config: Config, emit: RunTracker, stop: StopSignal, model: BaseModel 
     noise_scheduler = _noise_scheduler(config, model)
     params, weight_dtype = prepare_for_training(model, config, accelerator.device, accelerator.mixed_precision)
 
+    total = data.total_steps(cfg)  # train.steps, or train.epochs passes over the data
+
     # --- optimizer, schedule, EMA, validation ---
     lr_scale = _learning_rate_scale(config, team, emit)
     optimizer = optim.build_optimizer(optim.param_groups(model, cfg, lr_scale), cfg, accelerator.device)
-    lr_scheduler = optim.build_lr_scheduler(optimizer, cfg)
+    lr_scheduler = optim.build_lr_scheduler(optimizer, cfg, total)
     ema = LoraEMA(params, cfg.ema_decay) if cfg.ema else None
     validator = _validator(config, held_out if team.is_main else [], model, noise_scheduler, accelerator.device,
                            weight_dtype)
@@ -368,18 +402,19 @@ def _train(config: Config, emit: RunTracker, stop: StopSignal, model: BaseModel 
     if team.is_main:  # the one writer of the run's files
         out.mkdir(parents=True, exist_ok=True)
         config.with_overrides({"train.output_dir": str(out), "train.resume": ""}).save(out / "config.toml")
-        accelerator.init_trackers("stylelora")
+        trackers.start(accelerator, config, out)
         metrics = MetricsLog(out / "metrics.jsonl", step, accelerator.log)
     effective_batch = cfg.batch_size * team.count * cfg.gradient_accumulation_steps
     log.info("training with %d process(es): effective batch %d", team.count, effective_batch)
-    emit(events.Started(cfg.steps, step, data.num_images, str(accelerator.device), out, team.count, effective_batch))
+    emit(events.Started(total, step, data.num_images, str(accelerator.device), out, team.count, effective_batch))
+    emit_estimate(model, config, accelerator.device, total - step, data.num_images, emit)
     for message in _model_notes(config, model) + [events.Message(note) for note in source.notes]:
         emit(message)
 
     # --- the loop: one iteration is one optimizer step of `accumulation` micro-batches in every process ---
     losses_seen: list[float] = []
-    clock, due, stopped = _Clock(step, seconds_before), _Due(config, team), False
-    while step < cfg.steps:
+    clock, due, stopped = _Clock(step, seconds_before), _Due(config, team, total, source.epoch), False
+    while step < total:
         if team.any(_stop_requested(stop)):  # all processes stop after the same step
             stopped = True
             break
@@ -396,7 +431,7 @@ def _train(config: Config, emit: RunTracker, stop: StopSignal, model: BaseModel 
                 noisy = noise_scheduler.add_noise(latents, noise, timesteps)
                 text = batch.text
                 if text is None:  # a text encoder trains: run them here, with gradients
-                    text = encode_text(text_encoders, batch.input_ids)
+                    text = encode_text(text_encoders, batch.input_ids, config.model.clip_skip)
                 target = losses.training_target(noise_scheduler, latents, noise, timesteps)
                 conditions = text.added_conditions(batch.time_ids)  # SDXL: pooled text and time ids
                 pred = unet(noisy, timesteps, text.states, added_cond_kwargs=conditions).sample
@@ -419,33 +454,38 @@ def _train(config: Config, emit: RunTracker, stop: StopSignal, model: BaseModel 
         step_loss = loss_sum / team.count
         losses_seen.append(step_loss)
 
-        elapsed, rate, eta = clock.pace(step, cfg.steps)
+        elapsed, rate, eta = clock.pace(step, total)
         lr = lr_scheduler.get_last_lr()[0]
-        emit(events.Progress(step, cfg.steps, step_loss, lr, images * rate, elapsed, eta))
+        emit(events.Progress(step, total, step_loss, lr, images * rate, elapsed, eta))
         record = {"step": step, "loss": step_loss, "lr": lr, "images_per_s": images * rate, "seconds": elapsed}
         if validator is not None and due.validation(step):
-            with live.averaged():
+            with _evaluation_weights(live):
                 record["val_loss"] = validator.loss(accelerator.autocast)
             emit(events.Validation(step, record["val_loss"]))
         if metrics is not None and (due.metrics(step) or "val_loss" in record):
             metrics.write(record)
         if due.samples(step):
-            with live.averaged():
+            with _evaluation_weights(live):
                 paths = render_samples(model, config, out, step)
             emit(events.SampleSaved(step, paths, list(config.sample.prompts)))
-        if due.checkpoint(step):
+        epoch = due.epoch_end(step, source.epoch)
+        if due.checkpoint(step) or epoch is not None:
             ckpt.snapshot(live, step, clock.elapsed(), cfg.keep_checkpoints, emit)
+        if epoch is not None and team.is_main:  # kohya's save_every_n_epochs: an epoch's adapter file
+            with _evaluation_weights(live):
+                saved = export_adapter(model, config, out, step, data.num_images, data.items, total, epoch)
+            emit(events.AdapterSaved(step, saved))
 
-    # --- final save (also after a stop request); the export uses the EMA weights when EMA is on ---
+    # --- final save (also after a stop request); the export uses the EMA (or schedule-free) average ---
     ckpt.snapshot(live, step, clock.elapsed(), cfg.keep_checkpoints, emit)
     adapters: list[Path] = []
     if team.is_main:
-        with live.averaged():
-            adapters = export_adapter(model, config, out, step, data.num_images, data.items)
+        with _evaluation_weights(live):
+            adapters = export_adapter(model, config, out, step, data.num_images, data.items, total)
         emit(events.AdapterSaved(step, adapters))
     team.wait()  # the others end with the main one, so a failed export ends the whole launch
     accelerator.end_training()  # also leaves the process group
     if stopped:
-        emit(events.Message(f"stopped at step {step} of {cfg.steps}; continue with: {resume_command(out, team.count)}"))
+        emit(events.Message(f"stopped at step {step} of {total}; continue with: {resume_command(out, team.count)}"))
     emit(events.Finished(step, stopped, out, adapters))
     return RunResult(out, step, stopped, adapters, losses_seen)

@@ -37,13 +37,14 @@ class Validator:
     """Scores the current LoRA on fixed (image, caption, noise, timestep) tuples."""
 
     def __init__(self, examples: list[dict[str, Any]], model: Any, scheduler: Any, device: torch.device,
-                 dtype: torch.dtype, seed: int):
+                 dtype: torch.dtype, seed: int, max_token_length: int = 75, clip_skip: int = 1):
         self.model, self.scheduler, self.device, self.dtype = model, scheduler, device, dtype
+        self.clip_skip = clip_skip
         vae = model.vae
         pixels = torch.stack([e["pixels"] for e in examples]).to(device, vae.dtype)
         with torch.no_grad():
             latents = vae.encode(pixels).latent_dist.mode() * vae.config.scaling_factor
-        ids = tokenize(model.tokenizers, [str(e["caption"]) for e in examples])
+        ids = tokenize(model.tokenizers, [str(e["caption"]) for e in examples], max_token_length)
         time_ids = torch.tensor([e["view"].time_ids for e in examples], dtype=torch.float32)
         n, k = len(examples), TIMESTEPS_PER_IMAGE
         total = scheduler.config.num_train_timesteps
@@ -69,7 +70,7 @@ class Validator:
             with autocast() if autocast else contextlib.nullcontext():
                 noisy = self.scheduler.add_noise(self.latents, self.noise, self.timesteps)
                 target = losses.training_target(self.scheduler, self.latents, self.noise, self.timesteps)
-                text = encode_text(encoders, self.ids)
+                text = encode_text(encoders, self.ids, self.clip_skip)
                 pred = unet(noisy, self.timesteps, text.states,
                             added_cond_kwargs=text.added_conditions(self.time_ids)).sample
                 return float(losses.per_example_mse(pred, target).mean())

@@ -20,12 +20,13 @@ PACKAGE = ROOT / "stylelora"
 # sit above the whole table and may import any of it; nothing in it imports them.
 LAYERS: list[tuple[str, list[tuple[str, ...]]]] = [
     ("shells", [("__main__",), ("cli", "__init__")]),
-    ("services", [("jobs", "workspace", "launch"), ("collect",)]),
+    ("services", [("jobs", "workspace", "launch"), ("collect", "kohya_import")]),
     ("engine", [("train", "generate"), ("artifacts",)]),
     ("adapters", [("merge",), ("convert",), ("formats",), ("metadata",), ("adapter",), ("kohya_names",)]),
-    ("data", [("batches", "doctor"), ("buckets", "imagecheck"), ("dataset", "cache", "images"), ("captions",)]),
-    ("model", [("failures", "validation"), ("checkpoint", "optim"), ("models", "losses", "samplers", "ema", "text"),
-               ("processes",)]),
+    ("data", [("batches", "doctor", "autocaption"), ("buckets", "imagecheck", "caption_tools"),
+              ("dataset", "cache", "images"), ("captions",)]),
+    ("model", [("failures", "validation", "estimate"), ("checkpoint", "optim", "trackers"),
+               ("models", "losses", "samplers", "ema", "text"), ("processes",)]),
     ("base", [("events", "metrics"), ("config",), ("blocks",), ("fileio",), ("errors",)]),
 ]
 SHELLS = ("app", "webui")  # first-party code outside the library: the Gradio app

@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 import gradio as gr
 
+from stylelora.autocaption import Captioner, load_captioner
 from stylelora.collect import list_datasets
 from stylelora.errors import StyleloraError
 from stylelora.generate import Previewer
@@ -31,6 +32,7 @@ class Context:
     preview_lock: threading.Lock = field(default_factory=threading.Lock)  # one render at a time, one model
     gpus: int = field(default_factory=visible_gpus)  # CUDA devices: with more than one, Train offers "GPUs"
     _previewer: Previewer | None = None
+    _captioner: Captioner | None = None
 
     def dataset_choices(self) -> list[str]:
         return [self.workspace.display(self.workspace.datasets / n) for n in list_datasets(self.workspace.datasets)]
@@ -43,6 +45,13 @@ class Context:
 
     def run_choices(self) -> list[str]:
         return [self.workspace.display(r.path) for r in self.workspace.runs()]
+
+    def captioner(self, name: str) -> Captioner:
+        """The captioner ``name``, loaded once and kept while the same one is asked for."""
+        if self._captioner is None or self._captioner.name != name.strip():
+            self._captioner = None  # let the old model go before loading the next
+            self._captioner = load_captioner(name)
+        return self._captioner
 
     def previewer(self, model: str) -> Previewer:
         """The Previewer of ``model``, loaded once and kept while the same model is asked for."""

@@ -1,4 +1,5 @@
-"""Dataset tab: create or pick a dataset, upload images or a zip, edit captions, trigger word, check."""
+"""Dataset tab: create or pick a dataset, upload images or a zip, edit captions, trigger word, check,
+caption images with a captioner (a preview first), and edit all captions at once (with undo)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import gradio as gr
 from stylelora import collect, doctor
 from stylelora.config import DataConfig
 
+from . import caption_panels
 from .context import Context, user_errors
 
 ACCEPTED = list(collect.UPLOAD_SUFFIXES)
@@ -106,6 +108,7 @@ def build(ctx: Context) -> dict[str, Any]:
         findings = gr.Dataframe(headers=["file", "level", "problem", "what to do"], interactive=False, wrap=True)
         with gr.Accordion("Full report", open=False):
             full_report = gr.Textbox(show_label=False, lines=12, interactive=False)
+        caption_panels.build(ctx, folder, gallery, dataset, images)
 
     dataset.change(gallery, dataset, images, api_name="list_images")
     upload_btn.click(upload, [dataset, files], [status, images], api_name="upload")

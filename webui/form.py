@@ -138,17 +138,19 @@ class ConfigForm:
 # --- generation settings (the Preview tab) ------------------------------------------------------
 
 
-def _settings_type(name: str) -> Any:
-    return _base_type(typing.get_type_hints(GenerateSettings)[name])[0]
+def _settings_type(name: str, cls: type = GenerateSettings) -> Any:
+    return _base_type(typing.get_type_hints(cls)[name])[0]
 
 
-def settings_widget(start: GenerateSettings, name: str, *, slider_max: float | None = None,
+def settings_widget(start: Any, name: str, *, slider_max: float | None = None,
                     **ui: Any) -> gr.components.Component:
-    """The widget of one GenerateSettings field showing its value in ``start``, labelled with the field's
-    name and its help text under it. A number is a box, or with ``slider_max`` a slider from the field's
-    lower bound; ``ui`` goes to the widget (``scale=2``)."""
-    meta = GenerateSettings.__dataclass_fields__[name].metadata
-    tp = _settings_type(name)
+    """The widget of one field of a settings dataclass (GenerateSettings, CaptionSettings) showing its value
+    in ``start``, labelled with the field's name and its help text under it. A number is a box, or with
+    ``slider_max`` a slider from the field's lower bound; choices a radio; a list a comma-separated text;
+    ``ui`` goes to the widget (``scale=2``)."""
+    cls = type(start)
+    meta = cls.__dataclass_fields__[name].metadata
+    tp = _settings_type(name, cls)
     common: dict[str, Any] = {"label": name.replace("_", " ").capitalize(), "info": meta["help"], **ui}
     value = getattr(start, name)
     if tp in (int, float) and slider_max is not None:
@@ -156,18 +158,26 @@ def settings_widget(start: GenerateSettings, name: str, *, slider_max: float | N
         return gr.Slider(minimum=low, maximum=slider_max, value=value, step=1 if tp is int else 0.1, **common)
     if tp in (int, float):
         return gr.Number(value=value, precision=0 if tp is int else None, **common)
+    if typing.get_origin(tp) is Literal:
+        return gr.Radio(list(typing.get_args(tp)), value=value, **common)
+    if tp is bool:
+        return gr.Checkbox(value=value, **common)
+    if typing.get_origin(tp) is list:
+        return gr.Textbox(value=", ".join(value), lines=2, **common)
     return gr.Textbox(value=value or "", **common)
 
 
-def settings_from_widgets(names: list[str], values: list[Any]) -> GenerateSettings:
-    """The GenerateSettings that the widgets of ``names`` show (checked: ConfigError names the field);
-    an emptied number box means the field's default."""
+def settings_from_widgets(names: list[str], values: list[Any], cls: type = GenerateSettings) -> Any:
+    """The settings (``cls``, GenerateSettings by default) that the widgets of ``names`` show (checked:
+    ConfigError names the field); an emptied number box means the field's default."""
     changes: dict[str, Any] = {}
     for name, value in zip(names, values, strict=True):
-        tp = _settings_type(name)
-        if value is None or (value == "" and tp is not str):
+        tp = _settings_type(name, cls)
+        if value is None or (value == "" and tp is not str and typing.get_origin(tp) is not list):
             continue
         if tp is int and isinstance(value, float) and value.is_integer():
             value = int(value)
+        if typing.get_origin(tp) is list:
+            value = [w.strip() for w in str(value).split(",") if w.strip()]
         changes[name] = value
-    return GenerateSettings(**changes)
+    return cls(**changes)

@@ -16,11 +16,12 @@ from typing import Any, TypeVar
 import gradio as gr
 import pandas as pd
 
-from stylelora import events
+from stylelora import events, kohya_import
 from stylelora.config import Config
 from stylelora.jobs import Snapshot
 from stylelora.launch import runner_for
 from stylelora.models import KIND_NAMES, KIND_PRESETS, peek_model
+from stylelora.train import estimate_run
 
 from .context import Context, user_errors
 from .form import ConfigForm
@@ -43,6 +44,8 @@ def _log_line(e: events.Event) -> str | None:
                 f"steps {e.start_step}->{e.total_steps}, run folder {e.output_dir}")
     if isinstance(e, events.Message):
         return f"{e.level}: {e.text}"
+    if isinstance(e, events.Estimated):
+        return ("" if e.fits else "warning: ") + e.summary
     if isinstance(e, events.SampleSaved):
         return f"step {e.step}: {len(e.paths)} sample(s) saved"
     if isinstance(e, events.CheckpointSaved):
@@ -165,9 +168,10 @@ def build(ctx: Context) -> dict[str, Any]:
         with gr.Row(equal_height=True):
             preset = gr.Dropdown(ctx.preset_names(), value=DEFAULT_PRESET, label="Preset", scale=3)
             load_preset_btn = gr.Button("Load preset", scale=1)
-            toml_in = gr.UploadButton("Load a TOML…", file_types=[".toml"], type="filepath", scale=1)
+            toml_in = gr.UploadButton("Load a TOML…", file_types=[".toml", ".json"], type="filepath", scale=1)
             save_btn = gr.Button("Save as TOML", scale=1)
         toml_out = gr.File(label="Config", interactive=False, visible=False)
+        import_notes = gr.Markdown(elem_id="import-notes")
         form = ConfigForm(initial, ctx.dataset_choices())
         shown_facts, offer = detect(initial.model.name, initial.data.resolution)
         with gr.Row(equal_height=True):
@@ -179,8 +183,10 @@ def build(ctx: Context) -> dict[str, Any]:
             gpus = gr.Dropdown(list(range(1, max(ctx.gpus, 1) + 1)), value=1, label="GPUs", elem_id="train-gpus",
                                visible=ctx.gpus > 1, scale=1,
                                info="one process per GPU (accelerate launch); the batch size is per GPU")
+            estimate_btn = gr.Button("Estimate memory and time", elem_id="estimate", scale=2)
             start_btn = gr.Button("Start training", variant="primary", elem_id="start-training", scale=3)
             stop_btn = gr.Button("Stop", variant="stop", elem_id="stop-training", scale=1)
+        estimate_out = gr.Markdown(elem_id="estimate-result")
         progress = gr.HTML(elem_id="train-status")
         with gr.Row():
             plot = gr.LinePlot(x="step", y="loss", title="Training loss", height=260, label="Loss")
@@ -199,9 +205,29 @@ def build(ctx: Context) -> dict[str, Any]:
 
     @user_errors
     def load_toml(path: str | None) -> list[Any]:
+        """A stylelora TOML, or a kohya_ss JSON / sd-scripts TOML converted as ``stylelora import-kohya`` does."""
         if not path:
             return [gr.update() for _ in form.names]
+        if kohya_import.is_kohya_file(path):
+            return _shown(kohya_import.import_kohya(path).config)
         return _shown(Config.load(path))
+
+    @user_errors
+    def import_report(path: str | None) -> str:
+        """What a kohya config's import left out and why (shown under the buttons); '' for our own TOML."""
+        if not path or not kohya_import.is_kohya_file(path):
+            return ""
+        report = kohya_import.import_kohya(path)
+        lines = [f"**Imported a kohya config**: {len(report.mapped)} settings; check the dataset and model paths."]
+        lines += [f"- not imported: `{key}` ({reason})" for key, _, reason in report.unsupported]
+        lines += [f"- check: {note}" for note in report.notes]
+        return "\n".join(lines)
+
+    @user_errors
+    def estimate(*values: Any) -> str:
+        """The memory and time the form's run would take, and what to change when it will not fit."""
+        result = estimate_run(ws.run_config(form.to_config(list(values))))
+        return result.summary() + "".join(f"\n- {advice}" for advice in result.advice)
 
     @user_errors
     def save_toml(*values: Any):
@@ -242,7 +268,9 @@ def build(ctx: Context) -> dict[str, Any]:
 
     outputs = [progress, plot, samples, log]
     load_preset_btn.click(load_preset, preset, form.components, api_name="load_preset")
-    toml_in.upload(load_toml, toml_in, form.components, api_name="load_toml")
+    toml_in.upload(load_toml, toml_in, form.components, api_name="load_toml").then(
+        import_report, toml_in, import_notes, api_name="import_report")
+    estimate_btn.click(estimate, form.components, estimate_out, api_name="estimate")
     save_btn.click(save_toml, form.components, toml_out, api_name="save_toml")
     start_btn.click(train, [*form.components, gpus], outputs, api_name="train", concurrency_limit=None)
     stop_btn.click(stop, None, log, api_name="stop", concurrency_limit=None)
