@@ -141,14 +141,15 @@ class TrainingSet:
         """Examples per epoch."""
         return len(self.images) * (2 if self.reg else 1)
 
-    def steps_per_epoch(self, accumulation: int = 1) -> int:
-        """Optimizer steps in one pass over the epoch's batches (kohya counts epochs the same way)."""
-        return max(1, -(-len(self.epoch_batches(0)) // accumulation))
+    def steps_per_epoch(self, accumulation: int = 1, processes: int = 1) -> int:
+        """Optimizer steps in one pass over the epoch's batches, each step taking ``accumulation`` batches in
+        each of ``processes`` (kohya counts epochs the same way)."""
+        return max(1, -(-len(self.epoch_batches(0)) // (accumulation * processes)))
 
-    def total_steps(self, train: TrainConfig) -> int:
+    def total_steps(self, train: TrainConfig, processes: int = 1) -> int:
         """The run's length: ``train.epochs`` passes when set, else ``train.steps``."""
         if train.epochs:
-            return train.epochs * self.steps_per_epoch(train.gradient_accumulation_steps)
+            return train.epochs * self.steps_per_epoch(train.gradient_accumulation_steps, processes)
         return train.steps
 
     def example(self, epoch: int, slot: int) -> Example:

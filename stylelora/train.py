@@ -381,7 +381,7 @@ def _train(config: Config, emit: RunTracker, stop: StopSignal, model: BaseModel 
     noise_scheduler = _noise_scheduler(config, model)
     params, weight_dtype = prepare_for_training(model, config, accelerator.device, accelerator.mixed_precision)
 
-    total = data.total_steps(cfg)  # train.steps, or train.epochs passes over the data
+    total = data.total_steps(cfg, team.count)  # train.steps, or train.epochs passes over the data
 
     # --- optimizer, schedule, EMA, validation ---
     lr_scale = _learning_rate_scale(config, team, emit)
