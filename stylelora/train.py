@@ -217,13 +217,34 @@ class _Due:
     def checkpoint(self, step: int) -> bool:
         return _every(self.train.save_every, step) and step < self.train.steps
 
+    def report(self, step: int) -> bool:
+        """Whether the losses are read from the device at ``step``: before anything uses or saves the weights."""
+        return self.metrics(step) or self.validation(step) or self.samples(step) or self.checkpoint(step)
 
-def _check_finite(loss: torch.Tensor, step: int) -> None:
-    if not torch.isfinite(loss):
-        raise TrainingError(
-            f"the loss became {loss.item()} at step {step}; the last saved checkpoint is kept. Lower the "
-            "learning rate, use fp32 or bf16 instead of fp16, or check the data for broken images."
-        )
+
+@dataclass
+class _Trained:
+    """A step whose loss is still on the device: it is read (and the step reported) at the next report."""
+
+    step: int
+    loss: torch.Tensor
+    lr: float
+    images_per_s: float
+    seconds: float
+    eta_s: float
+
+
+def _read_losses(trained: list[_Trained]) -> list[float]:
+    """The losses of ``trained`` in one device-to-host transfer (the loop's only host sync); the first loss
+    that is not finite stops the run before anything is saved from its weights."""
+    values = torch.stack([t.loss.float() for t in trained]).tolist() if trained else []
+    for t, value in zip(trained, values, strict=True):
+        if not math.isfinite(value):
+            raise TrainingError(
+                f"the loss became {value} at step {t.step}; the last saved checkpoint is kept. Lower the "
+                "learning rate, use fp32 or bf16 instead of fp16, or check the data for broken images."
+            )
+    return values
 
 
 def train(
@@ -288,21 +309,29 @@ def _train(config: Config, emit: EventHandler, stop: StopSignal, model: BaseMode
 
     # --- the loop: one iteration is one optimizer step of `accumulation` micro-batches ---
     losses_seen: list[float] = []
+    unreported: list[_Trained] = []  # steps whose loss is still on the device (read at the next report)
     clock, due, stopped = _Clock(step, seconds_before), _Due(config), False
+
+    def report() -> None:
+        for t, loss in zip(unreported, _read_losses(unreported), strict=True):
+            losses_seen.append(loss)
+            emit(events.Progress(t.step, cfg.steps, loss, t.lr, t.images_per_s, t.seconds, t.eta_s))
+        unreported.clear()
+
     while step < cfg.steps:
         if _stop_requested(stop):
             stopped = True
             break
-        step_loss = 0.0
+        step_loss = torch.zeros((), device=accelerator.device)
         images = 0
         for _ in range(cfg.gradient_accumulation_steps):
             batch = source.next_batch()  # latents (cached or encoded), text inputs, per-example loss weights
             latents = batch.latents
             with accelerator.accumulate(unet, text_encoder), accelerator.autocast():
-                noise = losses.sample_noise(latents.shape, noise_rng, cfg.noise_offset).to(latents)
+                noise = losses.sample_noise(latents.shape, noise_rng, cfg.noise_offset).to(latents, non_blocking=True)
                 timesteps = torch.randint(
                     0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=noise_rng
-                ).to(accelerator.device)
+                ).to(accelerator.device, non_blocking=True)
                 noisy = noise_scheduler.add_noise(latents, noise, timesteps)
                 encoder_states = batch.encoder_states
                 if encoder_states is None:  # the text encoder trains: run it here, with gradients
@@ -311,7 +340,6 @@ def _train(config: Config, emit: EventHandler, stop: StopSignal, model: BaseMode
                 pred = unet(noisy, timesteps, encoder_states).sample
                 weights = batch.loss_weights * losses.min_snr_weights(noise_scheduler, timesteps, cfg.min_snr_gamma)
                 loss = (losses.per_example_mse(pred, target) * weights).mean()
-                _check_finite(loss, step + 1)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and cfg.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -321,15 +349,16 @@ def _train(config: Config, emit: EventHandler, stop: StopSignal, model: BaseMode
                     if ema is not None:
                         ema.update()
                 optimizer.zero_grad(set_to_none=True)
-            step_loss += loss.item() / cfg.gradient_accumulation_steps
+            step_loss += loss.detach() / cfg.gradient_accumulation_steps  # on the device: no sync per step
             images += len(batch)
         step += 1
-        losses_seen.append(step_loss)
-
         elapsed, rate, eta = clock.pace(step, cfg.steps)
         lr = lr_scheduler.get_last_lr()[0]
-        emit(events.Progress(step, cfg.steps, step_loss, lr, images * rate, elapsed, eta))
-        record = {"step": step, "loss": step_loss, "lr": lr, "images_per_s": images * rate, "seconds": elapsed}
+        unreported.append(_Trained(step, step_loss, lr, images * rate, elapsed, eta))
+        if not due.report(step):
+            continue
+        report()  # Progress events for the steps since the last report; raises on a loss that is not finite
+        record = {"step": step, "loss": losses_seen[-1], "lr": lr, "images_per_s": images * rate, "seconds": elapsed}
         if validator is not None and due.validation(step):
             with live.averaged():
                 record["val_loss"] = validator.loss(accelerator.autocast)
@@ -342,6 +371,7 @@ def _train(config: Config, emit: EventHandler, stop: StopSignal, model: BaseMode
             emit(events.SampleSaved(step, paths, list(config.sample.prompts)))
         if due.checkpoint(step):
             ckpt.snapshot(live, step, clock.elapsed(), cfg.keep_checkpoints, emit)
+    report()
 
     # --- final save (also after a stop request); the export uses the EMA weights when EMA is on ---
     ckpt.snapshot(live, step, clock.elapsed(), cfg.keep_checkpoints, emit)
