@@ -63,6 +63,12 @@ class ModelConfig:
         "",
         "For a single-file checkpoint: a local diffusers folder whose configs describe it (offline use).",
     )
+    quantize: Literal["none", "fp8", "int8", "nf4"] = option(
+        "none",
+        "Keep the frozen UNet and text-encoder weights quantized while training (QLoRA-style, through "
+        "optimum-quanto): fp8 or int8 about halve their memory against bf16, nf4 (4-bit) quarters it, at some "
+        "step time. The LoRA weights, samples and exported adapters are unchanged.",
+    )
 
 
 @dataclass
@@ -149,6 +155,14 @@ class TrainConfig:
         "auto", "auto: bf16 on GPUs that have it, else fp16 on CUDA, none on CPU."
     )
     gradient_checkpointing: bool = option(False, "Recompute activations in the backward pass: less memory, slower.")
+    compile: Literal["off", "default", "max-autotune"] = option(
+        "off",
+        "torch.compile the UNet: the first step compiles (minutes), later steps may run faster; max-autotune "
+        "also searches kernels (longer compile). Pays off on long GPU runs; on CPUs it measured slower.",
+    )
+    channels_last: bool = option(
+        False, "Keep the UNet's convolution tensors in channels-last memory format (can help on GPUs)."
+    )
     attention: Literal["sdpa", "default"] = option(
         "sdpa", "Attention kernel: sdpa (PyTorch scaled_dot_product_attention) or default (plain matmuls)."
     )
@@ -168,7 +182,10 @@ class TrainConfig:
     save_every: int = option(0, "Save a resumable checkpoint every N steps; 0 means only at the end.", ge=0)
     keep_checkpoints: int = option(3, "How many newest checkpoints to keep.", ge=1)
     resume: str = option("", "'auto' continues from the newest checkpoint; or a checkpoint folder.")
-    log_every: int = option(1, "Write metrics every N steps.", ge=1)
+    log_every: int = option(
+        1, "Write metrics every N steps. The loss is read from the device only then, so on a GPU a larger N "
+        "lets it queue the next steps without waiting (progress and metrics stay exact, reported in bursts).",
+        ge=1)
 
 
 @dataclass(frozen=True)

@@ -415,20 +415,24 @@ def add_lora(model: BaseModel, lora: LoraConfig) -> list[torch.nn.Parameter]:
 
 
 WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}  # accelerate's mixed_precision -> base weights
+# model.quantize -> optimum-quanto's weight type
+QUANTO_WEIGHTS = {"fp8": "qfloat8", "int8": "qint8", "nf4": "qint4"}
 
 
 def prepare_for_training(
     model: BaseModel, config: Config, device: torch.device, mixed_precision: str
 ) -> tuple[list[torch.nn.Parameter], torch.dtype]:
     """Make ``model`` ready to train: LoRA (or LoCon/DoRA) layers injected with peft and kept in fp32, on a
-    frozen base cast to the training precision (``mixed_precision``: "no", "fp16" or "bf16"), all on
-    ``device``, with the configured attention kernel and gradient checkpointing, UNet (and the text
-    encoders when they train) in train mode and the VAE in eval mode.
+    frozen base cast to the training precision (``mixed_precision``: "no", "fp16" or "bf16") and, with
+    ``model.quantize``, quantized; all on ``device``, with the configured attention kernel, gradient
+    checkpointing, memory format and compilation, UNet (and the text encoders when they train) in train
+    mode and the VAE in eval mode.
 
     Returns the trainable LoRA parameters and the dtype of the base weights.
     """
     lora, train = config.lora, config.train
     params = add_lora(model, lora)
+    trainable = {id(p) for p in params}
     text_encoders = [module for part, module in model.parts() if part.startswith("text_encoder")]
     _set_attention(model.unet, train.attention)
     if train.gradient_checkpointing:
@@ -438,16 +442,52 @@ def prepare_for_training(
                 encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     weight_dtype = WEIGHT_DTYPES.get(mixed_precision, torch.float32)
     for module in (model.unet, model.vae, *text_encoders):
-        module.to(device)
-        if weight_dtype != torch.float32:
-            module.to(dtype=weight_dtype)
-    for p in params:  # LoRA weights train in fp32 whatever the base precision
-        p.data = p.data.float()
+        # One tensor at a time, straight to the device in the training precision: the frozen base never
+        # has an fp32 copy on the GPU, and the LoRA weights are never rounded through bf16/fp16.
+        for p in module.parameters():
+            p.data = p.data.to(device, torch.float32 if id(p) in trainable else weight_dtype)
+        for b in module.buffers():
+            b.data = b.data.to(device, weight_dtype if b.is_floating_point() else b.dtype)
+    if config.model.quantize != "none":
+        quantize_frozen(model, config.model.quantize)
+    if device.type == "cuda":  # TF32 matmuls for whatever still runs in fp32 (Ampere and newer; ignored before)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if train.channels_last:
+        model.unet.to(memory_format=torch.channels_last)
     model.vae.eval()
     model.unet.train()
     for encoder in text_encoders:
         encoder.train(lora.train_text_encoder)
+    if train.compile != "off":
+        compile_unet(model.unet, train.compile)
     return params, weight_dtype
+
+
+def quantize_frozen(model: BaseModel, kind: str) -> None:
+    """Quantize the frozen weights of the UNet and the text encoders in place with optimum-quanto
+    (``kind``: fp8, int8 or nf4, per ``model.quantize``). peft's LoRA layers (``lora_*``) are left out, so
+    they stay trainable in fp32; the VAE is left alone (it only encodes, once per image with the cache)."""
+    try:
+        from optimum import quanto
+    except ImportError as e:
+        raise ModelError(
+            f"model.quantize: '{kind}' needs the optimum-quanto package; install it with 'pip install "
+            "optimum-quanto', or set model.quantize=none"
+        ) from e
+    weights = getattr(quanto, QUANTO_WEIGHTS[kind])
+    for _, module in model.parts():
+        quanto.quantize(module, weights=weights, exclude=["*lora_*"])
+        quanto.freeze(module)
+        for name, p in module.named_parameters():  # quanto's modules come back trainable; only LoRA trains
+            p.requires_grad_("lora_" in name)
+
+
+def compile_unet(unet: torch.nn.Module, mode: str) -> None:
+    """``torch.compile`` the UNet in place (``train.compile``: default or max-autotune). The module, its
+    parameters and its state dict stay the same objects, so peft, checkpoints and samples are unaffected;
+    the first step (and the first sample, which runs without gradients) pays the compilation."""
+    unet.compile(mode=None if mode == "default" else mode)
 
 
 def _set_attention(unet: torch.nn.Module, kind: str) -> None:
