@@ -483,11 +483,11 @@ def quantize_frozen(model: BaseModel, kind: str) -> None:
             p.requires_grad_("lora_" in name)
 
 
-def compile_unet(unet: torch.nn.Module, mode: str) -> None:
+def compile_unet(unet: torch.nn.Module, mode: str, backend: str = "inductor") -> None:
     """``torch.compile`` the UNet in place (``train.compile``: default or max-autotune). The module, its
     parameters and its state dict stay the same objects, so peft, checkpoints and samples are unaffected;
     the first step (and the first sample, which runs without gradients) pays the compilation."""
-    unet.compile(mode=None if mode == "default" else mode)
+    unet.compile(mode=None if mode == "default" else mode, backend=backend)
 
 
 def _set_attention(unet: torch.nn.Module, kind: str) -> None:
