@@ -147,10 +147,13 @@ def tensor_mb(tensors: Any) -> float:
     return sum(t.numel() * t.element_size() for t in tensors) / 2**20
 
 
-def memory_split(model: Any, config: Config, num_images: int, rss_at_start: float, peak: float) -> dict[str, float]:
-    """Where the memory goes, MiB: the frozen weights, the LoRA weights with their gradients and AdamW's two
-    moments, the latent and text caches (computed from their entries' shapes), and what is left of the
-    growth during training: activations saved for the backward pass and the kernels' workspace."""
+def memory_split(model: Any, config: Config, num_images: int, rss: dict[str, float], peak: float) -> dict[str, float]:
+    """Where the memory goes, MiB. ``rss`` holds the process's RSS when training starts (libraries, data,
+    and the weights as far as they were read: a diffusers folder's weights are mapped from their files and
+    come in as they are first used) and its least between steps after the first one (every weight in, the
+    optimizer state made, the caches filling). The frozen weights, the LoRA weights with their gradients and
+    AdamW's two moments, and the caches are computed from their tensors' shapes; activations saved for the
+    backward pass and the kernels' workspace are the peak less the RSS between steps."""
     modules = [model.vae] + [m for _, m in model.parts()]
     params = [p for m in modules for p in m.parameters()]
     lora = [p for p in params if p.requires_grad]
@@ -162,11 +165,11 @@ def memory_split(model: Any, config: Config, num_images: int, rss_at_start: floa
     if config.cache.text_encoder and not config.lora.train_text_encoder:
         text = num_images * model.tokenizer.model_max_length * model.text_encoder.config.hidden_size * 4 / 2**20
     lora_mb = tensor_mb(lora)
-    optimizer = 3 * lora_mb  # gradients and AdamW's exp_avg, exp_avg_sq, all fp32 like the weights
-    return {"process at start (torch, libraries, frozen weights, data)": rss_at_start,
-            "frozen weights": frozen, "LoRA weights": lora_mb, "gradients + AdamW state": optimizer,
-            "latent cache": latents, "text-encoder cache": text,
-            "activations + workspace (the rest of the growth)": peak - rss_at_start - optimizer - latents - text}
+    return {"RSS when training starts": rss["start"], "RSS between steps (least, after step 1)": rss["between"],
+            "peak RSS": peak, "of which frozen weights (VAE, text encoder, UNet)": frozen,
+            "of which LoRA weights": lora_mb, "of which gradients + AdamW moments": 3 * lora_mb,
+            "of which latent cache": latents, "of which text-encoder cache": text,
+            "activations + workspace (peak less RSS between steps)": peak - rss["between"]}
 
 
 def measure(args: argparse.Namespace, out: Path) -> tuple[PhaseTimer, str, int, dict[str, float]]:
@@ -181,14 +184,16 @@ def measure(args: argparse.Namespace, out: Path) -> tuple[PhaseTimer, str, int, 
     device = ""
     started: list[events.Started] = []
 
-    rss_at_start = 0.0
+    rss = {"start": 0.0, "between": float("inf")}
 
     def on_event(e: object) -> None:
-        nonlocal device, rss_at_start
+        nonlocal device
         if isinstance(e, events.Started):
             device = e.device
             started.append(e)
-            rss_at_start = rss_mb()
+            rss["start"] = rss_mb()
+        elif isinstance(e, events.Progress) and e.step > 1:
+            rss["between"] = min(rss["between"], rss_mb())
         timer.on_event(e)
 
     if args.phases:
@@ -199,7 +204,7 @@ def measure(args: argparse.Namespace, out: Path) -> tuple[PhaseTimer, str, int, 
         timer.uninstall()
     num_images = started[0].num_images
     per_epoch = max(1, num_images // args.batch_size)
-    split = memory_split(model, config, num_images, rss_at_start, peak_memory_mb(device))
+    split = memory_split(model, config, num_images, rss, peak_memory_mb(device))
     return timer, device, per_epoch, split
 
 
