@@ -49,12 +49,12 @@ def test_peer_shape_builds_a_loadable_model_and_photos_the_peer_setting_trains_o
 
 
 def test_side_by_side_times_whole_commands_alternately(tmp_path: Path) -> None:
-    fast = f"{sys.executable} -c 'import time; time.sleep({{steps}} / 100)'"
+    fast = f"{sys.executable} -c 'sum(range({{steps}} * 2_000_000))'"  # CPU work in proportion to the steps
     out = run_script(sys.executable, "benchmarks/side_by_side.py", "--batch-size", "2", "--steps", "1", "3",
                      "--run", "ours", fast, "--run", "reference", fast, "--logs", str(tmp_path))
     order = re.findall(r"^\s*(ours|reference)\s+(\d) steps", out, re.MULTILINE)
     assert order == [("ours", "1"), ("reference", "1"), ("ours", "3"), ("reference", "3")]
-    assert re.search(r"\| ours \| \d+\.\d\d \| \d+ MiB \| x\d\.\d\d images/s", out)
+    assert re.search(r"\| ours \| \d+\.\d\d \| \d+\.\d\d \| \d+ MiB \| x\d+\.\d\d images/s", out)
 
 
 def test_gpu_check_dry_run_builds_both_unets_and_runs_every_variant(tmp_path: Path) -> None:
