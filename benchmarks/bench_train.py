@@ -54,6 +54,23 @@ def peak_memory_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+@contextlib.contextmanager
+def saved_tensors_counted(module: torch.nn.Module) -> Iterator[Callable[[], float]]:
+    """Counts the distinct storages autograd saves for the backward pass (MiB), the module's own weights
+    excepted: the activations a step holds until its backward pass frees them."""
+    weights = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield lambda: sum(seen.values()) / 2**20
+
+
 class PhaseTimer:
     """Seconds spent in each phase during each optimizer step, from hooks on the loop's objects."""
 
@@ -62,7 +79,7 @@ class PhaseTimer:
         self.current: dict[str, float] = {}
         self.steps: list[dict[str, float]] = []  # per finished step: phase -> seconds, and "step"
         self.step_start = 0.0
-        self._forward_start = 0.0
+        self.saved_mb: float | None = None  # activations saved for the backward pass, first forward
         self._undo: list[Callable[[], None]] = []
 
     @contextlib.contextmanager
@@ -75,12 +92,18 @@ class PhaseTimer:
             self.sync()
             self.current[name] = self.current.get(name, 0.0) + time.perf_counter() - start
 
-    def wrap(self, owner: Any, attribute: str, name: str) -> None:
-        """Time every call of ``owner.attribute`` (a class's method) as phase ``name``."""
+    def wrap(self, owner: Any, attribute: str, name: str, count_saved: bool = False) -> None:
+        """Time every call of ``owner.attribute`` (a class's method) as phase ``name``; with ``count_saved``,
+        the first call with gradients also counts the bytes autograd saves for the backward pass."""
         original = getattr(owner, attribute)
         timer = self
 
         def timed(*args: Any, **kwargs: Any) -> Any:
+            if count_saved and timer.saved_mb is None and torch.is_grad_enabled():
+                with timer.phase(name), saved_tensors_counted(args[0]) as counted:
+                    result = original(*args, **kwargs)
+                timer.saved_mb = counted()
+                return result
             with timer.phase(name):
                 return original(*args, **kwargs)
 
@@ -95,7 +118,7 @@ class PhaseTimer:
 
         self.wrap(BatchSource, "next_batch", "batch")
         self.wrap(Accelerator, "backward", "backward")
-        self.wrap(UNet2DConditionModel, "forward", "unet forward")
+        self.wrap(UNet2DConditionModel, "forward", "unet forward", count_saved=True)
         from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
         pre = register_optimizer_step_pre_hook(lambda *a: self._optimizer(True))
@@ -147,13 +170,14 @@ def tensor_mb(tensors: Any) -> float:
     return sum(t.numel() * t.element_size() for t in tensors) / 2**20
 
 
-def memory_split(model: Any, config: Config, num_images: int, rss: dict[str, float], peak: float) -> dict[str, float]:
+def memory_split(model: Any, config: Config, num_images: int, rss: dict[str, float], peak: float,
+                 saved_mb: float | None) -> dict[str, float]:
     """Where the memory goes, MiB. ``rss`` holds the process's RSS when training starts (libraries, data,
     and the weights as far as they were read: a diffusers folder's weights are mapped from their files and
-    come in as they are first used) and its least between steps after the first one (every weight in, the
-    optimizer state made, the caches filling). The frozen weights, the LoRA weights with their gradients and
-    AdamW's two moments, and the caches are computed from their tensors' shapes; activations saved for the
-    backward pass and the kernels' workspace are the peak less the RSS between steps."""
+    come in as they are first used). The frozen weights, the LoRA weights with their gradients and AdamW's two
+    moments, and the caches are computed from their tensors' shapes; the activations are what autograd saved
+    for the backward pass in the first step (``saved_mb``); the rest is the libraries (torch, diffusers, ...:
+    about 370 MiB), the data, the backward pass's transient gradients and buffers the allocator keeps."""
     modules = [model.vae] + [m for _, m in model.parts()]
     params = [p for m in modules for p in m.parameters()]
     lora = [p for p in params if p.requires_grad]
@@ -165,11 +189,12 @@ def memory_split(model: Any, config: Config, num_images: int, rss: dict[str, flo
     if config.cache.text_encoder and not config.lora.train_text_encoder:
         text = num_images * model.tokenizer.model_max_length * model.text_encoder.config.hidden_size * 4 / 2**20
     lora_mb = tensor_mb(lora)
-    return {"RSS when training starts": rss["start"], "RSS between steps (least, after step 1)": rss["between"],
-            "peak RSS": peak, "of which frozen weights (VAE, text encoder, UNet)": frozen,
-            "of which LoRA weights": lora_mb, "of which gradients + AdamW moments": 3 * lora_mb,
-            "of which latent cache": latents, "of which text-encoder cache": text,
-            "activations + workspace (peak less RSS between steps)": peak - rss["between"]}
+    parts = {"frozen weights (VAE, text encoder, UNet)": frozen, "LoRA weights": lora_mb,
+             "gradients + AdamW moments": 3 * lora_mb, "latent cache": latents, "text-encoder cache": text,
+             "activations saved for backward": saved_mb or 0.0}
+    parts["the rest (libraries, data, transient buffers)"] = peak - sum(parts.values())
+    of_which = {f"of which {k}": v for k, v in parts.items()}
+    return {"RSS when training starts": rss["start"], "peak RSS": peak, **of_which}
 
 
 def measure(args: argparse.Namespace, out: Path) -> tuple[PhaseTimer, str, int, dict[str, float]]:
@@ -184,7 +209,7 @@ def measure(args: argparse.Namespace, out: Path) -> tuple[PhaseTimer, str, int, 
     device = ""
     started: list[events.Started] = []
 
-    rss = {"start": 0.0, "between": float("inf")}
+    rss = {"start": 0.0}
 
     def on_event(e: object) -> None:
         nonlocal device
@@ -192,8 +217,6 @@ def measure(args: argparse.Namespace, out: Path) -> tuple[PhaseTimer, str, int, 
             device = e.device
             started.append(e)
             rss["start"] = rss_mb()
-        elif isinstance(e, events.Progress) and e.step > 1:
-            rss["between"] = min(rss["between"], rss_mb())
         timer.on_event(e)
 
     if args.phases:
@@ -204,7 +227,7 @@ def measure(args: argparse.Namespace, out: Path) -> tuple[PhaseTimer, str, int, 
         timer.uninstall()
     num_images = started[0].num_images
     per_epoch = max(1, num_images // args.batch_size)
-    split = memory_split(model, config, num_images, rss, peak_memory_mb(device))
+    split = memory_split(model, config, num_images, rss, peak_memory_mb(device), timer.saved_mb)
     return timer, device, per_epoch, split
 
 
