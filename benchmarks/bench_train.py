@@ -58,13 +58,19 @@ def peak_memory_mb(device: str) -> float:
 def saved_tensors_counted(module: torch.nn.Module) -> Iterator[Callable[[], float]]:
     """Counts the distinct storages autograd saves for the backward pass (MiB), the module's own weights
     excepted: the activations a step holds until its backward pass frees them."""
-    weights = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    def storage(t: torch.Tensor) -> Any:
+        try:
+            return t.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # a tensor subclass (a quantized weight) has none of its own
+            return None
+
+    weights = {s.data_ptr() for s in map(storage, module.parameters()) if s is not None}
     seen: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in weights:
-            seen[storage.data_ptr()] = storage.nbytes()
+        s = storage(t)
+        if s is not None and s.data_ptr() not in weights:
+            seen[s.data_ptr()] = s.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
