@@ -58,19 +58,21 @@ def peak_memory_mb(device: str) -> float:
 def saved_tensors_counted(module: torch.nn.Module) -> Iterator[Callable[[], float]]:
     """Counts the distinct storages autograd saves for the backward pass (MiB), the module's own weights
     excepted: the activations a step holds until its backward pass frees them."""
-    def storage(t: torch.Tensor) -> Any:
+    def storage(t: torch.Tensor) -> tuple[int, int] | None:
+        """(data pointer, bytes) of ``t``'s storage; None for a tensor subclass (a quantized weight) without one."""
         try:
-            return t.untyped_storage()
-        except (RuntimeError, NotImplementedError):  # a tensor subclass (a quantized weight) has none of its own
+            s = t.untyped_storage()
+            return s.data_ptr(), s.nbytes()
+        except (RuntimeError, NotImplementedError):
             return None
 
-    weights = {s.data_ptr() for s in map(storage, module.parameters()) if s is not None}
+    weights = {s[0] for s in map(storage, module.parameters()) if s is not None}
     seen: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         s = storage(t)
-        if s is not None and s.data_ptr() not in weights:
-            seen[s.data_ptr()] = s.nbytes()
+        if s is not None and s[0] not in weights:
+            seen[s[0]] = s[1]
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
