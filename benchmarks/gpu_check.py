@@ -34,6 +34,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
 
@@ -49,15 +50,18 @@ def sd15_unet(width: float) -> dict[str, Any]:
 
 
 def sdxl_unet(width: float) -> dict[str, Any]:
+    if width == 1:  # SDXL 1.0 base's own UNet config, as benchmarks/sdxl_gpu_step.py holds it
+        from sdxl_gpu_step import SDXL_UNET
+
+        return dict(SDXL_UNET)
     c = [_w(x, width) for x in (320, 640, 1280)]
     pooled, time_dim = _w(1280, width), max(8, _w(256, width))
     return dict(sample_size=128, block_out_channels=c, layers_per_block=2, cross_attention_dim=_w(2048, width),
                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                transformer_layers_per_block=(1, 2, 10) if width == 1 else (1, 1, 2),
-                attention_head_dim=(5, 10, 20) if width == 1 else (1, 2, 4), use_linear_projection=True,
-                addition_embed_type="text_time",
-                addition_time_embed_dim=time_dim, projection_class_embeddings_input_dim=6 * time_dim + pooled)
+                transformer_layers_per_block=(1, 1, 2), attention_head_dim=(1, 2, 4), use_linear_projection=True,
+                addition_embed_type="text_time", addition_time_embed_dim=time_dim,
+                projection_class_embeddings_input_dim=6 * time_dim + pooled)
 
 
 def _w(channels: int, width: float) -> int:
@@ -85,7 +89,8 @@ def trainable_unet(case: Case, device: torch.device, checkpointing: bool, compil
     torch.manual_seed(0)
     with torch.device(device):  # random weights made on the card: seconds, not a minute on its host's CPU
         unet = UNet2DConditionModel(**case.unet)
-    model = BaseModel(SimpleNamespace(unet=unet, vae=torch.nn.Module(), text_encoder=None), "gpu-check", "sd1")
+    kind = "sdxl" if case.unet.get("addition_embed_type") == "text_time" else "sd1"
+    model = BaseModel(SimpleNamespace(unet=unet, vae=torch.nn.Module(), text_encoder=None), "gpu-check", kind)
     cuda = device.type == "cuda"
     config = Config().with_overrides({"lora.rank": 16, "lora.alpha": 16.0,
                                       "train.gradient_checkpointing": checkpointing,

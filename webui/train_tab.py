@@ -19,6 +19,7 @@ import pandas as pd
 from stylelora import events
 from stylelora.config import Config
 from stylelora.jobs import Snapshot
+from stylelora.models import KIND_NAMES, KIND_PRESETS, peek_model
 
 from .context import Context, user_errors
 from .form import ConfigForm
@@ -143,6 +144,21 @@ def build(ctx: Context) -> dict[str, Any]:
         return Config.load(ctx.presets / f"{Path(name).name}.toml")
 
     initial = preset_config(DEFAULT_PRESET) if DEFAULT_PRESET in ctx.preset_names() else Config()
+
+    def detect(model_name: str | None, resolution: float | None):
+        """The model's detected kind and native resolution under the form, and the offer of its preset."""
+        facts = peek_model(model_name) if model_name else None
+        if facts is None:
+            return "Model: its kind and resolution are known once it loads.", gr.update(visible=False)
+        text = f"Model: **{facts.describe()}**"
+        if resolution and int(resolution) < facts.native_resolution * 3 // 4:
+            text += f"; data.resolution {int(resolution)} is far below it"
+        preset = KIND_PRESETS.get(facts.kind)
+        if preset not in ctx.preset_names():
+            return text, gr.update(visible=False)
+        text += f". The {preset} preset is made for it"
+        return text, gr.update(visible=True, value=f"Use the {KIND_NAMES[facts.kind]} preset ({preset})")
+
     with gr.Tab("Train", id="train"):
         with gr.Row(equal_height=True):
             preset = gr.Dropdown(ctx.preset_names(), value=DEFAULT_PRESET, label="Preset", scale=3)
@@ -151,6 +167,11 @@ def build(ctx: Context) -> dict[str, Any]:
             save_btn = gr.Button("Save as TOML", scale=1)
         toml_out = gr.File(label="Config", interactive=False, visible=False)
         form = ConfigForm(initial, ctx.dataset_choices())
+        shown_facts, offer = detect(initial.model.name, initial.data.resolution)
+        with gr.Row(equal_height=True):
+            model_facts = gr.Markdown(shown_facts, elem_id="model-facts")
+            kind_preset_btn = gr.Button(offer.get("value", "Use the preset for this model"), elem_id="kind-preset",
+                                        visible=offer.get("visible", False), scale=0)
         with gr.Row():
             start_btn = gr.Button("Start training", variant="primary", elem_id="start-training")
             stop_btn = gr.Button("Stop", variant="stop", elem_id="stop-training")
@@ -199,10 +220,26 @@ def build(ctx: Context) -> dict[str, Any]:
     def stop() -> str:
         return "stopping after the current step" if ctx.job.stop() else "no training is running"
 
+    @user_errors
+    def use_kind_preset(model_name: str, data_path: str) -> list[Any]:
+        """The preset made for the chosen model's kind, keeping the chosen model and dataset."""
+        facts = peek_model(model_name)
+        if facts is None or facts.kind not in KIND_PRESETS:
+            raise gr.Error(f"no preset for {model_name}", print_exception=False)
+        config = preset_config(KIND_PRESETS[facts.kind]).with_overrides({"model.name": model_name})
+        values = _shown(config)
+        values[form.names.index("data.path")] = data_path
+        return values
+
     outputs = [progress, plot, samples, log]
     load_preset_btn.click(load_preset, preset, form.components, api_name="load_preset")
     toml_in.upload(load_toml, toml_in, form.components, api_name="load_toml")
     save_btn.click(save_toml, form.components, toml_out, api_name="save_toml")
     start_btn.click(train, form.components, outputs, api_name="train", concurrency_limit=None)
     stop_btn.click(stop, None, log, api_name="stop", concurrency_limit=None)
+    model_name, resolution = form.widgets["model.name"], form.widgets["data.resolution"]
+    model_name.change(detect, [model_name, resolution], [model_facts, kind_preset_btn], api_name="model_facts")
+    resolution.change(detect, [model_name, resolution], [model_facts, kind_preset_btn], api_name=False)
+    kind_preset_btn.click(use_kind_preset, [model_name, form.widgets["data.path"]], form.components,
+                          api_name="use_kind_preset")
     return {"form": form, "outputs": outputs, "follow": lambda: (yield from follow(ctx)), "train_toml": train_toml}
