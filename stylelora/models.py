@@ -629,16 +629,21 @@ def prepare_for_training(
             if trains:
                 encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     weight_dtype = WEIGHT_DTYPES.get(mixed_precision, torch.float32)
+    quantized = config.model.quantize != "none"
     for module in (model.unet, model.vae, *text_encoders):
         # One tensor at a time, straight to the device in the training precision: the frozen base never
-        # has an fp32 copy on the GPU, and the LoRA weights are never rounded through bf16/fp16.
+        # has an fp32 copy on the GPU, and the LoRA weights are never rounded through bf16/fp16. A part to be
+        # quantized stays on the host until it is, so the device only ever holds its quantized weights.
         dtype = vae_dtype(model, weight_dtype) if module is model.vae else weight_dtype
+        where = torch.device("cpu") if quantized and module is not model.vae else device
         for p in module.parameters():
-            p.data = p.data.to(device, torch.float32 if id(p) in trainable else dtype)
+            p.data = p.data.to(where, torch.float32 if id(p) in trainable else dtype)
         for b in module.buffers():
-            b.data = b.data.to(device, dtype if b.is_floating_point() else b.dtype)
-    if config.model.quantize != "none":
+            b.data = b.data.to(where, dtype if b.is_floating_point() else b.dtype)
+    if quantized:
         quantize_frozen(model, config.model.quantize)
+        for _, module in model.parts():
+            module.to(device)
     if device.type == "cuda":  # TF32 matmuls for whatever still runs in fp32 (Ampere and newer; ignored before)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -666,8 +671,9 @@ def quantize_frozen(model: BaseModel, kind: str) -> None:
         ) from e
     weights = getattr(quanto, QUANTO_WEIGHTS[kind])
     for _, module in model.parts():
-        quanto.quantize(module, weights=weights, exclude=["*lora_*"])
-        quanto.freeze(module)
+        for child, _ in module.named_children():  # block by block: one block's float and quantized weights at a time
+            quanto.quantize(module, weights=weights, include=[child, f"{child}.*"], exclude=["*lora_*"])
+            quanto.freeze(module)
         for name, p in module.named_parameters():  # quanto's modules come back trainable; only LoRA trains
             p.requires_grad_("lora_" in name)
 
