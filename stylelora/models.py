@@ -676,6 +676,10 @@ def quantize_frozen(model: BaseModel, kind: str) -> None:
             quanto.freeze(module)
         for name, p in module.named_parameters():  # quanto's modules come back trainable; only LoRA trains
             p.requires_grad_("lora_" in name)
+        # What was not quantized (norms, biases) may still be views of the model file mapped into memory;
+        # copies let the mapping, and with it every float weight read from the file, go.
+        for t in [*(p for p in module.parameters() if type(p.data) is torch.Tensor), *module.buffers()]:
+            t.data = t.data.clone()
 
 
 def compile_unet(unet: torch.nn.Module, mode: str, backend: str = "inductor") -> None:
