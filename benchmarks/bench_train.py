@@ -174,8 +174,14 @@ def rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def nbytes(t: torch.Tensor) -> int:
+    """Bytes ``t`` holds; a quantized weight (optimum-quanto's subclasses) counts its data, scale and shift."""
+    inner = [getattr(t, a) for a in ("_data", "_scale", "_shift") if isinstance(getattr(t, a, None), torch.Tensor)]
+    return sum(map(nbytes, inner)) if inner else t.numel() * t.element_size()
+
+
 def tensor_mb(tensors: Any) -> float:
-    return sum(t.numel() * t.element_size() for t in tensors) / 2**20
+    return sum(nbytes(t.data if isinstance(t, torch.nn.Parameter) else t) for t in tensors) / 2**20
 
 
 def memory_split(model: Any, config: Config, num_images: int, rss: dict[str, float], peak: float,

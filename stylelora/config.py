@@ -175,7 +175,8 @@ class TrainConfig:
     compile: Literal["off", "default", "max-autotune"] = option(
         "off",
         "torch.compile the UNet: the first step compiles (minutes), later steps may run faster; max-autotune "
-        "also searches kernels (longer compile). Pays off on long GPU runs; on CPUs it measured slower.",
+        "also searches kernels (longer compile). Meant for long GPU runs; on a CPU the compilation alone takes "
+        "many minutes (one try on a shared 2-core machine did not finish in 40).",
     )
     channels_last: bool = option(
         False, "Keep the UNet's convolution tensors in channels-last memory format (can help on GPUs)."

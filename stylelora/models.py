@@ -786,15 +786,44 @@ def quantize_frozen(model: BaseModel, kind: str) -> None:
         ) from e
     weights = getattr(quanto, QUANTO_WEIGHTS[kind])
     for _, module in model.parts():
-        for child, _ in module.named_children():  # block by block: one block's float and quantized weights at a time
-            quanto.quantize(module, weights=weights, include=[child, f"{child}.*"], exclude=["*lora_*"])
+        for block in _blocks(module):  # block by block: one block's float and quantized weights at a time
+            quanto.quantize(module, weights=weights, include=[block, f"{block}.*"], exclude=["*lora_*"])
             quanto.freeze(module)
+            _return_freed_host_memory()
         for name, p in module.named_parameters():  # quanto's modules come back trainable; only LoRA trains
             p.requires_grad_("lora_" in name)
         # What was not quantized (norms, biases) may still be views of the model file mapped into memory;
         # copies let the mapping, and with it every float weight read from the file, go.
         for t in [*(p for p in module.parameters() if type(p.data) is torch.Tensor), *module.buffers()]:
             t.data = t.data.clone()
+    _return_freed_host_memory()
+
+
+def _blocks(module: torch.nn.Module, depth: int = 2) -> list[str]:
+    """Names of ``module``'s children, a container of block lists (the UNet's down_blocks, a text
+    encoder's encoder.layers) opened up to ``depth`` levels: the units quantized one at a time."""
+    names = []
+    for name, child in module.named_children():
+        lists = isinstance(child, torch.nn.ModuleList) or any(
+            isinstance(c, torch.nn.ModuleList) for c in child.children())
+        if depth > 0 and lists and not list(child.parameters(recurse=False)):
+            names += [f"{name}.{b}" for b in _blocks(child, depth - 1)]
+        else:
+            names.append(name)
+    return names
+
+
+def _return_freed_host_memory() -> None:
+    """Hand the heap that quantizing freed (each block's float weights and temporaries) back to the OS.
+    glibc keeps freed blocks for reuse, which left the process holding ~500 MiB more than its quantized
+    weights on the peer model (measured); a no-op where the C library has no malloc_trim."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def compile_unet(unet: torch.nn.Module, mode: str, backend: str = "inductor") -> None:

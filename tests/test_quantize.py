@@ -31,7 +31,7 @@ def fixed_loss(model, data: Path, lora_on: bool) -> float:
         if hasattr(module, "enable_adapters") and hasattr(module, "lora_A"):
             module.enable_adapters(lora_on)
     with torch.no_grad():
-        pred = model.unet(noisy, timesteps, batch.encoder_states).sample
+        pred = model.unet(noisy, timesteps, batch.text.states).sample
     return torch.nn.functional.mse_loss(pred, noise).item()
 
 
