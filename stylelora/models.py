@@ -802,13 +802,13 @@ def quantize_frozen(model: BaseModel, kind: str) -> None:
     _return_freed_host_memory()
 
 
-def _blocks(module: torch.nn.Module, depth: int = 2) -> list[str]:
-    """Names of ``module``'s children, a container of block lists (the UNet's down_blocks, a text
-    encoder's encoder.layers) opened up to ``depth`` levels: the units quantized one at a time."""
+def _blocks(module: torch.nn.Module, depth: int = 3) -> list[str]:
+    """Names of ``module``'s children, each one that holds a list of blocks (the UNet's down_blocks, a
+    text encoder's text_model.encoder.layers) opened up to ``depth`` levels: the units quantized one at
+    a time."""
     names = []
     for name, child in module.named_children():
-        lists = isinstance(child, torch.nn.ModuleList) or any(
-            isinstance(c, torch.nn.ModuleList) for c in child.children())
+        lists = any(isinstance(m, torch.nn.ModuleList) for m in child.modules())
         if depth > 0 and lists and not list(child.parameters(recurse=False)):
             names += [f"{name}.{b}" for b in _blocks(child, depth - 1)]
         else:
