@@ -6,8 +6,10 @@
 For each repeat it times, interleaved so that machine load hits all alike:
 - ``plain``: a separate diffusers StableDiffusionPipeline of the same weights, no LoRA, ``pipe(prompt, ...)``;
 - ``slider``: ``Previewer.generate(..., scale=s)`` with a new strength ``s`` every time (the base is
-  never reloaded; only peft's scales change), adapter on UNet and text encoder;
+  never reloaded; the deltas at ``s`` are fused into the base weights, kept aside), adapter on UNet and
+  text encoder;
 - ``slider_unet``: the same with an adapter on the UNet only (text embeddings come from the cache);
+- ``slider_unfused``: as ``slider`` with ``Previewer(fuse=False)``: peft's LoRA layers run beside the base;
 - ``diffusers_lora``: for reference, diffusers' own way: ``pipe.set_adapters([name], [s])`` then ``pipe(...)``.
 The target is slider / plain <= 1.05 (nothing but the generation itself). Prints a Markdown row.
 """
@@ -92,6 +94,8 @@ def main() -> None:
         preview = Previewer(model, device="cpu")
         preview.attach(both, "both")
         preview.attach(unet_only, "unet")
+        unfused = Previewer(model, device="cpu", fuse=False)
+        unfused.attach(both, "both")
         size = args.size or preview.model.native_resolution
         settings = {"steps": args.steps, "guidance": 7.5, "width": size, "height": size, "seed": 1}
 
@@ -109,15 +113,18 @@ def main() -> None:
         run_reference(0.9)
         preview.generate(PROMPT, adapter="both", scale=0.9, **settings)
         preview.generate(PROMPT, adapter="unet", scale=0.9, **settings)
+        unfused.generate(PROMPT, adapter="both", scale=0.9, **settings)
 
         times: dict[str, list[tuple[float, float]]] = {"plain": [], "slider": [], "slider_unet": [],
-                                                       "diffusers_lora": []}
+                                                       "slider_unfused": [], "diffusers_lora": []}
         for i in range(args.repeats):
             scale = 0.1 + 0.27 * i  # a new strength every time: no image cache can answer
             times["plain"].append(timed(run_plain))
             times["slider"].append(timed(lambda s=scale: preview.generate(PROMPT, adapter="both", scale=s, **settings)))
             times["slider_unet"].append(
                 timed(lambda s=scale: preview.generate(PROMPT, adapter="unet", scale=s, **settings)))
+            times["slider_unfused"].append(
+                timed(lambda s=scale: unfused.generate(PROMPT, adapter="both", scale=s, **settings)))
             times["diffusers_lora"].append(timed(lambda s=scale: run_reference(s)))
         assert preview.base_loads == 1
 
@@ -136,9 +143,11 @@ def main() -> None:
         return " / ".join(f"{m[key]:.3f} s (x{m[key] / m['plain']:.3f})" for m in medians.values())
 
     print("\n| date | machine | model | size | steps | plain diffusers | strength change, UNet+TE adapter "
-          "| strength change, UNet adapter | diffusers set_adapters |  (each: wall / CPU time)")
+          "| strength change, UNet adapter | unfused (fuse=False), UNet+TE | diffusers set_adapters "
+          "|  (each: wall / CPU time)")
     print(f"| {date.today()} | {platform.machine()} CPU, {threads} thread(s) | {args.model} | {size} | {args.steps} "
-          f"| {cell('plain')} | {cell('slider')} | {cell('slider_unet')} | {cell('diffusers_lora')} |")
+          f"| {cell('plain')} | {cell('slider')} | {cell('slider_unet')} | {cell('slider_unfused')} "
+          f"| {cell('diffusers_lora')} |")
 
 
 if __name__ == "__main__":

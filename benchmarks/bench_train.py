@@ -1,11 +1,20 @@
-"""Training throughput (images/s) and peak memory, whole steps and by phase.
+"""Training throughput (images/s), peak memory and where a step's time goes, measured in the real loop.
 
-    python benchmarks/bench_train.py [--model builtin:small] [--resolution 256] [--batch-size 2]
-                                     [--steps 10] [--precision auto] [--threads N]
+    python benchmarks/bench_train.py [--model builtin:small] [--data datasets/example] [--resolution 256]
+                                     [--batch-size 2] [--rank 16] [--alpha 16] [--targets to_q,to_k,...]
+                                     [--steps 10] [--precision auto] [--threads N] [--set key=value ...]
+    python benchmarks/bench_train.py --peer --model PEER/model --data PEER/photos   # the peer setting
 
-Part 1 runs the real `stylelora.train.train` and reads images/s from its Progress events (steps
-after the first two are timed). Part 2 times one step's phases (image load+prepare, VAE encode,
-text encoder, UNet forward, backward, optimizer) on the same model with the same settings.
+It runs the real ``stylelora.train.train`` and times, per optimizer step, from hooks on the loop's own
+objects: the batch (``BatchSource.next_batch``: cache look-ups, or image load + VAE encode + text
+encoder when not cached), the UNet forward, the backward (``Accelerator.backward``), the optimizer
+step and everything else (noise, loss, clipping, events, logging). Steps after the first epoch
+(when the caches are full; or after step 2 when the run is shorter) are *warm*; the split and the
+images/s are taken over them. ``--set`` passes any config override (``train.compile=default``),
+which is how each speed change is measured before/after. ``--peer`` selects the peer setting of
+issue 16 (256 px, batch 2, rank 4, alpha 4 on to_q/to_k/to_v/to_out.0, AdamW 1e-4, fp32, 2 threads;
+``benchmarks/peer_shape.py`` builds its model and photos).
+
 Peak memory: CUDA's max_memory_allocated on a GPU, the process's peak RSS on a CPU.
 Record the figures in benchmarks/RESULTS.md with the machine, the command and the date.
 """
@@ -14,128 +23,280 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import platform
 import resource
+import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from datetime import date
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from stylelora import events  # noqa: E402
-from stylelora.config import Config  # noqa: E402
-from stylelora.dataset import load_image, prepare, scan  # noqa: E402
-from stylelora.models import add_lora, load_base_model  # noqa: E402
-from stylelora.text import encode_text, tokenize  # noqa: E402
-from stylelora.train import train  # noqa: E402
+from stylelora.config import Config, parse_override  # noqa: E402
+
+PEER = {"resolution": 256, "batch_size": 2, "rank": 4, "alpha": 4.0, "targets": "to_q,to_k,to_v,to_out.0",
+        "precision": "no", "threads": 2, "steps": 30}
+PHASES = ("batch", "unet forward", "backward", "optimizer", "other")
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
+def peak_memory_mb(device: str) -> float:
+    if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def whole_steps(args: argparse.Namespace, out: Path) -> tuple[float, str]:
-    config = Config().with_overrides({
-        "model.name": args.model, "data.path": str(ROOT / "datasets/example"), "data.resolution": args.resolution,
+@contextlib.contextmanager
+def saved_tensors_counted(module: torch.nn.Module) -> Iterator[Callable[[], float]]:
+    """Counts the distinct storages autograd saves for the backward pass (MiB), the module's own weights
+    excepted: the activations a step holds until its backward pass frees them."""
+    def storage(t: torch.Tensor) -> tuple[int, int] | None:
+        """(data pointer, bytes) of ``t``'s storage; None for a tensor subclass (a quantized weight) without one."""
+        try:
+            s = t.untyped_storage()
+            return s.data_ptr(), s.nbytes()
+        except (RuntimeError, NotImplementedError):
+            return None
+
+    weights = {s[0] for s in map(storage, module.parameters()) if s is not None}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        s = storage(t)
+        if s is not None and s[0] not in weights:
+            seen[s[0]] = s[1]
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield lambda: sum(seen.values()) / 2**20
+
+
+class PhaseTimer:
+    """Seconds spent in each phase during each optimizer step, from hooks on the loop's objects."""
+
+    def __init__(self, cuda: bool) -> None:
+        self.sync: Callable[[], None] = torch.cuda.synchronize if cuda else (lambda: None)
+        self.current: dict[str, float] = {}
+        self.steps: list[dict[str, float]] = []  # per finished step: phase -> seconds, and "step"
+        self.step_start = 0.0
+        self.saved_mb: float | None = None  # activations saved for the backward pass, first forward
+        self._undo: list[Callable[[], None]] = []
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        self.sync()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.sync()
+            self.current[name] = self.current.get(name, 0.0) + time.perf_counter() - start
+
+    def wrap(self, owner: Any, attribute: str, name: str, count_saved: bool = False) -> None:
+        """Time every call of ``owner.attribute`` (a class's method) as phase ``name``; with ``count_saved``,
+        the first call with gradients also counts the bytes autograd saves for the backward pass."""
+        original = getattr(owner, attribute)
+        timer = self
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            if count_saved and timer.saved_mb is None and torch.is_grad_enabled():
+                with timer.phase(name), saved_tensors_counted(args[0]) as counted:
+                    result = original(*args, **kwargs)
+                timer.saved_mb = counted()
+                return result
+            with timer.phase(name):
+                return original(*args, **kwargs)
+
+        setattr(owner, attribute, timed)
+        self._undo.append(lambda: setattr(owner, attribute, original))
+
+    def install(self) -> None:
+        from accelerate import Accelerator
+        from diffusers import UNet2DConditionModel
+
+        from stylelora.batches import BatchSource
+
+        self.wrap(BatchSource, "next_batch", "batch")
+        self.wrap(Accelerator, "backward", "backward")
+        self.wrap(UNet2DConditionModel, "forward", "unet forward", count_saved=True)
+        from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+        pre = register_optimizer_step_pre_hook(lambda *a: self._optimizer(True))
+        post = register_optimizer_step_post_hook(lambda *a: self._optimizer(False))
+        self._undo += [pre.remove, post.remove]
+
+    def _optimizer(self, starting: bool) -> None:
+        self.sync()
+        if starting:
+            self._opt_start = time.perf_counter()
+        else:
+            self.current["optimizer"] = self.current.get("optimizer", 0.0) + time.perf_counter() - self._opt_start
+
+    def uninstall(self) -> None:
+        for undo in reversed(self._undo):
+            undo()
+
+    def on_event(self, event: object) -> None:
+        if isinstance(event, events.Started):
+            self.sync()
+            self.step_start, self.cpu_start = time.perf_counter(), time.process_time()
+        elif isinstance(event, events.Progress):
+            self.sync()
+            now, cpu = time.perf_counter(), time.process_time()
+            record = dict(self.current, step=now - self.step_start, cpu=cpu - self.cpu_start)
+            record["other"] = record["step"] - sum(self.current.values())
+            self.steps.append(record)
+            self.current, self.step_start, self.cpu_start = {}, now, cpu
+
+
+def config_for(args: argparse.Namespace, out: Path) -> Config:
+    overrides: dict[str, Any] = {
+        "model.name": args.model, "data.path": str(args.data), "data.resolution": args.resolution,
         "train.steps": args.steps, "train.batch_size": args.batch_size, "train.output_dir": str(out),
-        "train.mixed_precision": args.precision, "lora.rank": 16, "lora.alpha": 16.0,
-    })
-    times: list[tuple[int, float]] = []
+        "train.mixed_precision": args.precision, "lora.rank": args.rank, "lora.alpha": args.alpha,
+    }
+    if args.targets:
+        overrides["lora.unet_targets"] = args.targets.split(",")
+    overrides.update(dict(parse_override(s) for s in args.set))
+    return Config().with_overrides(overrides)
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def nbytes(t: torch.Tensor) -> int:
+    """Bytes ``t`` holds; a quantized weight (optimum-quanto's subclasses) counts its data, scale and shift."""
+    inner = [getattr(t, a) for a in ("_data", "_scale", "_shift") if isinstance(getattr(t, a, None), torch.Tensor)]
+    return sum(map(nbytes, inner)) if inner else t.numel() * t.element_size()
+
+
+def tensor_mb(tensors: Any) -> float:
+    return sum(nbytes(t.data if isinstance(t, torch.nn.Parameter) else t) for t in tensors) / 2**20
+
+
+def memory_split(model: Any, config: Config, num_images: int, rss: dict[str, float], peak: float,
+                 saved_mb: float | None) -> dict[str, float]:
+    """Where the memory goes, MiB. ``rss`` holds the process's RSS when training starts (libraries, data,
+    and the weights as far as they were read: a diffusers folder's weights are mapped from their files and
+    come in as they are first used). The frozen weights, the LoRA weights with their gradients and AdamW's two
+    moments, and the caches are computed from their tensors' shapes; the activations are what autograd saved
+    for the backward pass in the first step (``saved_mb``); the rest is the libraries (torch, diffusers, ...:
+    about 370 MiB), the data, the backward pass's transient gradients and buffers the allocator keeps."""
+    modules = [model.vae] + [m for _, m in model.parts()]
+    params = [p for m in modules for p in m.parameters()]
+    lora = [p for p in params if p.requires_grad]
+    frozen = tensor_mb([p for p in params if not p.requires_grad]) + tensor_mb(
+        [b for m in modules for b in m.buffers()])
+    side = config.data.resolution // model.pipeline.vae_scale_factor
+    latents = num_images * 2 * 4 * side * side * 4 / 2**20 if config.cache.latents != "off" else 0.0
+    text = 0.0
+    if config.cache.text_encoder and not config.lora.train_text_encoder:
+        text = num_images * model.tokenizer.model_max_length * model.text_encoder.config.hidden_size * 4 / 2**20
+    lora_mb = tensor_mb(lora)
+    parts = {"frozen weights (VAE, text encoder, UNet)": frozen, "LoRA weights": lora_mb,
+             "gradients + AdamW moments": 3 * lora_mb, "latent cache": latents, "text-encoder cache": text,
+             "activations saved for backward": saved_mb or 0.0}
+    parts["the rest (libraries, data, transient buffers)"] = peak - sum(parts.values())
+    of_which = {f"of which {k}": v for k, v in parts.items()}
+    return {"RSS when training starts": rss["start"], "peak RSS": peak, **of_which}
+
+
+def measure(args: argparse.Namespace, out: Path) -> tuple[PhaseTimer, str, int, dict[str, float]]:
+    """Train once with the phase hooks on; returns the timer, the device, the batches per epoch and the
+    memory split."""
+    from stylelora.models import load_base_model
+    from stylelora.train import train
+
+    config = config_for(args, out)
+    model = load_base_model(config.model.name, config.model.config, config.model.prediction_type)
+    timer = PhaseTimer(config.train.device != "cpu" and torch.cuda.is_available())
     device = ""
+    started: list[events.Started] = []
+
+    rss = {"start": 0.0}
 
     def on_event(e: object) -> None:
         nonlocal device
         if isinstance(e, events.Started):
             device = e.device
-        if isinstance(e, events.Progress):
-            times.append((e.step, time.perf_counter()))
+            started.append(e)
+            rss["start"] = rss_mb()
+        timer.on_event(e)
 
-    train(config, on_event)
-    (s0, t0), (s1, t1) = times[1], times[-1]
-    return (s1 - s0) * args.batch_size / (t1 - t0), device
-
-
-def phases(args: argparse.Namespace, device: torch.device) -> dict[str, float]:
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision, torch.float32)
-    if args.precision == "auto":
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = load_base_model(args.model)
-    params = add_lora(model, Config().lora)
-    for m in (model.unet, model.vae, *model.text_encoders):
-        m.to(device, dtype)
-    for p in params:
-        p.data = p.data.float()
-    opt = torch.optim.AdamW(params, lr=1e-4)
-    items = scan(ROOT / "datasets/example")[: args.batch_size]
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    timings: dict[str, list[float]] = {}
-
-    @contextlib.contextmanager
-    def timed(name: str) -> Iterator[None]:
-        sync()
-        t = time.perf_counter()
-        yield
-        sync()
-        timings.setdefault(name, []).append(time.perf_counter() - t)
-
-    rng = np.random.default_rng(0)
-    size = (args.resolution, args.resolution)
-    for _ in range(args.steps):
-        with timed("load+prepare images"):
-            pixels = torch.stack([prepare(load_image(i.image), size, True, False, rng) for i in items])
-            pixels = pixels.to(device, dtype)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            with timed("vae encode"), torch.no_grad():
-                latents = model.vae.encode(pixels).latent_dist.sample() * model.vae.config.scaling_factor
-            ids = [t.to(device) for t in tokenize(model.tokenizers, [i.caption for i in items])]
-            with timed("text encoder"), torch.no_grad():
-                text = encode_text(model.text_encoders, ids)  # SDXL: both encoders and the pooled text
-            t = torch.randint(0, 1000, (latents.shape[0],), device=device)
-            noise = torch.randn_like(latents)
-            time_ids = torch.tensor([[*size, 0, 0, *size]] * latents.shape[0], device=device)  # SDXL only
-            conditions = text.added_conditions(time_ids)
-            with timed("unet forward"):
-                pred = model.unet(latents + noise, t, text.states, added_cond_kwargs=conditions).sample
-            loss = torch.nn.functional.mse_loss(pred.float(), noise.float())
-        with timed("backward"):
-            loss.backward()
-        with timed("optimizer"):
-            opt.step()
-            opt.zero_grad()
-    return {k: sorted(v)[len(v) // 2] * 1000 for k, v in timings.items()}  # median ms
+    if args.phases:
+        timer.install()
+    try:
+        train(config, on_event, model=model)
+    finally:
+        timer.uninstall()
+    num_images = started[0].num_images
+    per_epoch = max(1, num_images // args.batch_size)
+    split = memory_split(model, config, num_images, rss, peak_memory_mb(device), timer.saved_mb)
+    return timer, device, per_epoch, split
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="builtin:small")
+    p.add_argument("--data", type=Path, default=ROOT / "datasets/example")
     p.add_argument("--resolution", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--alpha", type=float, default=16.0)
+    p.add_argument("--targets", default="", help="comma-separated UNet module names (default: stylelora's)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--precision", default="auto", choices=["auto", "no", "fp16", "bf16"])
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config override")
+    p.add_argument("--peer", action="store_true", help="issue 16's peer setting (see the docstring)")
+    p.add_argument("--no-phases", action="store_true",
+                   help="no hooks (images/s only; use with train.compile, which would trace the hooks)")
     args = p.parse_args()
+    args.phases = not args.no_phases
+    if args.peer:
+        for key, value in PEER.items():
+            if p.get_default(key) == getattr(args, key):
+                setattr(args, key, value)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine()
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or platform.machine()
     with tempfile.TemporaryDirectory() as tmp:
-        rate, where = whole_steps(args, Path(tmp) / "run")
-    print(f"{args.model} {args.resolution}px batch {args.batch_size} precision {args.precision} on {where} ({name}), "
-          f"torch threads {torch.get_num_threads()}")
-    print(f"train(): {rate:.2f} images/s over steps 2..{args.steps}")
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    for phase, ms in phases(args, device).items():
-        print(f"  {phase:<20} {ms:8.1f} ms (median per step)")
-    print(f"peak memory: {peak_memory_mb(device):.0f} MiB ({'CUDA allocated' if device.type == 'cuda' else 'RSS'})")
+        timer, device, per_epoch, split = measure(args, Path(tmp) / "run")
+    steps = timer.steps
+    first_warm = per_epoch + 1 if len(steps) > per_epoch + 1 else min(3, len(steps))
+    warm = steps[first_warm - 1:]
+    total = sum(s["step"] for s in warm)
+    rate = len(warm) * args.batch_size / total if total > 0 else float("nan")
+    print(f"{args.model} {args.resolution}px batch {args.batch_size} rank {args.rank} precision {args.precision} "
+          f"on {device} ({name}), torch threads {torch.get_num_threads()}, overrides {args.set or 'none'}")
+    cpu = sum(s["cpu"] for s in warm)
+    print(f"train(): {rate:.2f} images/s over warm steps {first_warm}..{len(steps)}; "
+          f"first step {steps[0]['step']:.2f} s (compilation, if any, happens there)")
+    print(f"  process CPU time per image {1000 * cpu / (len(warm) * args.batch_size):.0f} ms "
+          f"(steadier than wall time on a shared machine); 1-minute load average now {os.getloadavg()[0]:.2f}")
+    medians = {ph: statistics.median(s.get(ph, 0.0) for s in warm) * 1000 for ph in PHASES}
+    median_step = statistics.median(s["step"] for s in warm) * 1000
+    for ph in PHASES:
+        print(f"  {ph:<14} {medians[ph]:8.1f} ms  {100 * sum(s.get(ph, 0.0) for s in warm) / total:5.1f} %")
+    outside = 1 - sum(s.get("unet forward", 0) + s.get("backward", 0) for s in warm) / total
+    print(f"  warm step      {median_step:8.1f} ms (median); outside UNet forward+backward: {100 * outside:.1f} %")
+    print(f"peak memory: {peak_memory_mb(device):.0f} MiB ({'CUDA allocated' if device.startswith('cuda') else 'RSS'})")
+    if not device.startswith("cuda"):
+        for part, mb in split.items():
+            print(f"  {part:<52} {mb:8.1f} MiB")
+    print(f"\n| {date.today()} | {args.model} | {args.resolution} px, batch {args.batch_size}, rank {args.rank} | "
+          f"{rate:.2f} | " + " | ".join(f"{medians[ph]:.0f}" for ph in PHASES) + f" | {100 * outside:.1f} % | "
+          f"{peak_memory_mb(device):.0f} MiB |")
 
 
 if __name__ == "__main__":

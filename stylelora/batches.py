@@ -318,6 +318,8 @@ class BatchSource:
         latents = means + stds * noise
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         latents = (latents - shift) * vae.config.scaling_factor
+        if vae.device.type == "cuda":  # from pinned memory the copy runs beside the GPU's work
+            return latents.to(dtype=vae.dtype).pin_memory().to(vae.device, non_blocking=True)
         return latents.to(vae.device, vae.dtype)
 
     def _posteriors(self, epoch: int, slots: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -76,6 +76,12 @@ class ModelConfig:
         "Model family: auto tells SD1, SD2-512 (epsilon), SD2-768-v and SDXL apart from the model's structure; "
         "set it when a fine-tune is taken for the wrong one (sd2-v trains with v-prediction).",
     )
+    quantize: Literal["none", "fp8", "int8", "nf4"] = option(
+        "none",
+        "Keep the frozen UNet and text-encoder weights quantized while training (QLoRA-style, through "
+        "optimum-quanto): fp8 or int8 about halve their memory against bf16, nf4 (4-bit) quarters it, at some "
+        "step time. The LoRA weights, samples and exported adapters are unchanged.",
+    )
 
 
 @dataclass
@@ -195,6 +201,15 @@ class TrainConfig:
         "auto", "auto: bf16 on GPUs that have it, else fp16 on CUDA, none on CPU."
     )
     gradient_checkpointing: bool = option(False, "Recompute activations in the backward pass: less memory, slower.")
+    compile: Literal["off", "default", "max-autotune"] = option(
+        "off",
+        "torch.compile the UNet: the first step compiles (minutes), later steps may run faster; max-autotune "
+        "also searches kernels (longer compile). Meant for long GPU runs; on a CPU the compilation alone takes "
+        "many minutes (one try on a shared 2-core machine did not finish in 40).",
+    )
+    channels_last: bool = option(
+        False, "Keep the UNet's convolution tensors in channels-last memory format (can help on GPUs)."
+    )
     attention: Literal["sdpa", "default"] = option(
         "sdpa", "Attention kernel: sdpa (PyTorch scaled_dot_product_attention) or default (plain matmuls)."
     )
@@ -226,7 +241,10 @@ class TrainConfig:
     )
     keep_checkpoints: int = option(3, "How many newest checkpoints to keep.", ge=1)
     resume: str = option("", "'auto' continues from the newest checkpoint; or a checkpoint folder.")
-    log_every: int = option(1, "Write metrics every N steps.", ge=1)
+    log_every: int = option(
+        1, "Write metrics every N steps. The loss is read from the device only then, so on a GPU a larger N "
+        "lets it queue the next steps without waiting (progress and metrics stay exact, reported in bursts).",
+        ge=1)
     log_with: Literal["tensorboard", "wandb", "mlflow", "none"] = option(
         "tensorboard",
         "Experiment tracker (through accelerate), logging loss, lr and the run's config as hyperparameters; "

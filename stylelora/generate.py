@@ -1,9 +1,11 @@
 """Preview: render a base model with LoRA adapters at any strength, without ever reloading the base.
 
 ``Previewer`` loads the base pipeline once. Adapters are injected beside the base weights with peft
-(one peft adapter per attached file) and never fused, so moving the strength slider only changes
-peft's per-layer scale (``LoraLayer.set_scale``), and strength 0 switches the LoRA layers off, which
-gives exactly the base model's image. Adapter files are read with stylelora's own strict reader
+(one peft adapter per attached file). A render at strength s adds s times the adapter's deltas into the
+base weights (fused: the denoising steps then cost what a LoRA-free model does) and keeps the touched base
+weights aside, so the next strength or adapter starts from them again and strength 0 gives exactly the
+base model's image. With ``fuse=False`` the layers stay unfused and only peft's per-layer scale
+(``LoraLayer.set_scale``) changes. Adapter files are read with stylelora's own strict reader
 (``formats.load_adapter``), so a file meant for another model fails with the keys named.
 """
 
@@ -179,7 +181,8 @@ class Previewer:
 
     ``generate(prompt, adapter=name, scale=s)`` renders with one adapter at strength ``s`` on UNet
     and text encoder (any real number: 0 is the base model exactly, 1 the adapter as trained,
-    negative values push away from the style). Nothing is reloaded or fused between calls.
+    negative values push away from the style). The base is never reloaded; the deltas are fused into
+    its weights for a render and the weights as loaded are kept aside (``fuse=False``: never fused).
     The base image for given settings is rendered once per session, and text embeddings are reused
     whenever the text encoder is unchanged. Calls are serialised with a lock (one pipeline).
     """
@@ -192,8 +195,10 @@ class Previewer:
         dtype: torch.dtype | None = None,
         config_source: str = "",
         prediction_type: str = "auto",
+        fuse: bool = True,
     ) -> None:
         self.model_name = model
+        self.fuse = fuse
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
         self.base_loads = 0  # how often the base model was loaded (tests and benchmarks count it)
@@ -206,6 +211,9 @@ class Previewer:
         self._adapters: dict[str, _Attached] = {}
         self._layers: dict[str, list[tuple[str | None, Any]]] = {part: [] for part in self._parts}
         self._next_id = 0
+        self._kept: dict[Any, torch.Tensor] = {}  # LoRA layer -> its base weight as loaded (while fused)
+        # (peft adapter, strength, block strengths) now added into the base weights
+        self._fused: tuple[str, float, tuple[tuple[str, float], ...]] | None = None
         self._base_cache: OrderedDict[tuple[str, GenerateSettings], Image.Image] = OrderedDict()
         self._embeds_cache: OrderedDict[tuple, dict[str, torch.Tensor]] = OrderedDict()
 
@@ -255,6 +263,7 @@ class Previewer:
         with self._lock:
             if name in self._adapters:
                 self.detach(name)
+            self._unfuse()  # new layers must wrap the base weights as loaded
             peft_name = f"stylelora_{self._next_id}"
             self._next_id += 1
             for part in adapter.state:
@@ -294,6 +303,7 @@ class Previewer:
         """Remove an attached adapter (its layers and cached text embeddings)."""
         with self._lock:
             attached = self._require(name)
+            self._unfuse()
             self._remove(attached.peft_name)
             del self._adapters[name]
             for key in [k for k in self._embeds_cache if k[-1] and k[-1][0] == attached.peft_name]:
@@ -328,14 +338,49 @@ class Previewer:
 
     def _activate(self, attached: _Attached | None, scale: float, groups: Mapping[str, float] | None = None) -> None:
         """Make ``attached`` the only active adapter at ``scale`` (times its group's strength in ``groups`` for
-        UNet layers); None switches every LoRA layer off."""
+        UNet layers); None switches every LoRA layer off.
+
+        Fused (the default, for plain LoRA/LoCon layers): the deltas at those strengths are added into the base
+        weights and every LoRA layer is switched off. Otherwise peft's layers run beside the base weights."""
+        fused = self.fuse and attached is not None and self._fusable(attached)
+        wanted = (attached.peft_name, scale, tuple(sorted((groups or {}).items()))) if fused and attached else None
+        if self._fused != wanted:
+            self._unfuse()
         for part in self._parts:
-            on = attached is not None and part in attached.parts
+            on = attached is not None and part in attached.parts and not fused
             for group, layer in self._layers[part]:
                 layer.enable_adapters(on)
                 if on:
                     layer.set_adapter([attached.peft_name], inference_mode=True)
                     layer.set_scale(attached.peft_name, scale * (groups or {}).get(group or "", 1.0))
+        if wanted is not None and self._fused != wanted:
+            self._fuse(attached, scale, groups or {})
+            self._fused = wanted
+
+    def _fusable(self, attached: _Attached) -> bool:
+        return all(not layer.use_dora.get(attached.peft_name, False)
+                   for part in attached.parts for _, layer in self._layers[part])
+
+    def _fuse(self, attached: _Attached, scale: float, groups: Mapping[str, float]) -> None:
+        """Add ``attached``'s deltas at ``scale`` (times each group's strength) into the base weights, keeping
+        those weights aside first."""
+        with torch.no_grad():
+            for part in attached.parts:
+                for group, layer in self._layers[part]:
+                    if attached.peft_name not in layer.lora_A:
+                        continue
+                    weight = layer.get_base_layer().weight
+                    kept = self._kept.setdefault(layer, weight.detach().clone())
+                    layer.set_scale(attached.peft_name, scale * groups.get(group or "", 1.0))
+                    weight.copy_(kept + layer.get_delta_weight(attached.peft_name).to(weight.dtype))
+
+    def _unfuse(self) -> None:
+        """Put the kept base weights back (bit for bit): no adapter is added into them any more."""
+        with torch.no_grad():
+            for layer, kept in self._kept.items():
+                layer.get_base_layer().weight.copy_(kept)
+        self._kept.clear()
+        self._fused = None
 
     # --- rendering ------------------------------------------------------------------------------
 

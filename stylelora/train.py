@@ -311,6 +311,13 @@ class _Due:
         due = ended and _every(self.train.save_every_epochs, epochs_done) and step < self.total
         return epochs_done if due else None
 
+    def report(self, step: int) -> bool:
+        """Whether the losses are read from the device at ``step``, the same steps in every process: before
+        anything uses or saves the weights (an epoch's save is checked apart)."""
+        t = self.train
+        return (_every(t.log_every, step) or _every(t.validate_every, step) or step == self.total
+                or (bool(self.sample.prompts) and _every(self.sample.every, step)) or self.checkpoint(step))
+
 
 @contextlib.contextmanager
 def _evaluation_weights(live: ckpt.LiveState) -> Iterator[None]:
@@ -320,12 +327,35 @@ def _evaluation_weights(live: ckpt.LiveState) -> Iterator[None]:
         yield
 
 
-def _check_finite(loss: torch.Tensor, step: int) -> None:
-    if not torch.isfinite(loss):
-        raise TrainingError(
-            f"the loss became {loss.item()} at step {step}; the last saved checkpoint is kept. Lower the "
-            "learning rate, use fp32 or bf16 instead of fp16, or check the data for broken images."
-        )
+@dataclass
+class _Trained:
+    """A step whose loss is still on the device: it is read (and the step reported) at the next report."""
+
+    step: int
+    loss: torch.Tensor
+    lr: float
+    images: int  # this process's
+    rate: float  # steps per second
+    seconds: float
+    eta_s: float
+
+
+def _read_steps(trained: list[_Trained], team: Processes) -> tuple[list[float], list[float]]:
+    """The losses (mean over the processes) and images (sum) of ``trained``, in one device-to-host transfer
+    and one all-reduce (the loop's only host sync); the first loss that is not finite (in any process, so in
+    all alike) stops the run before anything is saved from its weights."""
+    if not trained:
+        return [], []
+    values = torch.stack([t.loss.float() for t in trained]).tolist()
+    summed = team.sum(values + [float(t.images) for t in trained])
+    losses_read, images = [v / team.count for v in summed[: len(trained)]], summed[len(trained):]
+    for t, value in zip(trained, losses_read, strict=True):
+        if not math.isfinite(value):
+            raise TrainingError(
+                f"the loss became {value} at step {t.step}; the last saved checkpoint is kept. Lower the "
+                "learning rate, use fp32 or bf16 instead of fp16, or check the data for broken images."
+            )
+    return losses_read, images
 
 
 def train(
@@ -413,12 +443,24 @@ def _train(config: Config, emit: RunTracker, stop: StopSignal, model: BaseModel 
 
     # --- the loop: one iteration is one optimizer step of `accumulation` micro-batches in every process ---
     losses_seen: list[float] = []
+    unreported: list[_Trained] = []  # steps whose loss is still on the device (read at the next report)
     clock, due, stopped = _Clock(step, seconds_before), _Due(config, team, total, source.epoch), False
+
+    def report() -> events.Progress | None:
+        """Progress for each step since the last report; the last one's event."""
+        progress = None
+        for t, loss, images_done in zip(unreported, *_read_steps(unreported, team), strict=True):
+            losses_seen.append(loss)
+            progress = events.Progress(t.step, total, loss, t.lr, images_done * t.rate, t.seconds, t.eta_s)
+            emit(progress)
+        unreported.clear()
+        return progress
+
     while step < total:
         if team.any(_stop_requested(stop)):  # all processes stop after the same step
             stopped = True
             break
-        step_loss = 0.0
+        step_loss = torch.zeros((), device=accelerator.device)
         images = 0
         for _ in range(cfg.gradient_accumulation_steps):
             batch = source.next_batch()  # latents (cached or encoded), text, SDXL time ids, loss weights
@@ -427,7 +469,8 @@ def _train(config: Config, emit: RunTracker, stop: StopSignal, model: BaseModel 
                 noise, timesteps = losses.noise_and_timesteps(  # each example's own, whatever its batch
                     batch.noise_generators, latents.shape[1:], noise_scheduler.config.num_train_timesteps,
                     cfg.noise_offset)
-                noise, timesteps = noise.to(latents), timesteps.to(accelerator.device)
+                noise = noise.to(latents, non_blocking=True)
+                timesteps = timesteps.to(accelerator.device, non_blocking=True)
                 noisy = noise_scheduler.add_noise(latents, noise, timesteps)
                 text = batch.text
                 if text is None:  # a text encoder trains: run them here, with gradients
@@ -437,7 +480,6 @@ def _train(config: Config, emit: RunTracker, stop: StopSignal, model: BaseModel 
                 pred = unet(noisy, timesteps, text.states, added_cond_kwargs=conditions).sample
                 weights = batch.loss_weights * losses.min_snr_weights(noise_scheduler, timesteps, cfg.min_snr_gamma)
                 loss = (losses.per_example_mse(pred, target) * weights).mean()
-                _check_finite(loss, step + 1)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and cfg.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -447,17 +489,19 @@ def _train(config: Config, emit: RunTracker, stop: StopSignal, model: BaseModel 
                     if ema is not None:
                         ema.update()
                 optimizer.zero_grad(set_to_none=True)
-            step_loss += loss.item() / cfg.gradient_accumulation_steps
+            step_loss += loss.detach() / cfg.gradient_accumulation_steps  # on the device: no sync per step
             images += len(batch)
         step += 1
-        loss_sum, images = team.sum([step_loss, images])  # the whole step's, as one process would see it
-        step_loss = loss_sum / team.count
-        losses_seen.append(step_loss)
-
         elapsed, rate, eta = clock.pace(step, total)
         lr = lr_scheduler.get_last_lr()[0]
-        emit(events.Progress(step, total, step_loss, lr, images * rate, elapsed, eta))
-        record = {"step": step, "loss": step_loss, "lr": lr, "images_per_s": images * rate, "seconds": elapsed}
+        unreported.append(_Trained(step, step_loss, lr, images, rate, elapsed, eta))
+        epoch = due.epoch_end(step, source.epoch)
+        if not due.report(step) and epoch is None:
+            continue
+        progress = report()  # raises on a loss that is not finite, before anything uses or saves the weights
+        assert progress is not None
+        record = {"step": step, "loss": progress.loss, "lr": lr, "images_per_s": progress.images_per_s,
+                  "seconds": elapsed}
         if validator is not None and due.validation(step):
             with _evaluation_weights(live):
                 record["val_loss"] = validator.loss(accelerator.autocast)
@@ -468,13 +512,13 @@ def _train(config: Config, emit: RunTracker, stop: StopSignal, model: BaseModel 
             with _evaluation_weights(live):
                 paths = render_samples(model, config, out, step)
             emit(events.SampleSaved(step, paths, list(config.sample.prompts)))
-        epoch = due.epoch_end(step, source.epoch)
         if due.checkpoint(step) or epoch is not None:
             ckpt.snapshot(live, step, clock.elapsed(), cfg.keep_checkpoints, emit)
         if epoch is not None and team.is_main:  # kohya's save_every_n_epochs: an epoch's adapter file
             with _evaluation_weights(live):
                 saved = export_adapter(model, config, out, step, data.num_images, data.items, total, epoch)
             emit(events.AdapterSaved(step, saved))
+    report()
 
     # --- final save (also after a stop request); the export uses the EMA (or schedule-free) average ---
     ckpt.snapshot(live, step, clock.elapsed(), cfg.keep_checkpoints, emit)

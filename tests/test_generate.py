@@ -170,7 +170,8 @@ def test_switching_adapters_and_back_gives_identical_images(preview: Previewer) 
     assert mean_diff(b, base) > 1
 
 
-def test_base_is_loaded_once_and_never_modified(files: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_base_is_loaded_once_and_its_weights_come_back_exactly(files: dict[str, Path],
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     loads = []
     real = generate_module.load_base_model
     monkeypatch.setattr(generate_module, "load_base_model", lambda *a, **k: loads.append(a) or real(*a, **k))
@@ -185,10 +186,20 @@ def test_base_is_loaded_once_and_never_modified(files: dict[str, Path], monkeypa
     p.attach(files["unet_only"], "b")
     p.generate(PROMPT, adapter="b", steps=1)
     assert len(loads) == 1 and p.base_loads == 1
-    # nothing was fused into the base weights: the wrapped base layers hold the original tensors
-    after = {k.replace(".base_layer", ""): v for k, v in p.pipeline.unet.state_dict().items() if "lora_" not in k}
-    assert after.keys() == base_weights.keys()
-    assert all(torch.equal(after[k], v) for k, v in base_weights.items())
+
+    def base_now() -> dict[str, torch.Tensor]:
+        return {k.replace(".base_layer", ""): v for k, v in p.pipeline.unet.state_dict().items() if "lora_" not in k}
+
+    # the render fused b's deltas into the base weights (so the steps cost what a LoRA-free model does)...
+    assert base_now().keys() == base_weights.keys()
+    assert not all(torch.equal(base_now()[k], v) for k, v in base_weights.items())
+    # ...and the weights kept aside come back bit for bit, for the base image and when adapters go
+    p.generate(PROMPT, adapter="b", scale=0.0, steps=2)
+    assert all(torch.equal(base_now()[k], v) for k, v in base_weights.items())
+    p.generate(PROMPT, adapter="a", scale=0.6, steps=1)
+    p.detach("a")
+    p.detach("b")
+    assert all(torch.equal(base_now()[k], v) for k, v in base_weights.items())
 
 
 def test_attach_rereads_a_file_only_when_it_changed(files: dict[str, Path], tmp_path: Path,
