@@ -12,6 +12,7 @@ import logging
 import math
 import re
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -165,7 +166,10 @@ def check_dataset(
         if check.usable:
             checks.append(check)
 
-    checks = _drop_duplicates(checks, report)
+    def has_caption(path: Path) -> bool:
+        return bool(captions.get(path)) if captions is not None else path.with_suffix(caption_extension).is_file()
+
+    checks = _drop_duplicates(checks, report, has_caption)
     counter = _TokenCounter(tokenizer, model)
     for check in checks:
         if captions is not None:
@@ -264,12 +268,16 @@ def _walk(root: Path) -> tuple[list[Path], list[tuple[Path, int]]]:
     return sorted(visible), hidden
 
 
-def _drop_duplicates(checks: list[Any], report: DatasetReport) -> list[Any]:
-    """Keep the first of each set of byte-identical images; flag near duplicates (both stay)."""
+def _drop_duplicates(checks: list[Any], report: DatasetReport, has_caption: Callable[[Path], bool]) -> list[Any]:
+    """Keep one of each set of byte-identical images (the first with a caption, else the first); flag near
+    duplicates (both stay)."""
     first_of: dict[str, Path] = {}
+    for check in checks:
+        if check.sha256 not in first_of or (has_caption(check.path) and not has_caption(first_of[check.sha256])):
+            first_of[check.sha256] = check.path
     kept = []
     for check in checks:
-        original = first_of.setdefault(check.sha256, check.path)
+        original = first_of[check.sha256]
         if original != check.path:
             report.findings.append(Finding(
                 check.path, f"exact duplicate of {report._name(original)} (same bytes)",

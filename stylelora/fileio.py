@@ -1,6 +1,9 @@
 """Atomic file writes: every file stylelora writes goes to a temporary name first, then is renamed.
 
 A crash, a kill or a full disk therefore never leaves a half-written file under its final name.
+The final file or folder gets the mode a plain ``open()`` or ``mkdir()`` would give it under the
+process's umask (``mkstemp``/``mkdtemp`` make them private, 0600/0700, which other users, such as an
+AUTOMATIC1111 in Docker, could not read).
 """
 
 from __future__ import annotations
@@ -10,12 +13,38 @@ import errno
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import DiskFullError
 
 NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
+_umask_lock = threading.Lock()
+
+
+def umask() -> int:
+    """The process's umask, read without changing it where Linux tells it (/proc), else set and put back."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    with _umask_lock:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode ``open(path, "w")`` gives a new file: 0o666 less the umask."""
+    return 0o666 & ~umask()
+
+
+def folder_mode() -> int:
+    """The mode ``mkdir`` gives a new folder: 0o777 less the umask."""
+    return 0o777 & ~umask()
 
 
 def _disk_full_message(path: Path) -> str:
@@ -31,7 +60,10 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    os.close(fd)
+    try:
+        os.fchmod(fd, file_mode())  # what open() would have made, not mkstemp's 0600
+    finally:
+        os.close(fd)
     tmp = Path(tmp_name)
     try:
         yield tmp
@@ -64,6 +96,7 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    os.chmod(tmp, folder_mode())  # what mkdir would have made, not mkdtemp's 0700
     old = final.with_name(f".{final.name}.old")
     moved_old = False
     try:
