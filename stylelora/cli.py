@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import os
 import signal
 import sys
 import threading
@@ -21,6 +20,7 @@ from typing import Any
 
 from .config import Config, GenerateSettings, all_fields, field_type
 from .errors import StyleloraError
+from .logs import quiet_libraries
 from .samplers import sampler_names
 
 # flag -> dotted config field; the help text comes from the field itself.
@@ -297,23 +297,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _quiet_libraries() -> None:
-    """Third-party chatter (progress bars, deprecation notes) is not for the user's terminal."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    for name in ("transformers", "diffusers", "accelerate", "peft", "torch"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    try:
-        from diffusers.utils import logging as dlog
-        from transformers.utils import logging as tlog
-
-        dlog.set_verbosity_error()
-        dlog.disable_progress_bar()
-        tlog.set_verbosity_error()
-        tlog.disable_progress_bar()
-    except ImportError:  # pragma: no cover - both are dependencies
-        pass
-
-
 class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """Writes to the current ``sys.stderr`` (which tests and embedding hosts may swap), not the one at setup."""
 
@@ -340,7 +323,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _log_to_stderr()
     if args.command != "train" or not getattr(args, "print_config", False):
-        _quiet_libraries()
+        quiet_libraries()
     try:
         return int(args.func(args))
     except StyleloraError as e:

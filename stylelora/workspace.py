@@ -29,7 +29,10 @@ class RunInfo:
 
 class Workspace:
     def __init__(self, root: str | Path, datasets: str | Path | None = None, outputs: str | Path | None = None):
-        self.root = Path(root).resolve()
+        self.root = Path(root).expanduser().resolve()
+        if not self.root.is_dir():  # a typo must not become a new, empty workspace
+            what = "is a file, not a folder" if self.root.exists() else "no such folder"
+            raise ConfigError(f"{root}: {what}; give the folder that holds (or is to hold) datasets/ and outputs/")
         self.datasets = Path(datasets).resolve() if datasets else self.root / "datasets"
         self.outputs = Path(outputs).resolve() if outputs else self.root / "outputs"
         self.outputs.mkdir(parents=True, exist_ok=True)

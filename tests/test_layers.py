@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, list[tuple[str, ...]]]] = [
     ("adapters", [("merge",), ("convert",), ("formats",), ("metadata",), ("adapter",), ("kohya_names",)]),
     ("data", [("batches", "doctor"), ("buckets", "imagecheck"), ("dataset", "cache", "images"), ("captions",)]),
     ("model", [("failures", "validation"), ("checkpoint", "optim"), ("models", "losses", "samplers", "ema")]),
-    ("base", [("events", "metrics"), ("config",), ("fileio",), ("errors",)]),
+    ("base", [("events", "metrics"), ("config",), ("fileio",), ("errors", "logs")]),
 ]
 SHELLS = ("app", "webui")  # first-party code outside the library: the Gradio app
 
