@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import re
 import signal
 import sys
 import threading
@@ -19,7 +20,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .config import Config, GenerateSettings, all_fields, field_type
-from .errors import StyleloraError
+from .errors import CONTINUE, SETTING, StyleloraError
 from .logs import quiet_libraries
 from .samplers import sampler_names
 
@@ -46,6 +47,25 @@ CHECK_FLAGS: dict[str, str] = {
     "--trigger-word": "data.trigger_word",
     "--repeats": "data.repeats",
 }
+FLAG_OF = {dotted: flag for flag, dotted in TRAIN_FLAGS.items()}
+
+
+def cli_words(text: str) -> str:
+    """A library message in the command line's terms: a field to set becomes its flag (``--resume auto``)
+    or ``--set field=value``, and continuing a run becomes the command that does it."""
+    text = CONTINUE.sub(lambda m: f"stylelora train {m['config']} --resume auto", text)
+
+    def flag(m: re.Match[str]) -> str:
+        field, value = m["field"], m["value"]
+        if field == "lora.train_text_encoder":  # a switch on the command line: given, or left out
+            return "without --train-text-encoder" if value == "false" else "--train-text-encoder"
+        if value is None:
+            return FLAG_OF.get(field, field)
+        return f"{FLAG_OF[field]} {value}" if field in FLAG_OF else f"--set {field}={value}"
+
+    return SETTING.sub(flag, text)
+
+
 # generate's flags: one per GenerateSettings field (--negative-prompt for negative_prompt, ...).
 GENERATE_FLAGS: dict[str, str] = {"--" + f.name.replace("_", "-"): f.name for f in dataclasses.fields(GenerateSettings)}
 
@@ -115,7 +135,7 @@ class TerminalProgress:
             self.bar.set_postfix(loss=f"{event.loss:.4f}", lr=f"{event.lr:.2e}", img_s=f"{event.images_per_s:.2f}")
             self.bar.update(event.step - self.bar.n)
         elif isinstance(event, events.Message):
-            self._write(event.text)
+            self._write(cli_words(event.text))
         elif isinstance(event, events.Validation):
             self._write(f"step {event.step}: validation loss {event.loss:.5f}")
         elif isinstance(event, events.CheckpointSaved):
@@ -177,7 +197,7 @@ def cmd_check_data(args: argparse.Namespace) -> int:
         args.folder, config.data.resolution, config.train.batch_size, caption_extension=config.data.caption_extension,
         repeats=config.data.repeats, trigger_word=config.data.trigger_word, model=args.model,
     )
-    print(report.to_text(args.level))
+    print(cli_words(report.to_text(args.level)))
     return 0 if report.can_train else 1
 
 
@@ -329,7 +349,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StyleloraError as e:
         if args.debug:
             traceback.print_exc()
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {cli_words(str(e))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted; continue from the last complete checkpoint with --resume auto", file=sys.stderr)

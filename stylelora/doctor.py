@@ -19,7 +19,7 @@ from typing import Any
 
 from .config import DataConfig
 from .dataset import DOC_NAMES, IMAGE_SUFFIXES, Item, read_caption, read_jsonl, scan, with_trigger
-from .errors import DataError
+from .errors import DataError, setting
 from .imagecheck import check_image, colour_difference, near_duplicate_pairs
 
 log = logging.getLogger(__name__)
@@ -142,7 +142,7 @@ def check_dataset(
     add = report.findings.append
     if not root.is_dir():
         what = "is a file, not a folder" if root.exists() else "no such folder"
-        fix = "point data.path (--data) at a folder of images with .txt captions or a metadata.jsonl"
+        fix = f"point {setting('data.path')} at a folder of images with .txt captions or a metadata.jsonl"
         add(Finding(root, what, fix, False, "error"))
         report.blockers.append(f"{what}; {fix}")
         return report
@@ -336,8 +336,8 @@ class _TokenCounter:
                 self._tokenizer = load_tokenizer("openai/clip-vit-large-patch14")
                 self.description = "the CLIP tokenizer from the local Hugging Face cache"
             if self._tokenizer is None:
-                self.description = ("an estimate (no CLIP tokenizer on this machine; pass --model with a "
-                                    "local model to count exactly)")
+                self.description = (f"an estimate (no CLIP tokenizer on this machine; name a local model in "
+                                    f"{setting('model.name')} to count exactly)")
         return self._tokenizer
 
     def split(self, text: str, limit: int) -> tuple[int, str, bool]:

@@ -1,5 +1,9 @@
 """Errors a user can act on. The CLI and the app show their message alone, with no traceback."""
 
+from __future__ import annotations
+
+import re
+
 
 class StyleloraError(Exception):
     """Base of every error caused by the user's input, config, data or files."""
@@ -27,3 +31,25 @@ class TrainingError(StyleloraError):
 
 class DiskFullError(StyleloraError):
     """A save ran out of disk space; nothing partial was left under the file's name."""
+
+
+# --- how a message names the fix ----------------------------------------------------------------------
+# The library names what to change by config field, never by a shell's flag or button: `train.resume=auto`
+# (give a field a value) or `data.path` (a field), in backticks. Each shell words these its own way (the CLI
+# as flags, the app as form labels and buttons), so one message serves both.
+
+SETTING = re.compile(r"`(?P<field>[a-z_]+\.[a-z0-9_]+)(?:=(?P<value>[^`]*))?`")
+CONTINUE = re.compile(r"`train\.resume=auto` on the run's config `(?P<config>[^`]+)`")
+
+
+def setting(field: str, value: object = None) -> str:
+    """A config field, or a value to give it, as messages name it: `train.resume=auto`."""
+    if value is None:
+        return f"`{field}`"
+    shown = str(value).lower() if isinstance(value, bool) else str(value)
+    return f"`{field}={shown}`"
+
+
+def continue_run(config_toml: object) -> str:
+    """The advice that continues a run from its newest checkpoint (``config_toml`` is the run's own)."""
+    return f"`train.resume=auto` on the run's config `{config_toml}`"

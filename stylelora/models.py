@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from .config import Config, LoraConfig
-from .errors import ModelError
+from .errors import ModelError, setting
 
 log = logging.getLogger(__name__)
 
@@ -254,7 +254,8 @@ def _offline_hint(name: str) -> str:
     return (
         f"model '{name}': could not be downloaded from the Hugging Face hub (this machine looks "
         "offline, or the id is wrong). Download it where you have internet and pass the local "
-        "folder (--model /path/to/folder) or a single .safetensors file (--model file.safetensors)."
+        f"folder ({setting('model.name', '/path/to/folder')}) or a single .safetensors file "
+        f"({setting('model.name', 'file.safetensors')})."
     )
 
 
@@ -354,7 +355,7 @@ def _load_single_file(path: Path, config_source: str) -> Any:
             f"model '{path}': cannot load this single-file checkpoint ({type(e).__name__}: "
             f"{str(e).splitlines()[0] if str(e) else ''}). Loading a single file needs the "
             "component configs from the hub; offline, set model.config to a local diffusers folder "
-            "of the same architecture (--set model.config=/path/to/sd15-folder)."
+            f"of the same architecture ({setting('model.config', '/path/to/sd15-folder')})."
         ) from e
 
 

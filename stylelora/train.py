@@ -22,7 +22,7 @@ from .config import Config, next_free_run_dir
 from .dataset import CaptionedImages, Item
 from .doctor import training_items
 from .ema import LoraEMA
-from .errors import ConfigError, DiskFullError, TrainingError
+from .errors import ConfigError, DiskFullError, TrainingError, continue_run, setting
 from .failures import RunTracker, disk_full_advice, is_out_of_memory, out_of_memory_advice, where_to_resume
 from .metrics import MetricsLog
 from .models import BaseModel, load_base_model, prepare_for_training
@@ -66,8 +66,8 @@ def resolve_output_dir(config: Config) -> Path:
     if holds_run and not config.train.resume:
         if config.train.output_dir:
             raise ConfigError(
-                f"train.output_dir: '{out}' already holds a run; pass --resume auto to continue it, "
-                "or --output with a new folder"
+                f"train.output_dir: '{out}' already holds a run; continue it with "
+                f"{continue_run(out / 'config.toml')}, or give {setting('train.output_dir')} a new folder"
             )
         out = next_free_run_dir(out)
     return out
@@ -128,7 +128,7 @@ def _training_data(config: Config, model: BaseModel | None, emit: EventHandler) 
         emit(events.Message(line))
     if report.counts["warnings"]:
         emit(events.Message(f"{report.counts['warnings']} warnings about the dataset (its images are used); "
-                            f"'stylelora check-data {config.data.path}' lists them"))
+                            f"the dataset check ({setting('data.path')}: {config.data.path}) lists them"))
     items, held_out = split_holdout(items, config.train.validation_images, config.train.seed)
     return TrainingSet.from_config(config, items), held_out
 
@@ -350,7 +350,7 @@ def _train(config: Config, emit: EventHandler, stop: StopSignal, model: BaseMode
     emit(events.AdapterSaved(step, paths))
     accelerator.end_training()
     if stopped:
-        resume_cmd = f"stylelora train {out / 'config.toml'} --resume auto"
-        emit(events.Message(f"stopped at step {step} of {cfg.steps}; continue with: {resume_cmd}"))
+        advice = continue_run(out / "config.toml")
+        emit(events.Message(f"stopped at step {step} of {cfg.steps}; continue with: {advice}"))
     emit(events.Finished(step, stopped, out, paths))
     return RunResult(out, step, stopped, paths, losses_seen)
