@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .config import Config, GenerateSettings, all_fields, field_type
-from .errors import CONTINUE, SETTING, StyleloraError
+from .errors import CHECK_DATA, CONTINUE, SETTING, StyleloraError
 from .logs import quiet_libraries
 from .samplers import sampler_names
 
@@ -54,6 +54,7 @@ def cli_words(text: str) -> str:
     """A library message in the command line's terms: a field to set becomes its flag (``--resume auto``)
     or ``--set field=value``, and continuing a run becomes the command that does it."""
     text = CONTINUE.sub(lambda m: f"stylelora train {m['config']} --resume auto", text)
+    text = CHECK_DATA.sub(lambda m: f"'stylelora check-data {m['folder']}'", text)
 
     def flag(m: re.Match[str]) -> str:
         field, value = m["field"], m["value"]

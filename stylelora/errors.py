@@ -40,6 +40,7 @@ class DiskFullError(StyleloraError):
 
 SETTING = re.compile(r"`(?P<field>[a-z_]+\.[a-z0-9_]+)(?:=(?P<value>[^`]*))?`")
 CONTINUE = re.compile(r"`train\.resume=auto` on the run's config `(?P<config>[^`]+)`")
+CHECK_DATA = re.compile(r"the dataset check of `(?P<folder>[^`]+)`")
 
 
 def setting(field: str, value: object = None) -> str:
@@ -48,6 +49,11 @@ def setting(field: str, value: object = None) -> str:
         return f"`{field}`"
     shown = str(value).lower() if isinstance(value, bool) else str(value)
     return f"`{field}={shown}`"
+
+
+def check_data(folder: object) -> str:
+    """The advice to run the dataset check, which explains every finding, on ``folder``."""
+    return f"the dataset check of `{folder}`"
 
 
 def continue_run(config_toml: object) -> str:

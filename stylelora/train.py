@@ -18,11 +18,12 @@ from . import checkpoint as ckpt
 from . import events, losses, optim
 from .artifacts import export_adapter, render_samples
 from .batches import BatchSource, TrainingSet
+from .captions import with_trigger
 from .config import Config, next_free_run_dir
 from .dataset import CaptionedImages, Item
 from .doctor import training_items
 from .ema import LoraEMA
-from .errors import ConfigError, DiskFullError, TrainingError, continue_run, setting
+from .errors import ConfigError, DiskFullError, TrainingError, check_data, continue_run, setting
 from .failures import RunTracker, disk_full_advice, is_out_of_memory, out_of_memory_advice, where_to_resume
 from .metrics import MetricsLog
 from .models import BaseModel, load_base_model, prepare_for_training
@@ -128,7 +129,7 @@ def _training_data(config: Config, model: BaseModel | None, emit: EventHandler) 
         emit(events.Message(line))
     if report.counts["warnings"]:
         emit(events.Message(f"{report.counts['warnings']} warnings about the dataset (its images are used); "
-                            f"the dataset check ({setting('data.path')}: {config.data.path}) lists them"))
+                            f"{check_data(config.data.path)} lists them"))
     items, held_out = split_holdout(items, config.train.validation_images, config.train.seed)
     return TrainingSet.from_config(config, items), held_out
 
@@ -218,6 +219,20 @@ class _Due:
         return _every(self.train.save_every, step) and step < self.train.steps
 
 
+def _take_requests(requests: events.Requests, config: Config, data: TrainingSet, live: ckpt.LiveState, step: int,
+                   clock: _Clock, emit: EventHandler, done: bool) -> None:
+    """Samples and a checkpoint asked for during the run ("Sample now", "Save checkpoint now"); without
+    sample prompts the first training caption is rendered. ``done``: this step already saved a checkpoint."""
+    if requests.take("sample"):
+        prompts = config.sample.prompts or [with_trigger(data.items[0].caption, config.data.trigger_word)]
+        sampled = config.with_overrides({"sample.prompts": prompts})
+        with live.averaged():
+            paths = render_samples(live.model, sampled, live.run_dir, step)
+        emit(events.SampleSaved(step, paths, prompts))
+    if requests.take("checkpoint") and not done and step < config.train.steps:  # the last step saves anyway
+        ckpt.snapshot(live, step, clock.elapsed(), config.train.keep_checkpoints, emit)
+
+
 def _check_finite(loss: torch.Tensor, step: int) -> None:
     if not torch.isfinite(loss):
         raise TrainingError(
@@ -231,8 +246,10 @@ def train(
     on_event: EventHandler | None = None,
     stop: StopSignal = None,
     model: BaseModel | None = None,
+    requests: events.Requests | None = None,
 ) -> RunResult:
-    """Train a LoRA as ``config`` says; events go to ``on_event``; ``stop`` ends it after a step.
+    """Train a LoRA as ``config`` says; events go to ``on_event``; ``stop`` ends it after a step, and
+    ``requests`` ("sample", "checkpoint") are taken at the end of a step.
 
     ``model`` lets a caller pass an already loaded base model (it gets the LoRA layers injected);
     by default the model named in the config is loaded. Running out of memory or disk space, or a
@@ -240,7 +257,7 @@ def train(
     """
     tracker = RunTracker(on_event)
     try:
-        return _train(config, tracker, stop, model)
+        return _train(config, tracker, stop, model, requests or events.Requests())
     except DiskFullError as e:
         raise TrainingError(disk_full_advice(str(e), tracker)) from e
     except TrainingError as e:
@@ -253,7 +270,8 @@ def train(
         raise TrainingError(out_of_memory_advice(config, tracker)) from e
 
 
-def _train(config: Config, emit: EventHandler, stop: StopSignal, model: BaseModel | None) -> RunResult:
+def _train(config: Config, emit: EventHandler, stop: StopSignal, model: BaseModel | None,
+           requests: events.Requests) -> RunResult:
     cfg = config.train
     out = resolve_output_dir(config)
     resume_from = ckpt.find_resume(cfg.resume, out)
@@ -342,6 +360,7 @@ def _train(config: Config, emit: EventHandler, stop: StopSignal, model: BaseMode
             emit(events.SampleSaved(step, paths, list(config.sample.prompts)))
         if due.checkpoint(step):
             ckpt.snapshot(live, step, clock.elapsed(), cfg.keep_checkpoints, emit)
+        _take_requests(requests, config, data, live, step, clock, emit, done=due.checkpoint(step))
 
     # --- final save (also after a stop request); the export uses the EMA weights when EMA is on ---
     ckpt.snapshot(live, step, clock.elapsed(), cfg.keep_checkpoints, emit)

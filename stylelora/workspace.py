@@ -15,6 +15,7 @@ from .checkpoint import list_checkpoints
 from .config import Config, next_free_run_dir
 from .errors import ConfigError, FormatError
 from .formats import DIFFUSERS_WEIGHT_NAME
+from .train import resolve_output_dir
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,8 @@ class Workspace:
     def run_config(self, config: Config) -> Config:
         """The config a GUI run uses: absolute dataset path, and a fresh run folder under outputs/
         (``train.output_dir`` empty means outputs/<dataset name>, -2, -3... when taken), so the saved
-        config.toml replays the run from any folder."""
+        config.toml replays the run from any folder. A run folder that already holds a run is refused
+        here, before anything starts, unless the config continues it (``train.resume``)."""
         data = self.dataset(config.data.path)
         if config.train.output_dir:
             out = self.inside(config.train.output_dir, [self.outputs])
@@ -81,7 +83,31 @@ class Workspace:
                 raise ConfigError("train.output_dir: give a run folder inside outputs/, not outputs/ itself")
         else:
             out = self.new_run_dir(data.name)
-        return config.with_overrides({"data.path": str(data), "train.output_dir": str(out)})
+        prepared = config.with_overrides({"data.path": str(data), "train.output_dir": str(out)})
+        resolve_output_dir(prepared)  # the trainer's own checks of the run folder, with its messages
+        return prepared
+
+    def continue_config(self, run: str | Path) -> Config:
+        """The config that continues ``run`` (a run folder under outputs/) from its newest checkpoint, with
+        the settings it was started with."""
+        info = self._run(run)
+        config = Config.load(info.path / "config.toml")
+        return config.with_overrides({"train.output_dir": str(info.path), "train.resume": "auto"})
+
+    def again_config(self, run: str | Path) -> Config:
+        """The config that trains ``run`` again from the start, with its settings, into a new run folder
+        (``<run>-2``, ``-3``...)."""
+        info = self._run(run)
+        config = Config.load(info.path / "config.toml")
+        return config.with_overrides({"train.output_dir": str(next_free_run_dir(info.path)), "train.resume": ""})
+
+    def _run(self, run: str | Path) -> RunInfo:
+        if not str(run).strip():
+            raise ConfigError("pick a run under outputs/ first")
+        info = self.run_of(self.inside(run, [self.outputs]))
+        if info is None:
+            raise ConfigError(f"{run}: not a run folder under outputs/ (no config.toml in it)")
+        return info
 
     def new_run_dir(self, name: str) -> Path:
         name = re.sub(r"[^\w.-]", "_", name).lstrip(".") or "run"
