@@ -51,6 +51,7 @@ def export_adapter(
 def render_samples(model: BaseModel, config: Config, out: Path, step: int) -> list[Path]:
     paths = []
     unet_mode, te_mode = model.unet.training, model.text_encoder.training
+    model.pipeline.set_progress_bar_config(disable=True)  # progress is the run's events, not a bar per sample
     model.unet.eval()
     model.text_encoder.eval()
     for i, prompt in enumerate(config.sample.prompts):

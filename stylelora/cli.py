@@ -252,7 +252,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     from .merge import merge
 
-    out = merge(args.model, args.lora, args.scale, args.out)
+    out = merge(args.model, args.lora, args.scale, args.out, precision=args.precision)
     print(f"merged {args.lora} at scale {args.scale:g} into {args.model}: {out}")
     return 0
 
@@ -289,11 +289,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", help="the base model, when the file does not name it (files from other trainers)")
     e.set_defaults(func=cmd_export)
 
-    m = sub.add_parser("merge", help="bake an adapter into its base model and save a diffusers folder")
+    m = sub.add_parser("merge", help="bake an adapter into its base model: a diffusers folder, or one checkpoint file")
     m.add_argument("--model", required=True, help="the base model (builtin:tiny, a folder, a .safetensors, a hub id)")
     m.add_argument("--lora", required=True, help="the adapter file (kohya or diffusers)")
     m.add_argument("--scale", type=float, default=1.0, help="adapter strength baked in (default 1.0)")
-    m.add_argument("--out", required=True, help="the diffusers folder to write")
+    m.add_argument("--out", required=True, help="the diffusers folder to write, or FILE.safetensors for one "
+                   "checkpoint in the original layout (AUTOMATIC1111, ComfyUI), verified")
+    m.add_argument("--precision", choices=["fp16", "bf16", "fp32"], default="fp16",
+                   help="precision of a .safetensors checkpoint (a diffusers folder keeps the model's own)")
     m.set_defaults(func=cmd_merge)
 
     r = sub.add_parser("resize", help="lower an adapter's rank by SVD and report the energy retained")

@@ -18,7 +18,8 @@ import inspect
 import json
 import logging
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from .config import Config
 from .errors import StyleloraError
 
 log = logging.getLogger(__name__)
+HISTORY = 20  # finished runs whose events a follower can still read
 
 Runner = Callable[..., Any]  # train(config, on_event=..., stop=..., requests=...)
 Prepare = Callable[[Config], Config]  # the config as it will run (paths resolved, a free run folder)
@@ -88,6 +90,7 @@ class TrainingJob:
         self._queue: list[QueuedRun] = []
         self._next_item = 1
         self._queue_file = Path(queue_file) if queue_file else None
+        self._history: dict[int, Snapshot] = {}  # run id -> its last snapshot, for runs the queue replaced
         self.config: Config | None = None  # the run's config as it runs (or ran)
         self._load_queue()
 
@@ -174,18 +177,41 @@ class TrainingJob:
             self._cond.notify_all()
             return True
 
-    def snapshot(self) -> Snapshot:
+    def snapshot(self, run_id: int | None = None) -> Snapshot:
+        """The current run (or the finished run ``run_id``, while it is among the last few) as it is now."""
         with self._cond:
-            return self._snapshot()
+            return self._snapshot(run_id)
 
     def wait(self, seen: int, run_id: int, timeout: float) -> Snapshot:
-        """Block until the run has more than ``seen`` events, ends, or is replaced, or ``timeout`` passes."""
+        """Block until run ``run_id`` has more than ``seen`` events or ends, or ``timeout`` passes; returns
+        that run's snapshot (the queue may have started another run since)."""
         with self._cond:
             self._cond.wait_for(
                 lambda: self._run_id != run_id or len(self._events) > seen or self._status != "running",
                 timeout=timeout,
             )
-            return self._snapshot()
+            return self._snapshot(run_id)
+
+    def follow(self, run_id: int | None = None, *, across_queue: bool = False,
+               interval: float = 0.5) -> Iterator[Snapshot]:
+        """Snapshots of run ``run_id`` (default: the current one) as it goes, until it ends; with
+        ``across_queue``, then of each queued run that starts after it. At most one per ``interval`` seconds
+        while a run goes, so the events of fast steps arrive together."""
+        snap = self.snapshot(run_id)
+        yield snap
+        while True:
+            if snap.status != "running":
+                now = self.snapshot()
+                if not across_queue or now.run_id == snap.run_id or now.status != "running":
+                    return
+                snap = now  # the queue started the next run
+                yield snap
+                continue
+            time.sleep(interval)
+            new = self.wait(len(snap.events), snap.run_id, timeout=10.0)
+            if len(new.events) != len(snap.events) or new.status != snap.status:
+                yield new
+            snap = new
 
     def join(self, timeout: float | None = None) -> None:
         """Wait for the current run's thread to end (not for queued runs)."""
@@ -199,7 +225,9 @@ class TrainingJob:
             self._cond.wait_for(lambda: self._status != "running" and not self._queue, timeout=timeout)
 
     # --- worker -------------------------------------------------------------------------------
-    def _snapshot(self) -> Snapshot:
+    def _snapshot(self, run_id: int | None = None) -> Snapshot:
+        if run_id is not None and run_id != self._run_id and run_id in self._history:
+            return self._history[run_id]
         return Snapshot(self._run_id, self._status, list(self._events), self._error, list(self._queue))
 
     def _index(self, item_id: int) -> int:
@@ -265,6 +293,9 @@ class TrainingJob:
             if error:
                 self._events.append(events.Message(error, level="error"))
             self._status, self._error = status, error
+            self._history[run_id] = self._snapshot()
+            for old in sorted(self._history)[:-HISTORY]:
+                del self._history[old]
             self._start_next()  # the queue goes on, whatever became of this run
             self._save_queue()
             self._cond.notify_all()

@@ -138,18 +138,24 @@ class Workspace:
 
     def export_target(self, source: str | Path, fmt: str, precision: str) -> Path:
         """Where the app exports ``source`` (a run, or an adapter under outputs/) as ``fmt`` ("kohya" or
-        "diffusers"): ``<run>/exports/<name>-<precision>.safetensors`` or ``<run>/exports/diffusers-<precision>``,
-        named after the run, or after the file when it is one of the run's own adapter files."""
+        "diffusers"): one file, ``<run>/exports/<name>-<precision>.safetensors`` or
+        ``<run>/exports/<name>-diffusers-<precision>.safetensors`` (diffusers' key layout, which
+        ``pipe.load_lora_weights(file)`` loads), named after the run, or after the file when it is one of
+        the run's own adapter files; a download then carries the run's name."""
         src = self.inside(source, [self.outputs])
         folder = self._home(src)
         stem = src.stem if src.is_file() and src.parent == folder else folder.name
-        return folder / "exports" / (f"{stem}-{precision}.safetensors" if fmt == "kohya" else f"diffusers-{precision}")
+        kind = "" if fmt == "kohya" else "-diffusers"
+        return folder / "exports" / f"{stem}{kind}-{precision}.safetensors"
 
-    def merge_target(self, source: str | Path, scale: float) -> tuple[Path, Path]:
-        """(the adapter file to merge, the diffusers folder to write) for ``source``: an adapter file, or a
-        run folder, whose first adapter (the kohya file) is used. The model goes to ``<run>/merged-<scale>``."""
+    def merge_target(self, source: str | Path, scale: float, single_file: bool = False) -> tuple[Path, Path]:
+        """(the adapter file to merge, the model to write) for ``source``: an adapter file, or a run folder,
+        whose first adapter (the kohya file) is used. The model goes to ``<run>/merged-<scale>`` (a diffusers
+        folder) or, ``single_file``, ``<run>/<run>-merged-<scale>.safetensors`` (one checkpoint file)."""
         src = self.inside(source, [self.outputs])
-        out = self._home(src) / f"merged-{float(scale):g}"
+        home = self._home(src)
+        out = (home / f"{home.name}-merged-{float(scale):g}.safetensors" if single_file
+               else home / f"merged-{float(scale):g}")
         if src.is_dir():
             run = self.run_of(src)
             adapters = run.adapters if run is not None and run.path == src else []

@@ -20,9 +20,9 @@ PACKAGE = ROOT / "stylelora"
 # sit above the whole table and may import any of it; nothing in it imports them.
 LAYERS: list[tuple[str, list[tuple[str, ...]]]] = [
     ("shells", [("__main__",), ("cli", "__init__")]),
-    ("services", [("jobs", "workspace"), ("collect",)]),
+    ("services", [("jobs", "workspace"), ("collect", "board")]),
     ("engine", [("train", "generate"), ("artifacts",)]),
-    ("adapters", [("merge",), ("convert",), ("formats",), ("metadata",), ("adapter",), ("kohya_names",)]),
+    ("adapters", [("merge",), ("convert", "single_file"), ("formats",), ("metadata",), ("adapter",), ("kohya_names",)]),
     ("data", [("batches", "doctor"), ("buckets", "imagecheck"), ("dataset", "cache", "images"), ("captions",)]),
     ("model", [("failures", "validation"), ("checkpoint", "optim"), ("models", "losses", "samplers", "ema")]),
     ("base", [("events", "metrics"), ("config",), ("fileio",), ("errors", "logs")]),

@@ -109,9 +109,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def launch(demo: Any, ctx: Any, **kwargs: Any) -> Any:
     """Serve ``demo``; Gradio may serve files only from the workspace's datasets/ and outputs/."""
+    from .build import CSS, HEAD
+
     return demo.queue(default_concurrency_limit=1).launch(
         allowed_paths=[str(p) for p in ctx.workspace.folders],
         show_error=False,
         footer_links=["api"],
+        css=CSS,
+        head=HEAD,
         **kwargs,
     )

@@ -1,15 +1,16 @@
-"""Train tab: the config form, presets, TOML in and out, Start/Stop, progress, loss plot, samples, log.
+"""Train tab: the config form, presets, TOML in and out, Start/Stop, a queue, progress, loss plot,
+samples, log, and the runs under outputs/ (continue one, or train it again into a new folder).
 
-The training runs in the context's TrainingJob (a worker thread). ``train`` starts it and then
-follows its events, like ``watch``, which the page runs on load: a reopened browser shows the run.
+The training runs in the context's TrainingJob (a worker thread; the queue lives there too). Starting
+only starts; the page then follows the job's events (``TrainingJob.follow``), as ``watch`` does when
+the page loads: a reopened browser shows the run, and the form shows that run's settings.
 """
 
 from __future__ import annotations
 
 import html
 import math
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -18,13 +19,15 @@ import pandas as pd
 
 from stylelora import events
 from stylelora.config import Config
-from stylelora.jobs import Snapshot
+from stylelora.jobs import QueuedRun, Snapshot
 
 from .context import Context, user_errors
 from .form import ConfigForm
+from .words import AGAIN_BUTTON, CONTINUE_BUTTON, gui_words
 
 LOG_LINES = 300
 DEFAULT_PRESET = "cpu-demo"  # what the form shows first: a run that finishes in seconds on a CPU
+QUEUE_HEADERS = ["#", "run", "status"]
 
 
 def _clock(seconds: float) -> str:
@@ -34,20 +37,21 @@ def _clock(seconds: float) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
 
 
-def _log_line(e: events.Event) -> str | None:
+def _log_line(e: events.Event, shown: Callable[[Any], str] = str) -> str | None:
+    """One line of the run log; ``shown`` writes a path as the page shows it (relative to the workspace)."""
     if isinstance(e, events.Started):
         return (f"started: {e.num_images} images on {e.device}, steps {e.start_step}->{e.total_steps}, "
-                f"run folder {e.output_dir}")
+                f"run folder {shown(e.output_dir)}")
     if isinstance(e, events.Message):
-        return f"{e.level}: {e.text}"
+        return f"{e.level}: {gui_words(e.text)}"
     if isinstance(e, events.SampleSaved):
         return f"step {e.step}: {len(e.paths)} sample(s) saved"
     if isinstance(e, events.CheckpointSaved):
-        return f"step {e.step}: checkpoint {e.path}"
+        return f"step {e.step}: checkpoint {shown(e.path)}"
     if isinstance(e, events.AdapterSaved):
-        return f"step {e.step}: adapter " + ", ".join(str(p) for p in e.paths)
+        return f"step {e.step}: adapter " + ", ".join(shown(p) for p in e.paths)
     if isinstance(e, events.Finished):
-        return f"{'stopped' if e.stopped_early else 'finished'} at step {e.step}: {e.output_dir}"
+        return f"{'stopped' if e.stopped_early else 'finished'} at step {e.step}: {shown(e.output_dir)}"
     return None
 
 
@@ -71,7 +75,7 @@ def _position(snap: Snapshot) -> tuple[int, int]:
 
 
 def _status_text(snap: Snapshot) -> str:
-    last = _last(snap, events.Progress)
+    last, started = _last(snap, events.Progress), _first(snap, events.Started)
     if snap.status == "idle":
         text = "no training yet: pick a preset or fill the form, then Start"
     elif last:
@@ -80,20 +84,24 @@ def _status_text(snap: Snapshot) -> str:
                 f"elapsed {_clock(last.elapsed_s)} · ETA {eta}")
     else:
         text = "loading the model and data…" if snap.status == "running" else ""
-    return text + (f" — {snap.error}" if snap.error else "")
+    if started:
+        text = f"{Path(started.output_dir).name}: {text}"
+    if snap.queue:
+        text += f" · {len(snap.queue)} queued"
+    return text + (f" — {gui_words(snap.error)}" if snap.error else "")
 
 
-def _log(snap: Snapshot) -> list[str]:
+def _log(snap: Snapshot, shown: Callable[[Any], str] = str) -> list[str]:
     """The last LOG_LINES lines of the run log."""
-    return [line for e in snap.events if (line := _log_line(e))][-LOG_LINES:]
+    return [line for e in snap.events if (line := _log_line(e, shown))][-LOG_LINES:]
 
 
-def render(snap: Snapshot) -> tuple[str, pd.DataFrame, list[tuple[str, str]], str]:
-    """(progress HTML, loss table, samples, log) of a job snapshot."""
+def render(snap: Snapshot, shown: Callable[[Any], str] = str) -> tuple[str, pd.DataFrame, list[tuple[str, str]], str]:
+    """(progress HTML, loss table, samples, log) of a job snapshot; ``shown`` writes paths in the log."""
     step, total = _position(snap)
     pct = 100.0 * step / total if total else 0.0
     progress_html = (
-        f'<div id="train-progress" data-status="{snap.status}" data-step="{step}">'
+        f'<div id="train-progress" data-status="{snap.status}" data-step="{step}" data-run="{snap.run_id}">'
         f'<div style="display:flex;justify-content:space-between"><b>{snap.status}</b>'
         f'<span>{html.escape(_status_text(snap))}</span></div>'
         f'<div style="background:var(--neutral-200,#ddd);border-radius:4px;height:12px;margin-top:4px">'
@@ -104,7 +112,7 @@ def render(snap: Snapshot) -> tuple[str, pd.DataFrame, list[tuple[str, str]], st
     losses = pd.DataFrame({"step": [p.step for p in progress], "loss": [p.loss for p in progress]})
     samples = [(str(path), f"step {e.step}: {prompt}") for e in snap.events if isinstance(e, events.SampleSaved)
                for path, prompt in zip(e.paths, e.prompts, strict=False)]
-    return progress_html, losses, samples[::-1], "\n".join(_log(snap))
+    return progress_html, losses, samples[::-1], "\n".join(_log(snap, shown))
 
 
 def summary(snap: Snapshot) -> dict[str, Any]:
@@ -117,33 +125,36 @@ def summary(snap: Snapshot) -> dict[str, Any]:
         "loss": last.loss if last else None,
         "output_dir": str(started.output_dir) if started else "",
         "adapters": [str(p) for p in finished.adapter_paths] if finished else [],
-        "error": snap.error,
+        "error": gui_words(snap.error),
         "log": _log(snap),
     }
 
 
-def follow(ctx: Context, run_id: int | None = None, interval: float = 0.5):
-    """Yield renders of the job until its run ends (or is replaced); at most one per ``interval``."""
-    snap = ctx.job.snapshot()
-    run_id = snap.run_id if run_id is None else run_id
-    yield render(snap)
-    seen = len(snap.events)
-    while snap.status == "running" and snap.run_id == run_id:
-        time.sleep(interval)  # batch the events of fast steps into one update
-        snap = ctx.job.wait(seen, run_id, timeout=10.0)
-        if len(snap.events) != seen or snap.status != "running":
-            seen = len(snap.events)
-            yield render(snap)
+def queue_rows(queue: list[QueuedRun], snap: Snapshot | None = None) -> pd.DataFrame:
+    """The queue as the Train tab's table: the running run first, then what waits, in order."""
+    rows = []
+    started = _first(snap, events.Started) if snap is not None and snap.status == "running" else None
+    if started is not None:
+        step, total = _position(snap)
+        rows.append(["▶", Path(started.output_dir).name, f"running, step {step}/{total}"])
+    rows += [[item.id, item.describe(), "waiting" if i else "next"] for i, item in enumerate(queue)]
+    return pd.DataFrame(rows, columns=QUEUE_HEADERS)
+
+
+def queue_choices(queue: list[QueuedRun], current: Any = None) -> Any:
+    choices = [(f"#{item.id} · {item.describe()}", item.id) for item in queue]
+    ids = [item.id for item in queue]
+    return gr.update(choices=choices, value=current if current in ids else (ids[0] if ids else None))
 
 
 def build(ctx: Context) -> dict[str, Any]:
-    ws = ctx.workspace
+    ws, job = ctx.workspace, ctx.job
 
     def preset_config(name: str) -> Config:
         return Config.load(ctx.presets / f"{Path(name).name}.toml")
 
     initial = preset_config(DEFAULT_PRESET) if DEFAULT_PRESET in ctx.preset_names() else Config()
-    with gr.Tab("Train", id="train"):
+    with gr.Tab("Train", id="train") as tab:
         with gr.Row(equal_height=True):
             preset = gr.Dropdown(ctx.preset_names(), value=DEFAULT_PRESET, label="Preset", scale=3)
             load_preset_btn = gr.Button("Load preset", scale=1)
@@ -153,56 +164,192 @@ def build(ctx: Context) -> dict[str, Any]:
         form = ConfigForm(initial, ctx.dataset_choices())
         with gr.Row():
             start_btn = gr.Button("Start training", variant="primary", elem_id="start-training")
+            queue_btn = gr.Button("Add to queue", elem_id="add-to-queue")
             stop_btn = gr.Button("Stop", variant="stop", elem_id="stop-training")
+        with gr.Row():
+            sample_btn = gr.Button("Sample now", size="sm", elem_id="sample-now")
+            checkpoint_btn = gr.Button("Save checkpoint now", size="sm", elem_id="checkpoint-now")
+            board_btn = gr.Button("Open TensorBoard", size="sm", elem_id="open-tensorboard")
+        notice = gr.Markdown(elem_id="train-notice")
         progress = gr.HTML(elem_id="train-status")
         with gr.Row():
             plot = gr.LinePlot(x="step", y="loss", title="Training loss", height=260, label="Loss")
-            samples = gr.Gallery(label="Samples", columns=3, height=260)
+            samples = gr.Gallery(label="Samples", columns=3, height=260, elem_id="samples")
         log = gr.Textbox(label="Run log", lines=8, max_lines=16, autoscroll=True, interactive=False)
+        with gr.Accordion("Queue", open=True, elem_id="queue"):
+            queue_table = gr.Dataframe(headers=QUEUE_HEADERS, value=queue_rows(job.queued()), interactive=False,
+                                       wrap=True, elem_id="queue-table")
+            queue_item = gr.Dropdown(label="Queued run", info="Pick one to move or cancel", elem_id="queue-item")
+            with gr.Row():
+                up_btn = gr.Button("Move up", size="sm", elem_id="queue-up")
+                down_btn = gr.Button("Move down", size="sm", elem_id="queue-down")
+                cancel_btn = gr.Button("Cancel it", size="sm", variant="stop", elem_id="queue-cancel")
+                queue_list_btn = gr.Button("Refresh", size="sm")
+        with gr.Accordion("Runs", open=True, elem_id="runs"):
+            run_pick = gr.Dropdown(ctx.run_choices(), label="Run", elem_id="run-pick",
+                                   info="Run folders under outputs/, newest first; the one shown above is picked")
+            with gr.Row():
+                settings_btn = gr.Button("Load its settings", size="sm", elem_id="run-settings")
+                continue_btn = gr.Button(CONTINUE_BUTTON, size="sm", elem_id="run-continue")
+                again_btn = gr.Button(AGAIN_BUTTON, size="sm", elem_id="run-again")
 
-    @user_errors
-    def load_preset(name: str) -> list[Any]:
-        return _shown(preset_config(name))
-
-    def _shown(config: Config) -> list[Any]:
+    # --- the form -------------------------------------------------------------------------------------
+    def shown(config: Config, *, as_run: bool = False) -> list[Any]:
+        """The form's values for ``config``; ``as_run``: a run's config, shown as settings for a new run
+        (its run folder and resume cleared: the status and the runs list say where it ran)."""
+        if as_run:
+            config = config.with_overrides({"train.output_dir": "", "train.resume": ""})
         values = form.values(config)
         i = form.names.index("data.path")
         values[i] = ws.display(values[i]) if Path(values[i]).is_absolute() else values[i]
         return values
 
     @user_errors
+    def load_preset(name: str) -> list[Any]:
+        return shown(preset_config(name))
+
+    @user_errors
     def load_toml(path: str | None) -> list[Any]:
         if not path:
             return [gr.update() for _ in form.names]
-        return _shown(Config.load(path))
+        return shown(Config.load(path))
 
     @user_errors
-    def save_toml(*values: Any):
-        config = form.to_config(list(values))
+    def save_toml(**values: Any):
+        config = form.to_config(values)
         # Saved configs live in outputs/configs/ (the app writes nowhere else), named after the dataset.
         path = ws.outputs / "configs" / f"{Path(config.data.path).name or 'config'}.toml"
         config.save(path)
         return gr.update(value=str(path), visible=True)
 
+    def running_config() -> list[Any]:
+        """On page load: the settings of the run the status shows (else the form as it is)."""
+        if job.config is None:
+            return [gr.update() for _ in form.names]
+        return shown(job.config, as_run=True)
+
+    # --- starting, following, stopping ---------------------------------------------------------------
+    def started(run_id: int) -> str:
+        config = job.config
+        where = ws.display(config.output_dir) if config is not None else "?"
+        return f"started run {run_id} in `{where}`"
+
     @user_errors
-    def train(*values: Any):
-        run_id = ctx.job.start(ws.run_config(form.to_config(list(values))))
-        yield from follow(ctx, run_id)
+    def start(**values: Any) -> str:
+        """Start training the form's config (the page then follows it)."""
+        return started(job.start(form.to_config(values)))
+
+    @user_errors
+    def enqueue(**values: Any):
+        item = job.enqueue(form.to_config(values))
+        return f"added run #{item} to the queue", *queue_outputs()
+
+    @user_errors
+    def continue_run(run: str | None) -> str:
+        return started(job.start(ws.continue_config(run or "")))
+
+    @user_errors
+    def train_again(run: str | None) -> str:
+        return started(job.start(ws.again_config(run or "")))
+
+    def follow_job() -> Iterator[tuple[Any, ...]]:
+        """Renders of the current run, then of each queued run that starts after it, until the job rests;
+        the queue table and the runs list go along."""
+        for snap in job.follow(across_queue=True):
+            runs = gr.update(choices=ctx.run_choices())
+            started = _first(snap, events.Started)
+            if snap.status != "running" and started is not None:  # a run ended: the runs list picks it
+                runs = gr.update(choices=runs["choices"], value=ws.display(started.output_dir))
+            yield *render(snap, ws.display), queue_rows(snap.queue, snap), runs
 
     @user_errors
     def train_toml(toml_text: str) -> Iterator[dict]:
         """Train the config given as TOML text; yields {status, step, total_steps, loss, output_dir, log}."""
-        run_id = ctx.job.start(ws.run_config(Config.from_toml(toml_text, "config")))
-        for _ in follow(ctx, run_id):
-            yield summary(ctx.job.snapshot())
+        run_id = job.start(Config.from_toml(toml_text, "config"))
+        for snap in job.follow(run_id):
+            yield summary(snap)
 
     def stop() -> str:
-        return "stopping after the current step" if ctx.job.stop() else "no training is running"
+        if job.stop():
+            return "stopping after the current step" + (" (the queue goes on with the next run)" if job.queued()
+                                                        else "")
+        gr.Warning("no training is running")
+        return "no training is running"
 
-    outputs = [progress, plot, samples, log]
+    def ask(kind: str) -> str:
+        if not job.request(kind):
+            gr.Warning("no training is running")
+            return "no training is running"
+        return ("samples requested: they appear after the current step" if kind == "sample"
+                else "checkpoint requested: it is saved after the current step")
+
+    @user_errors
+    def tensorboard() -> str:
+        if job.config is None:
+            raise gr.Error("no run yet: start a training first", print_exception=False)
+        url = ctx.tensorboard.open(job.config.output_dir / "logs")
+        return f"TensorBoard of `{ws.display(job.config.output_dir)}`: [{url}]({url})"
+
+    # --- the queue and the runs ----------------------------------------------------------------------
+    def queue_outputs(current: Any = None) -> tuple[Any, Any]:
+        snap = job.snapshot()
+        return queue_rows(snap.queue, snap), queue_choices(snap.queue, current)
+
+    @user_errors
+    def move(item: Any, offset: int):
+        if item is None:
+            raise gr.Error("pick a queued run first", print_exception=False)
+        job.move(int(item), offset)
+        return queue_outputs(int(item))
+
+    @user_errors
+    def cancel(item: Any):
+        if item is None:
+            raise gr.Error("pick a queued run first", print_exception=False)
+        gone = job.cancel(int(item))
+        return f"cancelled run #{gone.id} ({gone.describe()})", *queue_outputs()
+
+    def queue_list() -> pd.DataFrame:
+        snap = job.snapshot()
+        return queue_rows(snap.queue, snap)
+
+    def runs(current: str | None):
+        choices = ctx.run_choices()
+        return gr.update(choices=choices, value=current if current in choices else (choices[0] if choices else None))
+
+    @user_errors
+    def run_settings(run: str | None) -> list[Any]:
+        return shown(Config.load(ws.continue_config(run or "").output_dir / "config.toml"), as_run=True)
+
+    # --- wiring --------------------------------------------------------------------------------------
+    outputs = [progress, plot, samples, log, queue_table, run_pick]
+    fields = form.by_parameter  # named API parameters (train_steps, lora_rank, ...), not param_0..param_N
     load_preset_btn.click(load_preset, preset, form.components, api_name="load_preset")
     toml_in.upload(load_toml, toml_in, form.components, api_name="load_toml")
-    save_btn.click(save_toml, form.components, toml_out, api_name="save_toml")
-    start_btn.click(train, form.components, outputs, api_name="train", concurrency_limit=None)
-    stop_btn.click(stop, None, log, api_name="stop", concurrency_limit=None)
-    return {"form": form, "outputs": outputs, "follow": lambda: (yield from follow(ctx)), "train_toml": train_toml}
+    save_btn.click(save_toml, inputs_kwargs=fields, outputs=toml_out, api_name="save_toml")
+    # Starting is its own event, so a refused start marks only the notice line, not the plot and log.
+    start_btn.click(start, inputs_kwargs=fields, outputs=notice, api_name="train", concurrency_limit=None).success(
+        follow_job, None, outputs, api_name=False, concurrency_limit=None)
+    queue_btn.click(enqueue, inputs_kwargs=fields, outputs=[notice, queue_table, queue_item], api_name="queue_add",
+                    concurrency_limit=None).success(follow_job, None, outputs, api_name=False, concurrency_limit=None)
+    continue_btn.click(continue_run, run_pick, notice, api_name="continue_run", concurrency_limit=None).success(
+        follow_job, None, outputs, api_name=False, concurrency_limit=None)
+    again_btn.click(train_again, run_pick, notice, api_name="train_again", concurrency_limit=None).success(
+        follow_job, None, outputs, api_name=False, concurrency_limit=None)
+    settings_btn.click(run_settings, run_pick, form.components, api_name="run_settings")
+    stop_btn.click(stop, None, notice, api_name="stop", concurrency_limit=None)
+    sample_btn.click(lambda: ask("sample"), None, notice, api_name="sample_now", concurrency_limit=None)
+    checkpoint_btn.click(lambda: ask("checkpoint"), None, notice, api_name="checkpoint_now", concurrency_limit=None)
+    board_btn.click(tensorboard, None, notice, api_name="tensorboard", concurrency_limit=None)
+    queue_list_btn.click(queue_list, None, queue_table, api_name="queue_list", concurrency_limit=None)
+    up_btn.click(lambda item: move(item, -1), queue_item, [queue_table, queue_item], api_name="queue_up",
+                 concurrency_limit=None)
+    down_btn.click(lambda item: move(item, 1), queue_item, [queue_table, queue_item], api_name="queue_down",
+                   concurrency_limit=None)
+    cancel_btn.click(cancel, queue_item, [notice, queue_table, queue_item], api_name="queue_cancel",
+                     concurrency_limit=None)
+    tab.select(runs, run_pick, run_pick, api_name=False)
+    tab.select(lambda item: queue_outputs(item), queue_item, [queue_table, queue_item], api_name=False)
+    return {"form": form, "outputs": outputs, "follow": follow_job, "train_toml": train_toml,
+            "running_config": running_config, "queue_list": queue_list, "queue_table": queue_table,
+            "queue_item": queue_item, "queue_outputs": queue_outputs, "runs": (runs, run_pick)}
