@@ -46,10 +46,10 @@ def build_app(root: str | Path = ".", ctx: Context | None = None) -> tuple[gr.Bl
         # uses the resolution the Train form trains at.
         create_btn, create, new_name, status, images = data["create"]
         create_btn.click(create, new_name, [data["dataset"], status, images, form.widgets["data.path"]],
-                         api_name="create_dataset")
+                         api_name="create_dataset", show_progress_on=status)
         check_btn, check, check_outputs = data["check"]
         check_btn.click(check, [data["dataset"], form.widgets["data.resolution"]], check_outputs,
-                        api_name="check_data")
+                        api_name="check_data", show_progress_on=check_outputs[0])
         show, dataset, images = data["show"]
         data_path = form.widgets["data.path"]
         demo.load(data["refresh"], dataset, dataset, api_name=False).then(show, dataset, images, api_name=False)

@@ -105,7 +105,7 @@ def build(ctx: Context) -> dict[str, Any]:
     with gr.Tab("Dataset", id="dataset"):
         with gr.Row():
             dataset = gr.Dropdown(names(), value="example" if "example" in names() else None,
-                                  label="Dataset", info="A folder under datasets/", scale=2,
+                                  label="Dataset", info="A folder under datasets/", scale=2, elem_id="dataset-pick",
                                   allow_custom_value=True)  # names are checked by collect.dataset_folder
             new_name = gr.Textbox(label="New dataset", placeholder="my-style", scale=2)
             create_btn = gr.Button("Create", scale=1)
@@ -139,12 +139,15 @@ def build(ctx: Context) -> dict[str, Any]:
     dataset.change(lambda: ("", "", None), None, editor_fields, api_name=False)  # never edit the old one's image
     # After an upload the picker empties (a second click must not add the same files again), and the editor
     # shows the caption as it is now; so it does after a save and after "Add to every caption".
-    upload_btn.click(upload, [dataset, files, replace], [status, images], api_name="upload").success(
+    # Progress and errors show on the result line, never over the gallery (it stays clickable).
+    upload_btn.click(upload, [dataset, files, replace], [status, images], api_name="upload",
+                     show_progress_on=status).success(
         lambda name, now: (None, *reloaded(name, now)), [dataset, shown], [files, *editor_fields], api_name=False)
     images.select(select, dataset, editor_fields, api_name=False)
-    save_btn.click(save_caption, [dataset, image_name, caption, shown], [status, images],
+    save_btn.click(save_caption, [dataset, image_name, caption, shown], [status, images], show_progress_on=status,
                    api_name="save_caption").success(editor, [dataset, image_name], editor_fields, api_name=False)
-    trigger_btn.click(trigger, [dataset, trigger_word], [status, images], api_name="add_trigger").then(
+    trigger_btn.click(trigger, [dataset, trigger_word], [status, images], api_name="add_trigger",
+                      show_progress_on=status).then(
         reloaded, [dataset, shown], editor_fields, api_name=False)
     return {"dataset": dataset, "create": (create_btn, create, new_name, status, images),
             "show": (gallery, dataset, images), "refresh": refresh,

@@ -74,7 +74,7 @@ def build(ctx: Context) -> dict[str, Any]:
             merged = gr.File(label="Download the merged model", interactive=False, elem_id="merge-download")
             merged_path = gr.State(None)  # the file to offer; a State, so the API's merge returns the text alone
 
-    export_btn.click(export, [source, fmt, precision], [report, download], api_name="export")
+    export_btn.click(export, [source, fmt, precision], [report, download], api_name="export", show_progress_on=report)
     merge_btn.click(merge, [merge_model, source, merge_scale, merge_layout, precision], [merge_report, merged_path],
                     api_name="merge").success(lambda path: path, merged_path, merged, api_name=False)
     tab.select(refresh, source, source, api_name=False)

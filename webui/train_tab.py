@@ -160,7 +160,7 @@ def build(ctx: Context) -> dict[str, Any]:
             load_preset_btn = gr.Button("Load preset", scale=1)
             toml_in = gr.UploadButton("Load a TOML…", file_types=[".toml"], type="filepath", scale=1)
             save_btn = gr.Button("Save as TOML", scale=1)
-        toml_out = gr.File(label="Config", interactive=False, visible=False)
+        toml_out = gr.File(label="Config", interactive=False, visible=False, elem_id="saved-config")
         form = ConfigForm(initial, ctx.dataset_choices())
         with gr.Row():
             start_btn = gr.Button("Start training", variant="primary", elem_id="start-training")
@@ -175,7 +175,7 @@ def build(ctx: Context) -> dict[str, Any]:
         with gr.Row():
             plot = gr.LinePlot(x="step", y="loss", title="Training loss", height=260, label="Loss")
             samples = gr.Gallery(label="Samples", columns=3, height=260, elem_id="samples")
-        log = gr.Textbox(label="Run log", lines=8, max_lines=16, autoscroll=True, interactive=False)
+        log = gr.Textbox(label="Run log", lines=8, max_lines=16, autoscroll=True, interactive=False, elem_id="run-log")
         with gr.Accordion("Queue", open=True, elem_id="queue"):
             queue_table = gr.Dataframe(headers=QUEUE_HEADERS, value=queue_rows(job.queued()), interactive=False,
                                        wrap=True, elem_id="queue-table")
@@ -324,30 +324,32 @@ def build(ctx: Context) -> dict[str, Any]:
     # --- wiring --------------------------------------------------------------------------------------
     outputs = [progress, plot, samples, log, queue_table, run_pick]
     fields = form.by_parameter  # named API parameters (train_steps, lora_rank, ...), not param_0..param_N
-    load_preset_btn.click(load_preset, preset, form.components, api_name="load_preset")
-    toml_in.upload(load_toml, toml_in, form.components, api_name="load_toml")
+    # A handler that fills the form shows its progress and errors on the notice line, not over every field.
+    load_preset_btn.click(load_preset, preset, form.components, api_name="load_preset", show_progress_on=notice)
+    toml_in.upload(load_toml, toml_in, form.components, api_name="load_toml", show_progress_on=notice)
     save_btn.click(save_toml, inputs_kwargs=fields, outputs=toml_out, api_name="save_toml")
     # Starting is its own event, so a refused start marks only the notice line, not the plot and log.
     start_btn.click(start, inputs_kwargs=fields, outputs=notice, api_name="train", concurrency_limit=None).success(
         follow_job, None, outputs, api_name=False, concurrency_limit=None)
     queue_btn.click(enqueue, inputs_kwargs=fields, outputs=[notice, queue_table, queue_item], api_name="queue_add",
-                    concurrency_limit=None).success(follow_job, None, outputs, api_name=False, concurrency_limit=None)
+                    concurrency_limit=None, show_progress_on=notice).success(
+        follow_job, None, outputs, api_name=False, concurrency_limit=None)
     continue_btn.click(continue_run, run_pick, notice, api_name="continue_run", concurrency_limit=None).success(
         follow_job, None, outputs, api_name=False, concurrency_limit=None)
     again_btn.click(train_again, run_pick, notice, api_name="train_again", concurrency_limit=None).success(
         follow_job, None, outputs, api_name=False, concurrency_limit=None)
-    settings_btn.click(run_settings, run_pick, form.components, api_name="run_settings")
+    settings_btn.click(run_settings, run_pick, form.components, api_name="run_settings", show_progress_on=notice)
     stop_btn.click(stop, None, notice, api_name="stop", concurrency_limit=None)
     sample_btn.click(lambda: ask("sample"), None, notice, api_name="sample_now", concurrency_limit=None)
     checkpoint_btn.click(lambda: ask("checkpoint"), None, notice, api_name="checkpoint_now", concurrency_limit=None)
     board_btn.click(tensorboard, None, notice, api_name="tensorboard", concurrency_limit=None)
     queue_list_btn.click(queue_list, None, queue_table, api_name="queue_list", concurrency_limit=None)
     up_btn.click(lambda item: move(item, -1), queue_item, [queue_table, queue_item], api_name="queue_up",
-                 concurrency_limit=None)
+                 concurrency_limit=None, show_progress_on=queue_item)
     down_btn.click(lambda item: move(item, 1), queue_item, [queue_table, queue_item], api_name="queue_down",
-                   concurrency_limit=None)
+                   concurrency_limit=None, show_progress_on=queue_item)
     cancel_btn.click(cancel, queue_item, [notice, queue_table, queue_item], api_name="queue_cancel",
-                     concurrency_limit=None)
+                     concurrency_limit=None, show_progress_on=notice)
     tab.select(runs, run_pick, run_pick, api_name=False)
     tab.select(lambda item: queue_outputs(item), queue_item, [queue_table, queue_item], api_name=False)
     return {"form": form, "outputs": outputs, "follow": follow_job, "train_toml": train_toml,
