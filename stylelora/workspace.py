@@ -151,10 +151,11 @@ class Workspace:
     def merge_target(self, source: str | Path, scale: float, single_file: bool = False) -> tuple[Path, Path]:
         """(the adapter file to merge, the model to write) for ``source``: an adapter file, or a run folder,
         whose first adapter (the kohya file) is used. The model goes to ``<run>/merged-<scale>`` (a diffusers
-        folder) or, ``single_file``, ``<run>/<run>-merged-<scale>.safetensors`` (one checkpoint file)."""
+        folder) or, ``single_file``, ``<run>/merged/<run>-merged-<scale>.safetensors`` (one checkpoint file, in
+        a folder of its own so it is never taken for one of the run's adapters)."""
         src = self.inside(source, [self.outputs])
         home = self._home(src)
-        out = (home / f"{home.name}-merged-{float(scale):g}.safetensors" if single_file
+        out = (home / "merged" / f"{home.name}-merged-{float(scale):g}.safetensors" if single_file
                else home / f"merged-{float(scale):g}")
         if src.is_dir():
             run = self.run_of(src)

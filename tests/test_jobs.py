@@ -148,7 +148,7 @@ def test_export_and_merge_targets_lie_inside_the_run(tmp_path: Path) -> None:
     assert ws.export_target("outputs/cats", "kohya", "fp16") == exports / "cats-fp16.safetensors"
     assert ws.export_target(run, "diffusers", "bf16") == exports / "cats-diffusers-bf16.safetensors"  # the run's name
     assert ws.merge_target(run, 0.5, single_file=True) == (run / "cats.safetensors",
-                                                            run / "cats-merged-0.5.safetensors")
+                                                            run / "merged" / "cats-merged-0.5.safetensors")
     # a file of the run is exported under its own name; one deeper in the run under the run's name
     (run / "cats-old.safetensors").write_bytes(b"")
     assert ws.export_target(run / "cats-old.safetensors", "kohya", "fp32") == exports / "cats-old-fp32.safetensors"

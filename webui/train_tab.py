@@ -179,14 +179,15 @@ def build(ctx: Context) -> dict[str, Any]:
         with gr.Accordion("Queue", open=True, elem_id="queue"):
             queue_table = gr.Dataframe(headers=QUEUE_HEADERS, value=queue_rows(job.queued()), interactive=False,
                                        wrap=True, elem_id="queue-table")
-            queue_item = gr.Dropdown(label="Queued run", info="Pick one to move or cancel", elem_id="queue-item")
+            queue_item = gr.Dropdown(label="Queued run", info="Pick one to move or cancel", elem_id="queue-item",
+                                     allow_custom_value=True)  # the API names any id; the job checks it
             with gr.Row():
                 up_btn = gr.Button("Move up", size="sm", elem_id="queue-up")
                 down_btn = gr.Button("Move down", size="sm", elem_id="queue-down")
                 cancel_btn = gr.Button("Cancel it", size="sm", variant="stop", elem_id="queue-cancel")
                 queue_list_btn = gr.Button("Refresh", size="sm")
         with gr.Accordion("Runs", open=True, elem_id="runs"):
-            run_pick = gr.Dropdown(ctx.run_choices(), label="Run", elem_id="run-pick",
+            run_pick = gr.Dropdown(ctx.run_choices(), label="Run", elem_id="run-pick", allow_custom_value=True,
                                    info="Run folders under outputs/, newest first; the one shown above is picked")
             with gr.Row():
                 settings_btn = gr.Button("Load its settings", size="sm", elem_id="run-settings")
