@@ -60,15 +60,14 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    try:
-        os.fchmod(fd, file_mode())  # what open() would have made, not mkstemp's 0600
-    finally:
-        os.close(fd)
+    os.close(fd)
     tmp = Path(tmp_name)
     try:
         yield tmp
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        # what open() would have made, not mkstemp's 0600 (set after writing: some writers recreate the file)
+        os.chmod(tmp, file_mode())
         os.replace(tmp, final)
     except OSError as e:
         tmp.unlink(missing_ok=True)
@@ -90,17 +89,27 @@ def write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
         tmp.write_bytes(data)
 
 
+def _plain_modes(folder: Path) -> None:
+    """Give everything under ``folder`` the modes open()/mkdir() would: some writers (safetensors) make
+    their files private."""
+    files, folders = file_mode(), folder_mode()
+    os.chmod(folder, folders)
+    for path in folder.rglob("*"):
+        if not path.is_symlink():
+            os.chmod(path, folders if path.is_dir() else files)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary folder; on success it replaces ``path`` as a whole (used for checkpoints)."""
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
-    os.chmod(tmp, folder_mode())  # what mkdir would have made, not mkdtemp's 0700
     old = final.with_name(f".{final.name}.old")
     moved_old = False
     try:
         yield tmp
+        _plain_modes(tmp)
         if final.exists():
             shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)
