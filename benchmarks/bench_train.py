@@ -32,6 +32,7 @@ from stylelora import events  # noqa: E402
 from stylelora.config import Config  # noqa: E402
 from stylelora.dataset import load_image, prepare, scan  # noqa: E402
 from stylelora.models import add_lora, load_base_model  # noqa: E402
+from stylelora.text import encode_text, tokenize  # noqa: E402
 from stylelora.train import train  # noqa: E402
 
 
@@ -68,7 +69,7 @@ def phases(args: argparse.Namespace, device: torch.device) -> dict[str, float]:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = load_base_model(args.model)
     params = add_lora(model, Config().lora)
-    for m in (model.unet, model.vae, model.text_encoder):
+    for m in (model.unet, model.vae, *model.text_encoders):
         m.to(device, dtype)
     for p in params:
         p.data = p.data.float()
@@ -94,14 +95,15 @@ def phases(args: argparse.Namespace, device: torch.device) -> dict[str, float]:
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             with timed("vae encode"), torch.no_grad():
                 latents = model.vae.encode(pixels).latent_dist.sample() * model.vae.config.scaling_factor
-            ids = model.tokenizer([i.caption for i in items], padding="max_length", truncation=True,
-                                  max_length=model.tokenizer.model_max_length, return_tensors="pt").input_ids
+            ids = [t.to(device) for t in tokenize(model.tokenizers, [i.caption for i in items])]
             with timed("text encoder"), torch.no_grad():
-                states = model.text_encoder(ids.to(device))[0]
+                text = encode_text(model.text_encoders, ids)  # SDXL: both encoders and the pooled text
             t = torch.randint(0, 1000, (latents.shape[0],), device=device)
             noise = torch.randn_like(latents)
+            time_ids = torch.tensor([[*size, 0, 0, *size]] * latents.shape[0], device=device)  # SDXL only
+            conditions = text.added_conditions(time_ids)
             with timed("unet forward"):
-                pred = model.unet(latents + noise, t, states).sample
+                pred = model.unet(latents + noise, t, text.states, added_cond_kwargs=conditions).sample
             loss = torch.nn.functional.mse_loss(pred.float(), noise.float())
         with timed("backward"):
             loss.backward()

@@ -1,6 +1,7 @@
-"""Seconds per optimizer step of the training loop with each loop option, on builtin:tiny.
+"""Seconds per optimizer step of the training loop with each loop option, on builtin:tiny (or --model).
 
-    python benchmarks/loop_options.py [--steps 20] [--resolution 64]
+    python benchmarks/loop_options.py [--steps 20] [--resolution 64] [--model builtin:tiny-sdxl]
+                                      [--only "default (adamw, sdpa)" ...]
 
 Times steps after the first two (warm-up) from the trainer's own Progress events, in wall-clock and
 process CPU seconds (the latter is steadier on a shared machine); every variant trains
@@ -35,6 +36,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--resolution", type=int, default=64)
+    parser.add_argument("--model", default="builtin:tiny", help="a built-in model, e.g. builtin:tiny-sdxl")
+    parser.add_argument("--only", nargs="+", choices=list(VARIANTS), help="run only these variants")
     args = parser.parse_args()
 
     from conftest import make_dataset, tiny_config
@@ -43,8 +46,11 @@ def main() -> None:
 
     root = Path(tempfile.mkdtemp())
     data = make_dataset(root / "data", n=4, size=(96, 80))
+    print(f"{args.model}, {args.resolution} px")
     print(f"| variant | wall s/step | CPU s/step (steps 3-{args.steps}) |\n|---|---|---|")
     for i, (name, overrides) in enumerate(VARIANTS.items()):
+        if args.only and name not in args.only:
+            continue
         stamps: dict[int, tuple[float, float]] = {}
 
         def on_event(e: object, stamps: dict[int, tuple[float, float]] = stamps) -> None:
@@ -52,7 +58,7 @@ def main() -> None:
                 stamps[e.step] = (time.perf_counter(), time.process_time())
 
         config = tiny_config(data, root / f"run{i}", **{"train.steps": args.steps, "data.resolution": args.resolution,
-                                                       **overrides})
+                                                       "model.name": args.model, **overrides})
         train(config, on_event)
         n = args.steps - 2
         wall, cpu = ((stamps[args.steps][k] - stamps[2][k]) / n for k in (0, 1))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -49,25 +50,41 @@ def export_adapter(
 
 
 def render_samples(model: BaseModel, config: Config, out: Path, step: int) -> list[Path]:
+    """The sample prompts rendered with the pipeline (SDXL's with SDXL's), one PNG per prompt."""
     paths = []
-    unet_mode, te_mode = model.unet.training, model.text_encoder.training
     model.pipeline.set_progress_bar_config(disable=True)  # progress is the run's events, not a bar per sample
-    model.unet.eval()
-    model.text_encoder.eval()
+    networks = [model.unet, *model.text_encoders]
+    modes = [network.training for network in networks]
+    for network in networks:
+        network.eval()
     for i, prompt in enumerate(config.sample.prompts):
-        image = model.pipeline(
-            prompt,
-            negative_prompt=config.sample.negative_prompt or None,
-            num_inference_steps=config.sample.steps,
-            guidance_scale=config.sample.guidance,
-            height=config.data.resolution,
-            width=config.data.resolution,
-            generator=torch.Generator().manual_seed(config.sample.seed + i),
-        ).images[0]
+        image = _sample(model, config, prompt, torch.Generator().manual_seed(config.sample.seed + i))
         path = out / "samples" / f"step-{step:06d}-{i:02d}.png"
         with atomic_path(path) as tmp:
             image.save(tmp, format="PNG")
         paths.append(path)
-    model.unet.train(unet_mode)
-    model.text_encoder.train(te_mode)
+    for network, mode in zip(networks, modes, strict=True):
+        network.train(mode)
     return paths
+
+
+def _sample(model: BaseModel, config: Config, prompt: str, generator: torch.Generator) -> Any:
+    """One sample image. A VAE kept in fp32 beside an fp16 UNet (SDXL's) decodes the latents itself: the
+    pipeline would hand it fp16 latents."""
+    pipe, vae = model.pipeline, model.vae
+    own_decode = vae.dtype != model.unet.dtype
+    result = pipe(
+        prompt,
+        negative_prompt=config.sample.negative_prompt or None,
+        num_inference_steps=config.sample.steps,
+        guidance_scale=config.sample.guidance,
+        height=config.data.resolution,
+        width=config.data.resolution,
+        generator=generator,
+        output_type="latent" if own_decode else "pil",
+    ).images
+    if not own_decode:
+        return result[0]
+    with torch.no_grad():
+        pixels = vae.decode(result.to(vae.dtype) / vae.config.scaling_factor).sample
+    return pipe.image_processor.postprocess(pixels, output_type="pil")[0]

@@ -1,8 +1,9 @@
 """Where training batches come from: examples, buckets, captions, regularisation images and caches.
 
 The training loop asks ``BatchSource.next_batch()`` for a ``Batch`` (latents, caption token ids or
-cached text-encoder states, per-example loss weights) and saves ``BatchSource.state()`` in its
-checkpoints. Everything random (batch order, flips, crops, caption shuffle and dropout, the sample
+cached text-encoder states, SDXL's size and crop conditioning, per-example loss weights) and saves
+``BatchSource.state()`` in its checkpoints.
+Everything random (batch order, flips, crops, caption shuffle and dropout, the sample
 drawn from the VAE posterior) is derived from (seed, epoch, slot) alone, so a resumed run gets
 exactly the batches an uninterrupted one would, cached or not.
 
@@ -29,8 +30,9 @@ from .buckets import Size, assign_bucket, oriented_size
 from .cache import LatentCache, default_cache_dir, module_identity
 from .captions import build_caption
 from .config import Config, DataConfig
-from .dataset import Item, prepare, scan
+from .dataset import Item, View, apply_view, plan_view, scan
 from .errors import DataError
+from .text import TextStates, encode_text, tokenize
 
 log = logging.getLogger(__name__)
 
@@ -148,16 +150,18 @@ class TrainingSet:
         chunks = [group[i : i + size] for group in groups.values() for i in range(0, len(group), size)]
         return [chunks[i] for i in rng.permutation(len(chunks)).tolist()]
 
-    def flip(self, epoch: int, slot: int) -> bool:
-        return self.config.random_flip and bool(_rng(self.seed, epoch, slot, _VIEW).integers(0, 2))
-
-    def pixels(self, epoch: int, slot: int) -> torch.Tensor:
-        """The example resized to cover its bucket, cropped (centre or seeded random) and maybe flipped."""
+    def view(self, epoch: int, slot: int) -> View:
+        """How the example is cut: resized to cover its bucket, cropped (centre or seeded random), maybe
+        flipped; from the image's size alone, so cached latents get the crop their pixels had."""
         example = self.example(epoch, slot)
         rng = _rng(self.seed, epoch, slot, _VIEW)
         flip = self.config.random_flip and bool(rng.integers(0, 2))
-        image = dataset.load_image(example.image)  # raises a DataError naming the file when it cannot be used
-        return prepare(image, example.bucket, self.config.center_crop, flip, rng)
+        return plan_view(example.size, example.bucket, self.config.center_crop, flip, rng)
+
+    def pixels(self, epoch: int, slot: int) -> torch.Tensor:
+        """The pixels of the example's ``view``."""
+        image = dataset.load_image(self.example(epoch, slot).image)  # a DataError names a file that cannot be used
+        return apply_view(image, self.view(epoch, slot))
 
     def caption(self, epoch: int, slot: int) -> str:
         example = self.example(epoch, slot)
@@ -179,8 +183,9 @@ class Batch:
     """One micro-batch, ready for the UNet; every tensor is on the model's device."""
 
     latents: torch.Tensor  # (B, C, h, w), sampled from the VAE posterior and scaled
-    input_ids: torch.Tensor  # (B, tokens) caption token ids
-    encoder_states: torch.Tensor | None  # text-encoder output; None when the text encoder trains
+    input_ids: list[torch.Tensor]  # caption token ids, one (B, chunks, tokens) per text encoder
+    text: TextStates | None  # text-encoder states (SDXL: and pooled); None when a text encoder trains
+    time_ids: torch.Tensor  # (B, 6) SDXL's original size (h, w), crop top-left (top, left), target size (h, w)
     loss_weights: torch.Tensor  # (B,) 1 for training images, data.prior_loss_weight for regularisation ones
     captions: list[str]
     images: list[Path]
@@ -210,7 +215,11 @@ class BatchSource:
             folder = Path(config.cache.dir) if config.cache.dir else default_cache_dir()
             self.latent_cache = LatentCache(folder, module_identity(model.vae))
             self.notes.append(f"latent cache: {self.latent_cache.folder}")
-        self.text_cache: dict[str, torch.Tensor] | None = None
+        vae_dtype, unet_dtype = model.vae.dtype, model.unet.dtype
+        if vae_dtype != unet_dtype and vae_dtype == torch.float32:
+            self.notes.append(f"the VAE encodes in fp32 while the UNet trains in {str(unet_dtype).split('.')[-1]}: "
+                              "SDXL's VAE overflows in fp16")
+        self.text_cache: dict[str, TextStates] | None = None
         if config.cache.text_encoder and not self.train_text_encoder:
             if config.data.shuffle_tags:
                 self.notes.append("text-encoder cache off: data.shuffle_tags makes a new caption every time")
@@ -240,13 +249,15 @@ class BatchSource:
     def make_batch(self, epoch: int, slots: list[int]) -> Batch:
         examples = [self.data.example(epoch, s) for s in slots]
         captions = [self.data.caption(epoch, s) for s in slots]
-        ids, states = self._text(captions)
+        ids, text = self._text(captions)
         weights = [self.prior_loss_weight if e.regularisation else 1.0 for e in examples]
         latents = self._latents(epoch, slots)
         return Batch(
             latents=latents,
             input_ids=ids,
-            encoder_states=states,
+            text=text,
+            time_ids=torch.tensor([self.data.view(epoch, s).time_ids for s in slots], dtype=torch.float32,
+                                  device=latents.device),
             loss_weights=torch.tensor(weights, dtype=torch.float32, device=latents.device),
             captions=captions,
             images=[e.image for e in examples],
@@ -270,8 +281,9 @@ class BatchSource:
     def _posteriors(self, epoch: int, slots: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The VAE posterior (mean, std; fp32 on the CPU) of each slot's image: cached, or encoded now."""
         vae = self.model.vae
-        keys = [(e.image, e.bucket, "centre", self.data.flip(epoch, s))
-                for e, s in ((self.data.example(epoch, s), s) for s in slots)]
+        # the key holds everything that decides the pixels: the image's bytes (hashed), bucket, crop and flip
+        keys = [(self.data.example(epoch, s).image, view.target, f"{view.left},{view.top}", view.flip)
+                for s, view in ((s, self.data.view(epoch, s)) for s in slots)]
         cache = self.latent_cache
         posteriors = [cache.get(k) if cache is not None else None for k in keys]
         missing = [i for i, p in enumerate(posteriors) if p is None]
@@ -289,22 +301,20 @@ class BatchSource:
                     cache.put(keys[i], posteriors[i])
         return posteriors  # type: ignore[return-value]  # every None was filled above
 
-    def _text(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        tokenizer, encoder = self.model.tokenizer, self.model.text_encoder
-        ids = tokenizer(
-            captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(encoder.device)
+    def _text(self, captions: list[str]) -> tuple[list[torch.Tensor], TextStates | None]:
+        """Token ids per text encoder, and the encoders' states unless one trains (the loop runs them then)."""
+        encoders = self.model.text_encoders
+        ids = [t.to(encoders[0].device) for t in tokenize(self.model.tokenizers, captions)]
         if self.train_text_encoder:
-            return ids, None  # the loop runs the text encoder with gradients
+            return ids, None
         cache = self.text_cache
         if cache is None:
             with torch.no_grad():
-                return ids, encoder(ids)[0]
+                return ids, encode_text(encoders, ids)
         new = sorted({c for c in captions if c not in cache})
         if new:
             rows = [captions.index(c) for c in new]
             with torch.no_grad():
-                states = encoder(ids[rows])[0]
-            cache.update(zip(new, states, strict=True))
-        return ids, torch.stack([cache[c] for c in captions])
+                states = encode_text(encoders, [t[rows] for t in ids])
+            cache.update((caption, states.row(i)) for i, caption in enumerate(new))
+        return ids, TextStates.stack([cache[c] for c in captions])

@@ -3,7 +3,7 @@
 Latents are cached as the VAE posterior's mean and standard deviation, not as one sample: the
 trainer samples ``mean + std * noise`` with its own seeded noise each time, exactly as an uncached
 run would. On disk each entry is one safetensors file keyed by the image file's content hash, the
-bucket, the crop, the flip and the VAE's identity (a hash of its config and weights), so a later run
+bucket, the crop box, the flip and the VAE's identity (a hash of its config and weights), so a later run
 on the same images and VAE reuses it, and a different VAE or crop never picks up a stale entry.
 """
 
@@ -26,7 +26,7 @@ from .fileio import atomic_path
 log = logging.getLogger(__name__)
 
 # Bump when the way pixels are prepared changes, so old disk entries stop matching.
-PREPARE_VERSION = "1"
+PREPARE_VERSION = "2"  # 2: the crop box (left,top) in the key, not "centre"
 
 Posterior = tuple[torch.Tensor, torch.Tensor]  # (mean, std), fp32 on the CPU
 
@@ -57,7 +57,7 @@ def file_hash(path: Path) -> str:
 
 
 class LatentCache:
-    """Posteriors keyed by (image, bucket, crop, flip): in memory, and on disk when ``folder`` is set."""
+    """Posteriors keyed by (image, bucket, crop "left,top", flip): in memory, and on disk when ``folder`` is set."""
 
     def __init__(self, folder: Path | None = None, vae_identity: str = ""):
         self.memory: dict[tuple[Any, ...], Posterior] = {}

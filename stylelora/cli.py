@@ -208,6 +208,9 @@ def _add_generate(sub: Any) -> None:
     g.add_argument("--lora", help="adapter: a .safetensors file, a diffusers folder, a run or checkpoint folder")
     g.add_argument("--scale", type=float, nargs="+", metavar="S",
                    help="adapter strength (0 = base model, 1 = as trained; -1..2 are fine); several make a strip")
+    g.add_argument("--blocks", nargs="+", metavar="GROUP=S", default=[],
+                   help="per-block strength, as multipliers of --scale for the UNet's IN, MID and OUT blocks "
+                   "(A1111's LoRA block weight), e.g. --blocks MID=0 OUT=0.5")
     g.add_argument("--prompt", required=True)
     hints = typing.get_type_hints(GenerateSettings)
     fields = {f.name: f for f in dataclasses.fields(GenerateSettings)}
@@ -218,25 +221,35 @@ def _add_generate(sub: Any) -> None:
     g.set_defaults(func=cmd_generate)
 
 
+def _group_strength(text: str) -> tuple[str, float]:
+    group, _, value = text.partition("=")
+    try:
+        return group.strip(), float(value)
+    except ValueError:
+        raise StyleloraError(f"--blocks {text}: expected GROUP=NUMBER, e.g. MID=0 or OUT=0.5") from None
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .generate import Previewer, check_sampler, find_adapter
+    from .generate import Previewer, block_scales, check_sampler, find_adapter
     from .images import check_png_path, save_png
 
     # Cheap checks first, so a typo fails before the base model loads.
     settings = GenerateSettings(**{name: getattr(args, name) for name in GENERATE_FLAGS.values()})
     check_sampler(settings.sampler)
     check_png_path(args.out)
-    if args.scale and not args.lora:
-        raise StyleloraError("--scale: give --lora too; without an adapter there is nothing to scale")
+    for flag, given in (("--scale", args.scale), ("--blocks", args.blocks)):
+        if given and not args.lora:
+            raise StyleloraError(f"{flag}: give --lora too; without an adapter there is nothing to scale")
+    groups = block_scales(dict(_group_strength(text) for text in args.blocks))
     if args.lora:
         find_adapter(args.lora)
     preview = Previewer(args.model)
     name = preview.attach(args.lora) if args.lora else None
     scales = args.scale or [1.0]
     if len(scales) > 1:
-        image = preview.sweep(args.prompt, scales, settings, adapter=name)
+        image = preview.sweep(args.prompt, scales, settings, adapter=name, blocks=groups)
     else:
-        image = preview.generate(args.prompt, settings, adapter=name, scale=scales[0])
+        image = preview.generate(args.prompt, settings, adapter=name, scale=scales[0], blocks=groups)
     print(save_png(image, args.out))
     return 0
 
@@ -261,6 +274,14 @@ def cmd_resize(args: argparse.Namespace) -> int:
     from .merge import resize
 
     report = resize(args.file, args.rank, args.out, base_model=args.model)
+    print(report.summary)
+    return 0
+
+
+def cmd_split(args: argparse.Namespace) -> int:
+    from .merge import split
+
+    report = split(args.file, args.keep, args.out, base_model=args.model)
     print(report.summary)
     return 0
 
@@ -305,6 +326,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True, help="the adapter file to write (same format as the input)")
     r.add_argument("--model", help="the base model, when the file does not name it")
     r.set_defaults(func=cmd_resize)
+
+    s = sub.add_parser("split", help="keep some UNet blocks of an adapter (B-LoRA style/content) in a new file",
+                       description="Write the modules of the kept blocks as a new adapter, in the same format, "
+                       "verified. style keeps up.0.attn.1 and content up.0.attn.0 (B-LoRA's finding for SDXL).")
+    s.add_argument("file", help="the adapter file (kohya or diffusers), or a run folder")
+    s.add_argument("--keep", required=True, nargs="+", metavar="BLOCK",
+                   help="style, content, or blocks: down.N, mid, up.N, optionally .attn.M/.res.M (up.0.attn.1); "
+                   "unet for the whole UNet; te, te1, te2 to keep text encoders")
+    s.add_argument("--out", required=True, help="the adapter file to write (same format as the input)")
+    s.add_argument("--model", help="the base model, when the file does not name it")
+    s.set_defaults(func=cmd_split)
 
     c = sub.add_parser(
         "check-data", help="check a dataset folder and explain every problem",

@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import tomli_w
 
-from . import fileio
+from . import blocks, fileio
 from .errors import ConfigError, setting
 
 
@@ -62,6 +62,11 @@ class ModelConfig:
     config: str = option(
         "",
         "For a single-file checkpoint: a local diffusers folder whose configs describe it (offline use).",
+    )
+    kind: Literal["auto", "sd1", "sd2", "sd2-v", "sdxl"] = option(
+        "auto",
+        "Model family: auto tells SD1, SD2-512 (epsilon), SD2-768-v and SDXL apart from the model's structure; "
+        "set it when a fine-tune is taken for the wrong one (sd2-v trains with v-prediction).",
     )
 
 
@@ -108,7 +113,10 @@ class LoraConfig:
     rank: int = option(16, "LoRA rank (network dim).", ge=1, le=1024)
     alpha: float = option(16.0, "LoRA alpha; the update is scaled by alpha/rank.", gt=0)
     dropout: float = option(0.0, "Dropout on the LoRA path.", ge=0, lt=1)
-    train_text_encoder: bool = option(False, "Also train LoRA on the CLIP text encoder.")
+    train_text_encoder: bool = option(False, "Also train LoRA on the CLIP text encoder (SDXL: see lora.text_encoders).")
+    text_encoders: Literal["both", "te1", "te2"] = option(
+        "both", "SDXL with train_text_encoder: LoRA on both text encoders, only te1 (CLIP-L) or only te2 (OpenCLIP-G)."
+    )
     unet_targets: list[str] = option(UNET_TARGETS, "UNet module names that get LoRA.")
     text_encoder_targets: list[str] = option(
         TEXT_ENCODER_TARGETS, "Text-encoder module names that get LoRA."
@@ -120,6 +128,11 @@ class LoraConfig:
         1.0, "LoCon: alpha of the conv LoRA (its update is scaled by conv_alpha/conv_rank).", gt=0
     )
     dora: bool = option(False, "DoRA: learn a magnitude per output as well as the LoRA direction (peft use_dora).")
+    blocks: list[str] = option(
+        [],
+        "UNet blocks that get LoRA, by name: down.N, mid, up.N, optionally .attn.M or .res.M (up.0.attn.1); "
+        "or the B-LoRA presets for SDXL: style (up.0.attn.1) or content (up.0.attn.0). Empty: every block.",
+    )
 
 
 @dataclass
@@ -131,6 +144,9 @@ class TrainConfig:
     lr: float = option(1e-4, "UNet learning rate.", gt=0)
     text_encoder_lr: float | None = option(
         None, "Text-encoder learning rate; unset means the UNet rate.", gt=0
+    )
+    text_encoder_2_lr: float | None = option(
+        None, "SDXL's second text encoder (OpenCLIP-G) learning rate; unset means train.text_encoder_lr.", gt=0
     )
     lr_scheduler: LrScheduler = option("constant", "Learning-rate schedule.")
     lr_warmup_steps: int = option(0, "Warmup steps of the schedule.", ge=0)
@@ -479,6 +495,17 @@ def _number(x: float) -> str:
 def _cross_checks(config: Config) -> list[str]:
     """Errors that involve two fields (each message names the field to change)."""
     errors = []
+    kind, prediction = config.model.kind, config.model.prediction_type
+    if (kind, prediction) in (("sd2-v", "epsilon"), ("sd2", "v_prediction")):
+        errors.append(
+            f"model.kind: '{kind}' is SD2 {'768-v (v-prediction)' if kind == 'sd2-v' else '512 (epsilon)'}, but "
+            f"model.prediction_type is {prediction}; set model.kind={'sd2' if kind == 'sd2-v' else 'sd2-v'} "
+            "or model.prediction_type=auto"
+        )
+    try:
+        blocks.expand(config.lora.blocks)
+    except ConfigError as e:
+        errors.append(str(e))
     if config.train.zero_terminal_snr and config.model.prediction_type == "epsilon":
         errors.append(
             "train.zero_terminal_snr: needs v-prediction (with zero terminal SNR the last timestep is pure "

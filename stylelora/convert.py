@@ -87,8 +87,9 @@ def open_adapter(source: str | Path, base_model: str | BaseModel | None = None) 
             raise FormatError(f"{path}: {e}") from None
         if base_model:
             model = load_base_model(base_model, config.model.config if config else "")
-        elif config is not None:
-            model = load_base_model(config.model.name, config.model.config)
+        elif config is not None:  # the run's model as it trained: its kind and prediction type as set then
+            m = config.model
+            model = load_base_model(m.name, m.config, m.prediction_type, m.kind)
         else:
             raise FormatError(
                 f"{path}: the file does not say which base model it was trained on (no stylelora.config in "

@@ -283,23 +283,61 @@ def _to_rgb(im: Image.Image, notes: list[str]) -> Image.Image:
     return im.convert("RGB")
 
 
-def prepare(
-    image: Image.Image, size: tuple[int, int], center_crop: bool, flip: bool, rng: np.random.Generator
-) -> torch.Tensor:
-    """Resize to cover ``size`` (w, h), crop, maybe flip; returns CHW float in [-1, 1]."""
-    w, h = size
-    scale = max(w / image.width, h / image.height)
-    new = (max(w, round(image.width * scale)), max(h, round(image.height * scale)))
-    image = image.resize(new, Image.Resampling.LANCZOS)
+@dataclass(frozen=True)
+class View:
+    """How an image becomes a training example: resized to cover ``target`` (w, h), cropped at (left, top)
+    of the resized image, maybe flipped. Computed from sizes alone, so a cached latent has one too."""
+
+    original: tuple[int, int]  # (w, h), upright, before any resize
+    resized: tuple[int, int]
+    target: tuple[int, int]
+    left: int
+    top: int
+    flip: bool
+
+    @property
+    def crop_top_left(self) -> tuple[int, int]:
+        """(top, left) of the crop in the resized image as trained: a flipped example is the mirrored image
+        cropped at the mirrored left edge (diffusers' SDXL script flips before it crops; kohya mirrors too)."""
+        left = self.resized[0] - self.left - self.target[0] if self.flip else self.left
+        return self.top, left
+
+    @property
+    def time_ids(self) -> tuple[int, int, int, int, int, int]:
+        """SDXL's size conditioning: original (h, w), crop top-left (top, left), target (h, w)."""
+        (w, h), (tw, th) = self.original, self.target
+        return (h, w, *self.crop_top_left, th, tw)
+
+
+def plan_view(size: tuple[int, int], target: tuple[int, int], center_crop: bool, flip: bool,
+              rng: np.random.Generator) -> View:
+    """The view of an image of upright ``size`` (w, h) at ``target`` (w, h): a centred or seeded random crop."""
+    (iw, ih), (w, h) = size, target
+    scale = max(w / iw, h / ih)
+    new = (max(w, round(iw * scale)), max(h, round(ih * scale)))
     if center_crop:
         left, top = (new[0] - w) // 2, (new[1] - h) // 2
     else:
         left, top = int(rng.integers(0, new[0] - w + 1)), int(rng.integers(0, new[1] - h + 1))
-    image = image.crop((left, top, left + w, top + h))
-    if flip:
+    return View(size, new, target, left, top, flip)
+
+
+def apply_view(image: Image.Image, view: View) -> torch.Tensor:
+    """The pixels of ``view``: CHW float in [-1, 1]."""
+    w, h = view.target
+    image = image.resize(view.resized, Image.Resampling.LANCZOS)
+    image = image.crop((view.left, view.top, view.left + w, view.top + h))
+    if view.flip:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def prepare(
+    image: Image.Image, size: tuple[int, int], center_crop: bool, flip: bool, rng: np.random.Generator
+) -> torch.Tensor:
+    """Resize to cover ``size`` (w, h), crop, maybe flip; returns CHW float in [-1, 1]."""
+    return apply_view(image, plan_view(image.size, size, center_crop, flip, rng))
 
 
 class CaptionedImages:
@@ -323,8 +361,9 @@ class CaptionedImages:
         flip = self.config.random_flip and bool(rng.integers(0, 2))
         size = (self.config.resolution, self.config.resolution)
         image = load_image(item.image)
-        pixels = prepare(image, size, self.config.center_crop, flip, rng)
-        return {"pixels": pixels, "caption": with_trigger(item.caption, self.config.trigger_word)}
+        view = plan_view(image.size, size, self.config.center_crop, flip, rng)
+        return {"pixels": apply_view(image, view), "caption": with_trigger(item.caption, self.config.trigger_word),
+                "view": view}
 
 
 def write_caption(image: Path, caption: str, caption_extension: str = ".txt") -> Path:

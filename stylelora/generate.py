@@ -15,7 +15,7 @@ import re
 import threading
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from PIL import Image
 
 from . import images
 from .adapter import Adapter, ModelLayout
+from .blocks import GROUPS, group_of
 from .checkpoint import STEP_DIR, list_checkpoints, stores_alphas
 from .config import Config, GenerateSettings
 from .convert import find_adapter_file
@@ -139,10 +140,26 @@ def _peft_config(adapter: Adapter, part: str) -> Any:
     })
 
 
-def _lora_layers(module: torch.nn.Module) -> list[Any]:
+def _lora_layers(part: str, module: torch.nn.Module) -> list[tuple[str | None, Any]]:
+    """The LoRA layers of one part, each with its per-block strength group (UNet only: IN, MID, OUT)."""
     from peft.tuners.lora import LoraLayer
 
-    return [m for m in module.modules() if isinstance(m, LoraLayer)]
+    return [(group_of(name) if part == "unet" else None, m) for name, m in module.named_modules()
+            if isinstance(m, LoraLayer)]
+
+
+def block_scales(given: Mapping[str, float] | None) -> dict[str, float]:
+    """Per-block strengths (A1111's "LoRA block weight"), as multipliers of the main strength for the UNet's
+    IN, MID and OUT groups; a group not given keeps 1. ConfigError names a wrong group or value."""
+    scales = dict.fromkeys(GROUPS, 1.0)
+    for group, value in (given or {}).items():
+        key = group.upper()
+        if key not in scales:
+            raise ConfigError(f"block strength '{group}': no such group; the groups are {', '.join(GROUPS)}")
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"block strength {key}: must be a finite number, got {value!r}")
+        scales[key] = float(value)
+    return scales
 
 
 class Previewer:
@@ -175,7 +192,7 @@ class Previewer:
         self._default_scheduler = self.pipeline.scheduler
         self._schedulers: dict[str, Any] = {DEFAULT_SAMPLER: self._default_scheduler}
         self._adapters: dict[str, _Attached] = {}
-        self._layers: dict[str, list[Any]] = {part: [] for part in self._parts}
+        self._layers: dict[str, list[tuple[str | None, Any]]] = {part: [] for part in self._parts}
         self._next_id = 0
         self._base_cache: OrderedDict[tuple[str, GenerateSettings], Image.Image] = OrderedDict()
         self._embeds_cache: OrderedDict[tuple, dict[str, torch.Tensor]] = OrderedDict()
@@ -188,7 +205,7 @@ class Previewer:
             pipe.to(dtype=self.dtype)
         pipe.to(self.device)
         pipe.set_progress_bar_config(disable=True)
-        for part in (pipe.unet, pipe.vae, pipe.text_encoder):
+        for part in (pipe.unet, pipe.vae, *loaded.text_encoders):
             part.eval().requires_grad_(False)
         return loaded
 
@@ -280,7 +297,7 @@ class Previewer:
             getattr(module, "peft_config", {}).pop(peft_name, None)
 
     def _refresh_layers(self) -> None:
-        self._layers = {part: _lora_layers(getattr(self.pipeline, part)) for part in self._parts}
+        self._layers = {part: _lora_layers(part, getattr(self.pipeline, part)) for part in self._parts}
 
     def _require(self, name: str) -> _Attached:
         if name not in self._adapters:
@@ -295,15 +312,16 @@ class Previewer:
             raise ConfigError(f"several adapters are attached ({', '.join(self._adapters)}); say which one")
         return next(iter(self._adapters.values()), None)
 
-    def _activate(self, attached: _Attached | None, scale: float) -> None:
-        """Make ``attached`` the only active adapter at ``scale``; None switches every LoRA layer off."""
+    def _activate(self, attached: _Attached | None, scale: float, groups: Mapping[str, float] | None = None) -> None:
+        """Make ``attached`` the only active adapter at ``scale`` (times its group's strength in ``groups`` for
+        UNet layers); None switches every LoRA layer off."""
         for part in self._parts:
             on = attached is not None and part in attached.parts
-            for layer in self._layers[part]:
+            for group, layer in self._layers[part]:
                 layer.enable_adapters(on)
                 if on:
                     layer.set_adapter([attached.peft_name], inference_mode=True)
-                    layer.set_scale(attached.peft_name, scale)
+                    layer.set_scale(attached.peft_name, scale * (groups or {}).get(group or "", 1.0))
 
     # --- rendering ------------------------------------------------------------------------------
 
@@ -321,15 +339,18 @@ class Previewer:
         return s.replace(width=width, height=height, sampler=check_sampler(s.sampler))
 
     def generate(self, prompt: str, settings: GenerateSettings | None = None, *, adapter: str | None = None,
-                 scale: float = 1.0, **overrides: Any) -> Image.Image:
+                 scale: float = 1.0, blocks: Mapping[str, float] | None = None, **overrides: Any) -> Image.Image:
         """One image with ``adapter`` (default: the only attached one, if any) at strength ``scale``.
 
-        ``settings`` and ``overrides`` as in ``resolve``. The image's ``info["parameters"]`` holds
-        A1111-style parameters; ``images.save_png`` writes them.
+        ``blocks`` gives per-block strengths ({"MID": 0, "OUT": 0.5}: multipliers of ``scale`` for the UNet's
+        IN, MID and OUT layers, as A1111's "LoRA block weight"); a group at 0 renders exactly as the adapter
+        without that group's modules. ``settings`` and ``overrides`` as in ``resolve``. The image's
+        ``info["parameters"]`` holds A1111-style parameters; ``images.save_png`` writes them.
         """
         s = self.resolve(settings, **overrides)
+        groups = block_scales(blocks)
         with self._lock:
-            return self._render(prompt, s, self._resolve(adapter), scale)
+            return self._render(prompt, s, self._resolve(adapter), scale, groups)
 
     def base(self, prompt: str, settings: GenerateSettings | None = None, **overrides: Any) -> Image.Image:
         """The base model's image (no adapter), from the session cache when it was rendered before."""
@@ -338,16 +359,16 @@ class Previewer:
             return self._render(prompt, s, None, 0.0)
 
     def _render(self, prompt: str, settings: GenerateSettings, attached: _Attached | None,
-                scale: float) -> Image.Image:
+                scale: float, groups: Mapping[str, float] | None = None) -> Image.Image:
         scale = float(scale)
         if not math.isfinite(scale):
             raise ConfigError(f"scale: must be a finite number, got {scale}")
         if attached is None or scale == 0:
             image = self._base(prompt, settings)
         else:
-            image = self._run(prompt, settings, attached, scale)
+            image = self._run(prompt, settings, attached, scale, groups)
         strength = {attached.name: scale} if attached is not None else {}
-        image.info[images.PARAMETERS_KEY] = self.parameters(prompt, settings, strength)
+        image.info[images.PARAMETERS_KEY] = self.parameters(prompt, settings, strength, groups)
         return image
 
     def _base(self, prompt: str, settings: GenerateSettings) -> Image.Image:
@@ -361,8 +382,9 @@ class Previewer:
         self._base_cache.move_to_end(key)
         return cached.copy()
 
-    def _run(self, prompt: str, settings: GenerateSettings, attached: _Attached | None, scale: float) -> Image.Image:
-        self._activate(attached, scale)
+    def _run(self, prompt: str, settings: GenerateSettings, attached: _Attached | None, scale: float,
+             groups: Mapping[str, float] | None = None) -> Image.Image:
+        self._activate(attached, scale, groups)
         embeddings = self._embeddings(prompt, settings, attached, scale)
         pipe = self.pipeline
         pipe.scheduler = self._scheduler(settings.sampler)
@@ -402,10 +424,12 @@ class Previewer:
             self._schedulers[name] = make_scheduler(name, self._default_scheduler)
         return self._schedulers[name]
 
-    def parameters(self, prompt: str, settings: GenerateSettings, strengths: dict[str, Any] | None = None) -> str:
+    def parameters(self, prompt: str, settings: GenerateSettings, strengths: dict[str, Any] | None = None,
+                   groups: Mapping[str, float] | None = None) -> str:
         """A1111-style parameters text for an image rendered from ``prompt`` with resolved ``settings``.
 
-        ``strengths`` maps adapter name to strength (a number, or a list of them for a sweep).
+        ``strengths`` maps adapter name to strength (a number, or a list of them for a sweep); ``groups``
+        are per-block strengths, written when any is not 1.
         """
         fields: dict[str, Any] = {
             "Steps": settings.steps,
@@ -420,6 +444,8 @@ class Previewer:
             values = {_format_scales(v) for v in strengths.values()}
             fields["Lora strength"] = values.pop() if len(values) == 1 else ", ".join(
                 _format_scales(v) for v in strengths.values())
+            if groups and any(v != 1 for v in groups.values()):
+                fields["Lora block strength"] = ", ".join(f"{g} {v:g}" for g, v in groups.items())
         return images.format_parameters(prompt, settings.negative_prompt, fields)
 
     # --- views ----------------------------------------------------------------------------------
@@ -431,23 +457,26 @@ class Previewer:
         return [self.generate(prompt, s.replace(seed=seed), adapter=adapter, scale=scale) for seed in seeds]
 
     def compare(self, prompt: str, settings: GenerateSettings | None = None, *, adapter: str | None = None,
-                scale: float = 1.0, **overrides: Any) -> tuple[Image.Image, Image.Image]:
-        """(base image, adapter image) for one prompt and seed."""
+                scale: float = 1.0, blocks: Mapping[str, float] | None = None,
+                **overrides: Any) -> tuple[Image.Image, Image.Image]:
+        """(base image, adapter image) for one prompt and seed; ``blocks`` as in ``generate``."""
         s = self.resolve(settings, **overrides)
+        groups = block_scales(blocks)
         with self._lock:
             attached = self._resolve(adapter)
-            return self._render(prompt, s, attached, 0.0), self._render(prompt, s, attached, scale)
+            return self._render(prompt, s, attached, 0.0), self._render(prompt, s, attached, scale, groups)
 
     def sweep(self, prompt: str, scales: Sequence[float], settings: GenerateSettings | None = None, *,
-              adapter: str | None = None, **overrides: Any) -> Image.Image:
+              adapter: str | None = None, blocks: Mapping[str, float] | None = None, **overrides: Any) -> Image.Image:
         """One prompt and seed at several strengths, as a strip labelled with the strengths."""
         s = self.resolve(settings, **overrides)
+        groups = block_scales(blocks)
         with self._lock:
             attached = self._resolve(adapter)
-            tiles = [self._render(prompt, s, attached, scale) for scale in scales]
+            tiles = [self._render(prompt, s, attached, scale, groups) for scale in scales]
         sheet = images.strip(tiles, [f"{scale:g}" for scale in scales])
         strengths = {attached.name: list(scales)} if attached else {}
-        sheet.info[images.PARAMETERS_KEY] = self.parameters(prompt, s, strengths)
+        sheet.info[images.PARAMETERS_KEY] = self.parameters(prompt, s, strengths, groups)
         return sheet
 
     def grid(self, prompt: str, adapters: Sequence[str], scales: Sequence[float],

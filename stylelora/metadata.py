@@ -26,8 +26,12 @@ if TYPE_CHECKING:
     from .adapter import Adapter
     from .models import BaseModel
 
-BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
-ARCHITECTURE = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-768-v", "sdxl": "stable-diffusion-xl-v1-base"}
+# per model kind (models.KINDS), as kohya's sd-scripts writes them (library/sai_model_spec.py): A1111 files an
+# adapter under SDXL by ss_base_model_version, under SD2 by ss_v2
+BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sd2-v": "sd_v2", "sdxl": "sdxl_base_v1-0"}
+ARCHITECTURE = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sd2-v": "stable-diffusion-v2-768-v",
+                "sdxl": "stable-diffusion-xl-v1-base"}
+PREDICTION_TYPE = {"epsilon": "epsilon", "v_prediction": "v"}  # diffusers' name -> modelspec's
 LIBRARIES = ("stylelora", "torch", "diffusers", "transformers", "peft", "accelerate", "safetensors")
 
 
@@ -42,7 +46,7 @@ def adapter_facts(adapter: Adapter, kind: str) -> dict[str, str]:
         "ss_network_dim": str(adapter.rank),
         "ss_network_alpha": _g(adapter.alpha.get("unet", next(iter(adapter.alpha.values()), adapter.rank))),
         "ss_base_model_version": BASE_MODEL_VERSION[kind],
-        "ss_v2": str(kind == "sd2"),
+        "ss_v2": str(kind in ("sd2", "sd2-v")),
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": f"{ARCHITECTURE[kind]}/lora",
     }
@@ -128,7 +132,8 @@ def kohya_metadata(
         "modelspec.implementation": "https://github.com/kohya-ss/sd-scripts",
         "modelspec.title": config.run_name,
         "modelspec.resolution": f"{res}x{res}",
-        "modelspec.prediction_type": model.prediction_type,
+        "ss_v_parameterization": str(model.prediction_type == "v_prediction"),
+        "modelspec.prediction_type": PREDICTION_TYPE.get(model.prediction_type, model.prediction_type),
         "modelspec.date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S"),
         "stylelora.config": config.to_toml(),
     }

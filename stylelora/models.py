@@ -10,8 +10,9 @@ from typing import Any
 
 import torch
 
+from . import blocks
 from .config import Config, LoraConfig
-from .errors import ModelError, setting
+from .errors import ConfigError, ModelError, setting
 
 log = logging.getLogger(__name__)
 
@@ -19,6 +20,9 @@ ADAPTER_NAME = "default"
 # The 3x3 convs of diffusers' ResnetBlock2D (no other UNet module is named conv1/conv2).
 LOCON_TARGETS = ["conv1", "conv2"]
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
+KINDS = ("sd1", "sd2", "sd2-v", "sdxl")  # SD1.x, SD2 512 (epsilon), SD2 768-v, SDXL
+KIND_NAMES = {"sd1": "SD1.x", "sd2": "SD2 512", "sd2-v": "SD2 768-v", "sdxl": "SDXL"}
+KIND_PRESETS = {"sdxl": "sdxl-style", "sd2-v": "sd2-768v"}  # presets/<name>.toml made for a kind
 
 
 @dataclass
@@ -27,7 +31,7 @@ class BaseModel:
 
     pipeline: Any  # diffusers StableDiffusionPipeline (or XL)
     name: str
-    kind: str  # "sd1", "sd2" or "sdxl"
+    kind: str  # one of KINDS: "sd1", "sd2", "sd2-v" or "sdxl"
 
     @property
     def unet(self) -> torch.nn.Module:
@@ -50,6 +54,17 @@ class BaseModel:
     def tokenizer(self) -> Any:
         return self.pipeline.tokenizer
 
+    @property
+    def tokenizers(self) -> list[Any]:
+        """One tokenizer per text encoder (SDXL's second pads differently)."""
+        second = getattr(self.pipeline, "tokenizer_2", None) if self.text_encoder_2 is not None else None
+        return [self.tokenizer] + ([second] if second is not None else [])
+
+    @property
+    def text_encoders(self) -> list[torch.nn.Module]:
+        """The text encoders in order: SD1/SD2 have one, SDXL two."""
+        return [module for part, module in self.parts() if part.startswith("text_encoder")]
+
     def parts(self) -> list[tuple[str, torch.nn.Module]]:
         """The adaptable networks by canonical part name: unet, text_encoder and (SDXL) text_encoder_2."""
         found = [("unet", self.unet), ("text_encoder", self.text_encoder), ("text_encoder_2", self.text_encoder_2)]
@@ -67,8 +82,9 @@ class BaseModel:
 # --- built-in models ----------------------------------------------------------------------------
 
 
-def _builtin_tokenizer() -> Any:
-    """A CLIP tokenizer whose vocabulary is generated in code: byte-level symbols, no merges."""
+def _builtin_tokenizer(pad_token: str = "<|endoftext|>") -> Any:
+    """A CLIP tokenizer whose vocabulary is generated in code: byte-level symbols, no merges. OpenAI's
+    CLIP pads with its end token; OpenCLIP's (SD2, SDXL's second) with "!" (id 0 here, as there)."""
     from transformers import CLIPTokenizer
 
     # GPT-2/CLIP byte-to-unicode table: printable bytes map to themselves, the rest above 255.
@@ -80,7 +96,7 @@ def _builtin_tokenizer() -> Any:
         vocab[s] = len(vocab)
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77, pad_token=pad_token)
 
 
 # Sizes of the SD1-shaped built-ins. tiny: tests and the CPU demo (64 px native). small: the same
@@ -210,7 +226,7 @@ def build_tiny_sdxl(prediction_type: str = "epsilon") -> Any:
             norm_num_groups=8,
             layers_per_block=1,
             sample_size=64,
-            force_upcast=False,
+            force_upcast=True,  # as SDXL's own VAE: it overflows in fp16
         )
         encoders = []
         for cls in (CLIPTextModel, CLIPTextModelWithProjection):
@@ -230,24 +246,104 @@ def build_tiny_sdxl(prediction_type: str = "epsilon") -> Any:
         text_encoder=encoders[0],
         text_encoder_2=encoders[1],
         tokenizer=tokenizer,
-        tokenizer_2=_builtin_tokenizer(),
+        tokenizer_2=_builtin_tokenizer(pad_token="!"),  # OpenCLIP's, as SDXL's tokenizer_2
         scheduler=scheduler,
         force_zeros_for_empty_prompt=True,
     )
 
 
-BUILTIN = {"tiny": build_tiny, "small": build_small, "tiny-sdxl": build_tiny_sdxl}
+def build_tiny_sd2v(prediction_type: str = "v_prediction") -> Any:
+    """An SD2-768-v-shaped pipeline with small random deterministic weights: linear proj_in/proj_out, a
+    number of heads per block, an OpenCLIP-shaped text encoder (gelu, a tokenizer that pads with "!"),
+    v-prediction, 96 px native (768-v is 96 latents wide, this is 12); its cross-attention is 48 wide,
+    so only its structure says SD2."""
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextModel
+
+    tokenizer = _builtin_tokenizer(pad_token="!")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel(
+            sample_size=12, block_out_channels=(32, 64), layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=48, attention_head_dim=(2, 4), use_linear_projection=True, norm_num_groups=16,
+        )
+        vae = AutoencoderKL(**SD1_SIZES["tiny"]["vae"], down_block_types=("DownEncoderBlock2D",) * 4,
+                            up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4)
+        text_encoder = CLIPTextModel(_clip_config(tokenizer, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                                                  num_attention_heads=4, projection_dim=48, hidden_act="gelu"))
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type)
+    return StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+BUILTIN = {"tiny": build_tiny, "small": build_small, "tiny-sdxl": build_tiny_sdxl, "tiny-sd2v": build_tiny_sd2v}
 
 
 # --- loading ------------------------------------------------------------------------------------
 
 
-def _kind(pipeline: Any) -> str:
-    if "XL" in type(pipeline).__name__:
+def _setting(config: Any, key: str) -> Any:
+    """One value of a diffusers config (a dict) or a transformers config (attributes); None when absent."""
+    if config is None:
+        return None
+    return config.get(key) if isinstance(config, dict) else getattr(config, key, None)
+
+
+def detect_kind(pipeline_class: str, unet_config: Any, text_encoder_config: Any = None,
+                scheduler_config: Any = None) -> str:
+    """sd1, sd2, sd2-v or sdxl, from the model's structure rather than one width.
+
+    SDXL: an XL pipeline class, or a UNet with SDXL's added text/time conditioning. SD2: linear
+    proj_in/proj_out (SD1 uses 1x1 convs), an OpenCLIP-shaped text encoder (gelu; OpenAI's CLIP uses
+    quick_gelu) or SD2's 1024-wide cross-attention. SD2-768-v: the scheduler predicts v; without a
+    scheduler config, a UNet 96 latents wide (768 px; SD2-512 is 64).
+    """
+    if "XL" in pipeline_class or _setting(unet_config, "addition_embed_type") == "text_time":
         return "sdxl"
-    if pipeline.unet.config.cross_attention_dim == 1024:
-        return "sd2"
-    return "sd1"
+    open_clip = _setting(text_encoder_config, "hidden_act") == "gelu"
+    if not (_setting(unet_config, "use_linear_projection") or open_clip
+            or _setting(unet_config, "cross_attention_dim") == 1024):
+        return "sd1"
+    prediction = _setting(scheduler_config, "prediction_type")
+    if prediction is None:
+        return "sd2-v" if (_setting(unet_config, "sample_size") or 0) >= 96 else "sd2"
+    return "sd2-v" if prediction == "v_prediction" else "sd2"
+
+
+def _kind(pipeline: Any) -> str:
+    encoder = getattr(pipeline, "text_encoder", None)
+    return detect_kind(type(pipeline).__name__, pipeline.unet.config, getattr(encoder, "config", None),
+                       pipeline.scheduler.config)
+
+
+def _apply_kind(pipeline: Any, name: str, kind: str, prediction_type: str) -> str:
+    """The kind of ``pipeline``, with ``model.kind`` (``kind``) applied: it may correct SD1 against SD2 and
+    SD2-512 against 768-v (which sets the prediction type when ``prediction_type`` is auto), never the
+    architecture itself (SDXL or not)."""
+    detected = _kind(pipeline)
+    if kind == "auto" or kind == detected:
+        return detected
+    if (kind == "sdxl") != (detected == "sdxl"):
+        raise ConfigError(
+            f"model.kind: '{kind}' does not fit '{name}', which is {KIND_NAMES[detected]} by its structure "
+            f"({'two text encoders and added time conditioning' if detected == 'sdxl' else 'one text encoder'}); "
+            "set model.kind=auto"
+        )
+    if prediction_type == "auto" and kind in ("sd2", "sd2-v"):
+        from diffusers import DDIMScheduler
+
+        pipeline.scheduler = DDIMScheduler.from_config(
+            pipeline.scheduler.config, prediction_type="v_prediction" if kind == "sd2-v" else "epsilon")
+    return kind
 
 
 def _offline_hint(name: str) -> str:
@@ -259,8 +355,11 @@ def _offline_hint(name: str) -> str:
     )
 
 
-def load_base_model(name: str, config_source: str = "", prediction_type: str = "auto") -> BaseModel:
-    """Load a base model named by one string: ``builtin:NAME``, a folder, a file or a hub id."""
+def load_base_model(name: str, config_source: str = "", prediction_type: str = "auto",
+                    kind: str = "auto") -> BaseModel:
+    """Load a base model named by one string: ``builtin:NAME``, a folder, a file or a hub id.
+
+    Its kind is detected from its structure (``detect_kind``); ``kind`` (``model.kind``) corrects it."""
     if name.startswith("builtin:"):
         key = name.split(":", 1)[1]
         if key not in BUILTIN:
@@ -269,7 +368,7 @@ def load_base_model(name: str, config_source: str = "", prediction_type: str = "
                 + ", ".join(f"builtin:{k}" for k in BUILTIN)
             )
         pipeline = BUILTIN[key](**_pt(prediction_type))
-        return BaseModel(pipeline, name, _kind(pipeline))
+        return BaseModel(pipeline, name, _apply_kind(pipeline, name, kind, prediction_type))
 
     path = Path(name).expanduser()
     if path.suffix.lower() in PICKLE_SUFFIXES:
@@ -301,7 +400,7 @@ def load_base_model(name: str, config_source: str = "", prediction_type: str = "
         pipeline.scheduler = DDIMScheduler.from_config(
             pipeline.scheduler.config, prediction_type=prediction_type
         )
-    return BaseModel(pipeline, name, _kind(pipeline))
+    return BaseModel(pipeline, name, _apply_kind(pipeline, name, kind, prediction_type))
 
 
 def _pt(prediction_type: str) -> dict[str, str]:
@@ -331,25 +430,28 @@ def _load_folder(path: Path, name: str) -> Any:
         raise ModelError(f"model '{name}': cannot load this diffusers folder: {e}") from e
 
 
+SDXL_SINGLE_FILE_KEY = "conditioner.embedders.1."  # SGM checkpoints keep the second text encoder here
+
+
 def _load_single_file(path: Path, config_source: str) -> Any:
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from safetensors import SafetensorError, safe_open
 
     try:  # reads the header only; a truncated or corrupt file fails here with its own reason
         with safe_open(str(path), framework="pt") as f:
-            f.keys()
+            xl = any(k.startswith(SDXL_SINGLE_FILE_KEY) for k in f.keys())
     except (SafetensorError, OSError) as e:
         raise ModelError(
             f"model '{path}': not a readable .safetensors file ({e}); it may be truncated or corrupt. "
             "Download or copy it again."
         ) from None
 
-    kwargs: dict[str, Any] = {"safety_checker": None, "requires_safety_checker": False}
+    kwargs: dict[str, Any] = {} if xl else {"safety_checker": None, "requires_safety_checker": False}
     if config_source:
         kwargs["config"] = config_source
         kwargs["local_files_only"] = Path(config_source).is_dir()
     try:
-        return StableDiffusionPipeline.from_single_file(str(path), **kwargs)
+        return (StableDiffusionXLPipeline if xl else StableDiffusionPipeline).from_single_file(str(path), **kwargs)
     except Exception as e:
         raise ModelError(
             f"model '{path}': cannot load this single-file checkpoint ({type(e).__name__}: "
@@ -372,7 +474,88 @@ def _load_hub(name: str) -> Any:
     return pipeline
 
 
+# --- what a model is, without loading it ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """A base model's kind and native resolution, as read from its configs (forms show them)."""
+
+    kind: str
+    native_resolution: int
+
+    def describe(self) -> str:
+        return f"{KIND_NAMES[self.kind]}, {self.native_resolution} px native"
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    import json
+
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _folder_facts(folder: Path) -> ModelFacts:
+    index = _read_json(folder / "model_index.json")
+    unet = _read_json(folder / "unet" / "config.json")
+    encoder = folder / "text_encoder" / "config.json"
+    scheduler = folder / "scheduler" / "scheduler_config.json"
+    vae = folder / "vae" / "config.json"
+    kind = detect_kind(index.get("_class_name", ""), unet, _read_json(encoder) if encoder.is_file() else None,
+                       _read_json(scheduler) if scheduler.is_file() else None)
+    levels = len(_read_json(vae).get("block_out_channels", [0] * 4)) if vae.is_file() else 4
+    return ModelFacts(kind, int(unet.get("sample_size", 64)) * 2 ** (levels - 1))
+
+
+# what diffusers assumes for a single-file checkpoint of each family (its SD2 default is 2.1, 768-v)
+_SINGLE_FILE_FACTS = {"sdxl": ModelFacts("sdxl", 1024), "sd2": ModelFacts("sd2-v", 768), "sd1": ModelFacts("sd1", 512)}
+
+
+def peek_model(name: str, config_source: str = "") -> ModelFacts | None:
+    """The kind and native resolution of the model ``name`` from its configs, without loading weights: a
+    built-in, a diffusers folder, a single file (by its keys: SGM's second text encoder says SDXL, an
+    OpenCLIP one SD2), a hub id in the local cache. None when that cannot be known before loading."""
+    try:
+        if name.startswith("builtin:"):
+            model = load_base_model(name)
+            return ModelFacts(model.kind, model.native_resolution)
+        path = Path(name).expanduser()
+        if path.is_dir() and (path / "model_index.json").is_file():
+            return _folder_facts(path)
+        if path.is_file() and path.suffix.lower() == ".safetensors":
+            if config_source and (Path(config_source) / "model_index.json").is_file():
+                return _folder_facts(Path(config_source))
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                keys = list(f.keys())
+            if any(k.startswith(SDXL_SINGLE_FILE_KEY) for k in keys):
+                return _SINGLE_FILE_FACTS["sdxl"]
+            return _SINGLE_FILE_FACTS["sd2" if any(k.startswith("cond_stage_model.model.") for k in keys) else "sd1"]
+        if not path.exists() and name.count("/") == 1 and not name.startswith((".", "/", "~")):
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(name, "model_index.json")
+            return _folder_facts(Path(cached).parent) if isinstance(cached, str) else None
+    except (OSError, ValueError, ModelError) as e:  # unreadable configs: the loader will say what is wrong
+        log.debug("cannot tell what %s is before loading it: %s", name, e)
+    return None
+
+
 # --- LoRA ---------------------------------------------------------------------------------------
+
+
+def _matches(path: str, names: list[str]) -> bool:
+    """peft's rule for a list of target names: the module path is a name or ends with ``.name``."""
+    return any(path == name or path.endswith("." + name) for name in names)
+
+
+def unet_targets(model: BaseModel, lora: LoraConfig, names: list[str]) -> list[str]:
+    """The UNet modules that get LoRA: ``names`` as peft matches them, and with ``lora.blocks`` only those
+    inside the selected blocks (as full module paths; ConfigError for a block the UNet lacks)."""
+    if not lora.blocks:
+        return names
+    paths = [path for path, _ in model.unet.named_modules() if path and _matches(path, names)]
+    return blocks.select(paths, lora.blocks)
 
 
 def add_lora(model: BaseModel, lora: LoraConfig) -> list[torch.nn.Parameter]:
@@ -380,9 +563,13 @@ def add_lora(model: BaseModel, lora: LoraConfig) -> list[torch.nn.Parameter]:
     from peft import LoraConfig as PeftLoraConfig
     from peft import inject_adapter_in_model
 
-    targets: list[tuple[torch.nn.Module, list[str]]] = [(model.unet, lora.unet_targets)]
+    unet_names = [*lora.unet_targets, *(LOCON_TARGETS if lora.conv_rank else [])]
+    targets: list[tuple[torch.nn.Module, list[str]]] = [(model.unet, unet_targets(model, lora, unet_names))]
     if lora.train_text_encoder:
-        targets += [(m, lora.text_encoder_targets) for part, m in model.parts() if part.startswith("text_encoder")]
+        chosen = blocks.TEXT_PARTS["te" if lora.text_encoders == "both" else lora.text_encoders]
+        if model.text_encoder_2 is None:  # SD1/SD2: the one text encoder
+            chosen = ("text_encoder",)
+        targets += [(m, lora.text_encoder_targets) for part, m in model.parts() if part in chosen]
     for module in [model.vae] + [m for _, m in model.parts()]:
         module.requires_grad_(False)
     params: list[torch.nn.Parameter] = []
@@ -391,7 +578,6 @@ def add_lora(model: BaseModel, lora: LoraConfig) -> list[torch.nn.Parameter]:
         alpha_pattern: dict[str, float] = {}
         if module is model.unet and lora.conv_rank:
             # LoCon: the 3x3 convs of the ResNet blocks, with their own rank and alpha.
-            names = [*names, *LOCON_TARGETS]
             rank_pattern = {name: lora.conv_rank for name in LOCON_TARGETS}
             alpha_pattern = {name: lora.conv_alpha for name in LOCON_TARGETS}
         peft_config = PeftLoraConfig(
@@ -424,31 +610,43 @@ def prepare_for_training(
     """Make ``model`` ready to train: LoRA (or LoCon/DoRA) layers injected with peft and kept in fp32, on a
     frozen base cast to the training precision (``mixed_precision``: "no", "fp16" or "bf16"), all on
     ``device``, with the configured attention kernel and gradient checkpointing, UNet (and the text
-    encoders when they train) in train mode and the VAE in eval mode.
+    encoders when they train) in train mode and the VAE in eval mode. A VAE that overflows in fp16
+    (SDXL's) stays in fp32 when the run is fp16 (``vae_dtype``).
 
     Returns the trainable LoRA parameters and the dtype of the base weights.
     """
     lora, train = config.lora, config.train
     params = add_lora(model, lora)
-    text_encoders = [module for part, module in model.parts() if part.startswith("text_encoder")]
+    text_encoders = model.text_encoders
+    training = [any(p.requires_grad for p in encoder.parameters()) for encoder in text_encoders]
     _set_attention(model.unet, train.attention)
     if train.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
-        if lora.train_text_encoder:
-            for encoder in text_encoders:
+        for encoder, trains in zip(text_encoders, training, strict=True):
+            if trains:
                 encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     weight_dtype = WEIGHT_DTYPES.get(mixed_precision, torch.float32)
     for module in (model.unet, model.vae, *text_encoders):
         module.to(device)
-        if weight_dtype != torch.float32:
+        if weight_dtype != torch.float32 and module is not model.vae:
             module.to(dtype=weight_dtype)
+    if model.vae.dtype != vae_dtype(model, weight_dtype):
+        model.vae.to(dtype=vae_dtype(model, weight_dtype))
     for p in params:  # LoRA weights train in fp32 whatever the base precision
         p.data = p.data.float()
     model.vae.eval()
     model.unet.train()
-    for encoder in text_encoders:
-        encoder.train(lora.train_text_encoder)
+    for encoder, trains in zip(text_encoders, training, strict=True):
+        encoder.train(trains)
     return params, weight_dtype
+
+
+def vae_dtype(model: BaseModel, weight_dtype: torch.dtype) -> torch.dtype:
+    """The VAE's precision for a run whose base weights are ``weight_dtype``: fp32 instead of fp16 for a VAE
+    that overflows in fp16 (SDXL's own; its config says force_upcast, a fixed fp16 VAE does not)."""
+    if weight_dtype == torch.float16 and model.kind == "sdxl" and model.vae.config.get("force_upcast", False):
+        return torch.float32
+    return weight_dtype
 
 
 def _set_attention(unet: torch.nn.Module, kind: str) -> None:

@@ -35,13 +35,16 @@ def check_optimizer(train: TrainConfig, device: torch.device) -> None:
 
 
 def param_groups(model: BaseModel, train: TrainConfig) -> list[dict[str, Any]]:
-    """The trainable weights by learning rate: the UNet's at ``train.lr``, then (when they train) the text
-    encoders' at ``train.text_encoder_lr`` or ``train.lr``. The order is the one checkpoints save."""
-    unet, *text_encoders = (module for _, module in model.parts())
-    groups = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": train.lr}]
-    te_params = [p for module in text_encoders for p in module.parameters() if p.requires_grad]
-    if te_params:
-        groups.append({"params": te_params, "lr": train.text_encoder_lr or train.lr})
+    """The trainable weights by learning rate: the UNet's at ``train.lr``, then each text encoder that trains
+    at ``train.text_encoder_lr`` (SDXL's second at ``train.text_encoder_2_lr``), unset meaning the one
+    before. The order is the one checkpoints save."""
+    te_lr = train.text_encoder_lr or train.lr
+    lrs = {"unet": train.lr, "text_encoder": te_lr, "text_encoder_2": train.text_encoder_2_lr or te_lr}
+    groups = []
+    for part, module in model.parts():
+        params = [p for p in module.parameters() if p.requires_grad]
+        if params or part == "unet":
+            groups.append({"params": params, "lr": lrs[part]})
     return groups
 
 

@@ -26,7 +26,8 @@ from .ema import LoraEMA
 from .errors import ConfigError, DiskFullError, TrainingError, check_data, continue_run, setting
 from .failures import RunTracker, disk_full_advice, is_out_of_memory, out_of_memory_advice, where_to_resume
 from .metrics import MetricsLog
-from .models import BaseModel, load_base_model, prepare_for_training
+from .models import KIND_NAMES, KIND_PRESETS, BaseModel, load_base_model, prepare_for_training
+from .text import encode_text
 from .validation import Validator, split_holdout
 
 log = logging.getLogger(__name__)
@@ -136,13 +137,22 @@ def _training_data(config: Config, model: BaseModel | None, emit: EventHandler) 
 
 def _base_model(config: Config, model: BaseModel | None) -> BaseModel:
     if model is None:
-        model = load_base_model(config.model.name, config.model.config, config.model.prediction_type)
-    if model.kind == "sdxl":  # the loop feeds no SDXL added conditioning (pooled text, time ids) yet
-        raise ConfigError(
-            f"model.name: '{config.model.name}' is an SDXL model; this version trains SD1.x/SD2.x only "
-            "(SDXL adapters from other trainers can be exported, merged and resized)"
-        )
+        m = config.model
+        model = load_base_model(m.name, m.config, m.prediction_type, m.kind)
     return model
+
+
+def _model_notes(config: Config, model: BaseModel) -> list[events.Message]:
+    """What the run learned about its base model: the detected kind and resolution, and a warning when it
+    trains far below the size an SDXL or SD2-768-v model was made for."""
+    native, resolution = model.native_resolution, config.data.resolution
+    notes = [events.Message(f"base model: {KIND_NAMES[model.kind]}, {model.prediction_type} prediction, "
+                            f"{native} px native; training at {resolution} px")]
+    if model.kind in ("sdxl", "sd2-v") and resolution < native * 3 // 4:
+        notes.append(events.Message(
+            f"data.resolution {resolution} is far below this model's {native} px: it learns worse at a small "
+            f"size; set data.resolution={native} (presets/{KIND_PRESETS[model.kind]}.toml does)", level="warning"))
+    return notes
 
 
 def _noise_scheduler(config: Config, model: BaseModel) -> Any:
@@ -169,13 +179,15 @@ def _validator(config: Config, held_out: list[Item], model: BaseModel, noise_sch
     return Validator(examples, model, noise_scheduler, device, weight_dtype, seed)
 
 
-def _prepare(accelerator: Any, model: BaseModel, optimizer: Any, train_text_encoder: bool) -> tuple[Any, Any, Any]:
-    """(unet, text_encoder, optimizer) wrapped by accelerate. Only modules with trainable weights are
+def _prepare(accelerator: Any, model: BaseModel, optimizer: Any) -> tuple[Any, list[Any], Any]:
+    """(unet, text encoders, optimizer) wrapped by accelerate. Only modules with trainable weights are
     prepared: DDP refuses a fully frozen module."""
-    if train_text_encoder:
-        return accelerator.prepare(model.unet, model.text_encoder, optimizer)
-    unet, optimizer = accelerator.prepare(model.unet, optimizer)
-    return unet, model.text_encoder, optimizer
+    encoders = model.text_encoders
+    training = [i for i, encoder in enumerate(encoders) if any(p.requires_grad for p in encoder.parameters())]
+    unet, *prepared, optimizer = accelerator.prepare(model.unet, *(encoders[i] for i in training), optimizer)
+    for i, encoder in zip(training, prepared, strict=True):
+        encoders[i] = encoder
+    return unet, encoders, optimizer
 
 
 class _Clock:
@@ -289,7 +301,7 @@ def _train(config: Config, emit: EventHandler, stop: StopSignal, model: BaseMode
     lr_scheduler = optim.build_lr_scheduler(optimizer, cfg)
     ema = LoraEMA(params, cfg.ema_decay) if cfg.ema else None
     validator = _validator(config, held_out, model, noise_scheduler, accelerator.device, weight_dtype)
-    unet, text_encoder, optimizer = _prepare(accelerator, model, optimizer, config.lora.train_text_encoder)
+    unet, text_encoders, optimizer = _prepare(accelerator, model, optimizer)
     noise_rng = torch.Generator().manual_seed(cfg.seed)
     source = BatchSource(data, config, model)  # buckets, caches, captions, regularisation images
     live = ckpt.LiveState(out, model, optimizer, lr_scheduler, noise_rng, source, ema)
@@ -301,8 +313,8 @@ def _train(config: Config, emit: EventHandler, stop: StopSignal, model: BaseMode
     accelerator.init_trackers("stylelora")
     metrics = MetricsLog(out / "metrics.jsonl", step, accelerator.log)
     emit(events.Started(cfg.steps, step, data.num_images, str(accelerator.device), out))
-    for note in source.notes:
-        emit(events.Message(note))
+    for message in _model_notes(config, model) + [events.Message(note) for note in source.notes]:
+        emit(message)
 
     # --- the loop: one iteration is one optimizer step of `accumulation` micro-batches ---
     losses_seen: list[float] = []
@@ -314,19 +326,20 @@ def _train(config: Config, emit: EventHandler, stop: StopSignal, model: BaseMode
         step_loss = 0.0
         images = 0
         for _ in range(cfg.gradient_accumulation_steps):
-            batch = source.next_batch()  # latents (cached or encoded), text inputs, per-example loss weights
+            batch = source.next_batch()  # latents (cached or encoded), text, SDXL time ids, loss weights
             latents = batch.latents
-            with accelerator.accumulate(unet, text_encoder), accelerator.autocast():
+            with accelerator.accumulate(unet, *text_encoders), accelerator.autocast():
                 noise = losses.sample_noise(latents.shape, noise_rng, cfg.noise_offset).to(latents)
                 timesteps = torch.randint(
                     0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=noise_rng
                 ).to(accelerator.device)
                 noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-                encoder_states = batch.encoder_states
-                if encoder_states is None:  # the text encoder trains: run it here, with gradients
-                    encoder_states = text_encoder(batch.input_ids)[0]
+                text = batch.text
+                if text is None:  # a text encoder trains: run them here, with gradients
+                    text = encode_text(text_encoders, batch.input_ids)
                 target = losses.training_target(noise_scheduler, latents, noise, timesteps)
-                pred = unet(noisy, timesteps, encoder_states).sample
+                conditions = text.added_conditions(batch.time_ids)  # SDXL: pooled text and time ids
+                pred = unet(noisy, timesteps, text.states, added_cond_kwargs=conditions).sample
                 weights = batch.loss_weights * losses.min_snr_weights(noise_scheduler, timesteps, cfg.min_snr_gamma)
                 loss = (losses.per_example_mse(pred, target) * weights).mean()
                 _check_finite(loss, step + 1)

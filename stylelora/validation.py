@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 import torch
 
 from . import losses
+from .text import encode_text, tokenize
 
 T = TypeVar("T")
 TIMESTEPS_PER_IMAGE = 4
@@ -38,19 +39,20 @@ class Validator:
     def __init__(self, examples: list[dict[str, Any]], model: Any, scheduler: Any, device: torch.device,
                  dtype: torch.dtype, seed: int):
         self.model, self.scheduler, self.device, self.dtype = model, scheduler, device, dtype
-        tokenizer, vae = model.tokenizer, model.vae
-        pixels = torch.stack([e["pixels"] for e in examples]).to(device, dtype)
+        vae = model.vae
+        pixels = torch.stack([e["pixels"] for e in examples]).to(device, vae.dtype)
         with torch.no_grad():
             latents = vae.encode(pixels).latent_dist.mode() * vae.config.scaling_factor
-        ids = tokenizer([str(e["caption"]) for e in examples], padding="max_length",
-                        max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+        ids = tokenize(model.tokenizers, [str(e["caption"]) for e in examples])
+        time_ids = torch.tensor([e["view"].time_ids for e in examples], dtype=torch.float32)
         n, k = len(examples), TIMESTEPS_PER_IMAGE
         total = scheduler.config.num_train_timesteps
         # Each image at k timesteps spread evenly over the schedule (offset per image).
         spread = torch.arange(k) * (total // k)
         self.timesteps = torch.cat([(spread + (i * total // (n * k))) % total for i in range(n)]).to(device)
         self.latents = latents.repeat_interleave(k, dim=0)
-        self.ids = ids.repeat_interleave(k, dim=0).to(device)
+        self.ids = [t.repeat_interleave(k, dim=0).to(device) for t in ids]
+        self.time_ids = time_ids.repeat_interleave(k, dim=0).to(device)
         generator = torch.Generator().manual_seed(seed)
         self.noise = torch.randn(self.latents.shape, generator=generator).to(self.latents)
 
@@ -58,17 +60,19 @@ class Validator:
     def loss(self, autocast: Any = None) -> float:
         import contextlib
 
-        unet, text_encoder = self.model.unet, self.model.text_encoder
-        modes = unet.training, text_encoder.training
-        unet.eval()
-        text_encoder.eval()
+        unet, encoders = self.model.unet, self.model.text_encoders
+        networks = [unet, *encoders]
+        modes = [network.training for network in networks]
+        for network in networks:
+            network.eval()
         try:
             with autocast() if autocast else contextlib.nullcontext():
                 noisy = self.scheduler.add_noise(self.latents, self.noise, self.timesteps)
                 target = losses.training_target(self.scheduler, self.latents, self.noise, self.timesteps)
-                states = text_encoder(self.ids)[0]
-                pred = unet(noisy, self.timesteps, states).sample
+                text = encode_text(encoders, self.ids)
+                pred = unet(noisy, self.timesteps, text.states,
+                            added_cond_kwargs=text.added_conditions(self.time_ids)).sample
                 return float(losses.per_example_mse(pred, target).mean())
         finally:
-            unet.train(modes[0])
-            text_encoder.train(modes[1])
+            for network, mode in zip(networks, modes, strict=True):
+                network.train(mode)

@@ -82,6 +82,20 @@ def test_form_has_a_widget_for_every_config_field(app) -> None:
     assert not [p for p in parameters if p.startswith("param_")]
 
 
+def test_the_form_shows_the_models_kind_and_offers_its_preset(app) -> None:
+    from webui.form import BASIC
+
+    client, _, _ = app
+    # (the API returns the text; the page also shows a "Use the SDXL preset (sdxl-style)" button beside it)
+    assert client.predict("builtin:tiny-sdxl", 32, api_name="/model_facts") == (
+        "Model: **SDXL, 64 px native**; data.resolution 32 is far below it. The sdxl-style preset is made for it")
+    assert client.predict("builtin:tiny", 64, api_name="/model_facts") == "Model: **SD1.x, 64 px native**"
+    values = client.predict("builtin:tiny-sdxl", "datasets/mine", api_name="/use_kind_preset")
+    shown = dict(zip(BASIC, values[: len(BASIC)], strict=True))
+    assert shown["model.name"] == "builtin:tiny-sdxl" and shown["data.path"] == "datasets/mine"
+    assert shown["data.resolution"] == 1024  # the SDXL preset's side, with the chosen model and dataset kept
+
+
 def test_upload_check_train_preview_export(app, tmp_path: Path) -> None:
     client, ctx, root = app
     # --- upload: two images, and a zip with two more and a caption ---
@@ -128,6 +142,11 @@ def test_upload_check_train_preview_export(app, tmp_path: Path) -> None:
     assert np.array_equal(_pixels(base0), _pixels(lora0))
     assert np.array_equal(_pixels(base0), _pixels(base1))
     assert np.abs(_pixels(lora1) - _pixels(base1)).mean() > 0.5
+    # per-block strength: every UNet group at 0 is the base image (this adapter is on the UNet only)
+    _, zeroed = client.predict(*common, 1.0, 0.0, 0.0, 0.0, api_name="/preview")
+    _, mid_off = client.predict(*common, 1.0, 1.0, 0.0, 1.0, api_name="/preview")
+    assert np.array_equal(_pixels(zeroed), _pixels(base1))
+    assert not np.array_equal(_pixels(mid_off), _pixels(base1)) and not np.array_equal(_pixels(mid_off), _pixels(lora1))
     strip = client.predict(*common, "0, 1", api_name="/sweep")
     assert Image.open(strip["path"] if isinstance(strip, dict) else strip).width >= 2 * 64
 

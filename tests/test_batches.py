@@ -75,7 +75,7 @@ def test_flips_are_cached_per_side(dataset: Path, tmp_path: Path, model, monkeyp
     source = source_for(dataset, tmp_path, model, **{"data.random_flip": True})
     for _ in range(40):
         source.next_batch()
-    sides = {(e, source.data.flip(ep, s)) for ep in range(10) for s in range(4) for e in [source.data.example(ep, s)]}
+    sides = {(source.data.example(ep, s), source.data.view(ep, s).flip) for ep in range(10) for s in range(4)}
     assert len({f for _, f in sides}) == 2 and vae.rows == len(sides) <= 8
 
 
@@ -127,11 +127,11 @@ def test_text_encoder_runs_once_per_caption_when_cached(dataset: Path, tmp_path:
     second = [plain.next_batch() for _ in range(4)]
     assert te.rows == 8
     for a, b in zip(first, second, strict=True):
-        assert a.encoder_states is not None and b.encoder_states is not None
-        assert torch.allclose(a.encoder_states, b.encoder_states, atol=1e-5)
+        assert a.text is not None and b.text is not None
+        assert torch.allclose(a.text.states, b.text.states, atol=1e-5)
 
     shuffled = source_for(dataset, tmp_path, model, **{"data.shuffle_tags": True})
     assert shuffled.text_cache is None and any("shuffle_tags" in n for n in shuffled.notes)
     training = source_for(dataset, tmp_path, model, **{"lora.train_text_encoder": True})
     te.rows = 0
-    assert training.next_batch().encoder_states is None and te.rows == 0  # the loop runs it, with gradients
+    assert training.next_batch().text is None and te.rows == 0  # the loop runs it, with gradients

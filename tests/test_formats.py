@@ -468,12 +468,3 @@ def test_both_files_of_a_run_state_what_the_weights_say_and_how_they_were_traine
         assert meta["ss_base_model_version"] == "sd_v1" and meta["modelspec.architecture"] == "stable-diffusion-v1/lora"
         assert (meta["ss_steps"], meta["ss_num_train_images"], meta["ss_output_name"]) == ("5", "3", "run"), path
         assert Config.from_toml(meta["stylelora.config"]).lora.rank == 8  # the run's config, as given
-
-
-def test_training_an_sdxl_model_is_refused_with_a_plain_message(dataset: Path, tmp_path: Path) -> None:
-    from stylelora.errors import ConfigError
-    from stylelora.train import train
-
-    with pytest.raises(ConfigError, match="model.name: 'builtin:tiny-sdxl' is an SDXL model"):
-        train(tiny_config(dataset, tmp_path / "xl", **{"model.name": "builtin:tiny-sdxl"}))
-    assert not (tmp_path / "xl" / "config.toml").exists()

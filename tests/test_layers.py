@@ -24,8 +24,8 @@ LAYERS: list[tuple[str, list[tuple[str, ...]]]] = [
     ("engine", [("train", "generate"), ("artifacts",)]),
     ("adapters", [("merge",), ("convert", "single_file"), ("formats",), ("metadata",), ("adapter",), ("kohya_names",)]),
     ("data", [("batches", "doctor"), ("buckets", "imagecheck"), ("dataset", "cache", "images"), ("captions",)]),
-    ("model", [("failures", "validation"), ("checkpoint", "optim"), ("models", "losses", "samplers", "ema")]),
-    ("base", [("events", "metrics"), ("config",), ("fileio",), ("errors", "logs")]),
+    ("model", [("failures", "validation"), ("checkpoint", "optim"), ("models", "losses", "samplers", "ema", "text")]),
+    ("base", [("events", "metrics"), ("config",), ("blocks",), ("fileio",), ("errors", "logs")]),
 ]
 SHELLS = ("app", "webui")  # first-party code outside the library: the Gradio app
 

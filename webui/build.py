@@ -22,7 +22,8 @@ CSS = """
 HEAD = """
 <script>
 document.addEventListener("keydown", (e) => {
-  if (e.key === "Enter" && e.target.matches && e.target.matches("#strength input[type=number]")) e.target.blur();
+  const box = "#strength input[type=number], [id^=strength-] input[type=number]";  // and the per-block ones
+  if (e.key === "Enter" && e.target.matches && e.target.matches(box)) e.target.blur();
 });
 </script>
 """

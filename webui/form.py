@@ -22,7 +22,9 @@ from .labels import ADVANCED_GROUPS, FIELDS, group, label
 BASIC_ROWS = [["model.name", "data.path"], ["train.steps", "lora.rank", "train.lr", "data.resolution"],
               ["lora.train_text_encoder"]]
 BASIC = [name for row in BASIC_ROWS for name in row]
-MODEL_SUGGESTIONS = ["builtin:tiny", "stable-diffusion-v1-5/stable-diffusion-v1-5"]
+MODEL_SUGGESTIONS = ["builtin:tiny", "builtin:tiny-sdxl", "builtin:tiny-sd2v",
+                     "stable-diffusion-v1-5/stable-diffusion-v1-5", "stabilityai/stable-diffusion-xl-base-1.0",
+                     "stabilityai/stable-diffusion-2-1"]
 PER_ROW = 3
 
 

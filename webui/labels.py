@@ -46,6 +46,8 @@ FIELDS: dict[str, tuple[str, str]] = {
     "lora.conv_rank": ("Conv rank (LoCon)", NETWORK),
     "lora.conv_alpha": ("Conv alpha (LoCon)", NETWORK),
     "lora.dora": ("DoRA", NETWORK),
+    "lora.blocks": ("UNet blocks that get LoRA", NETWORK),
+    "lora.text_encoders": ("Text encoders that get LoRA (SDXL)", NETWORK),
     "lora.dropout": ("LoRA dropout", NETWORK),
     "lora.unet_targets": ("UNet modules that get LoRA", NETWORK),
     "lora.text_encoder_targets": ("Text-encoder modules that get LoRA", NETWORK),
@@ -56,6 +58,7 @@ FIELDS: dict[str, tuple[str, str]] = {
     "train.lr_scheduler": ("Learning-rate schedule", OPTIMIZER),
     "train.lr_warmup_steps": ("Warmup steps", OPTIMIZER),
     "train.text_encoder_lr": ("Text encoder learning rate", OPTIMIZER),
+    "train.text_encoder_2_lr": ("Second text encoder learning rate (SDXL)", OPTIMIZER),
     "train.seed": ("Seed", OPTIMIZER),
     "train.min_snr_gamma": ("Min-SNR gamma", OPTIMIZER),
     "train.noise_offset": ("Noise offset", OPTIMIZER),
@@ -95,6 +98,7 @@ FIELDS: dict[str, tuple[str, str]] = {
     "train.resume": ("Resume from", SAVING),
     "train.log_every": ("Log metrics every N steps", SAVING),
     # Base model
+    "model.kind": ("Model family", MODEL),
     "model.prediction_type": ("Prediction type", MODEL),
     "model.config": ("Component configs folder (single-file models)", MODEL),
 }

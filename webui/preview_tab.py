@@ -51,14 +51,17 @@ def build(ctx: Context) -> dict[str, Any]:
     # parameters after them.
     @user_errors
     def preview(model: str, adapter: str | None, upload: str | None, prompt: str, negative: str,
-                seed: float, steps: float, strength: float):
+                seed: float, steps: float, strength: float, in_strength: float = 1.0, mid_strength: float = 1.0,
+                out_strength: float = 1.0):
         """(base image, LoRA image) at one seed; the previewer caches the base image, so moving the
-        strength only renders the LoRA side."""
+        strength only renders the LoRA side. The IN/MID/OUT strengths multiply the strength per UNet
+        block group (A1111's LoRA block weight)."""
         settings = settings_from_widgets(SETTINGS, [negative, seed, steps])
         path = adapter_path(adapter, upload)
+        blocks = {"IN": float(in_strength), "MID": float(mid_strength), "OUT": float(out_strength)}
         with ctx.preview_lock:
             previewer, name = attached(model, path)
-            return previewer.compare(prompt, settings, adapter=name, scale=float(strength))
+            return previewer.compare(prompt, settings, adapter=name, scale=float(strength), blocks=blocks)
 
     @user_errors
     def sweep(model: str, adapter: str | None, upload: str | None, prompt: str, negative: str,
@@ -113,6 +116,12 @@ def build(ctx: Context) -> dict[str, Any]:
             strength = gr.Slider(-1, 2, value=1, step=0.05, label="Strength", elem_id="strength",
                                  info="0 is the base model; regenerates when you let go, or type a value and press "
                                  "Enter")
+        with gr.Accordion("Per-block strength (IN / MID / OUT)", open=False):
+            with gr.Row():
+                groups = [gr.Slider(-1, 2, value=1, step=0.05, label=f"{group} blocks",
+                                    info=f"times the strength for the UNet's {where}",
+                                    elem_id=f"strength-{group.lower()}")
+                          for group, where in (("IN", "down blocks"), ("MID", "mid block"), ("OUT", "up blocks"))]
         generate_btn = gr.Button("Generate", variant="primary", elem_id="generate")
         with gr.Row():
             base_image = gr.Image(label="Base model", type="pil", elem_id="base-image", format="png", height=320)
@@ -125,8 +134,9 @@ def build(ctx: Context) -> dict[str, Any]:
 
     settings = [shown[name] for name in SETTINGS]
     inputs = [model, adapter, upload, prompt, *settings]
-    generate_btn.click(preview, [*inputs, strength], [base_image, lora_image], api_name="preview")
-    strength.release(preview, [*inputs, strength], [base_image, lora_image], api_name=False)
+    generate_btn.click(preview, [*inputs, strength, *groups], [base_image, lora_image], api_name="preview")
+    for slider in (strength, *groups):
+        slider.release(preview, [*inputs, strength, *groups], [base_image, lora_image], api_name=False)
     sweep_btn.click(sweep, [*inputs, scales], sweep_image, api_name="sweep")
     grid_btn.click(grid, [model, adapter, prompt, *settings, scales], sweep_image, api_name="grid")
     refresh_btn.click(refresh, adapter, adapter, api_name=False)

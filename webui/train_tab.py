@@ -20,6 +20,7 @@ import pandas as pd
 from stylelora import events
 from stylelora.config import Config
 from stylelora.jobs import QueuedRun, Snapshot
+from stylelora.models import KIND_NAMES, KIND_PRESETS, peek_model
 
 from .context import Context, user_errors
 from .form import ConfigForm
@@ -154,6 +155,21 @@ def build(ctx: Context) -> dict[str, Any]:
         return Config.load(ctx.presets / f"{Path(name).name}.toml")
 
     initial = preset_config(DEFAULT_PRESET) if DEFAULT_PRESET in ctx.preset_names() else Config()
+
+    def detect(model_name: str | None, resolution: float | None):
+        """The model's detected kind and native resolution under the form, and the offer of its preset."""
+        facts = peek_model(model_name) if model_name else None
+        if facts is None:
+            return "Model: its kind and resolution are known once it loads.", gr.update(visible=False)
+        text = f"Model: **{facts.describe()}**"
+        if resolution and int(resolution) < facts.native_resolution * 3 // 4:
+            text += f"; data.resolution {int(resolution)} is far below it"
+        preset = KIND_PRESETS.get(facts.kind)
+        if preset not in ctx.preset_names():
+            return text, gr.update(visible=False)
+        text += f". The {preset} preset is made for it"
+        return text, gr.update(visible=True, value=f"Use the {KIND_NAMES[facts.kind]} preset ({preset})")
+
     with gr.Tab("Train", id="train") as tab:
         with gr.Row(equal_height=True):
             preset = gr.Dropdown(ctx.preset_names(), value=DEFAULT_PRESET, label="Preset", scale=3)
@@ -162,6 +178,11 @@ def build(ctx: Context) -> dict[str, Any]:
             save_btn = gr.Button("Save as TOML", scale=1)
         toml_out = gr.File(label="Config", interactive=False, visible=False, elem_id="saved-config")
         form = ConfigForm(initial, ctx.dataset_choices())
+        shown_facts, offer = detect(initial.model.name, initial.data.resolution)
+        with gr.Row(equal_height=True):
+            model_facts = gr.Markdown(shown_facts, elem_id="model-facts")
+            kind_preset_btn = gr.Button(offer.get("value", "Use the preset for this model"), elem_id="kind-preset",
+                                        visible=offer.get("visible", False), scale=0)
         with gr.Row():
             start_btn = gr.Button("Start training", variant="primary", elem_id="start-training")
             queue_btn = gr.Button("Add to queue", elem_id="add-to-queue")
@@ -319,6 +340,17 @@ def build(ctx: Context) -> dict[str, Any]:
         return gr.update(choices=choices, value=current if current in choices else (choices[0] if choices else None))
 
     @user_errors
+    def use_kind_preset(model_name: str, data_path: str) -> list[Any]:
+        """The preset made for the chosen model's kind, keeping the chosen model and dataset."""
+        facts = peek_model(model_name)
+        if facts is None or facts.kind not in KIND_PRESETS:
+            raise gr.Error(f"no preset for {model_name}", print_exception=False)
+        config = preset_config(KIND_PRESETS[facts.kind]).with_overrides({"model.name": model_name})
+        values = shown(config)
+        values[form.names.index("data.path")] = data_path
+        return values
+
+    @user_errors
     def run_settings(run: str | None) -> list[Any]:
         return shown(Config.load(ws.continue_config(run or "").output_dir / "config.toml"), as_run=True)
 
@@ -351,6 +383,11 @@ def build(ctx: Context) -> dict[str, Any]:
                    concurrency_limit=None, show_progress_on=queue_item)
     cancel_btn.click(cancel, queue_item, [notice, queue_table, queue_item], api_name="queue_cancel",
                      concurrency_limit=None, show_progress_on=notice)
+    model_name, resolution = form.widgets["model.name"], form.widgets["data.resolution"]
+    model_name.change(detect, [model_name, resolution], [model_facts, kind_preset_btn], api_name="model_facts")
+    resolution.change(detect, [model_name, resolution], [model_facts, kind_preset_btn], api_name=False)
+    kind_preset_btn.click(use_kind_preset, [model_name, form.widgets["data.path"]], form.components,
+                          api_name="use_kind_preset", show_progress_on=notice)
     tab.select(runs, run_pick, run_pick, api_name=False)
     tab.select(lambda item: queue_outputs(item), queue_item, [queue_table, queue_item], api_name=False)
     return {"form": form, "outputs": outputs, "follow": follow_job, "train_toml": train_toml,
