@@ -36,7 +36,8 @@ def build(ctx: Context) -> dict[str, Any]:
         report = export_adapter(ws.inside(source, [ws.outputs]), fmt, ws.export_target(source, fmt, precision),
                                 precision=precision)
         verdict = "verified: reloaded and compared every tensor" if report.verified else "NOT verified"
-        text = f"**{verdict}**\n\n`{ws.display(report.path)}` — {report.num_tensors} tensors\n\n{report.summary}"
+        summary = report.summary.replace(str(report.path), ws.display(report.path))
+        text = f"**{verdict}**\n\n`{ws.display(report.path)}` — {report.num_tensors} tensors\n\n{summary}"
         return text, str(report.path)
 
     @user_errors
