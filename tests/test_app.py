@@ -255,3 +255,14 @@ def test_queue_runs_requests_and_runs_list_through_the_api(app) -> None:
     client.predict(api_name="/stop")
     ctx.job.join_all(120)
     assert Config.load(root / "outputs" / "long-2" / "config.toml").train.steps == 400
+
+
+def test_the_server_log_has_no_progress_bars(app, capfd) -> None:
+    client, ctx, root = app
+    with_samples = TINY_RUN.replace("steps = 5", "steps = 2").replace("datasets/mine", "datasets/example")
+    final = client.predict(with_samples + '\n[sample]\nprompts = ["a cup"]\nevery = 1\nsteps = 3\n',
+                           api_name="/train_toml")
+    assert final["status"] == "finished" and len(list(Path(final["output_dir"]).glob("samples/*.png"))) == 2
+    out, err = capfd.readouterr()
+    assert "it/s]" not in out + err and "s/it]" not in out + err  # no diffusers bar per sample
+    assert "torchvision" not in out + err
