@@ -79,26 +79,34 @@ def wait_for_run(page, run: int, status: str = "finished", timeout: int = 240_00
     return page.locator("#train-progress").inner_text()
 
 
+def open_advanced(page) -> None:
+    """Open Advanced and every group in it: every field, the optional ones too, is on the page."""
+    page.locator("#advanced").get_by_text("Advanced").first.click()
+    page.wait_for_timeout(500)
+    closed = page.locator("#advanced button.label-wrap:not(.open)")
+    for _ in range(20):
+        if not closed.count():
+            break
+        closed.first.click()
+        page.wait_for_timeout(200)
+    page.locator("#cfg-train-text-encoder-lr").locator("input, textarea").first.wait_for(timeout=QUICK)
+
+
 def test_advanced_then_start_trains_to_the_end(app, browser) -> None:
     url, ctx, root = app
     page, errors = open_page(browser, url, "Train")
-    page.locator("#advanced").get_by_text("Advanced").first.click()
-    page.get_by_text("Optimizer & schedule").click()  # every optional field is on the page now
-    page.locator("#cfg-train-text-encoder-lr").locator("input, textarea").first.wait_for()
+    open_advanced(page)
     set_number(page, "cfg-train-steps", 2)
-    page.get_by_text("Samples & validation").click()
-    set_number(page, "cfg-sample-every", 0)
-    page.get_by_role("button", name="Save as TOML").click()
-    saved = root / "outputs" / "configs" / "example.toml"
-    page.locator("#saved-config td[aria-label='example.toml']").wait_for(timeout=QUICK)  # offered for download
-    assert toasts(page) == []
-    saved = Config.load(saved)
-    assert saved.train.text_encoder_lr is None and saved.train.steps == 2  # "not set" stayed not set
     before = ctx.job.snapshot().run_id
     page.locator("#start-training").click()
-    text = wait_for_run(page, before + 1)
+    text = wait_for_run(page, before + 1)  # no "must be > 0, got 0" for the unset text-encoder learning rate
     assert "step 2/2" in text
     assert "Error" not in page.locator("#train-status").inner_text()
+    page.get_by_role("button", name="Save as TOML").click()  # Save as TOML too
+    page.locator("#saved-config td[aria-label='example.toml']").wait_for(timeout=QUICK)  # offered for download
+    assert toasts(page) == []
+    saved = Config.load(root / "outputs" / "configs" / "example.toml")
+    assert saved.train.text_encoder_lr is None and saved.train.steps == 2  # "not set" stayed not set
     assert errors == []
 
 
@@ -125,7 +133,7 @@ def test_the_same_selection_added_twice_leaves_every_image_captioned(app, browse
     result = page.locator("#upload-result textarea")
     page.wait_for_function("() => document.querySelector('#upload-result textarea').value.startsWith('added')",
                            timeout=QUICK)
-    assert result.input_value().startswith("added 6 file(s): 3 image(s), 3 caption(s)")
+    assert result.input_value().startswith("added 6 file(s)")
     page.locator("#upload").click()  # the second click, with whatever the picker still holds
     page.wait_for_timeout(1500)
     page.locator("#upload-files input[type=file]").set_input_files(selection)  # the same selection again
@@ -264,9 +272,6 @@ def test_a_queued_second_run_starts_when_the_first_ends_and_the_queue_survives_a
                            timeout=QUICK)
     first = int(page.locator("#train-progress").get_attribute("data-run"))
     set_number(page, "cfg-train-steps", 2)
-    page.locator("#advanced").get_by_text("Advanced").first.click()
-    page.get_by_text("Samples & validation").click()
-    set_number(page, "cfg-sample-every", 0)
     page.locator("#add-to-queue").click()
     page.get_by_text("added run #").first.wait_for(timeout=QUICK)
 
