@@ -87,19 +87,20 @@ class Workspace:
         resolve_output_dir(prepared)  # the trainer's own checks of the run folder, with its messages
         return prepared
 
+    def settings_of(self, run: str | Path) -> Config:
+        """The config ``run`` (a run folder under outputs/) was trained with: its config.toml."""
+        return Config.load(self._run(run).path / "config.toml")
+
     def continue_config(self, run: str | Path) -> Config:
-        """The config that continues ``run`` (a run folder under outputs/) from its newest checkpoint, with
-        the settings it was started with."""
+        """The config that continues ``run`` from its newest checkpoint, with the settings it was started with."""
         info = self._run(run)
-        config = Config.load(info.path / "config.toml")
-        return config.with_overrides({"train.output_dir": str(info.path), "train.resume": "auto"})
+        return self.settings_of(run).with_overrides({"train.output_dir": str(info.path), "train.resume": "auto"})
 
     def again_config(self, run: str | Path) -> Config:
         """The config that trains ``run`` again from the start, with its settings, into a new run folder
         (``<run>-2``, ``-3``...)."""
-        info = self._run(run)
-        config = Config.load(info.path / "config.toml")
-        return config.with_overrides({"train.output_dir": str(next_free_run_dir(info.path)), "train.resume": ""})
+        out = next_free_run_dir(self._run(run).path)
+        return self.settings_of(run).with_overrides({"train.output_dir": str(out), "train.resume": ""})
 
     def _run(self, run: str | Path) -> RunInfo:
         if not str(run).strip():

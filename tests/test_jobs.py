@@ -289,3 +289,23 @@ def test_sample_and_checkpoint_now_during_a_real_run(tmp_path: Path) -> None:
     assert [(s.step, s.prompts) for s in samples] == [(1, ["a picture number 0, flat style"])]  # no sample.prompts
     assert samples[0].paths[0].is_file()
     assert [c.name for c in list_checkpoints(tmp_path / "run")] == ["step-000001", "step-000003"]
+
+
+def test_continue_and_train_again_configs_of_a_run(tmp_path: Path) -> None:
+    ws = Workspace(tmp_path)
+    make_dataset(ws.datasets / "cats", n=1)
+    run = ws.outputs / "cats"
+    ws.run_config(Config().with_overrides({"data.path": "cats", "train.steps": 7})).save(run / "config.toml")
+    assert ws.settings_of("outputs/cats").train.steps == 7
+    again = ws.continue_config("outputs/cats")
+    assert (again.train.output_dir, again.train.resume, again.train.steps) == (str(run), "auto", 7)
+    assert ws.run_config(again).train.output_dir == str(run)  # continuing its own folder is allowed
+    fresh = ws.again_config(run)
+    assert (fresh.train.output_dir, fresh.train.resume, fresh.train.steps) == (str(ws.outputs / "cats-2"), "", 7)
+    # its own config started as is is refused up front, naming the way out
+    with pytest.raises(ConfigError, match=r"train.output_dir: '.*cats' already holds a run; continue it with "
+                                          r"`train.resume=auto` on the run's config"):
+        ws.run_config(ws.settings_of(run))
+    for bad in ["", "outputs", "datasets/cats", "/etc"]:
+        with pytest.raises(ConfigError):
+            ws.continue_config(bad)

@@ -231,7 +231,7 @@ def build(ctx: Context) -> dict[str, Any]:
 
     @user_errors
     def run_settings(run: str | None) -> list[Any]:
-        return shown(Config.load(ws.continue_config(run or "").output_dir / "config.toml"), as_run=True)
+        return shown(ws.settings_of(run or ""), as_run=True)
 
     # --- wiring --------------------------------------------------------------------------------------
     outputs = [progress, plot, samples, log, queue_table, run_pick]
