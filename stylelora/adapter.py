@@ -102,6 +102,29 @@ class Adapter:
         except ConfigError as e:
             raise FormatError(f"the embedded training config cannot be read ({e}); pass the base model") from None
 
+    def with_alpha_baked(self) -> Adapter:
+        """The same deltas for loaders that read no alpha: alpha/rank folded into each lora_B, and every
+        module of a part padded with zero rows/columns to the part's largest rank, so one rank and
+        alpha = rank hold for the whole part (a loader without the header takes alpha = some module's
+        rank for every module: scale 1 everywhere only when all ranks agree). DoRA magnitudes stay:
+        W + scale·B·A is unchanged."""
+        state: dict[str, dict[str, torch.Tensor]] = {}
+        alphas: dict[str, dict[str, float]] = {}
+        for part, sd in self.state.items():
+            state[part] = dict(sd)
+            alphas[part] = {}
+            top = max(self.rank_of(part, p) for p in self.modules(part))
+            for path in self.modules(part):
+                rank = self.rank_of(part, path)
+                down, up = sd[f"{path}.lora_A.weight"].float(), sd[f"{path}.lora_B.weight"]
+                up = (up.double() * (self.alpha_of(part, path) / rank)).float()
+                if rank < top:  # zero directions add nothing to up @ down
+                    down = torch.cat([down, down.new_zeros((top - rank, *down.shape[1:]))])
+                    up = torch.cat([up, up.new_zeros((up.shape[0], top - rank, *up.shape[2:]))], dim=1)
+                state[part][f"{path}.lora_A.weight"], state[part][f"{path}.lora_B.weight"] = down, up
+                alphas[part][path] = float(top)
+        return Adapter.from_module_alphas(state, alphas, self.metadata)
+
     def num_modules(self) -> dict[str, int]:
         return {part: len(self.modules(part)) for part in self.state}
 

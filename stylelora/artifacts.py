@@ -45,7 +45,8 @@ def export_adapter(
         log.warning("DoRA adapter: writing the diffusers format only (no kohya file; see stylelora export)")
     else:
         paths.append(save_kohya(out / f"{config.run_name}.safetensors", adapter, layout, config.export.precision))
-    paths.append(save_diffusers(out / "diffusers", adapter, layout, config.export.precision))
+    paths.append(save_diffusers(out / "diffusers", adapter, layout, config.export.precision,
+                                bake_alpha=config.export.bake_alpha))
     return paths
 
 

@@ -257,7 +257,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from .convert import export
 
-    report = export(args.source, args.format, args.out, precision=args.precision, base_model=args.model)
+    report = export(args.source, args.format, args.out, precision=args.precision, base_model=args.model,
+                    bake_alpha=args.bake_alpha)
     print(report.summary)
     return 0
 
@@ -308,6 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, help="kohya: FILE.safetensors; diffusers: a folder")
     e.add_argument("--precision", choices=["fp16", "fp32", "bf16"], default="fp16", help="saved precision")
     e.add_argument("--model", help="the base model, when the file does not name it (files from other trainers)")
+    e.add_argument("--bake-alpha", action="store_true",
+                   help="diffusers: fold alpha/rank into the weights (alpha = rank), for diffusers before 0.34")
     e.set_defaults(func=cmd_export)
 
     m = sub.add_parser("merge", help="bake an adapter into its base model: a diffusers folder, or one checkpoint file")

@@ -122,7 +122,8 @@ class LoraConfig:
         TEXT_ENCODER_TARGETS, "Text-encoder module names that get LoRA."
     )
     conv_rank: int = option(
-        0, "LoCon: rank of LoRA on the 3x3 convs of the UNet's ResNet blocks; 0 leaves them alone.", ge=0, le=1024
+        0, "LoCon, as kohya's conv_dim: rank of LoRA on the UNet's 3x3 convs (ResNet conv1/conv2, down/upsamplers); "
+        "it also adapts the ResNets' conv_shortcut and time_emb_proj at lora.rank. 0 leaves them alone.", ge=0, le=1024
     )
     conv_alpha: float = option(
         1.0, "LoCon: alpha of the conv LoRA (its update is scaled by conv_alpha/conv_rank).", gt=0
@@ -239,6 +240,9 @@ class SampleConfig:
 class ExportConfig:
     name: str = option("", "Adapter file name; empty means the run folder's name.")
     precision: Literal["fp16", "fp32", "bf16"] = option("fp16", "Precision of saved adapters.")
+    bake_alpha: bool = option(
+        False, "diffusers file: fold alpha/rank into each lora_B and store alpha = rank, so loaders that read no "
+        "alpha (diffusers before 0.34) apply the right strength; the kohya file keeps its alphas.")
 
 
 @dataclass

@@ -1,11 +1,16 @@
 """``export``: turn a run folder or an adapter file (ours or another trainer's) into a verified kohya
-or diffusers file. Finding the adapter and its base model is shared with merge and resize."""
+or diffusers file. Finding the adapter and its base model is shared with merge and resize. A run
+folder's weights come from its newest checkpoint in fp32 (``checkpoint_weights``), so ``--precision
+fp32`` is the trained weights themselves, not the run's fp16 file widened."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
+from . import checkpoint as ckpt
 from .adapter import Adapter, ModelLayout
 from .config import Config
 from .errors import FormatError, continue_run, setting
@@ -18,7 +23,7 @@ from .formats import (
     save_diffusers,
     save_kohya,
 )
-from .models import BaseModel, load_base_model
+from .models import BaseModel, load_skeleton
 
 FORMATS = ("kohya", "diffusers")
 
@@ -43,6 +48,7 @@ class Source:
     layout: ModelLayout
     precision: str
     name: str
+    weights_from: str = ""  # where the weights came from when not from ``path`` (a run's checkpoint)
 
 
 def find_adapter_file(source: str | Path) -> tuple[Path, Config | None, str]:
@@ -85,11 +91,11 @@ def open_adapter(source: str | Path, base_model: str | BaseModel | None = None) 
             config = run_config or Adapter({}, {}, metadata).config
         except FormatError as e:
             raise FormatError(f"{path}: {e}") from None
-        if base_model:
-            model = load_base_model(base_model, config.model.config if config else "")
+        if base_model:  # names and shapes are all a conversion needs: no weights are read
+            model = load_skeleton(base_model, config.model.config if config else "")
         elif config is not None:  # the run's model as it trained: its kind and prediction type as set then
             m = config.model
-            model = load_base_model(m.name, m.config, m.prediction_type, m.kind)
+            model = load_skeleton(m.name, m.config, m.prediction_type, m.kind)
         else:
             raise FormatError(
                 f"{path}: the file does not say which base model it was trained on (no stylelora.config in "
@@ -98,14 +104,43 @@ def open_adapter(source: str | Path, base_model: str | BaseModel | None = None) 
                 ".safetensors checkpoint)"
             )
     layout = ModelLayout.of(model)
-    adapter = adapter_from_tensors(tensors, metadata, layout, str(path))
-    dtype = next(v.dtype for k, v in tensors.items() if "lora_A" in k or "lora_down" in k or "lora.down" in k)
+    # the file's own precision: converting casts each tensor once, on writing (an SDXL adapter is not doubled)
+    adapter = adapter_from_tensors(tensors, metadata, layout, str(path), upcast=False)
+    dtype = next(v.dtype for v in tensors.values() if v.dim() >= 2)  # of the weights, not the alphas
     precision = {v: k for k, v in DTYPES.items()}.get(dtype, "fp32")
-    return Source(path, fmt, adapter, model, layout, precision, name)
+    weights_from = ""
+    if run_config is not None:  # a run folder: its checkpoint holds the same weights in fp32
+        adapter, weights_from = checkpoint_weights(Path(source).expanduser(), adapter, layout)
+    return Source(path, fmt, adapter, model, layout, precision, name, weights_from)
+
+
+def checkpoint_weights(run_dir: Path, adapter: Adapter, layout: ModelLayout) -> tuple[Adapter, str]:
+    """The run's adapter with the fp32 weights of its newest checkpoint (the EMA average when the run
+    kept one, as its adapter files were written from it) and the alphas stored there, when that
+    checkpoint is the adapter's step and holds the same modules; else ``adapter`` as read from its file.
+    Returns the adapter and a note of where its weights came from."""
+    folder = ckpt.newest_complete(run_dir)
+    if folder is None:
+        return adapter, ""
+    state = ckpt.load_checkpoint(folder)
+    if str(state.step) != adapter.metadata.get("ss_steps"):
+        return adapter, (f"from the adapter file: the newest checkpoint ({folder.name}) is not the adapter's "
+                         f"step {adapter.metadata.get('ss_steps', '?')}")
+    weights = state.ema if state.ema is not None else state.lora
+    tensors = {f"{part}.{key}": value for part, sd in weights.items() for key, value in sd.items()}
+    tensors.update({f"{part}.{path}.alpha": torch.tensor(alpha, dtype=torch.float64)
+                    for part, per_module in (state.alphas or {}).items() for path, alpha in per_module.items()})
+    stored = adapter_from_tensors(tensors, {}, layout, str(folder))  # names mapped as any diffusers-layout file
+    if {p: stored.modules(p) for p in stored.state} != {p: adapter.modules(p) for p in adapter.state}:
+        return adapter, f"from the adapter file: {folder.name} holds other modules than the adapter"
+    alphas = {part: {path: (stored if state.alphas else adapter).alpha_of(part, path) for path in adapter.modules(part)}
+              for part in adapter.state}  # checkpoints from before alphas were stored: the file's alphas
+    kind = "EMA average" if state.ema is not None else "weights"
+    return Adapter.from_module_alphas(stored.state, alphas, adapter.metadata), f"from {folder.name}'s fp32 {kind}"
 
 
 def write_adapter(adapter: Adapter, fmt: str, out: str | Path, layout: ModelLayout, precision: str,
-                  name: str) -> tuple[Path, int]:
+                  name: str, bake_alpha: bool = False) -> tuple[Path, int]:
     """Save ``adapter`` as ``fmt`` at ``out`` (verified); returns the file and its number of tensors."""
     if fmt not in FORMATS:
         raise FormatError(f"format '{fmt}': choose one of {', '.join(FORMATS)}")
@@ -119,7 +154,7 @@ def write_adapter(adapter: Adapter, fmt: str, out: str | Path, layout: ModelLayo
             raise FormatError(f"--out {out}: a kohya adapter is one file; give a name ending in .safetensors")
         path = save_kohya(target, adapter, layout, precision)
     else:
-        path = save_diffusers(target, adapter, layout, precision)
+        path = save_diffusers(target, adapter, layout, precision, bake_alpha=bake_alpha)
     tensors, _ = read_safetensors(path)
     return path, len(tensors)
 
@@ -134,14 +169,17 @@ def describe(adapter: Adapter) -> str:
 
 
 def export(source: str | Path, fmt: str, out: str | Path, precision: str = "fp16",
-           base_model: str | BaseModel | None = None) -> ExportReport:
+           base_model: str | BaseModel | None = None, bake_alpha: bool = False) -> ExportReport:
+    """Convert a run folder or adapter file to ``fmt`` ("kohya" or "diffusers") at ``out``, verified.
+    ``bake_alpha`` (diffusers only) folds alpha/rank into the weights for loaders that read no alpha."""
     if fmt not in FORMATS:
         raise FormatError(f"format '{fmt}': choose one of {', '.join(FORMATS)}")
     src = open_adapter(source, base_model)
-    path, count = write_adapter(src.adapter, fmt, out, src.layout, precision, src.name)
+    path, count = write_adapter(src.adapter, fmt, out, src.layout, precision, src.name, bake_alpha)
+    origin = f" ({src.weights_from})" if src.weights_from else ""
     summary = (
-        f"{fmt} adapter {path}: {count} tensors, {describe(src.adapter)}, {precision}; verified: re-read, every "
-        f"tensor equal, every key names a module of {src.model.name}"
+        f"{fmt} adapter {path}: {count} tensors, {describe(src.adapter)}, {precision}{origin}; verified: re-read, "
+        f"every tensor equal, every key names a module of {src.model.name}"
     )
     return ExportReport(path, fmt, count, True, summary)
 

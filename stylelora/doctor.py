@@ -131,11 +131,14 @@ def check_dataset(
     trigger_word: str = "",
     model: str | None = None,
     tokenizer: Any = None,
+    token_limit: int | None = None,
 ) -> DatasetReport:
     """Check every file of ``folder`` for training at ``resolution``; the folder is only read.
 
     Caption lengths are counted with ``tokenizer``, else the tokenizer of ``model`` (a model name),
-    else the CLIP tokenizer from the local Hugging Face cache, else estimated (and the report says so).
+    else the CLIP tokenizer from the local Hugging Face cache, else estimated (and the report says so),
+    against ``token_limit``: the text encoder's positions (``BaseModel.token_limit``; CLIP's 77 when
+    not given), never the tokenizer's own ``model_max_length``, which may say 8192.
     """
     root = Path(folder)
     report = DatasetReport(root, resolution, batch_size)
@@ -181,7 +184,8 @@ def check_dataset(
             level = "warning" if "not UTF-8" in note else "info"
             add(Finding(check.path, note, "caption used as decoded", True, level))
         if caption:
-            _check_length(check.path, with_trigger(caption, trigger_word), counter, report)
+            _check_length(check.path, with_trigger(caption, trigger_word), counter, report,
+                          token_limit or TEXT_ENCODER_TOKENS)
         report.usable.append(check.path)
     report.token_counter = counter.description if counter.used else ""
 
@@ -360,14 +364,14 @@ class _TokenCounter:
         return 2 + sum(n for _, n in pieces), cut, False
 
 
-def _check_length(image: Path, caption: str, counter: _TokenCounter, report: DatasetReport) -> None:
-    tokens, cut, exact = counter.split(caption, TEXT_ENCODER_TOKENS)
-    if tokens <= TEXT_ENCODER_TOKENS:
+def _check_length(image: Path, caption: str, counter: _TokenCounter, report: DatasetReport, limit: int) -> None:
+    tokens, cut, exact = counter.split(caption, limit)
+    if tokens <= limit:
         return
     count = f"{tokens} tokens" if exact else f"about {tokens} tokens (estimated)"
     shown = cut if len(cut) <= 80 else f"{cut[:50]} ... {cut[-25:]}"
     report.findings.append(Finding(
-        image, f"caption is {count}; the text encoder reads {TEXT_ENCODER_TOKENS} (start and end included)",
+        image, f"caption is {count}; the text encoder reads {limit} (start and end included)",
         f"used; the end is cut off: \"{shown}\"", True, "warning"))
 
 
@@ -389,14 +393,16 @@ def _dataset_level(report: DatasetReport, repeats: int) -> None:
 
 
 def training_items(
-    data: DataConfig, batch_size: int, *, model: str | None = None, tokenizer: Any = None
+    data: DataConfig, batch_size: int, *, model: str | None = None, tokenizer: Any = None,
+    token_limit: int | None = None,
 ) -> tuple[list[Item], DatasetReport]:
     """The captioned images a run trains on: the dataset's usable images, and the report behind them.
 
     Raises :class:`DataError` with the reasons when training cannot proceed.
     """
     report = check_dataset(data.path, data.resolution, batch_size, caption_extension=data.caption_extension,
-                           repeats=data.repeats, trigger_word=data.trigger_word, model=model, tokenizer=tokenizer)
+                           repeats=data.repeats, trigger_word=data.trigger_word, model=model, tokenizer=tokenizer,
+                           token_limit=token_limit)
     if not report.can_train:
         errors = [f"  {report._name(f.path)}: {f.problem}" for f in report.findings
                   if f.level == "error" and f.path != report.folder]

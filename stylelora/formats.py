@@ -10,6 +10,7 @@ merging and resizing in ``stylelora.merge``; the metadata written here comes fro
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,7 +21,7 @@ from safetensors.torch import load_file, save
 from . import fileio
 from .adapter import Adapter, ModelLayout, module_paths
 from .errors import FormatError, setting
-from .kohya_names import KOHYA_PREFIXES
+from .kohya_names import KOHYA_PREFIXES, conventional_text_path
 from .metadata import adapter_facts, model_hashes
 from .models import PICKLE_SUFFIXES
 
@@ -33,7 +34,12 @@ PARTS = ("unet", "text_encoder", "text_encoder_2")
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}
 # header keys that belong to the diffusers file only (diffusers refuses kohya files that carry them)
-DIFFUSERS_ONLY_METADATA = ("format", "lora_adapter_metadata")
+DIFFUSERS_ONLY_METADATA = ("format", "lora_adapter_metadata", "stylelora.alpha")
+# how a diffusers file carries alpha (header key stylelora.alpha)
+ALPHA_METADATA_KEY = "stylelora.alpha"
+ALPHA_IN_METADATA = "lora_adapter_metadata (alpha and alpha_pattern per module; diffusers >= 0.34 reads it)"
+ALPHA_BAKED = ("baked: every lora_B holds alpha/rank, ranks padded with zeros to one per part, alpha = rank "
+               "(right strength in every diffusers version)")
 DORA_KOHYA_REFUSAL = (
     "DoRA adapters are not exported to kohya format: AUTOMATIC1111 normalises a kohya dora_scale per input "
     "channel where peft (and stylelora) normalise per output channel, and diffusers drops dora_scale keys, "
@@ -60,19 +66,38 @@ def to_kohya(adapter: Adapter, layout: ModelLayout, precision: str = "fp16") -> 
 
 
 def to_diffusers(adapter: Adapter, precision: str = "fp16") -> dict[str, torch.Tensor]:
+    """``unet.<path>.lora_A.weight`` ...; text encoders under the conventional ``text_model.`` path
+    whatever the installed transformers calls its modules, as every diffusers version loads it."""
     dtype = DTYPES[precision]
     out = {}
     for part, sd in adapter.state.items():
         for key, value in sd.items():
-            if part.startswith("text_encoder") and key.endswith(".lora_magnitude_vector"):
-                key += ".weight"  # transformers' load_adapter wants DoRA magnitudes as ...magnitude_vector.weight
+            if part.startswith("text_encoder"):
+                module, _, suffix = key.rpartition(".lora_")
+                key = f"{conventional_text_path(module)}.lora_{suffix}"
+                if key.endswith(".lora_magnitude_vector"):
+                    key += ".weight"  # transformers' load_adapter wants DoRA magnitudes as ...magnitude_vector.weight
             out[f"{part}.{key}"] = value.to(dtype).contiguous()
     return out
 
 
+def short_text_path(path: str) -> str:
+    """A text-encoder module path without ``text_model.``: as a peft target or pattern it matches the
+    module under transformers 4 (``text_model.encoder...``, by suffix) and 5 (``encoder...``) alike."""
+    return path.removeprefix("text_model.")
+
+
 def peft_metadata(adapter: Adapter) -> dict[str, object]:
     """diffusers' ``lora_adapter_metadata``: the LoraConfig per part, so it scales every module right."""
-    return {f"{part}.{k}": v for part in adapter.state for k, v in adapter.peft_fields(part).items()}
+    meta: dict[str, object] = {}
+    for part in adapter.state:
+        fields = adapter.peft_fields(part)
+        if part.startswith("text_encoder"):  # module names that match under transformers 4 and 5 alike
+            fields["target_modules"] = [short_text_path(p) for p in fields["target_modules"]]
+            for pattern in ("rank_pattern", "alpha_pattern"):
+                fields[pattern] = {short_text_path(p): v for p, v in fields[pattern].items()}
+        meta.update({f"{part}.{k}": v for k, v in fields.items()})
+    return meta
 
 
 def kohya_file_metadata(adapter: Adapter, layout: ModelLayout, tensors: dict[str, torch.Tensor]) -> dict[str, str]:
@@ -93,17 +118,27 @@ def save_kohya(path: str | Path, adapter: Adapter, layout: BaseModel | ModelLayo
 
 
 def save_diffusers(
-    folder: str | Path, adapter: Adapter, layout: BaseModel | ModelLayout | None = None, precision: str = "fp16"
+    folder: str | Path, adapter: Adapter, layout: BaseModel | ModelLayout | None = None, precision: str = "fp16",
+    bake_alpha: bool = False,
 ) -> Path:
     """Write ``folder/pytorch_lora_weights.safetensors`` (or the ``.safetensors`` path given) for
-    ``pipe.load_lora_weights``; verified against ``layout`` when one is given."""
+    ``pipe.load_lora_weights``; verified against ``layout`` when one is given.
+
+    Alphas travel in ``lora_adapter_metadata``, which diffusers reads from 0.34 on; ``bake_alpha``
+    multiplies each lora_B by alpha/rank, pads each part's modules to one rank, and stores
+    alpha = rank instead (``Adapter.with_alpha_baked``), so loaders that ignore that header (diffusers
+    before 0.34, peft-only tools) apply the same strength.
+    ``stylelora.alpha`` in the header says which was done."""
     target = Path(folder)
     if target.suffix.lower() != ".safetensors":
         target = target / DIFFUSERS_WEIGHT_NAME
+    if bake_alpha:
+        adapter = adapter.with_alpha_baked()
     tensors = to_diffusers(adapter, precision)
     metadata = {k: v for k, v in adapter.metadata.items() if k not in DIFFUSERS_ONLY_METADATA}
     metadata["format"] = "pt"
     metadata["lora_adapter_metadata"] = json.dumps(peft_metadata(adapter), sort_keys=True)
+    metadata[ALPHA_METADATA_KEY] = ALPHA_BAKED if bake_alpha else ALPHA_IN_METADATA
     checked = None if layout is None else ModelLayout.of(layout)
     _write_verified(target, save(tensors, metadata=metadata), tensors, checked)
     return target
@@ -116,6 +151,7 @@ def _write_verified(
     fails the check is removed and an older file at ``path`` stays as it was."""
     with fileio.atomic_path(path) as tmp:
         tmp.write_bytes(blob)
+        del blob  # the only reference: verifying re-reads the file, so the bytes need not stay in memory
         if layout is not None:
             verify_file(tmp, expected, layout, shown_as=path)
 
@@ -134,7 +170,7 @@ def verify_file(path: str | Path, expected: dict[str, torch.Tensor], layout: Mod
         raise FormatError(f"{path}: verification failed: {len(wrong)} tensors differ from those written: {wrong[:5]}")
     if is_kohya(tensors) and "lora_adapter_metadata" in metadata:
         raise FormatError(f"{path}: verification failed: a kohya file must not carry lora_adapter_metadata")
-    return adapter_from_tensors(tensors, metadata, layout, str(path))
+    return adapter_from_tensors(tensors, metadata, layout, str(path), upcast=False)
 
 
 # --- reading ------------------------------------------------------------------------------------
@@ -165,7 +201,7 @@ def is_kohya(tensors: dict[str, torch.Tensor]) -> bool:
 def file_format(tensors: dict[str, torch.Tensor]) -> str | None:
     if is_kohya(tensors):
         return "kohya"
-    if any(k.split(".", 1)[0] in PARTS and ".lora" in k for k in tensors):
+    if any(_diffusers_key(k) is not None and not k.endswith(".alpha") for k in tensors):
         return "diffusers"
     return None
 
@@ -178,8 +214,11 @@ def load_adapter(path: str | Path, model: BaseModel | ModelLayout) -> Adapter:
 
 
 def adapter_from_tensors(
-    tensors: dict[str, torch.Tensor], metadata: dict[str, str], layout: ModelLayout, source: str = "adapter"
+    tensors: dict[str, torch.Tensor], metadata: dict[str, str], layout: ModelLayout, source: str = "adapter",
+    upcast: bool = True,
 ) -> Adapter:
+    """Map a file's tensors onto ``layout`` strictly (see ``load_adapter``); the weights come out fp32
+    unless ``upcast`` is False (a check that needs no copy of them)."""
     fmt = file_format(tensors)
     if fmt is None:
         raise FormatError(
@@ -194,6 +233,8 @@ def adapter_from_tensors(
             f"{setting('model.name')}."
         )
     _check_pairs_and_shapes(state, layout, source)
+    if upcast:
+        state = {part: {k: v.float() for k, v in sd.items()} for part, sd in state.items()}
     return Adapter.from_module_alphas(state, alphas, metadata)
 
 
@@ -209,9 +250,9 @@ def _from_kohya(tensors, metadata, layout):
             continue
         part, module = reverse[name]
         if suffix == "lora_down.weight":
-            state.setdefault(part, {})[f"{module}.lora_A.weight"] = value.float()
+            state.setdefault(part, {})[f"{module}.lora_A.weight"] = value
         elif suffix == "lora_up.weight":
-            state.setdefault(part, {})[f"{module}.lora_B.weight"] = value.float()
+            state.setdefault(part, {})[f"{module}.lora_B.weight"] = value
         elif suffix == "alpha":
             alphas.setdefault(part, {})[module] = float(value)
         elif suffix == "dora_scale":
@@ -221,32 +262,96 @@ def _from_kohya(tensors, metadata, layout):
     return state, alphas, unknown
 
 
+# The LoRA weight layouts that diffusers' scripts and loaders have written, by key ending, and the
+# peft suffix each means: peft's lora_A/lora_B; ``.lora.down/.lora.up`` (the LoRACompatible layers of
+# diffusers <= 0.24, still what its SDXL scripts write for the UNet); ``.lora_linear_layer.down/up``
+# (the text encoders in those scripts); DoRA magnitudes; per-module alphas. Longest ending first.
+_DIFFUSERS_SUFFIXES = {
+    "lora_linear_layer.down.weight": "lora_A.weight",
+    "lora_linear_layer.up.weight": "lora_B.weight",
+    "lora_magnitude_vector.weight": "lora_magnitude_vector",
+    "lora_magnitude_vector": "lora_magnitude_vector",
+    "lora.down.weight": "lora_A.weight",
+    "lora.up.weight": "lora_B.weight",
+    "lora_A.weight": "lora_A.weight",
+    "lora_B.weight": "lora_B.weight",
+    "alpha": "alpha",
+}
+# diffusers' attention-processor files (0.14-0.20): ``attn1.processor.to_q_lora.down.weight``, no prefix
+_ATTN_PROCESSOR = re.compile(r"^(.*)\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
+
+
+def _diffusers_key(key: str) -> tuple[str | None, str, str] | None:
+    """(part or None when the key has no unet./text_encoder. prefix, module path, peft suffix)."""
+    if match := _ATTN_PROCESSOR.match(key):
+        owner, proj, side = match.groups()
+        module = f"{owner}.{'to_out.0' if proj == 'to_out' else proj}"
+        suffix = "lora_A.weight" if side == "down" else "lora_B.weight"
+    else:
+        ending = next((e for e in _DIFFUSERS_SUFFIXES if key.endswith("." + e)), None)
+        if ending is None:
+            return None
+        module, suffix = key[: -len(ending) - 1], _DIFFUSERS_SUFFIXES[ending]
+    first, _, rest = module.partition(".")
+    return (first, rest, suffix) if first in PARTS else (None, module, suffix)
+
+
+def _text_path_forms(path: str) -> tuple[str, ...]:
+    """A text-encoder module path under both transformers layouts (with and without ``text_model.``)."""
+    short = short_text_path(path)
+    return (path, short, "text_model." + short)
+
+
+def _resolve_module(part: str | None, module: str, modules: dict[str, dict]) -> tuple[str, str] | None:
+    """The (part, module path) of ``layout`` that a file's module names; unprefixed keys belong to the
+    UNet when it has that module, else to the (first) text encoder."""
+    for candidate in [part] if part else [p for p in PARTS if p in modules]:
+        if candidate not in modules:
+            continue
+        forms = _text_path_forms(module) if candidate.startswith("text_encoder") else (module,)
+        found = next((m for m in forms if m in modules[candidate]), None)
+        if found is not None:
+            return candidate, found
+    return None
+
+
+def _pattern_value(pattern: dict[str, float], path: str, default: float) -> float:
+    """A module's value in a peft rank/alpha pattern: its own path in either text-encoder layout, else
+    the first key the path ends with (peft's rule), else ``default``."""
+    forms = _text_path_forms(path)
+    for form in forms:
+        if form in pattern:
+            return float(pattern[form])
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", forms[-1]):
+            return float(value)
+    return default
+
+
 def _from_diffusers(tensors, metadata, layout):
     modules = layout.shapes
     state: dict[str, dict[str, torch.Tensor]] = {}
     unknown = []
     network_alphas: dict[str, dict[str, float]] = {}
     for key, value in tensors.items():
-        part, _, rest = key.partition(".")
-        rest = rest.replace(".lora.down.", ".lora_A.").replace(".lora.up.", ".lora_B.")
-        rest = rest.replace(".lora_magnitude_vector.weight", ".lora_magnitude_vector")
-        module = rest.removesuffix(".alpha") if rest.endswith(".alpha") else rest.rsplit(".lora_", 1)[0]
-        if part in modules and module not in modules[part] and module.startswith("text_model."):
-            rest, module = rest.removeprefix("text_model."), module.removeprefix("text_model.")
-        if part not in modules or module not in modules[part]:
+        parsed = _diffusers_key(key)
+        found = _resolve_module(parsed[0], parsed[1], modules) if parsed else None
+        if found is None:
             unknown.append(key)
-        elif rest.endswith(".alpha"):
+            continue
+        part, module = found
+        if parsed[2] == "alpha":
             network_alphas.setdefault(part, {})[module] = float(value)
         else:
-            state.setdefault(part, {})[rest] = value.float()
+            state.setdefault(part, {})[f"{module}.{parsed[2]}"] = value
     peft_meta = json.loads(metadata.get("lora_adapter_metadata", "{}") or "{}")
     alphas: dict[str, dict[str, float]] = {}
     for part, sd in state.items():
         if f"{part}.lora_alpha" in peft_meta:
             pattern = peft_meta.get(f"{part}.alpha_pattern") or {}
             default = float(peft_meta[f"{part}.lora_alpha"])
-            alphas[part] = {p: float(pattern.get(p, default)) for p in module_paths(sd)}
-        else:  # no LoraConfig stored: diffusers' own convention is alpha = rank (scale 1)
+            alphas[part] = {p: _pattern_value(pattern, p, default) for p in module_paths(sd)}
+        else:  # no LoraConfig stored: per-module .alpha keys, else diffusers' convention alpha = rank
             alphas[part] = network_alphas.get(part, {})
     return state, alphas, unknown
 

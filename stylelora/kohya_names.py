@@ -36,8 +36,12 @@ def kohya_prefix(part: str, kind: str) -> str:
     raise FormatError(f"no kohya name for adapter part '{part}'")
 
 
-def _text_path(path: str) -> str:
-    # transformers 5 flattened CLIPTextModel (encoder.layers...); the exchange formats keep text_model.
+def conventional_text_path(path: str) -> str:
+    """A CLIP text-encoder module path as the exchange formats (kohya and diffusers files) spell it.
+
+    transformers 5 flattened CLIPTextModel (``encoder.layers...``); transformers 4, A1111, ComfyUI and
+    every shared file keep ``text_model.encoder.layers...``. ``text_projection`` sits outside text_model.
+    """
     if path.startswith("text_model.") or path == "text_projection":
         return path
     return "text_model." + path
@@ -107,7 +111,7 @@ class KohyaNames:
                 if part == "unet":
                     mapped = sgm_path(path, layers_per_block, up_attn) if kind == "sdxl" else path
                 else:
-                    mapped = _text_path(path)
+                    mapped = conventional_text_path(path)
                 if mapped is not None:
                     self.forward[(part, path)] = prefix + mapped.replace(".", "_")
         self.reverse: dict[str, tuple[str, str]] = {}

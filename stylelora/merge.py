@@ -15,7 +15,7 @@ from .adapter import Adapter, module_paths
 from .blocks import TEXT_PARTS, select
 from .convert import describe, open_adapter, write_adapter
 from .errors import ConfigError, FormatError
-from .formats import load_adapter, save_diffusers
+from .formats import DIFFUSERS_WEIGHT_NAME, load_adapter, save_diffusers
 from .metadata import adapter_facts
 from .models import BaseModel, load_base_model
 from .single_file import save_single_file
@@ -34,7 +34,8 @@ def merge(model: str | BaseModel, lora: str | Path, scale: float, out: str | Pat
     pipe = base.pipeline
     with tempfile.TemporaryDirectory(prefix="stylelora-merge-") as tmp:
         save_diffusers(tmp, adapter, precision="fp32")
-        pipe.load_lora_weights(tmp, adapter_name=MERGE_ADAPTER_NAME)
+        # the file named: diffusers 0.35 refuses a bare folder when HF_HUB_OFFLINE is set
+        pipe.load_lora_weights(tmp, weight_name=DIFFUSERS_WEIGHT_NAME, adapter_name=MERGE_ADAPTER_NAME)
     pipe.fuse_lora(lora_scale=scale, adapter_names=[MERGE_ADAPTER_NAME])
     pipe.unload_lora_weights()
     if Path(out).suffix.lower() == ".safetensors":

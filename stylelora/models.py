@@ -17,8 +17,14 @@ from .errors import ConfigError, ModelError, setting
 log = logging.getLogger(__name__)
 
 ADAPTER_NAME = "default"
-# The 3x3 convs of diffusers' ResnetBlock2D (no other UNet module is named conv1/conv2).
-LOCON_TARGETS = ["conv1", "conv2"]
+# LoCon covers what kohya's conv_dim covers (sd-scripts networks/lora.py): every Conv2d and Linear
+# inside the UNet's ResnetBlock2D, Downsample2D and Upsample2D. Its kxk convs (ResNet conv1/conv2, the
+# down/upsampler conv) take conv_rank/conv_alpha; the 1x1 conv_shortcut (ResNets that change width)
+# and time_emb_proj take the network's rank/alpha, as kohya gives 1x1 convs and Linears.
+# (No other UNet module ends in these names.)
+LOCON_KXK_TARGETS = ["conv1", "conv2", "downsamplers.0.conv", "upsamplers.0.conv"]
+LOCON_LINEAR_TARGETS = ["conv_shortcut", "time_emb_proj"]
+LOCON_TARGETS = LOCON_KXK_TARGETS + LOCON_LINEAR_TARGETS
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
 KINDS = ("sd1", "sd2", "sd2-v", "sdxl")  # SD1.x, SD2 512 (epsilon), SD2 768-v, SDXL
 KIND_NAMES = {"sd1": "SD1.x", "sd2": "SD2 512", "sd2-v": "SD2 768-v", "sdxl": "SDXL"}
@@ -55,6 +61,11 @@ class BaseModel:
         return self.pipeline.tokenizer
 
     @property
+    def token_limit(self) -> int:
+        """How many tokens (start and end included) a caption may have: the text encoder's positions."""
+        return token_limit(self.tokenizer, self.text_encoder)
+
+    @property
     def tokenizers(self) -> list[Any]:
         """One tokenizer per text encoder (SDXL's second pads differently)."""
         second = getattr(self.pipeline, "tokenizer_2", None) if self.text_encoder_2 is not None else None
@@ -79,6 +90,23 @@ class BaseModel:
         return self.unet.config.sample_size * self.pipeline.vae_scale_factor
 
 
+def token_limit(tokenizer: Any, text_encoder: Any) -> int:
+    """The longest token sequence ``text_encoder`` takes: its ``max_position_embeddings``, whatever the
+    tokenizer's ``model_max_length`` says (ComfyUI's SD1 tokenizer config says 8192; CLIP has 77)."""
+    positions = getattr(getattr(text_encoder, "config", None), "max_position_embeddings", None)
+    return min(int(tokenizer.model_max_length), int(positions)) if positions else int(tokenizer.model_max_length)
+
+
+def fit_tokenizers(pipeline: Any) -> None:
+    """Cut each tokenizer's ``model_max_length`` to its text encoder's positions, so every prompt and
+    caption (training batches, validation, diffusers' own prompt encoding in samples and previews) is
+    cut where the text encoder ends instead of crashing it."""
+    for tokenizer_name, encoder_name in (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")):
+        tokenizer, encoder = getattr(pipeline, tokenizer_name, None), getattr(pipeline, encoder_name, None)
+        if tokenizer is not None and encoder is not None:
+            tokenizer.model_max_length = token_limit(tokenizer, encoder)
+
+
 # --- built-in models ----------------------------------------------------------------------------
 
 
@@ -96,7 +124,19 @@ def _builtin_tokenizer(pad_token: str = "<|endoftext|>") -> Any:
         vocab[s] = len(vocab)
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77, pad_token=pad_token)
+    try:
+        return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77, pad_token=pad_token)
+    except TypeError:  # transformers 4: the tokenizer reads its vocabulary from files only
+        import json
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="stylelora-tokenizer-") as tmp:
+            files = {"vocab.json": json.dumps(vocab), "merges.txt": "#version: 0.2\n"}
+            for name, text in files.items():  # scratch files read once here, not project output (no fileio)
+                with open(Path(tmp) / name, "w", encoding="utf-8") as f:
+                    f.write(text)
+            return CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), model_max_length=77,
+                                 pad_token=pad_token)
 
 
 # Sizes of the SD1-shaped built-ins. tiny: tests and the CPU demo (64 px native). small: the same
@@ -346,6 +386,10 @@ def _apply_kind(pipeline: Any, name: str, kind: str, prediction_type: str) -> st
     return kind
 
 
+def _is_hub_id(name: str) -> bool:
+    return "/" in name and not name.startswith((".", "/", "~")) and name.count("/") == 1
+
+
 def _offline_hint(name: str) -> str:
     return (
         f"model '{name}': could not be downloaded from the Hugging Face hub (this machine looks "
@@ -387,7 +431,7 @@ def load_base_model(name: str, config_source: str = "", prediction_type: str = "
             f"model '{name}': not a diffusers folder or a .safetensors file; give one of those, "
             "a hub id, or builtin:tiny"
         )
-    elif "/" in name and not name.startswith((".", "/", "~")) and name.count("/") == 1:
+    elif _is_hub_id(name):
         pipeline = _load_hub(name)
     else:
         raise ModelError(
@@ -400,6 +444,7 @@ def load_base_model(name: str, config_source: str = "", prediction_type: str = "
         pipeline.scheduler = DDIMScheduler.from_config(
             pipeline.scheduler.config, prediction_type=prediction_type
         )
+    fit_tokenizers(pipeline)
     return BaseModel(pipeline, name, _apply_kind(pipeline, name, kind, prediction_type))
 
 
@@ -472,6 +517,75 @@ def _load_hub(name: str) -> Any:
     except Exception as e:
         raise ModelError(_offline_hint(name)) from e
     return pipeline
+
+
+# --- module names and shapes only: export, convert, resize -------------------------------------
+
+
+def load_skeleton(name: str, config_source: str = "", prediction_type: str = "auto", kind: str = "auto") -> BaseModel:
+    """The base model's UNet and text encoders built from their configs on the meta device: every
+    module's name and weight shape, no weights and no VAE (an SDXL skeleton takes a few MB), which is
+    all that exporting, converting or resizing an adapter maps it onto and checks it against.
+
+    Its ``pipeline`` holds only ``unet``, ``text_encoder`` and ``text_encoder_2``: it cannot generate.
+    A diffusers folder gives one, a hub id too (only its config files are fetched), and so does a
+    single-file checkpoint with ``config_source`` (a diffusers folder of its architecture). Anything
+    else (built-ins, which are small; a single file without configs; names that are refused) is
+    loaded by ``load_base_model``, with its messages."""
+    path = Path(name).expanduser()
+    configs = Path(config_source).expanduser() if config_source else None
+    folder: Path | None = None
+    if path.is_dir() and (path / "model_index.json").is_file():
+        folder = path
+    elif (path.is_file() and path.suffix.lower() == ".safetensors" and configs is not None
+          and (configs / "model_index.json").is_file()):
+        folder = configs
+    elif not name.startswith("builtin:") and not path.exists() and _is_hub_id(name):
+        folder = _hub_configs(name)
+    if folder is None:
+        return load_base_model(name, config_source, prediction_type, kind)
+    return _skeleton(folder, name, kind)
+
+
+def _hub_configs(name: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes"}
+    try:
+        return Path(snapshot_download(name, allow_patterns=["model_index.json", "*/config.json"],
+                                      local_files_only=offline))
+    except Exception as e:  # offline and not cached, or no such repo
+        raise ModelError(_offline_hint(name)) from e
+
+
+def _skeleton(folder: Path, name: str, kind: str = "auto") -> BaseModel:
+    import json
+    from types import SimpleNamespace
+
+    import transformers
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+
+    try:
+        index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+        with init_empty_weights():
+            unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(str(folder / "unet")))
+            encoders = {}
+            for part in ("text_encoder", "text_encoder_2"):
+                class_name = (index.get(part) or [None, None])[1]
+                if class_name:
+                    cls = getattr(transformers, class_name)
+                    encoders[part] = cls(cls.config_class.from_pretrained(str(folder / part)))
+    except (OSError, ValueError, AttributeError, TypeError) as e:  # a missing or broken config file
+        raise ModelError(f"model '{name}': cannot read the model configs in {folder}: {e}") from e
+    scheduler = folder / "scheduler" / "scheduler_config.json"
+    detected = detect_kind(index.get("_class_name", ""), unet.config,
+                           encoders["text_encoder"].config if "text_encoder" in encoders else None,
+                           _read_json(scheduler) if scheduler.is_file() else None)
+    if kind != "auto" and (kind == "sdxl") != (detected == "sdxl"):
+        raise ConfigError(f"model.kind: '{kind}' does not fit '{name}', which is {KIND_NAMES[detected]} by its "
+                          "structure; set model.kind=auto")
+    return BaseModel(SimpleNamespace(unet=unet, **encoders), name, detected if kind == "auto" else kind)
 
 
 # --- what a model is, without loading it ----------------------------------------------------------
@@ -577,9 +691,10 @@ def add_lora(model: BaseModel, lora: LoraConfig) -> list[torch.nn.Parameter]:
         rank_pattern: dict[str, int] = {}
         alpha_pattern: dict[str, float] = {}
         if module is model.unet and lora.conv_rank:
-            # LoCon: the 3x3 convs of the ResNet blocks, with their own rank and alpha.
-            rank_pattern = {name: lora.conv_rank for name in LOCON_TARGETS}
-            alpha_pattern = {name: lora.conv_alpha for name in LOCON_TARGETS}
+            # LoCon as kohya's conv_dim: the kxk convs with their own rank and alpha, the rest of the
+            # ResNet/down/upsample blocks' layers (conv_shortcut, time_emb_proj) at the network's.
+            rank_pattern = {name: lora.conv_rank for name in LOCON_KXK_TARGETS}
+            alpha_pattern = {name: lora.conv_alpha for name in LOCON_KXK_TARGETS}
         peft_config = PeftLoraConfig(
             r=lora.rank,
             lora_alpha=lora.alpha,

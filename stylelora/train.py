@@ -100,6 +100,7 @@ def _accelerator(config: Config, out: Path) -> Any:
     """The run's Accelerator (device, precision, accumulation, TensorBoard under ``logs/``), after the
     checks that fail before any model is loaded: a missing GPU, a multi-process launch, the optimizer."""
     cfg = config.train
+    _refuse_multi_process(int(os.environ.get("WORLD_SIZE", "1") or 1))  # before accelerate sets up a process group
     accelerator = _new_accelerator(
         mixed_precision=_mixed_precision(config),
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
@@ -109,15 +110,18 @@ def _accelerator(config: Config, out: Path) -> Any:
     )
     if cfg.device == "cuda" and accelerator.device.type != "cuda":
         raise ConfigError("train.device: 'cuda' was asked for but no CUDA GPU is available")
-    processes = max(accelerator.num_processes, int(os.environ.get("WORLD_SIZE", "1") or 1))
+    _refuse_multi_process(accelerator.num_processes)
+    optim.check_optimizer(cfg, accelerator.device)
+    return accelerator
+
+
+def _refuse_multi_process(processes: int) -> None:
     if processes > 1:  # said plainly rather than training the same batches on every GPU
         raise ConfigError(
             f"train.device: {processes} processes were launched, but this version trains on "
             "one GPU (or the CPU) per run: the batch source does not shard data across processes yet. "
             "Run 'stylelora train' without 'accelerate launch'."
         )
-    optim.check_optimizer(cfg, accelerator.device)
-    return accelerator
 
 
 def _training_data(config: Config, model: BaseModel | None, emit: EventHandler) -> tuple[TrainingSet, list[Item]]:
@@ -125,7 +129,8 @@ def _training_data(config: Config, model: BaseModel | None, emit: EventHandler) 
     # Batch size 1 here: whether an epoch fills a batch depends on folder repeats and regularisation
     # images, which the training set counts (it raises the same "cannot fill one batch" error).
     items, report = training_items(config.data, 1, model=config.model.name,
-                                   tokenizer=model.tokenizer if model is not None else None)
+                                   tokenizer=model.tokenizer if model is not None else None,
+                                   token_limit=model.token_limit if model is not None else None)
     for line in report.skipped_lines():  # one line per unusable image; check-data explains the rest
         emit(events.Message(line))
     if report.counts["warnings"]:

@@ -1,14 +1,19 @@
-"""Shared fixtures: tiny datasets drawn in code, and a runner for the real CLI in a subprocess."""
+"""Shared fixtures: tiny datasets drawn in code, a runner for the real CLI in a subprocess, and adapters
+made and checked as the loaders apply them."""
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,3 +77,88 @@ def tiny_config(data: Path, out: Path, **overrides: object):
     }
     base.update(overrides)
     return Config().with_overrides(base)
+
+
+# --- adapters: made by peft as training makes them, and checked as loaders apply them ---------------
+
+
+def make_adapter(kind: str = "tiny", rank: int = 4, alpha: float = 2.0, conv_rank: int = 0, conv_alpha: float = 1.0,
+                 te: bool = True, dora: bool = False, seed: int = 0, with_model: bool = False):
+    """A LoRA (optionally LoCon over what kohya's conv_dim covers, optionally DoRA) with random non-zero
+    weights, injected by peft exactly as training does, read back through lora_state/lora_alphas."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from stylelora.adapter import Adapter
+    from stylelora.config import TEXT_ENCODER_TARGETS, UNET_TARGETS
+    from stylelora.models import LOCON_KXK_TARGETS, LOCON_TARGETS, load_base_model, lora_alphas, lora_state
+
+    model = load_base_model(f"builtin:{kind}")
+    unet_targets = list(UNET_TARGETS) + (LOCON_TARGETS if conv_rank else [])
+    pattern = dict.fromkeys(LOCON_KXK_TARGETS, conv_rank) if conv_rank else {}
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=unet_targets, rank_pattern=pattern,
+                     alpha_pattern={k: conv_alpha for k in pattern}, use_dora=dora)
+    inject_adapter_in_model(cfg, model.unet, adapter_name="default")
+    if te:
+        for part, module in model.parts():
+            if part.startswith("text_encoder"):
+                te_cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=TEXT_ENCODER_TARGETS, use_dora=dora)
+                inject_adapter_in_model(te_cfg, module, adapter_name="default")
+    gen = torch.Generator().manual_seed(seed)
+    for _, module in model.parts():
+        for name, p in module.named_parameters():
+            if "lora_A" in name or "lora_B" in name:
+                p.data = torch.randn(p.shape, generator=gen) * 0.2
+    adapter = Adapter.from_module_alphas(lora_state(model), lora_alphas(model))
+    return (adapter, model) if with_model else adapter
+
+
+@contextmanager
+def captured_logs():
+    """Every log record and Python warning the libraries emit while loading."""
+    records: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record.getMessage())
+
+    handler = Keep(level=logging.INFO)
+    loggers = [logging.getLogger(n) for n in ("diffusers", "peft", "transformers")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.addHandler(handler)
+        lg.setLevel(logging.INFO)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield records
+    records += [str(w.message) for w in caught]
+    for lg, level in zip(loggers, levels, strict=True):
+        lg.removeHandler(handler)
+        lg.setLevel(level)
+
+
+def assert_loaded_cleanly(records: list[str]) -> None:
+    bad = [r for r in records if any(s in r.lower() for s in ("unexpected", "missing", "no lora keys", "not loaded"))]
+    assert bad == []
+
+
+def weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in module.named_parameters()}
+
+
+def assert_fused_delta(adapter, model, before: dict, scale: float = 1.0) -> None:
+    """After fuse_lora + unload, each adapted weight moved by exactly scale*alpha/rank*up@down, the rest not at all."""
+    for part, module in model.parts():
+        after = weights(module)
+        changed = set()
+        for path in adapter.modules(part):
+            down = adapter.state[part][f"{path}.lora_A.weight"]
+            up = adapter.state[part][f"{path}.lora_B.weight"]
+            expected = (up.flatten(1) @ down.flatten(1)).reshape(before[part][f"{path}.weight"].shape)
+            expected = expected * scale * adapter.alpha_of(part, path) / down.shape[0]
+            delta = after[f"{path}.weight"] - before[part][f"{path}.weight"]
+            torch.testing.assert_close(delta, expected, atol=2e-6, rtol=1e-4, msg=f"{part} {path}")
+            changed.add(f"{path}.weight")
+        assert changed, part
+        for name, value in after.items():
+            if name not in changed:
+                assert torch.equal(value, before[part][name]), f"{part} {name} changed"

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
-import warnings
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -14,93 +11,21 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import run_cli, tiny_config
-from stylelora.config import TEXT_ENCODER_TARGETS, UNET_TARGETS, Config
+from conftest import (
+    assert_fused_delta,
+    assert_loaded_cleanly,
+    captured_logs,
+    make_adapter,
+    run_cli,
+    tiny_config,
+    weights,
+)
+from stylelora.config import Config
 from stylelora.convert import export
 from stylelora.errors import FormatError
 from stylelora.formats import Adapter, ModelLayout, load_adapter, save_diffusers, save_kohya, to_kohya
 from stylelora.merge import merge, resize
 from stylelora.models import load_base_model, lora_alphas, lora_state
-
-# --- helpers -------------------------------------------------------------------------------------
-
-
-def make_adapter(kind: str = "tiny", rank: int = 4, alpha: float = 2.0, conv_rank: int = 0, conv_alpha: float = 1.0,
-                 te: bool = True, dora: bool = False, seed: int = 0, with_model: bool = False):
-    """A LoRA (optionally LoCon on the resnets' 3x3 convs, optionally DoRA) with random non-zero weights,
-    injected by peft exactly as training does, read back through lora_state/lora_alphas."""
-    from peft import LoraConfig, inject_adapter_in_model
-
-    model = load_base_model(f"builtin:{kind}")
-    unet_targets = list(UNET_TARGETS) + (["conv1", "conv2"] if conv_rank else [])
-    pattern = {"conv1": conv_rank, "conv2": conv_rank} if conv_rank else {}
-    cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=unet_targets, rank_pattern=pattern,
-                     alpha_pattern={k: conv_alpha for k in pattern}, use_dora=dora)
-    inject_adapter_in_model(cfg, model.unet, adapter_name="default")
-    if te:
-        for part, module in model.parts():
-            if part.startswith("text_encoder"):
-                te_cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=TEXT_ENCODER_TARGETS, use_dora=dora)
-                inject_adapter_in_model(te_cfg, module, adapter_name="default")
-    gen = torch.Generator().manual_seed(seed)
-    for _, module in model.parts():
-        for name, p in module.named_parameters():
-            if "lora_A" in name or "lora_B" in name:
-                p.data = torch.randn(p.shape, generator=gen) * 0.2
-    adapter = Adapter.from_module_alphas(lora_state(model), lora_alphas(model))
-    return (adapter, model) if with_model else adapter
-
-
-@contextmanager
-def captured_logs():
-    """Every log record and Python warning the libraries emit while loading."""
-    records: list[str] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            records.append(record.getMessage())
-
-    handler = Keep(level=logging.INFO)
-    loggers = [logging.getLogger(n) for n in ("diffusers", "peft", "transformers")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.addHandler(handler)
-        lg.setLevel(logging.INFO)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        yield records
-    records += [str(w.message) for w in caught]
-    for lg, level in zip(loggers, levels, strict=True):
-        lg.removeHandler(handler)
-        lg.setLevel(level)
-
-
-def assert_loaded_cleanly(records: list[str]) -> None:
-    bad = [r for r in records if any(s in r.lower() for s in ("unexpected", "missing", "no lora keys", "not loaded"))]
-    assert bad == []
-
-
-def weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in module.named_parameters()}
-
-
-def assert_fused_delta(adapter: Adapter, model, before: dict, scale: float = 1.0) -> None:
-    """After fuse_lora + unload, each adapted weight moved by exactly scale*alpha/rank*up@down, the rest not at all."""
-    for part, module in model.parts():
-        after = weights(module)
-        changed = set()
-        for path in adapter.modules(part):
-            down = adapter.state[part][f"{path}.lora_A.weight"]
-            up = adapter.state[part][f"{path}.lora_B.weight"]
-            expected = (up.flatten(1) @ down.flatten(1)).reshape(before[part][f"{path}.weight"].shape)
-            expected = expected * scale * adapter.alpha_of(part, path) / down.shape[0]
-            delta = after[f"{path}.weight"] - before[part][f"{path}.weight"]
-            torch.testing.assert_close(delta, expected, atol=2e-6, rtol=1e-4, msg=f"{part} {path}")
-            changed.add(f"{path}.weight")
-        assert changed, part
-        for name, value in after.items():
-            if name not in changed:
-                assert torch.equal(value, before[part][name]), f"{part} {name} changed"
 
 
 def unet_output(model, seed: int = 0) -> torch.Tensor:
@@ -113,6 +38,7 @@ def unet_output(model, seed: int = 0) -> torch.Tensor:
 # --- key names -----------------------------------------------------------------------------------
 
 
+@pytest.mark.interop
 def test_kohya_names_for_builtin_tiny_are_the_documented_ones() -> None:
     model = load_base_model("builtin:tiny")
     tensors = to_kohya(make_adapter(), ModelLayout.of(model))
@@ -146,6 +72,7 @@ def test_kohya_names_for_builtin_tiny_are_the_documented_ones() -> None:
     assert tensors[f"{q}.lora_down.weight"].dtype == torch.float16
 
 
+@pytest.mark.interop
 def test_sdxl_uses_sgm_names_and_two_text_encoders() -> None:
     model = load_base_model("builtin:tiny-sdxl")
     names = {k.split(".")[0] for k in to_kohya(make_adapter("tiny-sdxl", conv_rank=2), ModelLayout.of(model))}
@@ -174,6 +101,7 @@ def test_sdxl_kohya_file_with_diffusers_style_names_is_read(tmp_path: Path) -> N
 # --- diffusers' own loaders ------------------------------------------------------------------------
 
 
+@pytest.mark.interop
 @pytest.mark.parametrize("fmt", ["kohya", "diffusers"])
 @pytest.mark.parametrize("kind", ["tiny", "tiny-sdxl"])
 def test_diffusers_loads_the_file_and_fuses_exactly_up_down_alpha_over_rank(tmp_path: Path, fmt: str,
@@ -262,6 +190,7 @@ def test_kohya_to_diffusers_to_kohya_keeps_every_tensor_and_the_config(run: Path
     assert trained.keys() == exported.keys() and all(torch.equal(trained[k], exported[k]) for k in trained)
 
 
+@pytest.mark.interop
 def test_hand_written_kohya_file_from_another_trainer_loads_and_applies(tmp_path: Path) -> None:
     gen = torch.Generator().manual_seed(3)
     q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
@@ -284,13 +213,15 @@ def test_hand_written_kohya_file_from_another_trainer_loads_and_applies(tmp_path
     adapter = load_adapter(path, model)
     assert adapter.modules("unet") == ["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
                                        "up_blocks.1.attentions.1.proj_out"]
-    assert adapter.modules("text_encoder") == ["encoder.layers.1.mlp.fc1"]
+    fc1 = "text_model.encoder.layers.1.mlp.fc1"  # CLIP's own module path (transformers 5 drops "text_model.")
+    fc1 = fc1 if any(n == fc1 for n, _ in model.text_encoder.named_modules()) else fc1.removeprefix("text_model.")
+    assert adapter.modules("text_encoder") == [fc1]
     from stylelora.models import adaptable_modules
 
     assert load_adapter(path, adaptable_modules(model)).state.keys() == adapter.state.keys()  # names-only form
     assert adapter.alpha_of("unet", "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q") == 4.0
     assert adapter.alpha_of("unet", "up_blocks.1.attentions.1.proj_out") == 2.0
-    assert adapter.alpha_of("text_encoder", "encoder.layers.1.mlp.fc1") == 4.0
+    assert adapter.alpha_of("text_encoder", fc1) == 4.0
     before = {part: weights(module) for part, module in model.parts()}
     with captured_logs() as records:
         model.pipeline.load_lora_weights(str(tmp_path), weight_name=path.name)
@@ -342,6 +273,7 @@ def test_a_corrupted_write_fails_verification_and_keeps_the_old_file(tmp_path: P
     assert [p.name for p in tmp_path.iterdir()] == ["x.safetensors"]  # no temporary file left behind
 
 
+@pytest.mark.interop
 def test_dora_goes_to_diffusers_and_is_refused_for_kohya_with_a_reason(tmp_path: Path) -> None:
     adapter, trained = make_adapter(dora=True, with_model=True)
     model = load_base_model("builtin:tiny")
@@ -349,7 +281,7 @@ def test_dora_goes_to_diffusers_and_is_refused_for_kohya_with_a_reason(tmp_path:
         save_kohya(tmp_path / "d.safetensors", adapter, model)
     path = save_diffusers(tmp_path / "d", adapter, model)
     with captured_logs() as records:
-        model.pipeline.load_lora_weights(str(path.parent))
+        model.pipeline.load_lora_weights(str(path.parent), weight_name=path.name)
     assert_loaded_cleanly(records)
     assert load_adapter(path, model).is_dora
     # diffusers applies the magnitudes as peft does in training
@@ -468,3 +400,298 @@ def test_both_files_of_a_run_state_what_the_weights_say_and_how_they_were_traine
         assert meta["ss_base_model_version"] == "sd_v1" and meta["modelspec.architecture"] == "stable-diffusion-v1/lora"
         assert (meta["ss_steps"], meta["ss_num_train_images"], meta["ss_output_name"]) == ("5", "3", "run"), path
         assert Config.from_toml(meta["stylelora.config"]).lora.rank == 8  # the run's config, as given
+
+
+# --- LoCon as wide as kohya's conv_dim ----------------------------------------------------------------
+
+
+def kohya_conv_dim_modules(unet: torch.nn.Module) -> set[str]:
+    """What sd-scripts' networks/lora.py adapts in a UNet once conv_dim is set, beyond the attention
+    blocks: every Linear and Conv2d inside a ResnetBlock2D, Downsample2D or Upsample2D (its rule,
+    restated here independently of stylelora's target list)."""
+    found = set()
+    for name, module in unet.named_modules():
+        if type(module).__name__ in ("ResnetBlock2D", "Downsample2D", "Upsample2D"):
+            for child, sub in module.named_modules():
+                if type(sub).__name__ in ("Linear", "Conv2d") and "lora_" not in child and child:
+                    found.add(f"{name}.{child}".removesuffix(".base_layer"))
+    return found
+
+
+@pytest.mark.interop
+@pytest.mark.parametrize("kind, expected", [
+    ("tiny", {  # SD1 names are the diffusers paths; SD1.5 has the same three at these places
+        "lora_unet_down_blocks_1_resnets_0_conv_shortcut": ((4, 32, 1, 1), (64, 4, 1, 1), 2.0),
+        "lora_unet_down_blocks_0_downsamplers_0_conv": ((2, 32, 3, 3), (32, 2, 1, 1), 3.0),
+        "lora_unet_up_blocks_0_upsamplers_0_conv": ((2, 64, 3, 3), (64, 2, 1, 1), 3.0),
+        "lora_unet_down_blocks_0_resnets_0_time_emb_proj": ((4, 128), (32, 4), 2.0),
+    }),
+    ("tiny-sdxl", {  # SGM names (SDXL base 1.0 has input_blocks_7_0_skip_connection, _3_0_op, output_blocks_2_2_conv)
+        "lora_unet_input_blocks_7_0_skip_connection": ((4, 32, 1, 1), (64, 4, 1, 1), 2.0),
+        "lora_unet_input_blocks_3_0_op": ((2, 32, 3, 3), (32, 2, 1, 1), 3.0),
+        "lora_unet_input_blocks_6_0_op": ((2, 32, 3, 3), (32, 2, 1, 1), 3.0),
+        "lora_unet_output_blocks_2_2_conv": ((2, 64, 3, 3), (64, 2, 1, 1), 3.0),
+        "lora_unet_output_blocks_5_2_conv": ((2, 32, 3, 3), (32, 2, 1, 1), 3.0),
+        "lora_unet_input_blocks_1_0_emb_layers_1": ((4, 128), (32, 4), 2.0),
+    }),
+])
+def test_locon_covers_what_kohya_conv_dim_covers_with_kohya_names(kind: str, expected: dict) -> None:
+    from stylelora.models import add_lora
+
+    model = load_base_model(f"builtin:{kind}")
+    config = Config().with_overrides({"lora.rank": 4, "lora.alpha": 2.0, "lora.conv_rank": 2, "lora.conv_alpha": 3.0})
+    add_lora(model, config.lora)
+    adapter = Adapter.from_module_alphas(lora_state(model), lora_alphas(model))
+    tensors = to_kohya(adapter, ModelLayout.of(model))
+    for name, (down, up, alpha) in expected.items():
+        assert tuple(tensors[f"{name}.lora_down.weight"].shape) == down, name
+        assert tuple(tensors[f"{name}.lora_up.weight"].shape) == up, name
+        assert float(tensors[f"{name}.alpha"]) == alpha, name
+    # and nothing more or less than kohya's rule outside the attention blocks
+    adapted = set(adapter.modules("unet"))
+    assert {p for p in adapted if "attentions" not in p} == kohya_conv_dim_modules(model.unet)
+
+
+# --- the diffusers file: conventional names, alphas every version reads, every layout read -------------
+
+
+@pytest.mark.interop
+@pytest.mark.parametrize("kind", ["tiny", "tiny-sdxl"])
+def test_diffusers_file_names_text_encoder_modules_under_text_model_whatever_transformers_calls_them(
+        tmp_path: Path, kind: str) -> None:
+    import transformers
+
+    adapter, model = make_adapter(kind, with_model=True)
+    module_names = [n for n, _ in model.text_encoder.named_modules() if n.endswith("q_proj")]
+    if int(transformers.__version__.split(".")[0]) >= 5:  # transformers 5 calls them encoder.layers...
+        assert module_names and not any(n.startswith("text_model.") for n in module_names)
+    path = save_diffusers(tmp_path / "d", adapter, load_base_model(f"builtin:{kind}"))
+    keys = load_file(path).keys()
+    te_keys = [k for k in keys if k.startswith("text_encoder")]
+    encoders = ["text_encoder", "text_encoder_2"] if kind == "tiny-sdxl" else ["text_encoder"]
+    assert {k.split(".", 1)[0] for k in te_keys} == set(encoders)
+    assert all(k.split(".", 1)[1].startswith("text_model.encoder.layers.") for k in te_keys)
+    assert f"{encoders[-1]}.text_model.encoder.layers.1.self_attn.q_proj.lora_A.weight" in keys
+    with safe_open(str(path), "pt") as f:
+        assert f.metadata()["stylelora.alpha"].startswith("lora_adapter_metadata")
+
+
+def strip_header(path: Path) -> Path:
+    """The file as a loader that reads no lora_adapter_metadata (diffusers before 0.34) sees it."""
+    tensors = load_file(path)
+    bare = path.with_name("bare.safetensors")
+    save_file(tensors, str(bare), metadata={"format": "pt"})
+    return bare
+
+
+def module_delta(adapter: Adapter, part: str, path: str) -> torch.Tensor:
+    sd = adapter.state[part]
+    up, down = sd[f"{path}.lora_B.weight"].flatten(1), sd[f"{path}.lora_A.weight"].flatten(1)
+    return (up @ down) * adapter.alpha_of(part, path) / adapter.rank_of(part, path)
+
+
+@pytest.mark.interop
+def test_baked_alpha_gives_the_right_strength_to_a_loader_that_reads_no_alpha(tmp_path: Path) -> None:
+    adapter = make_adapter(rank=4, alpha=2.0, conv_rank=2, conv_alpha=3.0)  # scales 0.5 and 1.5
+    model = load_base_model("builtin:tiny")
+    baked = save_diffusers(tmp_path / "baked", adapter, model, precision="fp32", bake_alpha=True)
+    plain = save_diffusers(tmp_path / "plain", adapter, model, precision="fp32")
+    with safe_open(str(baked), "pt") as f:
+        assert f.metadata()["stylelora.alpha"].startswith("baked")
+    # read back, the baked file is the same adapter: every module's delta equal
+    again = load_adapter(baked, model)
+    for part in adapter.state:
+        for path in adapter.modules(part):
+            torch.testing.assert_close(module_delta(again, part, path), module_delta(adapter, part, path),
+                                       atol=1e-7, rtol=1e-6)
+    # without the header (an old loader), the baked file still applies exactly; the plain one would not
+    before = {part: weights(module) for part, module in model.parts()}
+    bare = strip_header(baked)
+    with captured_logs() as records:
+        model.pipeline.load_lora_weights(str(bare.parent), weight_name=bare.name)
+    assert_loaded_cleanly(records)
+    model.pipeline.fuse_lora(lora_scale=1.0)
+    model.pipeline.unload_lora_weights()
+    assert_fused_delta(adapter, model, before)
+    wrong = load_adapter(strip_header(plain), model)
+    assert wrong.alpha_of("unet", "down_blocks.0.resnets.0.conv1") == 2.0  # alpha = rank: 1.5x scale lost
+
+
+def diffusers_sdxl_script_file(adapter: Adapter) -> dict[str, torch.Tensor]:
+    """An adapter keyed as diffusers' SDXL LoRA scripts (train_dreambooth_lora_sdxl.py,
+    train_text_to_image_lora_sdxl.py) save it: convert_state_dict_to_diffusers gives the UNet
+    ``.lora.down/.lora.up`` and the text encoders' q/k/v/out_proj ``.lora_linear_layer.down/up``, under
+    ``unet.``, ``text_encoder.`` and ``text_encoder_2.`` with transformers 4's ``text_model.`` paths."""
+    out = {}
+    for part, sd in adapter.state.items():
+        for key, value in sd.items():
+            module, _, suffix = key.rpartition(".lora_")
+            side = {"A.weight": "down", "B.weight": "up"}[suffix]
+            if part == "unet":
+                out[f"unet.{module}.lora.{side}.weight"] = value
+            else:
+                path = module if module.startswith("text_model.") else f"text_model.{module}"
+                out[f"{part}.{path}.lora_linear_layer.{side}.weight"] = value
+    return out
+
+
+@pytest.mark.interop
+def test_sdxl_file_from_diffusers_scripts_exports_to_kohya_with_exact_deltas(tmp_path: Path) -> None:
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from stylelora.models import load_base_model as load
+
+    model = load("builtin:tiny-sdxl")  # the scripts' targets: attention projections of UNet and both CLIPs
+    inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]),
+                            model.unet)
+    for _, module in model.parts()[1:]:
+        inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "k_proj", "v_proj",
+                                                                              "out_proj"]), module)
+    gen = torch.Generator().manual_seed(5)
+    for _, module in model.parts():
+        for name, p in module.named_parameters():
+            if "lora_" in name:
+                p.data = torch.randn(p.shape, generator=gen) * 0.2
+    adapter = Adapter.from_module_alphas(lora_state(model), {})  # alpha = rank, as the scripts train
+    source = tmp_path / "pytorch_lora_weights.safetensors"
+    save_file(diffusers_sdxl_script_file(adapter), str(source), metadata={"format": "pt"})
+    base = load("builtin:tiny-sdxl")
+    with captured_logs() as records:  # diffusers itself loads the file
+        base.pipeline.load_lora_weights(str(tmp_path), weight_name=source.name, adapter_name="scripts")
+    assert_loaded_cleanly(records)
+    base.pipeline.unload_lora_weights()
+
+    report = export(source, "kohya", tmp_path / "k.safetensors", precision="fp32",
+                            base_model="builtin:tiny-sdxl")
+    kohya = load_file(report.path)
+    counts = {p: sum(k.startswith(p) and k.endswith(".alpha") for k in kohya) for p in ("lora_unet_", "lora_te1_",
+                                                                                      "lora_te2_")}
+    modules = adapter.num_modules()  # every module came along: 8 projections per transformer block, 4 per CLIP layer
+    assert counts == {"lora_unet_": modules["unet"], "lora_te1_": 8, "lora_te2_": 8} and modules["unet"] % 8 == 0
+    # each kohya module applies exactly the source's delta: alpha/rank * up @ down
+    layout = ModelLayout.of(base)
+    for part in adapter.state:
+        for path in adapter.modules(part):
+            name = layout.kohya.name(part, path)
+            up, down = kohya[f"{name}.lora_up.weight"].flatten(1), kohya[f"{name}.lora_down.weight"].flatten(1)
+            got = up @ down * float(kohya[f"{name}.alpha"]) / down.shape[0]
+            sd = adapter.state[part]
+            assert torch.equal(got, sd[f"{path}.lora_B.weight"] @ sd[f"{path}.lora_A.weight"]), name
+    # and the kohya file fuses into the SDXL pipeline by exactly those deltas
+    before = {part: weights(module) for part, module in base.parts()}
+    with captured_logs() as records:
+        base.pipeline.load_lora_weights(str(tmp_path), weight_name="k.safetensors")
+    assert_loaded_cleanly(records)
+    base.pipeline.fuse_lora(lora_scale=1.0)
+    base.pipeline.unload_lora_weights()
+    assert_fused_delta(adapter, base, before)
+
+
+@pytest.mark.parametrize("layout_name", ["peft", "peft-no-prefix", "lora.down", "lora_linear_layer",
+                                         "attention-processor", "transformers-5-names"])
+@pytest.mark.interop
+def test_every_layout_diffusers_writes_reads_as_the_same_adapter(tmp_path: Path, layout_name: str) -> None:
+    adapter = make_adapter(rank=4, alpha=4.0)  # alpha = rank: files without alphas mean exactly this
+    model = load_base_model("builtin:tiny")
+    tensors = {}
+    for part, sd in adapter.state.items():
+        for key, value in sd.items():
+            module, _, suffix = key.rpartition(".lora_")
+            side = {"A.weight": "down", "B.weight": "up"}[suffix]
+            te = part != "unet"
+            long = module if module.startswith("text_model.") or not te else f"text_model.{module}"
+            if layout_name == "peft":
+                tensors[f"{part}.{long}.lora_{suffix}"] = value
+            elif layout_name == "peft-no-prefix" and not te:
+                tensors[f"{module}.lora_{suffix}"] = value  # a UNet-only file saved without the part prefix
+            elif layout_name == "lora.down":
+                tensors[f"{part}.{long}.lora.{side}.weight"] = value
+            elif layout_name == "lora_linear_layer":
+                tensors[f"{part}.{long}.{'lora_linear_layer' if te else 'lora'}.{side}.weight"] = value
+            elif layout_name == "attention-processor" and not te and ".attn" in module and "ff." not in module:
+                owner, proj = module.rsplit(".", 1) if not module.endswith("to_out.0") else (module[:-9], "to_out")
+                tensors[f"{owner}.processor.{proj}_lora.{side}.weight"] = value
+            elif layout_name == "transformers-5-names":
+                tensors[f"{part}.{long.removeprefix('text_model.')}.lora_{suffix}"] = value
+    path = tmp_path / "x.safetensors"
+    save_file(tensors, str(path))
+    read = load_adapter(path, model)
+    expected = {part: {k: v for k, v in sd.items()
+                       if f"{part}.{k}" in {f"{p}.{m}" for p, s in read.state.items() for m in s}}
+                for part, sd in adapter.state.items()}
+    assert sum(len(sd) for sd in read.state.values()) == len(tensors)
+    for part, sd in read.state.items():
+        assert sd.keys() == expected[part].keys()
+        assert all(torch.equal(sd[k], expected[part][k]) for k in sd)
+        assert all(read.alpha_of(part, p) == 4.0 for p in read.modules(part))
+
+
+# --- lean conversion ------------------------------------------------------------------------------------
+
+
+@pytest.mark.interop
+def test_converting_against_a_model_folder_reads_its_configs_only(tmp_path: Path) -> None:
+    from stylelora.models import load_skeleton
+
+    model = load_base_model("builtin:tiny-sdxl")
+    folder = tmp_path / "sdxl-configs"
+    model.pipeline.save_pretrained(folder)
+    for weights_file in folder.rglob("*.safetensors"):  # no weights at all, and no VAE
+        weights_file.unlink()
+    for leftover in (folder / "vae").iterdir():
+        leftover.unlink()
+    (folder / "vae").rmdir()
+    skeleton = load_skeleton(str(folder))
+    assert skeleton.kind == "sdxl" and {p for p, _ in skeleton.parts()} == {"unet", "text_encoder", "text_encoder_2"}
+    assert all(p.device.type == "meta" for _, m in skeleton.parts() for p in m.parameters())
+    assert ModelLayout.of(skeleton).shapes == ModelLayout.of(model).shapes
+    single = tmp_path / "sdxl-single-file.safetensors"  # a single-file checkpoint takes model.config's configs
+    save_file({"model.diffusion_model.out.2.weight": torch.zeros(1)}, str(single))
+    assert ModelLayout.of(load_skeleton(str(single), str(folder))).shapes == ModelLayout.of(model).shapes
+
+    adapter = make_adapter("tiny-sdxl", conv_rank=2)
+    source = save_kohya(tmp_path / "style.safetensors", adapter, model)
+    report = export(source, "diffusers", tmp_path / "d", base_model=str(folder))
+    reference = export(source, "diffusers", tmp_path / "ref", base_model="builtin:tiny-sdxl")
+    ours, theirs = load_file(report.path), load_file(reference.path)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    back = export(report.path, "kohya", tmp_path / "back.safetensors", base_model=str(folder))
+    original, again = load_file(source), load_file(back.path)
+    assert original.keys() == again.keys() and all(torch.equal(original[k], again[k]) for k in original)
+
+
+# --- true fp32 from a run ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ema", [False, True], ids=["weights", "ema"])
+def test_fp32_export_of_a_run_is_its_checkpoints_fp32_state_exactly(tmp_path: Path, ema: bool) -> None:
+    from conftest import make_dataset
+    from stylelora.checkpoint import load_checkpoint, newest_complete
+    from stylelora.kohya_names import conventional_text_path
+    from stylelora.train import train
+
+    out = tmp_path / "style"
+    train(tiny_config(make_dataset(tmp_path / "data", n=2), out, **{
+        "train.steps": 2, "lora.train_text_encoder": True, "lora.alpha": 2.0, "lora.conv_rank": 2,
+        "lora.conv_alpha": 3.0, "train.ema": ema, "train.ema_decay": 0.5}))
+    state = load_checkpoint(newest_complete(out))
+    weights = state.ema if ema else state.lora
+    if ema:  # the average is not the live weights, so the test tells which one was exported
+        assert any(not torch.equal(weights["unet"][k], state.lora["unet"][k]) for k in weights["unet"])
+    layout = ModelLayout.of(load_base_model("builtin:tiny"))
+
+    kohya = load_file(export(out, "kohya", tmp_path / "k.safetensors", precision="fp32").path)
+    diffusers = load_file(export(out, "diffusers", tmp_path / "d", precision="fp32").path)
+    fp16 = load_file(out / "style.safetensors")
+    for part, sd in weights.items():
+        for key, value in sd.items():
+            module, _, suffix = key.rpartition(".lora_")
+            name = layout.kohya.name(part, module)
+            side = {"A.weight": "lora_down.weight", "B.weight": "lora_up.weight"}[suffix]
+            assert kohya[f"{name}.{side}"].dtype == torch.float32
+            assert torch.equal(kohya[f"{name}.{side}"], value), name
+            path = conventional_text_path(module) if part != "unet" else module
+            assert torch.equal(diffusers[f"{part}.{path}.lora_{suffix}"], value), key
+            assert float(kohya[f"{name}.alpha"]) == state.alphas[part][module]
+    # the run's fp16 file widened is not that (what export --precision fp32 used to write)
+    assert any(not torch.equal(fp16[k].float(), kohya[k]) for k in kohya if k.endswith("weight"))

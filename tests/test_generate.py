@@ -123,7 +123,8 @@ def test_strength_matches_diffusers_own_lora_loading(files: dict[str, Path]) -> 
     """Same image as diffusers' load_lora_weights + set_adapters: alpha and strength mean what they mean there."""
     plain = load_base_model("builtin:tiny").pipeline
     plain.set_progress_bar_config(disable=True)
-    plain.load_lora_weights(str(files["diffusers"]), adapter_name="style")
+    plain.load_lora_weights(str(files["diffusers"]), weight_name="pytorch_lora_weights.safetensors",
+                            adapter_name="style")
     plain.set_adapters(["style"], adapter_weights=[0.7])
     expected = plain(PROMPT, num_inference_steps=3, generator=torch.Generator().manual_seed(0)).images[0]
 

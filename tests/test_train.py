@@ -83,3 +83,33 @@ def test_v_prediction_and_accumulation_train(dataset: Path, tmp_path: Path) -> N
     assert result.steps == 3 and all(math.isfinite(x) for x in result.losses)
     lrs = [json.loads(line)["lr"] for line in (tmp_path / "v/metrics.jsonl").read_text().splitlines()]
     assert lrs[0] > lrs[-1]  # warmup then cosine decay actually ran
+
+
+def test_a_tokenizer_that_says_8192_tokens_trains_and_the_check_counts_against_77(dataset: Path,
+                                                                                   tmp_path: Path) -> None:
+    from transformers import CLIPTokenizer
+
+    from stylelora.doctor import check_dataset
+
+    folder = tmp_path / "sd1-comfy-tokenizer"  # a model folder whose tokenizer config says 8192, as ComfyUI's does
+    load_base_model("builtin:tiny").pipeline.save_pretrained(folder)
+    config_file = folder / "tokenizer" / "tokenizer_config.json"
+    tokenizer_config = json.loads(config_file.read_text())
+    tokenizer_config["model_max_length"] = 8192
+    config_file.write_text(json.dumps(tokenizer_config))
+    raw = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    assert raw.model_max_length == 8192
+    long_caption = " ".join(f"word{i}" for i in range(120))  # far past 77 tokens
+    (dataset / "img0.txt").write_text(long_caption, encoding="utf-8")
+
+    model = load_base_model(str(folder))
+    assert model.token_limit == 77 and model.tokenizer.model_max_length == 77
+    out = tmp_path / "run"
+    result = train(tiny_config(dataset, out, **{"model.name": str(folder), "train.steps": 2, "sample.every": 2,
+                                                "sample.prompts": [long_caption], "sample.steps": 2}))
+    assert result.steps == 2 and (out / "run.safetensors").is_file() and (out / "samples").is_dir()
+
+    report = check_dataset(dataset, 64, tokenizer=raw)  # the raw tokenizer still says 8192
+    found = [f.problem for f in report.findings if f.path.name == "img0.png"]
+    assert len(found) == 1 and found[0].endswith("the text encoder reads 77 (start and end included)")
+    assert found[0].startswith("caption is ") and int(found[0].split()[2]) > 77
