@@ -412,6 +412,9 @@ def load_base_model(name: str, config_source: str = "", prediction_type: str = "
                 + ", ".join(f"builtin:{k}" for k in BUILTIN)
             )
         pipeline = BUILTIN[key](**_pt(prediction_type))
+        for component in pipeline.components.values():  # from_pretrained gives eval mode; so do built-ins
+            if isinstance(component, torch.nn.Module):
+                component.eval()
         return BaseModel(pipeline, name, _apply_kind(pipeline, name, kind, prediction_type))
 
     path = Path(name).expanduser()
