@@ -94,6 +94,7 @@ FIELDS: dict[str, tuple[str, str]] = {
     "train.keep_checkpoints": ("Checkpoints to keep", SAVING),
     "export.name": ("Adapter name", SAVING),
     "export.precision": ("Adapter precision", SAVING),
+    "export.bake_alpha": ("Bake alpha into the diffusers weights", SAVING),
     "train.output_dir": ("Run folder", SAVING),
     "train.resume": ("Resume from", SAVING),
     "train.log_every": ("Log metrics every N steps", SAVING),
