@@ -61,6 +61,7 @@ def export_adapter(
 def render_samples(model: BaseModel, config: Config, out: Path, step: int) -> list[Path]:
     """The sample prompts rendered with the pipeline (SDXL's with SDXL's), one PNG per prompt."""
     paths = []
+    model.pipeline.set_progress_bar_config(disable=True)  # progress is the run's events, not a bar per sample
     networks = [model.unet, *model.text_encoders]
     modes = [network.training for network in networks]
     for network in networks:

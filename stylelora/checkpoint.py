@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save
 
 from . import events, fileio
 from .config import TrainConfig
-from .errors import ConfigError, TrainingError
+from .errors import ConfigError, TrainingError, continue_run, setting
 from .models import BaseModel, lora_alphas, lora_state, set_lora_state
 from .processes import Processes
 
@@ -403,9 +403,10 @@ def mismatched_checkpoint(checkpoint: Path, out: Path, error: Exception) -> str:
     if "size mismatch" in text:
         why = "its LoRA weights have other shapes (was lora.rank different?)"
     elif "parameter group" in text or "doesn't match the size" in text:
-        why = "its optimizer trained other weights (was --train-text-encoder, or the target modules, different?)"
+        why = (f"its optimizer trained other weights (was {setting('lora.train_text_encoder')}, or the target "
+               "modules, different?)")
     else:
         why = f"it does not fit this model ({text.splitlines()[0] if text else type(error).__name__})"
     return (f"train.resume: the checkpoint {checkpoint} was saved with other LoRA settings: {why}. Resume with "
-            f"the run's own settings (stylelora train {out / 'config.toml'} --resume auto), or start a new run "
-            "with --output NEW_FOLDER")
+            f"the run's own settings ({continue_run(out / 'config.toml')}), or start a new run in a new "
+            f"{setting('train.output_dir')}")

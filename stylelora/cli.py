@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -22,7 +23,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from .config import Config, GenerateSettings, all_fields, field_type
-from .errors import ConfigError, StyleloraError
+from .errors import CHECK_DATA, CONTINUE, SETTING, ConfigError, StyleloraError
+from .logs import quiet_libraries
 from .samplers import sampler_names
 
 # flag -> dotted config field; the help text comes from the field itself.
@@ -52,6 +54,34 @@ CHECK_FLAGS: dict[str, str] = {
     "--repeats": "data.repeats",
     "--max-token-length": "data.max_token_length",
 }
+FLAG_OF = {dotted: flag for flag, dotted in TRAIN_FLAGS.items()}
+
+
+def _continue_command(m: re.Match[str]) -> str:
+    """The command that continues a run, launched as it was (several machines: each with its accelerate config)."""
+    command = f"stylelora train {m['config']} --resume auto"
+    if m["processes"]:
+        return f"accelerate launch --multi_gpu --num_processes {m['processes']} -m {command}"
+    return command
+
+
+def cli_words(text: str) -> str:
+    """A library message in the command line's terms: a field to set becomes its flag (``--resume auto``)
+    or ``--set field=value``, and continuing a run becomes the command that does it."""
+    text = CONTINUE.sub(_continue_command, text)
+    text = CHECK_DATA.sub(lambda m: f"'stylelora check-data {m['folder']}'", text)
+
+    def flag(m: re.Match[str]) -> str:
+        field, value = m["field"], m["value"]
+        if field == "lora.train_text_encoder":  # a switch on the command line: given, or left out
+            return "without --train-text-encoder" if value == "false" else "--train-text-encoder"
+        if value is None:
+            return FLAG_OF.get(field, field)
+        return f"{FLAG_OF[field]} {value}" if field in FLAG_OF else f"--set {field}={value}"
+
+    return SETTING.sub(flag, text)
+
+
 # generate's flags: one per GenerateSettings field (--negative-prompt for negative_prompt, ...).
 GENERATE_FLAGS: dict[str, str] = {"--" + f.name.replace("_", "-"): f.name for f in dataclasses.fields(GenerateSettings)}
 
@@ -133,7 +163,7 @@ class TerminalProgress:
         elif isinstance(event, events.Estimated):
             self._write(event.summary if event.fits else f"warning: {event.summary}")
         elif isinstance(event, events.Message):
-            self._write(event.text)
+            self._write(cli_words(event.text))
         elif isinstance(event, events.Validation):
             self._write(f"step {event.step}: validation loss {event.loss:.5f}")
         elif isinstance(event, events.CheckpointSaved):
@@ -232,7 +262,7 @@ def cmd_check_data(args: argparse.Namespace) -> int:
         repeats=config.data.repeats, trigger_word=config.data.trigger_word, model=args.model,
         max_token_length=config.data.max_token_length,
     )
-    print(report.to_text(args.level))
+    print(cli_words(report.to_text(args.level)))
     return 0 if report.can_train else 1
 
 
@@ -300,7 +330,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     from .merge import merge
 
-    out = merge(args.model, args.lora, args.scale, args.out)
+    out = merge(args.model, args.lora, args.scale, args.out, precision=args.precision)
     print(f"merged {args.lora} at scale {args.scale:g} into {args.model}: {out}")
     return 0
 
@@ -542,11 +572,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="diffusers: fold alpha/rank into the weights (alpha = rank), for diffusers before 0.34")
     e.set_defaults(func=cmd_export)
 
-    m = sub.add_parser("merge", help="bake an adapter into its base model and save a diffusers folder")
+    m = sub.add_parser("merge", help="bake an adapter into its base model: a diffusers folder, or one checkpoint file")
     m.add_argument("--model", required=True, help="the base model (builtin:tiny, a folder, a .safetensors, a hub id)")
     m.add_argument("--lora", required=True, help="the adapter file (kohya or diffusers)")
     m.add_argument("--scale", type=float, default=1.0, help="adapter strength baked in (default 1.0)")
-    m.add_argument("--out", required=True, help="the diffusers folder to write")
+    m.add_argument("--out", required=True, help="the diffusers folder to write, or FILE.safetensors for one "
+                   "checkpoint in the original layout (AUTOMATIC1111, ComfyUI), verified")
+    m.add_argument("--precision", choices=["fp16", "bf16", "fp32"], default="fp16",
+                   help="precision of a .safetensors checkpoint (a diffusers folder keeps the model's own)")
     m.set_defaults(func=cmd_merge)
 
     r = sub.add_parser("resize", help="lower an adapter's rank by SVD and report the energy retained")
@@ -582,23 +615,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _quiet_libraries() -> None:
-    """Third-party chatter (progress bars, deprecation notes) is not for the user's terminal."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    for name in ("transformers", "diffusers", "accelerate", "peft", "torch"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    try:
-        from diffusers.utils import logging as dlog
-        from transformers.utils import logging as tlog
-
-        dlog.set_verbosity_error()
-        dlog.disable_progress_bar()
-        tlog.set_verbosity_error()
-        tlog.disable_progress_bar()
-    except ImportError:  # pragma: no cover - both are dependencies
-        pass
-
-
 class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """Writes to the current ``sys.stderr`` (which tests and embedding hosts may swap), not the one at setup."""
 
@@ -625,7 +641,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _log_to_stderr()
     if args.command != "train" or not getattr(args, "print_config", False):
-        _quiet_libraries()
+        quiet_libraries()
     try:
         return int(args.func(args))
     except StyleloraError as e:
@@ -633,9 +649,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         rank = _rank()
         if rank == 0:
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {cli_words(str(e))}", file=sys.stderr)
         elif not isinstance(e, ConfigError):  # every process checks the same config; the main one says what is wrong
-            print(f"error (process {rank}): {e}", file=sys.stderr)
+            print(f"error (process {rank}): {cli_words(str(e))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted; continue from the last complete checkpoint with --resume auto", file=sys.stderr)

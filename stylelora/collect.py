@@ -4,10 +4,17 @@ Everything here writes inside one dataset folder and nowhere else: uploaded name
 safe base name (no folders, no ``..``, no leading dot), zip members are flattened the same way, and
 every file is written atomically. Anything that is not a readable image (or a ``.txt`` caption) is
 refused with a message saying why, and so are zips that would unpack to far more than they weigh.
+
+An upload never loses a caption silently: an image whose bytes are already in the dataset is not
+added again (it is named in the report), a caption uploaded with an image that had to be renamed
+follows the image, and an uploaded caption that differs from the one an image already has is
+kept aside unless the caller asks for captions to be replaced; either way the report says so.
+A caption edit is refused when the caption changed on disk since the editor showed it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -38,13 +45,25 @@ UPLOAD_SUFFIXES = (*sorted(IMAGE_SUFFIXES), ".txt", ".zip")  # images, caption s
 
 @dataclass
 class AddReport:
-    """What an upload did: the files written and, per refused file, why."""
+    """What an upload did: the files written, the images already there, what happened to captions,
+    and, per refused file, why."""
 
     added: list[Path] = field(default_factory=list)
+    already_there: list[str] = field(default_factory=list)  # "cat.png (same bytes as cat.png)"
+    captions_replaced: list[str] = field(default_factory=list)  # image names whose caption an upload replaced
+    captions_kept: list[str] = field(default_factory=list)  # image names whose different caption was kept
     refused: list[str] = field(default_factory=list)
 
     def to_text(self) -> str:
-        lines = [f"added {len(self.added)} file(s)"]
+        images = sum(p.suffix.lower() in IMAGE_SUFFIXES for p in self.added)
+        lines = [f"added {len(self.added)} file(s): {images} image(s), {len(self.added) - images} caption(s)"]
+        if self.already_there:
+            lines.append(f"already in the dataset, not added again: {', '.join(self.already_there)}")
+        if self.captions_replaced:
+            lines.append(f"replaced the caption of {', '.join(self.captions_replaced)} with the uploaded one")
+        if self.captions_kept:
+            lines.append(f"kept the caption of {', '.join(self.captions_kept)}: the uploaded caption differs "
+                         "(upload it again with 'replace captions' to use it, or edit the caption)")
         lines += [f"refused {r}" for r in self.refused]
         return "\n".join(lines)
 
@@ -117,82 +136,157 @@ def _check_image(data_path: Path, shown: str) -> str | None:
     return None
 
 
-def _add_one(folder: Path, source: Path, original_name: str, report: AddReport) -> None:
-    name = safe_filename(original_name)
-    suffix = Path(name).suffix.lower()
-    if suffix not in IMAGE_SUFFIXES and suffix != ".txt":
-        report.refused.append(
-            f"{original_name}: not an image or caption (allowed: {', '.join(UPLOAD_SUFFIXES)})"
-        )
-        return
-    size = source.stat().st_size
-    if size > MAX_FILE_BYTES:
-        limit = MAX_FILE_BYTES // 1024**2
-        report.refused.append(f"{original_name}: {size // 1024**2} MiB is over the {limit} MiB limit")
-        return
-    if suffix == ".txt":
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class _Upload:
+    """One upload into ``folder``: images first (so captions can follow renamed images), then captions."""
+
+    def __init__(self, folder: Path, report: AddReport, replace_captions: bool) -> None:
+        self.folder, self.report, self.replace_captions = folder, report, replace_captions
+        self.renamed: dict[str, str] = {}  # uploaded image stem -> the stem it was saved (or found) under
+        self._by_size: dict[int, list[Path]] | None = None
+        self._hashes: dict[Path, str] = {}
+
+    def _same_bytes(self, source: Path) -> Path | None:
+        """An image already in the folder with the bytes of ``source``; sizes first, so few files are read."""
+        if self._by_size is None:
+            self._by_size = {}
+            for p in self.folder.iterdir():
+                if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not p.name.startswith("."):
+                    self._by_size.setdefault(p.stat().st_size, []).append(p)
+        candidates = self._by_size.get(source.stat().st_size, [])
+        if not candidates:
+            return None
+        digest = _sha256(source)
+        for p in sorted(candidates):
+            if self._hashes.setdefault(p, _sha256(p)) == digest:
+                return p
+        return None
+
+    def checked(self, source: Path, original_name: str) -> str | None:
+        """The safe name of an acceptable upload, or None after noting why it is refused."""
+        name = safe_filename(original_name)
+        suffix = Path(name).suffix.lower()
+        if suffix not in IMAGE_SUFFIXES and suffix != ".txt":
+            self.report.refused.append(
+                f"{original_name}: not an image or caption (allowed: {', '.join(UPLOAD_SUFFIXES)})")
+            return None
+        size = source.stat().st_size
+        if size > MAX_FILE_BYTES:
+            limit = MAX_FILE_BYTES // 1024**2
+            self.report.refused.append(f"{original_name}: {size // 1024**2} MiB is over the {limit} MiB limit")
+            return None
+        return name
+
+    def image(self, source: Path, original_name: str, name: str) -> None:
+        problem = _check_image(source, original_name)
+        if problem:
+            self.report.refused.append(problem)
+            return
+        stem = Path(name).stem
+        existing = self._same_bytes(source)
+        if existing is not None:  # the same picture again: nothing to add, its caption stays its own
+            self.report.already_there.append(
+                name if existing.name == name else f"{name} (same bytes as {existing.name})")
+            self.renamed[stem] = existing.stem
+            return
+        target = _unique(self.folder, name)
+        with fileio.atomic_path(target) as tmp:
+            shutil.copyfile(source, tmp)
+        self.report.added.append(target)
+        self.renamed[stem] = target.stem
+        if self._by_size is not None:
+            self._by_size.setdefault(target.stat().st_size, []).append(target)
+
+    def caption(self, source: Path, original_name: str, name: str) -> None:
         try:
             text = source.read_bytes().decode("utf-8-sig")
         except UnicodeDecodeError:
-            report.refused.append(f"{original_name}: caption is not UTF-8 text; save it as UTF-8")
+            self.report.refused.append(f"{original_name}: caption is not UTF-8 text; save it as UTF-8")
             return
-        target = folder / name  # a caption replaces the image's existing caption
+        stem = Path(name).stem
+        target = self.folder / f"{self.renamed.get(stem, stem)}.txt"  # follows its image when that was renamed
+        shown = _image_named(self.folder, target.stem) or target.name
+        if target.is_file():
+            old = target.read_text(encoding="utf-8-sig", errors="replace")
+            if " ".join(old.split()) == " ".join(text.split()):
+                return  # the same caption: nothing changes
+            if not self.replace_captions:
+                self.report.captions_kept.append(shown)
+                return
+            self.report.captions_replaced.append(shown)
         fileio.write_text(target, text)
-        report.added.append(target)
-        return
-    problem = _check_image(source, original_name)
-    if problem:
-        report.refused.append(problem)
-        return
-    target = _unique(folder, name)
-    with fileio.atomic_path(target) as tmp:
-        shutil.copyfile(source, tmp)
-    report.added.append(target)
+        self.report.added.append(target)
 
 
-def add_files(folder: str | Path, files: list[tuple[str | Path, str]]) -> AddReport:
+def _image_named(folder: Path, stem: str) -> str | None:
+    """The name of the image of ``stem`` in ``folder`` (the one a caption of that stem belongs to), if any."""
+    return next((p.name for p in sorted(folder.iterdir()) if p.stem == stem and p.suffix.lower() in IMAGE_SUFFIXES),
+                None)
+
+
+def add_files(folder: str | Path, files: list[tuple[str | Path, str]], *, replace_captions: bool = False) -> AddReport:
     """Add uploaded files to ``folder``: ``files`` is a list of (where the upload lies, its original name).
 
-    Images are checked and copied under a safe unique name; ``.txt`` files become captions; zips are
-    unpacked the same way, flattened. Nothing is ever written outside ``folder``.
+    Images are checked and copied under a safe unique name, unless the same bytes are already there;
+    ``.txt`` files become the captions of their images (following an image that had to be renamed);
+    a caption that differs from an image's existing one replaces it only with ``replace_captions``.
+    Zips are unpacked the same way, flattened. Nothing is ever written outside ``folder``.
     """
     target = Path(folder)
     target.mkdir(parents=True, exist_ok=True)
     report = AddReport()
-    for source, original in files:
-        source = Path(source)
-        if not source.is_file():
-            report.refused.append(f"{original}: the upload is missing; upload it again")
-            continue
-        if Path(original).suffix.lower() == ".zip":
-            _add_zip(target, source, original, report)
-        else:
-            _add_one(target, source, original, report)
+    upload = _Upload(target, report, replace_captions)
+    with tempfile.TemporaryDirectory(prefix=".upload-", dir=target) as staging:
+        accepted: list[tuple[Path, str, str]] = []  # (file, original name, safe name)
+        for source, original in files:
+            source = Path(source)
+            if not source.is_file():
+                report.refused.append(f"{original}: the upload is missing; upload it again")
+            elif Path(original).suffix.lower() == ".zip":
+                accepted += _unpack_zip(source, original, Path(staging), upload)
+            elif (name := upload.checked(source, original)) is not None:
+                accepted.append((source, original, name))
+        for source, original, name in accepted:  # images first: a caption follows its image's final name
+            if Path(name).suffix.lower() != ".txt":
+                upload.image(source, original, name)
+        for source, original, name in accepted:
+            if Path(name).suffix.lower() == ".txt":
+                upload.caption(source, original, name)
     return report
 
 
-def _add_zip(folder: Path, source: Path, shown: str, report: AddReport) -> None:
+def _unpack_zip(source: Path, shown: str, staging: Path, upload: _Upload) -> list[tuple[Path, str, str]]:
+    """The acceptable members of a zip, unpacked under ``staging`` as (file, shown name, safe name)."""
+    report = upload.report
     try:
         archive = zipfile.ZipFile(source)
     except (zipfile.BadZipFile, OSError):
         report.refused.append(f"{shown}: not a valid zip file")
-        return
+        return []
+    accepted: list[tuple[Path, str, str]] = []
     with archive:
         members = [m for m in archive.infolist() if not m.is_dir()]
         total = sum(m.file_size for m in members)
         if len(members) > MAX_ZIP_MEMBERS:
             report.refused.append(f"{shown}: {len(members)} files is more than the {MAX_ZIP_MEMBERS} allowed; split it")
-            return
+            return []
         if total > MAX_ZIP_TOTAL_BYTES:
             report.refused.append(f"{shown}: unpacks to {total // 1024**2} MiB, over the "
                                   f"{MAX_ZIP_TOTAL_BYTES // 1024**2} MiB limit; nothing was added")
-            return
+            return []
         bombs = [m for m in members if m.file_size > 1024**2 and m.file_size > MAX_ZIP_RATIO * max(m.compress_size, 1)]
         if bombs:
             report.refused.append(f"{shown}: looks like a zip bomb ({bombs[0].filename} expands "
                                   f"{bombs[0].file_size // max(bombs[0].compress_size, 1)}x); nothing was added")
-            return
-        staging = Path(tempfile.mkdtemp(prefix=".upload-", dir=folder))
+            return []
+        folder = Path(tempfile.mkdtemp(prefix="zip-", dir=staging))
         try:
             for i, member in enumerate(members):
                 base = re.split(r"[/\\]", member.filename)[-1]
@@ -201,7 +295,7 @@ def _add_zip(folder: Path, source: Path, shown: str, report: AddReport) -> None:
                 if member.file_size > MAX_FILE_BYTES:
                     report.refused.append(f"{shown}/{member.filename}: over the {MAX_FILE_BYTES // 1024**2} MiB limit")
                     continue
-                unpacked = staging / f"{i}"
+                unpacked = folder / f"{i}"
                 # Read at most the declared size + 1: a member lying about its size is cut off and refused.
                 with archive.open(member) as src, open(unpacked, "wb") as dst:
                     data = src.read(member.file_size + 1)
@@ -209,11 +303,12 @@ def _add_zip(folder: Path, source: Path, shown: str, report: AddReport) -> None:
                         report.refused.append(f"{shown}/{member.filename}: size does not match the zip's index")
                         continue
                     dst.write(data)
-                _add_one(folder, unpacked, base, report)
+                name = upload.checked(unpacked, base)
+                if name is not None:
+                    accepted.append((unpacked, base, name))
         except (zipfile.BadZipFile, OSError, RuntimeError) as e:
             report.refused.append(f"{shown}: cannot unpack ({e}); files added before the error are kept")
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+    return accepted
 
 
 # --- captions -----------------------------------------------------------------------------------
@@ -253,10 +348,24 @@ def images(folder: str | Path) -> list[tuple[Path, str]]:
     return out
 
 
-def save_caption(folder: str | Path, image_name: str, caption: str) -> Path:
-    """Write the caption of ``image_name`` (sidecar .txt, or its metadata.jsonl row) atomically."""
+def caption_of(folder: str | Path, image_name: str) -> str:
+    """The caption of ``image_name`` in ``folder`` as an editor shows it ('' when it has none)."""
+    image = _image_in(Path(folder), image_name)
+    return next((caption for path, caption in images(folder) if path == image), "")
+
+
+def save_caption(folder: str | Path, image_name: str, caption: str, *, shown: str | None = None) -> Path:
+    """Write the caption of ``image_name`` (sidecar .txt, or its metadata.jsonl row) atomically.
+
+    ``shown`` is the caption as the editor showed it: when the caption on disk is no longer that (another
+    edit, "add to every caption", an upload), nothing is written and DataError says so."""
     root = Path(folder)
     image = _image_in(root, image_name)
+    if shown is not None:
+        now = caption_of(root, image.name)
+        if " ".join(now.split()) != " ".join(shown.split()):
+            raise DataError(f"{image.name} in dataset '{root.name}': its caption changed since it was shown "
+                            f"(it is now '{now}'); nothing was saved. Open the image again to edit the new caption")
     caption = " ".join(caption.split())
     rows = _jsonl_rows(root)
     if rows is None:

@@ -21,7 +21,7 @@ from typing import Any, Literal
 import tomli_w
 
 from . import blocks, fileio
-from .errors import ConfigError
+from .errors import ConfigError, setting
 
 
 def option(
@@ -366,7 +366,7 @@ class Config:
         p = Path(path)
         if p.is_dir():
             raise ConfigError(f"{p}: is a folder, not a config file; give a .toml file (a dataset folder goes "
-                              "in data.path, --data on the command line)")
+                              f"in {setting('data.path')})")
         if not p.is_file():
             raise ConfigError(f"{p}: config file not found")
         try:

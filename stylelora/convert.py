@@ -13,7 +13,7 @@ import torch
 from . import checkpoint as ckpt
 from .adapter import NETWORK_NAMES, Adapter, ModelLayout
 from .config import Config
-from .errors import FormatError
+from .errors import FormatError, continue_run, setting
 from .formats import (
     DIFFUSERS_WEIGHT_NAME,
     DTYPES,
@@ -68,7 +68,7 @@ def find_adapter_file(source: str | Path) -> tuple[Path, Config | None, str]:
                 return candidate, config, name
         raise FormatError(
             f"{p}: this run folder holds no adapter yet ({name}.safetensors or diffusers/{DIFFUSERS_WEIGHT_NAME}); "
-            f"finish the training or resume it: stylelora train {p / 'config.toml'} --resume auto"
+            f"finish the training or continue it: {continue_run(p / 'config.toml')}"
         )
     if (p / DIFFUSERS_WEIGHT_NAME).is_file():
         return p / DIFFUSERS_WEIGHT_NAME, None, p.name
@@ -99,8 +99,9 @@ def open_adapter(source: str | Path, base_model: str | BaseModel | None = None) 
         else:
             raise FormatError(
                 f"{path}: the file does not say which base model it was trained on (no stylelora.config in "
-                "its metadata); name it with --model (e.g. --model stable-diffusion-v1-5/stable-diffusion-v1-5 "
-                "or a local folder or .safetensors checkpoint)"
+                f"its metadata); name it in {setting('model.name')} (e.g. "
+                f"{setting('model.name', 'stable-diffusion-v1-5/stable-diffusion-v1-5')}, a local folder or a "
+                ".safetensors checkpoint)"
             )
     layout = ModelLayout.of(model)
     # the file's own precision: converting casts each tensor once, on writing (an SDXL adapter is not doubled)

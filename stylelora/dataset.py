@@ -22,7 +22,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .captions import with_trigger
 from .config import DataConfig
-from .errors import DataError
+from .errors import DataError, setting
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def scan(folder: str | Path, caption_extension: str = ".txt") -> list[Item]:
     if not root.is_dir():
         what = "is a file, not a folder" if root.exists() else "no such folder"
         raise DataError(
-            f"dataset '{root}': {what}. Point data.path (--data) at a folder of images "
+            f"dataset '{root}': {what}. Point {setting('data.path')} at a folder of images "
             "with .txt captions or a metadata.jsonl."
         )
     meta = root / "metadata.jsonl"

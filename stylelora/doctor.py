@@ -12,13 +12,14 @@ import logging
 import math
 import re
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .config import DataConfig
 from .dataset import DOC_NAMES, IMAGE_SUFFIXES, Item, read_caption, read_jsonl, scan, with_trigger
-from .errors import DataError
+from .errors import DataError, setting
 from .imagecheck import check_image, colour_difference, near_duplicate_pairs
 
 log = logging.getLogger(__name__)
@@ -148,7 +149,7 @@ def check_dataset(
     add = report.findings.append
     if not root.is_dir():
         what = "is a file, not a folder" if root.exists() else "no such folder"
-        fix = "point data.path (--data) at a folder of images with .txt captions or a metadata.jsonl"
+        fix = f"point {setting('data.path')} at a folder of images with .txt captions or a metadata.jsonl"
         add(Finding(root, what, fix, False, "error"))
         report.blockers.append(f"{what}; {fix}")
         return report
@@ -172,7 +173,10 @@ def check_dataset(
         if check.usable:
             checks.append(check)
 
-    checks = _drop_duplicates(checks, report)
+    def has_caption(path: Path) -> bool:
+        return bool(captions.get(path)) if captions is not None else path.with_suffix(caption_extension).is_file()
+
+    checks = _drop_duplicates(checks, report, has_caption)
     counter = _TokenCounter(tokenizer, model)
     for check in checks:
         if captions is not None:
@@ -272,12 +276,16 @@ def _walk(root: Path) -> tuple[list[Path], list[tuple[Path, int]]]:
     return sorted(visible), hidden
 
 
-def _drop_duplicates(checks: list[Any], report: DatasetReport) -> list[Any]:
-    """Keep the first of each set of byte-identical images; flag near duplicates (both stay)."""
+def _drop_duplicates(checks: list[Any], report: DatasetReport, has_caption: Callable[[Path], bool]) -> list[Any]:
+    """Keep one of each set of byte-identical images (the first with a caption, else the first); flag near
+    duplicates (both stay)."""
     first_of: dict[str, Path] = {}
+    for check in checks:
+        if check.sha256 not in first_of or (has_caption(check.path) and not has_caption(first_of[check.sha256])):
+            first_of[check.sha256] = check.path
     kept = []
     for check in checks:
-        original = first_of.setdefault(check.sha256, check.path)
+        original = first_of[check.sha256]
         if original != check.path:
             report.findings.append(Finding(
                 check.path, f"exact duplicate of {report._name(original)} (same bytes)",
@@ -336,8 +344,8 @@ class _TokenCounter:
                 self._tokenizer = load_tokenizer("openai/clip-vit-large-patch14")
                 self.description = "the CLIP tokenizer from the local Hugging Face cache"
             if self._tokenizer is None:
-                self.description = ("an estimate (no CLIP tokenizer on this machine; pass --model with a "
-                                    "local model to count exactly)")
+                self.description = (f"an estimate (no CLIP tokenizer on this machine; name a local model in "
+                                    f"{setting('model.name')} to count exactly)")
         return self._tokenizer
 
     def split(self, text: str, limit: int) -> tuple[int, str, bool]:

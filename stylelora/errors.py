@@ -1,5 +1,9 @@
 """Errors a user can act on. The CLI and the app show their message alone, with no traceback."""
 
+from __future__ import annotations
+
+import re
+
 
 class StyleloraError(Exception):
     """Base of every error caused by the user's input, config, data or files."""
@@ -35,3 +39,34 @@ def offline_hint(what: str, name: str, local: str) -> str:
         f"{what} '{name}': could not be downloaded from the Hugging Face hub (this machine looks "
         f"offline, or the id is wrong). Download it where you have internet and pass the local copy: {local}."
     )
+
+
+# --- how a message names the fix ----------------------------------------------------------------------
+# The library names what to change by config field, never by a shell's flag or button: `train.resume=auto`
+# (give a field a value) or `data.path` (a field), in backticks. Each shell words these its own way (the CLI
+# as flags, the app as form labels and buttons), so one message serves both.
+
+SETTING = re.compile(r"`(?P<field>[a-z_]+\.[a-z0-9_]+)(?:=(?P<value>[^`]*))?`")
+CONTINUE = re.compile(
+    r"`train\.resume=auto` on the run's config `(?P<config>[^`]+)`(?: in (?P<processes>\d+) processes)?")
+CHECK_DATA = re.compile(r"the dataset check of `(?P<folder>[^`]+)`")
+
+
+def setting(field: str, value: object = None) -> str:
+    """A config field, or a value to give it, as messages name it: `train.resume=auto`."""
+    if value is None:
+        return f"`{field}`"
+    shown = str(value).lower() if isinstance(value, bool) else str(value)
+    return f"`{field}={shown}`"
+
+
+def check_data(folder: object) -> str:
+    """The advice to run the dataset check, which explains every finding, on ``folder``."""
+    return f"the dataset check of `{folder}`"
+
+
+def continue_run(config_toml: object, processes: int = 1) -> str:
+    """The advice that continues a run from its newest checkpoint (``config_toml`` is the run's own), launched
+    as it was (``processes``: how many trained it)."""
+    launched = f" in {processes} processes" if processes > 1 else ""
+    return f"`train.resume=auto` on the run's config `{config_toml}`{launched}"

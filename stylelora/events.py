@@ -1,4 +1,5 @@
-"""Events the trainer reports. Shells (CLI, GUI) render them; the library never prints.
+"""Events the trainer reports, and the requests it takes. Shells (CLI, GUI) render the events; the library
+never prints. Stop comes in as a signal; "sample now" and "save a checkpoint now" as ``Requests``.
 
 ``to_record``/``from_record`` turn an event into a JSON-ready dict and back, so a run in another process
 (several GPUs through ``accelerate launch``) reports the same events through a line-per-event stream.
@@ -7,6 +8,7 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,6 +91,36 @@ class Finished:
     stopped_early: bool
     output_dir: Path
     adapter_paths: list[Path] = field(default_factory=list)
+
+
+class Requests:
+    """What a shell asks of a running loop besides stopping: ``sample`` (render the samples now) and
+    ``checkpoint`` (save a resumable checkpoint now). The loop takes each at the end of its current step;
+    asking twice before then is one request."""
+
+    KINDS = ("sample", "checkpoint")
+
+    def __init__(self) -> None:
+        self._asked: set[str] = set()
+        self._lock = threading.Lock()
+
+    def ask(self, kind: str) -> None:
+        if kind not in self.KINDS:
+            raise ValueError(f"unknown request {kind!r}; one of {', '.join(self.KINDS)}")
+        with self._lock:
+            self._asked.add(kind)
+
+    def waiting(self) -> bool:
+        """Whether anything was asked for and not yet taken."""
+        with self._lock:
+            return bool(self._asked)
+
+    def take(self, kind: str) -> bool:
+        """Whether ``kind`` was asked for since it was last taken (taking it clears it)."""
+        with self._lock:
+            asked = kind in self._asked
+            self._asked.discard(kind)
+            return asked
 
 
 Event = (Started | Progress | Message | Estimated | Validation | SampleSaved | CheckpointSaved | AdapterSaved

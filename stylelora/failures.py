@@ -14,6 +14,7 @@ import torch
 from . import checkpoint as ckpt
 from . import events
 from .config import Config, all_fields, choices
+from .errors import continue_run, setting
 from .processes import Processes
 
 
@@ -41,14 +42,6 @@ class RunTracker:
             self.on_event(event)
 
 
-def resume_command(run_dir: Path, processes: int = 1) -> str:
-    """The command that continues the run in ``run_dir`` from its newest checkpoint, as it was launched."""
-    command = f"stylelora train {run_dir / 'config.toml'} --resume auto"
-    if processes > 1:  # the same launcher again (several machines: each with its accelerate config)
-        return f"accelerate launch --multi_gpu --num_processes {processes} -m {command}"
-    return command
-
-
 def is_out_of_memory(error: BaseException) -> bool:
     """CUDA's OutOfMemoryError, or the RuntimeError other backends raise for an allocation failure."""
     if isinstance(error, torch.OutOfMemoryError):
@@ -67,7 +60,7 @@ def where_to_resume(tracker: RunTracker) -> str:
     kept = f"the last complete checkpoint, {found[-1]}, is intact" if found else "no checkpoint was saved yet"
     if adapters:
         kept += f", and so is the adapter {', '.join(adapters)}"
-    resume = f" Continue with: {resume_command(out, tracker.processes.count)}" if found else ""
+    resume = f" Continue with: {continue_run(out / 'config.toml', tracker.processes.count)}" if found else ""
     return f"Stopped at step {tracker.step}; {kept}.{resume}"
 
 
@@ -81,20 +74,20 @@ def out_of_memory_advice(config: Config, tracker: RunTracker) -> str:
     fields = all_fields()
     tips = []
     if config.train.batch_size > 1:
-        tips.append(f"a smaller batch (--batch-size {max(1, config.train.batch_size // 2)}, with "
-                    f"--set train.gradient_accumulation_steps={2 * config.train.gradient_accumulation_steps} "
+        tips.append(f"a smaller batch ({setting('train.batch_size', max(1, config.train.batch_size // 2))}, with "
+                    f"{setting('train.gradient_accumulation_steps', 2 * config.train.gradient_accumulation_steps)} "
                     "to keep the effective batch)")
     if "train.gradient_checkpointing" in fields and not config.get("train.gradient_checkpointing"):
-        tips.append("gradient checkpointing (--set train.gradient_checkpointing=true)")
+        tips.append(f"gradient checkpointing ({setting('train.gradient_checkpointing', True)})")
     eight_bit = [c for c in choices("train.optimizer") or [] if "8bit" in str(c).lower()]
     if eight_bit and config.train.optimizer not in eight_bit:
-        tips.append(f"an 8-bit optimizer (--set train.optimizer={eight_bit[0]})")
+        tips.append(f"an 8-bit optimizer ({setting('train.optimizer', eight_bit[0])})")
     if config.train.mixed_precision == "no":
-        tips.append("mixed precision (--set train.mixed_precision=bf16)")
+        tips.append(f"mixed precision ({setting('train.mixed_precision', 'bf16')})")
     if config.lora.train_text_encoder:
-        tips.append("training the UNet only (without --train-text-encoder)")
+        tips.append(f"training the UNet only ({setting('lora.train_text_encoder', False)})")
     if config.data.resolution >= 256:
-        tips.append(f"a lower resolution (--resolution {config.data.resolution * 3 // 4 // 8 * 8})")
+        tips.append(f"a lower resolution ({setting('data.resolution', config.data.resolution * 3 // 4 // 8 * 8)})")
     return (f"out of GPU memory at step {tracker.step + 1} (batch size {config.train.batch_size}, resolution "
             f"{config.data.resolution}).\n{where_to_resume(tracker)}\nTo fit in memory, try: " + "; ".join(tips) + ".")
 

@@ -1,6 +1,9 @@
 """Atomic file writes: every file stylelora writes goes to a temporary name first, then is renamed.
 
 A crash, a kill or a full disk therefore never leaves a half-written file under its final name.
+The final file or folder gets the mode a plain ``open()`` or ``mkdir()`` would give it under the
+process's umask (``mkstemp``/``mkdtemp`` make them private, 0600/0700, which other users, such as an
+AUTOMATIC1111 in Docker, could not read).
 """
 
 from __future__ import annotations
@@ -10,12 +13,38 @@ import errno
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import DiskFullError
 
 NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
+_umask_lock = threading.Lock()
+
+
+def umask() -> int:
+    """The process's umask, read without changing it where Linux tells it (/proc), else set and put back."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    with _umask_lock:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode ``open(path, "w")`` gives a new file: 0o666 less the umask."""
+    return 0o666 & ~umask()
+
+
+def folder_mode() -> int:
+    """The mode ``mkdir`` gives a new folder: 0o777 less the umask."""
+    return 0o777 & ~umask()
 
 
 def _disk_full_message(path: Path) -> str:
@@ -37,6 +66,8 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        # what open() would have made, not mkstemp's 0600 (set after writing: some writers recreate the file)
+        os.chmod(tmp, file_mode())
         os.replace(tmp, final)
     except OSError as e:
         tmp.unlink(missing_ok=True)
@@ -58,6 +89,16 @@ def write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
         tmp.write_bytes(data)
 
 
+def _plain_modes(folder: Path) -> None:
+    """Give everything under ``folder`` the modes open()/mkdir() would: some writers (safetensors) make
+    their files private."""
+    files, folders = file_mode(), folder_mode()
+    os.chmod(folder, folders)
+    for path in folder.rglob("*"):
+        if not path.is_symlink():
+            os.chmod(path, folders if path.is_dir() else files)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary folder; on success it replaces ``path`` as a whole (used for checkpoints)."""
@@ -68,6 +109,7 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     moved_old = False
     try:
         yield tmp
+        _plain_modes(tmp)
         if final.exists():
             shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save
 
 from . import fileio
 from .adapter import Adapter, ModelLayout, module_paths
-from .errors import FormatError
+from .errors import FormatError, setting
 from .kohya_names import KOHYA_PREFIXES, conventional_text_path
 from .metadata import adapter_facts, model_hashes
 from .models import PICKLE_SUFFIXES, full_lokr_rank
@@ -46,7 +46,7 @@ LYCORIS_WEIGHTS = {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "lokr_w1"
 DORA_KOHYA_REFUSAL = (
     "DoRA adapters are not exported to kohya format: AUTOMATIC1111 normalises a kohya dora_scale per input "
     "channel where peft (and stylelora) normalise per output channel, and diffusers drops dora_scale keys, "
-    "so the file would load wrong or without effect. Use --format diffusers (diffusers and peft load DoRA), "
+    "so the file would load wrong or without effect. Export it in the diffusers format (diffusers and peft load DoRA), "
     "or train without DoRA for A1111 and ComfyUI."
 )
 
@@ -253,7 +253,8 @@ def adapter_from_tensors(
     if unknown:
         raise FormatError(
             f"{source}: {len(unknown)} keys name no module of the base model {layout.name or layout.kind} "
-            f"({layout.kind}): {unknown[:8]}. Was it made for another base model? Name that one with --model."
+            f"({layout.kind}): {unknown[:8]}. Was it made for another base model? Name that one in "
+            f"{setting('model.name')}."
         )
     _check_pairs_and_shapes(state, layout, source)
     if upcast:

@@ -129,5 +129,5 @@ class KohyaNames:
         except KeyError:
             raise FormatError(
                 f"{part} module '{path}' has no kohya name for this {self.kind} model (it is not a module "
-                "kohya's tools adapt); export --format diffusers instead"
+                "kohya's tools adapt); export it in the diffusers format instead"
             ) from None

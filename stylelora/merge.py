@@ -18,14 +18,17 @@ from .errors import ConfigError, FormatError
 from .formats import DIFFUSERS_WEIGHT_NAME, load_adapter, save_diffusers
 from .metadata import adapter_facts
 from .models import BaseModel, load_base_model
+from .single_file import save_single_file
 
 log = logging.getLogger(__name__)
 MERGE_ADAPTER_NAME = "stylelora_merge"
 
 
-def merge(model: str | BaseModel, lora: str | Path, scale: float, out: str | Path) -> Path:
+def merge(model: str | BaseModel, lora: str | Path, scale: float, out: str | Path, precision: str = "fp16") -> Path:
     """Bake ``lora`` at strength ``scale`` into the base weights (diffusers' own fuse_lora) and save the
-    pipeline as a diffusers folder at ``out``. A BaseModel passed in is changed in place."""
+    pipeline at ``out``: a diffusers folder, or, when ``out`` ends in ``.safetensors``, one checkpoint file in
+    the original layout (AUTOMATIC1111, ComfyUI) in ``precision``, verified. A BaseModel passed in is changed
+    in place."""
     base = model if isinstance(model, BaseModel) else load_base_model(model)
     adapter = load_adapter(lora, base)
     pipe = base.pipeline
@@ -40,6 +43,8 @@ def merge(model: str | BaseModel, lora: str | Path, scale: float, out: str | Pat
         pipe.load_lora_weights(tmp, weight_name=DIFFUSERS_WEIGHT_NAME, adapter_name=MERGE_ADAPTER_NAME)
     pipe.fuse_lora(lora_scale=scale, adapter_names=[MERGE_ADAPTER_NAME])
     pipe.unload_lora_weights()
+    if Path(out).suffix.lower() == ".safetensors":
+        return save_single_file(pipe, out, precision)
     with fileio.atomic_dir(out) as folder:
         pipe.save_pretrained(folder, safe_serialization=True)
     return Path(out)

@@ -13,7 +13,7 @@ import torch
 
 from . import blocks
 from .config import Config, LoraConfig
-from .errors import ConfigError, ModelError, offline_hint
+from .errors import ConfigError, ModelError, offline_hint, setting
 
 log = logging.getLogger(__name__)
 
@@ -394,8 +394,8 @@ def _is_hub_id(name: str) -> bool:
 
 
 def _offline_hint(name: str) -> str:
-    return offline_hint("model", name, "the folder (--model /path/to/folder) or a single .safetensors file "
-                        "(--model file.safetensors)")
+    return offline_hint("model", name, f"the folder ({setting('model.name', '/path/to/folder')}) or a single "
+                        f".safetensors file ({setting('model.name', 'file.safetensors')})")
 
 
 def load_base_model(name: str, config_source: str = "", prediction_type: str = "auto",
@@ -504,7 +504,7 @@ def _load_single_file(path: Path, config_source: str) -> Any:
             f"model '{path}': cannot load this single-file checkpoint ({type(e).__name__}: "
             f"{str(e).splitlines()[0] if str(e) else ''}). Loading a single file needs the "
             "component configs from the hub; offline, set model.config to a local diffusers folder "
-            "of the same architecture (--set model.config=/path/to/sd15-folder)."
+            f"of the same architecture ({setting('model.config', '/path/to/sd15-folder')})."
         ) from e
 
 

@@ -25,11 +25,12 @@ from . import checkpoint as ckpt
 from . import events, losses, optim, trackers
 from .artifacts import export_adapter, render_samples
 from .batches import BatchSource, TrainingSet
+from .captions import with_trigger
 from .config import Config, next_free_run_dir
 from .dataset import CaptionedImages, Item
 from .doctor import training_items
 from .ema import LoraEMA
-from .errors import ConfigError, DiskFullError, TrainingError
+from .errors import ConfigError, DiskFullError, TrainingError, check_data, continue_run, setting
 from .estimate import Estimate, emit_estimate, estimate
 from .failures import (
     RunTracker,
@@ -37,7 +38,6 @@ from .failures import (
     is_out_of_memory,
     lost_contact_advice,
     out_of_memory_advice,
-    resume_command,
     where_to_resume,
 )
 from .metrics import MetricsLog
@@ -84,8 +84,8 @@ def resolve_output_dir(config: Config) -> Path:
     if holds_run and not config.train.resume:
         if config.train.output_dir:
             raise ConfigError(
-                f"train.output_dir: '{out}' already holds a run; pass --resume auto to continue it, "
-                "or --output with a new folder"
+                f"train.output_dir: '{out}' already holds a run; continue it with "
+                f"{continue_run(out / 'config.toml')}, or give {setting('train.output_dir')} a new folder"
             )
         out = next_free_run_dir(out)
     return out
@@ -188,7 +188,7 @@ def _training_data(config: Config, model: BaseModel | None, emit: EventHandler) 
         emit(events.Message(line))
     if report.counts["warnings"]:
         emit(events.Message(f"{report.counts['warnings']} warnings about the dataset (its images are used); "
-                            f"'stylelora check-data {config.data.path}' lists them"))
+                            f"{check_data(config.data.path)} lists them"))
     items, held_out = split_holdout(items, config.train.validation_images, config.train.seed)
     return TrainingSet.from_config(config, items), held_out
 
@@ -358,13 +358,29 @@ def _read_steps(trained: list[_Trained], team: Processes) -> tuple[list[float], 
     return losses_read, images
 
 
+def _take_requests(requests: events.Requests, config: Config, data: TrainingSet, live: ckpt.LiveState, step: int,
+                   total: int, clock: _Clock, emit: EventHandler, done: bool) -> None:
+    """Samples and a checkpoint asked for during the run ("Sample now", "Save checkpoint now"); without
+    sample prompts the first training caption is rendered. ``done``: this step already saved a checkpoint."""
+    if requests.take("sample"):
+        prompts = config.sample.prompts or [with_trigger(data.items[0].caption, config.data.trigger_word)]
+        sampled = config.with_overrides({"sample.prompts": prompts})
+        with _evaluation_weights(live):
+            paths = render_samples(live.model, sampled, live.run_dir, step)
+        emit(events.SampleSaved(step, paths, prompts))
+    if requests.take("checkpoint") and not done and step < total:  # the last step saves anyway
+        ckpt.snapshot(live, step, clock.elapsed(), config.train.keep_checkpoints, emit)
+
+
 def train(
     config: Config,
     on_event: EventHandler | None = None,
     stop: StopSignal = None,
     model: BaseModel | None = None,
+    requests: events.Requests | None = None,
 ) -> RunResult:
-    """Train a LoRA as ``config`` says; events go to ``on_event``; ``stop`` ends it after a step.
+    """Train a LoRA as ``config`` says; events go to ``on_event``; ``stop`` ends it after a step, and
+    ``requests`` ("sample", "checkpoint") are taken at the end of a step.
 
     ``model`` lets a caller pass an already loaded base model (it gets the LoRA layers injected);
     by default the model named in the config is loaded. Running out of memory or disk space, or a
@@ -372,7 +388,7 @@ def train(
     """
     tracker = RunTracker(on_event)
     try:
-        return _train(config, tracker, stop, model)
+        return _train(config, tracker, stop, model, requests or events.Requests())
     except DiskFullError as e:
         raise TrainingError(disk_full_advice(str(e), tracker)) from e
     except TrainingError as e:
@@ -397,7 +413,8 @@ def estimate_run(config: Config, model: BaseModel | None = None) -> Estimate:
     return estimate(model, config, accelerator.device, data.total_steps(config.train), data.num_images)
 
 
-def _train(config: Config, emit: RunTracker, stop: StopSignal, model: BaseModel | None) -> RunResult:
+def _train(config: Config, emit: RunTracker, stop: StopSignal, model: BaseModel | None,
+           requests: events.Requests) -> RunResult:
     cfg = config.train
     out = resolve_output_dir(config)
     resume_from = ckpt.find_resume(cfg.resume, out)
@@ -496,12 +513,11 @@ def _train(config: Config, emit: RunTracker, stop: StopSignal, model: BaseModel 
         lr = lr_scheduler.get_last_lr()[0]
         unreported.append(_Trained(step, step_loss, lr, images, rate, elapsed, eta))
         epoch = due.epoch_end(step, source.epoch)
-        if not due.report(step) and epoch is None:
+        if not (due.report(step) or epoch is not None or requests.waiting()):
             continue
         progress = report()  # raises on a loss that is not finite, before anything uses or saves the weights
-        assert progress is not None
-        record = {"step": step, "loss": progress.loss, "lr": lr, "images_per_s": progress.images_per_s,
-                  "seconds": elapsed}
+        record = {"step": step, "loss": losses_seen[-1], "lr": lr, "seconds": elapsed,
+                  "images_per_s": progress.images_per_s if progress else 0.0}
         if validator is not None and due.validation(step):
             with _evaluation_weights(live):
                 record["val_loss"] = validator.loss(accelerator.autocast)
@@ -518,6 +534,8 @@ def _train(config: Config, emit: RunTracker, stop: StopSignal, model: BaseModel 
             with _evaluation_weights(live):
                 saved = export_adapter(model, config, out, step, data.num_images, data.items, total, epoch)
             emit(events.AdapterSaved(step, saved))
+        _take_requests(requests, config, data, live, step, total, clock, emit,
+                       done=due.checkpoint(step) or epoch is not None)
     report()
 
     # --- final save (also after a stop request); the export uses the EMA (or schedule-free) average ---
@@ -530,6 +548,7 @@ def _train(config: Config, emit: RunTracker, stop: StopSignal, model: BaseModel 
     team.wait()  # the others end with the main one, so a failed export ends the whole launch
     accelerator.end_training()  # also leaves the process group
     if stopped:
-        emit(events.Message(f"stopped at step {step} of {total}; continue with: {resume_command(out, team.count)}"))
+        emit(events.Message(f"stopped at step {step} of {total}; continue with: "
+                            f"{continue_run(out / 'config.toml', team.count)}"))
     emit(events.Finished(step, stopped, out, adapters))
     return RunResult(out, step, stopped, adapters, losses_seen)

@@ -15,6 +15,7 @@ from .checkpoint import list_checkpoints
 from .config import Config, next_free_run_dir
 from .errors import ConfigError, FormatError
 from .formats import DIFFUSERS_WEIGHT_NAME
+from .train import resolve_output_dir
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,10 @@ class RunInfo:
 
 class Workspace:
     def __init__(self, root: str | Path, datasets: str | Path | None = None, outputs: str | Path | None = None):
-        self.root = Path(root).resolve()
+        self.root = Path(root).expanduser().resolve()
+        if not self.root.is_dir():  # a typo must not become a new, empty workspace
+            what = "is a file, not a folder" if self.root.exists() else "no such folder"
+            raise ConfigError(f"{root}: {what}; give the folder that holds (or is to hold) datasets/ and outputs/")
         self.datasets = Path(datasets).resolve() if datasets else self.root / "datasets"
         self.outputs = Path(outputs).resolve() if outputs else self.root / "outputs"
         self.outputs.mkdir(parents=True, exist_ok=True)
@@ -70,7 +74,8 @@ class Workspace:
     def run_config(self, config: Config) -> Config:
         """The config a GUI run uses: absolute dataset path, and a fresh run folder under outputs/
         (``train.output_dir`` empty means outputs/<dataset name>, -2, -3... when taken), so the saved
-        config.toml replays the run from any folder."""
+        config.toml replays the run from any folder. A run folder that already holds a run is refused
+        here, before anything starts, unless the config continues it (``train.resume``)."""
         data = self.dataset(config.data.path)
         if config.train.output_dir:
             out = self.inside(config.train.output_dir, [self.outputs])
@@ -78,7 +83,32 @@ class Workspace:
                 raise ConfigError("train.output_dir: give a run folder inside outputs/, not outputs/ itself")
         else:
             out = self.new_run_dir(data.name)
-        return config.with_overrides({"data.path": str(data), "train.output_dir": str(out)})
+        prepared = config.with_overrides({"data.path": str(data), "train.output_dir": str(out)})
+        resolve_output_dir(prepared)  # the trainer's own checks of the run folder, with its messages
+        return prepared
+
+    def settings_of(self, run: str | Path) -> Config:
+        """The config ``run`` (a run folder under outputs/) was trained with: its config.toml."""
+        return Config.load(self._run(run).path / "config.toml")
+
+    def continue_config(self, run: str | Path) -> Config:
+        """The config that continues ``run`` from its newest checkpoint, with the settings it was started with."""
+        info = self._run(run)
+        return self.settings_of(run).with_overrides({"train.output_dir": str(info.path), "train.resume": "auto"})
+
+    def again_config(self, run: str | Path) -> Config:
+        """The config that trains ``run`` again from the start, with its settings, into a new run folder
+        (``<run>-2``, ``-3``...)."""
+        out = next_free_run_dir(self._run(run).path)
+        return self.settings_of(run).with_overrides({"train.output_dir": str(out), "train.resume": ""})
+
+    def _run(self, run: str | Path) -> RunInfo:
+        if not str(run).strip():
+            raise ConfigError("pick a run under outputs/ first")
+        info = self.run_of(self.inside(run, [self.outputs]))
+        if info is None:
+            raise ConfigError(f"{run}: not a run folder under outputs/ (no config.toml in it)")
+        return info
 
     def new_run_dir(self, name: str) -> Path:
         name = re.sub(r"[^\w.-]", "_", name).lstrip(".") or "run"
@@ -109,18 +139,25 @@ class Workspace:
 
     def export_target(self, source: str | Path, fmt: str, precision: str) -> Path:
         """Where the app exports ``source`` (a run, or an adapter under outputs/) as ``fmt`` ("kohya" or
-        "diffusers"): ``<run>/exports/<name>-<precision>.safetensors`` or ``<run>/exports/diffusers-<precision>``,
-        named after the run, or after the file when it is one of the run's own adapter files."""
+        "diffusers"): one file, ``<run>/exports/<name>-<precision>.safetensors`` or
+        ``<run>/exports/<name>-diffusers-<precision>.safetensors`` (diffusers' key layout, which
+        ``pipe.load_lora_weights(file)`` loads), named after the run, or after the file when it is one of
+        the run's own adapter files; a download then carries the run's name."""
         src = self.inside(source, [self.outputs])
         folder = self._home(src)
         stem = src.stem if src.is_file() and src.parent == folder else folder.name
-        return folder / "exports" / (f"{stem}-{precision}.safetensors" if fmt == "kohya" else f"diffusers-{precision}")
+        kind = "" if fmt == "kohya" else "-diffusers"
+        return folder / "exports" / f"{stem}{kind}-{precision}.safetensors"
 
-    def merge_target(self, source: str | Path, scale: float) -> tuple[Path, Path]:
-        """(the adapter file to merge, the diffusers folder to write) for ``source``: an adapter file, or a
-        run folder, whose first adapter (the kohya file) is used. The model goes to ``<run>/merged-<scale>``."""
+    def merge_target(self, source: str | Path, scale: float, single_file: bool = False) -> tuple[Path, Path]:
+        """(the adapter file to merge, the model to write) for ``source``: an adapter file, or a run folder,
+        whose first adapter (the kohya file) is used. The model goes to ``<run>/merged-<scale>`` (a diffusers
+        folder) or, ``single_file``, ``<run>/merged/<run>-merged-<scale>.safetensors`` (one checkpoint file, in
+        a folder of its own so it is never taken for one of the run's adapters)."""
         src = self.inside(source, [self.outputs])
-        out = self._home(src) / f"merged-{float(scale):g}"
+        home = self._home(src)
+        out = (home / "merged" / f"{home.name}-merged-{float(scale):g}.safetensors" if single_file
+               else home / f"merged-{float(scale):g}")
         if src.is_dir():
             run = self.run_of(src)
             adapters = run.adapters if run is not None and run.path == src else []

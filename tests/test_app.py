@@ -13,12 +13,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from gui_server import launch, make_root
 from PIL import Image
 
 from conftest import draw_image
+from stylelora import events
 from stylelora.config import Config, all_fields
 from stylelora.train import train
 
@@ -71,8 +73,13 @@ def test_form_has_a_widget_for_every_config_field(app) -> None:
     steps = BASIC.index("train.steps")
     bad = list(values)
     bad[steps] = 0
-    with pytest.raises(AppError, match=r"train.steps: must be >= 1, got 0"):
+    with pytest.raises(AppError, match=r"Steps \(train.steps\): must be >= 1, got 0"):  # the form's words
         client.predict(*bad, api_name="/train")
+    # /train takes the fields by name (the form's defaults fill the rest): no param_0..param_N
+    parameters = [p["parameter_name"] for p in client.view_api(return_format="dict", print_info=False)
+                  ["named_endpoints"]["/train"]["parameters"]]
+    assert parameters[:3] == ["model_name", "data_path", "train_steps"] and len(parameters) == len(all_fields())
+    assert not [p for p in parameters if p.startswith("param_")]
 
 
 def test_the_form_shows_the_models_kind_and_offers_its_preset(app) -> None:
@@ -111,7 +118,7 @@ def test_upload_check_train_preview_export(app, tmp_path: Path) -> None:
 
     # --- check ---
     verdict, findings, full = client.predict("mine", 64, api_name="/check_data")
-    assert verdict == "**ready to train**: 4 usable image(s)"
+    assert verdict == "**ready to train**: 4 usable image(s), checked at 64 px (the Train tab's resolution)"
     assert "datasets/mine" in full
 
     # --- train 5 steps, streaming progress ---
@@ -143,16 +150,29 @@ def test_upload_check_train_preview_export(app, tmp_path: Path) -> None:
     strip = client.predict(*common, "0, 1", api_name="/sweep")
     assert Image.open(strip["path"] if isinstance(strip, dict) else strip).width >= 2 * 64
 
-    # --- export both formats, verified, downloadable ---
-    for fmt, suffix in [("kohya", ".safetensors"), ("diffusers", "pytorch_lora_weights.safetensors")]:
+    # --- export both formats, verified, downloadable under the run's name ---
+    for fmt, name in [("kohya", "mine-fp16.safetensors"), ("diffusers", "mine-diffusers-fp16.safetensors")]:
         text, download = client.predict("outputs/mine", fmt, "fp16", api_name="/export")
         assert "verified" in text and "NOT verified" not in text
         path = download["path"] if isinstance(download, dict) else download
-        assert Path(path).name.endswith(suffix) and Path(path).stat().st_size > 1000
-    assert len(list((run / "exports").iterdir())) == 2
-    # merge into the base: a diffusers model folder inside the run
-    assert "outputs/mine/merged-1" in client.predict("builtin:tiny", "outputs/mine", 1.0, api_name="/merge")
+        assert Path(path).name == name and Path(path).stat().st_size > 1000
+    assert sorted(p.name for p in (run / "exports").iterdir()) == ["mine-diffusers-fp16.safetensors",
+                                                                    "mine-fp16.safetensors"]
+    # merge into the base: one checkpoint file (A1111, ComfyUI), or a diffusers model folder, inside the run
+    assert "outputs/mine/merged/mine-merged-1.safetensors" in client.predict("builtin:tiny", "outputs/mine", 1.0,
+                                                                             api_name="/merge")
+    assert "outputs/mine/merged-1" in client.predict("builtin:tiny", "outputs/mine", 1.0, "diffusers",
+                                                     api_name="/merge")
     assert (run / "merged-1" / "model_index.json").is_file()
+    # the single file is the merged model: diffusers' single-file loader reads the same weights (in fp16)
+    from stylelora.models import load_base_model
+
+    single = load_base_model(str(run / "merged" / "mine-merged-1.safetensors"), str(run / "merged-1")).unet.state_dict()
+    folder = load_base_model(str(run / "merged-1")).unet.state_dict()
+    base = load_base_model("builtin:tiny").unet.state_dict()
+    assert single.keys() == folder.keys()
+    assert all(torch.allclose(single[k].float(), folder[k].float(), atol=1e-2, rtol=1e-2) for k in folder)
+    assert any(not torch.allclose(folder[k], base[k]) for k in folder)  # and the LoRA is baked in
 
     # --- the GUI run's config.toml is what `stylelora train config.toml` replays: same losses ---
     replayed = train(Config.load(run / "config.toml").with_overrides({"train.output_dir": str(tmp_path / "replay")}))
@@ -179,3 +199,70 @@ def test_second_start_is_refused_and_a_new_page_sees_the_run(app) -> None:
     snap = ctx.job.snapshot()
     assert snap.status == "stopped"
     assert (root / "outputs" / "example" / "example.safetensors").is_file()  # a stop still saves the adapter
+
+
+def test_queue_runs_requests_and_runs_list_through_the_api(app) -> None:
+    import re
+    import urllib.request
+
+    client, ctx, root = app
+    long_run = TINY_RUN.replace("steps = 5", "steps = 400").replace("datasets/mine", "datasets/example")
+    long_run = long_run.replace("[train]", '[train]\noutput_dir = "outputs/long"')
+    job = client.submit(long_run, api_name="/train_toml")
+    for update in job:
+        if update["step"] >= 1:
+            break
+    # during a run: samples and a checkpoint on request, TensorBoard on its logs
+    assert client.predict(api_name="/sample_now").startswith("samples requested")
+    assert client.predict(api_name="/checkpoint_now").startswith("checkpoint requested")
+    url = re.search(r"\((http://127\.0\.0\.1:\d+/)\)", client.predict(api_name="/tensorboard"))[1]
+    with urllib.request.urlopen(url, timeout=30) as page:
+        assert page.status == 200
+
+    # two runs queued by named parameters (the form's defaults fill the rest); the second moves up, then goes
+    client.predict(train_steps=2, sample_every=0, api_name="/queue_add")
+    client.predict(train_steps=3, sample_every=0, api_name="/queue_add")
+    table = client.predict(api_name="/queue_list")
+    waiting = [row for row in table["data"] if row[0] != "▶"]
+    assert [row[1] for row in waiting] == ["example · 2 steps · builtin:tiny", "example · 3 steps · builtin:tiny"]
+    first, second = (int(row[0]) for row in waiting)
+    client.predict(second, api_name="/queue_up")
+    assert [int(r[0]) for r in client.predict(api_name="/queue_list")["data"] if r[0] != "▶"] == [second, first]
+    client.predict(first, api_name="/queue_cancel")
+    with pytest.raises(AppError, match=f"queued run #{first}: not in the queue"):
+        client.predict(first, api_name="/queue_cancel")
+    client.predict(api_name="/stop")  # the long run stops; the queued 3-step run starts by itself
+    ctx.job.join_all(300)
+    snap = ctx.job.snapshot()
+    assert snap.status == "finished" and ctx.job.config.train.steps == 3
+    stopped = ctx.job.snapshot(snap.run_id - 1).events  # the long run's events, kept after the next one started
+    asked = [e for e in stopped if isinstance(e, events.SampleSaved)]
+    assert asked and asked[0].paths[0].is_file()  # "Sample now" rendered the first caption (no sample.prompts)
+    assert len([e for e in stopped if isinstance(e, events.CheckpointSaved)]) == 2  # asked for, and at the stop
+    # a run started on a taken run folder is refused in the form's words, with the way out
+    with pytest.raises(AppError, match="already holds a run; continue it with “Continue this run” on run 'long'"):
+        client.predict(long_run, api_name="/train_toml")
+
+    # the runs list: continue the stopped run to its end, train it again into a new folder
+    done = client.predict("outputs/long", api_name="/continue_run")
+    assert done.startswith("started run") and "outputs/long" in done
+    client.predict(api_name="/stop")  # 400 steps is long; a stop after resuming proves it continued
+    ctx.job.join_all(120)
+    log = "\n".join(e.text for e in ctx.job.snapshot().events if isinstance(e, events.Message))
+    assert "resumed from" in log and "long/checkpoints/step-" in log
+    again = client.predict("outputs/long", api_name="/train_again")
+    assert "outputs/long-2" in again
+    client.predict(api_name="/stop")
+    ctx.job.join_all(120)
+    assert Config.load(root / "outputs" / "long-2" / "config.toml").train.steps == 400
+
+
+def test_the_server_log_has_no_progress_bars(app, capfd) -> None:
+    client, ctx, root = app
+    with_samples = TINY_RUN.replace("steps = 5", "steps = 2").replace("datasets/mine", "datasets/example")
+    final = client.predict(with_samples + '\n[sample]\nprompts = ["a cup"]\nevery = 1\nsteps = 3\n',
+                           api_name="/train_toml")
+    assert final["status"] == "finished" and len(list(Path(final["output_dir"]).glob("samples/*.png"))) == 2
+    out, err = capfd.readouterr()
+    assert "it/s]" not in out + err and "s/it]" not in out + err  # no diffusers bar per sample
+    assert "torchvision" not in out + err

@@ -17,9 +17,9 @@ from gui_server import ROOT, free_port, make_root
 from PIL import Image
 
 
-def _png() -> bytes:
+def _png(grey: int = 90) -> bytes:
     buf = io.BytesIO()
-    Image.fromarray(np.full((32, 32, 3), 90, np.uint8)).save(buf, "PNG")
+    Image.fromarray(np.full((32, 32, 3), grey, np.uint8)).save(buf, "PNG")
     return buf.getvalue()
 
 
@@ -49,6 +49,26 @@ def test_bad_auth_is_a_usage_error() -> None:
     done = _run_app("--host", "0.0.0.0", "--auth", "nopassword")
     assert done.returncode == 2
     assert "expected user:password" in done.stderr
+
+
+def test_a_busy_or_invalid_port_or_a_missing_root_is_one_line_and_status_1(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        busy = _run_app("--port", str(port), "--root", str(make_root(tmp_path / "root")))
+    invalid = _run_app("--port", "99999")
+    missing = _run_app("--root", str(tmp_path / "no-such-folder"), "--port", str(free_port()))
+    for done, words in [(busy, [f"--port {port}: port {port} is in use", f"--port {port + 1}"]),
+                        (invalid, ["--port 99999: not a port number; give one from 1 to 65535"]),
+                        (missing, [f"--root {tmp_path / 'no-such-folder'}", "no such folder"])]:
+        assert done.returncode == 1, done.stderr
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr
+        assert all(w in lines[0] for w in words), lines[0]
+    assert not (tmp_path / "no-such-folder").exists()  # no workspace was made up
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +136,7 @@ def test_upload_and_zip_with_escaping_names_write_only_inside_the_dataset(server
     url, root, _ = server
     archive = io.BytesIO()
     with zipfile.ZipFile(archive, "w") as z:
-        z.writestr("../../zipped.png", _png())
+        z.writestr("../../zipped.png", _png(120))  # other bytes than x.png: identical ones are added once
         z.writestr("../outside.txt", "caption")
     before = {p for p in root.rglob("*") if p.is_file()}
     uploaded = httpx.post(f"{url}/gradio_api/upload",

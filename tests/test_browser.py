@@ -1,5 +1,6 @@
 """The real app in Debian's Chromium (Playwright): tabs render, a training from the Train tab finishes,
-the strength slider regenerates the image. Screenshots go to the test's tmp folder."""
+the strength slider (and a strength typed into its box) regenerates the image. Screenshots go to the
+test's tmp folder."""
 
 from __future__ import annotations
 
@@ -82,6 +83,14 @@ def test_tabs_train_and_slider(page, tmp_path: Path) -> None:
         arg=first, timeout=120_000)
     strength = float(page.locator("#strength input[type=number]").input_value())
     assert strength < 0.5
+    # a strength typed into the number box regenerates on Enter, as letting go of the slider does
+    second = lora_image.get_attribute("src")
+    number = page.locator("#strength input[type=number]")
+    number.fill("1.5")
+    number.press("Enter")
+    page.wait_for_function(
+        "src => { const img = document.querySelector('#lora-image img'); return img && img.src !== src }",
+        arg=second, timeout=120_000)
     page.screenshot(path=str(tmp_path / "preview.png"), full_page=True)
     assert errors == []
     assert len(list(tmp_path.glob("*.png"))) == 6

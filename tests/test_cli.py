@@ -170,3 +170,17 @@ def test_check_data_flags_are_the_training_fields() -> None:
     assert options["--resolution"].default == 512 and options["--model"].default is None
     r = run_cli("check-data", "datasets/example", "--batch-size", "0")
     assert r.returncode == 1 and "train.batch_size: must be >= 1, got 0" in r.stderr
+
+
+def test_library_messages_are_worded_in_flags() -> None:
+    from stylelora.cli import cli_words
+    from stylelora.errors import continue_run, setting
+
+    message = (f"train.output_dir: 'outputs/x' already holds a run; continue it with "
+               f"{continue_run('outputs/x/config.toml')}, or give {setting('train.output_dir')} a new folder")
+    assert cli_words(message) == ("train.output_dir: 'outputs/x' already holds a run; continue it with stylelora "
+                                  "train outputs/x/config.toml --resume auto, or give --output a new folder")
+    assert cli_words(f"try {setting('train.batch_size', 1)} and {setting('train.gradient_checkpointing', True)}") == (
+        "try --batch-size 1 and --set train.gradient_checkpointing=true")
+    assert cli_words(f"({setting('lora.train_text_encoder', False)})") == "(without --train-text-encoder)"
+    assert cli_words("train.steps: must be >= 1, got 0") == "train.steps: must be >= 1, got 0"  # no fix: unchanged

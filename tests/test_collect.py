@@ -47,7 +47,8 @@ def test_dataset_names_cannot_be_paths(tmp_path: Path) -> None:
 def test_upload_named_with_dot_dot_stays_inside(tmp_path: Path) -> None:
     folder = tmp_path / "root" / "datasets" / "d"
     upload = draw_image(tmp_path / "upload" / "img.png")
-    report = collect.add_files(folder, [(upload, "../../x.png"), (upload, "/tmp/abs.png")])
+    other = draw_image(tmp_path / "upload" / "other.png", seed=1)
+    report = collect.add_files(folder, [(upload, "../../x.png"), (other, "/tmp/abs.png")])
     assert report.refused == []
     assert _files_under(tmp_path / "root") == {"datasets/d/x.png", "datasets/d/abs.png"}
 
@@ -89,9 +90,10 @@ def test_non_images_and_broken_images_are_refused_with_a_reason(tmp_path: Path) 
     folder = tmp_path / "d"
     report = collect.add_files(folder, [(fake, "fake.png"), (script, "run.sh"), (tmp_path / "gone.png", "gone.png")])
     assert report.added == []
-    assert "fake.png: not a readable image" in report.refused[0]
-    assert "run.sh: not an image or caption" in report.refused[1]
-    assert "gone.png: the upload is missing" in report.refused[2]
+    refused = sorted(report.refused)
+    assert "fake.png: not a readable image" in refused[0]
+    assert "gone.png: the upload is missing" in refused[1]
+    assert "run.sh: not an image or caption" in refused[2]
     assert "added 0 file(s)" in report.to_text()
 
 
@@ -131,3 +133,72 @@ def test_caption_edit_in_a_metadata_jsonl_dataset(tmp_path: Path) -> None:
     collect.save_caption(folder, "b.png", "second")
     assert [(i.image.name, i.caption) for i in scan(folder)] == [("a.png", "new caption"), ("b.png", "second")]
     assert not (folder / "a.txt").exists()
+
+
+def _selection(tmp_path: Path) -> list[tuple[Path, str]]:
+    """What a file picker hands over: three images and their captions."""
+    files = []
+    for i, name in enumerate(["astronaut", "camera", "coffee"]):
+        files.append((draw_image(tmp_path / "pick" / f"{name}.png", seed=i), f"{name}.png"))
+        caption = tmp_path / "pick" / f"{name}.txt"
+        caption.write_text(f"a {name}, flat style\n")
+        files.append((caption, f"{name}.txt"))
+    return files
+
+
+def test_the_same_selection_added_twice_adds_nothing_and_keeps_every_caption(tmp_path: Path) -> None:
+    folder = tmp_path / "d"
+    selection = _selection(tmp_path)
+    first = collect.add_files(folder, selection)
+    assert first.to_text().startswith("added 6 file(s): 3 image(s), 3 caption(s)")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    second = collect.add_files(folder, selection)
+    assert second.added == [] and second.refused == []
+    assert second.already_there == ["astronaut.png", "camera.png", "coffee.png"]
+    assert "already in the dataset, not added again: astronaut.png, camera.png, coffee.png" in second.to_text()
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # no astronaut-2.png, no rewritten .txt
+    assert [c for _, c in collect.images(folder)] == ["a astronaut, flat style", "a camera, flat style",
+                                                      "a coffee, flat style"]
+    # the same bytes under another name are recognised too, and said so
+    again = collect.add_files(folder, [(selection[0][0], "copy of astronaut.png")])
+    assert again.already_there == ["copy of astronaut.png (same bytes as astronaut.png)"] and again.added == []
+
+
+def test_an_upload_never_replaces_a_caption_silently(tmp_path: Path) -> None:
+    folder = tmp_path / "d"
+    selection = _selection(tmp_path)
+    collect.add_files(folder, selection)
+    collect.save_caption(folder, "camera.png", "an edited caption")
+    report = collect.add_files(folder, selection)  # the old camera.txt comes again
+    assert report.captions_kept == ["camera.png"] and report.added == []
+    assert "kept the caption of camera.png: the uploaded caption differs" in report.to_text()
+    assert collect.caption_of(folder, "camera.png") == "an edited caption"
+    replaced = collect.add_files(folder, selection, replace_captions=True)
+    assert replaced.captions_replaced == ["camera.png"]
+    assert "replaced the caption of camera.png with the uploaded one" in replaced.to_text()
+    assert collect.caption_of(folder, "camera.png") == "a camera, flat style"
+
+
+def test_a_caption_follows_its_renamed_image(tmp_path: Path) -> None:
+    folder = tmp_path / "d"
+    collect.add_files(folder, _selection(tmp_path))
+    other = draw_image(tmp_path / "new" / "camera.png", seed=9)  # another picture with a taken name
+    caption = tmp_path / "new" / "camera.txt"
+    caption.write_text("another camera")
+    report = collect.add_files(folder, [(caption, "camera.txt"), (other, "camera.png")])  # caption first
+    assert [p.name for p in report.added] == ["camera-2.png", "camera-2.txt"]
+    assert collect.caption_of(folder, "camera.png") == "a camera, flat style"
+    assert collect.caption_of(folder, "camera-2.png") == "another camera"
+
+
+def test_a_caption_edit_is_refused_when_the_caption_changed_since_it_was_shown(tmp_path: Path) -> None:
+    folder = tmp_path / "d"
+    collect.add_files(folder, _selection(tmp_path))
+    shown = collect.caption_of(folder, "camera.png")
+    collect.add_trigger_word(folder, "zzstyle")  # the caption changes under the editor
+    with pytest.raises(DataError, match=r"camera.png in dataset 'd': its caption changed since it was shown "
+                                        r"\(it is now 'zzstyle, a camera, flat style'\); nothing was saved"):
+        collect.save_caption(folder, "camera.png", shown + " edited", shown=shown)
+    assert collect.caption_of(folder, "camera.png") == "zzstyle, a camera, flat style"
+    collect.save_caption(folder, "camera.png", "zzstyle, edited", shown="zzstyle, a camera, flat style")
+    assert collect.caption_of(folder, "camera.png") == "zzstyle, edited"

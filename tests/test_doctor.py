@@ -321,3 +321,16 @@ def test_check_data_level_filter_shows_only_serious_findings(corpus, capsys) -> 
     assert "  error:" in out and "  warning:" not in out and "  info:" not in out
     assert all(f"\n{name}\n" in out for name in bad if name != "plain_copy.png")  # a duplicate is a warning
     assert f"{len(good)} usable" in out
+
+
+def test_of_two_identical_images_the_captioned_one_is_trained(tmp_path: Path) -> None:
+    folder = tmp_path / "d"
+    draw_image(folder / "astronaut.png", (64, 64), seed=3)
+    (folder / "astronaut.txt").write_text("an astronaut, flat style\n")
+    (folder / "astronaut-2.png").write_bytes((folder / "astronaut.png").read_bytes())  # sorts first, no caption
+    draw_image(folder / "boat.png", (64, 64), seed=4)
+    (folder / "boat.txt").write_text("a boat\n")
+    report = check_dataset(folder, 64)
+    assert sorted(p.name for p in report.usable) == ["astronaut.png", "boat.png"]
+    said = {f.path.name: f.problem for f in report.findings}
+    assert said["astronaut-2.png"] == "exact duplicate of astronaut.png (same bytes)"

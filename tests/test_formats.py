@@ -232,7 +232,7 @@ def test_hand_written_kohya_file_from_another_trainer_loads_and_applies(tmp_path
     # stylelora converts it too, given the base model (the file does not name one)
     report = export(path, "diffusers", tmp_path / "converted", base_model="builtin:tiny")
     assert report.num_tensors == 6
-    with pytest.raises(FormatError, match="--model"):
+    with pytest.raises(FormatError, match="name it in `model.name`"):
         export(path, "diffusers", tmp_path / "nope")
 
 
@@ -277,7 +277,7 @@ def test_a_corrupted_write_fails_verification_and_keeps_the_old_file(tmp_path: P
 def test_dora_goes_to_diffusers_and_is_refused_for_kohya_with_a_reason(tmp_path: Path) -> None:
     adapter, trained = make_adapter(dora=True, with_model=True)
     model = load_base_model("builtin:tiny")
-    with pytest.raises(FormatError, match="DoRA.*--format diffusers"):
+    with pytest.raises(FormatError, match="DoRA.*in the diffusers format"):
         save_kohya(tmp_path / "d.safetensors", adapter, model)
     path = save_diffusers(tmp_path / "d", adapter, model)
     with captured_logs() as records:

@@ -10,7 +10,7 @@ import pytest
 from conftest import make_dataset, tiny_config
 from stylelora import events
 from stylelora.config import Config
-from stylelora.errors import ConfigError, DataError, FormatError
+from stylelora.errors import ConfigError, DataError, FormatError, StyleloraError
 from stylelora.jobs import Busy, TrainingJob
 from stylelora.workspace import Workspace
 
@@ -146,7 +146,9 @@ def test_export_and_merge_targets_lie_inside_the_run(tmp_path: Path) -> None:
     diffusers = run / "diffusers" / "pytorch_lora_weights.safetensors"
     assert ws.merge_target(diffusers, 1) == (diffusers, run / "merged-1")
     assert ws.export_target("outputs/cats", "kohya", "fp16") == exports / "cats-fp16.safetensors"
-    assert ws.export_target(run, "diffusers", "bf16") == exports / "diffusers-bf16"
+    assert ws.export_target(run, "diffusers", "bf16") == exports / "cats-diffusers-bf16.safetensors"  # the run's name
+    assert ws.merge_target(run, 0.5, single_file=True) == (run / "cats.safetensors",
+                                                            run / "merged" / "cats-merged-0.5.safetensors")
     # a file of the run is exported under its own name; one deeper in the run under the run's name
     (run / "cats-old.safetensors").write_bytes(b"")
     assert ws.export_target(run / "cats-old.safetensors", "kohya", "fp32") == exports / "cats-old-fp32.safetensors"
@@ -166,3 +168,144 @@ def test_export_and_merge_targets_lie_inside_the_run(tmp_path: Path) -> None:
             ws.export_target(bad, "kohya", "fp16")
         with pytest.raises(ConfigError, match="only works with files under"):
             ws.merge_target(bad, 1.0)
+
+
+def _gated_runner(gates: dict[str, threading.Event], ran: list[str]):
+    """A runner that records which run folder it trains and waits for that run's gate before it ends."""
+
+    def run(config, on_event, stop, requests=None):
+        name = Path(config.train.output_dir).name
+        ran.append(name)
+        on_event(events.Started(1, 0, 1, "cpu", Path(config.train.output_dir)))
+        gates.setdefault(name, threading.Event()).wait(10)
+        on_event(events.Finished(1, False, Path(config.train.output_dir)))
+        return type("R", (), {"stopped_early": False})()
+
+    return run
+
+
+def test_queued_runs_start_one_after_another_each_in_its_own_run_folder(tmp_path: Path) -> None:
+    ws = Workspace(tmp_path)
+    make_dataset(ws.datasets / "cats", n=1)
+    gates: dict[str, threading.Event] = {}
+    ran: list[str] = []
+    job = TrainingJob(_gated_runner(gates, ran), prepare=ws.run_config, queue_file=ws.outputs / "queue.json")
+    config = Config().with_overrides({"data.path": "cats"})
+    first = job.enqueue(config)  # nothing runs: it starts at once
+    second, third = job.enqueue(config), job.enqueue(config.with_overrides({"train.steps": 7}))
+    assert job.snapshot().status == "running" and [q.id for q in job.queued()] == [second, third]
+    assert job.queued()[1].describe() == "cats · 7 steps · builtin:tiny"
+    job.move(third, -1)  # the 7-step run goes first
+    assert [q.id for q in job.queued()] == [third, second]
+    (ws.outputs / "cats").mkdir()
+    (ws.outputs / "cats" / "config.toml").write_text("")  # what a started run leaves
+    gates.setdefault("cats", threading.Event()).set()
+    job.join_all(0.5)
+    assert ran == ["cats", "cats-2"] and job.config.train.steps == 7  # the moved one started next, in -2
+    assert job.cancel(second).id == second and job.queued() == []
+    for gate in ["cats-2", "cats-3"]:
+        gates.setdefault(gate, threading.Event()).set()
+    job.join_all(5)
+    assert ran == ["cats", "cats-2"] and job.snapshot().status == "finished"
+    with pytest.raises(StyleloraError, match=f"queued run #{second}: not in the queue"):
+        job.cancel(second)
+    assert first == 1
+
+
+def test_the_queue_survives_a_restart_and_an_interrupted_run_continues_first(tmp_path: Path) -> None:
+    ws = Workspace(tmp_path)
+    make_dataset(ws.datasets / "cats", n=1)
+    gates: dict[str, threading.Event] = {}
+    ran: list[str] = []
+    job = TrainingJob(_gated_runner(gates, ran), prepare=ws.run_config, queue_file=ws.outputs / "queue.json")
+    job.enqueue(Config().with_overrides({"data.path": "cats"}))
+    job.enqueue(Config().with_overrides({"data.path": "cats", "train.steps": 9}))
+    # the app stops here (the first run never finishes); a new app reads the queue back
+    again = TrainingJob(_gated_runner(gates, []), prepare=lambda c: c, queue_file=ws.outputs / "queue.json")
+    waiting = again.queued()
+    assert [q.config.train.resume for q in waiting] == ["auto", ""]
+    assert waiting[0].config.train.output_dir == str(ws.outputs / "cats")  # continues the interrupted folder
+    assert waiting[1].config.train.steps == 9 and waiting[0].describe().endswith("continues cats")
+    gates.setdefault("cats", threading.Event()).set()
+
+
+def test_a_queued_run_that_cannot_start_is_reported_and_the_next_one_runs(tmp_path: Path) -> None:
+    ws = Workspace(tmp_path)
+    make_dataset(ws.datasets / "cats", n=1)
+    gates = {"cats": threading.Event(), "cats-2": threading.Event()}
+    ran: list[str] = []
+    job = TrainingJob(_gated_runner(gates, ran), prepare=ws.run_config)
+    job.enqueue(Config().with_overrides({"data.path": "cats"}))
+    doomed = job.enqueue(Config().with_overrides({"data.path": "cats", "train.output_dir": "outputs/mine"}))
+    job.enqueue(Config().with_overrides({"data.path": "cats", "train.steps": 3}))
+    for run in ("cats", "mine"):  # outputs/mine became a run (another app, a CLI run) before its turn
+        (ws.outputs / run).mkdir()
+        (ws.outputs / run / "config.toml").write_text("")
+    gates["cats"].set()
+    gates["cats-2"].set()
+    job.join_all(5)
+    assert ran == ["cats", "cats-2"]
+    log = [e.text for e in job.snapshot().events if isinstance(e, events.Message)]
+    assert any(f"queued run #{doomed} (cats · 1000 steps · builtin:tiny → mine) could not start: "
+               f"train.output_dir: '{ws.outputs / 'mine'}' already holds a run" in line for line in log), log
+
+
+def test_requests_reach_the_runner_only_while_it_runs() -> None:
+    seen: list[tuple[bool, bool]] = []
+    release = threading.Event()
+
+    def run(config, on_event, stop, requests):
+        release.wait(5)
+        seen.append((requests.take("sample"), requests.take("checkpoint")))
+        seen.append((requests.take("sample"), requests.take("checkpoint")))  # taken once
+
+    job = TrainingJob(run)
+    assert job.request("sample") is False  # idle
+    job.start(Config())
+    assert job.request("sample") is True
+    release.set()
+    job.join(5)
+    assert seen == [(True, False), (False, False)]
+    with pytest.raises(ValueError, match="unknown request"):
+        events.Requests().ask("coffee")
+
+
+def test_sample_and_checkpoint_now_during_a_real_run(tmp_path: Path) -> None:
+    from stylelora.checkpoint import list_checkpoints
+    from stylelora.train import train
+
+    data = make_dataset(tmp_path / "data", n=2, size=(64, 64))
+    requests = events.Requests()
+    saved: list[events.Event] = []
+
+    def on_event(e):
+        saved.append(e)
+        if isinstance(e, events.Progress) and e.step == 1:  # pressed during step 2
+            requests.ask("sample")
+            requests.ask("checkpoint")
+
+    train(tiny_config(data, tmp_path / "run", **{"train.steps": 3, "sample.steps": 2}), on_event, requests=requests)
+    samples = [e for e in saved if isinstance(e, events.SampleSaved)]
+    assert [(s.step, s.prompts) for s in samples] == [(1, ["a picture number 0, flat style"])]  # no sample.prompts
+    assert samples[0].paths[0].is_file()
+    assert [c.name for c in list_checkpoints(tmp_path / "run")] == ["step-000001", "step-000003"]
+
+
+def test_continue_and_train_again_configs_of_a_run(tmp_path: Path) -> None:
+    ws = Workspace(tmp_path)
+    make_dataset(ws.datasets / "cats", n=1)
+    run = ws.outputs / "cats"
+    ws.run_config(Config().with_overrides({"data.path": "cats", "train.steps": 7})).save(run / "config.toml")
+    assert ws.settings_of("outputs/cats").train.steps == 7
+    again = ws.continue_config("outputs/cats")
+    assert (again.train.output_dir, again.train.resume, again.train.steps) == (str(run), "auto", 7)
+    assert ws.run_config(again).train.output_dir == str(run)  # continuing its own folder is allowed
+    fresh = ws.again_config(run)
+    assert (fresh.train.output_dir, fresh.train.resume, fresh.train.steps) == (str(ws.outputs / "cats-2"), "", 7)
+    # its own config started as is is refused up front, naming the way out
+    with pytest.raises(ConfigError, match=r"train.output_dir: '.*cats' already holds a run; continue it with "
+                                          r"`train.resume=auto` on the run's config"):
+        ws.run_config(ws.settings_of(run))
+    for bad in ["", "outputs", "datasets/cats", "/etc"]:
+        with pytest.raises(ConfigError):
+            ws.continue_config(bad)

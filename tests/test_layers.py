@@ -20,14 +20,15 @@ PACKAGE = ROOT / "stylelora"
 # sit above the whole table and may import any of it; nothing in it imports them.
 LAYERS: list[tuple[str, list[tuple[str, ...]]]] = [
     ("shells", [("__main__",), ("cli", "__init__")]),
-    ("services", [("jobs", "workspace", "launch"), ("collect", "kohya_import")]),
+    ("services", [("jobs", "workspace", "launch"), ("collect", "kohya_import", "board")]),
     ("engine", [("train", "generate"), ("artifacts",)]),
-    ("adapters", [("merge",), ("convert",), ("formats",), ("metadata",), ("adapter",), ("kohya_names",)]),
+    ("adapters", [("merge",), ("convert", "single_file"), ("formats",), ("metadata",), ("adapter",),
+                  ("kohya_names",)]),
     ("data", [("batches", "doctor", "autocaption"), ("buckets", "imagecheck", "caption_tools"),
               ("dataset", "cache", "images"), ("captions",)]),
     ("model", [("failures", "validation", "estimate"), ("checkpoint", "optim", "trackers"),
                ("models", "losses", "samplers", "ema", "text"), ("processes",)]),
-    ("base", [("events", "metrics"), ("config",), ("blocks",), ("fileio",), ("errors",)]),
+    ("base", [("events", "metrics"), ("config",), ("blocks",), ("fileio",), ("errors", "logs")]),
 ]
 SHELLS = ("app", "webui")  # first-party code outside the library: the Gradio app
 

@@ -6,16 +6,35 @@ from pathlib import Path
 
 import gradio as gr
 
+from stylelora.logs import quiet_libraries
 from stylelora.workspace import Workspace
 
 from . import dataset_tab, export_tab, preview_tab, train_tab
 from .context import Context
 
-CSS = "#train-progress b { text-transform: capitalize; }"
+CSS = """
+#train-progress b { text-transform: capitalize; }
+/* small previews (builtin:tiny renders 64 px) are scaled up to the frame, without blur */
+#base-image img, #lora-image img, #sweep-image img, #samples img { image-rendering: pixelated; }
+#base-image img, #lora-image img { width: 100%; height: 100%; object-fit: contain; }
+#sweep-image img { min-height: 240px; object-fit: contain; }
+"""
+# A strength typed into the slider's number box regenerates on Enter, as letting go of the slider does
+# (the box sends "release" when it loses focus).
+HEAD = """
+<script>
+document.addEventListener("keydown", (e) => {
+  const box = "#strength input[type=number], [id^=strength-] input[type=number]";  // and the per-block ones
+  if (e.key === "Enter" && e.target.matches && e.target.matches(box)) e.target.blur();
+});
+</script>
+"""
 
 
 def build_app(root: str | Path = ".", ctx: Context | None = None) -> tuple[gr.Blocks, Context]:
-    """The app over the datasets/ and outputs/ folders of ``root``; returns it and its shared context."""
+    """The app over the datasets/ and outputs/ folders of ``root``; returns it and its shared context.
+    A training queue saved by an earlier app in the same outputs/ starts again."""
+    quiet_libraries()  # no diffusers progress bars or optional-package warnings in the server log
     ctx = ctx or Context(Workspace(root))
     with gr.Blocks(title="stylelora") as demo:
         gr.Markdown("# stylelora\nCollect images, train a style LoRA, preview it with a strength slider, export it.")
@@ -25,14 +44,22 @@ def build_app(root: str | Path = ".", ctx: Context | None = None) -> tuple[gr.Bl
             preview_tab.build(ctx)
             export_tab.build(ctx)
         gr.api(train["train_toml"], api_name="train_toml", concurrency_limit=None)  # scripting: a config as TOML
-        # Cross-tab wiring: a new dataset appears in the Train form's dataset picker.
+        form = train["form"]
+        # Cross-tab wiring: a new dataset appears in the Train form's dataset picker, and the dataset check
+        # uses the resolution the Train form trains at.
         create_btn, create, new_name, status, images = data["create"]
-        create_btn.click(create, new_name, [data["dataset"], status, images, train["form"].widgets["data.path"]],
-                         api_name="create_dataset")
+        create_btn.click(create, new_name, [data["dataset"], status, images, form.widgets["data.path"]],
+                         api_name="create_dataset", show_progress_on=status)
+        check_btn, check, check_outputs = data["check"]
+        check_btn.click(check, [data["dataset"], form.widgets["data.resolution"]], check_outputs,
+                        api_name="check_data", show_progress_on=check_outputs[0])
         show, dataset, images = data["show"]
-        data_path = train["form"].widgets["data.path"]
+        data_path = form.widgets["data.path"]
         demo.load(data["refresh"], dataset, dataset, api_name=False).then(show, dataset, images, api_name=False)
         demo.load(lambda: gr.update(choices=ctx.dataset_choices()), None, data_path, api_name=False)
-        # A reopened browser shows the running (or last) training and keeps following it.
+        # A reopened browser shows the running (or last) training with its settings, and keeps following it.
+        demo.load(train["running_config"], None, form.components, api_name=False)
+        demo.load(train["queue_outputs"], None, [train["queue_table"], train["queue_item"]], api_name=False)
         demo.load(train["follow"], None, train["outputs"], api_name="watch", concurrency_limit=None)
+    ctx.job.resume_queue()
     return demo, ctx

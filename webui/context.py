@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 import gradio as gr
 
 from stylelora.autocaption import Captioner, load_captioner
+from stylelora.board import TensorBoard
 from stylelora.collect import list_datasets
 from stylelora.errors import StyleloraError
 from stylelora.generate import Previewer
@@ -20,19 +21,30 @@ from stylelora.jobs import TrainingJob
 from stylelora.launch import visible_gpus
 from stylelora.workspace import Workspace
 
+from .words import gui_words
+
 PRESETS = Path(__file__).resolve().parent.parent / "presets"
 Handler = TypeVar("Handler", bound=Callable[..., Any])
+
+
+QUEUE_FILE = "queue.json"  # under outputs/: the training queue, kept across restarts
 
 
 @dataclass
 class Context:
     workspace: Workspace
-    job: TrainingJob = field(default_factory=TrainingJob)
+    job: TrainingJob | None = None  # made in __post_init__: runs in the workspace, its queue under outputs/
     presets: Path = PRESETS
     preview_lock: threading.Lock = field(default_factory=threading.Lock)  # one render at a time, one model
     gpus: int = field(default_factory=visible_gpus)  # CUDA devices: with more than one, Train offers "GPUs"
+    tensorboard: TensorBoard = field(default_factory=TensorBoard)
     _previewer: Previewer | None = None
     _captioner: Captioner | None = None
+
+    def __post_init__(self) -> None:
+        if self.job is None:
+            self.job = TrainingJob(prepare=self.workspace.run_config,
+                                   queue_file=self.workspace.outputs / QUEUE_FILE)
 
     def dataset_choices(self) -> list[str]:
         return [self.workspace.display(self.workspace.datasets / n) for n in list_datasets(self.workspace.datasets)]
@@ -64,7 +76,7 @@ class Context:
 def user_error(e: Exception) -> gr.Error:
     """A message for the browser (and gradio_client) from a library error."""
     if isinstance(e, StyleloraError):
-        return gr.Error(_no_markup(str(e)), print_exception=False)
+        return gr.Error(_no_markup(gui_words(str(e))), print_exception=False)
     return gr.Error(_no_markup(f"{type(e).__name__}: {e}"))
 
 

@@ -10,9 +10,11 @@ import gradio as gr
 
 from stylelora import collect, doctor
 from stylelora.config import DataConfig
+from stylelora.errors import StyleloraError
 
 from . import caption_panels
 from .context import Context, user_errors
+from .words import CHECK_BUTTON
 
 ACCEPTED = list(collect.UPLOAD_SUFFIXES)
 
@@ -45,76 +47,111 @@ def build(ctx: Context) -> dict[str, Any]:
         return (gr.update(choices=names(), value=made.name), f"dataset folder: `{ws.display(made)}`",
                 gallery(made.name), gr.update(choices=ctx.dataset_choices()))
 
+    # The caption editor remembers what it shows: (dataset, image, caption as shown). A save goes to that
+    # dataset and image only, and only while the caption on disk is still the one shown.
+    def editor(name: str, image: str) -> tuple[str, str, tuple[str, str, str] | None]:
+        """(image, caption, what the editor shows) for ``image`` of dataset ``name`` as it is on disk now."""
+        if not name or not image:
+            return "", "", None
+        try:
+            caption = collect.caption_of(folder(name), image)
+        except (gr.Error, StyleloraError):  # the image or dataset is gone: the editor empties
+            return "", "", None
+        return image, caption, (name, image, caption)
+
+    def reloaded(name: str, shown: tuple[str, str, str] | None) -> tuple[str, str, tuple[str, str, str] | None]:
+        """The editor after the captions may have changed (an upload, a trigger word): the shown image again."""
+        if not shown or shown[0] != name:
+            return "", "", None
+        return editor(name, shown[1])
+
     @user_errors
-    def upload(name: str, files: list[str] | None):
+    def upload(name: str, files: list[str] | None, replace_captions: bool = False):
         if not files:
             raise gr.Error("choose images, captions or a zip to upload first", print_exception=False)
         target = folder(name)
-        report = collect.add_files(target, [(f, Path(f).name) for f in files])
+        report = collect.add_files(target, [(f, Path(f).name) for f in files], replace_captions=bool(replace_captions))
         return report.to_text(), gallery(name)
 
     @user_errors
     def select(name: str, evt: gr.SelectData):
         items = collect.images(folder(name))
         if evt.index is None or evt.index >= len(items):
-            return "", ""
-        image, caption = items[evt.index]
-        return image.name, caption
+            return "", "", None
+        return editor(name, items[evt.index][0].name)
 
     @user_errors
-    def save_caption(name: str, image: str, caption: str):
+    def save_caption(name: str, image: str, caption: str, shown: tuple[str, str, str] | None = None):
         if not image:
             raise gr.Error("click an image in the gallery first", print_exception=False)
-        collect.save_caption(folder(name), image, caption)
-        return f"saved the caption of {image}", gallery(name)
+        if shown is not None and (shown[0], shown[1]) != (name, image):
+            raise gr.Error(f"the editor shows {shown[1]} of dataset '{shown[0]}', not {image} of '{name}'; click "
+                           "the image in the gallery again", print_exception=False)
+        collect.save_caption(folder(name), image, caption, shown=shown[2] if shown else None)
+        return f"saved the caption of {image} in dataset '{name}'", gallery(name)
 
     @user_errors
     def trigger(name: str, word: str):
         changed = collect.add_trigger_word(folder(name), word)
-        return f"added '{word.strip()}' to {changed} caption(s)", gallery(name)
+        return f"added '{word.strip()}' to {changed} caption(s) in dataset '{name}'", gallery(name)
 
     @user_errors
     def check(name: str, resolution: float):
-        report = doctor.check_dataset(folder(name), resolution=int(resolution or DataConfig.resolution))
+        resolution = int(resolution or DataConfig.resolution)
+        report = doctor.check_dataset(folder(name), resolution=resolution)
         rows = [[ws.display(f.path), f.level, f.problem, f.action] for f in report.findings]
         verdict = "ready to train" if report.can_train else "not ready to train"
-        return f"**{verdict}**: {len(report.usable)} usable image(s)", rows, report.to_text()
+        return (f"**{verdict}**: {len(report.usable)} usable image(s), checked at {resolution} px (the Train tab's "
+                "resolution)", rows, report.to_text())
 
     with gr.Tab("Dataset", id="dataset"):
         with gr.Row():
             dataset = gr.Dropdown(names(), value="example" if "example" in names() else None,
-                                  label="Dataset", info="A folder under datasets/", scale=2,
+                                  label="Dataset", info="A folder under datasets/", scale=2, elem_id="dataset-pick",
                                   allow_custom_value=True)  # names are checked by collect.dataset_folder
             new_name = gr.Textbox(label="New dataset", placeholder="my-style", scale=2)
             create_btn = gr.Button("Create", scale=1)
         with gr.Row():
-            files = gr.File(label="Images, .txt captions or a .zip", file_count="multiple", file_types=ACCEPTED)
+            files = gr.File(label="Images, .txt captions or a .zip", file_count="multiple", file_types=ACCEPTED,
+                            elem_id="upload-files")
             with gr.Column():
-                upload_btn = gr.Button("Add files to the dataset", variant="primary")
-                status = gr.Textbox(label="Result", lines=4, interactive=False)
+                upload_btn = gr.Button("Add files to the dataset", variant="primary", elem_id="upload")
+                replace = gr.Checkbox(False, label="Uploaded captions replace different existing ones",
+                                      info="Off: an image's caption is kept, and the result says which were not used")
+                status = gr.Textbox(label="Result", lines=4, interactive=False, elem_id="upload-result")
         images = gr.Gallery(label="Images (click one to edit its caption)", columns=6, height=360,
-                            allow_preview=False)
+                            elem_id="dataset-images", allow_preview=False)
         with gr.Row():
-            image_name = gr.Textbox(label="Image", interactive=False, scale=1)
-            caption = gr.Textbox(label="Caption", scale=4)
-            save_btn = gr.Button("Save caption", scale=1)
+            image_name = gr.Textbox(label="Image", interactive=False, scale=1, elem_id="caption-image")
+            caption = gr.Textbox(label="Caption", scale=4, elem_id="caption-text")
+            save_btn = gr.Button("Save caption", scale=1, elem_id="save-caption")
+        shown = gr.State(None)  # (dataset, image, caption) the editor shows; not part of the API
         with gr.Row():
             trigger_word = gr.Textbox(label="Trigger word", info="Put in front of every caption", scale=3)
-            trigger_btn = gr.Button("Add to every caption", scale=1)
-        with gr.Row():
-            check_res = gr.Number(DataConfig.resolution, label="Training resolution", precision=0, scale=1)
-            check_btn = gr.Button("Check the dataset", scale=1)
+            trigger_btn = gr.Button("Add to every caption", scale=1, elem_id="add-trigger")
+        check_btn = gr.Button(CHECK_BUTTON, elem_id="check-data")
         report = gr.Markdown()
-        findings = gr.Dataframe(headers=["file", "level", "problem", "what to do"], interactive=False, wrap=True)
+        findings = gr.Dataframe(headers=["file", "level", "problem", "what to do"], interactive=False, wrap=True,
+                                column_widths=["18%", "8%", "37%", "37%"], elem_id="findings")
         with gr.Accordion("Full report", open=False):
             full_report = gr.Textbox(show_label=False, lines=12, interactive=False)
         caption_panels.build(ctx, folder, gallery, dataset, images)
 
+    editor_fields = [image_name, caption, shown]
     dataset.change(gallery, dataset, images, api_name="list_images")
-    upload_btn.click(upload, [dataset, files], [status, images], api_name="upload")
-    images.select(select, dataset, [image_name, caption], api_name=False)
-    save_btn.click(save_caption, [dataset, image_name, caption], [status, images], api_name="save_caption")
-    trigger_btn.click(trigger, [dataset, trigger_word], [status, images], api_name="add_trigger")
-    check_btn.click(check, [dataset, check_res], [report, findings, full_report], api_name="check_data")
+    dataset.change(lambda: ("", "", None), None, editor_fields, api_name=False)  # never edit the old one's image
+    # After an upload the picker empties (a second click must not add the same files again), and the editor
+    # shows the caption as it is now; so it does after a save and after "Add to every caption".
+    # Progress and errors show on the result line, never over the gallery (it stays clickable).
+    upload_btn.click(upload, [dataset, files, replace], [status, images], api_name="upload",
+                     show_progress_on=status).success(
+        lambda name, now: (None, *reloaded(name, now)), [dataset, shown], [files, *editor_fields], api_name=False)
+    images.select(select, dataset, editor_fields, api_name=False)
+    save_btn.click(save_caption, [dataset, image_name, caption, shown], [status, images], show_progress_on=status,
+                   api_name="save_caption").success(editor, [dataset, image_name], editor_fields, api_name=False)
+    trigger_btn.click(trigger, [dataset, trigger_word], [status, images], api_name="add_trigger",
+                      show_progress_on=status).then(
+        reloaded, [dataset, shown], editor_fields, api_name=False)
     return {"dataset": dataset, "create": (create_btn, create, new_name, status, images),
-            "show": (gallery, dataset, images), "refresh": refresh}
+            "show": (gallery, dataset, images), "refresh": refresh,
+            "check": (check_btn, check, [report, findings, full_report])}

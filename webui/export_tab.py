@@ -1,19 +1,25 @@
-"""Export tab: write a run's adapter as kohya (A1111/ComfyUI) or diffusers, verified; merge into the base."""
+"""Export tab: write a run's adapter as kohya (A1111/ComfyUI) or diffusers, verified; merge into the base.
+
+Every download is one file named after the run: ``<run>-fp16.safetensors`` (kohya),
+``<run>-diffusers-fp16.safetensors`` (diffusers' keys, for ``pipe.load_lora_weights(file)``), and a merged
+model as ``<run>-merged-1.safetensors`` (the single-file checkpoint A1111 and ComfyUI load) or a diffusers
+folder.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import gradio as gr
 
 from stylelora.convert import export as export_adapter
-from stylelora.formats import DIFFUSERS_WEIGHT_NAME
 from stylelora.merge import merge as merge_adapter
 
 from .context import Context, user_errors
 
 FORMATS = [("kohya (AUTOMATIC1111, ComfyUI)", "kohya"), ("diffusers (pipe.load_lora_weights)", "diffusers")]
+MERGED = [("one .safetensors checkpoint (AUTOMATIC1111, ComfyUI)", "single_file"),
+          ("a diffusers folder (from_pretrained)", "diffusers")]
 
 
 def build(ctx: Context) -> dict[str, Any]:
@@ -29,17 +35,21 @@ def build(ctx: Context) -> dict[str, Any]:
         source = picked(choice)
         report = export_adapter(ws.inside(source, [ws.outputs]), fmt, ws.export_target(source, fmt, precision),
                                 precision=precision)
-        path = Path(report.path)
-        download = path if path.is_file() else path / DIFFUSERS_WEIGHT_NAME
         verdict = "verified: reloaded and compared every tensor" if report.verified else "NOT verified"
-        text = f"**{verdict}**\n\n`{ws.display(path)}` — {report.num_tensors} tensors\n\n{report.summary}"
-        return text, str(download) if download.is_file() else None
+        summary = report.summary.replace(str(report.path), ws.display(report.path))
+        text = f"**{verdict}**\n\n`{ws.display(report.path)}` — {report.num_tensors} tensors\n\n{summary}"
+        return text, str(report.path)
 
     @user_errors
-    def merge(model: str, choice: str | None, scale: float):
-        adapter, out = ws.merge_target(picked(choice), float(scale))
-        path = merge_adapter(model or "builtin:tiny", adapter, float(scale), out)
-        return f"merged model written to `{ws.display(path)}`"
+    def merge(model: str, choice: str | None, scale: float, layout: str = "single_file", precision: str = "fp16"):
+        single = layout != "diffusers"
+        adapter, out = ws.merge_target(picked(choice), float(scale), single_file=single)
+        path = merge_adapter(model or "builtin:tiny", adapter, float(scale), out, precision=precision)
+        if single:
+            return (f"merged model written to `{ws.display(path)}` ({precision}; verified: diffusers reads every "
+                    "tensor back equal). It loads in AUTOMATIC1111 (models/Stable-diffusion/) and ComfyUI "
+                    "(models/checkpoints/)."), str(path)
+        return f"merged model written to `{ws.display(path)}` (a diffusers folder)", None
 
     def refresh(current: str | None):
         choices = ctx.run_choices() + ctx.adapter_choices()
@@ -47,21 +57,26 @@ def build(ctx: Context) -> dict[str, Any]:
 
     with gr.Tab("Export", id="export") as tab:
         source = gr.Dropdown(ctx.run_choices() + ctx.adapter_choices(), label="Run or adapter",
-                             info="Runs and adapter files under outputs/", allow_custom_value=True)
+                             info="Runs and adapter files under outputs/", allow_custom_value=True,
+                             elem_id="export-source")
         with gr.Row():
             fmt = gr.Radio(FORMATS, value="kohya", label="Format")
             precision = gr.Dropdown(["fp16", "bf16", "fp32"], value="fp16", label="Precision")
-            export_btn = gr.Button("Export", variant="primary")
+            export_btn = gr.Button("Export", variant="primary", elem_id="export")
         report = gr.Markdown()
-        download = gr.File(label="Download", interactive=False)
+        download = gr.File(label="Download", interactive=False, elem_id="export-download")
         with gr.Accordion("Merge into the base model", open=False):
             with gr.Row():
                 merge_model = gr.Textbox("builtin:tiny", label="Base model")
                 merge_scale = gr.Number(1.0, label="Strength")
-                merge_btn = gr.Button("Merge")
+                merge_layout = gr.Radio(MERGED, value="single_file", label="Save the merged model as")
+                merge_btn = gr.Button("Merge", elem_id="merge")
             merge_report = gr.Markdown()
+            merged = gr.File(label="Download the merged model", interactive=False, elem_id="merge-download")
+            merged_path = gr.State(None)  # the file to offer; a State, so the API's merge returns the text alone
 
-    export_btn.click(export, [source, fmt, precision], [report, download], api_name="export")
-    merge_btn.click(merge, [merge_model, source, merge_scale], merge_report, api_name="merge")
+    export_btn.click(export, [source, fmt, precision], [report, download], api_name="export", show_progress_on=report)
+    merge_btn.click(merge, [merge_model, source, merge_scale, merge_layout, precision], [merge_report, merged_path],
+                    api_name="merge").success(lambda path: path, merged_path, merged, api_name=False)
     tab.select(refresh, source, source, api_name=False)
     return {}

@@ -1,8 +1,9 @@
 """The Config form: one widget per config field, made by one mapping from field to widget.
 
 Widgets are derived from the field's type, choices (``Literal``), bounds and help text, so a field a
-helper adds to ``stylelora.config`` appears here without touching the app. Values go back into a
-``Config`` by dotted name, never by position.
+helper adds to ``stylelora.config`` appears here with one line in ``labels.py`` (its label and group).
+Values go back into a ``Config`` by dotted name, never by position. A field that may be unset (``None``)
+is a text box that is empty when unset: a number box would send 0 once shown.
 """
 
 from __future__ import annotations
@@ -16,12 +17,15 @@ import gradio as gr
 from stylelora.config import Config, GenerateSettings, all_fields, field_type
 from stylelora.errors import ConfigError
 
+from .labels import ADVANCED_GROUPS, FIELDS, group, label
+
 BASIC_ROWS = [["model.name", "data.path"], ["train.steps", "lora.rank", "train.lr", "data.resolution"],
               ["lora.train_text_encoder"]]
 BASIC = [name for row in BASIC_ROWS for name in row]
 MODEL_SUGGESTIONS = ["builtin:tiny", "builtin:tiny-sdxl", "builtin:tiny-sd2v",
                      "stable-diffusion-v1-5/stable-diffusion-v1-5", "stabilityai/stable-diffusion-xl-base-1.0",
                      "stabilityai/stable-diffusion-2-1"]
+PER_ROW = 3
 
 
 def _base_type(tp: Any) -> tuple[Any, bool]:
@@ -37,40 +41,47 @@ def elem_id(dotted: str) -> str:
     return "cfg-" + dotted.replace(".", "-").replace("_", "-")
 
 
+def parameter_name(dotted: str) -> str:
+    """The field's parameter name in the API (``train.text_encoder_lr`` -> ``train_text_encoder_lr``)."""
+    return dotted.replace(".", "_")
+
+
 def widget_for(dotted: str, value: Any, datasets: list[str]) -> gr.components.Component:
     """The widget of one config field showing ``value``: the type picks the widget, Literal choices make a
-    dropdown, bounds limit numbers; the label is the dotted name and the help text is shown under it."""
+    dropdown; the label is the field's label, the info line its dotted key, help text and bounds."""
     meta = all_fields()[dotted].metadata
     tp, optional = _base_type(field_type(dotted))
     value = to_widget_value(dotted, value)
-    common: dict[str, Any] = {"label": dotted, "info": meta.get("help", ""), "elem_id": elem_id(dotted)}
+    info = f"{dotted} · {meta.get('help', '')}"
+    common: dict[str, Any] = {"label": label(dotted), "elem_id": elem_id(dotted)}
     if dotted == "data.path":
-        return gr.Dropdown(datasets, value=value, allow_custom_value=True, **common)
+        return gr.Dropdown(datasets, value=value, allow_custom_value=True, info=info, **common)
     if dotted == "model.name":
-        return gr.Dropdown(MODEL_SUGGESTIONS, value=value, allow_custom_value=True, **common)
+        return gr.Dropdown(MODEL_SUGGESTIONS, value=value, allow_custom_value=True, info=info, **common)
     if typing.get_origin(tp) is Literal:
-        return gr.Dropdown(list(typing.get_args(tp)), value=value, **common)
+        return gr.Dropdown(list(typing.get_args(tp)), value=value, info=info, **common)
     if tp is bool:
-        return gr.Checkbox(value=value, **common)
+        return gr.Checkbox(value=value, info=info, **common)
     if tp in (int, float):
-        if optional:
-            common["info"] += " Leave empty for the default."
         # Bounds go in the help text, not the widget: Config checks them and names the field when wrong.
         bounds = [f"{word} {meta[key]:g}" for key, word in (("gt", ">"), ("ge", "≥"), ("lt", "<"), ("le", "≤"))
                   if meta.get(key) is not None]
         if bounds:
-            common["info"] += f" ({', '.join(bounds)})"
-        return gr.Number(value=value, precision=0 if tp is int else None, **common)
+            info += f" ({', '.join(bounds)})"
+        if optional:  # empty means not set (None); a number box cannot be empty once it is shown
+            return gr.Textbox(value=value, placeholder="not set", info=info + " Leave empty for not set.", **common)
+        return gr.Number(value=value, precision=0 if tp is int else None, info=info, **common)
     if typing.get_origin(tp) is list:
-        common["info"] += " One per line."
-        return gr.Textbox(value=value, lines=3, **common)
-    return gr.Textbox(value=value, **common)
+        return gr.Textbox(value=value, lines=3, info=info + " One per line.", **common)
+    return gr.Textbox(value=value, info=info, **common)
 
 
 def to_widget_value(dotted: str, value: Any) -> Any:
-    tp, _ = _base_type(field_type(dotted))
+    tp, optional = _base_type(field_type(dotted))
     if typing.get_origin(tp) is list:
         return "\n".join(value or [])
+    if optional and tp in (int, float):
+        return "" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
     return value
 
 
@@ -78,6 +89,13 @@ def from_widget_value(dotted: str, value: Any) -> Any:
     tp, optional = _base_type(field_type(dotted))
     if typing.get_origin(tp) is list:
         return [line.strip() for line in str(value or "").splitlines() if line.strip()]
+    if isinstance(value, str) and tp in (int, float):
+        value = value.strip()
+        if value:
+            try:
+                value = float(value) if tp is float or not value.lstrip("+-").isdigit() else int(value)
+            except ValueError:
+                raise ConfigError(f"{dotted}: must be a number, got {value!r}") from None
     if value is None or value == "":
         if optional:
             return None
@@ -92,7 +110,7 @@ def from_widget_value(dotted: str, value: Any) -> Any:
 
 
 class ConfigForm:
-    """Every config field's widget, in Basic and Advanced groups, keyed by dotted name."""
+    """Every config field's widget, Basic first, then the Advanced groups, keyed by dotted name."""
 
     def __init__(self, initial: Config, datasets: list[str]) -> None:
         self.widgets: dict[str, gr.components.Component] = {}
@@ -101,16 +119,16 @@ class ConfigForm:
                 with gr.Row():
                     for dotted in row:
                         self.widgets[dotted] = widget_for(dotted, initial.get(dotted), datasets)
-        with gr.Accordion("Advanced", open=False):
-            sections: dict[str, list[str]] = {}
-            for dotted in all_fields():
-                if dotted not in BASIC:
-                    sections.setdefault(dotted.split(".")[0], []).append(dotted)
-            for section, names in sections.items():
-                with gr.Accordion(f"[{section}]", open=True):
-                    for i in range(0, len(names), 3):
+        advanced = [d for d in all_fields() if d not in BASIC]
+        with gr.Accordion("Advanced", open=False, elem_id="advanced"):
+            for name in ADVANCED_GROUPS:
+                fields = sorted((d for d in advanced if group(d) == name), key=_position)
+                if not fields:
+                    continue
+                with gr.Accordion(name, open=name == ADVANCED_GROUPS[0]):
+                    for i in range(0, len(fields), PER_ROW):
                         with gr.Row():
-                            for dotted in names[i : i + 3]:
+                            for dotted in fields[i : i + PER_ROW]:
                                 self.widgets[dotted] = widget_for(dotted, initial.get(dotted), datasets)
 
     @property
@@ -121,8 +139,17 @@ class ConfigForm:
     def components(self) -> list[gr.components.Component]:
         return list(self.widgets.values())
 
-    def to_config(self, values: list[Any]) -> Config:
-        """The Config the widgets describe (values in ``components`` order); ConfigError names the field."""
+    @property
+    def by_parameter(self) -> dict[str, gr.components.Component]:
+        """The widgets by API parameter name (``train_steps``), in form order: an event given these as
+        ``inputs_kwargs`` shows named parameters in the API instead of param_0..param_N."""
+        return {parameter_name(d): w for d, w in self.widgets.items()}
+
+    def to_config(self, values: list[Any] | dict[str, Any]) -> Config:
+        """The Config the widgets describe (values in ``components`` order, or by parameter name);
+        ConfigError names the field."""
+        if isinstance(values, dict):
+            values = [values[parameter_name(d)] for d in self.names]
         data: dict[str, dict[str, Any]] = {}
         for dotted, value in zip(self.names, values, strict=True):
             section, key = dotted.split(".", 1)
@@ -133,6 +160,12 @@ class ConfigForm:
 
     def values(self, config: Config) -> list[Any]:
         return [to_widget_value(d, config.get(d)) for d in self.names]
+
+
+def _position(dotted: str) -> int:
+    """Where labels.py lists a field (fields it does not list come last)."""
+    order = list(FIELDS)
+    return order.index(dotted) if dotted in order else len(order)
 
 
 # --- generation settings (the Preview tab) ------------------------------------------------------

@@ -3,7 +3,6 @@ a strength sweep strip and a checkpoint x strength grid (all from ``stylelora.ge
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -43,9 +42,10 @@ def build(ctx: Context) -> dict[str, Any]:
         return str(ws.inside(choice, [ws.outputs]))
 
     def attached(model: str, path: str) -> tuple[Any, str]:
-        """The model's previewer with ``path`` attached (the previewer re-reads it only when it changed)."""
+        """The model's previewer with ``path`` attached (the previewer re-reads it only when it changed),
+        under the name ``stylelora generate`` gives it too (the images' parameters name it)."""
         previewer = ctx.previewer(model or "builtin:tiny")
-        return previewer, previewer.attach(path, name=f"{Path(path).parent.name}/{Path(path).stem}")
+        return previewer, previewer.attach(path)
 
     # The handlers take the SETTINGS widgets' values as (negative, seed, steps): Gradio names the API's
     # parameters after them.
@@ -114,7 +114,8 @@ def build(ctx: Context) -> dict[str, Any]:
             shown["seed"] = settings_widget(START, "seed")
             shown["steps"] = settings_widget(START, "steps", slider_max=STEPS_SLIDER_MAX)
             strength = gr.Slider(-1, 2, value=1, step=0.05, label="Strength", elem_id="strength",
-                                 info="0 is the base model; regenerates when you let go")
+                                 info="0 is the base model; regenerates when you let go, or type a value and press "
+                                 "Enter")
         with gr.Accordion("Per-block strength (IN / MID / OUT)", open=False):
             with gr.Row():
                 groups = [gr.Slider(-1, 2, value=1, step=0.05, label=f"{group} blocks",
@@ -129,7 +130,7 @@ def build(ctx: Context) -> dict[str, Any]:
             scales = gr.Textbox("0, 0.5, 1, 1.5", label="Strengths for the sweep and grid")
             sweep_btn = gr.Button("Strength sweep")
             grid_btn = gr.Button("Checkpoint × strength grid")
-        sweep_image = gr.Image(label="Sweep / grid", type="pil", format="png")
+        sweep_image = gr.Image(label="Sweep / grid", type="pil", format="png", elem_id="sweep-image")
 
     settings = [shown[name] for name in SETTINGS]
     inputs = [model, adapter, upload, prompt, *settings]

@@ -6,6 +6,7 @@ import argparse
 import ipaddress
 import logging
 import os
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -45,6 +46,20 @@ def exposure_problem(host: str, share: bool, auth: tuple[str, str] | None) -> st
     return None
 
 
+def port_problem(host: str, port: int) -> str | None:
+    """Why the app cannot listen on ``port`` (not a port number, or taken), or None."""
+    if not 1 <= port <= 65535:
+        return f"--port {port}: not a port number; give one from 1 to 65535 (the default is 7860)"
+    try:
+        family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.bind((host.strip("[]") if host not in ("0.0.0.0", "") else "0.0.0.0", port))
+    except OSError:
+        return (f"--port {port}: port {port} is in use on {host} (is stylelora or another app already running "
+                f"there?); pick a free one, e.g. --port {port + 1 if port < 65535 else 7860}")
+    return None
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="app.py", description="stylelora in the browser: collect, train, preview, export.")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine only)")
@@ -66,21 +81,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
+    problem = port_problem(args.host, args.port)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 1
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own startup requests
+    from stylelora.errors import StyleloraError
+    from stylelora.logs import quiet_libraries
+
     from .build import build_app
 
-    demo, ctx = build_app(args.root)
-    launch(demo, ctx, server_name=args.host, server_port=args.port, share=args.share, auth=auth)
+    quiet_libraries()
+    try:
+        demo, ctx = build_app(args.root)
+    except StyleloraError as e:
+        print(f"error: --root {args.root}: {e}", file=sys.stderr)
+        return 1
+    try:
+        launch(demo, ctx, server_name=args.host, server_port=args.port, share=args.share, auth=auth)
+    except OSError as e:  # taken between the check and the launch
+        print(f"error: {port_problem(args.host, args.port) or f'--port {args.port}: {e}'}", file=sys.stderr)
+        return 1
     return 0
 
 
 def launch(demo: Any, ctx: Any, **kwargs: Any) -> Any:
     """Serve ``demo``; Gradio may serve files only from the workspace's datasets/ and outputs/."""
+    from .build import CSS, HEAD
+
     return demo.queue(default_concurrency_limit=1).launch(
         allowed_paths=[str(p) for p in ctx.workspace.folders],
         show_error=False,
         footer_links=["api"],
+        css=CSS,
+        head=HEAD,
         **kwargs,
     )

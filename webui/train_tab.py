@@ -1,149 +1,36 @@
-"""Train tab: the config form, presets, TOML in and out, Start/Stop, progress, loss plot, samples, log.
+"""Train tab: the config form, presets, TOML in and out, Start/Stop, a queue, progress, loss plot,
+samples, log, and the runs under outputs/ (continue one, or train it again into a new folder).
 
-The training runs in the context's TrainingJob (a worker thread). ``train`` starts it and then
-follows its events, like ``watch``, which the page runs on load: a reopened browser shows the run.
+The training runs in the context's TrainingJob (a worker thread; the queue lives there too). Starting
+only starts; the page then follows the job's events (``TrainingJob.follow``), as ``watch`` does when
+the page loads: a reopened browser shows the run, and the form shows that run's settings.
 """
 
 from __future__ import annotations
 
-import html
-import math
-import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import gradio as gr
 import pandas as pd
 
 from stylelora import events, kohya_import
 from stylelora.config import Config
-from stylelora.jobs import Snapshot
 from stylelora.launch import runner_for
 from stylelora.models import KIND_NAMES, KIND_PRESETS, peek_model
 from stylelora.train import estimate_run
 
 from .context import Context, user_errors
 from .form import ConfigForm
+from .progress import QUEUE_HEADERS, first_event, queue_choices, queue_rows, render, summary
+from .words import AGAIN_BUTTON, CONTINUE_BUTTON
 
-LOG_LINES = 300
 DEFAULT_PRESET = "cpu-demo"  # what the form shows first: a run that finishes in seconds on a CPU
 
 
-def _clock(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    s = int(round(seconds))
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
-
-
-def _log_line(e: events.Event) -> str | None:
-    if isinstance(e, events.Started):
-        where = e.device if e.processes == 1 else f"{e.device} with {e.processes} processes"
-        return (f"started: {e.num_images} images on {where} (effective batch {e.effective_batch}), "
-                f"steps {e.start_step}->{e.total_steps}, run folder {e.output_dir}")
-    if isinstance(e, events.Message):
-        return f"{e.level}: {e.text}"
-    if isinstance(e, events.Estimated):
-        return ("" if e.fits else "warning: ") + e.summary
-    if isinstance(e, events.SampleSaved):
-        return f"step {e.step}: {len(e.paths)} sample(s) saved"
-    if isinstance(e, events.CheckpointSaved):
-        return f"step {e.step}: checkpoint {e.path}"
-    if isinstance(e, events.AdapterSaved):
-        return f"step {e.step}: adapter " + ", ".join(str(p) for p in e.paths)
-    if isinstance(e, events.Finished):
-        return f"{'stopped' if e.stopped_early else 'finished'} at step {e.step}: {e.output_dir}"
-    return None
-
-
-E = TypeVar("E", bound=events.Event)
-
-
-def _first(snap: Snapshot, kind: type[E]) -> E | None:
-    return next((e for e in snap.events if isinstance(e, kind)), None)
-
-
-def _last(snap: Snapshot, kind: type[E]) -> E | None:
-    return next((e for e in reversed(snap.events) if isinstance(e, kind)), None)
-
-
-def _position(snap: Snapshot) -> tuple[int, int]:
-    """(step, total steps) of the job: from its last progress, else from its start, else (0, 0)."""
-    last, started = _last(snap, events.Progress), _first(snap, events.Started)
-    if last:
-        return last.step, last.total_steps
-    return (started.start_step, started.total_steps) if started else (0, 0)
-
-
-def _status_text(snap: Snapshot) -> str:
-    last = _last(snap, events.Progress)
-    if snap.status == "idle":
-        text = "no training yet: pick a preset or fill the form, then Start"
-    elif last:
-        eta = _clock(last.eta_s) if snap.status == "running" else "0:00"
-        text = (f"step {last.step}/{last.total_steps} · loss {last.loss:.4f} · {last.images_per_s:.2f} images/s · "
-                f"elapsed {_clock(last.elapsed_s)} · ETA {eta}")
-    else:
-        text = "loading the model and data…" if snap.status == "running" else ""
-    return text + (f" — {snap.error}" if snap.error else "")
-
-
-def _log(snap: Snapshot) -> list[str]:
-    """The last LOG_LINES lines of the run log."""
-    return [line for e in snap.events if (line := _log_line(e))][-LOG_LINES:]
-
-
-def render(snap: Snapshot) -> tuple[str, pd.DataFrame, list[tuple[str, str]], str]:
-    """(progress HTML, loss table, samples, log) of a job snapshot."""
-    step, total = _position(snap)
-    pct = 100.0 * step / total if total else 0.0
-    progress_html = (
-        f'<div id="train-progress" data-status="{snap.status}" data-step="{step}">'
-        f'<div style="display:flex;justify-content:space-between"><b>{snap.status}</b>'
-        f'<span>{html.escape(_status_text(snap))}</span></div>'
-        f'<div style="background:var(--neutral-200,#ddd);border-radius:4px;height:12px;margin-top:4px">'
-        f'<div style="width:{pct:.1f}%;height:12px;border-radius:4px;background:var(--color-accent,#f97316)">'
-        f"</div></div></div>"
-    )
-    progress = [e for e in snap.events if isinstance(e, events.Progress)]
-    losses = pd.DataFrame({"step": [p.step for p in progress], "loss": [p.loss for p in progress]})
-    samples = [(str(path), f"step {e.step}: {prompt}") for e in snap.events if isinstance(e, events.SampleSaved)
-               for path, prompt in zip(e.paths, e.prompts, strict=False)]
-    return progress_html, losses, samples[::-1], "\n".join(_log(snap))
-
-
-def summary(snap: Snapshot) -> dict[str, Any]:
-    """The job as plain JSON (what the ``train_toml`` API streams)."""
-    last, started, finished = _last(snap, events.Progress), _first(snap, events.Started), _first(snap, events.Finished)
-    return {
-        "status": snap.status,
-        "step": last.step if last else 0,
-        "total_steps": _position(snap)[1],
-        "loss": last.loss if last else None,
-        "output_dir": str(started.output_dir) if started else "",
-        "adapters": [str(p) for p in finished.adapter_paths] if finished else [],
-        "error": snap.error,
-        "log": _log(snap),
-    }
-
-
-def follow(ctx: Context, run_id: int | None = None, interval: float = 0.5):
-    """Yield renders of the job until its run ends (or is replaced); at most one per ``interval``."""
-    snap = ctx.job.snapshot()
-    run_id = snap.run_id if run_id is None else run_id
-    yield render(snap)
-    seen = len(snap.events)
-    while snap.status == "running" and snap.run_id == run_id:
-        time.sleep(interval)  # batch the events of fast steps into one update
-        snap = ctx.job.wait(seen, run_id, timeout=10.0)
-        if len(snap.events) != seen or snap.status != "running":
-            seen = len(snap.events)
-            yield render(snap)
-
-
 def build(ctx: Context) -> dict[str, Any]:
-    ws = ctx.workspace
+    ws, job = ctx.workspace, ctx.job
 
     def preset_config(name: str) -> Config:
         return Config.load(ctx.presets / f"{Path(name).name}.toml")
@@ -164,13 +51,13 @@ def build(ctx: Context) -> dict[str, Any]:
         text += f". The {preset} preset is made for it"
         return text, gr.update(visible=True, value=f"Use the {KIND_NAMES[facts.kind]} preset ({preset})")
 
-    with gr.Tab("Train", id="train"):
+    with gr.Tab("Train", id="train") as tab:
         with gr.Row(equal_height=True):
             preset = gr.Dropdown(ctx.preset_names(), value=DEFAULT_PRESET, label="Preset", scale=3)
             load_preset_btn = gr.Button("Load preset", scale=1)
             toml_in = gr.UploadButton("Load a TOML…", file_types=[".toml", ".json"], type="filepath", scale=1)
             save_btn = gr.Button("Save as TOML", scale=1)
-        toml_out = gr.File(label="Config", interactive=False, visible=False)
+        toml_out = gr.File(label="Config", interactive=False, visible=False, elem_id="saved-config")
         import_notes = gr.Markdown(elem_id="import-notes")
         form = ConfigForm(initial, ctx.dataset_choices())
         shown_facts, offer = detect(initial.model.name, initial.data.resolution)
@@ -185,23 +72,51 @@ def build(ctx: Context) -> dict[str, Any]:
                                info="one process per GPU (accelerate launch); the batch size is per GPU")
             estimate_btn = gr.Button("Estimate memory and time", elem_id="estimate", scale=2)
             start_btn = gr.Button("Start training", variant="primary", elem_id="start-training", scale=3)
+            queue_btn = gr.Button("Add to queue", elem_id="add-to-queue", scale=2)
             stop_btn = gr.Button("Stop", variant="stop", elem_id="stop-training", scale=1)
         estimate_out = gr.Markdown(elem_id="estimate-result")
+        with gr.Row():
+            sample_btn = gr.Button("Sample now", size="sm", elem_id="sample-now")
+            checkpoint_btn = gr.Button("Save checkpoint now", size="sm", elem_id="checkpoint-now")
+            board_btn = gr.Button("Open TensorBoard", size="sm", elem_id="open-tensorboard")
+        notice = gr.Markdown(elem_id="train-notice")
         progress = gr.HTML(elem_id="train-status")
         with gr.Row():
             plot = gr.LinePlot(x="step", y="loss", title="Training loss", height=260, label="Loss")
-            samples = gr.Gallery(label="Samples", columns=3, height=260)
-        log = gr.Textbox(label="Run log", lines=8, max_lines=16, autoscroll=True, interactive=False)
+            samples = gr.Gallery(label="Samples", columns=3, height=260, elem_id="samples")
+        log = gr.Textbox(label="Run log", lines=8, max_lines=16, autoscroll=True, interactive=False, elem_id="run-log")
+        with gr.Accordion("Queue", open=True, elem_id="queue"):
+            queue_table = gr.Dataframe(headers=QUEUE_HEADERS, value=queue_rows(job.queued()), interactive=False,
+                                       wrap=True, elem_id="queue-table")
+            queue_item = gr.Dropdown(label="Queued run", info="Pick one to move or cancel", elem_id="queue-item",
+                                     allow_custom_value=True)  # the API names any id; the job checks it
+            with gr.Row():
+                up_btn = gr.Button("Move up", size="sm", elem_id="queue-up")
+                down_btn = gr.Button("Move down", size="sm", elem_id="queue-down")
+                cancel_btn = gr.Button("Cancel it", size="sm", variant="stop", elem_id="queue-cancel")
+                queue_list_btn = gr.Button("Refresh", size="sm")
+        with gr.Accordion("Runs", open=True, elem_id="runs"):
+            run_pick = gr.Dropdown(ctx.run_choices(), label="Run", elem_id="run-pick", allow_custom_value=True,
+                                   info="Run folders under outputs/, newest first; the one shown above is picked")
+            with gr.Row():
+                settings_btn = gr.Button("Load its settings", size="sm", elem_id="run-settings")
+                continue_btn = gr.Button(CONTINUE_BUTTON, size="sm", elem_id="run-continue")
+                again_btn = gr.Button(AGAIN_BUTTON, size="sm", elem_id="run-again")
 
-    @user_errors
-    def load_preset(name: str) -> list[Any]:
-        return _shown(preset_config(name))
-
-    def _shown(config: Config) -> list[Any]:
+    # --- the form -------------------------------------------------------------------------------------
+    def shown(config: Config, *, as_run: bool = False) -> list[Any]:
+        """The form's values for ``config``; ``as_run``: a run's config, shown as settings for a new run
+        (its run folder and resume cleared: the status and the runs list say where it ran)."""
+        if as_run:
+            config = config.with_overrides({"train.output_dir": "", "train.resume": ""})
         values = form.values(config)
         i = form.names.index("data.path")
         values[i] = ws.display(values[i]) if Path(values[i]).is_absolute() else values[i]
         return values
+
+    @user_errors
+    def load_preset(name: str) -> list[Any]:
+        return shown(preset_config(name))
 
     @user_errors
     def load_toml(path: str | None) -> list[Any]:
@@ -209,8 +124,8 @@ def build(ctx: Context) -> dict[str, Any]:
         if not path:
             return [gr.update() for _ in form.names]
         if kohya_import.is_kohya_file(path):
-            return _shown(kohya_import.import_kohya(path).config)
-        return _shown(Config.load(path))
+            return shown(kohya_import.import_kohya(path).config)
+        return shown(Config.load(path))
 
     @user_errors
     def import_report(path: str | None) -> str:
@@ -224,36 +139,114 @@ def build(ctx: Context) -> dict[str, Any]:
         return "\n".join(lines)
 
     @user_errors
-    def estimate(*values: Any) -> str:
+    def estimate(**values: Any) -> str:
         """The memory and time the form's run would take, and what to change when it will not fit."""
-        result = estimate_run(ws.run_config(form.to_config(list(values))))
+        result = estimate_run(ws.run_config(form.to_config(values)))
         return result.summary() + "".join(f"\n- {advice}" for advice in result.advice)
 
     @user_errors
-    def save_toml(*values: Any):
-        config = form.to_config(list(values))
+    def save_toml(**values: Any):
+        config = form.to_config(values)
         # Saved configs live in outputs/configs/ (the app writes nowhere else), named after the dataset.
         path = ws.outputs / "configs" / f"{Path(config.data.path).name or 'config'}.toml"
         config.save(path)
         return gr.update(value=str(path), visible=True)
 
+    def running_config() -> list[Any]:
+        """On page load: the settings of the run the status shows (else the form as it is)."""
+        if job.config is None:
+            return [gr.update() for _ in form.names]
+        return shown(job.config, as_run=True)
+
+    # --- starting, following, stopping ---------------------------------------------------------------
+    def started(run_id: int) -> str:
+        config = job.config
+        where = ws.display(config.output_dir) if config is not None else "?"
+        return f"started run {run_id} in `{where}`"
+
     @user_errors
-    def train(*values: Any):
-        *fields, gpus = values
-        run_id = ctx.job.start(ws.run_config(form.to_config(fields)), runner=runner_for(int(gpus), ctx.gpus))
-        yield from follow(ctx, run_id)
+    def start(gpus: Any = 1, **values: Any) -> str:
+        """Start training the form's config on ``gpus`` GPUs (the page then follows it)."""
+        return started(job.start(form.to_config(values), runner=runner_for(int(gpus or 1), ctx.gpus)))
+
+    @user_errors
+    def enqueue(**values: Any):
+        item = job.enqueue(form.to_config(values))
+        return f"added run #{item} to the queue", *queue_outputs()
+
+    @user_errors
+    def continue_run(run: str | None) -> str:
+        return started(job.start(ws.continue_config(run or "")))
+
+    @user_errors
+    def train_again(run: str | None) -> str:
+        return started(job.start(ws.again_config(run or "")))
+
+    def follow_job() -> Iterator[tuple[Any, ...]]:
+        """Renders of the current run, then of each queued run that starts after it, until the job rests;
+        the queue table and the runs list go along."""
+        for snap in job.follow(across_queue=True):
+            runs = gr.update(choices=ctx.run_choices())
+            started = first_event(snap, events.Started)
+            if snap.status != "running" and started is not None:  # a run ended: the runs list picks it
+                runs = gr.update(choices=runs["choices"], value=ws.display(started.output_dir))
+            yield *render(snap, ws.display), queue_rows(snap.queue, snap), runs
 
     @user_errors
     def train_toml(toml_text: str, gpus: int = 1) -> Iterator[dict]:
         """Train the config given as TOML text on ``gpus`` GPUs; yields {status, step, total_steps, loss,
         output_dir, log}."""
-        config = Config.from_toml(toml_text, "config")
-        run_id = ctx.job.start(ws.run_config(config), runner=runner_for(int(gpus), ctx.gpus))
-        for _ in follow(ctx, run_id):
-            yield summary(ctx.job.snapshot())
+        run_id = job.start(Config.from_toml(toml_text, "config"), runner=runner_for(int(gpus), ctx.gpus))
+        for snap in job.follow(run_id):
+            yield summary(snap)
 
     def stop() -> str:
-        return "stopping after the current step" if ctx.job.stop() else "no training is running"
+        if job.stop():
+            return "stopping after the current step" + (" (the queue goes on with the next run)" if job.queued()
+                                                        else "")
+        gr.Warning("no training is running")
+        return "no training is running"
+
+    def ask(kind: str) -> str:
+        if not job.request(kind):
+            gr.Warning("no training is running")
+            return "no training is running"
+        return ("samples requested: they appear after the current step" if kind == "sample"
+                else "checkpoint requested: it is saved after the current step")
+
+    @user_errors
+    def tensorboard() -> str:
+        if job.config is None:
+            raise gr.Error("no run yet: start a training first", print_exception=False)
+        url = ctx.tensorboard.open(job.config.output_dir / "logs")
+        return f"TensorBoard of `{ws.display(job.config.output_dir)}`: [{url}]({url})"
+
+    # --- the queue and the runs ----------------------------------------------------------------------
+    def queue_outputs(current: Any = None) -> tuple[Any, Any]:
+        snap = job.snapshot()
+        return queue_rows(snap.queue, snap), queue_choices(snap.queue, current)
+
+    @user_errors
+    def move(item: Any, offset: int):
+        if item is None:
+            raise gr.Error("pick a queued run first", print_exception=False)
+        job.move(int(item), offset)
+        return queue_outputs(int(item))
+
+    @user_errors
+    def cancel(item: Any):
+        if item is None:
+            raise gr.Error("pick a queued run first", print_exception=False)
+        gone = job.cancel(int(item))
+        return f"cancelled run #{gone.id} ({gone.describe()})", *queue_outputs()
+
+    def queue_list() -> pd.DataFrame:
+        snap = job.snapshot()
+        return queue_rows(snap.queue, snap)
+
+    def runs(current: str | None):
+        choices = ctx.run_choices()
+        return gr.update(choices=choices, value=current if current in choices else (choices[0] if choices else None))
 
     @user_errors
     def use_kind_preset(model_name: str, data_path: str) -> list[Any]:
@@ -262,21 +255,53 @@ def build(ctx: Context) -> dict[str, Any]:
         if facts is None or facts.kind not in KIND_PRESETS:
             raise gr.Error(f"no preset for {model_name}", print_exception=False)
         config = preset_config(KIND_PRESETS[facts.kind]).with_overrides({"model.name": model_name})
-        values = _shown(config)
+        values = shown(config)
         values[form.names.index("data.path")] = data_path
         return values
 
-    outputs = [progress, plot, samples, log]
-    load_preset_btn.click(load_preset, preset, form.components, api_name="load_preset")
-    toml_in.upload(load_toml, toml_in, form.components, api_name="load_toml").then(
+    @user_errors
+    def run_settings(run: str | None) -> list[Any]:
+        return shown(ws.settings_of(run or ""), as_run=True)
+
+    # --- wiring --------------------------------------------------------------------------------------
+    outputs = [progress, plot, samples, log, queue_table, run_pick]
+    fields = form.by_parameter  # named API parameters (train_steps, lora_rank, ...), not param_0..param_N
+    # A handler that fills the form shows its progress and errors on the notice line, not over every field.
+    load_preset_btn.click(load_preset, preset, form.components, api_name="load_preset", show_progress_on=notice)
+    toml_in.upload(load_toml, toml_in, form.components, api_name="load_toml", show_progress_on=notice).then(
         import_report, toml_in, import_notes, api_name="import_report")
-    estimate_btn.click(estimate, form.components, estimate_out, api_name="estimate")
-    save_btn.click(save_toml, form.components, toml_out, api_name="save_toml")
-    start_btn.click(train, [*form.components, gpus], outputs, api_name="train", concurrency_limit=None)
-    stop_btn.click(stop, None, log, api_name="stop", concurrency_limit=None)
+    estimate_btn.click(estimate, inputs_kwargs=fields, outputs=estimate_out, api_name="estimate")
+    save_btn.click(save_toml, inputs_kwargs=fields, outputs=toml_out, api_name="save_toml")
+    # Starting is its own event, so a refused start marks only the notice line, not the plot and log.
+    start_btn.click(start, inputs_kwargs={**fields, "gpus": gpus}, outputs=notice, api_name="train",
+                    concurrency_limit=None).success(
+        follow_job, None, outputs, api_name=False, concurrency_limit=None)
+    queue_btn.click(enqueue, inputs_kwargs=fields, outputs=[notice, queue_table, queue_item], api_name="queue_add",
+                    concurrency_limit=None, show_progress_on=notice).success(
+        follow_job, None, outputs, api_name=False, concurrency_limit=None)
+    continue_btn.click(continue_run, run_pick, notice, api_name="continue_run", concurrency_limit=None).success(
+        follow_job, None, outputs, api_name=False, concurrency_limit=None)
+    again_btn.click(train_again, run_pick, notice, api_name="train_again", concurrency_limit=None).success(
+        follow_job, None, outputs, api_name=False, concurrency_limit=None)
+    settings_btn.click(run_settings, run_pick, form.components, api_name="run_settings", show_progress_on=notice)
+    stop_btn.click(stop, None, notice, api_name="stop", concurrency_limit=None)
+    sample_btn.click(lambda: ask("sample"), None, notice, api_name="sample_now", concurrency_limit=None)
+    checkpoint_btn.click(lambda: ask("checkpoint"), None, notice, api_name="checkpoint_now", concurrency_limit=None)
+    board_btn.click(tensorboard, None, notice, api_name="tensorboard", concurrency_limit=None)
+    queue_list_btn.click(queue_list, None, queue_table, api_name="queue_list", concurrency_limit=None)
+    up_btn.click(lambda item: move(item, -1), queue_item, [queue_table, queue_item], api_name="queue_up",
+                 concurrency_limit=None, show_progress_on=queue_item)
+    down_btn.click(lambda item: move(item, 1), queue_item, [queue_table, queue_item], api_name="queue_down",
+                   concurrency_limit=None, show_progress_on=queue_item)
+    cancel_btn.click(cancel, queue_item, [notice, queue_table, queue_item], api_name="queue_cancel",
+                     concurrency_limit=None, show_progress_on=notice)
     model_name, resolution = form.widgets["model.name"], form.widgets["data.resolution"]
     model_name.change(detect, [model_name, resolution], [model_facts, kind_preset_btn], api_name="model_facts")
     resolution.change(detect, [model_name, resolution], [model_facts, kind_preset_btn], api_name=False)
     kind_preset_btn.click(use_kind_preset, [model_name, form.widgets["data.path"]], form.components,
-                          api_name="use_kind_preset")
-    return {"form": form, "outputs": outputs, "follow": lambda: (yield from follow(ctx)), "train_toml": train_toml}
+                          api_name="use_kind_preset", show_progress_on=notice)
+    tab.select(runs, run_pick, run_pick, api_name=False)
+    tab.select(lambda item: queue_outputs(item), queue_item, [queue_table, queue_item], api_name=False)
+    return {"form": form, "outputs": outputs, "follow": follow_job, "train_toml": train_toml,
+            "running_config": running_config, "queue_list": queue_list, "queue_table": queue_table,
+            "queue_item": queue_item, "queue_outputs": queue_outputs, "runs": (runs, run_pick)}

@@ -1,0 +1,29 @@
+"""Third-party chatter (progress bars, deprecation notes, optional-package warnings) kept out of the
+terminal and the app's server log; stylelora's own messages come as events and ``logging`` records."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+NOISY_LOGGERS = ("transformers", "diffusers", "accelerate", "peft", "torch", "torchvision", "huggingface_hub")
+
+
+def quiet_libraries() -> None:
+    """Errors only from the libraries stylelora drives; no diffusers/transformers progress bars."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    # torchvision, when installed, warns about its image extension and beta transforms on import
+    warnings.filterwarnings("ignore", module=r"torchvision(\..*)?")
+    warnings.filterwarnings("ignore", message=r".*torchvision.*")
+    try:
+        from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
+    except ImportError:  # pragma: no cover - both are dependencies
+        return
+    diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
