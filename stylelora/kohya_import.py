@@ -390,20 +390,7 @@ def _set_resolution(k: _Importer, key: str, value: Any) -> None:
 
 def _network(k: _Importer) -> None:
     args = _args(k.get("network_args"))
-    kind = None
-    if k.given("LoRA_type"):
-        kind = KOHYA_NETWORK_TYPES.get(str(k.get("LoRA_type")).strip().lower())
-        if kind is None:
-            k.skip("LoRA_type", "this network type is not implemented; trained as plain LoRA (lora.type=lora)")
-    if k.given("network_module"):
-        module = str(k.get("network_module")).strip()
-        kind = LYCORIS_ALGOS.get(args.get("algo", "lora").lower()) if module == "lycoris.kohya" else (
-            NETWORK_MODULES.get(module))
-        if kind == "lora" and "conv_dim" in args:
-            kind = "locon"
-        if kind is None:
-            k.skip("network_module", f"{module} {args.get('algo', '')} is not implemented; trained as plain "
-                   "LoRA (lora.type=lora)".replace("  ", " "))
+    kind = _network_kind(k, args)
     if kind is not None:
         key = "LoRA_type" if k.given("LoRA_type") else "network_module"
         k.set(key, "lora.type", kind)
@@ -411,19 +398,7 @@ def _network(k: _Importer) -> None:
         k.set("network_dim", "lora.rank", _integer(k.get("network_dim"), "network_dim"))
     if k.given("network_alpha"):
         k.set("network_alpha", "lora.alpha", _number(k.get("network_alpha"), "network_alpha"))
-    convs = kind in ("locon", "loha", "lokr")
-    for key, dotted, read in (("conv_dim", "lora.conv_rank", _integer), ("conv_alpha", "lora.conv_alpha", _number)):
-        label = f"network_args {key}" if key in args else key
-        value = args.pop(key) if key in args else k.get(key)
-        if _is_empty(value):
-            continue
-        if convs:
-            k.set(label, dotted, read(value, key))
-        elif label == key:
-            k.used.add(key)  # kohya_ss keeps conv_dim in every config but passes it only to LoCon/LoHa/LoKr
-        else:
-            k.report.unsupported.append((label, value, "conv_dim is used by LoCon, LoHa and LoKr; this config "
-                                         "trains plain LoRA"))
+    _conv_settings(k, args, convs=kind in ("locon", "loha", "lokr"))
     label = "network_args factor" if "factor" in args else "factor"
     factor = args.pop("factor", None) or k.get("factor")
     if kind == "lokr" and factor not in (None, ""):
@@ -438,6 +413,43 @@ def _network(k: _Importer) -> None:
         k.report.unsupported.append((f"network_args {name}", value, NOT_IMPORTED.get(name) or "not implemented"))
     if "network_args" in k.settings:
         k.used.add("network_args")
+
+
+def _network_kind(k: _Importer, args: dict[str, Any]) -> str | None:
+    """``lora.type`` from kohya_ss's ``LoRA_type`` or sd-scripts' ``network_module`` (+ ``algo``); None when
+    neither is given or the network is one we do not train (reported)."""
+    kind = None
+    if k.given("LoRA_type"):
+        kind = KOHYA_NETWORK_TYPES.get(str(k.get("LoRA_type")).strip().lower())
+        if kind is None:
+            k.skip("LoRA_type", "this network type is not implemented; trained as plain LoRA (lora.type=lora)")
+    if k.given("network_module"):
+        module = str(k.get("network_module")).strip()
+        kind = LYCORIS_ALGOS.get(args.get("algo", "lora").lower()) if module == "lycoris.kohya" else (
+            NETWORK_MODULES.get(module))
+        if kind == "lora" and "conv_dim" in args:
+            kind = "locon"
+        if kind is None:
+            k.skip("network_module", f"{module} {args.get('algo', '')} is not implemented; trained as plain "
+                   "LoRA (lora.type=lora)".replace("  ", " "))
+    return kind
+
+
+def _conv_settings(k: _Importer, args: dict[str, Any], convs: bool) -> None:
+    """``conv_dim``/``conv_alpha`` (top-level or in ``network_args``): the conv rank and alpha when the
+    network trains convs (``convs``), else accounted for."""
+    for key, dotted, read in (("conv_dim", "lora.conv_rank", _integer), ("conv_alpha", "lora.conv_alpha", _number)):
+        label = f"network_args {key}" if key in args else key
+        value = args.pop(key) if key in args else k.get(key)
+        if _is_empty(value):
+            continue
+        if convs:
+            k.set(label, dotted, read(value, key))
+        elif label == key:
+            k.used.add(key)  # kohya_ss keeps conv_dim in every config but passes it only to LoCon/LoHa/LoKr
+        else:
+            k.report.unsupported.append((label, value, "conv_dim is used by LoCon, LoHa and LoKr; this config "
+                                         "trains plain LoRA"))
 
 
 def _learning_rates(k: _Importer) -> None:
@@ -714,6 +726,29 @@ def is_kohya_file(path: str | Path) -> bool:
 def import_kohya(path: str | Path, dataset_config: str | Path | None = None) -> ImportReport:
     """Read a kohya_ss GUI JSON or sd-scripts TOML (and its dataset TOML) into a stylelora Config."""
     source = Path(path)
+    settings, dataset, sources = _read_sources(source, dataset_config)
+    k = _Importer(settings, source.parent)
+    k.used.add("dataset_config")
+    if dataset is not None:
+        _dataset_config(k, dataset, sources[-1])
+    for step in (_model, _data, _network, _learning_rates, _optimizer, _length, _precision, _noise, _saving,
+                 _samples, _simple):
+        step(k)
+    _schedule(k, k.values.get("train.steps") if "train.epochs" not in k.values else _epoch_steps(k))
+    _account_for_the_rest(k)
+    try:
+        config = Config().with_overrides(k.values)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: the imported values do not make a valid config:\n{e}") from None
+    report = k.report
+    report.source, report.config = sources, config
+    return report
+
+
+def _read_sources(source: Path, dataset_config: str | Path | None) -> tuple[dict[str, Any], dict[str, Any] | None,
+                                                                             list[Path]]:
+    """(training settings, dataset config or None, the files read): a dataset config given alone, or the
+    one the settings name (``dataset_config``, relative to the settings' folder) or the caller gives."""
     settings = read_file(source)
     sources = [source]
     dataset = None
@@ -724,14 +759,11 @@ def import_kohya(path: str | Path, dataset_config: str | Path | None = None) -> 
         linked_path = Path(linked) if Path(linked).is_absolute() or Path(linked).exists() else source.parent / linked
         dataset = read_file(linked_path)
         sources.append(linked_path)
-    k = _Importer(settings, source.parent)
-    k.used.add("dataset_config")
-    if dataset is not None:
-        _dataset_config(k, dataset, sources[-1])
-    for step in (_model, _data, _network, _learning_rates, _optimizer, _length, _precision, _noise, _saving,
-                 _samples, _simple):
-        step(k)
-    _schedule(k, k.values.get("train.steps") if "train.epochs" not in k.values else _epoch_steps(k))
+    return settings, dataset, sources
+
+
+def _account_for_the_rest(k: _Importer) -> None:
+    """Every key no step used: empty or at kohya's default (listed as empty), or left out with the reason."""
     for key, value in k.settings.items():
         if key in k.used:
             continue
@@ -741,13 +773,6 @@ def import_kohya(path: str | Path, dataset_config: str | Path | None = None) -> 
             k.report.empty.append(key)
         else:
             k.skip(key, NOT_IMPORTED.get(key) or "not a setting stylelora has")
-    try:
-        config = Config().with_overrides(k.values)
-    except ConfigError as e:
-        raise ConfigError(f"{source}: the imported values do not make a valid config:\n{e}") from None
-    report = k.report
-    report.source, report.config = sources, config
-    return report
 
 
 def _epoch_steps(k: _Importer) -> int | None:

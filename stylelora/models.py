@@ -742,29 +742,16 @@ def prepare_for_training(
 
     Returns the trainable LoRA parameters and the dtype of the base weights.
     """
-    lora, train = config.lora, config.train
-    params = add_lora(model, lora)
-    trainable = {id(p) for p in params}
+    train = config.train
+    params = add_lora(model, config.lora)
     text_encoders = model.text_encoders
     training = [any(p.requires_grad for p in encoder.parameters()) for encoder in text_encoders]
     set_attention(model.unet, train.attention)
     if train.gradient_checkpointing:
-        model.unet.enable_gradient_checkpointing()
-        for encoder, trains in zip(text_encoders, training, strict=True):
-            if trains:
-                encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        _enable_gradient_checkpointing(model, training)
     weight_dtype = WEIGHT_DTYPES.get(mixed_precision, torch.float32)
     quantized = config.model.quantize != "none"
-    for module in (model.unet, model.vae, *text_encoders):
-        # One tensor at a time, straight to the device in the training precision: the frozen base never
-        # has an fp32 copy on the GPU, and the LoRA weights are never rounded through bf16/fp16. A part to be
-        # quantized stays on the host until it is, so the device only ever holds its quantized weights.
-        dtype = vae_dtype(model, weight_dtype) if module is model.vae else weight_dtype
-        where = torch.device("cpu") if quantized and module is not model.vae else device
-        for p in module.parameters():
-            p.data = p.data.to(where, torch.float32 if id(p) in trainable else dtype)
-        for b in module.buffers():
-            b.data = b.data.to(where, dtype if b.is_floating_point() else b.dtype)
+    _place_weights(model, {id(p) for p in params}, weight_dtype, device, quantized)
     if quantized:
         quantize_frozen(model, config.model.quantize)
         for _, module in model.parts():
@@ -781,6 +768,31 @@ def prepare_for_training(
     if train.compile != "off":
         compile_unet(model.unet, train.compile)
     return params, weight_dtype
+
+
+def _enable_gradient_checkpointing(model: BaseModel, training: list[bool]) -> None:
+    """Gradient checkpointing on the UNet and on each text encoder that trains (``training``)."""
+    model.unet.enable_gradient_checkpointing()
+    for encoder, trains in zip(model.text_encoders, training, strict=True):
+        if trains:
+            encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def _place_weights(model: BaseModel, trainable: set[int], weight_dtype: torch.dtype, device: torch.device,
+                   quantized: bool) -> None:
+    """Every weight on ``device``: the ``trainable`` (LoRA) ones in fp32, the frozen base in ``weight_dtype``
+    (the VAE in ``vae_dtype``).
+
+    One tensor at a time, straight to the device in the training precision: the frozen base never has an
+    fp32 copy on the GPU, and the LoRA weights are never rounded through bf16/fp16. A part to be
+    ``quantized`` stays on the host until it is, so the device only ever holds its quantized weights."""
+    for module in (model.unet, model.vae, *model.text_encoders):
+        dtype = vae_dtype(model, weight_dtype) if module is model.vae else weight_dtype
+        where = torch.device("cpu") if quantized and module is not model.vae else device
+        for p in module.parameters():
+            p.data = p.data.to(where, torch.float32 if id(p) in trainable else dtype)
+        for b in module.buffers():
+            b.data = b.data.to(where, dtype if b.is_floating_point() else b.dtype)
 
 
 def quantize_frozen(model: BaseModel, kind: str) -> None:

@@ -358,18 +358,47 @@ def _read_steps(trained: list[_Trained], team: Processes) -> tuple[list[float], 
     return losses_read, images
 
 
-def _take_requests(requests: events.Requests, config: Config, data: TrainingSet, live: ckpt.LiveState, step: int,
-                   total: int, clock: _Clock, emit: EventHandler, done: bool) -> None:
-    """Samples and a checkpoint asked for during the run ("Sample now", "Save checkpoint now"); without
-    sample prompts the first training caption is rendered. ``done``: this step already saved a checkpoint."""
-    if requests.take("sample"):
-        prompts = config.sample.prompts or [with_trigger(data.items[0].caption, config.data.trigger_word)]
-        sampled = config.with_overrides({"sample.prompts": prompts})
-        with _evaluation_weights(live):
-            paths = render_samples(live.model, sampled, live.run_dir, step)
-        emit(events.SampleSaved(step, paths, prompts))
-    if requests.take("checkpoint") and not done and step < total:  # the last step saves anyway
-        ckpt.snapshot(live, step, clock.elapsed(), config.train.keep_checkpoints, emit)
+@dataclass
+class _AtReport:
+    """What the loop does at a report step once the losses are read: validation, the metrics line, samples,
+    a checkpoint, an epoch's adapter file, and what a shell asked for ("Sample now", "Save checkpoint
+    now"; without sample prompts the first training caption is rendered)."""
+
+    config: Config
+    live: ckpt.LiveState
+    data: TrainingSet
+    due: _Due
+    validator: Validator | None
+    metrics: MetricsLog | None
+    requests: events.Requests
+    clock: _Clock
+    autocast: Callable[[], Any]
+    emit: EventHandler
+    total: int
+
+    def __call__(self, step: int, epoch: int | None, record: dict[str, Any]) -> None:
+        config, live, due, emit = self.config, self.live, self.due, self.emit
+        if self.validator is not None and due.validation(step):
+            with _evaluation_weights(live):
+                record["val_loss"] = self.validator.loss(self.autocast)
+            emit(events.Validation(step, record["val_loss"]))
+        if self.metrics is not None and (due.metrics(step) or "val_loss" in record):
+            self.metrics.write(record)
+        asked = self.requests.take("sample")
+        if due.samples(step) or asked:
+            prompts = config.sample.prompts or [with_trigger(self.data.items[0].caption, config.data.trigger_word)]
+            with _evaluation_weights(live):
+                paths = render_samples(live.model, config.with_overrides({"sample.prompts": prompts}),
+                                       live.run_dir, step)
+            emit(events.SampleSaved(step, paths, prompts))
+        asked = self.requests.take("checkpoint") and step < self.total  # the last step saves anyway
+        if due.checkpoint(step) or epoch is not None or asked:
+            ckpt.snapshot(live, step, self.clock.elapsed(), config.train.keep_checkpoints, emit)
+        if epoch is not None and due.main:  # kohya's save_every_n_epochs: an epoch's adapter file
+            with _evaluation_weights(live):
+                saved = export_adapter(live.model, config, live.run_dir, step, self.data.num_images, self.data.items,
+                                       self.total, epoch)
+            emit(events.AdapterSaved(step, saved))
 
 
 def train(
@@ -462,6 +491,8 @@ def _train(config: Config, emit: RunTracker, stop: StopSignal, model: BaseModel 
     losses_seen: list[float] = []
     unreported: list[_Trained] = []  # steps whose loss is still on the device (read at the next report)
     clock, due, stopped = _Clock(step, seconds_before), _Due(config, team, total, source.epoch), False
+    at_report = _AtReport(config, live, data, due, validator, metrics, requests, clock, accelerator.autocast, emit,
+                          total)
 
     def report() -> events.Progress | None:
         """Progress for each step since the last report; the last one's event."""
@@ -518,24 +549,7 @@ def _train(config: Config, emit: RunTracker, stop: StopSignal, model: BaseModel 
         progress = report()  # raises on a loss that is not finite, before anything uses or saves the weights
         record = {"step": step, "loss": losses_seen[-1], "lr": lr, "seconds": elapsed,
                   "images_per_s": progress.images_per_s if progress else 0.0}
-        if validator is not None and due.validation(step):
-            with _evaluation_weights(live):
-                record["val_loss"] = validator.loss(accelerator.autocast)
-            emit(events.Validation(step, record["val_loss"]))
-        if metrics is not None and (due.metrics(step) or "val_loss" in record):
-            metrics.write(record)
-        if due.samples(step):
-            with _evaluation_weights(live):
-                paths = render_samples(model, config, out, step)
-            emit(events.SampleSaved(step, paths, list(config.sample.prompts)))
-        if due.checkpoint(step) or epoch is not None:
-            ckpt.snapshot(live, step, clock.elapsed(), cfg.keep_checkpoints, emit)
-        if epoch is not None and team.is_main:  # kohya's save_every_n_epochs: an epoch's adapter file
-            with _evaluation_weights(live):
-                saved = export_adapter(model, config, out, step, data.num_images, data.items, total, epoch)
-            emit(events.AdapterSaved(step, saved))
-        _take_requests(requests, config, data, live, step, total, clock, emit,
-                       done=due.checkpoint(step) or epoch is not None)
+        at_report(step, epoch, record)  # validation, metrics, samples, checkpoints, epoch adapters, requests
     report()
 
     # --- final save (also after a stop request); the export uses the EMA (or schedule-free) average ---
