@@ -78,7 +78,8 @@ def test_form_has_a_widget_for_every_config_field(app) -> None:
     # /train takes the fields by name (the form's defaults fill the rest): no param_0..param_N
     parameters = [p["parameter_name"] for p in client.view_api(return_format="dict", print_info=False)
                   ["named_endpoints"]["/train"]["parameters"]]
-    assert parameters[:3] == ["model_name", "data_path", "train_steps"] and len(parameters) == len(all_fields())
+    assert parameters[:3] == ["model_name", "data_path", "train_steps"] and len(parameters) == len(all_fields()) + 1
+    assert parameters[-1] == "gpus"  # how many GPUs train the run (shown with more than one)
     assert not [p for p in parameters if p.startswith("param_")]
 
 
