@@ -13,8 +13,6 @@ from gui_server import launch, make_root
 
 from conftest import draw_image
 from stylelora.autocaption import STYLE_WORDS
-from stylelora.config import all_fields
-from webui.form import BASIC
 
 KOHYA = Path(__file__).parent / "kohya"
 
@@ -81,9 +79,10 @@ def test_bulk_edits_preview_apply_tags_and_undo(app) -> None:
 def test_load_a_toml_takes_a_kohya_config_and_says_what_it_left_out(app) -> None:
     client, _ = app
     values = client.predict(handle_file(KOHYA / "loha.json"), api_name="/load_toml")
-    order = BASIC + [name for name in all_fields() if name not in BASIC]  # the form: Basic, then Advanced
+    order = [p["parameter_name"] for p in client.view_api(return_format="dict", print_info=False)  # form order
+             ["named_endpoints"]["/save_toml"]["parameters"]]
     shown = dict(zip(order, values, strict=True))
-    assert (shown["lora.type"], shown["lora.rank"], shown["lora.conv_rank"], shown["train.optimizer"]) == (
+    assert (shown["lora_type"], shown["lora_rank"], shown["lora_conv_rank"], shown["train_optimizer"]) == (
         "loha", 4, 4, "lion")
     notes = client.predict(handle_file(KOHYA / "loha.json"), api_name="/import_report")
     assert "Imported a kohya config" in notes and "`rank_dropout` (rank dropout is not implemented" in notes
