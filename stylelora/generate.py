@@ -358,7 +358,10 @@ class Previewer:
             self._fused = wanted
 
     def _fusable(self, attached: _Attached) -> bool:
-        return all(not layer.use_dora.get(attached.peft_name, False)
+        """Plain LoRA/LoCon layers fuse; LoHa, LoKr (other peft layer types) and DoRA run unfused."""
+        from peft.tuners.lora import LoraLayer
+
+        return all(isinstance(layer, LoraLayer) and not layer.use_dora.get(attached.peft_name, False)
                    for part in attached.parts for _, layer in self._layers[part])
 
     def _fuse(self, attached: _Attached, scale: float, groups: Mapping[str, float]) -> None:
