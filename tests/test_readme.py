@@ -5,7 +5,8 @@ The copy holds the tracked files only, as a clone would. Its ``.venv/bin/`` runs
 one the suite runs in), so the "set up" commands that create the venv are not run again: they are
 checked to be the ones ``.ci/run`` runs from nothing. The test command itself (``pytest``) is this
 suite. ``bash`` blocks run; ``python`` blocks run with the copy's Python; ``sh`` blocks need a real
-model or your own files, so their commands are only checked to parse as the CLI reads them. The commands
+model, your own files or GPUs, so their commands are only checked to parse as the CLI reads them (behind
+``accelerate launch`` or ``torchrun``, the ``-m stylelora`` part). The commands
 are read from README.md when the test runs, so it follows whatever README says; every ``--out`` or
 ``--output`` a command names must exist afterwards.
 """
@@ -47,8 +48,11 @@ def fresh_copy(folder: Path) -> Path:
             shutil.copy2(source, folder / name)
     bin_dir = folder / ".venv" / "bin"
     bin_dir.mkdir(parents=True)
-    wrappers = {"python": f'exec {shlex.quote(sys.executable)} "$@"',
-                "stylelora": f'exec {shlex.quote(sys.executable)} -m stylelora "$@"'}  # run from the copy's root
+    python = shlex.quote(sys.executable)
+    wrappers = {"python": f'exec {python} "$@"',
+                "stylelora": f'exec {python} -m stylelora "$@"',  # run from the copy's root
+                "accelerate": f'exec {python} -m accelerate.commands.accelerate_cli "$@"',
+                "torchrun": f'exec {python} -m torch.distributed.run "$@"'}
     for name, body in wrappers.items():
         (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
         (bin_dir / name).chmod(0o755)
@@ -96,7 +100,10 @@ def check_parses(command: str) -> None:
     """A command that needs a real model or your files: its flags and settings must be what the CLI takes."""
     from stylelora.cli import build_parser, config_from_args
 
-    words = shlex.split(command)
+    words = shlex.split(command, comments=True)
+    if words[0] in (".venv/bin/accelerate", ".venv/bin/torchrun"):  # a launcher of several processes (GPUs)
+        assert words[words.index("-m") + 1] == "stylelora", command
+        words = [".venv/bin/stylelora", *words[words.index("-m") + 2:]]
     assert words[0] == ".venv/bin/stylelora", command
     args = build_parser().parse_args(words[1:])  # exits (fails the test) on an unknown flag
     if args.command == "train":
