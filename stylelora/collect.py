@@ -14,7 +14,6 @@ A caption edit is refused when the caption changed on disk since the editor show
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
@@ -29,6 +28,7 @@ from pathlib import Path
 from PIL import Image
 
 from . import fileio
+from .cache import file_hash
 from .dataset import IMAGE_SUFFIXES
 from .errors import DataError
 
@@ -136,14 +136,6 @@ def _check_image(data_path: Path, shown: str) -> str | None:
     return None
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 class _Upload:
     """One upload into ``folder``: images first (so captions can follow renamed images), then captions."""
 
@@ -163,9 +155,9 @@ class _Upload:
         candidates = self._by_size.get(source.stat().st_size, [])
         if not candidates:
             return None
-        digest = _sha256(source)
+        digest = file_hash(source)
         for p in sorted(candidates):
-            if self._hashes.setdefault(p, _sha256(p)) == digest:
+            if self._hashes.setdefault(p, file_hash(p)) == digest:
                 return p
         return None
 
