@@ -145,6 +145,19 @@ def weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in module.named_parameters()}
 
 
+def assert_diffusers_fuses_exactly(path: Path, adapter, model) -> None:
+    """diffusers' own load_lora_weights takes the file with no missing or unexpected key, every part gets the
+    adapter, and fuse_lora at 1 moves each weight by exactly its delta (``assert_fused_delta``)."""
+    before = {part: weights(module) for part, module in model.parts()}
+    with captured_logs() as records:
+        model.pipeline.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name="style")
+    assert_loaded_cleanly(records)
+    assert set(model.pipeline.get_list_adapters()) == {part for part, _ in model.parts()}
+    model.pipeline.fuse_lora(lora_scale=1.0)
+    model.pipeline.unload_lora_weights()
+    assert_fused_delta(adapter, model, before)
+
+
 def assert_fused_delta(adapter, model, before: dict, scale: float = 1.0) -> None:
     """After fuse_lora + unload, each adapted weight moved by exactly scale*alpha/rank*up@down, the rest not at all."""
     for part, module in model.parts():

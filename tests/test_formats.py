@@ -12,6 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from conftest import (
+    assert_diffusers_fuses_exactly,
     assert_fused_delta,
     assert_loaded_cleanly,
     captured_logs,
@@ -114,14 +115,7 @@ def test_diffusers_loads_the_file_and_fuses_exactly_up_down_alpha_over_rank(tmp_
             assert "lora_adapter_metadata" not in (f.metadata() or {})
     else:
         path = save_diffusers(tmp_path / "style", adapter, model, precision="fp32")
-    before = {part: weights(module) for part, module in model.parts()}
-    with captured_logs() as records:
-        model.pipeline.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name="style")
-    assert_loaded_cleanly(records)
-    assert set(model.pipeline.get_list_adapters()) == {part for part, _ in model.parts()}
-    model.pipeline.fuse_lora(lora_scale=1.0)
-    model.pipeline.unload_lora_weights()
-    assert_fused_delta(adapter, model, before)
+    assert_diffusers_fuses_exactly(path, adapter, model)
 
 
 def test_adapter_scale_zero_gives_the_base_image_exactly(tmp_path: Path) -> None:

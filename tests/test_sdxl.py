@@ -12,9 +12,16 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
-from test_formats import assert_fused_delta, assert_loaded_cleanly, captured_logs, weights
 
-from conftest import draw_image, make_dataset, run_cli, tiny_config
+from conftest import (
+    assert_diffusers_fuses_exactly,
+    assert_loaded_cleanly,
+    captured_logs,
+    draw_image,
+    make_dataset,
+    run_cli,
+    tiny_config,
+)
 from stylelora import events
 from stylelora.batches import BatchSource, TrainingSet
 from stylelora.config import Config
@@ -248,14 +255,7 @@ def test_diffusers_loads_the_run_files_cleanly_and_fuses_exactly(kind: str, fmt:
     model = load_base_model(f"builtin:{kind}")
     adapter = load_adapter(path, model)
     assert set(adapter.state) == {part for part, _ in model.parts()}
-    before = {part: weights(module) for part, module in model.parts()}
-    with captured_logs() as records:
-        model.pipeline.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name="style")
-    assert_loaded_cleanly(records)
-    assert set(model.pipeline.get_list_adapters()) == {part for part, _ in model.parts()}
-    model.pipeline.fuse_lora(lora_scale=1.0)
-    model.pipeline.unload_lora_weights()
-    assert_fused_delta(adapter, model, before)
+    assert_diffusers_fuses_exactly(path, adapter, model)
 
 
 @pytest.mark.parametrize("kind", KINDS)
