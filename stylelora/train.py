@@ -285,21 +285,22 @@ def _every(interval: int, step: int) -> bool:
 class _Due:
     """Which extras of a step are due: validation and the metrics line also at the last step, a
     checkpoint never there (the final save follows the loop), samples only with prompts, an epoch's
-    checkpoint and adapter when an epoch ends (``train.save_every_epochs``). Only the main process
-    validates, logs, renders and saves adapters; every process takes part in a checkpoint (its RNG streams)."""
+    checkpoint and adapter when an epoch ends (``train.save_every_epochs``). The answers are the same in
+    every process; only the main one (``main``) validates, logs, renders and saves adapters, and every
+    process takes part in a checkpoint (its RNG streams)."""
 
     def __init__(self, config: Config, team: Processes, total: int, epochs_done: int) -> None:
         self.train, self.sample, self.main = config.train, config.sample, team.is_main
         self.total, self.epochs_done = total, epochs_done
 
     def validation(self, step: int) -> bool:
-        return self.main and (_every(self.train.validate_every, step) or step == self.total)
+        return _every(self.train.validate_every, step) or step == self.total
 
     def metrics(self, step: int) -> bool:
-        return self.main and (_every(self.train.log_every, step) or step == self.total)
+        return _every(self.train.log_every, step) or step == self.total
 
     def samples(self, step: int) -> bool:
-        return self.main and bool(self.sample.prompts) and _every(self.sample.every, step)
+        return bool(self.sample.prompts) and _every(self.sample.every, step)
 
     def checkpoint(self, step: int) -> bool:
         return _every(self.train.save_every, step) and step < self.total
@@ -312,11 +313,9 @@ class _Due:
         return epochs_done if due else None
 
     def report(self, step: int) -> bool:
-        """Whether the losses are read from the device at ``step``, the same steps in every process: before
-        anything uses or saves the weights (an epoch's save is checked apart)."""
-        t = self.train
-        return (_every(t.log_every, step) or _every(t.validate_every, step) or step == self.total
-                or (bool(self.sample.prompts) and _every(self.sample.every, step)) or self.checkpoint(step))
+        """Whether the losses are read from the device at ``step``: before anything uses or saves the
+        weights (an epoch's save is checked apart)."""
+        return self.metrics(step) or self.validation(step) or self.samples(step) or self.checkpoint(step)
 
 
 @contextlib.contextmanager
@@ -378,14 +377,14 @@ class _AtReport:
 
     def __call__(self, step: int, epoch: int | None, record: dict[str, Any]) -> None:
         config, live, due, emit = self.config, self.live, self.due, self.emit
-        if self.validator is not None and due.validation(step):
+        if self.validator is not None and due.validation(step):  # only the main process has one
             with _evaluation_weights(live):
                 record["val_loss"] = self.validator.loss(self.autocast)
             emit(events.Validation(step, record["val_loss"]))
-        if self.metrics is not None and (due.metrics(step) or "val_loss" in record):
+        if self.metrics is not None and (due.metrics(step) or "val_loss" in record):  # the main process's
             self.metrics.write(record)
         asked = self.requests.take("sample")
-        if due.samples(step) or asked:
+        if (due.samples(step) and due.main) or asked:
             prompts = config.sample.prompts or [with_trigger(self.data.items[0].caption, config.data.trigger_word)]
             with _evaluation_weights(live):
                 paths = render_samples(live.model, config.with_overrides({"sample.prompts": prompts}),
