@@ -184,12 +184,18 @@ def _gated_runner(gates: dict[str, threading.Event], ran: list[str]):
     return run
 
 
-def test_queued_runs_start_one_after_another_each_in_its_own_run_folder(tmp_path: Path) -> None:
+def _queued_job(tmp_path: Path) -> tuple[Workspace, TrainingJob, dict[str, threading.Event], list[str]]:
+    """A workspace with dataset 'cats' and a job of gated runs that keeps its queue in outputs/queue.json."""
     ws = Workspace(tmp_path)
     make_dataset(ws.datasets / "cats", n=1)
     gates: dict[str, threading.Event] = {}
     ran: list[str] = []
     job = TrainingJob(_gated_runner(gates, ran), prepare=ws.run_config, queue_file=ws.outputs / "queue.json")
+    return ws, job, gates, ran
+
+
+def test_queued_runs_start_one_after_another_each_in_its_own_run_folder(tmp_path: Path) -> None:
+    ws, job, gates, ran = _queued_job(tmp_path)
     config = Config().with_overrides({"data.path": "cats"})
     first = job.enqueue(config)  # nothing runs: it starts at once
     second, third = job.enqueue(config), job.enqueue(config.with_overrides({"train.steps": 7}))
@@ -213,11 +219,7 @@ def test_queued_runs_start_one_after_another_each_in_its_own_run_folder(tmp_path
 
 
 def test_the_queue_survives_a_restart_and_an_interrupted_run_continues_first(tmp_path: Path) -> None:
-    ws = Workspace(tmp_path)
-    make_dataset(ws.datasets / "cats", n=1)
-    gates: dict[str, threading.Event] = {}
-    ran: list[str] = []
-    job = TrainingJob(_gated_runner(gates, ran), prepare=ws.run_config, queue_file=ws.outputs / "queue.json")
+    ws, job, gates, ran = _queued_job(tmp_path)
     job.enqueue(Config().with_overrides({"data.path": "cats"}))
     job.enqueue(Config().with_overrides({"data.path": "cats", "train.steps": 9}))
     # the app stops here (the first run never finishes); a new app reads the queue back
