@@ -213,6 +213,11 @@ def test_the_app_offers_gpus_and_follows_and_stops_a_two_process_run(tmp_path: P
         gpus = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "train-gpus")
         assert gpus.visible and [c[1] for c in gpus.choices] == [1, 2]
         client = Client(url, verbose=False)
+        # the queue trains in the app's process: a 2-GPU run is refused there, never silently run on one
+        from gradio_client.exceptions import AppError
+        with pytest.raises(AppError, match="queued runs train on one GPU: set GPUs to 1"):
+            client.predict(gpus=2, train_steps=2, api_name="/queue_add")
+        assert ctx.job.queued() == []
         toml = "\n".join(['[model]', 'name = "builtin:tiny"', '[data]', 'path = "datasets/example"',
                           'resolution = 64', '[lora]', 'rank = 4', '[train]', 'steps = 1000', 'device = "cpu"',
                           'lr = 1e-4', 'scale_lr = true'])

@@ -170,7 +170,10 @@ def build(ctx: Context) -> dict[str, Any]:
         return started(job.start(form.to_config(values), runner=runner_for(int(gpus or 1), ctx.gpus)))
 
     @user_errors
-    def enqueue(**values: Any):
+    def enqueue(gpus: Any = 1, **values: Any):
+        if int(gpus or 1) > 1:  # a queued run trains in the app's process: one GPU
+            raise gr.Error("queued runs train on one GPU: set GPUs to 1 to queue this run, or press Start to "
+                           f"train it on {int(gpus)} GPUs now", print_exception=False)
         item = job.enqueue(form.to_config(values))
         return f"added run #{item} to the queue", *queue_outputs()
 
@@ -276,8 +279,8 @@ def build(ctx: Context) -> dict[str, Any]:
     start_btn.click(start, inputs_kwargs={**fields, "gpus": gpus}, outputs=notice, api_name="train",
                     concurrency_limit=None).success(
         follow_job, None, outputs, api_name=False, concurrency_limit=None)
-    queue_btn.click(enqueue, inputs_kwargs=fields, outputs=[notice, queue_table, queue_item], api_name="queue_add",
-                    concurrency_limit=None, show_progress_on=notice).success(
+    queue_btn.click(enqueue, inputs_kwargs={**fields, "gpus": gpus}, outputs=[notice, queue_table, queue_item],
+                    api_name="queue_add", concurrency_limit=None, show_progress_on=notice).success(
         follow_job, None, outputs, api_name=False, concurrency_limit=None)
     continue_btn.click(continue_run, run_pick, notice, api_name="continue_run", concurrency_limit=None).success(
         follow_job, None, outputs, api_name=False, concurrency_limit=None)
