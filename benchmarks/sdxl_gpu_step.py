@@ -62,8 +62,8 @@ def run_step_benchmark(checkpointing: bool, *, size: str = "sdxl", resolution: i
     """Time ``steps`` training steps of the UNet with LoRA; returns the figures as a dict."""
     from peft import LoraConfig, inject_adapter_in_model
 
+    from stylelora.attention import set_attention
     from stylelora.config import UNET_TARGETS
-    from stylelora.models import _set_attention
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if size == "sdxl" and device.type != "cuda":
@@ -79,7 +79,7 @@ def run_step_benchmark(checkpointing: bool, *, size: str = "sdxl", resolution: i
     for p in params:
         p.requires_grad_(True)
         p.data = p.data.float()
-    _set_attention(unet, "sdpa")
+    set_attention(unet, "sdpa")
     if checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()

@@ -78,23 +78,21 @@ def render_samples(model: BaseModel, config: Config, out: Path, step: int) -> li
 
 
 def _sample(model: BaseModel, config: Config, prompt: str, generator: torch.Generator) -> Any:
-    """One sample image. A VAE kept in fp32 beside an fp16 UNet (SDXL's) decodes the latents itself: the
-    pipeline would hand it fp16 latents."""
+    """One sample image. The latents are decoded here, in the VAE's own precision: the pipeline would hand
+    the VAE latents in whatever the UNet returned, which is fp32 from a UNet accelerate wraps for a bf16 or
+    fp16 run, and fp16 beside the fp32 VAE an fp16 SDXL run keeps."""
     pipe, vae = model.pipeline, model.vae
-    own_decode = vae.dtype != model.unet.dtype
-    result = pipe(
+    latents = pipe(
         **_prompts(model, config, prompt),
         num_inference_steps=config.sample.steps,
         guidance_scale=config.sample.guidance,
         height=config.data.resolution,
         width=config.data.resolution,
         generator=generator,
-        output_type="latent" if own_decode else "pil",
+        output_type="latent",
     ).images
-    if not own_decode:
-        return result[0]
     with torch.no_grad():
-        pixels = vae.decode(result.to(vae.dtype) / vae.config.scaling_factor).sample
+        pixels = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
     return pipe.image_processor.postprocess(pixels, output_type="pil")[0]
 
 

@@ -198,14 +198,15 @@ class TrainConfig:
     adam_epsilon: float = option(1e-8, "AdamW epsilon.", gt=0)
     max_grad_norm: float = option(1.0, "Gradient clipping norm; 0 turns clipping off.", ge=0)
     mixed_precision: Precision = option(
-        "auto", "auto: bf16 on GPUs that have it, else fp16 on CUDA, none on CPU."
+        "auto", "Precision of the frozen base weights and autocast (LoRA weights stay fp32). auto: bf16 on GPUs "
+        "that have it, else fp16 on CUDA; on a CPU, bf16 where it has AMX (faster there), else no (fp32)."
     )
     gradient_checkpointing: bool = option(False, "Recompute activations in the backward pass: less memory, slower.")
     compile: Literal["off", "default", "max-autotune"] = option(
         "off",
         "torch.compile the UNet: the first step compiles (minutes), later steps may run faster; max-autotune "
-        "also searches kernels (longer compile). Meant for long GPU runs; on a CPU the compilation alone takes "
-        "many minutes (one try on a shared 2-core machine did not finish in 40).",
+        "also searches kernels (longer compile). Meant for long GPU runs; on a CPU it did not help (an SD1.5-"
+        "shaped UNet on 2 cores: 140 s to compile, then steps no faster than without it).",
     )
     channels_last: bool = option(
         False, "Keep the UNet's convolution tensors in channels-last memory format (can help on GPUs)."

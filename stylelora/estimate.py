@@ -134,7 +134,8 @@ def profile_step(model: Any, config: Config, batch_size: int | None = None, reso
     """Count one training step of ``config`` on ``model``'s architecture (the weights are not touched)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from .models import add_lora, set_attention
+    from .attention import set_attention
+    from .models import add_lora
     from .text import chunks_for
 
     batch = batch_size or config.train.batch_size

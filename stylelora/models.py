@@ -746,6 +746,8 @@ def prepare_for_training(
     params = add_lora(model, config.lora)
     text_encoders = model.text_encoders
     training = [any(p.requires_grad for p in encoder.parameters()) for encoder in text_encoders]
+    from .attention import set_attention
+
     set_attention(model.unet, train.attention)
     if train.gradient_checkpointing:
         _enable_gradient_checkpointing(model, training)
@@ -861,12 +863,6 @@ def vae_dtype(model: BaseModel, weight_dtype: torch.dtype) -> torch.dtype:
     if weight_dtype == torch.float16 and model.kind == "sdxl" and model.vae.config.get("force_upcast", False):
         return torch.float32
     return weight_dtype
-
-
-def set_attention(unet: torch.nn.Module, kind: str) -> None:
-    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
-
-    unet.set_attn_processor(AttnProcessor2_0() if kind == "sdpa" else AttnProcessor())
 
 
 def lora_state(model: BaseModel) -> dict[str, dict[str, torch.Tensor]]:

@@ -92,12 +92,24 @@ def resolve_output_dir(config: Config) -> Path:
 
 
 def _mixed_precision(config: Config) -> str:
+    """train.mixed_precision, with auto resolved to the lowest precision the device runs well: bf16 on GPUs
+    that have it, else fp16 on CUDA; on a CPU, bf16 where it has AMX (a bf16 step measured ~0.7x the fp32
+    one there, benchmarks/RESULTS.md), else fp32."""
     mp = config.train.mixed_precision
     if mp != "auto":
         return mp
     if config.train.device == "cpu" or not torch.cuda.is_available():
-        return "no"
+        return "bf16" if cpu_has_amx() else "no"
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles (Xeon Sapphire Rapids and newer), where oneDNN runs bf16 fast."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)  # torch >= 2.3; private, hence the care
+    try:
+        return bool(probe and probe())
+    except RuntimeError:
+        return False
 
 
 def _new_accelerator(**kwargs: Any) -> Any:
@@ -202,12 +214,15 @@ def _base_model(config: Config, model: BaseModel | None) -> BaseModel:
     return model
 
 
-def _model_notes(config: Config, model: BaseModel) -> list[events.Message]:
-    """What the run learned about its base model: the detected kind and resolution, and a warning when it
-    trains far below the size an SDXL or SD2-768-v model was made for."""
+def _model_notes(config: Config, model: BaseModel, precision: str, device: torch.device) -> list[events.Message]:
+    """What the run learned about its base model: the detected kind and resolution, the precision auto chose
+    on a CPU, and a warning when it trains far below the size an SDXL or SD2-768-v model was made for."""
     native, resolution = model.native_resolution, config.data.resolution
     notes = [events.Message(f"base model: {KIND_NAMES[model.kind]}, {model.prediction_type} prediction, "
                             f"{native} px native; training at {resolution} px")]
+    if config.train.mixed_precision == "auto" and precision == "bf16" and device.type == "cpu":
+        notes.append(events.Message("precision: bf16 base weights (train.mixed_precision=auto on a CPU with AMX, "
+                                    "where bf16 runs faster); set train.mixed_precision=no to train in fp32"))
     if model.kind in ("sdxl", "sd2-v") and resolution < native * 3 // 4:
         notes.append(events.Message(
             f"data.resolution {resolution} is far below this model's {native} px: it learns worse at a small "
@@ -483,7 +498,8 @@ def _train(config: Config, emit: RunTracker, stop: StopSignal, model: BaseModel 
     log.info("training with %d process(es): effective batch %d", team.count, effective_batch)
     emit(events.Started(total, step, data.num_images, str(accelerator.device), out, team.count, effective_batch))
     emit_estimate(model, config, accelerator.device, total - step, data.num_images, emit)
-    for message in _model_notes(config, model) + [events.Message(note) for note in source.notes]:
+    notes = _model_notes(config, model, accelerator.mixed_precision, accelerator.device)
+    for message in notes + [events.Message(note) for note in source.notes]:
         emit(message)
 
     # --- the loop: one iteration is one optimizer step of `accumulation` micro-batches in every process ---

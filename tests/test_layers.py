@@ -27,7 +27,7 @@ LAYERS: list[tuple[str, list[tuple[str, ...]]]] = [
     ("data", [("batches", "doctor", "autocaption"), ("buckets", "imagecheck", "caption_tools"),
               ("dataset", "cache", "images"), ("captions",)]),
     ("model", [("failures", "validation", "estimate"), ("checkpoint", "optim", "trackers"),
-               ("models", "losses", "samplers", "ema", "text"), ("processes",)]),
+               ("models", "losses", "samplers", "ema", "text"), ("processes", "attention")]),
     ("base", [("events", "metrics"), ("config",), ("blocks",), ("fileio",), ("errors", "logs")]),
 ]
 SHELLS = ("app", "webui")  # first-party code outside the library: the Gradio app
