@@ -65,7 +65,9 @@ def test_auto_precision_on_a_cpu_is_bf16_only_with_amx(data: Path, tmp_path: Pat
     monkeypatch.setattr(training, "cpu_has_amx", lambda: amx)
     seen: list[object] = []
     model = load_base_model("builtin:tiny")
-    config = tiny_config(data, tmp_path / "out", **{"train.steps": 2, "train.device": "cpu"})
+    config = tiny_config(data, tmp_path / "out", **{"train.steps": 2, "train.device": "cpu",
+                                                    "sample.prompts": ["a red square"], "sample.every": 2,
+                                                    "sample.steps": 2})
     assert config.train.mixed_precision == "auto"
     result = training.train(config, seen.append, model=model)
     to_q = model.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q
@@ -76,3 +78,5 @@ def test_auto_precision_on_a_cpu_is_bf16_only_with_amx(data: Path, tmp_path: Pat
     assert said == (["precision: bf16 base weights (train.mixed_precision=auto on a CPU with AMX, where bf16 runs "
                      "faster); set train.mixed_precision=no to train in fp32"] if amx else [])
     assert {type(p) for p in model.unet.attn_processors.values()} == {CpuSdpaProcessor}
+    # a sample renders from the bf16 base too (its VAE used to get the fp32 latents accelerate's UNet returns)
+    assert [p.name for p in (tmp_path / "out" / "samples").iterdir()] == ["step-000002-00.png"]
