@@ -1,7 +1,7 @@
 """The memory and time estimate against a measured run: peak RSS and seconds per step on the CPU.
 
     python benchmarks/bench_estimate.py [--model builtin:small] [--resolutions 256 384] [--steps 8]
-                                        [--batch-size 1] [--threads 1]
+                                        [--batch-size 1] [--threads 1] [--mixed-precision auto]
 
 Each resolution runs in a fresh process: a real `stylelora.train.train` of --steps steps on the example
 dataset, which emits its estimate (the `Estimated` event) before the first step. The process then
@@ -38,7 +38,7 @@ out = Path(tempfile.mkdtemp()) / "run"
 config = Config().with_overrides({
     "model.name": model, "data.path": str(Path(sys.argv[1]) / "datasets/example"), "data.resolution": resolution,
     "train.steps": steps, "train.batch_size": batch, "train.output_dir": str(out), "lora.rank": 16,
-    "lora.alpha": 16.0, "train.log_with": "none"})
+    "lora.alpha": 16.0, "train.log_with": "none", "train.mixed_precision": sys.argv[7]})
 marks, estimate = [], None
 
 def on_event(e):
@@ -65,6 +65,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
+    parser.add_argument("--mixed-precision", default="auto", help="train.mixed_precision (auto: bf16 on AMX CPUs)")
     args = parser.parse_args()
     print(f"load average before: {os.getloadavg()[0]:.2f}", file=sys.stderr)
     rows = []
@@ -73,7 +74,7 @@ def main() -> None:
         if args.threads:
             env["OMP_NUM_THREADS"] = str(args.threads)
         done = subprocess.run([sys.executable, "-c", CHILD, str(ROOT), args.model, str(resolution), str(args.steps),
-                               str(args.batch_size), str(args.threads)], env=env, capture_output=True, text=True)
+                               str(args.batch_size), str(args.threads), args.mixed_precision], env=env, capture_output=True, text=True)
         if done.returncode != 0:
             sys.exit(done.stderr)
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))

@@ -107,7 +107,9 @@ class PhaseTimer:
         timer = self
 
         def timed(*args: Any, **kwargs: Any) -> Any:
-            if count_saved and timer.saved_mb is None and torch.is_grad_enabled():
+            sample = args[1] if len(args) > 1 else kwargs.get("sample")
+            real = sample is not None and sample.device.type != "meta"  # not the run's estimate, on meta tensors
+            if count_saved and timer.saved_mb is None and torch.is_grad_enabled() and real:
                 with timer.phase(name), saved_tensors_counted(args[0]) as counted:
                     result = original(*args, **kwargs)
                 timer.saved_mb = counted()

@@ -34,6 +34,9 @@ GiB = 2**30
 ACTIVATION_FACTOR = 2.0  # resident bytes per byte the backward pass keeps (gradients in flight, allocator slack)
 CPU_EFFICIENCY = 0.14  # a UNet training step's FLOP/s over a large fp32 matmul's FLOP/s on the same threads
 STEP_OVERHEAD_S = 0.02  # per step: data, optimizer, Python
+# saved activations of a bf16/fp16 base over the fp32 ones profile_step counts (the LoRA and the CPU's attention
+# keep fp32 tensors): fitted to builtin:small at 256 and 384 px in bf16 on a CPU, benchmarks/RESULTS.md
+HALF_PRECISION_ACTIVATIONS = 0.7
 # the optimizer's bytes per trainable parameter besides the fp32 weight: gradient + state
 OPTIMIZER_STATE = {"adamw": 12, "adamw8bit": 6, "prodigy": 20, "adafactor": 8, "lion": 8, "came": 12,
                    "ademamix": 16, "schedulefree_adamw": 12}
@@ -238,10 +241,13 @@ def _data_bytes(config: Config, model: Any, num_images: int) -> int:
 
 
 def estimate(model: Any, config: Config, device: torch.device, steps: int, num_images: int,
-             weight_dtype: torch.dtype = torch.float32, probe: bool = True) -> Estimate:
+             probe: bool = True) -> Estimate:
     """The memory and time of ``steps`` steps of ``config`` on ``model`` (already prepared for training
-    on ``device``); measured with a probe on CUDA when ``probe``, else from the formula."""
+    on ``device``, its frozen weights in the run's precision); measured with a probe on CUDA when
+    ``probe``, else from the formula."""
     profile = profile_step(model, config)
+    if next(p for p in model.unet.parameters() if not p.requires_grad).dtype in (torch.bfloat16, torch.float16):
+        profile.activation_bytes = int(profile.activation_bytes * HALF_PRECISION_ACTIVATIONS)
     encode_once = config.cache.latents != "off" and config.data.center_crop
     if device.type == "cuda" and probe:
         peak, step_s, vae_s = _probe_cuda(model, config, device)

@@ -81,3 +81,13 @@ def test_optimizer_step_compares_the_three_adamw_implementations() -> None:
     assert "96 LoRA tensors" in out  # builtin:tiny's attention and projection layers at stylelora's targets
     for kind in ("for-loop", "foreach", "fused"):
         assert re.search(rf"{kind}\s+\d+\.\d\d /\s+\d+\.\d\d", out), kind
+
+
+def test_unet_step_times_each_variant_and_the_attention_kernels() -> None:
+    for extra in ([], ["--precision", "bf16", "--attention", "diffusers"], ["--no-lora", "--onednn", "ieee"]):
+        out = run_script(sys.executable, "benchmarks/unet_step.py", "--model", "builtin:tiny", "--resolution", "64",
+                         "--steps", "2", *extra)
+        assert re.search(r"LoRA.*64 px batch 2, \d threads: \d+\.\d{3} s per step \(median of 2\), peak RSS \d+ MiB",
+                         out), out
+    table = run_script(sys.executable, "benchmarks/unet_step.py", "--sdpa", "--steps", "1")
+    assert len(re.findall(r"^\| \d+ x \d+, \d+ \|( \d+\.\d\d ms \|){4}$", table, re.MULTILINE)) == 6
