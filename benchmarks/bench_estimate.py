@@ -74,7 +74,8 @@ def main() -> None:
         if args.threads:
             env["OMP_NUM_THREADS"] = str(args.threads)
         done = subprocess.run([sys.executable, "-c", CHILD, str(ROOT), args.model, str(resolution), str(args.steps),
-                               str(args.batch_size), str(args.threads), args.mixed_precision], env=env, capture_output=True, text=True)
+                               str(args.batch_size), str(args.threads), args.mixed_precision],
+                              env=env, capture_output=True, text=True)
         if done.returncode != 0:
             sys.exit(done.stderr)
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
