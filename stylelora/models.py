@@ -742,12 +742,12 @@ def prepare_for_training(
 
     Returns the trainable LoRA parameters and the dtype of the base weights.
     """
+    from .attention import set_attention  # imports diffusers: not at import time
+
     train = config.train
     params = add_lora(model, config.lora)
     text_encoders = model.text_encoders
     training = [any(p.requires_grad for p in encoder.parameters()) for encoder in text_encoders]
-    from .attention import set_attention
-
     set_attention(model.unet, train.attention)
     if train.gradient_checkpointing:
         _enable_gradient_checkpointing(model, training)
