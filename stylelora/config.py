@@ -368,13 +368,7 @@ class Config:
         if p.is_dir():
             raise ConfigError(f"{p}: is a folder, not a config file; give a .toml file (a dataset folder goes "
                               f"in {setting('data.path')})")
-        if not p.is_file():
-            raise ConfigError(f"{p}: config file not found")
-        try:
-            text = p.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{p}: cannot read the config file ({e})") from None
-        return cls.from_toml(text, str(p))
+        return cls.from_toml(fileio.read_user_text(p, "config file"), str(p))
 
     def with_overrides(self, overrides: dict[str, Any] | list[str]) -> Config:
         """A new Config with ``{"train.steps": 500}`` or ``["train.steps=500"]`` applied."""

@@ -17,7 +17,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import DiskFullError
+from .errors import ConfigError, DiskFullError
 
 NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
 _umask_lock = threading.Lock()
@@ -77,6 +77,18 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def read_user_text(path: str | os.PathLike[str], what: str) -> str:
+    """The text of a file the user gave (a config, a prompt list), without the byte-order mark Windows editors
+    add. A missing or unreadable file is a ConfigError naming it and saying what it is."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: {what} not found")
+    try:
+        return p.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{p}: cannot read the {what} ({e})") from None
 
 
 def write_text(path: str | os.PathLike[str], text: str) -> None:

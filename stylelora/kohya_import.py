@@ -20,6 +20,7 @@ from typing import Any
 
 from .config import Config
 from .errors import ConfigError
+from .fileio import read_user_text
 
 KOHYA_NETWORK_TYPES = {  # kohya_ss GUI "LoRA_type" -> lora.type
     "standard": "lora", "kohya locon": "locon", "locon": "locon", "lycoris/locon": "locon",
@@ -238,12 +239,7 @@ def read_file(path: str | Path) -> dict[str, Any]:
     """A kohya_ss JSON or an sd-scripts TOML as one flat dict (sd-scripts flattens TOML sections too),
     except for a dataset config, whose ``general``/``datasets`` tables are kept."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{p}: no such file")
-    try:
-        text = p.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{p}: cannot read it ({e})") from None
+    text = read_user_text(p, "kohya config")
     try:
         data = json.loads(text) if p.suffix.lower() == ".json" or text.lstrip().startswith("{") else tomllib.loads(text)
     except (json.JSONDecodeError, tomllib.TOMLDecodeError) as e:
@@ -622,10 +618,11 @@ def _samples(k: _Importer) -> None:
     text = str(k.get("sample_prompts"))
     candidate = Path(k.path(text)) if "\n" not in text and len(text) < 400 else None
     if candidate is not None and candidate.suffix.lower() in (".txt", ".toml", ".json"):
-        if not candidate.is_file():
-            k.skip("sample_prompts", f"the prompt file {candidate} is not here; set sample.prompts")
+        try:
+            text = read_user_text(candidate, "prompt file")
+        except ConfigError as e:  # the rest of the config still imports
+            k.skip("sample_prompts", f"{e}; set sample.prompts")
             return
-        text = candidate.read_text(encoding="utf-8-sig")
         if candidate.suffix.lower() != ".txt":
             k.skip("sample_prompts", "prompt files in TOML or JSON are not read; use a .txt, one prompt a line")
             return

@@ -19,6 +19,12 @@ def test_toml_round_trip_keeps_every_field(tmp_path: Path) -> None:
     assert 'trigger_word = "zxc"' in path.read_text()
 
 
+def test_a_config_saved_with_a_byte_order_mark_loads(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("\ufeff[train]\nsteps = 7\n", encoding="utf-8")  # as Windows Notepad saves UTF-8
+    assert Config.load(path).train.steps == 7
+
+
 def test_unset_optional_field_is_omitted_and_reloads_as_none(tmp_path: Path) -> None:
     path = tmp_path / "c.toml"
     Config().save(path)

@@ -129,5 +129,19 @@ def test_bad_kohya_files_say_what_is_wrong(tmp_path: Path) -> None:
     bad.write_text("{not json")
     with pytest.raises(ConfigError, match="bad.json: not valid JSON"):
         import_kohya(bad)
-    with pytest.raises(ConfigError, match="no such file"):
+    with pytest.raises(ConfigError, match="kohya config not found"):
         import_kohya(tmp_path / "missing.toml")
+
+
+def test_an_unreadable_prompt_file_is_skipped_with_its_reason(tmp_path: Path) -> None:
+    (tmp_path / "prompts.txt").write_bytes(b"\xff\xfe\x00 not utf-8")
+    config = tmp_path / "kohya.json"
+    config.write_text(json.dumps({"network_dim": 8, "sample_prompts": str(tmp_path / "prompts.txt")}))
+    report = import_kohya(config)  # the rest of the config still imports
+    assert report.config.lora.rank == 8 and report.config.sample.prompts == Config().sample.prompts
+    reasons = {k: r for k, _, r in report.unsupported}
+    assert reasons["sample_prompts"].startswith(f"{tmp_path / 'prompts.txt'}: cannot read the prompt file (")
+    assert reasons["sample_prompts"].endswith("; set sample.prompts")
+    (tmp_path / "prompts.txt").unlink()
+    reasons = {k: r for k, _, r in import_kohya(config).unsupported}
+    assert reasons["sample_prompts"] == f"{tmp_path / 'prompts.txt'}: prompt file not found; set sample.prompts"
