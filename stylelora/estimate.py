@@ -246,7 +246,7 @@ def estimate(model: Any, config: Config, device: torch.device, steps: int, num_i
     on ``device``, its frozen weights in the run's precision); measured with a probe on CUDA when
     ``probe``, else from the formula."""
     profile = profile_step(model, config)
-    if next(p for p in model.unet.parameters() if not p.requires_grad).dtype in (torch.bfloat16, torch.float16):
+    if base_dtype(model.unet) in (torch.bfloat16, torch.float16):
         profile.activation_bytes = int(profile.activation_bytes * HALF_PRECISION_ACTIVATIONS)
     encode_once = config.cache.latents != "off" and config.data.center_crop
     if device.type == "cuda" and probe:
@@ -271,6 +271,11 @@ def estimate(model: Any, config: Config, device: torch.device, steps: int, num_i
     return result
 
 
+def base_dtype(unet: torch.nn.Module) -> torch.dtype:
+    """The precision of the UNet's frozen weights: the run's, whatever the LoRA's (fp32)."""
+    return next(p for p in unet.parameters() if not p.requires_grad).dtype
+
+
 def _optimizer_bytes(profile: StepProfile, config: Config) -> int:
     return profile.trainable * OPTIMIZER_STATE.get(config.train.optimizer, 12)
 
@@ -288,7 +293,7 @@ def _probe_cuda(model: Any, config: Config, device: torch.device) -> tuple[int, 
 
     unet, vae = model.unet, model.vae
     batch, side = config.train.batch_size, config.data.resolution
-    dtype = next(p for p in unet.parameters() if not p.requires_grad).dtype
+    dtype = base_dtype(unet)
     tokens = chunks_for(config.data.max_token_length) * 77
     width = unet.config.cross_attention_dim
     with torch.random.fork_rng(devices=[device]):
