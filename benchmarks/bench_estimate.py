@@ -26,9 +26,9 @@ import json, resource, sys, tempfile, time
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
 import torch
-from stylelora import events
-from stylelora.config import Config
-from stylelora.train import train
+from stylelora.core import events
+from stylelora.core.config import Config
+from stylelora.training.loop import train
 
 model, resolution, steps, batch, threads = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), \
     int(sys.argv[6])

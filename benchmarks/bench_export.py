@@ -31,10 +31,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from stylelora import convert, formats  # noqa: E402
-from stylelora.config import TEXT_ENCODER_TARGETS, UNET_TARGETS  # noqa: E402
-from stylelora.formats import Adapter, ModelLayout  # noqa: E402
-from stylelora.models import (  # noqa: E402
+from stylelora.adapters import convert, formats  # noqa: E402
+from stylelora.adapters.formats import Adapter, ModelLayout  # noqa: E402
+from stylelora.core.config import TEXT_ENCODER_TARGETS, UNET_TARGETS  # noqa: E402
+from stylelora.model.models import (  # noqa: E402
     LOCON_KXK_TARGETS,
     LOCON_TARGETS,
     load_base_model,
@@ -130,7 +130,7 @@ if args:
         if e.code:
             raise
 else:
-    import diffusers, torch, transformers, stylelora.convert  # noqa
+    import diffusers, torch, transformers, stylelora.adapters.convert  # noqa
 print("PEAK_KIB", next(x.split()[1] for x in open("/proc/self/status") if x.startswith("VmHWM:")))
 """
 

@@ -30,10 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 import torch  # noqa: E402
 
-from stylelora.config import LoraConfig  # noqa: E402
-from stylelora.formats import Adapter, ModelLayout, save_diffusers, save_kohya
-from stylelora.generate import Previewer
-from stylelora.models import add_lora, load_base_model, lora_state
+from stylelora.adapters.formats import Adapter, ModelLayout, save_diffusers, save_kohya
+from stylelora.core.config import LoraConfig  # noqa: E402
+from stylelora.model.models import add_lora, load_base_model, lora_state
+from stylelora.preview.previewer import Previewer
 
 PROMPT = "a watercolour painting of a lighthouse at dusk"
 

@@ -40,8 +40,8 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from stylelora import events  # noqa: E402
-from stylelora.config import Config, parse_override  # noqa: E402
+from stylelora.core import events  # noqa: E402
+from stylelora.core.config import Config, parse_override  # noqa: E402
 
 PEER = {"resolution": 256, "batch_size": 2, "rank": 4, "alpha": 4.0, "targets": "to_q,to_k,to_v,to_out.0",
         "precision": "no", "threads": 2, "steps": 30}
@@ -124,7 +124,7 @@ class PhaseTimer:
         from accelerate import Accelerator
         from diffusers import UNet2DConditionModel
 
-        from stylelora.batches import BatchSource
+        from stylelora.data.batches import BatchSource
 
         self.wrap(BatchSource, "next_batch", "batch")
         self.wrap(Accelerator, "backward", "backward")
@@ -216,8 +216,8 @@ def memory_split(model: Any, config: Config, num_images: int, rss: dict[str, flo
 def measure(args: argparse.Namespace, out: Path) -> tuple[PhaseTimer, str, int, dict[str, float]]:
     """Train once with the phase hooks on; returns the timer, the device, the batches per epoch and the
     memory split."""
-    from stylelora.models import load_base_model
-    from stylelora.train import train
+    from stylelora.model.models import load_base_model
+    from stylelora.training.loop import train
 
     config = config_for(args, out)
     model = load_base_model(config.model.name, config.model.config, config.model.prediction_type)

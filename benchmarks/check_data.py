@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from stylelora.doctor import check_dataset  # noqa: E402
+from stylelora.data.doctor import check_dataset  # noqa: E402
 
 
 def main() -> None:

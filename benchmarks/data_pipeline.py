@@ -17,9 +17,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from stylelora.batches import BatchSource, TrainingSet  # noqa: E402
-from stylelora.config import Config  # noqa: E402
-from stylelora.models import load_base_model  # noqa: E402
+from stylelora.core.config import Config  # noqa: E402
+from stylelora.data.batches import BatchSource, TrainingSet  # noqa: E402
+from stylelora.model.models import load_base_model  # noqa: E402
 
 
 def epoch_seconds(source: BatchSource, batches: int) -> float:

@@ -41,8 +41,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from conftest import make_dataset, tiny_config
-    from stylelora import events
-    from stylelora.train import train
+    from stylelora.core import events
+    from stylelora.training.loop import train
 
     root = Path(tempfile.mkdtemp())
     data = make_dataset(root / "data", n=4, size=(96, 80))

@@ -49,7 +49,7 @@ def _unet(size: str, device: torch.device) -> Any:
     from diffusers import UNet2DConditionModel
 
     if size == "tiny":
-        from stylelora.models import build_tiny_sdxl
+        from stylelora.model.models import build_tiny_sdxl
 
         return build_tiny_sdxl().unet.to(device)
     with torch.device(device):  # built in place: no 10 GB fp32 copy in host memory
@@ -62,8 +62,8 @@ def run_step_benchmark(checkpointing: bool, *, size: str = "sdxl", resolution: i
     """Time ``steps`` training steps of the UNet with LoRA; returns the figures as a dict."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    from stylelora.attention import set_attention
-    from stylelora.config import UNET_TARGETS
+    from stylelora.core.config import UNET_TARGETS
+    from stylelora.model.attention import set_attention
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if size == "sdxl" and device.type != "cuda":

@@ -56,9 +56,9 @@ def sdpa_table(repeats: int) -> None:
 def unet_step(args: argparse.Namespace) -> None:
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
-    from stylelora.attention import CpuSdpaProcessor
-    from stylelora.config import LoraConfig
-    from stylelora.models import add_lora, load_base_model
+    from stylelora.core.config import LoraConfig
+    from stylelora.model.attention import CpuSdpaProcessor
+    from stylelora.model.models import add_lora, load_base_model
 
     if args.onednn:
         torch.backends.mkldnn.matmul.fp32_precision = args.onednn

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .config import Config
-from .errors import ConfigError, DataError, FormatError, ModelError, StyleloraError, TrainingError
+from .core.config import Config
+from .core.errors import ConfigError, DataError, FormatError, ModelError, StyleloraError, TrainingError
 
 __version__ = "0.1.0"
 __all__ = [
@@ -26,11 +26,11 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     if name == "train":
-        from .train import train
+        from .training.loop import train
 
         return train
     if name == "load_base_model":
-        from .models import load_base_model
+        from .model.models import load_base_model
 
         return load_base_model
     raise AttributeError(name)

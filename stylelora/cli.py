@@ -22,10 +22,10 @@ import typing
 from collections.abc import Sequence
 from typing import Any
 
-from .config import Config, GenerateSettings, all_fields, field_type
-from .errors import CHECK_DATA, CONTINUE, SETTING, ConfigError, StyleloraError
-from .logs import quiet_libraries
-from .samplers import sampler_names
+from .core.config import Config, GenerateSettings, all_fields, field_type
+from .core.errors import CHECK_DATA, CONTINUE, SETTING, ConfigError, StyleloraError
+from .core.logs import quiet_libraries
+from .preview.samplers import sampler_names
 
 # flag -> dotted config field; the help text comes from the field itself.
 TRAIN_FLAGS: dict[str, str] = {
@@ -150,7 +150,7 @@ class TerminalProgress:
     def __call__(self, event: Any) -> None:
         from tqdm import tqdm
 
-        from . import events
+        from .core import events
 
         if isinstance(event, events.Started):
             where = event.device if event.processes == 1 else f"{event.device} with {event.processes} processes"
@@ -193,7 +193,7 @@ class EventStream:
     """Writes each event as one JSON line on stdout (``--json-events``), for a program following the run."""
 
     def __call__(self, event: Any) -> None:
-        from . import events
+        from .core import events
 
         print(json.dumps(events.to_record(event)), flush=True)
 
@@ -217,12 +217,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(config.to_toml(), end="")
         return 0
     if args.estimate:
-        from .train import estimate_run
+        from .training.loop import estimate_run
 
         result = estimate_run(config)
         print(result.summary())
         return 0 if result.fits else 1
-    from .train import train
+    from .training.loop import train
 
     stop = threading.Event()
     first_signal = [0.0]
@@ -253,7 +253,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_check_data(args: argparse.Namespace) -> int:
-    from .doctor import check_dataset
+    from .data.doctor import check_dataset
 
     # the same limits as training, with the same messages
     config = Config().with_overrides({dotted: getattr(args, dotted) for dotted in CHECK_FLAGS.values()})
@@ -294,8 +294,8 @@ def _group_strength(text: str) -> tuple[str, float]:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .generate import Previewer, block_scales, check_sampler, find_adapter
-    from .images import check_png_path, save_png
+    from .data.images import check_png_path, save_png
+    from .preview.previewer import Previewer, block_scales, check_sampler, find_adapter
 
     # Cheap checks first, so a typo fails before the base model loads.
     settings = GenerateSettings(**{name: getattr(args, name) for name in GENERATE_FLAGS.values()})
@@ -319,7 +319,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .convert import export
+    from .adapters.convert import export
 
     report = export(args.source, args.format, args.out, precision=args.precision, base_model=args.model,
                     bake_alpha=args.bake_alpha)
@@ -328,7 +328,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from .merge import merge
+    from .adapters.merge import merge
 
     out = merge(args.model, args.lora, args.scale, args.out, precision=args.precision)
     print(f"merged {args.lora} at scale {args.scale:g} into {args.model}: {out}")
@@ -336,7 +336,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_resize(args: argparse.Namespace) -> int:
-    from .merge import resize
+    from .adapters.merge import resize
 
     report = resize(args.file, args.rank, args.out, base_model=args.model)
     print(report.summary)
@@ -365,7 +365,7 @@ def _settings_flags(parser: argparse.ArgumentParser, settings_cls: type, skip: s
 
 
 def _add_caption(sub: Any) -> None:
-    from .autocaption import CaptionSettings
+    from .data.autocaption import CaptionSettings
 
     c = sub.add_parser(
         "caption", help="write captions for a dataset's images with a captioner (BLIP, Florence-2, WD14 tagger)",
@@ -385,7 +385,7 @@ def _add_caption(sub: Any) -> None:
 def all_caption_help(name: str) -> str:
     import dataclasses
 
-    from .autocaption import CaptionSettings
+    from .data.autocaption import CaptionSettings
 
     return next(f.metadata["help"] for f in dataclasses.fields(CaptionSettings) if f.name == name)
 
@@ -393,7 +393,7 @@ def all_caption_help(name: str) -> str:
 def caption_settings_from_args(args: argparse.Namespace) -> Any:
     import dataclasses
 
-    from .autocaption import CaptionSettings
+    from .data.autocaption import CaptionSettings
 
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(CaptionSettings)
               if getattr(args, f.name, None) is not None}
@@ -412,8 +412,8 @@ def caption_settings_from_args(args: argparse.Namespace) -> Any:
 def cmd_caption(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .autocaption import caption_folder, load_captioner, plan_captions
-    from .caption_tools import read_captions
+    from .data.autocaption import caption_folder, load_captioner, plan_captions
+    from .data.caption_tools import read_captions
 
     settings = caption_settings_from_args(args)
     read_captions(args.folder, settings.caption_extension)  # a wrong folder fails before the captioner loads
@@ -439,7 +439,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
         print(f"dry run: {len(report.changes)} caption(s) would be written; nothing was changed", file=sys.stderr)
     else:
         if args.limit:
-            from .caption_tools import apply_changes
+            from .data.caption_tools import apply_changes
 
             apply_changes(args.folder, report.changes, f"caption ({settings.mode}) with {captioner.name}",
                           settings.caption_extension)
@@ -476,7 +476,7 @@ def _add_captions(sub: Any) -> None:
 
 
 def cmd_captions(args: argparse.Namespace) -> int:
-    from . import caption_tools as tools
+    from .data import caption_tools as tools
 
     ext = args.caption_extension
     if args.tool == "tags":
@@ -522,8 +522,8 @@ def _add_import_kohya(sub: Any) -> None:
 def cmd_import_kohya(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from . import fileio
-    from .kohya_import import import_kohya
+    from .core import fileio
+    from .services.kohya_import import import_kohya
 
     out = Path(args.out)
     if out.exists() and not args.force:
@@ -536,7 +536,7 @@ def cmd_import_kohya(args: argparse.Namespace) -> int:
 
 
 def cmd_split(args: argparse.Namespace) -> int:
-    from .merge import split
+    from .adapters.merge import split
 
     report = split(args.file, args.keep, args.out, base_model=args.model)
     print(report.summary)

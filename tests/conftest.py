@@ -64,7 +64,7 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subpro
 
 
 def tiny_config(data: Path, out: Path, **overrides: object):
-    from stylelora.config import Config
+    from stylelora.core.config import Config
 
     base = {
         "model.name": "builtin:tiny",
@@ -88,9 +88,9 @@ def make_adapter(kind: str = "tiny", rank: int = 4, alpha: float = 2.0, conv_ran
     weights, injected by peft exactly as training does, read back through lora_state/lora_alphas."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    from stylelora.adapter import Adapter
-    from stylelora.config import TEXT_ENCODER_TARGETS, UNET_TARGETS
-    from stylelora.models import LOCON_KXK_TARGETS, LOCON_TARGETS, load_base_model, lora_alphas, lora_state
+    from stylelora.adapters.adapter import Adapter
+    from stylelora.core.config import TEXT_ENCODER_TARGETS, UNET_TARGETS
+    from stylelora.model.models import LOCON_KXK_TARGETS, LOCON_TARGETS, load_base_model, lora_alphas, lora_state
 
     model = load_base_model(f"builtin:{kind}")
     unet_targets = list(UNET_TARGETS) + (LOCON_TARGETS if conv_rank else [])

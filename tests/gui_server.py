@@ -25,7 +25,7 @@ def make_root(folder: Path) -> Path:
 def launch(root: Path, **context: object):
     """Launch the app as ``python app.py`` would (same queue and allowed paths); returns (demo, ctx, url).
     ``context`` sets fields of the app's Context (e.g. ``gpus=2``, as on a machine with two GPUs)."""
-    from stylelora.workspace import Workspace
+    from stylelora.services.workspace import Workspace
     from webui.build import build_app
     from webui.context import Context
     from webui.server import launch as serve

@@ -26,9 +26,9 @@ from safetensors.torch import load_file, save_file
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from conftest import make_adapter  # noqa: E402
-from stylelora.formats import save_diffusers, save_kohya  # noqa: E402
-from stylelora.kohya_names import conventional_text_path  # noqa: E402
-from stylelora.models import BaseModel, load_base_model  # noqa: E402
+from stylelora.adapters.formats import save_diffusers, save_kohya  # noqa: E402
+from stylelora.adapters.kohya_names import conventional_text_path  # noqa: E402
+from stylelora.model.models import BaseModel, load_base_model  # noqa: E402
 
 KINDS = ("tiny", "tiny-sdxl")
 FORMATS = ("kohya", "diffusers")

@@ -12,7 +12,7 @@ from gradio_client.exceptions import AppError
 from gui_server import launch, make_root
 
 from conftest import draw_image
-from stylelora.autocaption import STYLE_WORDS
+from stylelora.data.autocaption import STYLE_WORDS
 
 KOHYA = Path(__file__).parent / "kohya"
 

@@ -13,7 +13,7 @@ import torch
 
 from conftest import draw_image, make_dataset
 from stylelora.cli import main
-from stylelora.errors import DiskFullError
+from stylelora.core.errors import DiskFullError
 
 
 def snapshot(folder: Path) -> dict[str, str]:
@@ -62,7 +62,7 @@ ERRORS = {
 
 
 def tiny_adapter(seed: int):
-    from stylelora.formats import Adapter
+    from stylelora.adapters.formats import Adapter
 
     g = torch.Generator().manual_seed(seed)
     state = {"unet": {"down_blocks.0.attentions.0.proj_in.lora_A.weight": torch.randn(4, 32, generator=g),
@@ -71,19 +71,19 @@ def tiny_adapter(seed: int):
 
 
 def save_adapter_kohya(folder: Path, seed: int) -> None:
-    from stylelora.formats import save_kohya
+    from stylelora.adapters.formats import save_kohya
 
     save_kohya(folder / "style.safetensors", tiny_adapter(seed), {"unet": ["down_blocks.0.attentions.0.proj_in"]})
 
 
 def save_adapter_diffusers(folder: Path, seed: int) -> None:
-    from stylelora.formats import save_diffusers
+    from stylelora.adapters.formats import save_diffusers
 
     save_diffusers(folder / "diffusers", tiny_adapter(seed))
 
 
 def save_checkpoint(folder: Path, seed: int) -> None:
-    from stylelora.checkpoint import TrainingState, save_checkpoint
+    from stylelora.training.checkpoint import TrainingState, save_checkpoint
 
     a = tiny_adapter(seed).state
     opt = {"state": {0: {"step": torch.tensor(float(seed)), "exp_avg": torch.full((4, 32), float(seed))}},
@@ -94,13 +94,13 @@ def save_checkpoint(folder: Path, seed: int) -> None:
 
 
 def save_config(folder: Path, seed: int) -> None:
-    from stylelora.config import Config
+    from stylelora.core.config import Config
 
     Config().with_overrides({"train.steps": 100 + seed}).save(folder / "config.toml")
 
 
 def save_caption(folder: Path, seed: int) -> None:
-    from stylelora.dataset import write_caption
+    from stylelora.data.dataset import write_caption
 
     write_caption(folder / "cat.png", f"a cat, version {seed}, " + "flat style " * 50)
 
@@ -130,7 +130,7 @@ def test_a_save_failing_half_way_leaves_the_previous_file_intact(kind, error, tm
 
 
 def test_a_new_checkpoint_failing_half_way_leaves_no_folder(tmp_path, monkeypatch) -> None:
-    from stylelora.checkpoint import list_checkpoints
+    from stylelora.training.checkpoint import list_checkpoints
 
     FailingWrites(monkeypatch, OSError(errno.ENOSPC, "No space left on device"), fail_at=2)
     with pytest.raises(DiskFullError):
@@ -204,7 +204,7 @@ def fault_in_unet(monkeypatch: pytest.MonkeyPatch, on_call: int, fault) -> None:
 
 
 def test_nan_loss_stops_with_the_last_good_checkpoint_and_advice(data, tmp_path, capsys, monkeypatch) -> None:
-    from stylelora.checkpoint import list_checkpoints, load_checkpoint
+    from stylelora.training.checkpoint import list_checkpoints, load_checkpoint
 
     def nan(result):
         result.sample = result.sample * float("nan")
@@ -234,7 +234,7 @@ def test_out_of_memory_is_caught_with_advice(data, tmp_path, capsys, monkeypatch
     assert "a smaller batch (--batch-size 1" in output and "--resume auto" in output
     assert "step-000001, is intact" in output
     # the other ways to save memory are named when this version's config offers them
-    from stylelora.config import all_fields, choices
+    from stylelora.core.config import all_fields, choices
 
     if "train.gradient_checkpointing" in all_fields():
         assert "--set train.gradient_checkpointing=true" in output
@@ -251,7 +251,7 @@ def test_out_of_memory_is_caught_with_advice(data, tmp_path, capsys, monkeypatch
 
 def test_other_runtime_errors_are_not_disguised_as_out_of_memory(data, tmp_path, monkeypatch) -> None:
     from conftest import tiny_config
-    from stylelora.train import train
+    from stylelora.training.loop import train
 
     def bug(result):
         raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
@@ -264,20 +264,20 @@ def test_other_runtime_errors_are_not_disguised_as_out_of_memory(data, tmp_path,
 def test_an_image_that_breaks_after_the_check_names_the_file(data, tmp_path, monkeypatch) -> None:
     """A file replaced while training runs gives a DataError naming it, not a Pillow traceback."""
     from conftest import tiny_config
-    from stylelora.dataset import ImageLoadError, load_image
-    from stylelora.train import train
+    from stylelora.data.dataset import ImageLoadError, load_image
+    from stylelora.training.loop import train
 
     draw_image(data / "late.png", (64, 64), seed=9)
-    import stylelora.doctor
+    import stylelora.data.doctor
 
-    real = stylelora.doctor.check_dataset
+    real = stylelora.data.doctor.check_dataset
 
     def check_then_break(*args, **kwargs):
         report = real(*args, **kwargs)
         (data / "late.png").write_bytes(b"gone bad")
         return report
 
-    monkeypatch.setattr(stylelora.doctor, "check_dataset", check_then_break)
+    monkeypatch.setattr(stylelora.data.doctor, "check_dataset", check_then_break)
     with pytest.raises(ImageLoadError, match="late.png: not an image"):
         train(tiny_config(data, tmp_path / "run", **{"train.batch_size": 3}))
     with pytest.raises(ImageLoadError):

@@ -10,11 +10,11 @@ import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-import stylelora.train as training
+import stylelora.training.loop as training
 from conftest import make_dataset, tiny_config
-from stylelora import events
-from stylelora.attention import CpuSdpaProcessor
-from stylelora.models import load_base_model
+from stylelora.core import events
+from stylelora.model.attention import CpuSdpaProcessor
+from stylelora.model.models import load_base_model
 
 
 def unet_output(processor: object, dtype: torch.dtype) -> torch.Tensor:

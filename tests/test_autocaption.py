@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from conftest import draw_image, run_cli
-from stylelora.autocaption import (
+from stylelora.core.errors import ConfigError, ModelError
+from stylelora.data.autocaption import (
     STYLE_WORDS,
     CaptionSettings,
     caption_folder,
@@ -19,8 +20,7 @@ from stylelora.autocaption import (
     load_captioner,
     plan_captions,
 )
-from stylelora.caption_tools import read_captions, undo_last
-from stylelora.errors import ConfigError, ModelError
+from stylelora.data.caption_tools import read_captions, undo_last
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from conftest import draw_image, tiny_config
-from stylelora.batches import BatchSource, TrainingSet
-from stylelora.losses import noise_and_timesteps
-from stylelora.models import load_base_model
+from stylelora.data.batches import BatchSource, TrainingSet
+from stylelora.model.losses import noise_and_timesteps
+from stylelora.model.models import load_base_model
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +172,7 @@ def test_an_example_trains_the_same_in_batches_of_1_and_of_2(dataset: Path, tmp_
 
 
 def test_processes_share_the_disk_cache_and_each_entry_has_one_writer(dataset: Path, tmp_path: Path) -> None:
-    from stylelora.cache import LatentCache
+    from stylelora.data.cache import LatentCache
 
     keys = [(image, (64, 64), "0,0", flip) for image in sorted(dataset.glob("*.png")) for flip in (False, True)]
     posterior = (torch.zeros(4, 8, 8), torch.ones(4, 8, 8))

@@ -10,15 +10,15 @@ from safetensors.torch import load_file
 from test_formats import captured_logs, make_adapter
 
 from conftest import make_dataset, run_cli, tiny_config
-from stylelora.blocks import block_name, expand, group_of
-from stylelora.config import Config
-from stylelora.errors import ConfigError, StyleloraError
-from stylelora.formats import load_adapter, save_kohya
-from stylelora.generate import Previewer
-from stylelora.images import parse_parameters, read_parameters
-from stylelora.merge import split
-from stylelora.models import load_base_model
-from stylelora.train import train
+from stylelora.adapters.formats import load_adapter, save_kohya
+from stylelora.adapters.merge import split
+from stylelora.core.config import Config
+from stylelora.core.errors import ConfigError, StyleloraError
+from stylelora.data.images import parse_parameters, read_parameters
+from stylelora.model.blocks import block_name, expand, group_of
+from stylelora.model.models import load_base_model
+from stylelora.preview.previewer import Previewer
+from stylelora.training.loop import train
 
 STYLE = "up_blocks.0.attentions.1."  # B-LoRA's style block of SDXL; SGM's output_blocks.1.1 (two layers per block)
 

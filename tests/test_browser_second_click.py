@@ -17,9 +17,10 @@ from gui_server import launch, make_root
 from test_browser import ARGS, CHROMIUM
 
 from conftest import draw_image, make_dataset
-from stylelora import collect, events
-from stylelora.config import Config
-from stylelora.train import train
+from stylelora.core import events
+from stylelora.core.config import Config
+from stylelora.services import collect
+from stylelora.training.loop import train
 
 pytestmark = pytest.mark.skipif(
     shutil.which("chromium") is None and not Path(CHROMIUM).exists(),

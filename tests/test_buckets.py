@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 
 from conftest import draw_image, tiny_config
-from stylelora.batches import TrainingSet
-from stylelora.buckets import assign_bucket, crop_after_resize, make_buckets, oriented_size
+from stylelora.data.batches import TrainingSet
+from stylelora.data.buckets import assign_bucket, crop_after_resize, make_buckets, oriented_size
 
 ASPECTS = [(1000, 1010), (1140, 1000), (1000, 1140), (1500, 1000), (1000, 1500), (1920, 1080),
            (1080, 1920), (2000, 1000), (3000, 1000), (1000, 2400), (777, 555), (512, 512)]

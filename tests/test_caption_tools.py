@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from conftest import draw_image, run_cli
-from stylelora import caption_tools as tools
-from stylelora.errors import DataError
+from stylelora.core.errors import DataError
+from stylelora.data import caption_tools as tools
 
 CAPTIONS = {
     "a.png": "zxc style, a red boat, Blue_Sky",

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 from conftest import draw_image, tiny_config
-from stylelora.batches import TrainingSet
-from stylelora.captions import build_caption
-from stylelora.config import DataConfig
-from stylelora.errors import ConfigError
+from stylelora.core.config import DataConfig
+from stylelora.core.errors import ConfigError
+from stylelora.data.batches import TrainingSet
+from stylelora.data.captions import build_caption
 
 TAGS = "zxc style, red hat, blue sky, a cat, grass, sunset"
 
@@ -102,7 +102,7 @@ def test_new_options_are_validated() -> None:
 
 
 def test_a_missing_regularisation_folder_is_named(tmp_path: Path) -> None:
-    from stylelora.errors import DataError
+    from stylelora.core.errors import DataError
 
     draw_image(tmp_path / "d" / "a.png", (16, 16))
     config = tiny_config(tmp_path / "d", tmp_path / "o", **{"data.reg_path": str(tmp_path / "nope")})
@@ -122,8 +122,8 @@ def test_repeat_folders_work_with_metadata_jsonl(tmp_path: Path) -> None:
 
 
 def test_data_options_are_in_the_adapter_metadata(tmp_path: Path) -> None:
-    from stylelora.metadata import kohya_metadata
-    from stylelora.models import load_base_model
+    from stylelora.adapters.metadata import kohya_metadata
+    from stylelora.model.models import load_base_model
 
     config = tiny_config(tmp_path, tmp_path / "o", **{
         "data.shuffle_tags": True, "data.keep_tags": 2, "data.caption_dropout": 0.1, "data.buckets": False,
@@ -135,7 +135,7 @@ def test_data_options_are_in_the_adapter_metadata(tmp_path: Path) -> None:
 
 
 def test_a_batch_larger_than_an_epoch_is_refused_counting_repeats_and_reg(tmp_path: Path) -> None:
-    from stylelora.errors import DataError
+    from stylelora.core.errors import DataError
 
     draw_image(tmp_path / "d" / "3_x" / "a.png", (16, 16))
     draw_image(tmp_path / "reg" / "r.png", (16, 16))
@@ -151,8 +151,8 @@ def test_a_batch_larger_than_an_epoch_is_refused_counting_repeats_and_reg(tmp_pa
 def test_validation_and_check_captions_match_what_training_uses() -> None:
     import numpy as np
 
-    from stylelora.captions import build_caption, with_trigger
-    from stylelora.config import DataConfig
+    from stylelora.core.config import DataConfig
+    from stylelora.data.captions import build_caption, with_trigger
 
     config = DataConfig(trigger_word="zxc")
     for caption in ["a cat, zxc, oil", "zxc, a cat", "a cat", "", "zxcvb, a cat"]:

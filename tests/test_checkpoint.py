@@ -13,14 +13,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import make_dataset, tiny_config
-from stylelora import events, optim
-from stylelora.batches import BatchSource, TrainingSet
-from stylelora.checkpoint import LiveState, list_checkpoints, load_checkpoint, restore, snapshot, stores_alphas
-from stylelora.config import Config
-from stylelora.ema import LoraEMA
-from stylelora.formats import ModelLayout, load_adapter
-from stylelora.generate import Previewer
-from stylelora.models import load_base_model, lora_state, prepare_for_training
+from stylelora.adapters.formats import ModelLayout, load_adapter
+from stylelora.core import events
+from stylelora.core.config import Config
+from stylelora.data.batches import BatchSource, TrainingSet
+from stylelora.model.models import load_base_model, lora_state, prepare_for_training
+from stylelora.preview.previewer import Previewer
+from stylelora.training import optim
+from stylelora.training.checkpoint import LiveState, list_checkpoints, load_checkpoint, restore, snapshot, stores_alphas
+from stylelora.training.ema import LoraEMA
 
 PROMPT = "a picture number 1, flat style"
 LOCON_CONV = "down_blocks.0.resnets.0.conv1"
@@ -33,7 +34,7 @@ def pixels(image) -> np.ndarray:
 @pytest.fixture(scope="module")
 def locon_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A LoCon run whose alphas are neither the rank nor exact in fp32 (0.1), a checkpoint per step."""
-    from stylelora.train import train
+    from stylelora.training.loop import train
 
     data = make_dataset(tmp_path_factory.mktemp("data"), n=2)
     out = tmp_path_factory.mktemp("runs") / "locon"

@@ -79,7 +79,7 @@ def test_train_on_a_diffusers_folder_stylelora_did_not_write(dataset: Path, tmp_
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from stylelora.models import _builtin_tokenizer
+    from stylelora.model.models import _builtin_tokenizer
 
     torch.manual_seed(1)
     tok = _builtin_tokenizer()
@@ -145,7 +145,7 @@ def test_generate_flags_are_the_generate_settings_fields() -> None:
     import dataclasses
 
     from stylelora.cli import build_parser
-    from stylelora.config import GenerateSettings
+    from stylelora.core.config import GenerateSettings
 
     options = _options("generate")
     for f in dataclasses.fields(GenerateSettings):
@@ -160,7 +160,7 @@ def test_generate_flags_are_the_generate_settings_fields() -> None:
 
 
 def test_check_data_flags_are_the_training_fields() -> None:
-    from stylelora.config import Config
+    from stylelora.core.config import Config
 
     options, config = _options("check-data"), Config()
     for flag, dotted in [("--resolution", "data.resolution"), ("--batch-size", "train.batch_size"),
@@ -174,7 +174,7 @@ def test_check_data_flags_are_the_training_fields() -> None:
 
 def test_library_messages_are_worded_in_flags() -> None:
     from stylelora.cli import cli_words
-    from stylelora.errors import continue_run, setting
+    from stylelora.core.errors import continue_run, setting
 
     message = (f"train.output_dir: 'outputs/x' already holds a run; continue it with "
                f"{continue_run('outputs/x/config.toml')}, or give {setting('train.output_dir')} a new folder")

@@ -12,9 +12,9 @@ import pytest
 from PIL import Image
 
 from conftest import draw_image
-from stylelora import collect
-from stylelora.dataset import scan
-from stylelora.errors import DataError
+from stylelora.core.errors import DataError
+from stylelora.data.dataset import scan
+from stylelora.services import collect
 
 
 def _files_under(path: Path) -> set[str]:

@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from stylelora.config import Config, all_fields, parse_override
-from stylelora.errors import ConfigError
+from stylelora.core.config import Config, all_fields, parse_override
+from stylelora.core.errors import ConfigError
 
 
 def test_toml_round_trip_keeps_every_field(tmp_path: Path) -> None:
@@ -88,7 +88,7 @@ def test_output_dir_defaults_to_dataset_name() -> None:
 
 
 def test_generate_settings_are_checked_on_construction() -> None:
-    from stylelora.config import GenerateSettings
+    from stylelora.core.config import GenerateSettings
 
     assert GenerateSettings(guidance=6) == GenerateSettings(guidance=6.0)  # one key per setting in the caches
     assert hash(GenerateSettings(seed=2)) == hash(GenerateSettings().replace(seed=2))
@@ -103,7 +103,7 @@ def test_generate_settings_are_checked_on_construction() -> None:
 
 
 def test_sample_settings_take_their_defaults_from_generation_and_keep_their_keys() -> None:
-    from stylelora.config import GenerateSettings
+    from stylelora.core.config import GenerateSettings
 
     sample, generate = Config().sample, GenerateSettings()
     assert (sample.steps, sample.guidance, sample.negative_prompt) == (generate.steps, generate.guidance, "")
@@ -115,8 +115,8 @@ def test_sample_settings_take_their_defaults_from_generation_and_keep_their_keys
 
 
 def test_a_new_run_never_lands_in_an_older_runs_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from stylelora.train import resolve_output_dir
-    from stylelora.workspace import Workspace
+    from stylelora.services.workspace import Workspace
+    from stylelora.training.loop import resolve_output_dir
 
     monkeypatch.chdir(tmp_path)
     ws = Workspace(tmp_path)

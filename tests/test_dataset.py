@@ -7,9 +7,9 @@ import torch
 from PIL import Image
 
 from conftest import draw_image, make_dataset
-from stylelora.config import DataConfig
-from stylelora.dataset import CaptionedImages, load_image, scan
-from stylelora.errors import DataError
+from stylelora.core.config import DataConfig
+from stylelora.core.errors import DataError
+from stylelora.data.dataset import CaptionedImages, load_image, scan
 
 
 def test_sidecar_captions_are_read_and_cleaned(tmp_path: Path) -> None:

@@ -14,9 +14,9 @@ import pytest
 from PIL import Image
 
 from conftest import draw_image, make_dataset, run_cli, tiny_config
-from stylelora import events
-from stylelora.doctor import check_dataset
-from stylelora.errors import DataError
+from stylelora.core import events
+from stylelora.core.errors import DataError
+from stylelora.data.doctor import check_dataset
 
 RES = 64
 
@@ -217,8 +217,8 @@ def test_check_data_cli_names_each_unusable_file_and_exits_0(corpus) -> None:
 
 
 def test_training_uses_exactly_the_usable_images_and_never_writes_the_dataset(corpus, tmp_path, monkeypatch) -> None:
-    import stylelora.dataset as dataset
-    from stylelora.train import train
+    import stylelora.data.dataset as dataset
+    from stylelora.training.loop import train
 
     folder, good, bad = corpus
     before = folder_fingerprint(folder)
@@ -249,9 +249,9 @@ def test_caption_length_is_counted_with_the_models_tokenizer_or_estimated(tmp_pa
     assert "102 tokens" in f.problem and f'"{"x" * 25}"' in f.action  # 75 of the 100 are kept
     assert "builtin:tiny" in report.to_text()
 
-    import stylelora.models
+    import stylelora.model.models
 
-    monkeypatch.setattr(stylelora.models, "load_tokenizer", lambda name: None)
+    monkeypatch.setattr(stylelora.model.models, "load_tokenizer", lambda name: None)
     (tmp_path / "img0.txt").write_text(" ".join(f"word{i}" for i in range(60)) + ", the last words")
     report = check_dataset(tmp_path, RES)
     (f,) = [f for f in report.findings if "tokens" in f.problem]
@@ -273,7 +273,7 @@ def test_dataset_smaller_than_one_batch_cannot_train(tmp_path: Path, capsys) -> 
 
 
 def test_nothing_usable_stops_training_with_the_reasons(tmp_path: Path) -> None:
-    from stylelora.train import train
+    from stylelora.training.loop import train
 
     d = tmp_path / "broken"
     d.mkdir()
@@ -301,7 +301,7 @@ def test_metadata_jsonl_rows_without_images_are_reported_not_fatal(tmp_path: Pat
 
 
 def test_loaded_pixels_follow_the_stated_conversions(corpus) -> None:
-    from stylelora.dataset import load_image
+    from stylelora.data.dataset import load_image
 
     folder, _, _ = corpus
     assert load_image(folder / "animated.gif").getpixel((5, 5)) == (250, 0, 0)  # the first frame

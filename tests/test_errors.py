@@ -90,12 +90,12 @@ def test_debug_shows_the_traceback_behind_the_message(tmp_path: Path) -> None:
 
 
 def test_a_bug_shows_its_traceback_and_asks_for_a_report(tmp_path: Path, capsys, monkeypatch) -> None:
-    import stylelora.doctor
+    import stylelora.data.doctor
 
     def broken(*a: object, **k: object) -> None:
         raise ZeroDivisionError("a bug")
 
-    monkeypatch.setattr(stylelora.doctor, "check_dataset", broken)
+    monkeypatch.setattr(stylelora.data.doctor, "check_dataset", broken)
     code, output = cli(capsys, "check-data", str(tmp_path))
     assert code == 1 and "Traceback" in output and "ZeroDivisionError: a bug" in output
     assert "this is a bug in stylelora" in output and "report it" in output
@@ -141,7 +141,7 @@ def planted(tmp_path: Path) -> tuple[Path, Path]:
     for name in ("lora.safetensors", "optimizer.safetensors"):
         (ck / name).write_bytes(pickle.dumps(Payload(marker)))
     # a diffusers folder whose UNet and VAE weights are pickled .bin files
-    from stylelora.models import build_tiny
+    from stylelora.model.models import build_tiny
 
     folder = evil / "diffusers-model"
     build_tiny().save_pretrained(folder, safe_serialization=False)
@@ -187,8 +187,8 @@ def test_pickled_files_are_never_unpickled(planted, tmp_path: Path, capsys) -> N
     code, output = cli(capsys, *train, "--model", str(evil / "model.ckpt"), "--output", str(tmp_path / "o4"))
     assert "pickled checkpoints (.ckpt) can run code" in output
 
-    from stylelora.errors import FormatError
-    from stylelora.formats import load_adapter, read_safetensors
+    from stylelora.adapters.formats import load_adapter, read_safetensors
+    from stylelora.core.errors import FormatError
 
     for path in (evil / "model.pt", evil / "pickle.safetensors"):
         with pytest.raises(FormatError, match=path.name):
@@ -215,8 +215,8 @@ def test_resuming_with_other_lora_settings_is_explained(tmp_path: Path, capsys) 
 def test_a_truncated_adapter_names_the_file(tmp_path: Path) -> None:
     from test_atomic import save_adapter_kohya
 
-    from stylelora.errors import FormatError
-    from stylelora.formats import load_adapter
+    from stylelora.adapters.formats import load_adapter
+    from stylelora.core.errors import FormatError
 
     save_adapter_kohya(tmp_path, seed=1)
     path = tmp_path / "style.safetensors"

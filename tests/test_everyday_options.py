@@ -14,14 +14,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import draw_image, make_dataset, run_cli, tiny_config
-from stylelora import events
-from stylelora.artifacts import render_samples
-from stylelora.batches import BatchSource, TrainingSet
-from stylelora.config import Config
-from stylelora.doctor import check_dataset
-from stylelora.models import load_base_model
-from stylelora.text import encode, token_ids
-from stylelora.train import train
+from stylelora.core import events
+from stylelora.core.config import Config
+from stylelora.data.batches import BatchSource, TrainingSet
+from stylelora.data.doctor import check_dataset
+from stylelora.model.models import load_base_model
+from stylelora.model.text import encode, token_ids
+from stylelora.training.artifacts import render_samples
+from stylelora.training.loop import train
 
 
 def metadata(path: Path) -> dict[str, str]:
@@ -69,8 +69,8 @@ def test_clip_skip_2_trains_samples_and_is_recorded(tmp_path: Path) -> None:
     assert not np.array_equal(np.asarray(Image.open(img1)), np.asarray(Image.open(img2)))  # samples use it
     result = train(tiny_config(data, tmp_path / "run", **{"model.clip_skip": 2, "train.steps": 2}))
     assert metadata(result.adapter_paths[0])["ss_clip_skip"] == "2"
-    from stylelora.config import GenerateSettings
-    from stylelora.generate import Previewer
+    from stylelora.core.config import GenerateSettings
+    from stylelora.preview.previewer import Previewer
 
     preview = Previewer("builtin:tiny")  # the preview encodes prompts as the adapter was trained
     name = preview.attach(result.adapter_paths[0])
@@ -167,8 +167,8 @@ def test_a_bad_optimizer_argument_is_named(tmp_path: Path) -> None:
 
 
 def test_the_estimate_comes_before_the_run_and_advises_when_it_will_not_fit(tmp_path: Path, monkeypatch) -> None:
-    from stylelora import estimate as est
-    from stylelora.train import estimate_run
+    from stylelora.training import estimate as est
+    from stylelora.training.loop import estimate_run
 
     data = make_dataset(tmp_path / "data", n=2)
     r = run_cli("train", "--data", str(data), "--resolution", "64", "--steps", "2", "--output", str(tmp_path / "o"))

@@ -21,12 +21,12 @@ from conftest import (
     tiny_config,
     weights,
 )
-from stylelora.config import Config
-from stylelora.convert import export
-from stylelora.errors import FormatError
-from stylelora.formats import Adapter, ModelLayout, load_adapter, save_diffusers, save_kohya, to_kohya
-from stylelora.merge import merge, resize
-from stylelora.models import load_base_model, lora_alphas, lora_state
+from stylelora.adapters.convert import export
+from stylelora.adapters.formats import Adapter, ModelLayout, load_adapter, save_diffusers, save_kohya, to_kohya
+from stylelora.adapters.merge import merge, resize
+from stylelora.core.config import Config
+from stylelora.core.errors import FormatError
+from stylelora.model.models import load_base_model, lora_alphas, lora_state
 
 
 def unet_output(model, seed: int = 0) -> torch.Tensor:
@@ -135,7 +135,7 @@ def test_adapter_scale_zero_gives_the_base_image_exactly(tmp_path: Path) -> None
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from conftest import make_dataset
-    from stylelora.train import train
+    from stylelora.training.loop import train
 
     tmp = tmp_path_factory.mktemp("formats")
     data = make_dataset(tmp / "data", n=3)
@@ -210,7 +210,7 @@ def test_hand_written_kohya_file_from_another_trainer_loads_and_applies(tmp_path
     fc1 = "text_model.encoder.layers.1.mlp.fc1"  # CLIP's own module path (transformers 5 drops "text_model.")
     fc1 = fc1 if any(n == fc1 for n, _ in model.text_encoder.named_modules()) else fc1.removeprefix("text_model.")
     assert adapter.modules("text_encoder") == [fc1]
-    from stylelora.models import adaptable_modules
+    from stylelora.model.models import adaptable_modules
 
     assert load_adapter(path, adaptable_modules(model)).state.keys() == adapter.state.keys()  # names-only form
     assert adapter.alpha_of("unet", "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q") == 4.0
@@ -247,7 +247,7 @@ def test_a_corrupted_write_fails_verification_and_keeps_the_old_file(tmp_path: P
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     from safetensors.torch import load, save
 
-    from stylelora import formats as fm
+    from stylelora.adapters import formats as fm
 
     model = load_base_model("builtin:tiny")
     target = tmp_path / "x.safetensors"
@@ -355,7 +355,7 @@ def test_cli_export_merge_resize(run: Path, tmp_path: Path, capsys: pytest.Captu
 
 
 def test_training_export_writes_locon_alphas_and_skips_kohya_for_dora(tmp_path: Path) -> None:
-    from stylelora.train import export_adapter
+    from stylelora.training.loop import export_adapter
 
     _, model = make_adapter(rank=4, alpha=2.0, conv_rank=2, conv_alpha=3.0, with_model=True)
     config = tiny_config(tmp_path / "data", tmp_path / "run")
@@ -377,7 +377,7 @@ def test_training_export_writes_locon_alphas_and_skips_kohya_for_dora(tmp_path: 
 
 
 def test_both_files_of_a_run_state_what_the_weights_say_and_how_they_were_trained(tmp_path: Path) -> None:
-    from stylelora.artifacts import export_adapter
+    from stylelora.training.artifacts import export_adapter
 
     # weights that disagree with the config on purpose: rank, alpha and LoCon are read from the weights
     _, model = make_adapter(rank=4, alpha=2.0, conv_rank=2, conv_alpha=3.0, te=False, with_model=True)
@@ -430,7 +430,7 @@ def kohya_conv_dim_modules(unet: torch.nn.Module) -> set[str]:
     }),
 ])
 def test_locon_covers_what_kohya_conv_dim_covers_with_kohya_names(kind: str, expected: dict) -> None:
-    from stylelora.models import add_lora
+    from stylelora.model.models import add_lora
 
     model = load_base_model(f"builtin:{kind}")
     config = Config().with_overrides({"lora.rank": 4, "lora.alpha": 2.0, "lora.conv_rank": 2, "lora.conv_alpha": 3.0})
@@ -533,7 +533,7 @@ def diffusers_sdxl_script_file(adapter: Adapter) -> dict[str, torch.Tensor]:
 def test_sdxl_file_from_diffusers_scripts_exports_to_kohya_with_exact_deltas(tmp_path: Path) -> None:
     from peft import LoraConfig, inject_adapter_in_model
 
-    from stylelora.models import load_base_model as load
+    from stylelora.model.models import load_base_model as load
 
     model = load("builtin:tiny-sdxl")  # the scripts' targets: attention projections of UNet and both CLIPs
     inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]),
@@ -625,7 +625,7 @@ def test_every_layout_diffusers_writes_reads_as_the_same_adapter(tmp_path: Path,
 
 @pytest.mark.interop
 def test_converting_against_a_model_folder_reads_its_configs_only(tmp_path: Path) -> None:
-    from stylelora.models import load_skeleton
+    from stylelora.model.models import load_skeleton
 
     model = load_base_model("builtin:tiny-sdxl")
     folder = tmp_path / "sdxl-configs"
@@ -660,9 +660,9 @@ def test_converting_against_a_model_folder_reads_its_configs_only(tmp_path: Path
 @pytest.mark.parametrize("ema", [False, True], ids=["weights", "ema"])
 def test_fp32_export_of_a_run_is_its_checkpoints_fp32_state_exactly(tmp_path: Path, ema: bool) -> None:
     from conftest import make_dataset
-    from stylelora.checkpoint import load_checkpoint, newest_complete
-    from stylelora.kohya_names import conventional_text_path
-    from stylelora.train import train
+    from stylelora.adapters.kohya_names import conventional_text_path
+    from stylelora.training.checkpoint import load_checkpoint, newest_complete
+    from stylelora.training.loop import train
 
     out = tmp_path / "style"
     train(tiny_config(make_dataset(tmp_path / "data", n=2), out, **{

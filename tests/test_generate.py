@@ -11,14 +11,15 @@ import torch
 from PIL import Image
 
 from conftest import make_dataset, run_cli, tiny_config
-from stylelora import cli, images
-from stylelora import generate as generate_module
-from stylelora.config import GenerateSettings, LoraConfig
-from stylelora.errors import ConfigError, FormatError
-from stylelora.formats import Adapter, ModelLayout, save_diffusers, save_kohya
-from stylelora.generate import Previewer
-from stylelora.models import add_lora, load_base_model, lora_state
-from stylelora.samplers import SAMPLERS, sampler_names
+from stylelora import cli
+from stylelora.adapters.formats import Adapter, ModelLayout, save_diffusers, save_kohya
+from stylelora.core.config import GenerateSettings, LoraConfig
+from stylelora.core.errors import ConfigError, FormatError
+from stylelora.data import images
+from stylelora.model.models import add_lora, load_base_model, lora_state
+from stylelora.preview import previewer as generate_module
+from stylelora.preview.previewer import Previewer
+from stylelora.preview.samplers import SAMPLERS, sampler_names
 
 FAST = {"steps": 3}  # builtin:tiny at its native 64 px: a fraction of a second per image
 PROMPT = "a picture number 1, flat style"
@@ -73,7 +74,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real 3-step training run with a checkpoint per step; alpha differs from the rank on purpose."""
-    from stylelora.train import train
+    from stylelora.training.loop import train
 
     data = make_dataset(tmp_path_factory.mktemp("data"), n=2)
     out = tmp_path_factory.mktemp("runs") / "flat"
@@ -439,7 +440,7 @@ def test_per_module_ranks_and_alphas_reproduce_the_model_the_adapter_came_from(t
     from peft import LoraConfig as PeftLoraConfig
     from peft import inject_adapter_in_model
 
-    from stylelora.models import lora_alphas
+    from stylelora.model.models import lora_alphas
 
     source = load_base_model("builtin:tiny")
     convs = ["down_blocks.0.resnets.0.conv1", "up_blocks.1.resnets.0.conv2"]

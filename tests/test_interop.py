@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from conftest import assert_loaded_cleanly, captured_logs
 from interop_reference import FILES, FORMATS, KINDS, model_with_weights, outputs, read, write
-from stylelora.formats import load_adapter, save_diffusers, save_kohya
+from stylelora.adapters.formats import load_adapter, save_diffusers, save_kohya
 
 pytestmark = pytest.mark.interop
 TOLERANCE = 1e-5  # fp32, absolute

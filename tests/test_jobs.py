@@ -1,4 +1,4 @@
-"""stylelora.jobs and stylelora.workspace: one training at a time, history kept, paths kept inside."""
+"""stylelora.jobs and stylelora.services.workspace: one training at a time, history kept, paths kept inside."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 
 from conftest import make_dataset, tiny_config
-from stylelora import events
-from stylelora.config import Config
-from stylelora.errors import ConfigError, DataError, FormatError, StyleloraError
-from stylelora.jobs import Busy, TrainingJob
-from stylelora.workspace import Workspace
+from stylelora.core import events
+from stylelora.core.config import Config
+from stylelora.core.errors import ConfigError, DataError, FormatError, StyleloraError
+from stylelora.services.jobs import Busy, TrainingJob
+from stylelora.services.workspace import Workspace
 
 
 def _fake_runner(release: threading.Event):
@@ -273,8 +273,8 @@ def test_requests_reach_the_runner_only_while_it_runs() -> None:
 
 
 def test_sample_and_checkpoint_now_during_a_real_run(tmp_path: Path) -> None:
-    from stylelora.checkpoint import list_checkpoints
-    from stylelora.train import train
+    from stylelora.training.checkpoint import list_checkpoints
+    from stylelora.training.loop import train
 
     data = make_dataset(tmp_path / "data", n=2, size=(64, 64))
     requests = events.Requests()

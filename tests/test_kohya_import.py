@@ -12,10 +12,10 @@ import pytest
 from safetensors import safe_open
 
 from conftest import draw_image, run_cli
-from stylelora.config import Config
-from stylelora.errors import ConfigError
-from stylelora.kohya_import import import_kohya
-from stylelora.train import train
+from stylelora.core.config import Config
+from stylelora.core.errors import ConfigError
+from stylelora.services.kohya_import import import_kohya
+from stylelora.training.loop import train
 
 KOHYA = Path(__file__).parent / "kohya"
 

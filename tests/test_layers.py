@@ -35,7 +35,7 @@ SHELLS = ("app", "webui")  # first-party code outside the library: the Gradio ap
 
 @dataclass(frozen=True)
 class Import:
-    source: str  # dotted module names: stylelora.formats, webui.context, app
+    source: str  # dotted module names: stylelora.adapters.formats, webui.context, app
     target: str
     where: str  # file:line, and how (inside a function, under TYPE_CHECKING)
 

@@ -14,12 +14,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import make_dataset, tiny_config
-from stylelora import events
-from stylelora.batches import TrainingSet, noise_generator
-from stylelora.checkpoint import list_checkpoints, load_checkpoint
-from stylelora.errors import ConfigError
-from stylelora.models import load_base_model
-from stylelora.train import train
+from stylelora.core import events
+from stylelora.core.errors import ConfigError
+from stylelora.data.batches import TrainingSet, noise_generator
+from stylelora.model.models import load_base_model
+from stylelora.training.checkpoint import list_checkpoints, load_checkpoint
+from stylelora.training.loop import train
 
 SEED = 42
 
@@ -52,7 +52,7 @@ def first_timestep(data: Path) -> int:
 
 
 def tiny_scheduler(prediction_type: str = "epsilon", zero_terminal_snr: bool = False):
-    from stylelora.losses import training_scheduler
+    from stylelora.model.losses import training_scheduler
 
     config = load_base_model("builtin:tiny").pipeline.scheduler.config
     return training_scheduler(config, prediction_type, zero_terminal_snr)
@@ -70,7 +70,7 @@ def baseline(data: Path, tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_min_snr_weights_follow_the_formula(prediction_type: str) -> None:
-    from stylelora.losses import min_snr_weights
+    from stylelora.model.losses import min_snr_weights
 
     scheduler = tiny_scheduler(prediction_type)
     t = torch.tensor([0, 10, 100, 500, 999])
@@ -84,7 +84,7 @@ def test_min_snr_weights_follow_the_formula(prediction_type: str) -> None:
 
 
 def test_min_snr_scales_the_training_loss_by_its_weight(data: Path, tmp_path: Path, baseline) -> None:
-    from stylelora.losses import min_snr_weights, snr
+    from stylelora.model.losses import min_snr_weights, snr
 
     base_result, _ = baseline
     t = torch.tensor([first_timestep(data)])
@@ -96,7 +96,7 @@ def test_min_snr_scales_the_training_loss_by_its_weight(data: Path, tmp_path: Pa
 
 
 def test_noise_offset_adds_a_per_channel_constant(data: Path, tmp_path: Path, baseline) -> None:
-    from stylelora.losses import sample_noise
+    from stylelora.model.losses import sample_noise
 
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
     noise = sample_noise((2, 4, 8, 8), g1, offset=0.1)
@@ -159,8 +159,8 @@ def test_adamw8bit_without_cuda_is_a_clear_config_error(data: Path, tmp_path: Pa
 
 
 def test_prodigy_refuses_two_learning_rates() -> None:
-    from stylelora.config import Config
-    from stylelora.optim import build_optimizer
+    from stylelora.core.config import Config
+    from stylelora.training.optim import build_optimizer
 
     train_cfg = Config().with_overrides({"train.optimizer": "prodigy", "train.lr": 1.0}).train
     groups = [{"params": [torch.nn.Parameter(torch.zeros(2))], "lr": 1.0},
@@ -170,8 +170,8 @@ def test_prodigy_refuses_two_learning_rates() -> None:
 
 
 def _lr_curve(name: str, steps: int = 10, warmup: int = 2, **extra: object) -> list[float]:
-    from stylelora.config import Config
-    from stylelora.optim import build_lr_scheduler
+    from stylelora.core.config import Config
+    from stylelora.training.optim import build_lr_scheduler
 
     train_cfg = Config().with_overrides({"train.lr_scheduler": name, "train.steps": steps,
                                          "train.lr_warmup_steps": warmup, "train.lr": 1.0, **extra}).train
@@ -230,7 +230,7 @@ def test_gradient_checkpointing_gives_the_same_losses(data: Path, tmp_path: Path
 def test_attention_kernel_and_bf16_keep_lora_in_fp32(data: Path, tmp_path: Path) -> None:
     from diffusers.models.attention_processor import AttnProcessor
 
-    from stylelora.attention import CpuSdpaProcessor
+    from stylelora.model.attention import CpuSdpaProcessor
 
     result, _, model = run(data, tmp_path / "bf16", **{"train.mixed_precision": "bf16", "train.device": "cpu",
                                                         "train.attention": "default", "train.steps": 2})
@@ -310,11 +310,11 @@ def test_samples_are_rendered_at_fixed_seeds_without_changing_training(data: Pat
 
 
 def test_validation_loss_uses_fixed_noise_on_held_out_images(data: Path, tmp_path: Path) -> None:
-    from stylelora.config import Config
-    from stylelora.dataset import CaptionedImages, scan
-    from stylelora.losses import training_scheduler
-    from stylelora.models import add_lora, set_lora_state
-    from stylelora.validation import Validator, split_holdout
+    from stylelora.core.config import Config
+    from stylelora.data.dataset import CaptionedImages, scan
+    from stylelora.model.losses import training_scheduler
+    from stylelora.model.models import add_lora, set_lora_state
+    from stylelora.training.validation import Validator, split_holdout
 
     out = tmp_path / "val"
     _, seen, _ = run(data, out, **{"train.validation_images": 1, "train.validate_every": 2, "train.steps": 3,

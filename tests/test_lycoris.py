@@ -18,10 +18,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import assert_fused_delta, make_adapter, make_dataset, run_cli, tiny_config, weights
-from stylelora.formats import load_adapter, save_kohya
-from stylelora.merge import merge
-from stylelora.models import ADAPTER_NAME, load_base_model
-from stylelora.train import train
+from stylelora.adapters.formats import load_adapter, save_kohya
+from stylelora.adapters.merge import merge
+from stylelora.model.models import ADAPTER_NAME, load_base_model
+from stylelora.training.loop import train
 
 
 @pytest.fixture(autouse=True)
@@ -164,8 +164,8 @@ def test_lycoris_networks_have_no_diffusers_file(trained, tmp_path: Path) -> Non
 
 
 def test_the_preview_renders_them_and_strength_0_is_the_base_image(trained) -> None:
-    from stylelora.config import GenerateSettings
-    from stylelora.generate import Previewer
+    from stylelora.core.config import GenerateSettings
+    from stylelora.preview.previewer import Previewer
 
     _, paths, _ = trained
     preview = Previewer("builtin:tiny")

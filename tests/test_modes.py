@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 
 from conftest import draw_image
-from stylelora import collect
-from stylelora.config import Config
-from stylelora.convert import export
-from stylelora.jobs import TrainingJob
-from stylelora.merge import merge
-from stylelora.train import train
+from stylelora.adapters.convert import export
+from stylelora.adapters.merge import merge
+from stylelora.core.config import Config
+from stylelora.services import collect
+from stylelora.services.jobs import TrainingJob
+from stylelora.training.loop import train
 
 
 def write_everything(root: Path) -> None:

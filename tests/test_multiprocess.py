@@ -24,13 +24,13 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, make_dataset
-from stylelora import events
-from stylelora.checkpoint import is_complete, list_checkpoints, load_checkpoint
+from stylelora.adapters.formats import load_adapter
 from stylelora.cli import build_parser, config_from_args
-from stylelora.config import Config
-from stylelora.formats import load_adapter
-from stylelora.models import load_base_model
-from stylelora.train import train
+from stylelora.core import events
+from stylelora.core.config import Config
+from stylelora.model.models import load_base_model
+from stylelora.training.checkpoint import is_complete, list_checkpoints, load_checkpoint
+from stylelora.training.loop import train
 
 LAUNCH_TIMEOUT = 900  # seconds; a launch takes well under a minute on an idle 2-core machine
 # Every random source of the loop but dropout (which draws per batch, so batches of 1 and 2 differ):

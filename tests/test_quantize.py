@@ -10,15 +10,15 @@ import pytest
 import torch
 
 from conftest import make_dataset, tiny_config
-from stylelora.generate import Previewer
-from stylelora.models import load_base_model
-from stylelora.train import train
+from stylelora.model.models import load_base_model
+from stylelora.preview.previewer import Previewer
+from stylelora.training.loop import train
 
 
 def fixed_loss(model, data: Path, lora_on: bool) -> float:
     """The UNet's loss on the training images at fixed noise and timesteps, with the LoRA on or off."""
-    from stylelora.batches import BatchSource, TrainingSet
-    from stylelora.config import Config
+    from stylelora.core.config import Config
+    from stylelora.data.batches import BatchSource, TrainingSet
 
     config = Config().with_overrides({"data.path": str(data), "data.resolution": 64, "train.batch_size": 2})
     batch = BatchSource(TrainingSet.from_config(config), config, model).make_batch(0, [0, 1])

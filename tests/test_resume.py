@@ -13,9 +13,9 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, run_cli, tiny_config
-from stylelora import events
-from stylelora.checkpoint import list_checkpoints
-from stylelora.train import train
+from stylelora.core import events
+from stylelora.training.checkpoint import list_checkpoints
+from stylelora.training.loop import train
 
 STEPS = 8
 # Every source of randomness and every piece of state is on: dropout (global RNG), random flips (data

@@ -22,17 +22,17 @@ from conftest import (
     run_cli,
     tiny_config,
 )
-from stylelora import events
-from stylelora.batches import BatchSource, TrainingSet
-from stylelora.config import Config
-from stylelora.dataset import CaptionedImages, scan
-from stylelora.errors import ConfigError
-from stylelora.formats import load_adapter
-from stylelora.generate import Previewer
-from stylelora.models import detect_kind, load_base_model, prepare_for_training
-from stylelora.text import encode_text, tokenize
-from stylelora.train import train
-from stylelora.validation import Validator
+from stylelora.adapters.formats import load_adapter
+from stylelora.core import events
+from stylelora.core.config import Config
+from stylelora.core.errors import ConfigError
+from stylelora.data.batches import BatchSource, TrainingSet
+from stylelora.data.dataset import CaptionedImages, scan
+from stylelora.model.models import detect_kind, load_base_model, prepare_for_training
+from stylelora.model.text import encode_text, tokenize
+from stylelora.preview.previewer import Previewer
+from stylelora.training.loop import train
+from stylelora.training.validation import Validator
 
 KINDS = ["tiny-sdxl", "tiny-sd2v"]
 
@@ -65,7 +65,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, data: Path) -> dict[str, Path
 def test_forms_learn_the_kind_from_configs_or_file_keys_without_loading(tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
-    from stylelora.models import ModelFacts, peek_model
+    from stylelora.model.models import ModelFacts, peek_model
 
     folder = _foreign_sd2v(tmp_path / "sd2v")
     assert peek_model(str(folder)) == ModelFacts("sd2-v", 192)  # 96 latents wide, a VAE that halves twice
@@ -202,7 +202,7 @@ def test_training_runs_with_finite_loss_that_falls_on_fixed_noise(kind: str, tmp
     # the trained images scored at fixed noise and timesteps: lower with the LoRA than without (as at step 0)
     items = TrainingSet.from_config(config).items
     examples = [CaptionedImages(items, config.data).example(i, 0, 0) for i in range(len(items))]
-    from stylelora.losses import training_scheduler
+    from stylelora.model.losses import training_scheduler
 
     scheduler = training_scheduler(model.pipeline.scheduler.config, model.prediction_type)
     validator = Validator(examples, model, scheduler, torch.device("cpu"), torch.float32, seed=0)
@@ -304,7 +304,7 @@ def test_sdxl_resume_gives_the_uninterrupted_adapter(tmp_path: Path, data: Path)
 
 
 def test_each_text_encoder_trains_at_its_own_rate_or_not_at_all(tmp_path: Path, data: Path) -> None:
-    from stylelora.optim import param_groups
+    from stylelora.training.optim import param_groups
 
     model = load_base_model("builtin:tiny-sdxl")
     config = tiny_config(data, tmp_path / "o", **{"model.name": "builtin:tiny-sdxl", "lora.train_text_encoder": True,
@@ -329,7 +329,7 @@ def test_fp16_runs_keep_sdxls_vae_in_fp32(tmp_path: Path, data: Path) -> None:
     assert any("VAE encodes in fp32" in n and "SDXL's VAE overflows in fp16" in n for n in source.notes)
     assert source.next_batch().latents.dtype == torch.float32  # encoded by the fp32 VAE
     # samples: the fp16 UNet's latents are decoded by the fp32 VAE (the pipeline alone would mix dtypes)
-    from stylelora.artifacts import render_samples
+    from stylelora.training.artifacts import render_samples
 
     [path] = render_samples(model, config.with_overrides({"sample.prompts": ["a cat"], "sample.steps": 2}),
                             tmp_path / "o", step=1)
@@ -349,7 +349,7 @@ def _foreign_sdxl(folder: Path) -> Path:
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from stylelora.models import _builtin_tokenizer
+    from stylelora.model.models import _builtin_tokenizer
 
     tokenizer = _builtin_tokenizer()
     te = {"vocab_size": len(tokenizer), "max_position_embeddings": 77, "bos_token_id": tokenizer.bos_token_id,
@@ -381,7 +381,7 @@ def _foreign_sd2v(folder: Path) -> Path:
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from stylelora.models import _builtin_tokenizer
+    from stylelora.model.models import _builtin_tokenizer
 
     tokenizer = _builtin_tokenizer(pad_token="!")
     torch.manual_seed(2)
@@ -444,7 +444,7 @@ def test_headless_run_on_a_model_folder_stylelora_did_not_write(kind: str, tmp_p
 
 def test_presets_for_sdxl_and_sd2_768v_load_and_fit_their_kind() -> None:
     from conftest import ROOT
-    from stylelora.models import KIND_PRESETS
+    from stylelora.model.models import KIND_PRESETS
 
     sdxl = Config.load(ROOT / "presets" / f"{KIND_PRESETS['sdxl']}.toml")
     assert (sdxl.data.resolution, sdxl.train.gradient_checkpointing, sdxl.train.mixed_precision) == (1024, True, "auto")
@@ -454,7 +454,7 @@ def test_presets_for_sdxl_and_sd2_768v_load_and_fit_their_kind() -> None:
 
 
 def test_model_kind_set_in_the_config_reaches_the_run_files_and_later_exports(tmp_path: Path, data: Path) -> None:
-    from stylelora.convert import export
+    from stylelora.adapters.convert import export
 
     out = tmp_path / "run"
     train(tiny_config(data, out, **{"model.kind": "sd2-v", "train.steps": 1}))  # builtin:tiny taken as SD2-768-v
@@ -490,7 +490,7 @@ def test_sdxl_text_cache_holds_both_encoders_and_the_pooled_text(tmp_path: Path,
 
 
 def test_buckets_at_1024_are_sdxls_usual_ones() -> None:
-    from stylelora.buckets import make_buckets
+    from stylelora.data.buckets import make_buckets
 
     # SDXL's training resolutions (w, h) with the widest side for each height, from its paper's list
     sdxl = {(1024, 1024), (1152, 896), (896, 1152), (1216, 832), (832, 1216), (1344, 768), (768, 1344),

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from stylelora import events
-from stylelora.models import load_base_model
-from stylelora.train import train
+from stylelora.core import events
+from stylelora.model.models import load_base_model
+from stylelora.training.loop import train
 
 
 def test_reading_the_loss_every_few_steps_reports_every_step_exactly(dataset: Path, tmp_path: Path) -> None:
@@ -33,8 +33,8 @@ def test_a_nan_between_reports_names_its_step_and_saves_nothing_after_it(dataset
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     from diffusers import UNet2DConditionModel
 
-    from stylelora.checkpoint import list_checkpoints
-    from stylelora.errors import TrainingError
+    from stylelora.core.errors import TrainingError
+    from stylelora.training.checkpoint import list_checkpoints
 
     real, calls = UNet2DConditionModel.forward, {"n": 0}
 

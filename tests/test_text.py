@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stylelora.errors import ConfigError
-from stylelora.models import load_base_model
-from stylelora.text import encode, encode_captions, token_ids
+from stylelora.core.errors import ConfigError
+from stylelora.model.models import load_base_model
+from stylelora.model.text import encode, encode_captions, token_ids
 
 
 @pytest.fixture(scope="module")

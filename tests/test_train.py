@@ -7,9 +7,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import tiny_config
-from stylelora import events
-from stylelora.models import load_base_model
-from stylelora.train import train
+from stylelora.core import events
+from stylelora.model.models import load_base_model
+from stylelora.training.loop import train
 
 
 def test_three_steps_write_the_run_folder_and_change_only_lora(dataset: Path, tmp_path: Path) -> None:
@@ -90,7 +90,7 @@ def test_a_tokenizer_that_says_8192_tokens_trains_and_the_check_counts_against_7
                                                                                    tmp_path: Path) -> None:
     from transformers import CLIPTokenizer
 
-    from stylelora.doctor import check_dataset
+    from stylelora.data.doctor import check_dataset
 
     folder = tmp_path / "sd1-comfy-tokenizer"  # a model folder whose tokenizer config says 8192, as ComfyUI's does
     load_base_model("builtin:tiny").pipeline.save_pretrained(folder)

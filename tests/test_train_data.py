@@ -7,9 +7,9 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import draw_image, tiny_config
-from stylelora import events
-from stylelora.models import load_base_model
-from stylelora.train import train
+from stylelora.core import events
+from stylelora.model.models import load_base_model
+from stylelora.training.loop import train
 
 
 def _first_loss(tmp_path: Path, weight: float) -> float:

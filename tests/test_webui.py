@@ -8,8 +8,8 @@ import inspect
 import gradio as gr
 import pytest
 
-from stylelora.config import GenerateSettings
-from stylelora.errors import ConfigError, DataError
+from stylelora.core.config import GenerateSettings
+from stylelora.core.errors import ConfigError, DataError
 from webui.context import user_errors
 from webui.form import settings_from_widgets
 
@@ -53,7 +53,7 @@ def test_preview_widget_values_become_checked_settings() -> None:
 
 
 def test_every_config_field_has_a_label_and_a_group_and_the_form_shows_it_there() -> None:
-    from stylelora.config import all_fields
+    from stylelora.core.config import all_fields
     from webui.form import BASIC
     from webui.labels import ADVANCED_GROUPS, BASIC_GROUP, FIELDS
 
@@ -68,7 +68,7 @@ def test_every_config_field_has_a_label_and_a_group_and_the_form_shows_it_there(
 
 
 def test_an_unset_field_round_trips_through_the_form_as_not_set() -> None:
-    from stylelora.config import Config
+    from stylelora.core.config import Config
     from webui.form import from_widget_value, to_widget_value
 
     assert to_widget_value("train.text_encoder_lr", None) == ""  # an empty box, not a 0 a number box would send
@@ -81,7 +81,7 @@ def test_an_unset_field_round_trips_through_the_form_as_not_set() -> None:
 
 
 def test_library_messages_are_worded_as_the_app_shows_them() -> None:
-    from stylelora.errors import check_data, continue_run, setting
+    from stylelora.core.errors import check_data, continue_run, setting
     from webui.words import gui_words
 
     taken = (f"train.output_dir: 'outputs/x' already holds a run; continue it with "

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import gradio as gr
 
-from stylelora.logs import quiet_libraries
-from stylelora.workspace import Workspace
+from stylelora.core.logs import quiet_libraries
+from stylelora.services.workspace import Workspace
 
 from . import dataset_tab, export_tab, preview_tab, train_tab
 from .context import Context

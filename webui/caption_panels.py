@@ -9,8 +9,8 @@ from typing import Any
 
 import gradio as gr
 
-from stylelora import autocaption, caption_tools
-from stylelora.autocaption import CaptionSettings
+from stylelora.data import autocaption, caption_tools
+from stylelora.data.autocaption import CaptionSettings
 
 from .context import Context, user_errors
 from .form import settings_from_widgets, settings_widget

@@ -12,14 +12,14 @@ from typing import Any, TypeVar
 
 import gradio as gr
 
-from stylelora.autocaption import Captioner, load_captioner
-from stylelora.board import TensorBoard
-from stylelora.collect import list_datasets
-from stylelora.errors import StyleloraError
-from stylelora.generate import Previewer
-from stylelora.jobs import TrainingJob
-from stylelora.launch import visible_gpus
-from stylelora.workspace import Workspace
+from stylelora.core.errors import StyleloraError
+from stylelora.data.autocaption import Captioner, load_captioner
+from stylelora.preview.previewer import Previewer
+from stylelora.services.board import TensorBoard
+from stylelora.services.collect import list_datasets
+from stylelora.services.jobs import TrainingJob
+from stylelora.services.launch import visible_gpus
+from stylelora.services.workspace import Workspace
 
 from .words import gui_words
 

@@ -8,9 +8,10 @@ from typing import Any
 
 import gradio as gr
 
-from stylelora import collect, doctor
-from stylelora.config import DataConfig
-from stylelora.errors import StyleloraError
+from stylelora.core.config import DataConfig
+from stylelora.core.errors import StyleloraError
+from stylelora.data import doctor
+from stylelora.services import collect
 
 from . import caption_panels
 from .context import Context, user_errors

@@ -12,8 +12,8 @@ from typing import Any
 
 import gradio as gr
 
-from stylelora.convert import export as export_adapter
-from stylelora.merge import merge as merge_adapter
+from stylelora.adapters.convert import export as export_adapter
+from stylelora.adapters.merge import merge as merge_adapter
 
 from .context import Context, user_errors
 

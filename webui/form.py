@@ -14,8 +14,8 @@ from typing import Any, Literal
 
 import gradio as gr
 
-from stylelora.config import Config, GenerateSettings, all_fields, field_type
-from stylelora.errors import ConfigError
+from stylelora.core.config import Config, GenerateSettings, all_fields, field_type
+from stylelora.core.errors import ConfigError
 
 from .labels import ADVANCED_GROUPS, FIELDS, group, label
 

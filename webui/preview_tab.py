@@ -7,8 +7,8 @@ from typing import Any
 
 import gradio as gr
 
-from stylelora.config import Config, GenerateSettings
-from stylelora.errors import StyleloraError
+from stylelora.core.config import Config, GenerateSettings
+from stylelora.core.errors import StyleloraError
 
 from .context import Context, user_errors
 from .form import settings_from_widgets, settings_widget

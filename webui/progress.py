@@ -12,8 +12,8 @@ from typing import Any, TypeVar
 import gradio as gr
 import pandas as pd
 
-from stylelora import events
-from stylelora.jobs import QueuedRun, Snapshot
+from stylelora.core import events
+from stylelora.services.jobs import QueuedRun, Snapshot
 
 from .words import gui_words
 

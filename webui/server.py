@@ -88,8 +88,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own startup requests
-    from stylelora.errors import StyleloraError
-    from stylelora.logs import quiet_libraries
+    from stylelora.core.errors import StyleloraError
+    from stylelora.core.logs import quiet_libraries
 
     from .build import build_app
 

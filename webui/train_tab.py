@@ -15,11 +15,12 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from stylelora import events, kohya_import
-from stylelora.config import Config
-from stylelora.launch import runner_for
-from stylelora.models import KIND_NAMES, KIND_PRESETS, peek_model
-from stylelora.train import estimate_run
+from stylelora.core import events
+from stylelora.core.config import Config
+from stylelora.model.models import KIND_NAMES, KIND_PRESETS, peek_model
+from stylelora.services import kohya_import
+from stylelora.services.launch import runner_for
+from stylelora.training.loop import estimate_run
 
 from .context import Context, user_errors
 from .form import ConfigForm

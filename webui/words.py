@@ -1,13 +1,13 @@
 """Library messages in the app's terms: a config field is called by its form label, continuing a run by
-the button that does it (the library names fields, stylelora.errors; the CLI words them as flags)."""
+the button that does it (the library names fields, stylelora.core.errors; the CLI words them as flags)."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
-from stylelora.config import all_fields
-from stylelora.errors import CHECK_DATA, CONTINUE, SETTING
+from stylelora.core.config import all_fields
+from stylelora.core.errors import CHECK_DATA, CONTINUE, SETTING
 
 from .labels import BASIC_GROUP, group, label
 

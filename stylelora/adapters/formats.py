@@ -1,0 +1,444 @@
+"""Adapter files: kohya (AUTOMATIC1111, ComfyUI, sd-scripts) and diffusers/peft; read, write, verify.
+
+In memory an adapter is canonical: ``{"unet": {...}, "text_encoder": {...}}`` of peft state dicts
+keyed by the model's own module paths (``down_blocks.0.attentions.0.proj_in.lora_A.weight``).
+Alpha is per kind of module (see ``Adapter``). Every file written here is re-read and checked
+(``verify_file``). Converting a run or file lives above this module, in ``stylelora.convert``;
+merging and resizing in ``stylelora.merge``; the metadata written here comes from ``stylelora.metadata``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save
+
+from ..core import fileio
+from ..core.errors import FormatError, setting
+from ..model.models import PICKLE_SUFFIXES, full_lokr_rank
+from .adapter import Adapter, ModelLayout, module_paths
+from .kohya_names import KOHYA_PREFIXES, conventional_text_path
+from .metadata import adapter_facts, model_hashes
+
+if TYPE_CHECKING:
+    from ..model.models import BaseModel
+
+__all__ = ["Adapter", "ModelLayout", "load_adapter", "read_safetensors", "save_diffusers", "save_kohya",
+           "verify_file"]
+PARTS = ("unet", "text_encoder", "text_encoder_2")
+DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}
+# header keys that belong to the diffusers file only (diffusers refuses kohya files that carry them)
+DIFFUSERS_ONLY_METADATA = ("format", "lora_adapter_metadata", "stylelora.alpha")
+# how a diffusers file carries alpha (header key stylelora.alpha)
+ALPHA_METADATA_KEY = "stylelora.alpha"
+ALPHA_IN_METADATA = "lora_adapter_metadata (alpha and alpha_pattern per module; diffusers >= 0.34 reads it)"
+ALPHA_BAKED = ("baked: every lora_B holds alpha/rank, ranks padded with zeros to one per part, alpha = rank "
+               "(right strength in every diffusers version)")
+# LyCORIS' LoHa and LoKr weights as A1111, ComfyUI and LyCORIS name them (Tucker cores not written or read)
+LYCORIS_WEIGHTS = {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "lokr_w1", "lokr_w1_a", "lokr_w1_b",
+                   "lokr_w2", "lokr_w2_a", "lokr_w2_b"}
+DORA_KOHYA_REFUSAL = (
+    "DoRA adapters are not exported to kohya format: AUTOMATIC1111 normalises a kohya dora_scale per input "
+    "channel where peft (and stylelora) normalise per output channel, and diffusers drops dora_scale keys, "
+    "so the file would load wrong or without effect. Export it in the diffusers format (diffusers and peft load DoRA), "
+    "or train without DoRA for A1111 and ComfyUI."
+)
+
+
+# --- writing ------------------------------------------------------------------------------------
+
+
+LYCORIS_DIFFUSERS_REFUSAL = (
+    "LoHa and LoKr adapters are written in the LyCORIS layout (--format kohya), which AUTOMATIC1111, ComfyUI "
+    "and LyCORIS load; diffusers' load_lora_weights reads LoRA only, so there is no diffusers file for them."
+)
+
+
+def to_kohya(adapter: Adapter, layout: ModelLayout, precision: str = "fp16") -> dict[str, torch.Tensor]:
+    """kohya's layout: ``lora_down``/``lora_up`` for LoRA, LyCORIS' ``hada_*`` (LoHa) and ``lokr_*``
+    (LoKr) weights under the same module names, and one ``alpha`` per module."""
+    if adapter.is_dora:
+        raise FormatError(DORA_KOHYA_REFUSAL)
+    dtype = DTYPES[precision]
+    out: dict[str, torch.Tensor] = {}
+    for part, sd in adapter.state.items():
+        for path in module_paths(sd):
+            name = layout.kohya.name(part, path)
+            alpha = adapter.alpha_of(part, path)
+            if adapter.network == "lora":
+                out[f"{name}.lora_down.weight"] = sd[f"{path}.lora_A.weight"].to(dtype).contiguous()
+                out[f"{name}.lora_up.weight"] = sd[f"{path}.lora_B.weight"].to(dtype).contiguous()
+            else:
+                for key, value in sd.items():
+                    param = key[len(path) + 1 :]
+                    if key.startswith(f"{path}.") and "." not in param:  # this module's hada_*/lokr_* weights
+                        out[f"{name}.{param}"] = value.to(dtype).contiguous()
+                if adapter.is_full_lokr(part, path):  # loaders scale two full factors by 1: fold the scale in
+                    rank = adapter.rank_of(part, path)
+                    out[f"{name}.lokr_w2"] = (sd[f"{path}.lokr_w2"] * (alpha / rank)).to(dtype).contiguous()
+                    alpha = rank
+            out[f"{name}.alpha"] = torch.tensor(alpha, dtype=dtype)
+    return out
+
+
+def to_diffusers(adapter: Adapter, precision: str = "fp16") -> dict[str, torch.Tensor]:
+    """``unet.<path>.lora_A.weight`` ...; text encoders under the conventional ``text_model.`` path
+    whatever the installed transformers calls its modules, as every diffusers version loads it."""
+    dtype = DTYPES[precision]
+    out = {}
+    for part, sd in adapter.state.items():
+        for key, value in sd.items():
+            if part.startswith("text_encoder"):
+                module, _, suffix = key.rpartition(".lora_")
+                key = f"{conventional_text_path(module)}.lora_{suffix}"
+                if key.endswith(".lora_magnitude_vector"):
+                    key += ".weight"  # transformers' load_adapter wants DoRA magnitudes as ...magnitude_vector.weight
+            out[f"{part}.{key}"] = value.to(dtype).contiguous()
+    return out
+
+
+def short_text_path(path: str) -> str:
+    """A text-encoder module path without ``text_model.``: as a peft target or pattern it matches the
+    module under transformers 4 (``text_model.encoder...``, by suffix) and 5 (``encoder...``) alike."""
+    return path.removeprefix("text_model.")
+
+
+def peft_metadata(adapter: Adapter) -> dict[str, object]:
+    """diffusers' ``lora_adapter_metadata``: the LoraConfig per part, so it scales every module right."""
+    meta: dict[str, object] = {}
+    for part in adapter.state:
+        fields = adapter.peft_fields(part)
+        if part.startswith("text_encoder"):  # module names that match under transformers 4 and 5 alike
+            fields["target_modules"] = [short_text_path(p) for p in fields["target_modules"]]
+            for pattern in ("rank_pattern", "alpha_pattern"):
+                fields[pattern] = {short_text_path(p): v for p, v in fields[pattern].items()}
+        meta.update({f"{part}.{k}": v for k, v in fields.items()})
+    return meta
+
+
+def kohya_file_metadata(adapter: Adapter, layout: ModelLayout, tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    """The adapter's metadata for a kohya file: what the weights say (``adapter_facts``) replaces any
+    older statement of it, and kohya's hashes are taken over the tensors written."""
+    metadata = {k: v for k, v in adapter.metadata.items() if k not in DIFFUSERS_ONLY_METADATA}
+    metadata.update(adapter_facts(adapter, layout.kind))
+    metadata["sshs_model_hash"], metadata["sshs_legacy_hash"] = model_hashes(tensors, metadata)
+    return metadata
+
+
+def save_kohya(path: str | Path, adapter: Adapter, layout: BaseModel | ModelLayout, precision: str = "fp16") -> Path:
+    """Write one kohya ``.safetensors`` and verify it (a failed check raises FormatError)."""
+    layout = ModelLayout.of(layout)
+    tensors = to_kohya(adapter, layout, precision)
+    _write_verified(path, save(tensors, metadata=kohya_file_metadata(adapter, layout, tensors)), tensors, layout)
+    return Path(path)
+
+
+def save_diffusers(
+    folder: str | Path, adapter: Adapter, layout: BaseModel | ModelLayout | None = None, precision: str = "fp16",
+    bake_alpha: bool = False,
+) -> Path:
+    """Write ``folder/pytorch_lora_weights.safetensors`` (or the ``.safetensors`` path given) for
+    ``pipe.load_lora_weights``; verified against ``layout`` when one is given.
+
+    Alphas travel in ``lora_adapter_metadata``, which diffusers reads from 0.34 on; ``bake_alpha``
+    multiplies each lora_B by alpha/rank, pads each part's modules to one rank, and stores
+    alpha = rank instead (``Adapter.with_alpha_baked``), so loaders that ignore that header (diffusers
+    before 0.34, peft-only tools) apply the same strength.
+    ``stylelora.alpha`` in the header says which was done."""
+    if adapter.network != "lora":
+        raise FormatError(LYCORIS_DIFFUSERS_REFUSAL)
+    target = Path(folder)
+    if target.suffix.lower() != ".safetensors":
+        target = target / DIFFUSERS_WEIGHT_NAME
+    if bake_alpha:
+        adapter = adapter.with_alpha_baked()
+    tensors = to_diffusers(adapter, precision)
+    metadata = {k: v for k, v in adapter.metadata.items() if k not in DIFFUSERS_ONLY_METADATA}
+    metadata["format"] = "pt"
+    metadata["lora_adapter_metadata"] = json.dumps(peft_metadata(adapter), sort_keys=True)
+    metadata[ALPHA_METADATA_KEY] = ALPHA_BAKED if bake_alpha else ALPHA_IN_METADATA
+    checked = None if layout is None else ModelLayout.of(layout)
+    _write_verified(target, save(tensors, metadata=metadata), tensors, checked)
+    return target
+
+
+def _write_verified(
+    path: str | Path, blob: bytes, expected: dict[str, torch.Tensor], layout: ModelLayout | None
+) -> None:
+    """Write under a temporary name and verify that file before it replaces ``path``: a file that
+    fails the check is removed and an older file at ``path`` stays as it was."""
+    with fileio.atomic_path(path) as tmp:
+        tmp.write_bytes(blob)
+        del blob  # the only reference: verifying re-reads the file, so the bytes need not stay in memory
+        if layout is not None:
+            verify_file(tmp, expected, layout, shown_as=path)
+
+
+def verify_file(path: str | Path, expected: dict[str, torch.Tensor], layout: ModelLayout,
+                shown_as: str | Path | None = None) -> Adapter:
+    """Re-read a written adapter: the same keys, every tensor equal in dtype and value, and every key
+    naming a real module of the base model with a fitting shape. Raises FormatError otherwise."""
+    tensors, metadata = read_safetensors(path)
+    path = shown_as or path
+    missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or extra:
+        raise FormatError(f"{path}: verification failed: missing keys {missing[:5]}, unexpected keys {extra[:5]}")
+    wrong = [k for k, v in expected.items() if tensors[k].dtype != v.dtype or not torch.equal(tensors[k], v)]
+    if wrong:
+        raise FormatError(f"{path}: verification failed: {len(wrong)} tensors differ from those written: {wrong[:5]}")
+    if is_kohya(tensors) and "lora_adapter_metadata" in metadata:
+        raise FormatError(f"{path}: verification failed: a kohya file must not carry lora_adapter_metadata")
+    return adapter_from_tensors(tensors, metadata, layout, str(path), upcast=False)
+
+
+# --- reading ------------------------------------------------------------------------------------
+
+
+def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read tensors and header metadata; never unpickles. Errors name the file."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / DIFFUSERS_WEIGHT_NAME
+    if p.suffix.lower() in PICKLE_SUFFIXES:
+        raise FormatError(f"{p}: pickled files can run code when opened and are not read; use a .safetensors file")
+    if not p.is_file():
+        raise FormatError(f"{p}: no such adapter file")
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+        tensors = load_file(str(p))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise FormatError(f"{p}: not a readable .safetensors file ({e}); it may be truncated or corrupt") from None
+    return tensors, metadata
+
+
+def is_kohya(tensors: dict[str, torch.Tensor]) -> bool:
+    return any(k.startswith(KOHYA_PREFIXES) for k in tensors)
+
+
+def file_format(tensors: dict[str, torch.Tensor]) -> str | None:
+    if is_kohya(tensors):
+        return "kohya"
+    if any(_diffusers_key(k) is not None and not k.endswith(".alpha") for k in tensors):
+        return "diffusers"
+    return None
+
+
+def load_adapter(path: str | Path, model: BaseModel | ModelLayout) -> Adapter:
+    """Read a kohya or diffusers adapter into canonical form, strictly: every key must name a module
+    of ``model`` with a fitting shape; the error lists the keys that do not."""
+    tensors, metadata = read_safetensors(path)
+    return adapter_from_tensors(tensors, metadata, ModelLayout.of(model), str(path))
+
+
+def adapter_from_tensors(
+    tensors: dict[str, torch.Tensor], metadata: dict[str, str], layout: ModelLayout, source: str = "adapter",
+    upcast: bool = True,
+) -> Adapter:
+    """Map a file's tensors onto ``layout`` strictly (see ``load_adapter``); the weights come out fp32
+    unless ``upcast`` is False (a check that needs no copy of them)."""
+    fmt = file_format(tensors)
+    if fmt is None:
+        raise FormatError(
+            f"{source}: no LoRA keys in a known layout (kohya lora_unet_/lora_te_ or diffusers unet./"
+            f"text_encoder.); first keys: {sorted(tensors)[:3]}"
+        )
+    state, alphas, unknown = (_from_kohya if fmt == "kohya" else _from_diffusers)(tensors, metadata, layout)
+    if unknown:
+        raise FormatError(
+            f"{source}: {len(unknown)} keys name no module of the base model {layout.name or layout.kind} "
+            f"({layout.kind}): {unknown[:8]}. Was it made for another base model? Name that one in "
+            f"{setting('model.name')}."
+        )
+    _check_pairs_and_shapes(state, layout, source)
+    if upcast:
+        state = {part: {k: v.float() for k, v in sd.items()} for part, sd in state.items()}
+    return Adapter.from_module_alphas(state, alphas, metadata)
+
+
+def _from_kohya(tensors, metadata, layout):
+    reverse = layout.kohya.reverse
+    state: dict[str, dict[str, torch.Tensor]] = {}
+    alphas: dict[str, dict[str, float]] = {}
+    unknown = []
+    for key, value in tensors.items():
+        name, _, suffix = key.partition(".")
+        if name not in reverse:
+            unknown.append(key)
+            continue
+        part, module = reverse[name]
+        if suffix == "lora_down.weight":
+            state.setdefault(part, {})[f"{module}.lora_A.weight"] = value
+        elif suffix == "lora_up.weight":
+            state.setdefault(part, {})[f"{module}.lora_B.weight"] = value
+        elif suffix == "alpha":
+            alphas.setdefault(part, {})[module] = float(value)
+        elif suffix == "dora_scale":
+            raise FormatError(f"kohya DoRA keys ({key}) are not supported; convert the DoRA adapter elsewhere")
+        elif suffix in LYCORIS_WEIGHTS:
+            state.setdefault(part, {})[f"{module}.{suffix}"] = value.float()
+        else:
+            unknown.append(key)
+    for part, sd in state.items():  # two full LoKr factors: loaders scale by 1 whatever alpha says
+        for module in module_paths(sd):
+            if f"{module}.lokr_w1" in sd and f"{module}.lokr_w2" in sd:
+                alphas.setdefault(part, {})[module] = full_lokr_rank(sd[f"{module}.lokr_w2"])
+    return state, alphas, unknown
+
+
+# The LoRA weight layouts that diffusers' scripts and loaders have written, by key ending, and the
+# peft suffix each means: peft's lora_A/lora_B; ``.lora.down/.lora.up`` (the LoRACompatible layers of
+# diffusers <= 0.24, still what its SDXL scripts write for the UNet); ``.lora_linear_layer.down/up``
+# (the text encoders in those scripts); DoRA magnitudes; per-module alphas. Longest ending first.
+_DIFFUSERS_SUFFIXES = {
+    "lora_linear_layer.down.weight": "lora_A.weight",
+    "lora_linear_layer.up.weight": "lora_B.weight",
+    "lora_magnitude_vector.weight": "lora_magnitude_vector",
+    "lora_magnitude_vector": "lora_magnitude_vector",
+    "lora.down.weight": "lora_A.weight",
+    "lora.up.weight": "lora_B.weight",
+    "lora_A.weight": "lora_A.weight",
+    "lora_B.weight": "lora_B.weight",
+    "alpha": "alpha",
+}
+# diffusers' attention-processor files (0.14-0.20): ``attn1.processor.to_q_lora.down.weight``, no prefix
+_ATTN_PROCESSOR = re.compile(r"^(.*)\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
+
+
+def _diffusers_key(key: str) -> tuple[str | None, str, str] | None:
+    """(part or None when the key has no unet./text_encoder. prefix, module path, peft suffix)."""
+    if match := _ATTN_PROCESSOR.match(key):
+        owner, proj, side = match.groups()
+        module = f"{owner}.{'to_out.0' if proj == 'to_out' else proj}"
+        suffix = "lora_A.weight" if side == "down" else "lora_B.weight"
+    else:
+        ending = next((e for e in _DIFFUSERS_SUFFIXES if key.endswith("." + e)), None)
+        if ending is None:
+            return None
+        module, suffix = key[: -len(ending) - 1], _DIFFUSERS_SUFFIXES[ending]
+    first, _, rest = module.partition(".")
+    return (first, rest, suffix) if first in PARTS else (None, module, suffix)
+
+
+def _text_path_forms(path: str) -> tuple[str, ...]:
+    """A text-encoder module path under both transformers layouts (with and without ``text_model.``)."""
+    short = short_text_path(path)
+    return (path, short, "text_model." + short)
+
+
+def _resolve_module(part: str | None, module: str, modules: dict[str, dict]) -> tuple[str, str] | None:
+    """The (part, module path) of ``layout`` that a file's module names; unprefixed keys belong to the
+    UNet when it has that module, else to the (first) text encoder."""
+    for candidate in [part] if part else [p for p in PARTS if p in modules]:
+        if candidate not in modules:
+            continue
+        forms = _text_path_forms(module) if candidate.startswith("text_encoder") else (module,)
+        found = next((m for m in forms if m in modules[candidate]), None)
+        if found is not None:
+            return candidate, found
+    return None
+
+
+def _pattern_value(pattern: dict[str, float], path: str, default: float) -> float:
+    """A module's value in a peft rank/alpha pattern: its own path in either text-encoder layout, else
+    the first key the path ends with (peft's rule), else ``default``."""
+    forms = _text_path_forms(path)
+    for form in forms:
+        if form in pattern:
+            return float(pattern[form])
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", forms[-1]):
+            return float(value)
+    return default
+
+
+def _from_diffusers(tensors, metadata, layout):
+    modules = layout.shapes
+    state: dict[str, dict[str, torch.Tensor]] = {}
+    unknown = []
+    network_alphas: dict[str, dict[str, float]] = {}
+    for key, value in tensors.items():
+        parsed = _diffusers_key(key)
+        found = _resolve_module(parsed[0], parsed[1], modules) if parsed else None
+        if found is None:
+            unknown.append(key)
+            continue
+        part, module = found
+        if parsed[2] == "alpha":
+            network_alphas.setdefault(part, {})[module] = float(value)
+        else:
+            state.setdefault(part, {})[f"{module}.{parsed[2]}"] = value
+    peft_meta = json.loads(metadata.get("lora_adapter_metadata", "{}") or "{}")
+    alphas: dict[str, dict[str, float]] = {}
+    for part, sd in state.items():
+        if f"{part}.lora_alpha" in peft_meta:
+            pattern = peft_meta.get(f"{part}.alpha_pattern") or {}
+            default = float(peft_meta[f"{part}.lora_alpha"])
+            alphas[part] = {p: _pattern_value(pattern, p, default) for p in module_paths(sd)}
+        else:  # no LoraConfig stored: per-module .alpha keys, else diffusers' convention alpha = rank
+            alphas[part] = network_alphas.get(part, {})
+    return state, alphas, unknown
+
+
+def _lycoris_shape(sd: dict[str, torch.Tensor], path: str) -> tuple[int, int] | str:
+    """(rows, columns) of the weight a LoHa or LoKr module rebuilds (a conv's kernel in the columns), or
+    what is missing or does not fit."""
+    get = sd.get
+    if f"{path}.hada_w1_a" in sd:
+        w1a, w1b, w2a, w2b = (get(f"{path}.hada_{k}") for k in ("w1_a", "w1_b", "w2_a", "w2_b"))
+        if w1b is None or w2a is None or w2b is None:
+            return "has only some of the hada_w1_a/w1_b/w2_a/w2_b weights"
+        if not (w1a.shape[1] == w1b.shape[0] and w2a.shape[1] == w2b.shape[0] and w1a.shape[0] == w2a.shape[0]
+                and w1b.shape[1] == w2b.shape[1]):
+            return "hada_* weights of shapes that do not multiply"
+        return int(w1a.shape[0]), int(w1b.shape[1])
+    w1, w2 = get(f"{path}.lokr_w1"), get(f"{path}.lokr_w2")
+    if w1 is None and (get(f"{path}.lokr_w1_a") is None or get(f"{path}.lokr_w1_b") is None):
+        return "has no lokr_w1 (nor lokr_w1_a and lokr_w1_b)"
+    if w2 is None and (get(f"{path}.lokr_w2_a") is None or get(f"{path}.lokr_w2_b") is None):
+        return "has no lokr_w2 (nor lokr_w2_a and lokr_w2_b)"
+    w1_shape = w1.shape if w1 is not None else (sd[f"{path}.lokr_w1_a"].shape[0], sd[f"{path}.lokr_w1_b"].shape[1])
+    if w2 is not None:
+        w2_shape = (w2.shape[0], int(torch.tensor(w2.shape[1:]).prod()))
+    else:
+        w2_shape = (sd[f"{path}.lokr_w2_a"].shape[0], sd[f"{path}.lokr_w2_b"].shape[1])
+    return int(w1_shape[0] * w2_shape[0]), int(w1_shape[1] * w2_shape[1])
+
+
+def _lycoris_problems(sd: dict[str, torch.Tensor], path: str, weight: tuple[int, ...], part: str) -> list[str]:
+    shape = _lycoris_shape(sd, path)
+    if isinstance(shape, str):
+        return [f"{part} {path}: {shape}"]
+    if weight and shape != (weight[0], int(torch.tensor(weight[1:]).prod())):
+        return [f"{part} {path}: rebuilds a {shape[0]}x{shape[1]} weight, which does not fit the module's weight "
+                f"{weight}"]
+    return []
+
+
+def _check_pairs_and_shapes(state, layout: ModelLayout, source: str) -> None:
+    problems = []
+    for part, sd in state.items():
+        for path in module_paths(sd):
+            if f"{path}.lora_A.weight" not in sd and f"{path}.lora_B.weight" not in sd:  # LoHa, LoKr
+                problems += _lycoris_problems(sd, path, layout.shapes[part][path], part)
+                continue
+            down, up = sd.get(f"{path}.lora_A.weight"), sd.get(f"{path}.lora_B.weight")
+            if down is None or up is None:
+                problems.append(f"{part} {path}: has only one of the down/up (lora_A/lora_B) weights")
+                continue
+            weight = layout.shapes[part][path]
+            if not weight:  # a layout from bare module names: nothing to check the shapes against
+                continue
+            fits = (down.shape[1] == weight[1] and up.shape[0] == weight[0] and up.shape[1] == down.shape[0]
+                    and tuple(down.shape[2:]) == tuple(weight[2:]) and all(s == 1 for s in up.shape[2:]))
+            if not fits:
+                problems.append(f"{part} {path}: down {tuple(down.shape)} / up {tuple(up.shape)} "
+                                f"do not fit the module's weight {weight}")
+    if problems:
+        raise FormatError(f"{source}: {len(problems)} modules do not fit the base model: " + "; ".join(problems[:5]))

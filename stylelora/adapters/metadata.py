@@ -1,0 +1,186 @@
+"""Metadata embedded in exported adapters: kohya's ss_* keys, modelspec, the run's config and a
+reproducibility record. All values are strings (safetensors headers hold only strings).
+
+Two sources, one owner each: ``adapter_facts`` states what the weights themselves say (rank, alpha,
+LoCon, base model kind), ``kohya_metadata`` states how they were trained (config, steps, data)."""
+
+from __future__ import annotations
+
+import collections
+import datetime as dt
+import hashlib
+import io
+import json
+import platform
+from collections.abc import Sequence
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors.torch import save
+
+from ..core.config import Config
+
+if TYPE_CHECKING:
+    from ..model.models import BaseModel
+    from .adapter import Adapter
+
+# per model kind (models.KINDS), as kohya's sd-scripts writes them (library/sai_model_spec.py): A1111 files an
+# adapter under SDXL by ss_base_model_version, under SD2 by ss_v2
+BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sd2-v": "sd_v2", "sdxl": "sdxl_base_v1-0"}
+ARCHITECTURE = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sd2-v": "stable-diffusion-v2-768-v",
+                "sdxl": "stable-diffusion-xl-v1-base"}
+PREDICTION_TYPE = {"epsilon": "epsilon", "v_prediction": "v"}  # diffusers' name -> modelspec's
+LIBRARIES = ("stylelora", "torch", "diffusers", "transformers", "peft", "accelerate", "safetensors")
+
+
+def _g(x: float) -> str:
+    return f"{x:g}"
+
+
+def adapter_facts(adapter: Adapter, kind: str) -> dict[str, str]:
+    """The ss_* and modelspec keys that follow from the weights themselves (rank, alpha, LoCon, base)."""
+    facts = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(adapter.rank),
+        "ss_network_alpha": _g(adapter.alpha.get("unet", next(iter(adapter.alpha.values()), adapter.rank))),
+        "ss_base_model_version": BASE_MODEL_VERSION[kind],
+        "ss_v2": str(kind in ("sd2", "sd2-v")),
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": f"{ARCHITECTURE[kind]}/lora",
+    }
+    args: dict[str, str] = {}
+    if adapter.network != "lora":  # LoHa/LoKr: LyCORIS' kohya network, as sd-scripts records it
+        facts["ss_network_module"] = "lycoris.kohya"
+        args["algo"] = adapter.network
+        if adapter.network == "lokr":
+            args["factor"] = str(adapter.lokr_factor(next(iter(adapter.state))))
+    convs = [(part, p) for part in adapter.state for p in adapter.modules(part) if adapter.is_kxk_conv(part, p)]
+    if convs:  # LoCon: sd-scripts' networks.lora takes the 3x3-conv rank and alpha as network args
+        part, path = convs[0]
+        args.update({"conv_dim": str(adapter.rank_of(part, path)), "conv_alpha": _g(adapter.alpha_of(part, path))})
+    if args:
+        facts["ss_network_args"] = json.dumps(args)
+    unet_only = set(adapter.state) == {"unet"}
+    facts["ss_network_train_unet_only"] = str(unet_only)
+    return facts
+
+
+def model_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[str, str]:
+    """kohya's ``sshs_model_hash`` (sha256 of the data after the header) and ``sshs_legacy_hash``
+    (first 8 hex of sha256 of 64 KiB at offset 1 MiB), computed as sd-scripts does: over a file
+    holding only the ss_* metadata, so user-facing keys do not change the hashes."""
+    blob = save(tensors, metadata={k: v for k, v in metadata.items() if k.startswith("ss_")})
+    header_len = int.from_bytes(blob[:8], "little")
+    model_hash = hashlib.sha256(blob[8 + header_len :]).hexdigest()
+    stream = io.BytesIO(blob)
+    stream.seek(0x100000)
+    legacy = hashlib.sha256(stream.read(0x10000)).hexdigest()[:8]
+    return model_hash, legacy
+
+
+def tag_frequency(captions: Sequence[str]) -> dict[str, int]:
+    """Comma-separated caption tags and how often each occurs (kohya's ss_tag_frequency)."""
+    counts: collections.Counter[str] = collections.Counter()
+    for caption in captions:
+        counts.update(t.strip() for t in caption.split(",") if t.strip())
+    return dict(counts.most_common())
+
+
+def dataset_hash(items: Sequence[Any]) -> str:
+    """sha256 over every image's name, bytes and caption, in name order: equal hash, same data."""
+    h = hashlib.sha256()
+    for item in sorted(items, key=lambda i: Path(i.image).name):
+        h.update(Path(item.image).name.encode() + b"\0")
+        h.update(hashlib.sha256(Path(item.image).read_bytes()).digest())
+        h.update(str(item.caption).encode() + b"\0")
+    return h.hexdigest()
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            versions[name] = importlib_metadata.version(name)
+        except importlib_metadata.PackageNotFoundError:
+            versions[name] = "not installed" if name != "stylelora" else "source checkout"
+    return versions
+
+
+def kohya_metadata(
+    config: Config, model: BaseModel, steps: int, num_images: int, items: Sequence[Any] | None = None,
+    total_steps: int | None = None, epoch: int | None = None,
+) -> dict[str, str]:
+    """The training facts as sd-scripts writes them, so A1111, ComfyUI and Civitai show them, plus the
+    run's config (``stylelora.config``) and how to reproduce it (``stylelora.reproducibility``).
+    ``items`` are the training images (``dataset.Item``) for tag frequencies and the dataset hash.
+    What the weights say (rank, alpha, base model version) is ``adapter_facts``'s, not repeated here."""
+    res = config.data.resolution
+    te_lr = config.train.text_encoder_lr or config.train.lr
+    meta = {
+        "ss_output_name": config.run_name,
+        "ss_sd_model_name": config.model.name,
+        "ss_resolution": f"({res}, {res})",
+        "ss_steps": str(steps),
+        "ss_max_train_steps": str(total_steps or config.train.steps),
+        "ss_num_train_images": str(num_images),
+        "ss_learning_rate": _g(config.train.lr),
+        "ss_unet_lr": _g(config.train.lr),
+        "ss_text_encoder_lr": _g(te_lr) if config.lora.train_text_encoder else "0",
+        "ss_batch_size_per_device": str(config.train.batch_size),
+        "ss_gradient_accumulation_steps": str(config.train.gradient_accumulation_steps),
+        "ss_lr_scheduler": config.train.lr_scheduler,
+        "ss_lr_warmup_steps": str(config.train.lr_warmup_steps),
+        "ss_optimizer": config.train.optimizer,
+        "ss_mixed_precision": config.train.mixed_precision,
+        "ss_seed": str(config.train.seed),
+        "ss_training_finished_at": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S"),
+        "modelspec.implementation": "https://github.com/kohya-ss/sd-scripts",
+        "modelspec.title": config.run_name,
+        "modelspec.resolution": f"{res}x{res}",
+        "ss_v_parameterization": str(model.prediction_type == "v_prediction"),
+        "modelspec.prediction_type": PREDICTION_TYPE.get(model.prediction_type, model.prediction_type),
+        "modelspec.date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S"),
+        "stylelora.config": config.to_toml(),
+    }
+    meta.update(_data_facts(config))
+    meta["ss_clip_skip"] = str(config.model.clip_skip)
+    if config.data.max_token_length != 75:
+        meta["ss_max_token_length"] = str(config.data.max_token_length)
+    if config.train.epochs:
+        meta["ss_num_epochs"] = str(config.train.epochs)
+    if epoch is not None:
+        meta["ss_epoch"] = str(epoch)
+    if config.data.trigger_word:
+        meta["modelspec.trigger_phrase"] = config.data.trigger_word
+    record: dict[str, Any] = {
+        "seed": config.train.seed, "steps": steps, "base_model": config.model.name,
+        "versions": library_versions(),
+    }
+    if items is not None:
+        folder = Path(config.data.path).name or "data"
+        meta["ss_tag_frequency"] = json.dumps({folder: tag_frequency([str(i.caption) for i in items])})
+        meta["ss_dataset_dirs"] = json.dumps({folder: {"n_repeats": config.data.repeats, "img_count": len(items)}})
+        record["dataset_sha256"] = dataset_hash(items)
+        record["num_images"] = len(items)
+    meta["stylelora.reproducibility"] = json.dumps(record, sort_keys=True)
+    return meta
+
+
+def _data_facts(config: Config) -> dict[str, str]:
+    """How the data was fed, under the keys sd-scripts uses (Civitai and the A1111 info panel show them)."""
+    data = config.data
+    return {
+        "ss_enable_bucket": str(data.buckets),
+        "ss_bucket_no_upscale": str(data.bucket_no_upscale),
+        "ss_min_bucket_reso": str(data.bucket_step),
+        "ss_max_bucket_reso": str(max(data.bucket_step, 2 * data.resolution // data.bucket_step * data.bucket_step)),
+        "ss_flip_aug": str(data.random_flip),
+        "ss_random_crop": str(not data.center_crop),
+        "ss_shuffle_caption": str(data.shuffle_tags),
+        "ss_keep_tokens": str(data.keep_tags),
+        "ss_caption_dropout_rate": f"{data.caption_dropout:g}",
+        "ss_prior_loss_weight": f"{data.prior_loss_weight:g}" if data.reg_path else "1",
+        "ss_cache_latents": str(config.cache.latents != "off" and data.center_crop),
+    }

@@ -1,0 +1,97 @@
+"""What the UNet learns: the noise schedule, the noise, the target, and the per-example loss weights.
+
+Everything random is drawn from the ``torch.Generator`` passed in, one per example in the loop (keyed
+by the example's seed, epoch and slot), so a resumed run draws the same numbers as an uninterrupted
+one, and an example gets the same noise and timestep in any batch, on any of several processes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..core.errors import ConfigError
+
+
+def training_scheduler(scheduler_config: Any, prediction_type: str, zero_terminal_snr: bool = False) -> Any:
+    """The DDPM noise schedule to train with, built from the model's own scheduler config.
+
+    ``zero_terminal_snr`` rescales the betas so the last timestep is pure noise (diffusers'
+    ``rescale_zero_terminal_snr``, Lin et al. 2023); it only makes sense with v-prediction.
+    """
+    from diffusers import DDPMScheduler
+
+    if zero_terminal_snr and prediction_type != "v_prediction":
+        raise ConfigError(
+            f"train.zero_terminal_snr: needs v-prediction, but this model predicts {prediction_type}; "
+            "set model.prediction_type=v_prediction (or turn zero_terminal_snr off)"
+        )
+    return DDPMScheduler.from_config(
+        scheduler_config, prediction_type=prediction_type, rescale_betas_zero_snr=zero_terminal_snr
+    )
+
+
+def sample_noise(shape: torch.Size | tuple[int, ...], generator: torch.Generator, offset: float = 0.0) -> torch.Tensor:
+    """Gaussian noise; with ``offset`` a per-image, per-channel constant ``offset * N(0, 1)`` is added.
+
+    The offset (Guttenberg's "noise offset") lets the model learn to change the mean brightness of an
+    image, which plain noise almost never asks of it. The base noise is drawn first, then the offsets.
+    """
+    noise = torch.randn(shape, generator=generator)
+    if offset:
+        noise = noise + offset * torch.randn((shape[0], shape[1], 1, 1), generator=generator)
+    return noise
+
+
+def noise_and_timesteps(
+    generators: list[torch.Generator], latent_shape: torch.Size | tuple[int, ...], num_timesteps: int,
+    offset: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per example, from its own generator: its noise (``sample_noise``), then its timestep in [0, num_timesteps)."""
+    noise, timesteps = [], []
+    for generator in generators:
+        noise.append(sample_noise((1, *latent_shape), generator, offset))
+        timesteps.append(torch.randint(0, num_timesteps, (1,), generator=generator))
+    return torch.cat(noise), torch.cat(timesteps)
+
+
+def training_target(
+    scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+) -> torch.Tensor:
+    """What the UNet should predict: the noise (epsilon) or the velocity (v-prediction)."""
+    prediction_type = scheduler.config.prediction_type
+    if prediction_type == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    if prediction_type == "epsilon":
+        return noise
+    raise ConfigError(
+        f"model.prediction_type: training for '{prediction_type}' is not supported; use epsilon or v_prediction"
+    )
+
+
+def snr(scheduler: Any, timesteps: torch.Tensor) -> torch.Tensor:
+    """Signal-to-noise ratio alpha_bar / (1 - alpha_bar) at each timestep."""
+    from diffusers.training_utils import compute_snr
+
+    return compute_snr(scheduler, timesteps.cpu()).to(timesteps.device)
+
+
+def min_snr_weights(scheduler: Any, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Per-example loss weights of Min-SNR-gamma (Hang et al. 2023); all ones when ``gamma`` is 0.
+
+    epsilon: min(snr, gamma) / snr; v-prediction: min(snr, gamma) / (snr + 1).
+    """
+    if not gamma:
+        return torch.ones(timesteps.shape, device=timesteps.device)
+    ratio = snr(scheduler, timesteps)
+    clipped = torch.clamp(ratio, max=gamma)
+    if scheduler.config.prediction_type == "v_prediction":
+        return clipped / (ratio + 1)
+    return clipped / ratio
+
+
+def per_example_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared error of each example of the batch (shape ``[batch]``), computed in fp32."""
+    return F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(dim=1)

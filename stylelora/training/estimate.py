@@ -1,0 +1,368 @@
+"""How much memory one training step takes and how long it lasts, before the run starts.
+
+On a CUDA GPU the estimate is measured: a short probe runs one forward and backward pass of the
+prepared model on a batch of the configured size and reads the peak from the allocator. Elsewhere
+(and as the description of the parts) it comes from a formula: the step is replayed on *meta*
+tensors (no memory, no arithmetic), which gives its floating-point operations and the bytes the
+backward pass keeps; those become seconds through this machine's measured matmul speed and bytes
+through factors calibrated on ``benchmarks/bench_estimate.py`` (builtin:small, CPU; figures in
+benchmarks/RESULTS.md). The result says whether the step fits in the device's memory and, when it
+does not, which option to change first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import time
+import types
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..core import events
+from ..core.config import Config
+
+log = logging.getLogger(__name__)
+GiB = 2**30
+# Calibrated on builtin:small (SD1.5's layout) at 256 px on a CPU with benchmarks/bench_estimate.py and checked
+# at 384 px; the figures are in benchmarks/RESULTS.md.
+ACTIVATION_FACTOR = 2.0  # resident bytes per byte the backward pass keeps (gradients in flight, allocator slack)
+CPU_EFFICIENCY = 0.14  # a UNet training step's FLOP/s over a large fp32 matmul's FLOP/s on the same threads
+STEP_OVERHEAD_S = 0.02  # per step: data, optimizer, Python
+# saved activations of a bf16/fp16 base over the fp32 ones profile_step counts (the LoRA and the CPU's attention
+# keep fp32 tensors): fitted to builtin:small at 256 and 384 px in bf16 on a CPU, benchmarks/RESULTS.md
+HALF_PRECISION_ACTIVATIONS = 0.7
+# the optimizer's bytes per trainable parameter besides the fp32 weight: gradient + state
+OPTIMIZER_STATE = {"adamw": 12, "adamw8bit": 6, "prodigy": 20, "adafactor": 8, "lion": 8, "came": 12,
+                   "ademamix": 16, "schedulefree_adamw": 12}
+
+
+@dataclass
+class StepProfile:
+    """One training step counted on meta tensors."""
+
+    flops: float  # forward + backward of the UNet (and the text encoder when it trains)
+    activation_bytes: int  # tensors kept for the backward pass (weights not counted)
+    vae_flops: float  # encoding one batch of images (once per image with a latent cache)
+    trainable: int  # LoRA parameters
+
+
+@dataclass
+class Estimate:
+    device: str
+    method: str  # "measured" (a probe on the device) or "formula"
+    peak_bytes: int
+    step_seconds: float
+    total_seconds: float
+    steps: int
+    available_bytes: int | None
+    parts: dict[str, int] = field(default_factory=dict)
+    advice: list[str] = field(default_factory=list)
+
+    @property
+    def fits(self) -> bool:
+        return self.available_bytes is None or self.peak_bytes <= self.available_bytes
+
+    def summary(self) -> str:
+        memory = "GPU memory" if self.device.startswith("cuda") else "memory (peak RSS)"
+        room = f" of {self.available_bytes / GiB:.1f} GiB" if self.available_bytes else ""
+        text = (f"estimate ({self.method}, {self.device}): {memory} ~{self.peak_bytes / GiB:.2f} GiB{room}, "
+                f"~{_duration(self.step_seconds)} per step, ~{_duration(self.total_seconds)} for {self.steps} steps")
+        if not self.fits:
+            text += ". It will not fit: " + "; ".join(self.advice or ["lower data.resolution or train.batch_size"])
+        return text
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 1:
+        return f"{seconds * 1000:.0f} ms"
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+# --- counting on meta tensors ------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _cpu_attention() -> Iterator[None]:
+    """On meta tensors scaled_dot_product_attention takes the plain path (keeping the n x n scores); a
+    CPU run takes the fused kernel, which keeps only the output and a log-sum-exp. Count that one."""
+    plain = torch.nn.functional.scaled_dot_product_attention
+
+    def fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Any = None, dropout_p: float = 0.0,
+              is_causal: bool = False, scale: float | None = None, **_: Any) -> torch.Tensor:
+        if q.device.type != "meta" or attn_mask is not None:
+            return plain(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale)
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, dropout_p, is_causal,
+                                                                          scale=scale)[0]
+
+    torch.nn.functional.scaled_dot_product_attention = fused
+    try:
+        yield
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = plain
+
+
+def _meta_copy(model: Any) -> Any:
+    """The model's UNet, VAE and text encoder rebuilt from their configs on the meta device."""
+    from ..model.models import BaseModel
+
+    with torch.device("meta"):
+        unet = type(model.unet).from_config(model.unet.config)
+        vae = type(model.vae).from_config(model.vae.config)
+        text_encoder = type(model.text_encoder)(model.text_encoder.config)
+    pipeline = types.SimpleNamespace(unet=unet, vae=vae, text_encoder=text_encoder, text_encoder_2=None,
+                                     tokenizer=model.tokenizer, vae_scale_factor=model.pipeline.vae_scale_factor)
+    return BaseModel(pipeline, model.name, model.kind)
+
+
+def _added_conditions(unet: Any, batch: int) -> dict[str, torch.Tensor] | None:
+    """SDXL's added conditioning (pooled text, six time ids) as meta tensors; None for SD1/SD2."""
+    if unet.config.get("addition_embed_type") != "text_time":
+        return None
+    pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+    return {"text_embeds": torch.zeros(batch, pooled, device="meta"), "time_ids": torch.zeros(batch, 6, device="meta")}
+
+
+def profile_step(model: Any, config: Config, batch_size: int | None = None, resolution: int | None = None,
+                 gradient_checkpointing: bool | None = None) -> StepProfile:
+    """Count one training step of ``config`` on ``model``'s architecture (the weights are not touched)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ..model.attention import set_attention
+    from ..model.models import add_lora
+    from ..model.text import chunks_for
+
+    batch = batch_size or config.train.batch_size
+    side = (resolution or config.data.resolution) // model.pipeline.vae_scale_factor
+    checkpointing = config.train.gradient_checkpointing if gradient_checkpointing is None else gradient_checkpointing
+    meta = _meta_copy(model)
+    add_lora(meta, config.lora)
+    set_attention(meta.unet, config.train.attention)
+    meta.unet.train()
+    if checkpointing:
+        meta.unet.enable_gradient_checkpointing()
+    trainable = sum(p.numel() for p in [*meta.unet.parameters(), *meta.text_encoder.parameters()] if p.requires_grad)
+    weights = {id(p) for p in [*meta.unet.parameters(), *meta.text_encoder.parameters()]}
+    kept: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if id(t) not in weights:
+            kept[id(t)] = t.numel() * t.element_size()
+        return t
+
+    tokens = chunks_for(config.data.max_token_length) * 77
+    latents = torch.zeros(batch, meta.unet.config.in_channels, side, side, device="meta")
+    counter = FlopCounterMode(display=False)
+    added = _added_conditions(meta.unet, batch)
+    with counter, _cpu_attention(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        if config.lora.train_text_encoder and added is None:
+            ids = torch.zeros(batch, 77, dtype=torch.long, device="meta").repeat(1, tokens // 77)
+            states = meta.text_encoder(ids.reshape(-1, 77))[0].reshape(batch, tokens, -1)
+        else:
+            states = torch.zeros(batch, tokens, meta.unet.config.cross_attention_dim, device="meta")
+        out = meta.unet(latents, torch.zeros(batch, dtype=torch.long, device="meta"), states,
+                        added_cond_kwargs=added).sample
+        out.float().square().mean().backward()
+    flops = counter.get_total_flops()
+    pixels = torch.zeros(batch, 3, side * model.pipeline.vae_scale_factor, side * model.pipeline.vae_scale_factor,
+                         device="meta")
+    vae_counter = FlopCounterMode(display=False)
+    with vae_counter, torch.no_grad(), _cpu_attention():
+        meta.vae.encode(pixels)
+    return StepProfile(flops, sum(kept.values()), vae_counter.get_total_flops(), trainable)
+
+
+# --- this machine ---------------------------------------------------------------------------------------
+
+
+def matmul_flops_per_second(device: torch.device, seconds: float = 0.15) -> float:
+    """A large fp32 matmul's speed on ``device`` with torch's current threads, as the machine would give it
+    with nobody else running: on a CPU counted in this process's CPU seconds (a busy machine slows the
+    wall clock, not the work), divided over torch's threads; on a GPU the best of short runs."""
+    n = 1024 if device.type == "cpu" else 4096
+    a = torch.rand(n, n, device=device, generator=torch.Generator(device).manual_seed(0))
+    b = torch.rand(n, n, device=device, generator=torch.Generator(device).manual_seed(1))
+    clock = time.process_time if device.type == "cpu" else time.perf_counter
+    best, spent = math.inf, 0.0
+    while spent < seconds or best == math.inf:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = clock()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        took = max(clock() - start, 1e-6)
+        best, spent = min(best, took), spent + took
+    threads = torch.get_num_threads() if device.type == "cpu" else 1
+    return 2 * n**3 / best * threads
+
+
+def resident_bytes() -> int:
+    """This process's resident memory now (Linux /proc; 0 where unknown)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes the run may use: the GPU's total, or the machine's memory available now plus what this
+    process already holds (None where unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[1]
+    try:
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+        return info["MemAvailable"] + resident_bytes()
+    except (OSError, KeyError, ValueError, IndexError):
+        return None
+
+
+# --- the estimate ---------------------------------------------------------------------------------------
+
+
+def _data_bytes(config: Config, model: Any, num_images: int) -> int:
+    """The latent cache in memory: mean and spread of every image (and flip side) at its bucket."""
+    if config.cache.latents != "memory":
+        return 0
+    side = config.data.resolution // model.pipeline.vae_scale_factor
+    sides = 2 if config.data.random_flip else 1
+    return num_images * sides * 2 * model.unet.config.in_channels * side * side * 4
+
+
+def estimate(model: Any, config: Config, device: torch.device, steps: int, num_images: int,
+             probe: bool = True) -> Estimate:
+    """The memory and time of ``steps`` steps of ``config`` on ``model`` (already prepared for training
+    on ``device``, its frozen weights in the run's precision); measured with a probe on CUDA when
+    ``probe``, else from the formula."""
+    profile = profile_step(model, config)
+    if base_dtype(model.unet) in (torch.bfloat16, torch.float16):
+        profile.activation_bytes = int(profile.activation_bytes * HALF_PRECISION_ACTIVATIONS)
+    encode_once = config.cache.latents != "off" and config.data.center_crop
+    if device.type == "cuda" and probe:
+        peak, step_s, vae_s = _probe_cuda(model, config, device)
+        method = "measured"
+    else:
+        speed = matmul_flops_per_second(device) * CPU_EFFICIENCY
+        step_s = profile.flops / speed + STEP_OVERHEAD_S
+        vae_s = profile.vae_flops / speed
+        peak = _formula_peak(profile, config, device)
+        method = "formula"
+    cache = _data_bytes(config, model, num_images)
+    batches_to_encode = math.ceil(num_images / config.train.batch_size)
+    total = steps * (step_s + (0 if encode_once else vae_s)) + (batches_to_encode * vae_s if encode_once else 0)
+    parts = {"activations": profile.activation_bytes, "lora_and_optimizer": _optimizer_bytes(profile, config),
+             "latent_cache": cache}
+    if device.type == "cpu":
+        parts["process_now"] = resident_bytes()
+    result = Estimate(str(device), method, peak + cache, step_s, total, steps, available_memory(device), parts)
+    if not result.fits:
+        result.advice = advice(model, config, result)
+    return result
+
+
+def base_dtype(unet: torch.nn.Module) -> torch.dtype:
+    """The precision of the UNet's frozen weights: the run's, whatever the LoRA's (fp32)."""
+    return next(p for p in unet.parameters() if not p.requires_grad).dtype
+
+
+def _optimizer_bytes(profile: StepProfile, config: Config) -> int:
+    return profile.trainable * OPTIMIZER_STATE.get(config.train.optimizer, 12)
+
+
+def _formula_peak(profile: StepProfile, config: Config, device: torch.device) -> int:
+    """Bytes at the step's peak: what the process holds now (weights, libraries) plus what the step adds."""
+    held = resident_bytes() if device.type == "cpu" else torch.cuda.memory_allocated(device)
+    return int(held + profile.activation_bytes * ACTIVATION_FACTOR + _optimizer_bytes(profile, config))
+
+
+def _probe_cuda(model: Any, config: Config, device: torch.device) -> tuple[int, float, float]:
+    """(peak bytes, seconds per step, seconds per VAE batch) measured on the GPU with random inputs; the
+    LoRA weights, their gradients and every random stream are left as they were."""
+    from ..model.text import chunks_for
+
+    unet, vae = model.unet, model.vae
+    batch, side = config.train.batch_size, config.data.resolution
+    dtype = base_dtype(unet)
+    tokens = chunks_for(config.data.max_token_length) * 77
+    width = unet.config.cross_attention_dim
+    with torch.random.fork_rng(devices=[device]):
+        pixels = torch.randn(batch, 3, side, side, device=device, dtype=dtype)
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        start = time.perf_counter()
+        with torch.no_grad():
+            latents = vae.encode(pixels).latent_dist.mean
+        torch.cuda.synchronize(device)
+        vae_s, vae_peak = time.perf_counter() - start, torch.cuda.max_memory_allocated(device)
+        del pixels
+        states = torch.randn(batch, tokens, width, device=device, dtype=dtype)
+        timesteps = torch.randint(0, 1000, (batch,), device=device)
+        times = []
+        torch.cuda.reset_peak_memory_stats(device)
+        for _ in range(2):  # the first pass warms kernels up; the second is timed
+            start = time.perf_counter()
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                loss = unet(latents.to(dtype), timesteps, states).sample.float().square().mean()
+            loss.backward()
+            torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - start)
+        peak = torch.cuda.max_memory_allocated(device)
+        for p in unet.parameters():
+            p.grad = None
+    trainable = sum(p.numel() for p in unet.parameters() if p.requires_grad)
+    optimizer = trainable * (OPTIMIZER_STATE.get(config.train.optimizer, 12) - 4)  # gradients were measured
+    return max(peak + optimizer, vae_peak), times[-1] + STEP_OVERHEAD_S, vae_s
+
+
+def advice(model: Any, config: Config, result: Estimate) -> list[str]:
+    """What to change, most effective first, each with the peak it would give (from the formula)."""
+    if result.available_bytes is None:
+        return []
+    train = config.train
+    base = profile_step(model, config).activation_bytes
+    fixed = result.peak_bytes - base * ACTIVATION_FACTOR
+    options: list[tuple[str, int]] = []
+    if not train.gradient_checkpointing:
+        saved = profile_step(model, config, gradient_checkpointing=True).activation_bytes
+        options.append(("set train.gradient_checkpointing=true", int(fixed + saved * ACTIVATION_FACTOR)))
+    if train.batch_size > 1:
+        half = max(1, train.batch_size // 2)
+        options.append((f"set train.batch_size={half} with train.gradient_accumulation_steps="
+                        f"{train.gradient_accumulation_steps * train.batch_size // half} (the same images per step)",
+                        int(fixed + base * half / train.batch_size * ACTIVATION_FACTOR)))
+    if result.device.startswith("cuda") and train.mixed_precision in ("no",):
+        options.append(("set train.mixed_precision=bf16 (or fp16): the base weights take half the memory",
+                        int(result.peak_bytes * 0.6)))
+    if config.data.resolution > 256:
+        lower = max(256, config.data.resolution * 3 // 4 // 64 * 64)
+        options.append((f"lower data.resolution to {lower}",
+                        int(fixed + base * (lower / config.data.resolution) ** 2 * ACTIVATION_FACTOR)))
+    options.sort(key=lambda o: o[1])
+    return [f"{text} (~{peak / GiB:.2f} GiB)" for text, peak in options]
+
+
+def emit_estimate(model: Any, config: Config, device: torch.device, steps: int, num_images: int,
+                  on_event: events.EventHandler) -> Estimate | None:
+    """Estimate the run and report it as an ``Estimated`` event (a warning when it will not fit). The
+    estimate only advises: if it cannot be made, the run goes on and a log line says why. It draws no
+    number from the run's random streams, so a resumed run and an uninterrupted one stay the same."""
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            result = estimate(model, config, device, steps, num_images)
+    except (RuntimeError, ValueError, TypeError, AttributeError, NotImplementedError) as e:  # meta tensors miss it
+        log.warning("no memory and time estimate for this run (%s: %s)", type(e).__name__, e)
+        return None
+    on_event(events.Estimated(result.summary(), result.fits, result.peak_bytes, result.step_seconds,
+                              result.total_seconds, result.method, result.advice))
+    return result
