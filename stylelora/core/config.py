@@ -20,7 +20,6 @@ from typing import Any, Literal
 
 import tomli_w
 
-from ..model import blocks
 from . import fileio
 from .errors import ConfigError, setting
 
@@ -72,7 +71,7 @@ class ModelConfig:
         "which most anime models (NovelAI lineage) were trained with. Used in training, samples and preview.",
         ge=1, le=12,
     )
-    kind: Literal["auto", "sd1", "sd2", "sd2-v", "sdxl"] = option(
+    kind: str = option(
         "auto",
         "Model family: auto tells SD1, SD2-512 (epsilon), SD2-768-v and SDXL apart from the model's structure; "
         "set it when a fine-tune is taken for the wrong one (sd2-v trains with v-prediction).",
@@ -390,6 +389,26 @@ class Config:
         return getattr(getattr(self, section), key)
 
 
+# model.kind's values and the checks that involve them belong to the model families (stylelora.families),
+# which register them here when the package is imported; the config only holds the hook.
+_MODEL_KINDS: dict[str, Any] = {}
+
+
+def register_model_kind(kind: str, family: Any) -> None:
+    """Let ``model.kind`` take ``kind``, checked by ``family``: its ``check_config(config)`` (errors of settings
+    that do not fit the kind) and ``check_blocks(selectors)`` (ConfigError for a malformed lora.blocks)."""
+    _MODEL_KINDS[kind] = family
+
+
+def unregister_model_kind(kind: str) -> None:
+    _MODEL_KINDS.pop(kind, None)
+
+
+def model_kinds() -> list[str]:
+    """The values ``model.kind`` takes: auto, then every registered family's kinds."""
+    return ["auto", *_MODEL_KINDS]
+
+
 def next_free_run_dir(path: str | Path) -> Path:
     """``path``, or when it already holds a run (a ``config.toml``) the first of ``path-2``,
     ``path-3``, ... that does not: a new run never lands in an older run's folder."""
@@ -431,6 +450,8 @@ def field_type(dotted: str) -> Any:
 
 
 def choices(dotted: str) -> list[Any] | None:
+    if dotted == "model.kind":
+        return model_kinds()
     tp = field_type(dotted)
     if typing.get_origin(tp) is Literal:
         return list(typing.get_args(tp))
@@ -457,6 +478,32 @@ def _unknown(dotted: str, known: typing.Iterable[str]) -> str:
     close = difflib.get_close_matches(dotted, list(known), n=1, cutoff=0.5)
     hint = f"; did you mean '{close[0]}'?" if close else ""
     return f"unknown setting{hint}"
+
+
+def _family_checks(config: Config) -> list[str]:
+    """model.kind is a registered kind, its family accepts the settings, and lora.blocks names blocks the way
+    that family (with auto: any family) names them."""
+    kind = config.model.kind
+    if kind != "auto" and kind not in _MODEL_KINDS:
+        return [f"model.kind: {_unknown_choice(kind, model_kinds())}"]
+    families = [_MODEL_KINDS[kind]] if kind != "auto" else list({id(f): f for f in _MODEL_KINDS.values()}.values())
+    errors = families[0].check_config(config) if kind != "auto" else []
+    block_errors = []
+    for family in families if config.lora.blocks else []:
+        try:
+            family.check_blocks(config.lora.blocks)
+            break
+        except ConfigError as e:
+            block_errors.append(str(e))
+    else:
+        errors += block_errors[-1:]  # the catch-all family (SD1) is registered last
+    return errors
+
+
+def _unknown_choice(value: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(value, known, n=1, cutoff=0.5)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return f"must be one of {', '.join(repr(k) for k in known)}, got {value!r}{hint}"
 
 
 def _drop_none(d: Any) -> Any:
@@ -576,17 +623,7 @@ def _cross_checks(config: Config) -> list[str]:
                       "set lora.dora=false")
     if config.lora.type in ("loha", "lokr") and config.lora.dropout:
         errors.append(f"lora.dropout: {config.lora.type} layers have no input dropout; set lora.dropout=0")
-    kind, prediction = config.model.kind, config.model.prediction_type
-    if (kind, prediction) in (("sd2-v", "epsilon"), ("sd2", "v_prediction")):
-        errors.append(
-            f"model.kind: '{kind}' is SD2 {'768-v (v-prediction)' if kind == 'sd2-v' else '512 (epsilon)'}, but "
-            f"model.prediction_type is {prediction}; set model.kind={'sd2' if kind == 'sd2-v' else 'sd2-v'} "
-            "or model.prediction_type=auto"
-        )
-    try:
-        blocks.expand(config.lora.blocks)
-    except ConfigError as e:
-        errors.append(str(e))
+    errors += _family_checks(config)
     if config.train.zero_terminal_snr and config.model.prediction_type == "epsilon":
         errors.append(
             "train.zero_terminal_snr: needs v-prediction (with zero terminal SNR the last timestep is pure "

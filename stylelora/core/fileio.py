@@ -20,6 +20,8 @@ from pathlib import Path
 from .errors import ConfigError, DiskFullError
 
 NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
+# pickled checkpoints can run code when loaded: stylelora never opens a user's file with these suffixes
+PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
 _umask_lock = threading.Lock()
 
 

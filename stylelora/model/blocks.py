@@ -23,6 +23,14 @@ from collections.abc import Iterable
 from ..core.errors import ConfigError
 
 PRESETS = {"style": ("up.0.attn.1",), "content": ("up.0.attn.0",)}
+# LoCon covers what kohya's conv_dim covers (sd-scripts networks/lora.py): every Conv2d and Linear
+# inside the UNet's ResnetBlock2D, Downsample2D and Upsample2D. Its kxk convs (ResNet conv1/conv2, the
+# down/upsampler conv) take conv_rank/conv_alpha; the 1x1 conv_shortcut (ResNets that change width)
+# and time_emb_proj take the network's rank/alpha, as kohya gives 1x1 convs and Linears.
+# (No other UNet module ends in these names.)
+LOCON_KXK_TARGETS = ["conv1", "conv2", "downsamplers.0.conv", "upsamplers.0.conv"]
+LOCON_LINEAR_TARGETS = ["conv_shortcut", "time_emb_proj"]
+LOCON_TARGETS = LOCON_KXK_TARGETS + LOCON_LINEAR_TARGETS
 GROUPS = ("IN", "MID", "OUT")
 TEXT_PARTS = {"te": ("text_encoder", "text_encoder_2"), "te1": ("text_encoder",), "te2": ("text_encoder_2",)}
 

@@ -95,3 +95,30 @@ def min_snr_weights(scheduler: Any, timesteps: torch.Tensor, gamma: float) -> to
 def per_example_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean squared error of each example of the batch (shape ``[batch]``), computed in fp32."""
     return F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(dim=1)
+
+
+class DiffusionObjective:
+    """DDPM training (the SD UNet families): noise and a timestep in [0, T) per example, the scheduler's noisy
+    latents, the epsilon or velocity target, and Min-SNR-gamma weights (``ModelFamily.objective``)."""
+
+    def __init__(self, scheduler: Any, noise_offset: float = 0.0, min_snr_gamma: float = 0.0) -> None:
+        self.scheduler, self.noise_offset, self.min_snr_gamma = scheduler, noise_offset, min_snr_gamma
+
+    def draw(self, generators: list[torch.Generator], latent_shape: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        return noise_and_timesteps(generators, latent_shape, self.scheduler.config.num_train_timesteps,
+                                   self.noise_offset)
+
+    def noisy(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        return self.scheduler.add_noise(latents, noise, timesteps)
+
+    def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        return training_target(self.scheduler, latents, noise, timesteps)
+
+    def weights(self, timesteps: torch.Tensor) -> torch.Tensor:
+        return min_snr_weights(self.scheduler, timesteps, self.min_snr_gamma)
+
+    def spread(self, images: int, per_image: int) -> torch.Tensor:
+        """Each image at ``per_image`` timesteps spread evenly over the schedule (offset per image)."""
+        total = self.scheduler.config.num_train_timesteps
+        steps = torch.arange(per_image) * (total // per_image)
+        return torch.cat([(steps + (i * total // (images * per_image))) % total for i in range(images)])

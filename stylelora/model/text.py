@@ -24,6 +24,24 @@ import torch
 from ..core.errors import ConfigError
 
 
+def token_limit(tokenizer: Any, text_encoder: Any) -> int:
+    """The longest token sequence ``text_encoder`` takes: its ``max_position_embeddings``, whatever the
+    tokenizer's ``model_max_length`` says (ComfyUI's SD1 tokenizer config says 8192; CLIP has 77)."""
+    positions = getattr(getattr(text_encoder, "config", None), "max_position_embeddings", None)
+    return min(int(tokenizer.model_max_length), int(positions)) if positions else int(tokenizer.model_max_length)
+
+
+def conventional_text_path(path: str) -> str:
+    """A CLIP text-encoder module path as the exchange formats (kohya and diffusers files) spell it.
+
+    transformers 5 flattened CLIPTextModel (``encoder.layers...``); transformers 4, A1111, ComfyUI and
+    every shared file keep ``text_model.encoder.layers...``. ``text_projection`` sits outside text_model.
+    """
+    if path.startswith("text_model.") or path == "text_projection":
+        return path
+    return "text_model." + path
+
+
 def chunks_for(max_token_length: int, window: int = 77) -> int:
     """How many encoder windows a caption of ``max_token_length`` tokens needs (75 text tokens each)."""
     return max(1, -(-max_token_length // (window - 2)))
@@ -94,7 +112,7 @@ def encode_captions(tokenizer: Any, text_encoder: Any, captions: list[str], max_
 
 @dataclass
 class TextStates:
-    """What a caption conditions the UNet with: the cross-attention states, and for SDXL the pooled text."""
+    """What a caption conditions the denoiser with: the states it attends to, and (SDXL) the pooled text."""
 
     states: torch.Tensor  # (batch, tokens, width); SDXL: both encoders' states side by side on width
     pooled: torch.Tensor | None = None  # SDXL: text_encoder_2's projected pooled output (batch, width)
@@ -111,51 +129,7 @@ class TextStates:
         return TextStates(torch.stack([r.states for r in rows]),
                           None if any(p is None for p in pooled) else torch.stack(pooled))  # type: ignore[misc]
 
-    def added_conditions(self, time_ids: torch.Tensor | None) -> dict[str, torch.Tensor] | None:
-        """SDXL UNet's ``added_cond_kwargs`` (pooled text and the size/crop time ids); None for SD1/SD2."""
-        if self.pooled is None:
-            return None
-        if time_ids is None:
-            raise ValueError("an SDXL UNet needs time ids (original size, crop, target size) beside the text")
-        return {"text_embeds": self.pooled, "time_ids": time_ids.to(self.pooled)}
-
 
 def tokenize(tokenizers: Sequence[Any], captions: list[str], max_token_length: int = 75) -> list[torch.Tensor]:
     """:func:`token_ids` of ``captions`` for each text encoder's tokenizer (SDXL's pad differently)."""
     return [token_ids(tokenizer, captions, max_token_length) for tokenizer in tokenizers]
-
-
-def encode_text(text_encoders: Sequence[Any], ids: Sequence[torch.Tensor], clip_skip: int = 1) -> TextStates:
-    """The UNet's text conditioning from :func:`tokenize`'s ids: one encoder's :func:`encode` (SD1/SD2),
-    or SDXL's two encoders (:func:`encode_sdxl`, where clip skip does not apply)."""
-    if len(text_encoders) == 2:
-        return encode_sdxl(text_encoders[0], text_encoders[1], ids[0], ids[1])
-    return TextStates(encode(text_encoders[0], ids[0], clip_skip))
-
-
-def _joined(states: torch.Tensor, batch: int, chunks: int, window: int) -> torch.Tensor:
-    """(batch * chunks, window, width) states as one sequence per caption: the first start state, each
-    chunk's text states, the last end state (as :func:`encode`)."""
-    states = states.reshape(batch, chunks * window, -1)
-    if chunks == 1:
-        return states
-    pieces = [states[:, :1]] + [states[:, i * window + 1 : (i + 1) * window - 1] for i in range(chunks)]
-    return torch.cat([*pieces, states[:, -1:]], dim=1)
-
-
-def encode_sdxl(text_encoder: Any, text_encoder_2: Any, ids: torch.Tensor, ids_2: torch.Tensor) -> TextStates:
-    """SDXL's conditioning as its base model was trained and as kohya's sd-scripts and diffusers compute it:
-    the penultimate hidden states of both encoders (no final layer norm), each caption's chunks joined as in
-    :func:`encode`, side by side on width; the pooled text is text_encoder_2's projected output at the end
-    token of the first chunk. SDXL already skips the last layer, so clip skip is not applied (kohya's SDXL
-    trainer ignores it too)."""
-    states = []
-    output: Any = None
-    for encoder, tokens in ((text_encoder, ids), (text_encoder_2, ids_2)):
-        if tokens.dim() == 2:
-            tokens = tokens[:, None]
-        batch, chunks, window = tokens.shape
-        output = encoder(tokens.reshape(batch * chunks, window).to(encoder.device), output_hidden_states=True)
-        states.append(_joined(output.hidden_states[-2], batch, chunks, window))
-    pooled = output.text_embeds.reshape(batch, chunks, -1)[:, 0]
-    return TextStates(torch.cat(states, dim=-1), pooled)

@@ -13,7 +13,8 @@ from ..adapters.formats import save_diffusers, save_kohya
 from ..adapters.metadata import adapter_facts, kohya_metadata
 from ..core.config import Config
 from ..core.fileio import atomic_path
-from ..model.models import BaseModel, lora_alphas, lora_state
+from ..model.base import BaseModel
+from ..model.lora import lora_alphas, lora_state
 from ..model.text import encode_captions
 
 log = logging.getLogger(__name__)

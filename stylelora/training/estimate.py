@@ -113,7 +113,7 @@ def _cpu_attention() -> Iterator[None]:
 
 def _meta_copy(model: Any) -> Any:
     """The model's UNet, VAE and text encoder rebuilt from their configs on the meta device."""
-    from ..model.models import BaseModel
+    from ..model.base import BaseModel
 
     with torch.device("meta"):
         unet = type(model.unet).from_config(model.unet.config)
@@ -138,7 +138,7 @@ def profile_step(model: Any, config: Config, batch_size: int | None = None, reso
     from torch.utils.flop_counter import FlopCounterMode
 
     from ..model.attention import set_attention
-    from ..model.models import add_lora
+    from ..model.lora import add_lora
     from ..model.text import chunks_for
 
     batch = batch_size or config.train.batch_size

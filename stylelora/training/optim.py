@@ -15,7 +15,7 @@ from ..core.config import TrainConfig
 from ..core.errors import ConfigError
 
 if TYPE_CHECKING:
-    from ..model.models import BaseModel
+    from ..model.base import BaseModel
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 the single file AUTOMATIC1111 and ComfyUI load (``model.diffusion_model.``, ``first_stage_model.``,
 ``cond_stage_model.transformer.``).
 
-Names are made from the rules of the original layout: the UNet by ``kohya_names.sgm_path`` (the same map
+Names are made from the rules of the original layout: the UNet by ``sgm.sgm_path`` (the same map
 kohya's SDXL names use) plus the norms it has no LoRA for, the VAE and the CLIP text encoder by their
 own small rules. Every file is verified before it replaces an older one: diffusers' own single-file
 converter reads it back, and every tensor must come back equal to the pipeline's.
@@ -18,7 +18,7 @@ from safetensors.torch import save
 
 from ..core import fileio
 from ..core.errors import FormatError
-from .kohya_names import sgm_path
+from .sgm import sgm_path
 
 UNET = "model.diffusion_model."
 VAE = "first_stage_model."
@@ -79,14 +79,11 @@ def _rename(state: dict[str, torch.Tensor], module_name: Any, prefix: str, part:
 
 def single_file_state(pipeline: Any, precision: str = "fp16") -> dict[str, torch.Tensor]:
     """The pipeline's UNet, VAE and text encoder under single-file names, in ``precision``."""
-    if getattr(pipeline, "text_encoder_2", None) is not None:
-        raise FormatError("an SDXL model cannot be written as one checkpoint by this version; write a diffusers "
-                          "folder instead")
     if precision not in DTYPES:
         raise FormatError(f"precision '{precision}': choose one of {', '.join(DTYPES)}")
     unet, vae = pipeline.unet, pipeline.vae
     layers = int(unet.config.layers_per_block)
-    up_attention = {i for i, kind in enumerate(unet.config.up_block_types) if "CrossAttn" in kind}
+    up_attention = {i for i, block in enumerate(unet.config.up_block_types) if "CrossAttn" in block}
     state = _rename(unet.state_dict(), lambda m: _unet_module(m, layers, up_attention), UNET, "UNet")
     vae_state = _rename(vae.state_dict(), lambda m: _vae_module(m, len(vae.config.block_out_channels)), VAE, "VAE")
     for key, tensor in vae_state.items():  # the original VAE's attention projections are 1x1 convs

@@ -1,0 +1,183 @@
+"""Reading a base model from where users keep one: a diffusers folder, a single ``.safetensors`` file, a hub
+id; and its configs alone (forms, the meta-device skeleton). Which pipeline class loads it is the family's
+answer; this module only knows diffusers' and transformers' ways of storing a model."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from ..core.errors import ModelError, offline_hint, setting
+from ..model.family import Configs
+
+log = logging.getLogger(__name__)
+
+
+def is_hub_id(name: str) -> bool:
+    return "/" in name and not name.startswith((".", "/", "~")) and name.count("/") == 1
+
+
+def offline(name: str) -> str:
+    return offline_hint("model", name, f"the folder ({setting('model.name', '/path/to/folder')}) or a single "
+                        f".safetensors file ({setting('model.name', 'file.safetensors')})")
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes"}
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def folder_configs(folder: Path, denoiser: str | None = None) -> Configs:
+    """The configs of a diffusers folder (``model_index.json`` and each component's config file); the
+    denoiser is ``unet/`` or ``transformer/``, whichever the folder has (or ``denoiser``)."""
+    index = read_json(folder / "model_index.json")
+
+    def config(*names: str) -> dict[str, Any] | None:
+        for name in names:
+            for file in ("config.json", "scheduler_config.json"):
+                if (folder / name / file).is_file():
+                    return read_json(folder / name / file)
+        return None
+
+    return Configs(index.get("_class_name", ""), config(*([denoiser] if denoiser else ["unet", "transformer"])),
+                   config("text_encoder"), config("scheduler"), config("vae"))
+
+
+def pipeline_configs(pipeline: Any) -> Configs:
+    """The configs of a loaded pipeline (or a skeleton namespace)."""
+    denoiser = getattr(pipeline, "unet", None)
+    denoiser = getattr(pipeline, "transformer", None) if denoiser is None else denoiser
+    encoder = getattr(pipeline, "text_encoder", None)
+    scheduler = getattr(pipeline, "scheduler", None)
+    vae = getattr(pipeline, "vae", None)
+    return Configs(type(pipeline).__name__, getattr(denoiser, "config", None), getattr(encoder, "config", None),
+                   getattr(scheduler, "config", None), getattr(vae, "config", None))
+
+
+def single_file_keys(path: Path) -> list[str]:
+    """The tensor names of a single-file checkpoint (only its header is read)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:  # a truncated or corrupt file fails here with its own reason
+        with safe_open(str(path), framework="pt") as f:
+            return list(f.keys())
+    except (SafetensorError, OSError) as e:
+        raise ModelError(
+            f"model '{path}': not a readable .safetensors file ({e}); it may be truncated or corrupt. "
+            "Download or copy it again."
+        ) from None
+
+
+def load_folder(path: Path, name: str, pipeline_class: Any) -> Any:
+    if not (path / "model_index.json").is_file():
+        raise ModelError(
+            f"model '{name}': the folder has no model_index.json, so it is not a diffusers pipeline "
+            "folder. Point at the folder that holds model_index.json, unet/, vae/ and text_encoder/."
+        )
+    try:
+        return pipeline_class.from_pretrained(
+            str(path), safety_checker=None, requires_safety_checker=False, use_safetensors=None
+        )
+    except Exception as e:  # diffusers raises many kinds for broken folders
+        raise ModelError(f"model '{name}': cannot load this diffusers folder: {e}") from e
+
+
+def load_single_file(path: Path, config_source: str, pipeline_class: Any, kwargs: dict[str, Any]) -> Any:
+    kwargs = dict(kwargs)
+    if config_source:
+        kwargs["config"] = config_source
+        kwargs["local_files_only"] = Path(config_source).is_dir()
+    try:
+        return pipeline_class.from_single_file(str(path), **kwargs)
+    except Exception as e:
+        raise ModelError(
+            f"model '{path}': cannot load this single-file checkpoint ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}). Loading a single file needs the "
+            "component configs from the hub; offline, set model.config to a local diffusers folder "
+            f"of the same architecture ({setting('model.config', '/path/to/sd15-folder')})."
+        ) from e
+
+
+def load_hub(name: str) -> Any:
+    from diffusers import DiffusionPipeline
+
+    try:
+        return DiffusionPipeline.from_pretrained(
+            name, safety_checker=None, requires_safety_checker=False, local_files_only=hub_offline()
+        )
+    except Exception as e:
+        raise ModelError(offline(name)) from e
+
+
+def hub_configs(name: str) -> Path:
+    """The config files of a hub model (no weights), downloaded or from the cache."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name, allow_patterns=["model_index.json", "*/config.json"],
+                                      local_files_only=hub_offline()))
+    except Exception as e:  # offline and not cached, or no such repo
+        raise ModelError(offline(name)) from e
+
+
+def skeleton_parts(folder: Path, name: str, parts: tuple[str, ...]) -> dict[str, Any]:
+    """The model's ``parts`` built from their configs on the meta device: every module's name and weight shape,
+    no weights (an SDXL UNet and its text encoders take a few MB)."""
+    import diffusers
+    import transformers
+    from accelerate import init_empty_weights
+
+    index = read_json(folder / "model_index.json")
+    built: dict[str, Any] = {}
+    try:
+        with init_empty_weights():
+            for part in parts:
+                library, class_name = (index.get(part) or [None, None])[:2]
+                if not class_name:
+                    continue
+                if library == "transformers":
+                    cls = getattr(transformers, class_name)
+                    built[part] = cls(cls.config_class.from_pretrained(str(folder / part)))
+                else:
+                    cls = getattr(diffusers, class_name)
+                    built[part] = cls.from_config(cls.load_config(str(folder / part)))
+    except (OSError, ValueError, AttributeError, TypeError) as e:  # a missing or broken config file
+        raise ModelError(f"model '{name}': cannot read the model configs in {folder}: {e}") from e
+    return built
+
+
+def load_clip_tokenizer(name: str) -> Any | None:
+    """Only the (first) tokenizer of the model ``name`` (cheap; for counting caption tokens), or None.
+
+    None when the model keeps no tokenizer locally: a single-file checkpoint, or a hub id that is
+    not in the local cache (nothing is downloaded here).
+    """
+    path = Path(name).expanduser()
+    folder: Path | None = None
+    if path.is_dir():
+        folder = path / "tokenizer"
+    elif not path.exists() and name.count("/") == 1:
+        from huggingface_hub import try_to_load_from_cache
+
+        for sub in ("tokenizer/", ""):  # a pipeline keeps it in tokenizer/, a CLIP repo at its root
+            cached = try_to_load_from_cache(name, f"{sub}tokenizer_config.json")
+            if isinstance(cached, str):
+                folder = Path(cached).parent
+                break
+    # transformers 5 returns an empty tokenizer for a folder without vocab files, so check first.
+    files = {p.name for p in folder.iterdir()} if folder is not None and folder.is_dir() else set()
+    if "tokenizer.json" not in files and not {"vocab.json", "merges.txt"} <= files:
+        return None
+    from transformers import CLIPTokenizer
+
+    try:
+        return CLIPTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError) as e:  # not a CLIP tokenizer after all
+        log.debug("no tokenizer for %s: %s", name, e)
+        return None

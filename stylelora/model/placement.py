@@ -1,0 +1,142 @@
+"""A model made ready to train: precision, devices, quantization of the frozen base, attention kernel,
+gradient checkpointing, memory format, compilation and train/eval modes."""
+
+from __future__ import annotations
+
+import torch
+
+from ..core.config import Config
+from .base import BaseModel
+from .lora import add_lora
+
+
+WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}  # accelerate's mixed_precision -> base weights
+# model.quantize -> optimum-quanto's weight type
+QUANTO_WEIGHTS = {"fp8": "qfloat8", "int8": "qint8", "nf4": "qint4"}
+
+
+def prepare_for_training(
+    model: BaseModel, config: Config, device: torch.device, mixed_precision: str
+) -> tuple[list[torch.nn.Parameter], torch.dtype]:
+    """Make ``model`` ready to train: LoRA (or LoCon/DoRA) layers injected with peft and kept in fp32, on a
+    frozen base cast to the training precision (``mixed_precision``: "no", "fp16" or "bf16") and, with
+    ``model.quantize``, quantized; all on ``device``, with the configured attention kernel, gradient
+    checkpointing, memory format and compilation, UNet (and the text encoders when they train) in train
+    mode and the VAE in eval mode. A VAE that overflows in fp16 (SDXL's) stays in fp32 when the run is
+    fp16 (the family's ``vae_dtype``).
+
+    Returns the trainable LoRA parameters and the dtype of the base weights.
+    """
+    from .attention import set_attention  # imports diffusers: not at import time
+
+    train = config.train
+    params = add_lora(model, config.lora)
+    text_encoders = model.text_encoders
+    training = [any(p.requires_grad for p in encoder.parameters()) for encoder in text_encoders]
+    set_attention(model.denoiser, train.attention)
+    if train.gradient_checkpointing:
+        _enable_gradient_checkpointing(model, training)
+    weight_dtype = WEIGHT_DTYPES.get(mixed_precision, torch.float32)
+    quantized = config.model.quantize != "none"
+    _place_weights(model, {id(p) for p in params}, weight_dtype, device, quantized)
+    if quantized:
+        quantize_frozen(model, config.model.quantize)
+        for module in (model.denoiser, *model.text_encoders):
+            module.to(device)
+    if device.type == "cuda":  # TF32 matmuls for whatever still runs in fp32 (Ampere and newer; ignored before)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if train.channels_last:
+        model.denoiser.to(memory_format=torch.channels_last)
+    model.vae.eval()
+    model.denoiser.train()
+    for encoder, trains in zip(text_encoders, training, strict=True):
+        encoder.train(trains)
+    if train.compile != "off":
+        compile_unet(model.denoiser, train.compile)
+    return params, weight_dtype
+
+
+def _enable_gradient_checkpointing(model: BaseModel, training: list[bool]) -> None:
+    """Gradient checkpointing on the denoiser and on each text encoder that trains (``training``)."""
+    model.denoiser.enable_gradient_checkpointing()
+    for encoder, trains in zip(model.text_encoders, training, strict=True):
+        if trains:
+            encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def _place_weights(model: BaseModel, trainable: set[int], weight_dtype: torch.dtype, device: torch.device,
+                   quantized: bool) -> None:
+    """Every weight on ``device``: the ``trainable`` (LoRA) ones in fp32, the frozen base in ``weight_dtype``
+    (the VAE in its family's ``vae_dtype``).
+
+    One tensor at a time, straight to the device in the training precision: the frozen base never has an
+    fp32 copy on the GPU, and the LoRA weights are never rounded through bf16/fp16. A part to be
+    ``quantized`` stays on the host until it is, so the device only ever holds its quantized weights."""
+    for module in (model.denoiser, model.vae, *model.text_encoders):
+        dtype = model.family.vae_dtype(model, weight_dtype) if module is model.vae else weight_dtype
+        where = torch.device("cpu") if quantized and module is not model.vae else device
+        for p in module.parameters():
+            p.data = p.data.to(where, torch.float32 if id(p) in trainable else dtype)
+        for b in module.buffers():
+            b.data = b.data.to(where, dtype if b.is_floating_point() else b.dtype)
+
+
+def quantize_frozen(model: BaseModel, scheme: str) -> None:
+    """Quantize the frozen weights of the denoiser and the text encoders in place with optimum-quanto
+    (``scheme``: fp8, int8 or nf4, per ``model.quantize``). peft's LoRA layers (``lora_*``) are left out, so
+    they stay trainable in fp32; the VAE is left alone (it only encodes, once per image with the cache)."""
+    try:
+        from optimum import quanto
+    except ImportError as e:
+        raise ModelError(
+            f"model.quantize: '{scheme}' needs the optimum-quanto package; install it with 'pip install "
+            "optimum-quanto', or set model.quantize=none"
+        ) from e
+    weights = getattr(quanto, QUANTO_WEIGHTS[scheme])
+    for module in (model.denoiser, *model.text_encoders):
+        for block in _blocks(module):  # block by block: one block's float and quantized weights at a time
+            quanto.quantize(module, weights=weights, include=[block, f"{block}.*"], exclude=["*lora_*"])
+            quanto.freeze(module)
+            _return_freed_host_memory()
+        for name, p in module.named_parameters():  # quanto's modules come back trainable; only LoRA trains
+            p.requires_grad_("lora_" in name)
+        # What was not quantized (norms, biases) may still be views of the model file mapped into memory;
+        # copies let the mapping, and with it every float weight read from the file, go.
+        for t in [*(p for p in module.parameters() if type(p.data) is torch.Tensor), *module.buffers()]:
+            t.data = t.data.clone()
+    _return_freed_host_memory()
+
+
+def _blocks(module: torch.nn.Module, depth: int = 3) -> list[str]:
+    """Names of ``module``'s children, each one that holds a list of blocks (the UNet's down_blocks, a
+    text encoder's text_model.encoder.layers) opened up to ``depth`` levels: the units quantized one at
+    a time."""
+    names = []
+    for name, child in module.named_children():
+        lists = any(isinstance(m, torch.nn.ModuleList) for m in child.modules())
+        if depth > 0 and lists and not list(child.parameters(recurse=False)):
+            names += [f"{name}.{b}" for b in _blocks(child, depth - 1)]
+        else:
+            names.append(name)
+    return names
+
+
+def _return_freed_host_memory() -> None:
+    """Hand the heap that quantizing freed (each block's float weights and temporaries) back to the OS.
+    glibc keeps freed blocks for reuse, which left the process holding ~500 MiB more than its quantized
+    weights on the peer model (measured); a no-op where the C library has no malloc_trim."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def compile_unet(unet: torch.nn.Module, mode: str, backend: str = "inductor") -> None:
+    """``torch.compile`` the UNet in place (``train.compile``: default or max-autotune). The module, its
+    parameters and its state dict stay the same objects, so peft, checkpoints and samples are unaffected;
+    the first step (and the first sample, which runs without gradients) pays the compilation."""
+    unet.compile(mode=None if mode == "default" else mode, backend=backend)
