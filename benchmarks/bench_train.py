@@ -216,7 +216,7 @@ def memory_split(model: Any, config: Config, num_images: int, rss: dict[str, flo
 def measure(args: argparse.Namespace, out: Path) -> tuple[PhaseTimer, str, int, dict[str, float]]:
     """Train once with the phase hooks on; returns the timer, the device, the batches per epoch and the
     memory split."""
-    from stylelora.model.models import load_base_model
+    from stylelora.families import load_base_model
     from stylelora.training.loop import train
 
     config = config_for(args, out)

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from stylelora.core.config import Config  # noqa: E402
 from stylelora.data.batches import BatchSource, TrainingSet  # noqa: E402
-from stylelora.model.models import load_base_model  # noqa: E402
+from stylelora.families import load_base_model  # noqa: E402
 
 
 def epoch_seconds(source: BatchSource, batches: int) -> float:

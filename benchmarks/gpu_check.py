@@ -39,7 +39,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import torch  # noqa: E402
 
 from stylelora.core.config import Config  # noqa: E402
-from stylelora.model.models import BaseModel, compile_unet, prepare_for_training  # noqa: E402
+from stylelora.model.base import BaseModel  # noqa: E402
+from stylelora.model.placement import compile_unet, prepare_for_training  # noqa: E402
 
 
 def sd15_unet(width: float) -> dict[str, Any]:

@@ -49,7 +49,7 @@ def _unet(size: str, device: torch.device) -> Any:
     from diffusers import UNet2DConditionModel
 
     if size == "tiny":
-        from stylelora.model.models import build_tiny_sdxl
+        from stylelora.families.sdxl import build_tiny_sdxl
 
         return build_tiny_sdxl().unet.to(device)
     with torch.device(device):  # built in place: no 10 GB fp32 copy in host memory

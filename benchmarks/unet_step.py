@@ -58,7 +58,8 @@ def unet_step(args: argparse.Namespace) -> None:
 
     from stylelora.core.config import LoraConfig
     from stylelora.model.attention import CpuSdpaProcessor
-    from stylelora.model.models import add_lora, load_base_model
+    from stylelora.model.lora import add_lora
+    from stylelora.families import load_base_model
 
     if args.onednn:
         torch.backends.mkldnn.matmul.fp32_precision = args.onednn

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import families  # noqa: F401  (registers the model families' kinds, the values model.kind takes)
 from .core.config import Config
 from .core.errors import ConfigError, DataError, FormatError, ModelError, StyleloraError, TrainingError
 
@@ -30,7 +31,7 @@ def __getattr__(name: str) -> Any:
 
         return train
     if name == "load_base_model":
-        from .model.models import load_base_model
+        from .families import load_base_model
 
         return load_base_model
     raise AttributeError(name)

@@ -166,7 +166,7 @@ def test_upload_check_train_preview_export(app, tmp_path: Path) -> None:
                                                      api_name="/merge")
     assert (run / "merged-1" / "model_index.json").is_file()
     # the single file is the merged model: diffusers' single-file loader reads the same weights (in fp16)
-    from stylelora.model.models import load_base_model
+    from stylelora.families import load_base_model
 
     single = load_base_model(str(run / "merged" / "mine-merged-1.safetensors"), str(run / "merged-1")).unet.state_dict()
     folder = load_base_model(str(run / "merged-1")).unet.state_dict()

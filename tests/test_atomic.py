@@ -83,7 +83,7 @@ def save_adapter_diffusers(folder: Path, seed: int) -> None:
 
 
 def save_checkpoint(folder: Path, seed: int) -> None:
-    from stylelora.training.checkpoint import TrainingState, save_checkpoint
+    from stylelora.adapters.checkpoint_files import TrainingState, save_checkpoint
 
     a = tiny_adapter(seed).state
     opt = {"state": {0: {"step": torch.tensor(float(seed)), "exp_avg": torch.full((4, 32), float(seed))}},
@@ -130,7 +130,7 @@ def test_a_save_failing_half_way_leaves_the_previous_file_intact(kind, error, tm
 
 
 def test_a_new_checkpoint_failing_half_way_leaves_no_folder(tmp_path, monkeypatch) -> None:
-    from stylelora.training.checkpoint import list_checkpoints
+    from stylelora.adapters.checkpoint_files import list_checkpoints
 
     FailingWrites(monkeypatch, OSError(errno.ENOSPC, "No space left on device"), fail_at=2)
     with pytest.raises(DiskFullError):
@@ -204,7 +204,7 @@ def fault_in_unet(monkeypatch: pytest.MonkeyPatch, on_call: int, fault) -> None:
 
 
 def test_nan_loss_stops_with_the_last_good_checkpoint_and_advice(data, tmp_path, capsys, monkeypatch) -> None:
-    from stylelora.training.checkpoint import list_checkpoints, load_checkpoint
+    from stylelora.adapters.checkpoint_files import list_checkpoints, load_checkpoint
 
     def nan(result):
         result.sample = result.sample * float("nan")

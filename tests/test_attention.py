@@ -14,7 +14,7 @@ import stylelora.training.loop as training
 from conftest import make_dataset, tiny_config
 from stylelora.core import events
 from stylelora.model.attention import CpuSdpaProcessor
-from stylelora.model.models import load_base_model
+from stylelora.families import load_base_model
 
 
 def unet_output(processor: object, dtype: torch.dtype) -> torch.Tensor:

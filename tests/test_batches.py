@@ -8,7 +8,7 @@ import torch
 from conftest import draw_image, tiny_config
 from stylelora.data.batches import BatchSource, TrainingSet
 from stylelora.model.losses import noise_and_timesteps
-from stylelora.model.models import load_base_model
+from stylelora.families import load_base_model
 
 
 @pytest.fixture(scope="module")

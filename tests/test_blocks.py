@@ -16,7 +16,7 @@ from stylelora.core.config import Config
 from stylelora.core.errors import ConfigError, StyleloraError
 from stylelora.data.images import parse_parameters, read_parameters
 from stylelora.model.blocks import block_name, expand, group_of
-from stylelora.model.models import load_base_model
+from stylelora.families import load_base_model
 from stylelora.preview.previewer import Previewer
 from stylelora.training.loop import train
 

@@ -123,7 +123,7 @@ def test_repeat_folders_work_with_metadata_jsonl(tmp_path: Path) -> None:
 
 def test_data_options_are_in_the_adapter_metadata(tmp_path: Path) -> None:
     from stylelora.adapters.metadata import kohya_metadata
-    from stylelora.model.models import load_base_model
+    from stylelora.families import load_base_model
 
     config = tiny_config(tmp_path, tmp_path / "o", **{
         "data.shuffle_tags": True, "data.keep_tags": 2, "data.caption_dropout": 0.1, "data.buckets": False,

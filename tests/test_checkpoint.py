@@ -17,10 +17,13 @@ from stylelora.adapters.formats import ModelLayout, load_adapter
 from stylelora.core import events
 from stylelora.core.config import Config
 from stylelora.data.batches import BatchSource, TrainingSet
-from stylelora.model.models import load_base_model, lora_state, prepare_for_training
+from stylelora.families import load_base_model
+from stylelora.model.lora import lora_state
+from stylelora.model.placement import prepare_for_training
 from stylelora.preview.previewer import Previewer
 from stylelora.training import optim
-from stylelora.training.checkpoint import LiveState, list_checkpoints, load_checkpoint, restore, snapshot, stores_alphas
+from stylelora.training.checkpoint import LiveState, restore, snapshot
+from stylelora.adapters.checkpoint_files import list_checkpoints, load_checkpoint, stores_alphas
 from stylelora.training.ema import LoraEMA
 
 PROMPT = "a picture number 1, flat style"

@@ -79,7 +79,7 @@ def test_train_on_a_diffusers_folder_stylelora_did_not_write(dataset: Path, tmp_
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from stylelora.model.models import _builtin_tokenizer
+    from stylelora.model.builtin import clip_tokenizer as _builtin_tokenizer
 
     torch.manual_seed(1)
     tok = _builtin_tokenizer()

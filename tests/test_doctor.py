@@ -249,9 +249,9 @@ def test_caption_length_is_counted_with_the_models_tokenizer_or_estimated(tmp_pa
     assert "102 tokens" in f.problem and f'"{"x" * 25}"' in f.action  # 75 of the 100 are kept
     assert "builtin:tiny" in report.to_text()
 
-    import stylelora.model.models
+    import stylelora.families
 
-    monkeypatch.setattr(stylelora.model.models, "load_tokenizer", lambda name: None)
+    monkeypatch.setattr(stylelora.families, "load_tokenizer", lambda name: None)
     (tmp_path / "img0.txt").write_text(" ".join(f"word{i}" for i in range(60)) + ", the last words")
     report = check_dataset(tmp_path, RES)
     (f,) = [f for f in report.findings if "tokens" in f.problem]

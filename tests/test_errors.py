@@ -141,7 +141,7 @@ def planted(tmp_path: Path) -> tuple[Path, Path]:
     for name in ("lora.safetensors", "optimizer.safetensors"):
         (ck / name).write_bytes(pickle.dumps(Payload(marker)))
     # a diffusers folder whose UNet and VAE weights are pickled .bin files
-    from stylelora.model.models import build_tiny
+    from stylelora.families.sd1 import build_tiny
 
     folder = evil / "diffusers-model"
     build_tiny().save_pretrained(folder, safe_serialization=False)

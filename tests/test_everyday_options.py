@@ -18,7 +18,7 @@ from stylelora.core import events
 from stylelora.core.config import Config
 from stylelora.data.batches import BatchSource, TrainingSet
 from stylelora.data.doctor import check_dataset
-from stylelora.model.models import load_base_model
+from stylelora.families import load_base_model
 from stylelora.model.text import encode, token_ids
 from stylelora.training.artifacts import render_samples
 from stylelora.training.loop import train

@@ -26,7 +26,8 @@ from stylelora.adapters.formats import Adapter, ModelLayout, load_adapter, save_
 from stylelora.adapters.merge import merge, resize
 from stylelora.core.config import Config
 from stylelora.core.errors import FormatError
-from stylelora.model.models import load_base_model, lora_alphas, lora_state
+from stylelora.families import load_base_model
+from stylelora.model.lora import lora_alphas, lora_state
 
 
 def unet_output(model, seed: int = 0) -> torch.Tensor:
@@ -210,7 +211,7 @@ def test_hand_written_kohya_file_from_another_trainer_loads_and_applies(tmp_path
     fc1 = "text_model.encoder.layers.1.mlp.fc1"  # CLIP's own module path (transformers 5 drops "text_model.")
     fc1 = fc1 if any(n == fc1 for n, _ in model.text_encoder.named_modules()) else fc1.removeprefix("text_model.")
     assert adapter.modules("text_encoder") == [fc1]
-    from stylelora.model.models import adaptable_modules
+    from stylelora.model.lora import adaptable_modules
 
     assert load_adapter(path, adaptable_modules(model)).state.keys() == adapter.state.keys()  # names-only form
     assert adapter.alpha_of("unet", "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q") == 4.0
@@ -430,7 +431,7 @@ def kohya_conv_dim_modules(unet: torch.nn.Module) -> set[str]:
     }),
 ])
 def test_locon_covers_what_kohya_conv_dim_covers_with_kohya_names(kind: str, expected: dict) -> None:
-    from stylelora.model.models import add_lora
+    from stylelora.model.lora import add_lora
 
     model = load_base_model(f"builtin:{kind}")
     config = Config().with_overrides({"lora.rank": 4, "lora.alpha": 2.0, "lora.conv_rank": 2, "lora.conv_alpha": 3.0})
@@ -533,7 +534,7 @@ def diffusers_sdxl_script_file(adapter: Adapter) -> dict[str, torch.Tensor]:
 def test_sdxl_file_from_diffusers_scripts_exports_to_kohya_with_exact_deltas(tmp_path: Path) -> None:
     from peft import LoraConfig, inject_adapter_in_model
 
-    from stylelora.model.models import load_base_model as load
+    from stylelora.families import load_base_model as load
 
     model = load("builtin:tiny-sdxl")  # the scripts' targets: attention projections of UNet and both CLIPs
     inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]),
@@ -625,7 +626,7 @@ def test_every_layout_diffusers_writes_reads_as_the_same_adapter(tmp_path: Path,
 
 @pytest.mark.interop
 def test_converting_against_a_model_folder_reads_its_configs_only(tmp_path: Path) -> None:
-    from stylelora.model.models import load_skeleton
+    from stylelora.families import load_skeleton
 
     model = load_base_model("builtin:tiny-sdxl")
     folder = tmp_path / "sdxl-configs"
@@ -660,8 +661,8 @@ def test_converting_against_a_model_folder_reads_its_configs_only(tmp_path: Path
 @pytest.mark.parametrize("ema", [False, True], ids=["weights", "ema"])
 def test_fp32_export_of_a_run_is_its_checkpoints_fp32_state_exactly(tmp_path: Path, ema: bool) -> None:
     from conftest import make_dataset
-    from stylelora.adapters.kohya_names import conventional_text_path
-    from stylelora.training.checkpoint import load_checkpoint, newest_complete
+    from stylelora.model.text import conventional_text_path
+    from stylelora.adapters.checkpoint_files import load_checkpoint, newest_complete
     from stylelora.training.loop import train
 
     out = tmp_path / "style"

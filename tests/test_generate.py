@@ -16,7 +16,8 @@ from stylelora.adapters.formats import Adapter, ModelLayout, save_diffusers, sav
 from stylelora.core.config import GenerateSettings, LoraConfig
 from stylelora.core.errors import ConfigError, FormatError
 from stylelora.data import images
-from stylelora.model.models import add_lora, load_base_model, lora_state
+from stylelora.model.lora import add_lora, lora_state
+from stylelora.families import load_base_model
 from stylelora.preview import previewer as generate_module
 from stylelora.preview.previewer import Previewer
 from stylelora.preview.samplers import SAMPLERS, sampler_names
@@ -440,7 +441,7 @@ def test_per_module_ranks_and_alphas_reproduce_the_model_the_adapter_came_from(t
     from peft import LoraConfig as PeftLoraConfig
     from peft import inject_adapter_in_model
 
-    from stylelora.model.models import lora_alphas
+    from stylelora.model.lora import lora_alphas
 
     source = load_base_model("builtin:tiny")
     convs = ["down_blocks.0.resnets.0.conv1", "up_blocks.1.resnets.0.conv2"]

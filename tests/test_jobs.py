@@ -273,7 +273,7 @@ def test_requests_reach_the_runner_only_while_it_runs() -> None:
 
 
 def test_sample_and_checkpoint_now_during_a_real_run(tmp_path: Path) -> None:
-    from stylelora.training.checkpoint import list_checkpoints
+    from stylelora.adapters.checkpoint_files import list_checkpoints
     from stylelora.training.loop import train
 
     data = make_dataset(tmp_path / "data", n=2, size=(64, 64))

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import make_dataset, tiny_config
-from stylelora.model.models import load_base_model
+from stylelora.families import load_base_model
 from stylelora.preview.previewer import Previewer
 from stylelora.training.loop import train
 

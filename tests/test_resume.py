@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, run_cli, tiny_config
 from stylelora.core import events
-from stylelora.training.checkpoint import list_checkpoints
+from stylelora.adapters.checkpoint_files import list_checkpoints
 from stylelora.training.loop import train
 
 STEPS = 8

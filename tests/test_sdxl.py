@@ -28,8 +28,9 @@ from stylelora.core.config import Config
 from stylelora.core.errors import ConfigError
 from stylelora.data.batches import BatchSource, TrainingSet
 from stylelora.data.dataset import CaptionedImages, scan
-from stylelora.model.models import detect_kind, load_base_model, prepare_for_training
-from stylelora.model.text import encode_text, tokenize
+from stylelora.families import detect_kind, load_base_model
+from stylelora.model.placement import prepare_for_training
+from stylelora.model.text import tokenize
 from stylelora.preview.previewer import Previewer
 from stylelora.training.loop import train
 from stylelora.training.validation import Validator
@@ -65,7 +66,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, data: Path) -> dict[str, Path
 def test_forms_learn_the_kind_from_configs_or_file_keys_without_loading(tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
-    from stylelora.model.models import ModelFacts, peek_model
+    from stylelora.families import ModelFacts, peek_model
 
     folder = _foreign_sd2v(tmp_path / "sd2v")
     assert peek_model(str(folder)) == ModelFacts("sd2-v", 192)  # 96 latents wide, a VAE that halves twice
@@ -107,7 +108,7 @@ def test_sdxl_text_is_both_encoders_penultimate_states_and_the_pooled_second() -
     captions = ["a lighthouse, flat style", "a cat"]
     ids = tokenize(model.tokenizers, captions)
     with torch.no_grad():
-        text = encode_text(model.text_encoders, ids)
+        text = model.family.encode_text(model.text_encoders, ids)
         one = model.text_encoder(ids[0][:, 0], output_hidden_states=True)
         two = model.text_encoder_2(ids[1][:, 0], output_hidden_states=True)
         # diffusers' own SDXL prompt encoding (clip_skip None: the penultimate layers, the pooled second)
@@ -126,8 +127,8 @@ def test_sdxl_long_captions_join_their_chunks_as_kohyas_sdxl_trainer() -> None:
     ids = tokenize(model.tokenizers, [caption], max_token_length=225)
     assert [t.shape for t in ids] == [(1, 3, 77), (1, 3, 77)]
     with torch.no_grad():
-        text = encode_text(model.text_encoders, ids)
-        other = encode_text(model.text_encoders, tokenize(model.tokenizers, ["a" * 199 + "y"], 225))
+        text = model.family.encode_text(model.text_encoders, ids)
+        other = model.family.encode_text(model.text_encoders, tokenize(model.tokenizers, ["a" * 199 + "y"], 225))
         first = model.text_encoder_2(ids[1][:, 0])
         one = model.text_encoder(ids[0][0], output_hidden_states=True).hidden_states[-2]  # the 3 chunks
     assert text.states.shape == (1, 227, 64)  # start, 3 x 75 text states, end; both encoders side by side
@@ -202,10 +203,10 @@ def test_training_runs_with_finite_loss_that_falls_on_fixed_noise(kind: str, tmp
     # the trained images scored at fixed noise and timesteps: lower with the LoRA than without (as at step 0)
     items = TrainingSet.from_config(config).items
     examples = [CaptionedImages(items, config.data).example(i, 0, 0) for i in range(len(items))]
-    from stylelora.model.losses import training_scheduler
+    from stylelora.model.losses import DiffusionObjective, training_scheduler
 
     scheduler = training_scheduler(model.pipeline.scheduler.config, model.prediction_type)
-    validator = Validator(examples, model, scheduler, torch.device("cpu"), torch.float32, seed=0)
+    validator = Validator(examples, model, DiffusionObjective(scheduler), torch.device("cpu"), torch.float32, seed=0)
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     layers = [m for _, module in model.parts() for m in module.modules() if isinstance(m, BaseTunerLayer)]
@@ -349,7 +350,7 @@ def _foreign_sdxl(folder: Path) -> Path:
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from stylelora.model.models import _builtin_tokenizer
+    from stylelora.model.builtin import clip_tokenizer as _builtin_tokenizer
 
     tokenizer = _builtin_tokenizer()
     te = {"vocab_size": len(tokenizer), "max_position_embeddings": 77, "bos_token_id": tokenizer.bos_token_id,
@@ -381,7 +382,7 @@ def _foreign_sd2v(folder: Path) -> Path:
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from stylelora.model.models import _builtin_tokenizer
+    from stylelora.model.builtin import clip_tokenizer as _builtin_tokenizer
 
     tokenizer = _builtin_tokenizer(pad_token="!")
     torch.manual_seed(2)
@@ -444,12 +445,12 @@ def test_headless_run_on_a_model_folder_stylelora_did_not_write(kind: str, tmp_p
 
 def test_presets_for_sdxl_and_sd2_768v_load_and_fit_their_kind() -> None:
     from conftest import ROOT
-    from stylelora.model.models import KIND_PRESETS
+    from stylelora.families import family_of
 
-    sdxl = Config.load(ROOT / "presets" / f"{KIND_PRESETS['sdxl']}.toml")
+    sdxl = Config.load(ROOT / "presets" / f"{family_of('sdxl').presets['sdxl']}.toml")
     assert (sdxl.data.resolution, sdxl.train.gradient_checkpointing, sdxl.train.mixed_precision) == (1024, True, "auto")
     assert "xl" in sdxl.model.name
-    sd2 = Config.load(ROOT / "presets" / f"{KIND_PRESETS['sd2-v']}.toml")
+    sd2 = Config.load(ROOT / "presets" / f"{family_of('sd2-v').presets['sd2-v']}.toml")
     assert sd2.data.resolution == 768 and sd2.model.prediction_type == "auto"  # v is read from the scheduler
 
 

@@ -11,7 +11,7 @@ import torch
 
 from conftest import tiny_config
 from stylelora.core import events
-from stylelora.model.models import load_base_model
+from stylelora.families import load_base_model
 from stylelora.training.loop import train
 
 
@@ -34,7 +34,7 @@ def test_a_nan_between_reports_names_its_step_and_saves_nothing_after_it(dataset
     from diffusers import UNet2DConditionModel
 
     from stylelora.core.errors import TrainingError
-    from stylelora.training.checkpoint import list_checkpoints
+    from stylelora.adapters.checkpoint_files import list_checkpoints
 
     real, calls = UNet2DConditionModel.forward, {"n": 0}
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from stylelora.core.errors import ConfigError
-from stylelora.model.models import load_base_model
+from stylelora.families import load_base_model
 from stylelora.model.text import encode, encode_captions, token_ids
 
 

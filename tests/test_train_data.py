@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from conftest import draw_image, tiny_config
 from stylelora.core import events
-from stylelora.model.models import load_base_model
+from stylelora.families import load_base_model
 from stylelora.training.loop import train
 
 

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import gradio as gr
 
-from stylelora.core.config import Config, GenerateSettings, all_fields, field_type
+from stylelora.core.config import Config, GenerateSettings, all_fields, choices, field_type
 from stylelora.core.errors import ConfigError
 
 from .labels import ADVANCED_GROUPS, FIELDS, group, label
@@ -58,8 +58,9 @@ def widget_for(dotted: str, value: Any, datasets: list[str]) -> gr.components.Co
         return gr.Dropdown(datasets, value=value, allow_custom_value=True, info=info, **common)
     if dotted == "model.name":
         return gr.Dropdown(MODEL_SUGGESTIONS, value=value, allow_custom_value=True, info=info, **common)
-    if typing.get_origin(tp) is Literal:
-        return gr.Dropdown(list(typing.get_args(tp)), value=value, info=info, **common)
+    options = choices(dotted)  # a Literal's values, or those the model families registered (model.kind)
+    if options is not None:
+        return gr.Dropdown(options, value=value, info=info, **common)
     if tp is bool:
         return gr.Checkbox(value=value, info=info, **common)
     if tp in (int, float):

@@ -17,7 +17,7 @@ import pandas as pd
 
 from stylelora.core import events
 from stylelora.core.config import Config
-from stylelora.model.models import KIND_NAMES, KIND_PRESETS, peek_model
+from stylelora.families import peek_model
 from stylelora.services import kohya_import
 from stylelora.services.launch import runner_for
 from stylelora.training.loop import estimate_run
@@ -46,11 +46,11 @@ def build(ctx: Context) -> dict[str, Any]:
         text = f"Model: **{facts.describe()}**"
         if resolution and int(resolution) < facts.native_resolution * 3 // 4:
             text += f"; data.resolution {int(resolution)} is far below it"
-        preset = KIND_PRESETS.get(facts.kind)
+        preset = facts.preset
         if preset not in ctx.preset_names():
             return text, gr.update(visible=False)
         text += f". The {preset} preset is made for it"
-        return text, gr.update(visible=True, value=f"Use the {KIND_NAMES[facts.kind]} preset ({preset})")
+        return text, gr.update(visible=True, value=f"Use the {facts.display} preset ({preset})")
 
     with gr.Tab("Train", id="train") as tab:
         with gr.Row(equal_height=True):
@@ -256,9 +256,9 @@ def build(ctx: Context) -> dict[str, Any]:
     def use_kind_preset(model_name: str, data_path: str) -> list[Any]:
         """The preset made for the chosen model's kind, keeping the chosen model and dataset."""
         facts = peek_model(model_name)
-        if facts is None or facts.kind not in KIND_PRESETS:
+        if facts is None or facts.preset is None:
             raise gr.Error(f"no preset for {model_name}", print_exception=False)
-        config = preset_config(KIND_PRESETS[facts.kind]).with_overrides({"model.name": model_name})
+        config = preset_config(facts.preset).with_overrides({"model.name": model_name})
         values = shown(config)
         values[form.names.index("data.path")] = data_path
         return values

@@ -10,13 +10,16 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .. import families
 from ..core.config import Config
 from ..core.errors import ConfigError, FormatError
-from ..model.models import ADAPTER_PARAM, LOCON_TARGETS, full_lokr_rank, module_shapes
+from ..model.blocks import LOCON_TARGETS
+from ..model.lora import ADAPTER_PARAM, full_lokr_rank, module_shapes
 from .kohya_names import KohyaNames
 
 if TYPE_CHECKING:
-    from ..model.models import BaseModel
+    from ..model.base import BaseModel
+    from ..model.family import ModelFamily
 
 
 def module_paths(state: dict[str, torch.Tensor]) -> list[str]:
@@ -230,20 +233,24 @@ class ModelLayout:
 
     kind: str
     shapes: dict[str, dict[str, tuple[int, ...]]]
-    layers_per_block: int = 2
+    denoiser_config: dict[str, Any] = field(default_factory=dict)  # what kohya names may depend on
     name: str = ""
 
     @classmethod
     def of(cls, model: BaseModel | ModelLayout | dict[str, list[str]]) -> ModelLayout:
         """The layout of a loaded model; a layout passes through; a bare ``{part: [module paths]}``
-        (``models.adaptable_modules``) gives names without shapes, so shapes go unchecked."""
+        (``lora.adaptable_modules``) gives names without shapes, so shapes go unchecked, on the plainest
+        family that has those parts."""
         if isinstance(model, ModelLayout):
             return model
         if isinstance(model, dict):
-            kind = "sdxl" if "text_encoder_2" in model else "sd1"
-            return cls(kind, {part: dict.fromkeys(paths, ()) for part, paths in model.items()})
-        lpb = model.unet.config.layers_per_block
-        return cls(model.kind, module_shapes(model), lpb if isinstance(lpb, int) else int(lpb[0]), model.name)
+            family = families.for_parts(model)
+            return cls(next(iter(family.kinds)), {part: dict.fromkeys(paths, ()) for part, paths in model.items()})
+        return cls(model.kind, module_shapes(model), dict(model.denoiser.config), model.name)
+
+    @property
+    def family(self) -> ModelFamily:
+        return families.family_of(self.kind)
 
     @property
     def modules(self) -> dict[str, list[str]]:
@@ -251,4 +258,4 @@ class ModelLayout:
 
     @cached_property
     def kohya(self) -> KohyaNames:
-        return KohyaNames(self.modules, self.kind, self.layers_per_block)
+        return KohyaNames(self.modules, self.family, self.denoiser_config)

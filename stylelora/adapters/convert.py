@@ -12,8 +12,9 @@ import torch
 
 from ..core.config import Config
 from ..core.errors import FormatError, continue_run, setting
-from ..model.models import BaseModel, load_skeleton
-from ..training import checkpoint as ckpt
+from ..families import load_skeleton
+from ..model.base import BaseModel
+from . import checkpoint_files as ckpt
 from .adapter import NETWORK_NAMES, Adapter, ModelLayout
 from .formats import (
     DIFFUSERS_WEIGHT_NAME,

@@ -20,17 +20,19 @@ from safetensors.torch import load_file, save
 
 from ..core import fileio
 from ..core.errors import FormatError, setting
-from ..model.models import PICKLE_SUFFIXES, full_lokr_rank
+from ..core.fileio import PICKLE_SUFFIXES
+from ..model.lora import full_lokr_rank
+from ..model.text import conventional_text_path
 from .adapter import Adapter, ModelLayout, module_paths
-from .kohya_names import KOHYA_PREFIXES, conventional_text_path
+from .kohya_names import KOHYA_PREFIXES
 from .metadata import adapter_facts, model_hashes
 
 if TYPE_CHECKING:
-    from ..model.models import BaseModel
+    from ..model.base import BaseModel
 
 __all__ = ["Adapter", "ModelLayout", "load_adapter", "read_safetensors", "save_diffusers", "save_kohya",
            "verify_file"]
-PARTS = ("unet", "text_encoder", "text_encoder_2")
+PARTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")  # diffusers' component names
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}
 # header keys that belong to the diffusers file only (diffusers refuses kohya files that carry them)

@@ -7,18 +7,21 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..core import fileio
 from ..core.errors import ConfigError, FormatError
-from ..model.blocks import TEXT_PARTS, select
-from ..model.models import BaseModel, load_base_model
+from ..families import load_base_model
+from ..model.base import BaseModel
 from .adapter import NETWORK_NAMES, Adapter, module_paths
 from .convert import describe, open_adapter, write_adapter
 from .formats import DIFFUSERS_WEIGHT_NAME, load_adapter, save_diffusers
 from .metadata import adapter_facts
-from .single_file import save_single_file
+
+if TYPE_CHECKING:
+    from ..model.family import ModelFamily
 
 log = logging.getLogger(__name__)
 MERGE_ADAPTER_NAME = "stylelora_merge"
@@ -44,7 +47,7 @@ def merge(model: str | BaseModel, lora: str | Path, scale: float, out: str | Pat
     pipe.fuse_lora(lora_scale=scale, adapter_names=[MERGE_ADAPTER_NAME])
     pipe.unload_lora_weights()
     if Path(out).suffix.lower() == ".safetensors":
-        return save_single_file(pipe, out, precision)
+        return base.family.save_single_file(pipe, Path(out), precision)
     with fileio.atomic_dir(out) as folder:
         pipe.save_pretrained(folder, safe_serialization=True)
     return Path(out)
@@ -139,27 +142,32 @@ class SplitReport:
     summary: str = ""
 
 
-def split_adapter(adapter: Adapter, keep: Sequence[str]) -> Adapter:
-    """The adapter with only the modules of the ``keep`` selectors: UNet blocks (``up.0.attn.1``, ``down.1``,
-    ``mid``; the presets ``style`` and ``content``), ``unet`` for the whole UNet, ``te``/``te1``/``te2`` for
-    text encoders. Each module keeps its weights and alpha. A selector naming nothing raises ConfigError."""
+def split_adapter(adapter: Adapter, keep: Sequence[str], family: ModelFamily) -> Adapter:
+    """The adapter with only the modules of the ``keep`` selectors: the blocks of ``family``'s denoiser (SD:
+    ``up.0.attn.1``, ``down.1``, ``mid``; the presets ``style`` and ``content``), the denoiser's part name
+    (``unet``) for all of it, ``te``/``te1``/``te2`` for text encoders. Each module keeps its weights and
+    alpha. A selector naming nothing raises ConfigError."""
+    denoiser = family.denoiser
     parts: set[str] = set()
     selectors = []
     for item in keep:
-        if item in TEXT_PARTS:
-            found = [p for p in TEXT_PARTS[item] if p in adapter.state]
+        text_parts = family.text_selection(item)
+        if text_parts is not None:
+            found = [p for p in text_parts if p in adapter.state]
             if not found:
                 raise ConfigError(f"--keep {item}: the adapter has no LoRA on that text encoder")
             parts.update(found)
-        elif item == "unet":
-            parts.add("unet")
+        elif item == denoiser:
+            parts.add(denoiser)
         else:
             selectors.append(item)
     state = {part: dict(adapter.state[part]) for part in parts if part in adapter.state}
     if selectors:
-        paths = select(adapter.modules("unet"), selectors, field="--keep", what="the adapter's UNet")
-        kept = set(paths) | set(adapter.modules("unet") if "unet" in parts else [])
-        state["unet"] = {k: v for k, v in adapter.state.get("unet", {}).items() if k.rsplit(".lora_", 1)[0] in kept}
+        modules = adapter.modules(denoiser)
+        paths = family.select_blocks(modules, selectors, field="--keep", what=f"the adapter's {family.denoiser_label}")
+        kept = set(paths) | set(modules if denoiser in parts else [])
+        state[denoiser] = {k: v for k, v in adapter.state.get(denoiser, {}).items()
+                           if k.rsplit(".lora_", 1)[0] in kept}
     alphas = {part: {p: adapter.alpha_of(part, p) for p in module_paths(sd)} for part, sd in state.items()}
     return Adapter.from_module_alphas(state, alphas, adapter.metadata)
 
@@ -178,7 +186,7 @@ def split(path: str | Path, keep: str | Sequence[str], out: str | Path,
     if not selectors:
         raise ConfigError("--keep: give style, content, or blocks such as up.0.attn.1, mid, down.1 (and te1/te2)")
     src = open_adapter(path, base_model)
-    sliced = split_adapter(src.adapter, selectors)
+    sliced = split_adapter(src.adapter, selectors, src.layout.family)
     total, kept = sum(src.adapter.num_modules().values()), sum(sliced.num_modules().values())
     if kept == 0:
         raise ConfigError(f"--keep {' '.join(selectors)}: keeps none of the adapter's {total} modules")

@@ -20,17 +20,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors.torch import save
 
+from .. import families
 from ..core.config import Config
 
 if TYPE_CHECKING:
-    from ..model.models import BaseModel
+    from ..model.base import BaseModel
     from .adapter import Adapter
 
-# per model kind (models.KINDS), as kohya's sd-scripts writes them (library/sai_model_spec.py): A1111 files an
-# adapter under SDXL by ss_base_model_version, under SD2 by ss_v2
-BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sd2-v": "sd_v2", "sdxl": "sdxl_base_v1-0"}
-ARCHITECTURE = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sd2-v": "stable-diffusion-v2-768-v",
-                "sdxl": "stable-diffusion-xl-v1-base"}
 PREDICTION_TYPE = {"epsilon": "epsilon", "v_prediction": "v"}  # diffusers' name -> modelspec's
 LIBRARIES = ("stylelora", "torch", "diffusers", "transformers", "peft", "accelerate", "safetensors")
 
@@ -40,15 +36,15 @@ def _g(x: float) -> str:
 
 
 def adapter_facts(adapter: Adapter, kind: str) -> dict[str, str]:
-    """The ss_* and modelspec keys that follow from the weights themselves (rank, alpha, LoCon, base)."""
+    """The ss_* and modelspec keys that follow from the weights themselves (rank, alpha, LoCon, base model:
+    what the family of ``kind`` writes for it)."""
+    family = families.family_of(kind)
     facts = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(adapter.rank),
-        "ss_network_alpha": _g(adapter.alpha.get("unet", next(iter(adapter.alpha.values()), adapter.rank))),
-        "ss_base_model_version": BASE_MODEL_VERSION[kind],
-        "ss_v2": str(kind in ("sd2", "sd2-v")),
+        "ss_network_alpha": _g(adapter.alpha.get(family.denoiser, next(iter(adapter.alpha.values()), adapter.rank))),
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": f"{ARCHITECTURE[kind]}/lora",
+        **family.metadata(kind),
     }
     args: dict[str, str] = {}
     if adapter.network != "lora":  # LoHa/LoKr: LyCORIS' kohya network, as sd-scripts records it
@@ -62,8 +58,7 @@ def adapter_facts(adapter: Adapter, kind: str) -> dict[str, str]:
         args.update({"conv_dim": str(adapter.rank_of(part, path)), "conv_alpha": _g(adapter.alpha_of(part, path))})
     if args:
         facts["ss_network_args"] = json.dumps(args)
-    unet_only = set(adapter.state) == {"unet"}
-    facts["ss_network_train_unet_only"] = str(unet_only)
+    facts["ss_network_train_unet_only"] = str(set(adapter.state) == {family.denoiser})
     return facts
 
 

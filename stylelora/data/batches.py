@@ -35,7 +35,7 @@ import torch
 
 from ..core.config import Config, DataConfig, TrainConfig
 from ..core.errors import DataError
-from ..model.text import TextStates, encode_text, tokenize
+from ..model.text import TextStates, tokenize
 from . import dataset
 from .buckets import Size, assign_bucket, oriented_size
 from .cache import LatentCache, default_cache_dir, module_identity
@@ -250,10 +250,10 @@ class BatchSource:
             # each entry is written by one process only (the others read it, or encode it themselves)
             self.latent_cache = LatentCache(folder, module_identity(model.vae), writer=(rank, processes))
             self.notes.append(f"latent cache: {self.latent_cache.folder}")
-        vae_dtype, unet_dtype = model.vae.dtype, model.unet.dtype
-        if vae_dtype != unet_dtype and vae_dtype == torch.float32:
-            self.notes.append(f"the VAE encodes in fp32 while the UNet trains in {str(unet_dtype).split('.')[-1]}: "
-                              "SDXL's VAE overflows in fp16")
+        vae_dtype, denoiser_dtype = model.vae.dtype, model.denoiser.dtype
+        if vae_dtype != denoiser_dtype and vae_dtype == torch.float32:
+            self.notes.append(f"the VAE encodes in fp32 while the {model.family.denoiser_label} trains in "
+                              f"{str(denoiser_dtype).split('.')[-1]}: {model.family.display(model.kind)}'s VAE overflows in fp16")
         self.text_cache: dict[str, TextStates] | None = None
         if config.cache.text_encoder and not self.train_text_encoder:
             if config.data.shuffle_tags:
@@ -355,11 +355,11 @@ class BatchSource:
         cache = self.text_cache
         if cache is None:
             with torch.no_grad():
-                return ids, encode_text(encoders, ids, self.clip_skip)
+                return ids, self.model.family.encode_text(encoders, ids, self.clip_skip)
         new = sorted({c for c in captions if c not in cache})
         if new:
             rows = [captions.index(c) for c in new]
             with torch.no_grad():
-                states = encode_text(encoders, [t[rows] for t in ids], self.clip_skip)
+                states = self.model.family.encode_text(encoders, [t[rows] for t in ids], self.clip_skip)
             cache.update((caption, states.row(i)) for i, caption in enumerate(new))
         return ids, TextStates.stack([cache[c] for c in captions])

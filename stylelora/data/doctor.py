@@ -334,7 +334,7 @@ class _TokenCounter:
 
     def _get(self) -> Any:
         if not self._loaded:
-            from ..model.models import load_tokenizer
+            from ..families import load_tokenizer
 
             self._loaded = True
             if self._model:

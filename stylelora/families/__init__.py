@@ -50,11 +50,6 @@ def unregister(family: ModelFamily) -> None:
         _config.unregister_model_kind(kind)
 
 
-register(SDXL())
-register(SD2())
-register(SD1())
-
-
 # --- looking families up ----------------------------------------------------------------------------------
 
 
@@ -292,3 +287,9 @@ def load_tokenizer(name: str) -> Any | None:
 
         return clip_tokenizer()
     return loading.load_clip_tokenizer(name)
+
+
+# The families, in detection order: SD1 takes any other conditional UNet, so it comes last.
+register(SDXL())
+register(SD2())
+register(SD1())

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-import torch
-
 from ..model.builtin import clip_config, clip_tokenizer
 from ..model.family import Configs
 from .stable_diffusion import StableDiffusionFamily
@@ -52,6 +50,7 @@ def build_small(prediction_type: str = "epsilon") -> Any:
 
 
 def _build_sd1(size: dict[str, Any], prediction_type: str) -> Any:
+    import torch
     from diffusers import (
         AutoencoderKL,
         DDIMScheduler,

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
-
 from ..model.builtin import clip_config, clip_tokenizer
 from ..model.family import Configs
 from .sd1 import SD1_SIZES
 from .stable_diffusion import StableDiffusionFamily
 
 if TYPE_CHECKING:
+
     from ..core.config import Config
 
 OPEN_CLIP_SINGLE_FILE_KEY = "cond_stage_model.model."  # SD2's OpenCLIP text encoder in a single file
@@ -24,6 +23,7 @@ def build_tiny_sd2v(prediction_type: str = "v_prediction") -> Any:
     number of heads per block, an OpenCLIP-shaped text encoder (gelu, a tokenizer that pads with "!"),
     v-prediction, 96 px native (768-v is 96 latents wide, this is 12); its cross-attention is 48 wide,
     so only its structure says SD2."""
+    import torch
     from diffusers import (
         AutoencoderKL,
         DDIMScheduler,

@@ -7,17 +7,17 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
-
 from ..model.builtin import clip_config, clip_tokenizer
 from ..model.family import Configs
-from ..model.text import TextStates
 from .sgm import sgm_path
 from .stable_diffusion import StableDiffusionFamily
 
 if TYPE_CHECKING:
+    import torch
+
     from ..core.config import Config
     from ..model.base import BaseModel
+    from ..model.text import TextStates
 
 SDXL_SINGLE_FILE_KEY = "conditioner.embedders.1."  # SGM checkpoints keep the second text encoder here
 TIME_IDS = 6  # original size (h, w), crop top-left (top, left), target size (h, w)
@@ -27,6 +27,7 @@ def build_tiny_sdxl(prediction_type: str = "epsilon") -> Any:
     """An SDXL-shaped pipeline with small random deterministic weights: two text encoders, the
     added time/text conditioning, and SDXL's block layout (DownBlock2D then two cross-attention
     levels, two layers per block), so SGM key names and the XL loaders are exercised for real."""
+    import torch
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
@@ -85,6 +86,8 @@ def build_tiny_sdxl(prediction_type: str = "epsilon") -> Any:
 def _joined(states: torch.Tensor, batch: int, chunks: int, window: int) -> torch.Tensor:
     """(batch * chunks, window, width) states as one sequence per caption: the first start state, each
     chunk's text states, the last end state (as :func:`encode`)."""
+    import torch
+
     states = states.reshape(batch, chunks * window, -1)
     if chunks == 1:
         return states
@@ -98,6 +101,10 @@ def encode_sdxl(text_encoder: Any, text_encoder_2: Any, ids: torch.Tensor, ids_2
     :func:`encode`, side by side on width; the pooled text is text_encoder_2's projected output at the end
     token of the first chunk. SDXL already skips the last layer, so clip skip is not applied (kohya's SDXL
     trainer ignores it too)."""
+    import torch
+
+    from ..model.text import TextStates
+
     states = []
     output: Any = None
     for encoder, tokens in ((text_encoder, ids), (text_encoder_2, ids_2)):
@@ -158,6 +165,8 @@ class SDXL(StableDiffusionFamily):
     def vae_dtype(self, model: BaseModel, weight_dtype: torch.dtype) -> torch.dtype:
         """fp32 instead of fp16 for a VAE that overflows in fp16 (SDXL's own; its config says force_upcast, a
         fixed fp16 VAE does not)."""
+        import torch
+
         if weight_dtype == torch.float16 and model.vae.config.get("force_upcast", False):
             return torch.float32
         return weight_dtype
@@ -176,6 +185,8 @@ class SDXL(StableDiffusionFamily):
                        device: Any, dtype: Any) -> tuple[torch.Tensor, torch.Tensor, TextStates, torch.Tensor | None]:
         """As the SD families', with the pooled text and time ids; the text states are zeros (the encoders'
         share of a step is small beside the UNet's)."""
+        import torch
+
         latents, timesteps, text, _ = super().example_inputs(model, batch, side, max_token_length, False, device,
                                                                dtype)
         unet = model.denoiser.config

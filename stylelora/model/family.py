@@ -90,6 +90,7 @@ class ModelFamily:
     presets: ClassVar[dict[str, str]] = {}  # kind -> presets/<name>.toml made for it
     builtins: ClassVar[dict[str, Callable[..., Any]]] = {}  # builtin:<name> -> builder(**prediction_type)
     denoiser: ClassVar[str] = "unet"  # the pipeline component that denoises; also its adapter part name
+    denoiser_label: ClassVar[str] = "UNet"  # how messages name it
     # adaptable text encoders in order, by pipeline component; lora.text_encoders picks them as te1, te2
     text_parts: ClassVar[tuple[str, ...]] = ("text_encoder",)
     strength_groups: ClassVar[tuple[str, ...]] = ()  # per-block strength groups of the denoiser (IN, MID, OUT)
@@ -102,6 +103,10 @@ class ModelFamily:
 
     def display(self, kind: str) -> str:
         return self.kinds[kind]
+
+    def learns_worse_below_native(self, kind: str) -> bool:
+        """Whether training ``kind`` far below its native size deserves a warning (SDXL, SD2-768-v)."""
+        return kind in self.below_native_warning
 
     # --- detection and loading -------------------------------------------------------------------------
     def detect(self, configs: Configs) -> str | None:

@@ -6,9 +6,9 @@ from __future__ import annotations
 import torch
 
 from ..core.config import Config
+from ..core.errors import ModelError
 from .base import BaseModel
 from .lora import add_lora
-
 
 WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}  # accelerate's mixed_precision -> base weights
 # model.quantize -> optimum-quanto's weight type

@@ -9,8 +9,8 @@ cross-attention takes a sequence of any length, so nothing else changes.
 Clip skip N takes the hidden states N layers from the end (1 is the last layer, the usual output),
 through the encoder's final layer norm, as kohya and AUTOMATIC1111 do.
 
-SDXL has two text encoders (CLIP-L-shaped and OpenCLIP-G-shaped): :func:`encode_text` takes every encoder
-of a model and gives :class:`TextStates`, the cross-attention states and, for SDXL, the pooled text.
+A model family's ``encode_text`` turns these into :class:`TextStates` for all of its text encoders (SDXL: two,
+side by side, and the pooled text).
 """
 
 from __future__ import annotations

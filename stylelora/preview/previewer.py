@@ -26,20 +26,21 @@ import torch
 from PIL import Image
 
 from ..adapters.adapter import Adapter, ModelLayout
+from ..adapters.checkpoint_files import STEP_DIR, list_checkpoints, stores_alphas
 from ..adapters.convert import find_adapter_file
 from ..adapters.formats import load_adapter
 from ..core.config import Config, GenerateSettings
 from ..core.errors import ConfigError, FormatError
 from ..data import images
-from ..model.blocks import GROUPS, group_of
-from ..model.models import ADAPTER_PARAM, BaseModel, load_base_model
-from ..model.text import encode_captions
-from ..training.checkpoint import STEP_DIR, list_checkpoints, stores_alphas
+from ..families import load_base_model
+from ..model.base import BaseModel
+from ..model.blocks import GROUPS
+from ..model.family import ModelFamily
+from ..model.lora import ADAPTER_PARAM
 from .samplers import DEFAULT_SAMPLER, check_sampler, make_scheduler, sampler_label
 
 log = logging.getLogger(__name__)
 
-TEXT_PARTS = ("text_encoder", "text_encoder_2")  # SDXL has two text encoders
 CACHE_SIZE = 32
 
 # --- where an adapter comes from ----------------------------------------------------------------
@@ -153,23 +154,24 @@ def _peft_config(adapter: Adapter, part: str) -> Any:
     })
 
 
-def _lora_layers(part: str, module: torch.nn.Module) -> list[tuple[str | None, Any]]:
+def _lora_layers(family: ModelFamily, part: str, module: torch.nn.Module) -> list[tuple[str | None, Any]]:
     """peft's adapter layers of one part (LoRA, LoHa, LoKr: each takes ``set_scale`` and ``enable_adapters``),
-    each with its per-block strength group (UNet only: IN, MID, OUT)."""
+    each with its per-block strength group (the denoiser's only; SD: IN, MID, OUT)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    return [(group_of(name) if part == "unet" else None, m) for name, m in module.named_modules()
+    return [(family.block_group(name) if part == family.denoiser else None, m) for name, m in module.named_modules()
             if isinstance(m, BaseTunerLayer)]
 
 
-def block_scales(given: Mapping[str, float] | None) -> dict[str, float]:
-    """Per-block strengths (A1111's "LoRA block weight"), as multipliers of the main strength for the UNet's
-    IN, MID and OUT groups; a group not given keeps 1. ConfigError names a wrong group or value."""
-    scales = dict.fromkeys(GROUPS, 1.0)
+def block_scales(given: Mapping[str, float] | None, groups: Sequence[str] = GROUPS) -> dict[str, float]:
+    """Per-block strengths (A1111's "LoRA block weight"), as multipliers of the main strength for the denoiser's
+    ``groups`` (the SD UNet's IN, MID and OUT); a group not given keeps 1. ConfigError names a wrong group or
+    value."""
+    scales = dict.fromkeys(groups, 1.0)
     for group, value in (given or {}).items():
         key = group.upper()
         if key not in scales:
-            raise ConfigError(f"block strength '{group}': no such group; the groups are {', '.join(GROUPS)}")
+            raise ConfigError(f"block strength '{group}': no such group; the groups are {', '.join(groups)}")
         if not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ConfigError(f"block strength {key}: must be a finite number, got {value!r}")
         scales[key] = float(value)
@@ -221,11 +223,11 @@ class Previewer:
         loaded = load_base_model(model, config_source, prediction_type)
         self.base_loads += 1
         pipe = loaded.pipeline
-        if pipe.unet.dtype != self.dtype:  # casting warns even when it changes nothing
+        if loaded.denoiser.dtype != self.dtype:  # casting warns even when it changes nothing
             pipe.to(dtype=self.dtype)
         pipe.to(self.device)
         pipe.set_progress_bar_config(disable=True)
-        for part in (pipe.unet, pipe.vae, *loaded.text_encoders):
+        for part in (loaded.denoiser, pipe.vae, *loaded.text_encoders):
             part.eval().requires_grad_(False)
         return loaded
 
@@ -321,7 +323,8 @@ class Previewer:
             getattr(module, "peft_config", {}).pop(peft_name, None)
 
     def _refresh_layers(self) -> None:
-        self._layers = {part: _lora_layers(part, getattr(self.pipeline, part)) for part in self._parts}
+        family = self.model.family
+        self._layers = {part: _lora_layers(family, part, getattr(self.pipeline, part)) for part in self._parts}
 
     def _require(self, name: str) -> _Attached:
         if name not in self._adapters:
@@ -392,7 +395,7 @@ class Previewer:
         made definite for this model: width and height default to its native resolution and must be
         multiples of the VAE's scale factor; the sampler is named canonically."""
         s = (settings or GenerateSettings()).replace(**overrides)
-        multiple = self.pipeline.vae_scale_factor
+        multiple = self.model.family.size_multiple(self.pipeline)
         native = self.model.native_resolution
         width, height = s.width or native, s.height or native
         for field, value in (("width", width), ("height", height)):
@@ -410,7 +413,7 @@ class Previewer:
         ``info["parameters"]`` holds A1111-style parameters; ``images.save_png`` writes them.
         """
         s = self.resolve(settings, **overrides)
-        groups = block_scales(blocks)
+        groups = block_scales(blocks, self.model.family.strength_groups)
         with self._lock:
             return self._render(prompt, s, self._resolve(adapter), scale, groups)
 
@@ -466,7 +469,7 @@ class Previewer:
                     scale: float) -> dict[str, Any]:
         """Prompt embeddings as pipeline arguments, reused while the text encoders are unchanged."""
         guided = settings.guidance > 1.0
-        adapts_text = attached is not None and any(part in attached.parts for part in TEXT_PARTS)
+        adapts_text = attached is not None and any(part in attached.parts for part in self.model.family.text_parts)
         text_lora = (attached.peft_name, scale) if adapts_text else None
         length = attached.max_token_length if attached is not None else 75
         key = (prompt, settings.negative_prompt if guided else "", guided, settings.clip_skip, length, text_lora)
@@ -479,22 +482,9 @@ class Previewer:
         return self._embeds_cache[key]
 
     def _encode(self, prompt: str, settings: GenerateSettings, guided: bool, length: int) -> dict[str, Any]:
-        """Prompt embeddings as training encodes captions (clip skip, 75-token chunks); SDXL's two text
-        encoders are the pipeline's own business (diffusers counts clip skip from 0)."""
-        if self.model.kind == "sdxl":
-            encoded = self.pipeline.encode_prompt(
-                prompt, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=guided,
-                negative_prompt=settings.negative_prompt or None, clip_skip=settings.clip_skip - 1 or None,
-            )
-            names = ["prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds",
-                     "negative_pooled_prompt_embeds"]
-            return {n: e for n, e in zip(names, encoded, strict=False) if e is not None}
-        tokenizer, encoder = self.pipeline.tokenizer, self.pipeline.text_encoder
-        out = {"prompt_embeds": encode_captions(tokenizer, encoder, [prompt], length, settings.clip_skip)}
-        if guided:
-            out["negative_prompt_embeds"] = encode_captions(tokenizer, encoder, [settings.negative_prompt], length,
-                                                            settings.clip_skip)
-        return out
+        """Prompt embeddings as training encodes captions, the family's way."""
+        return self.model.family.prompt_embeddings(self.model, prompt, settings.negative_prompt, guided,
+                                                   settings.clip_skip, length)
 
     def _scheduler(self, name: str) -> Any:
         if name not in self._schedulers:
@@ -540,7 +530,7 @@ class Previewer:
                 **overrides: Any) -> tuple[Image.Image, Image.Image]:
         """(base image, adapter image) for one prompt and seed; ``blocks`` as in ``generate``."""
         s = self.resolve(settings, **overrides)
-        groups = block_scales(blocks)
+        groups = block_scales(blocks, self.model.family.strength_groups)
         with self._lock:
             attached = self._resolve(adapter)
             return self._render(prompt, s, attached, 0.0), self._render(prompt, s, attached, scale, groups)
@@ -549,7 +539,7 @@ class Previewer:
               adapter: str | None = None, blocks: Mapping[str, float] | None = None, **overrides: Any) -> Image.Image:
         """One prompt and seed at several strengths, as a strip labelled with the strengths."""
         s = self.resolve(settings, **overrides)
-        groups = block_scales(blocks)
+        groups = block_scales(blocks, self.model.family.strength_groups)
         with self._lock:
             attached = self._resolve(adapter)
             tiles = [self._render(prompt, s, attached, scale, groups) for scale in scales]

@@ -11,10 +11,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..adapters.checkpoint_files import list_checkpoints
 from ..adapters.formats import DIFFUSERS_WEIGHT_NAME
 from ..core.config import Config, next_free_run_dir
 from ..core.errors import ConfigError, FormatError
-from ..training.checkpoint import list_checkpoints
 from ..training.loop import resolve_output_dir
 
 

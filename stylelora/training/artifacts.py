@@ -15,7 +15,6 @@ from ..core.config import Config
 from ..core.fileio import atomic_path
 from ..model.base import BaseModel
 from ..model.lora import lora_alphas, lora_state
-from ..model.text import encode_captions
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +59,10 @@ def export_adapter(
 
 
 def render_samples(model: BaseModel, config: Config, out: Path, step: int) -> list[Path]:
-    """The sample prompts rendered with the pipeline (SDXL's with SDXL's), one PNG per prompt."""
+    """The sample prompts rendered with the model's own pipeline, one PNG per prompt."""
     paths = []
     model.pipeline.set_progress_bar_config(disable=True)  # progress is the run's events, not a bar per sample
-    networks = [model.unet, *model.text_encoders]
+    networks = [model.denoiser, *model.text_encoders]
     modes = [network.training for network in networks]
     for network in networks:
         network.eval()
@@ -80,30 +79,22 @@ def render_samples(model: BaseModel, config: Config, out: Path, step: int) -> li
 
 def _sample(model: BaseModel, config: Config, prompt: str, generator: torch.Generator) -> Any:
     """One sample image. The latents are decoded here, in the VAE's own precision: the pipeline would hand
-    the VAE latents in whatever the UNet returned, which is fp32 from a UNet accelerate wraps for a bf16 or
+    the VAE latents in whatever the denoiser returned, which is fp32 from one accelerate wraps for a bf16 or
     fp16 run, and fp16 beside the fp32 VAE an fp16 SDXL run keeps."""
-    pipe, vae = model.pipeline, model.vae
+    pipe, family = model.pipeline, model.family
+    sample = config.sample
+    with torch.no_grad():
+        prompts = family.prompt_embeddings(model, prompt, sample.negative_prompt, sample.guidance > 1,
+                                           config.model.clip_skip, config.data.max_token_length)
     latents = pipe(
-        **_prompts(model, config, prompt),
-        num_inference_steps=config.sample.steps,
-        guidance_scale=config.sample.guidance,
+        **prompts,
+        num_inference_steps=sample.steps,
+        guidance_scale=sample.guidance,
         height=config.data.resolution,
         width=config.data.resolution,
         generator=generator,
         output_type="latent",
     ).images
     with torch.no_grad():
-        pixels = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+        pixels = family.decode(model, latents)
     return pipe.image_processor.postprocess(pixels, output_type="pil")[0]
-
-
-def _prompts(model: BaseModel, config: Config, prompt: str) -> dict[str, Any]:
-    """The pipeline's prompt arguments: SD1/SD2 prompts encoded as training encodes captions (clip skip,
-    75-token chunks); SDXL's the pipeline encodes itself (SDXL already skips the last layer)."""
-    if model.kind == "sdxl":
-        return {"prompt": prompt, "negative_prompt": config.sample.negative_prompt or None}
-    length, skip = config.data.max_token_length, config.model.clip_skip
-    with torch.no_grad():
-        texts = {"prompt_embeds": prompt, "negative_prompt_embeds": config.sample.negative_prompt}
-        return {name: encode_captions(model.tokenizer, model.text_encoder, [text], length, skip)
-                for name, text in texts.items()}

@@ -112,24 +112,21 @@ def _cpu_attention() -> Iterator[None]:
 
 
 def _meta_copy(model: Any) -> Any:
-    """The model's UNet, VAE and text encoder rebuilt from their configs on the meta device."""
+    """The model's denoiser, VAE and text encoders rebuilt from their configs on the meta device."""
     from ..model.base import BaseModel
 
+    pipe, family = model.pipeline, model.family
     with torch.device("meta"):
-        unet = type(model.unet).from_config(model.unet.config)
-        vae = type(model.vae).from_config(model.vae.config)
-        text_encoder = type(model.text_encoder)(model.text_encoder.config)
-    pipeline = types.SimpleNamespace(unet=unet, vae=vae, text_encoder=text_encoder, text_encoder_2=None,
-                                     tokenizer=model.tokenizer, vae_scale_factor=model.pipeline.vae_scale_factor)
-    return BaseModel(pipeline, model.name, model.kind)
-
-
-def _added_conditions(unet: Any, batch: int) -> dict[str, torch.Tensor] | None:
-    """SDXL's added conditioning (pooled text, six time ids) as meta tensors; None for SD1/SD2."""
-    if unet.config.get("addition_embed_type") != "text_time":
-        return None
-    pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
-    return {"text_embeds": torch.zeros(batch, pooled, device="meta"), "time_ids": torch.zeros(batch, 6, device="meta")}
+        parts = {family.denoiser: type(model.denoiser).from_config(model.denoiser.config),
+                 "vae": type(model.vae).from_config(model.vae.config)}
+        for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+            encoder = getattr(pipe, name, None)
+            if encoder is not None:
+                parts[name] = type(encoder)(encoder.config)
+    tokenizers = {name: getattr(pipe, name) for name in ("tokenizer", "tokenizer_2", "tokenizer_3")
+                  if getattr(pipe, name, None) is not None}
+    pipeline = types.SimpleNamespace(**parts, **tokenizers, vae_scale_factor=pipe.vae_scale_factor)
+    return BaseModel(pipeline, model.name, model.kind, family)
 
 
 def profile_step(model: Any, config: Config, batch_size: int | None = None, resolution: int | None = None,
@@ -139,19 +136,19 @@ def profile_step(model: Any, config: Config, batch_size: int | None = None, reso
 
     from ..model.attention import set_attention
     from ..model.lora import add_lora
-    from ..model.text import chunks_for
 
     batch = batch_size or config.train.batch_size
     side = (resolution or config.data.resolution) // model.pipeline.vae_scale_factor
     checkpointing = config.train.gradient_checkpointing if gradient_checkpointing is None else gradient_checkpointing
     meta = _meta_copy(model)
     add_lora(meta, config.lora)
-    set_attention(meta.unet, config.train.attention)
-    meta.unet.train()
+    set_attention(meta.denoiser, config.train.attention)
+    meta.denoiser.train()
     if checkpointing:
-        meta.unet.enable_gradient_checkpointing()
-    trainable = sum(p.numel() for p in [*meta.unet.parameters(), *meta.text_encoder.parameters()] if p.requires_grad)
-    weights = {id(p) for p in [*meta.unet.parameters(), *meta.text_encoder.parameters()]}
+        meta.denoiser.enable_gradient_checkpointing()
+    networks = [meta.denoiser, *meta.text_encoders]
+    trainable = sum(p.numel() for network in networks for p in network.parameters() if p.requires_grad)
+    weights = {id(p) for network in networks for p in network.parameters()}
     kept: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -159,18 +156,12 @@ def profile_step(model: Any, config: Config, batch_size: int | None = None, reso
             kept[id(t)] = t.numel() * t.element_size()
         return t
 
-    tokens = chunks_for(config.data.max_token_length) * 77
-    latents = torch.zeros(batch, meta.unet.config.in_channels, side, side, device="meta")
     counter = FlopCounterMode(display=False)
-    added = _added_conditions(meta.unet, batch)
+    family = meta.family
     with counter, _cpu_attention(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        if config.lora.train_text_encoder and added is None:
-            ids = torch.zeros(batch, 77, dtype=torch.long, device="meta").repeat(1, tokens // 77)
-            states = meta.text_encoder(ids.reshape(-1, 77))[0].reshape(batch, tokens, -1)
-        else:
-            states = torch.zeros(batch, tokens, meta.unet.config.cross_attention_dim, device="meta")
-        out = meta.unet(latents, torch.zeros(batch, dtype=torch.long, device="meta"), states,
-                        added_cond_kwargs=added).sample
+        latents, timesteps, text, time_ids = family.example_inputs(
+            meta, batch, side, config.data.max_token_length, config.lora.train_text_encoder, "meta", torch.float32)
+        out = family.predict(meta.denoiser, latents, timesteps, text, time_ids)
         out.float().square().mean().backward()
     flops = counter.get_total_flops()
     pixels = torch.zeros(batch, 3, side * model.pipeline.vae_scale_factor, side * model.pipeline.vae_scale_factor,
@@ -237,7 +228,7 @@ def _data_bytes(config: Config, model: Any, num_images: int) -> int:
         return 0
     side = config.data.resolution // model.pipeline.vae_scale_factor
     sides = 2 if config.data.random_flip else 1
-    return num_images * sides * 2 * model.unet.config.in_channels * side * side * 4
+    return num_images * sides * 2 * model.vae.config.latent_channels * side * side * 4
 
 
 def estimate(model: Any, config: Config, device: torch.device, steps: int, num_images: int,
@@ -246,7 +237,7 @@ def estimate(model: Any, config: Config, device: torch.device, steps: int, num_i
     on ``device``, its frozen weights in the run's precision); measured with a probe on CUDA when
     ``probe``, else from the formula."""
     profile = profile_step(model, config)
-    if base_dtype(model.unet) in (torch.bfloat16, torch.float16):
+    if base_dtype(model.denoiser) in (torch.bfloat16, torch.float16):
         profile.activation_bytes = int(profile.activation_bytes * HALF_PRECISION_ACTIVATIONS)
     encode_once = config.cache.latents != "off" and config.data.center_crop
     if device.type == "cuda" and probe:
@@ -271,9 +262,9 @@ def estimate(model: Any, config: Config, device: torch.device, steps: int, num_i
     return result
 
 
-def base_dtype(unet: torch.nn.Module) -> torch.dtype:
-    """The precision of the UNet's frozen weights: the run's, whatever the LoRA's (fp32)."""
-    return next(p for p in unet.parameters() if not p.requires_grad).dtype
+def base_dtype(denoiser: torch.nn.Module) -> torch.dtype:
+    """The precision of the denoiser's frozen weights: the run's, whatever the LoRA's (fp32)."""
+    return next(p for p in denoiser.parameters() if not p.requires_grad).dtype
 
 
 def _optimizer_bytes(profile: StepProfile, config: Config) -> int:
@@ -289,38 +280,36 @@ def _formula_peak(profile: StepProfile, config: Config, device: torch.device) ->
 def _probe_cuda(model: Any, config: Config, device: torch.device) -> tuple[int, float, float]:
     """(peak bytes, seconds per step, seconds per VAE batch) measured on the GPU with random inputs; the
     LoRA weights, their gradients and every random stream are left as they were."""
-    from ..model.text import chunks_for
-
-    unet, vae = model.unet, model.vae
+    denoiser, vae, family = model.denoiser, model.vae, model.family
     batch, side = config.train.batch_size, config.data.resolution
-    dtype = base_dtype(unet)
-    tokens = chunks_for(config.data.max_token_length) * 77
-    width = unet.config.cross_attention_dim
+    dtype = base_dtype(denoiser)
     with torch.random.fork_rng(devices=[device]):
         pixels = torch.randn(batch, 3, side, side, device=device, dtype=dtype)
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
         with torch.no_grad():
-            latents = vae.encode(pixels).latent_dist.mean
+            vae.encode(pixels)
         torch.cuda.synchronize(device)
         vae_s, vae_peak = time.perf_counter() - start, torch.cuda.max_memory_allocated(device)
         del pixels
-        states = torch.randn(batch, tokens, width, device=device, dtype=dtype)
-        timesteps = torch.randint(0, 1000, (batch,), device=device)
+        with torch.no_grad():  # the text as the step gets it (encoded beforehand unless an encoder trains)
+            latents, timesteps, text, time_ids = family.example_inputs(
+                model, batch, side // model.pipeline.vae_scale_factor, config.data.max_token_length, False, device,
+                dtype)
         times = []
         torch.cuda.reset_peak_memory_stats(device)
         for _ in range(2):  # the first pass warms kernels up; the second is timed
             start = time.perf_counter()
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                loss = unet(latents.to(dtype), timesteps, states).sample.float().square().mean()
+                loss = family.predict(denoiser, latents, timesteps, text, time_ids).float().square().mean()
             loss.backward()
             torch.cuda.synchronize(device)
             times.append(time.perf_counter() - start)
         peak = torch.cuda.max_memory_allocated(device)
-        for p in unet.parameters():
+        for p in denoiser.parameters():
             p.grad = None
-    trainable = sum(p.numel() for p in unet.parameters() if p.requires_grad)
+    trainable = sum(p.numel() for p in denoiser.parameters() if p.requires_grad)
     optimizer = trainable * (OPTIMIZER_STATE.get(config.train.optimizer, 12) - 4)  # gradients were measured
     return max(peak + optimizer, vae_peak), times[-1] + STEP_OVERHEAD_S, vae_s
 

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import torch
 
+from ..adapters import checkpoint_files as ckpt
 from ..core import events
 from ..core.config import Config, all_fields, choices
 from ..core.errors import continue_run, setting
-from . import checkpoint as ckpt
 from .processes import Processes
 
 

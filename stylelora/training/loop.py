@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from ..adapters.checkpoint_files import remove_stale
 from ..core import events
 from ..core.config import Config, next_free_run_dir
 from ..core.errors import ConfigError, DiskFullError, TrainingError, check_data, continue_run, setting
@@ -29,9 +30,11 @@ from ..data.batches import BatchSource, TrainingSet
 from ..data.captions import with_trigger
 from ..data.dataset import CaptionedImages, Item
 from ..data.doctor import training_items
+from ..families import load_base_model
 from ..model import losses
-from ..model.models import KIND_NAMES, KIND_PRESETS, BaseModel, load_base_model, prepare_for_training
-from ..model.text import check_clip_skip, encode_text
+from ..model.base import BaseModel
+from ..model.family import Objective
+from ..model.placement import prepare_for_training
 from . import checkpoint as ckpt
 from . import optim, trackers
 from .artifacts import export_adapter, render_samples
@@ -177,7 +180,7 @@ def _processes(config: Config, accelerator: Any, tracker: RunTracker, out: Path,
     if not team.is_main:
         tracker.mute()
     elif config.train.resume == "auto":
-        ckpt.remove_stale(out)  # leftovers of a killed save: the main process alone deletes
+        remove_stale(out)  # leftovers of a killed save: the main process alone deletes
     return team, out, resume_from
 
 
@@ -211,41 +214,29 @@ def _base_model(config: Config, model: BaseModel | None) -> BaseModel:
     if model is None:
         m = config.model
         model = load_base_model(m.name, m.config, m.prediction_type, m.kind)
-    if model.kind != "sdxl":  # SDXL's conditioning already skips the last layer (text.encode_sdxl)
-        check_clip_skip(model.text_encoder, config.model.clip_skip)
+    model.family.check_model(model, config)  # e.g. clip skip beyond the text encoder's layers
     return model
 
 
 def _model_notes(config: Config, model: BaseModel, precision: str, device: torch.device) -> list[events.Message]:
     """What the run learned about its base model: the detected kind and resolution, the precision auto chose
-    on a CPU, and a warning when it trains far below the size an SDXL or SD2-768-v model was made for."""
-    native, resolution = model.native_resolution, config.data.resolution
-    notes = [events.Message(f"base model: {KIND_NAMES[model.kind]}, {model.prediction_type} prediction, "
+    on a CPU, and a warning when it trains far below the size a large model (SDXL, SD2-768-v) was made for."""
+    native, resolution, family = model.native_resolution, config.data.resolution, model.family
+    notes = [events.Message(f"base model: {family.display(model.kind)}, {model.prediction_type} prediction, "
                             f"{native} px native; training at {resolution} px")]
     if config.train.mixed_precision == "auto" and precision == "bf16" and device.type == "cpu":
         notes.append(events.Message("precision: bf16 base weights (train.mixed_precision=auto on a CPU with AMX, "
                                     "where bf16 runs faster); set train.mixed_precision=no to train in fp32"))
-    if model.kind in ("sdxl", "sd2-v") and resolution < native * 3 // 4:
+    if family.learns_worse_below_native(model.kind) and resolution < native * 3 // 4:
+        preset = family.presets.get(model.kind)
         notes.append(events.Message(
             f"data.resolution {resolution} is far below this model's {native} px: it learns worse at a small "
-            f"size; set data.resolution={native} (presets/{KIND_PRESETS[model.kind]}.toml does)", level="warning"))
+            f"size; set data.resolution={native}" + (f" (presets/{preset}.toml does)" if preset else ""),
+            level="warning"))
     return notes
 
 
-def _noise_scheduler(config: Config, model: BaseModel) -> Any:
-    """The schedule the loop adds noise with; zero-terminal SNR rescales the sampling scheduler too."""
-    cfg = config.train
-    scheduler = losses.training_scheduler(model.pipeline.scheduler.config, model.prediction_type,
-                                          cfg.zero_terminal_snr)
-    if cfg.zero_terminal_snr:  # samples must start from pure noise too
-        from diffusers import DDIMScheduler
-
-        model.pipeline.scheduler = DDIMScheduler.from_config(
-            model.pipeline.scheduler.config, rescale_betas_zero_snr=True, timestep_spacing="trailing")
-    return scheduler
-
-
-def _validator(config: Config, held_out: list[Item], model: BaseModel, noise_scheduler: Any,
+def _validator(config: Config, held_out: list[Item], model: BaseModel, objective: Objective,
                device: torch.device, weight_dtype: torch.dtype) -> Validator | None:
     """Scores the held-out images (centre crop, no flip) at fixed noise; None when none are held out."""
     if not held_out:
@@ -253,12 +244,12 @@ def _validator(config: Config, held_out: list[Item], model: BaseModel, noise_sch
     seed = config.train.seed
     validation_data = CaptionedImages(held_out, replace(config.data, center_crop=True, random_flip=False))
     examples = [validation_data.example(i, seed, 0) for i in range(len(validation_data.items))]
-    return Validator(examples, model, noise_scheduler, device, weight_dtype, seed, config.data.max_token_length,
+    return Validator(examples, model, objective, device, weight_dtype, seed, config.data.max_token_length,
                      config.model.clip_skip)
 
 
 def _prepare(accelerator: Any, model: BaseModel, optimizer: Any) -> tuple[Any, list[Any], Any]:
-    """(unet, text encoders, optimizer) wrapped by accelerate. Only modules with trainable weights are
+    """(denoiser, text encoders, optimizer) wrapped by accelerate. Only modules with trainable weights are
     prepared: DDP refuses a fully frozen module. Under several processes, DDP looks for weights without a
     gradient in the text encoders (only there, as it costs a walk of the graph every step): the last
     layers' LoRA never reaches the loss when the states come from an earlier layer (SDXL, clip skip).
@@ -268,14 +259,14 @@ def _prepare(accelerator: Any, model: BaseModel, optimizer: Any) -> tuple[Any, l
 
     encoders = model.text_encoders
     training = [i for i, encoder in enumerate(encoders) if any(p.requires_grad for p in encoder.parameters())]
-    unet, optimizer = accelerator.prepare(model.unet, optimizer)
+    denoiser, optimizer = accelerator.prepare(model.denoiser, optimizer)
     accelerator.ddp_handler = DistributedDataParallelKwargs(find_unused_parameters=True)
     try:
         for i in training:
             encoders[i] = accelerator.prepare_model(encoders[i])
     finally:
         accelerator.ddp_handler = None
-    return unet, encoders, optimizer
+    return denoiser, encoders, optimizer
 
 
 class _Clock:
@@ -470,7 +461,8 @@ def _train(config: Config, emit: RunTracker, stop: StopSignal, model: BaseModel 
 
     # --- model: LoRA (or LoCon/DoRA) layers in fp32 on a frozen base in the training precision ---
     model = _base_model(config, model)
-    noise_scheduler = _noise_scheduler(config, model)
+    family = model.family
+    objective = family.objective(model, cfg)  # what the denoiser learns (noise, timesteps, target, weights)
     params, weight_dtype = prepare_for_training(model, config, accelerator.device, accelerator.mixed_precision)
 
     total = data.total_steps(cfg, team.count)  # train.steps, or train.epochs passes over the data
@@ -480,9 +472,9 @@ def _train(config: Config, emit: RunTracker, stop: StopSignal, model: BaseModel 
     optimizer = optim.build_optimizer(optim.param_groups(model, cfg, lr_scale), cfg, accelerator.device)
     lr_scheduler = optim.build_lr_scheduler(optimizer, cfg, total)
     ema = LoraEMA(params, cfg.ema_decay) if cfg.ema else None
-    validator = _validator(config, held_out if team.is_main else [], model, noise_scheduler, accelerator.device,
+    validator = _validator(config, held_out if team.is_main else [], model, objective, accelerator.device,
                            weight_dtype)
-    unet, text_encoders, optimizer = _prepare(accelerator, model, optimizer)
+    denoiser, text_encoders, optimizer = _prepare(accelerator, model, optimizer)
     team.seed_own_stream(cfg.seed)  # each process its own dropout
     # buckets, caches, captions, regularisation images; this process's share of the batches
     source = BatchSource(data, config, model, team.rank, team.count)
@@ -530,20 +522,18 @@ def _train(config: Config, emit: RunTracker, stop: StopSignal, model: BaseModel 
         for _ in range(cfg.gradient_accumulation_steps):
             batch = source.next_batch()  # latents (cached or encoded), text, SDXL time ids, loss weights
             latents = batch.latents
-            with accelerator.accumulate(unet, *text_encoders), accelerator.autocast():
-                noise, timesteps = losses.noise_and_timesteps(  # each example's own, whatever its batch
-                    batch.noise_generators, latents.shape[1:], noise_scheduler.config.num_train_timesteps,
-                    cfg.noise_offset)
+            with accelerator.accumulate(denoiser, *text_encoders), accelerator.autocast():
+                # each example's own noise and timestep, whatever its batch
+                noise, timesteps = objective.draw(batch.noise_generators, latents.shape[1:])
                 noise = noise.to(latents, non_blocking=True)
                 timesteps = timesteps.to(accelerator.device, non_blocking=True)
-                noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+                noisy = objective.noisy(latents, noise, timesteps)
                 text = batch.text
                 if text is None:  # a text encoder trains: run them here, with gradients
-                    text = encode_text(text_encoders, batch.input_ids, config.model.clip_skip)
-                target = losses.training_target(noise_scheduler, latents, noise, timesteps)
-                conditions = text.added_conditions(batch.time_ids)  # SDXL: pooled text and time ids
-                pred = unet(noisy, timesteps, text.states, added_cond_kwargs=conditions).sample
-                weights = batch.loss_weights * losses.min_snr_weights(noise_scheduler, timesteps, cfg.min_snr_gamma)
+                    text = family.encode_text(text_encoders, batch.input_ids, config.model.clip_skip)
+                target = objective.target(latents, noise, timesteps)
+                pred = family.predict(denoiser, noisy, timesteps, text, batch.time_ids)  # SDXL: + pooled, time ids
+                weights = batch.loss_weights * objective.weights(timesteps)
                 loss = (losses.per_example_mse(pred, target) * weights).mean()
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and cfg.max_grad_norm > 0:

@@ -80,15 +80,16 @@ def _construct(cls: Any, groups: list[dict[str, Any]], defaults: dict[str, Any],
 
 
 def param_groups(model: BaseModel, train: TrainConfig, scale: float = 1.0) -> list[dict[str, Any]]:
-    """The trainable weights by learning rate: the UNet's at ``train.lr``, then each text encoder that trains
-    at ``train.text_encoder_lr`` (SDXL's second at ``train.text_encoder_2_lr``), unset meaning the one
+    """The trainable weights by learning rate: the denoiser's at ``train.lr``, then each text encoder that trains
+    at ``train.text_encoder_lr`` (a second one at ``train.text_encoder_2_lr``), unset meaning the one
     before; each times ``scale`` (``train.scale_lr``). The order is the one checkpoints save."""
     te_lr = train.text_encoder_lr or train.lr
-    lrs = {"unet": train.lr, "text_encoder": te_lr, "text_encoder_2": train.text_encoder_2_lr or te_lr}
+    denoiser, *text_parts = model.family.parts
+    lrs = {denoiser: train.lr, **dict(zip(text_parts, [te_lr, train.text_encoder_2_lr or te_lr], strict=False))}
     groups = []
     for part, module in model.parts():
         params = [p for p in module.parameters() if p.requires_grad]
-        if params or part == "unet":
+        if params or part == denoiser:
             groups.append({"params": params, "lr": lrs[part] * scale})
     return groups
 

@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 import torch
 
 from ..model import losses
-from ..model.text import encode_text, tokenize
+from ..model.text import tokenize
 
 T = TypeVar("T")
 TIMESTEPS_PER_IMAGE = 4
@@ -36,21 +36,19 @@ def split_holdout(items: list[T], count: int, seed: int) -> tuple[list[T], list[
 class Validator:
     """Scores the current LoRA on fixed (image, caption, noise, timestep) tuples."""
 
-    def __init__(self, examples: list[dict[str, Any]], model: Any, scheduler: Any, device: torch.device,
+    def __init__(self, examples: list[dict[str, Any]], model: Any, objective: Any, device: torch.device,
                  dtype: torch.dtype, seed: int, max_token_length: int = 75, clip_skip: int = 1):
-        self.model, self.scheduler, self.device, self.dtype = model, scheduler, device, dtype
+        self.model, self.objective, self.device, self.dtype = model, objective, device, dtype
         self.clip_skip = clip_skip
         vae = model.vae
         pixels = torch.stack([e["pixels"] for e in examples]).to(device, vae.dtype)
         with torch.no_grad():
-            latents = vae.encode(pixels).latent_dist.mode() * vae.config.scaling_factor
+            shift = getattr(vae.config, "shift_factor", None) or 0.0  # as the batches scale latents
+            latents = (vae.encode(pixels).latent_dist.mode() - shift) * vae.config.scaling_factor
         ids = tokenize(model.tokenizers, [str(e["caption"]) for e in examples], max_token_length)
         time_ids = torch.tensor([e["view"].time_ids for e in examples], dtype=torch.float32)
         n, k = len(examples), TIMESTEPS_PER_IMAGE
-        total = scheduler.config.num_train_timesteps
-        # Each image at k timesteps spread evenly over the schedule (offset per image).
-        spread = torch.arange(k) * (total // k)
-        self.timesteps = torch.cat([(spread + (i * total // (n * k))) % total for i in range(n)]).to(device)
+        self.timesteps = objective.spread(n, k).to(device)  # each image at k timesteps over the schedule
         self.latents = latents.repeat_interleave(k, dim=0)
         self.ids = [t.repeat_interleave(k, dim=0).to(device) for t in ids]
         self.time_ids = time_ids.repeat_interleave(k, dim=0).to(device)
@@ -61,18 +59,17 @@ class Validator:
     def loss(self, autocast: Any = None) -> float:
         import contextlib
 
-        unet, encoders = self.model.unet, self.model.text_encoders
-        networks = [unet, *encoders]
+        denoiser, encoders, family = self.model.denoiser, self.model.text_encoders, self.model.family
+        networks = [denoiser, *encoders]
         modes = [network.training for network in networks]
         for network in networks:
             network.eval()
         try:
             with autocast() if autocast else contextlib.nullcontext():
-                noisy = self.scheduler.add_noise(self.latents, self.noise, self.timesteps)
-                target = losses.training_target(self.scheduler, self.latents, self.noise, self.timesteps)
-                text = encode_text(encoders, self.ids, self.clip_skip)
-                pred = unet(noisy, self.timesteps, text.states,
-                            added_cond_kwargs=text.added_conditions(self.time_ids)).sample
+                noisy = self.objective.noisy(self.latents, self.noise, self.timesteps)
+                target = self.objective.target(self.latents, self.noise, self.timesteps)
+                text = family.encode_text(encoders, self.ids, self.clip_skip)
+                pred = family.predict(denoiser, noisy, self.timesteps, text, self.time_ids)
                 return float(losses.per_example_mse(pred, target).mean())
         finally:
             for network, mode in zip(networks, modes, strict=True):
