@@ -32,8 +32,8 @@ import torch  # noqa: E402
 
 from stylelora.adapters.formats import Adapter, ModelLayout, save_diffusers, save_kohya
 from stylelora.core.config import LoraConfig  # noqa: E402
-from stylelora.model.lora import add_lora, lora_state
 from stylelora.families import load_base_model
+from stylelora.model.lora import add_lora, lora_state
 from stylelora.preview.previewer import Previewer
 
 PROMPT = "a watercolour painting of a lighthouse at dusk"

@@ -38,8 +38,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
 
+from stylelora import families  # noqa: E402
 from stylelora.core.config import Config  # noqa: E402
-from stylelora.model.base import BaseModel  # noqa: E402
+from stylelora.model.base import BaseModel, Configs  # noqa: E402
 from stylelora.model.placement import compile_unet, prepare_for_training  # noqa: E402
 
 
@@ -90,8 +91,8 @@ def trainable_unet(case: Case, device: torch.device, checkpointing: bool, compil
     torch.manual_seed(0)
     with torch.device(device):  # random weights made on the card: seconds, not a minute on its host's CPU
         unet = UNet2DConditionModel(**case.unet)
-    kind = "sdxl" if case.unet.get("addition_embed_type") == "text_time" else "sd1"
-    model = BaseModel(SimpleNamespace(unet=unet, vae=torch.nn.Module(), text_encoder=None), "gpu-check", kind)
+    family, kind = families.detect(Configs("", unet.config))  # the family tells SD1.5 from SDXL by structure
+    model = BaseModel(SimpleNamespace(unet=unet, vae=torch.nn.Module(), text_encoder=None), "gpu-check", kind, family)
     cuda = device.type == "cuda"
     config = Config().with_overrides({"lora.rank": 16, "lora.alpha": 16.0,
                                       "train.gradient_checkpointing": checkpointing,

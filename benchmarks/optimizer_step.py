@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from stylelora.core.config import LoraConfig  # noqa: E402
-from stylelora.model.lora import add_lora  # noqa: E402
 from stylelora.families import load_base_model  # noqa: E402
+from stylelora.model.lora import add_lora  # noqa: E402
 
 KINDS = {"for-loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
 

@@ -60,7 +60,8 @@ def build_peer_model(folder: Path, scale: float = 1.0) -> Path:
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    from stylelora.model.builtin import clip_tokenizer as _builtin_tokenizer, clip_config as _clip_config
+    from stylelora.model.builtin import clip_config as _clip_config
+    from stylelora.model.builtin import clip_tokenizer as _builtin_tokenizer
 
     sizes = peer_sizes(scale)
     tokenizer = _builtin_tokenizer()

@@ -57,9 +57,9 @@ def unet_step(args: argparse.Namespace) -> None:
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
     from stylelora.core.config import LoraConfig
+    from stylelora.families import load_base_model
     from stylelora.model.attention import CpuSdpaProcessor
     from stylelora.model.lora import add_lora
-    from stylelora.families import load_base_model
 
     if args.onednn:
         torch.backends.mkldnn.matmul.fp32_precision = args.onednn

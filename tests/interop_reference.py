@@ -27,9 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from conftest import make_adapter  # noqa: E402
 from stylelora.adapters.formats import save_diffusers, save_kohya  # noqa: E402
-from stylelora.adapters.kohya_names import conventional_text_path  # noqa: E402
-from stylelora.model.base import BaseModel  # noqa: E402
 from stylelora.families import load_base_model  # noqa: E402
+from stylelora.model.base import BaseModel  # noqa: E402
+from stylelora.model.text import conventional_text_path  # noqa: E402
 
 KINDS = ("tiny", "tiny-sdxl")
 FORMATS = ("kohya", "diffusers")

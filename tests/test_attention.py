@@ -13,8 +13,8 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 import stylelora.training.loop as training
 from conftest import make_dataset, tiny_config
 from stylelora.core import events
-from stylelora.model.attention import CpuSdpaProcessor
 from stylelora.families import load_base_model
+from stylelora.model.attention import CpuSdpaProcessor
 
 
 def unet_output(processor: object, dtype: torch.dtype) -> torch.Tensor:

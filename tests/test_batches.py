@@ -7,8 +7,8 @@ import torch
 
 from conftest import draw_image, tiny_config
 from stylelora.data.batches import BatchSource, TrainingSet
-from stylelora.model.losses import noise_and_timesteps
 from stylelora.families import load_base_model
+from stylelora.model.losses import noise_and_timesteps
 
 
 @pytest.fixture(scope="module")

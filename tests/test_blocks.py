@@ -15,8 +15,8 @@ from stylelora.adapters.merge import split
 from stylelora.core.config import Config
 from stylelora.core.errors import ConfigError, StyleloraError
 from stylelora.data.images import parse_parameters, read_parameters
-from stylelora.model.blocks import block_name, expand, group_of
 from stylelora.families import load_base_model
+from stylelora.model.blocks import block_name, expand, group_of
 from stylelora.preview.previewer import Previewer
 from stylelora.training.loop import train
 

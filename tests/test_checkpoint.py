@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import make_dataset, tiny_config
+from stylelora.adapters.checkpoint_files import list_checkpoints, load_checkpoint, stores_alphas
 from stylelora.adapters.formats import ModelLayout, load_adapter
 from stylelora.core import events
 from stylelora.core.config import Config
@@ -23,7 +24,6 @@ from stylelora.model.placement import prepare_for_training
 from stylelora.preview.previewer import Previewer
 from stylelora.training import optim
 from stylelora.training.checkpoint import LiveState, restore, snapshot
-from stylelora.adapters.checkpoint_files import list_checkpoints, load_checkpoint, stores_alphas
 from stylelora.training.ema import LoraEMA
 
 PROMPT = "a picture number 1, flat style"

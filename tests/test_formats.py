@@ -661,8 +661,8 @@ def test_converting_against_a_model_folder_reads_its_configs_only(tmp_path: Path
 @pytest.mark.parametrize("ema", [False, True], ids=["weights", "ema"])
 def test_fp32_export_of_a_run_is_its_checkpoints_fp32_state_exactly(tmp_path: Path, ema: bool) -> None:
     from conftest import make_dataset
-    from stylelora.model.text import conventional_text_path
     from stylelora.adapters.checkpoint_files import load_checkpoint, newest_complete
+    from stylelora.model.text import conventional_text_path
     from stylelora.training.loop import train
 
     out = tmp_path / "style"

@@ -16,8 +16,8 @@ from stylelora.adapters.formats import Adapter, ModelLayout, save_diffusers, sav
 from stylelora.core.config import GenerateSettings, LoraConfig
 from stylelora.core.errors import ConfigError, FormatError
 from stylelora.data import images
-from stylelora.model.lora import add_lora, lora_state
 from stylelora.families import load_base_model
+from stylelora.model.lora import add_lora, lora_state
 from stylelora.preview import previewer as generate_module
 from stylelora.preview.previewer import Previewer
 from stylelora.preview.samplers import SAMPLERS, sampler_names

@@ -19,16 +19,25 @@ PACKAGE = ROOT / "stylelora"
 # any row of a lower layer. Modules in one row do not import each other. The shells (app.py and webui/)
 # sit above the whole table and may import any of it; nothing in it imports them.
 LAYERS: list[tuple[str, list[tuple[str, ...]]]] = [
-    ("shells", [("__main__",), ("cli", "__init__")]),
-    ("services", [("jobs", "workspace", "launch"), ("collect", "kohya_import", "board")]),
-    ("engine", [("train", "generate"), ("artifacts",)]),
-    ("adapters", [("merge",), ("convert", "single_file"), ("formats",), ("metadata",), ("adapter",),
-                  ("kohya_names",)]),
-    ("data", [("batches", "doctor", "autocaption"), ("buckets", "imagecheck", "caption_tools"),
-              ("dataset", "cache", "images"), ("captions",)]),
-    ("model", [("failures", "validation", "estimate"), ("checkpoint", "optim", "trackers"),
-               ("models", "losses", "samplers", "ema", "text"), ("processes", "attention")]),
-    ("base", [("events", "metrics"), ("config",), ("blocks",), ("fileio",), ("errors", "logs")]),
+    ("shells", [("__main__",), ("cli",), ("cli.main",), ("cli.train", "cli.tools"), ("cli.progress",), ("cli.flags",),
+                ("__init__",)]),
+    ("services", [("services", "services.jobs", "services.workspace", "services.launch"),
+                  ("services.collect", "services.kohya_import", "services.board")]),
+    ("training", [("training", "training.loop"), ("training.artifacts",),
+                  ("training.failures", "training.validation", "training.estimate"),
+                  ("training.checkpoint", "training.optim", "training.trackers"),
+                  ("training.ema", "training.processes")]),
+    ("preview", [("preview", "preview.previewer"), ("preview.samplers",)]),
+    ("adapters", [("adapters", "adapters.merge"), ("adapters.convert",), ("adapters.formats",),
+                  ("adapters.metadata",), ("adapters.adapter",), ("adapters.kohya_names", "adapters.checkpoint_files")]),
+    ("data", [("data", "data.batches", "data.doctor", "data.autocaption"),
+              ("data.buckets", "data.imagecheck", "data.caption_tools"),
+              ("data.dataset", "data.cache", "data.images"), ("data.captions",)]),
+    ("families", [("families",), ("families.sd2", "families.sdxl"), ("families.sd1",),
+                  ("families.stable_diffusion", "families.ldm_single_file", "families.loading"), ("families.sgm",)]),
+    ("model", [("model", "model.placement"), ("model.lora", "model.attention"), ("model.base",),
+               ("model.text", "model.losses", "model.blocks", "model.builtin")]),
+    ("core", [("core", "core.events", "core.metrics"), ("core.config",), ("core.fileio",), ("core.errors", "core.logs")]),
 ]
 SHELLS = ("app", "webui")  # first-party code outside the library: the Gradio app
 
@@ -259,9 +268,16 @@ def test_library_never_imports_gradio() -> None:
 def test_library_does_not_print_outside_the_cli() -> None:
     offenders = []
     for path in PACKAGE.rglob("*.py"):
-        if path.name in {"cli.py", "__main__.py"}:
+        if path.parent.name == "cli" or path.name == "__main__.py":
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "print":
-                offenders.append(f"{path.name}:{node.lineno}")
+                offenders.append(f"{path.relative_to(PACKAGE)}:{node.lineno}")
+    assert offenders == []
+
+
+def test_only_the_families_import_a_family_module() -> None:
+    """Everything else asks the registry (``stylelora.families``) for a model's family, never a family by name."""
+    offenders = [str(edge) for edge in import_graph() if edge.target.startswith("stylelora.families.")
+                 and not edge.source.startswith("stylelora.families")]
     assert offenders == []

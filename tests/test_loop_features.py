@@ -14,11 +14,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import make_dataset, tiny_config
+from stylelora.adapters.checkpoint_files import list_checkpoints, load_checkpoint
 from stylelora.core import events
 from stylelora.core.errors import ConfigError
 from stylelora.data.batches import TrainingSet, noise_generator
 from stylelora.families import load_base_model
-from stylelora.adapters.checkpoint_files import list_checkpoints, load_checkpoint
 from stylelora.training.loop import train
 
 SEED = 42
@@ -52,7 +52,7 @@ def first_timestep(data: Path) -> int:
 
 
 def tiny_scheduler(prediction_type: str = "epsilon", zero_terminal_snr: bool = False):
-    from stylelora.model.losses import DiffusionObjective, training_scheduler
+    from stylelora.model.losses import training_scheduler
 
     config = load_base_model("builtin:tiny").pipeline.scheduler.config
     return training_scheduler(config, prediction_type, zero_terminal_snr)
@@ -312,8 +312,8 @@ def test_samples_are_rendered_at_fixed_seeds_without_changing_training(data: Pat
 def test_validation_loss_uses_fixed_noise_on_held_out_images(data: Path, tmp_path: Path) -> None:
     from stylelora.core.config import Config
     from stylelora.data.dataset import CaptionedImages, scan
-    from stylelora.model.losses import DiffusionObjective, training_scheduler
     from stylelora.model.lora import add_lora, set_lora_state
+    from stylelora.model.losses import DiffusionObjective, training_scheduler
     from stylelora.training.validation import Validator, split_holdout
 
     out = tmp_path / "val"

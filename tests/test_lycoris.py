@@ -20,8 +20,8 @@ from safetensors.torch import load_file
 from conftest import assert_fused_delta, make_adapter, make_dataset, run_cli, tiny_config, weights
 from stylelora.adapters.formats import load_adapter, save_kohya
 from stylelora.adapters.merge import merge
-from stylelora.model.lora import ADAPTER_NAME
 from stylelora.families import load_base_model
+from stylelora.model.lora import ADAPTER_NAME
 from stylelora.training.loop import train
 
 

@@ -24,12 +24,12 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, make_dataset
+from stylelora.adapters.checkpoint_files import is_complete, list_checkpoints, load_checkpoint
 from stylelora.adapters.formats import load_adapter
 from stylelora.cli import build_parser, config_from_args
 from stylelora.core import events
 from stylelora.core.config import Config
 from stylelora.families import load_base_model
-from stylelora.adapters.checkpoint_files import is_complete, list_checkpoints, load_checkpoint
 from stylelora.training.loop import train
 
 LAUNCH_TIMEOUT = 900  # seconds; a launch takes well under a minute on an idle 2-core machine

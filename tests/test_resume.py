@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, run_cli, tiny_config
-from stylelora.core import events
 from stylelora.adapters.checkpoint_files import list_checkpoints
+from stylelora.core import events
 from stylelora.training.loop import train
 
 STEPS = 8

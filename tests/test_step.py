@@ -33,8 +33,8 @@ def test_a_nan_between_reports_names_its_step_and_saves_nothing_after_it(dataset
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     from diffusers import UNet2DConditionModel
 
-    from stylelora.core.errors import TrainingError
     from stylelora.adapters.checkpoint_files import list_checkpoints
+    from stylelora.core.errors import TrainingError
 
     real, calls = UNet2DConditionModel.forward, {"n": 0}
 

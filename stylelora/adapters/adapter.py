@@ -18,8 +18,7 @@ from ..model.lora import ADAPTER_PARAM, full_lokr_rank, module_shapes
 from .kohya_names import KohyaNames
 
 if TYPE_CHECKING:
-    from ..model.base import BaseModel
-    from ..model.family import ModelFamily
+    from ..model.base import BaseModel, ModelFamily
 
 
 def module_paths(state: dict[str, torch.Tensor]) -> list[str]:

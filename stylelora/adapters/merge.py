@@ -21,7 +21,7 @@ from .formats import DIFFUSERS_WEIGHT_NAME, load_adapter, save_diffusers
 from .metadata import adapter_facts
 
 if TYPE_CHECKING:
-    from ..model.family import ModelFamily
+    from ..model.base import ModelFamily
 
 log = logging.getLogger(__name__)
 MERGE_ADAPTER_NAME = "stylelora_merge"

@@ -252,8 +252,10 @@ class BatchSource:
             self.notes.append(f"latent cache: {self.latent_cache.folder}")
         vae_dtype, denoiser_dtype = model.vae.dtype, model.denoiser.dtype
         if vae_dtype != denoiser_dtype and vae_dtype == torch.float32:
-            self.notes.append(f"the VAE encodes in fp32 while the {model.family.denoiser_label} trains in "
-                              f"{str(denoiser_dtype).split('.')[-1]}: {model.family.display(model.kind)}'s VAE overflows in fp16")
+            family = model.family
+            trains_in = str(denoiser_dtype).split(".")[-1]
+            self.notes.append(f"the VAE encodes in fp32 while the {family.denoiser_label} trains in {trains_in}: "
+                              f"{family.display(model.kind)}'s VAE overflows in fp16")
         self.text_cache: dict[str, TextStates] | None = None
         if config.cache.text_encoder and not self.train_text_encoder:
             if config.data.shuffle_tags:

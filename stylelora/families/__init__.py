@@ -18,8 +18,7 @@ from typing import Any
 from ..core import config as _config
 from ..core.errors import ConfigError, ModelError
 from ..core.fileio import PICKLE_SUFFIXES
-from ..model.base import BaseModel
-from ..model.family import Configs, ModelFamily
+from ..model.base import BaseModel, Configs, ModelFamily
 from . import loading
 from .sd1 import SD1
 from .sd2 import SD2

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import ModelError, offline_hint, setting
-from ..model.family import Configs
+from ..model.base import Configs
 
 log = logging.getLogger(__name__)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+from ..model.base import Configs
 from ..model.builtin import clip_config, clip_tokenizer
-from ..model.family import Configs
 from .stable_diffusion import StableDiffusionFamily
 
 # Sizes of the SD1-shaped built-ins. tiny: tests and the CPU demo (64 px native). small: the same
@@ -41,15 +41,15 @@ def build_tiny(prediction_type: str = "epsilon") -> Any:
     The VAE downsamples by 8 and the UNet has cross-attention transformer blocks with 1x1-conv
     proj_in/proj_out, as SD1.5 does, so key names and shapes exercise the real code paths.
     """
-    return _build_sd1(SD1_SIZES["tiny"], prediction_type)
+    return build_sd1(SD1_SIZES["tiny"], prediction_type)
 
 
 def build_small(prediction_type: str = "epsilon") -> Any:
     """``builtin:small``: SD1.5's layout at a tenth of its width (256 px native), for benchmarks."""
-    return _build_sd1(SD1_SIZES["small"], prediction_type)
+    return build_sd1(SD1_SIZES["small"], prediction_type)
 
 
-def _build_sd1(size: dict[str, Any], prediction_type: str) -> Any:
+def build_sd1(size: dict[str, Any], prediction_type: str) -> Any:
     import torch
     from diffusers import (
         AutoencoderKL,

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from ..model.base import Configs
 from ..model.builtin import clip_config, clip_tokenizer
-from ..model.family import Configs
 from .sd1 import SD1_SIZES
 from .stable_diffusion import StableDiffusionFamily
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from ..model.base import Configs
 from ..model.builtin import clip_config, clip_tokenizer
-from ..model.family import Configs
 from .sgm import sgm_path
 from .stable_diffusion import StableDiffusionFamily
 

@@ -11,14 +11,13 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..core.errors import FormatError
 from ..model import blocks
-from ..model.family import Configs, LoraTarget, ModelFamily
+from ..model.base import Configs, LoraTarget, ModelFamily
 
 if TYPE_CHECKING:
     import torch
 
     from ..core.config import Config, LoraConfig, TrainConfig
-    from ..model.base import BaseModel
-    from ..model.family import Objective
+    from ..model.base import BaseModel, Objective
     from ..model.text import TextStates
 
 CLIP_WINDOW = 77  # CLIP's positions: a start token, 75 tokens of text, an end token

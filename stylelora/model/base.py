@@ -1,15 +1,247 @@
-"""A loaded base model: its diffusers pipeline, the name it was loaded by, its kind, and the family that
-knows what that kind does differently (``stylelora.model.family.ModelFamily``)."""
+"""A base model and its family: ``BaseModel`` (a loaded pipeline, its name and kind) and the model-family
+interface, one implementation per family of base models (``stylelora/families/``).
+
+A family owns everything its models do differently: how to tell one from its configs or file keys, its
+built-in tiny model, how a caption becomes conditioning, what the denoiser is fed and learns to predict,
+which modules get LoRA and how users name its blocks, how its adapters are named in kohya files and
+described in metadata, how it is written as one checkpoint, how a preview is rendered, and what the
+memory estimate replays. The trainer, the previewer, the formats, the estimate and the shells ask the
+family of the model in hand (``BaseModel.family``, ``ModelLayout.family``); they never test the kind.
+
+A family may have several kinds (SD2: ``sd2`` 512 px epsilon and ``sd2-v`` 768 px v-prediction): a kind
+is what ``model.kind`` names and what metadata records; kinds of one ``architecture`` have the same
+modules, so ``model.kind`` may turn one into another. ``stylelora.families`` registers the families.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     import torch
 
-    from .family import ModelFamily
+    from ..core.config import Config, LoraConfig, TrainConfig
+    from .text import TextStates
+
+
+@dataclass(frozen=True)
+class Configs:
+    """A model's component configs as read before (or without) loading it; any may be missing."""
+
+    pipeline_class: str = ""
+    denoiser: Mapping[str, Any] | None = None  # unet/ or transformer/config.json
+    text_encoder: Any = None  # a dict or a transformers config
+    scheduler: Mapping[str, Any] | None = None
+    vae: Mapping[str, Any] | None = None
+
+    def get(self, part: str, key: str) -> Any:
+        """One value of a component's config (a dict or a transformers config); None when absent."""
+        config = getattr(self, part)
+        if config is None:
+            return None
+        return config.get(key) if isinstance(config, Mapping) else getattr(config, key, None)
+
+
+@dataclass
+class LoraTarget:
+    """Where one part gets adapter layers: peft's target names, with per-name rank and alpha exceptions."""
+
+    part: str
+    module: torch.nn.Module
+    names: list[str]
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+
+
+class Objective(Protocol):
+    """What the denoiser learns: how noise and timesteps are drawn, the noisy input, the target, the weights.
+    Everything random is drawn from the per-example generators (keyed by seed, epoch and slot)."""
+
+    def draw(self, generators: list[torch.Generator], latent_shape: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(noise, timesteps) of each example, from its own generator."""
+        ...
+
+    def noisy(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor: ...
+
+    def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor: ...
+
+    def weights(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """Per-example loss weights (all ones without a weighting scheme)."""
+        ...
+
+    def spread(self, images: int, per_image: int) -> torch.Tensor:
+        """Fixed timesteps for the validation loss: ``per_image`` per image, spread over the schedule."""
+        ...
+
+
+class ModelFamily:
+    """One family of base models. Subclasses set the class attributes and implement the methods; the
+    defaults here are the ones most families share. Methods take the ``BaseModel`` (or its pipeline) they
+    answer for."""
+
+    # --- identity ------------------------------------------------------------------------------------
+    name: ClassVar[str]  # "sd1"
+    kinds: ClassVar[dict[str, str]]  # kind -> display name ("sd2-v": "SD2 768-v"); the first is the default
+    architecture: ClassVar[str]  # kinds of one architecture may be turned into each other by model.kind
+    presets: ClassVar[dict[str, str]] = {}  # kind -> presets/<name>.toml made for it
+    builtins: ClassVar[dict[str, Callable[..., Any]]] = {}  # builtin:<name> -> builder(**prediction_type)
+    denoiser: ClassVar[str] = "unet"  # the pipeline component that denoises; also its adapter part name
+    denoiser_label: ClassVar[str] = "UNet"  # how messages name it
+    # adaptable text encoders in order, by pipeline component; lora.text_encoders picks them as te1, te2
+    text_parts: ClassVar[tuple[str, ...]] = ("text_encoder",)
+    strength_groups: ClassVar[tuple[str, ...]] = ()  # per-block strength groups of the denoiser (IN, MID, OUT)
+    below_native_warning: ClassVar[frozenset[str]] = frozenset()  # kinds that learn worse far below native size
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        """Every part that can carry an adapter: the denoiser, then the adaptable text encoders."""
+        return (self.denoiser, *self.text_parts)
+
+    def display(self, kind: str) -> str:
+        return self.kinds[kind]
+
+    def learns_worse_below_native(self, kind: str) -> bool:
+        """Whether training ``kind`` far below its native size deserves a warning (SDXL, SD2-768-v)."""
+        return kind in self.below_native_warning
+
+    # --- detection and loading -------------------------------------------------------------------------
+    def detect(self, configs: Configs) -> str | None:
+        """This family's kind for a model with these configs, or None when it is not of this family."""
+        raise NotImplementedError
+
+    def detect_single_file(self, keys: Sequence[str]) -> str | None:
+        """This family's kind for a single-file checkpoint with these tensor names, or None."""
+        return None
+
+    def single_file_resolution(self, kind: str) -> int:
+        """The native resolution diffusers assumes for a single file of ``kind`` (configs unknown)."""
+        raise NotImplementedError
+
+    def pipeline_class(self, kind: str) -> Any:
+        """The diffusers pipeline class that loads a folder or a single file of ``kind``."""
+        raise NotImplementedError
+
+    def single_file_kwargs(self, kind: str) -> dict[str, Any]:
+        """Extra keyword arguments of ``pipeline_class(kind).from_single_file``."""
+        return {}
+
+    def apply_kind(self, pipeline: Any, kind: str, prediction_type: str) -> None:
+        """Make a loaded pipeline of this architecture behave as ``kind`` (``model.kind`` set by the user)."""
+
+    def check_config(self, config: Config) -> list[str]:
+        """Errors of settings that do not fit ``config.model.kind`` (one of this family's kinds)."""
+        return []
+
+    def check_model(self, model: BaseModel, config: Config) -> None:
+        """Raise ConfigError for settings that do not fit the loaded model (clip skip beyond its layers)."""
+
+    # --- what a loaded model is ------------------------------------------------------------------------
+    def native_resolution(self, pipeline: Any) -> int:
+        return int(getattr(pipeline, self.denoiser).config.sample_size * pipeline.vae_scale_factor)
+
+    def prediction_type(self, pipeline: Any) -> str:
+        return str(pipeline.scheduler.config.get("prediction_type", "epsilon"))
+
+    def size_multiple(self, pipeline: Any) -> int:
+        """Image sides must be multiples of this many pixels."""
+        return int(pipeline.vae_scale_factor)
+
+    def tokenizers(self, pipeline: Any) -> list[Any]:
+        raise NotImplementedError
+
+    def text_encoders(self, pipeline: Any) -> list[torch.nn.Module]:
+        raise NotImplementedError
+
+    def token_limit(self, pipeline: Any) -> int:
+        raise NotImplementedError
+
+    def fit_tokenizers(self, pipeline: Any) -> None:
+        """Make each tokenizer cut where its text encoder ends (called once after loading)."""
+
+    # --- conditioning and the training step ------------------------------------------------------------
+    def encode_text(self, encoders: Sequence[Any], ids: Sequence[torch.Tensor], clip_skip: int = 1) -> TextStates:
+        """The denoiser's text conditioning from ``text.tokenize``'s ids of ``tokenizers``."""
+        raise NotImplementedError
+
+    def objective(self, model: BaseModel, train: TrainConfig) -> Objective:
+        """What the denoiser learns in this run (it may also set the sampling scheduler to match)."""
+        raise NotImplementedError
+
+    def predict(self, denoiser: Any, noisy: torch.Tensor, timesteps: torch.Tensor, text: TextStates,
+                time_ids: torch.Tensor | None) -> torch.Tensor:
+        """The denoiser's prediction for a batch (``time_ids``: SDXL's size and crop conditioning)."""
+        raise NotImplementedError
+
+    def example_text(self, model: BaseModel, batch: int, tokens: int, device: Any, dtype: Any) -> TextStates:
+        """Text conditioning of the right shapes with ``tokens`` tokens (zeros), for the estimate's replay."""
+        raise NotImplementedError
+
+    def conditioning_tokens(self, max_token_length: int) -> int:
+        """How many text states a caption of ``data.max_token_length`` tokens gives the denoiser."""
+        raise NotImplementedError
+
+    def vae_dtype(self, model: BaseModel, weight_dtype: torch.dtype) -> torch.dtype:
+        """The VAE's precision in a run whose frozen weights are ``weight_dtype``."""
+        return weight_dtype
+
+    def decode(self, model: BaseModel, latents: torch.Tensor) -> torch.Tensor:
+        """Pixels (-1..1) of latents as the pipeline returns them with ``output_type="latent"``, decoded in
+        the VAE's own precision."""
+        vae = model.vae
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor + shift).sample
+
+    # --- LoRA: where it goes, how users name the blocks ---------------------------------------------------
+    def lora_targets(self, model: BaseModel, lora: LoraConfig) -> list[LoraTarget]:
+        """Where ``lora`` puts adapter layers: the denoiser's modules (``lora.blocks``, convs) and, when the
+        text encoder trains, the chosen encoders'."""
+        raise NotImplementedError
+
+    def check_blocks(self, selectors: Sequence[str], field: str = "lora.blocks") -> None:
+        """ConfigError for a malformed block selector of this family."""
+
+    def select_blocks(self, paths: Sequence[str], selectors: Sequence[str], field: str = "lora.blocks",
+                      what: str = "this model's denoiser") -> list[str]:
+        """The denoiser module paths inside the selected blocks; ConfigError for a block the model lacks."""
+        raise NotImplementedError
+
+    def block_group(self, path: str) -> str | None:
+        """The per-block strength group (one of ``strength_groups``) of a denoiser module path."""
+        return None
+
+    # --- adapter files ---------------------------------------------------------------------------------------
+    def kohya_names(self, modules: Mapping[str, Sequence[str]], denoiser_config: Any) -> dict[tuple[str, str], str]:
+        """The kohya name (A1111, ComfyUI, sd-scripts) of every (part, module path) that has one."""
+        raise NotImplementedError
+
+    def kohya_aliases(self, modules: Mapping[str, Sequence[str]]) -> dict[str, tuple[str, str]]:
+        """Other kohya names some tools write for these modules: read, never written."""
+        return {}
+
+    def metadata(self, kind: str) -> dict[str, str]:
+        """The metadata that says which base model an adapter is for (ss_base_model_version, modelspec)."""
+        raise NotImplementedError
+
+    def save_single_file(self, pipeline: Any, out: Path, precision: str) -> Path:
+        """Write a (merged) pipeline as the one checkpoint file A1111 and ComfyUI load, verified."""
+        from ..core.errors import FormatError
+
+        raise FormatError(f"a {self.name} model cannot be written as one checkpoint file by this version; "
+                          "write a diffusers folder instead (an output path without .safetensors)")
+
+    # --- preview ---------------------------------------------------------------------------------------------
+    def prompt_embeddings(self, model: BaseModel, prompt: str, negative_prompt: str, guided: bool, clip_skip: int,
+                          max_token_length: int) -> dict[str, Any]:
+        """The pipeline's prompt arguments, encoded as training encodes captions."""
+        raise NotImplementedError
+
+    def sample_settings(self, kind: str) -> dict[str, Any]:
+        """Sampler settings this family's models are rendered with by default (steps, guidance)."""
+        return {}
 
 
 @dataclass

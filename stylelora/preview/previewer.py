@@ -33,9 +33,8 @@ from ..core.config import Config, GenerateSettings
 from ..core.errors import ConfigError, FormatError
 from ..data import images
 from ..families import load_base_model
-from ..model.base import BaseModel
+from ..model.base import BaseModel, ModelFamily
 from ..model.blocks import GROUPS
-from ..model.family import ModelFamily
 from ..model.lora import ADAPTER_PARAM
 from .samplers import DEFAULT_SAMPLER, check_sampler, make_scheduler, sampler_label
 

@@ -32,8 +32,7 @@ from ..data.dataset import CaptionedImages, Item
 from ..data.doctor import training_items
 from ..families import load_base_model
 from ..model import losses
-from ..model.base import BaseModel
-from ..model.family import Objective
+from ..model.base import BaseModel, Objective
 from ..model.placement import prepare_for_training
 from . import checkpoint as ckpt
 from . import optim, trackers
