@@ -22,14 +22,16 @@ LAYERS: list[tuple[str, list[tuple[str, ...]]]] = [
     ("shells", [("__main__",), ("cli",), ("cli.main",), ("cli.train", "cli.tools"), ("cli.progress",), ("cli.flags",),
                 ("__init__",)]),
     ("services", [("services", "services.jobs", "services.workspace", "services.launch"),
-                  ("services.collect", "services.kohya_import", "services.board")]),
+                  ("services.collect", "services.kohya_import", "services.board"),
+                  ("services.kohya_keys",)]),
     ("training", [("training", "training.loop"), ("training.artifacts",),
                   ("training.failures", "training.validation", "training.estimate"),
                   ("training.checkpoint", "training.optim", "training.trackers"),
                   ("training.ema", "training.processes")]),
     ("preview", [("preview", "preview.previewer"), ("preview.samplers",)]),
     ("adapters", [("adapters", "adapters.merge"), ("adapters.convert",), ("adapters.formats",),
-                  ("adapters.metadata",), ("adapters.adapter",), ("adapters.kohya_names", "adapters.checkpoint_files")]),
+                  ("adapters.metadata",), ("adapters.adapter",),
+                  ("adapters.kohya_names", "adapters.checkpoint_files")]),
     ("data", [("data", "data.batches", "data.doctor", "data.autocaption"),
               ("data.buckets", "data.imagecheck", "data.caption_tools"),
               ("data.dataset", "data.cache", "data.images"), ("data.captions",)]),
@@ -37,7 +39,8 @@ LAYERS: list[tuple[str, list[tuple[str, ...]]]] = [
                   ("families.stable_diffusion", "families.ldm_single_file", "families.loading"), ("families.sgm",)]),
     ("model", [("model", "model.placement"), ("model.lora", "model.attention"), ("model.base",),
                ("model.text", "model.losses", "model.blocks", "model.builtin")]),
-    ("core", [("core", "core.events", "core.metrics"), ("core.config",), ("core.fileio",), ("core.errors", "core.logs")]),
+    ("core", [("core", "core.events", "core.metrics"), ("core.config",), ("core.fileio",),
+              ("core.errors", "core.logs")]),
 ]
 SHELLS = ("app", "webui")  # first-party code outside the library: the Gradio app
 

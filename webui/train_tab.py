@@ -18,7 +18,7 @@ import pandas as pd
 from stylelora.core import events
 from stylelora.core.config import Config
 from stylelora.families import peek_model
-from stylelora.services import kohya_import
+from stylelora.services import kohya_import, kohya_keys
 from stylelora.services.launch import runner_for
 from stylelora.training.loop import estimate_run
 
@@ -124,14 +124,14 @@ def build(ctx: Context) -> dict[str, Any]:
         """A stylelora TOML, or a kohya_ss JSON / sd-scripts TOML converted as ``stylelora import-kohya`` does."""
         if not path:
             return [gr.update() for _ in form.names]
-        if kohya_import.is_kohya_file(path):
+        if kohya_keys.is_kohya_file(path):
             return shown(kohya_import.import_kohya(path).config)
         return shown(Config.load(path))
 
     @user_errors
     def import_report(path: str | None) -> str:
         """What a kohya config's import left out and why (shown under the buttons); '' for our own TOML."""
-        if not path or not kohya_import.is_kohya_file(path):
+        if not path or not kohya_keys.is_kohya_file(path):
             return ""
         report = kohya_import.import_kohya(path)
         lines = [f"**Imported a kohya config**: {len(report.mapped)} settings; check the dataset and model paths."]

@@ -1,5 +1,6 @@
 """Import a kohya config: a kohya_ss GUI JSON, or an sd-scripts ``--config_file`` TOML with its
-``--dataset_config`` TOML, becomes a stylelora Config that ``stylelora train`` runs.
+``--dataset_config`` TOML, becomes a stylelora Config that ``stylelora train`` runs (``is_kohya_file`` tells
+one from a stylelora config; ``kohya_keys`` holds what the keys mean).
 
 Every key is accounted for: mapped onto a config field, left out because it is empty or off, or
 listed as not imported with the reason (:class:`ImportReport`). Values are read leniently, as
@@ -8,11 +9,8 @@ kohya_ss writes them (numbers as strings, ``"512,512"`` resolutions, ``"k=v k=v"
 
 from __future__ import annotations
 
-import json
 import math
 import re
-import shlex
-import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,123 +19,27 @@ from typing import Any
 from ..core.config import Config
 from ..core.errors import ConfigError
 from ..core.fileio import read_user_text
-
-KOHYA_NETWORK_TYPES = {  # kohya_ss GUI "LoRA_type" -> lora.type
-    "standard": "lora", "kohya locon": "locon", "locon": "locon", "lycoris/locon": "locon",
-    "lycoris/loha": "loha", "kohya loha": "loha", "lycoris/lokr": "lokr", "kohya lokr": "lokr",
-}
-LYCORIS_ALGOS = {"lora": "lora", "locon": "locon", "loha": "loha", "lokr": "lokr"}
-NETWORK_MODULES = {"networks.lora": "lora", "networks.loha": "loha", "networks.lokr": "lokr"}
-OPTIMIZERS = {  # kohya's optimizer names (lower case, module path dropped) -> train.optimizer
-    "adamw": "adamw", "adamw8bit": "adamw8bit", "pagedadamw8bit": "adamw8bit", "prodigy": "prodigy",
-    "adafactor": "adafactor", "lion": "lion", "lion8bit": "lion", "pagedlion8bit": "lion", "came": "came",
-    "ademamix": "ademamix", "ademamix8bit": "ademamix", "adamwschedulefree": "schedulefree_adamw",
-    "schedulefreeadamw": "schedulefree_adamw",
-}
-SCHEDULERS = {"constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"}
-PRECISIONS = {"no": "no", "fp16": "fp16", "bf16": "bf16"}
-SAVE_PRECISIONS = {"fp16": "fp16", "bf16": "bf16", "float": "fp32", "fp32": "fp32"}
-
-# Keys with nothing to import, and why: the reason is shown when such a key is set.
-NOT_IMPORTED: dict[str, str] = {
-    **dict.fromkeys(
-        ["model_list", "save_as_bool", "num_cpu_threads_per_process", "multi_gpu", "gpu_ids", "main_process_port",
-         "num_machines", "num_processes", "dynamo_backend", "dynamo_mode", "dynamo_use_dynamic",
-         "dynamo_use_fullgraph", "extra_accelerate_launch_args", "additional_parameters",
-         "sdxl_checkbox", "flux1_checkbox", "sd3_checkbox", "log_config", "skip_cache_check", "async_upload"],
-        "a kohya_ss GUI or launcher setting; it changes nothing in the trained adapter"),
-    **dict.fromkeys(
-        ["max_data_loader_n_workers", "persistent_data_loader_workers", "vae_batch_size", "lowram", "highvram",
-         "disable_mmap_load_safetensors", "mem_eff_save"],
-        "a loader or memory setting of sd-scripts; stylelora feeds data its own way (see train.attention, "
-        "train.gradient_checkpointing and cache.*)"),
-    **dict.fromkeys(
-        ["huggingface_repo_id", "huggingface_token", "huggingface_repo_type", "huggingface_repo_visibility",
-         "huggingface_path_in_repo", "resume_from_huggingface", "save_state_to_huggingface"],
-        "uploading to the Hugging Face hub is not done by stylelora"),
-    **dict.fromkeys(["wandb_api_key", "huggingface_token"], "a secret: never copied into a config file; set it in "
-                    "the environment (WANDB_API_KEY) instead"),
-    **dict.fromkeys(["metadata_author", "metadata_description", "metadata_license", "metadata_tags",
-                     "metadata_title", "training_comment"], "stylelora writes its own adapter metadata (the "
-                    "config, ss_* facts, modelspec); free-text fields are not carried"),
-    "vae": "a separate VAE file is not supported; the base model's own VAE is used",
-    "color_aug": "colour augmentation is not implemented (it also turns the latent cache off in kohya)",
-    "face_crop_aug_range": "face-crop augmentation is not implemented",
-    "caption_dropout_every_n_epochs": "only per-example caption dropout (data.caption_dropout) is implemented",
-    "caption_tag_dropout_rate": "tag dropout is not implemented; data.caption_dropout drops whole captions",
-    "caption_prefix": "no caption prefix option; put the words in data.trigger_word, or edit the captions with "
-                      "'stylelora captions'",
-    "caption_suffix": "no caption suffix option; edit the captions with 'stylelora captions'",
-    "keep_tokens_separator": "not implemented; data.keep_tags counts tags from the start",
-    "secondary_separator": "not implemented", "enable_wildcard": "caption wildcards are not implemented",
-    "token_warmup_min": "token warmup is not implemented", "token_warmup_step": "token warmup is not implemented",
-    "weighted_captions": "caption weighting ((word:1.2)) is not implemented",
-    "full_fp16": "LoRA weights always train in fp32 here (the base model runs in train.mixed_precision)",
-    "full_bf16": "LoRA weights always train in fp32 here (the base model runs in train.mixed_precision)",
-    "fp8_base": "fp8 base weights are not implemented",
-    "network_weights": "starting from an existing adapter is not implemented",
-    "dim_from_weights": "starting from an existing adapter is not implemented",
-    "network_train_text_encoder_only": "training the text encoder alone is not implemented",
-    "stop_text_encoder_training": "the text encoder trains for the whole run or not at all",
-    "scale_weight_norms": "max-norm regularisation is not implemented",
-    "network_dropout": "", "rank_dropout": "rank dropout is not implemented; lora.dropout drops LoRA inputs",
-    "module_dropout": "module dropout is not implemented",
-    **dict.fromkeys(["down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold", "block_dims",
-                     "block_alphas", "conv_block_dims", "conv_block_alphas", "conv_dims", "conv_alphas"],
-                    "block-wise ranks and learning rates are not implemented"),
-    **dict.fromkeys(["loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio"],
-                    "LoRA+ learning-rate ratios are not implemented"),
-    "adaptive_noise_scale": "adaptive noise scale is not implemented; train.noise_offset is",
-    "multires_noise_iterations": "multi-resolution noise is not implemented; train.noise_offset is",
-    "multires_noise_discount": "multi-resolution noise is not implemented; train.noise_offset is",
-    "noise_offset_random_strength": "a random noise-offset strength is not implemented",
-    "ip_noise_gamma": "input-perturbation noise is not implemented", "ip_noise_gamma_random_strength": "",
-    "debiased_estimation_loss": "debiased estimation is not implemented; train.min_snr_gamma weights the loss",
-    "scale_v_pred_loss_like_noise_pred": "not implemented", "v_pred_like_loss": "not implemented",
-    "huber_c": "", "huber_schedule": "", "huber_scale": "",
-    "min_timestep": "the timestep range is not limited here", "max_timestep": "the timestep range is not limited",
-    "masked_loss": "masked loss is not implemented", "alpha_mask": "masked loss is not implemented",
-    "logging_dir": "logs go to the run folder (logs/ and metrics.jsonl)",
-    "log_prefix": "logs go to the run folder (logs/ and metrics.jsonl)",
-    "log_tracker_name": "the tracker's run is named after the run folder",
-    "log_tracker_config": "tracker settings come from the tracker's environment variables",
-    "wandb_run_name": "the tracker's run is named after the run folder",
-    "sample_sampler": "samples use the model's own scheduler; pick a sampler when previewing (stylelora generate)",
-    "sample_every_n_epochs": "samples are rendered every sample.every steps",
-    "sample_at_first": "samples are rendered every sample.every steps",
-    "resume": "a kohya state folder cannot be resumed; stylelora resumes its own checkpoints (--resume auto)",
-    "save_state": "stylelora always saves resumable checkpoints", "save_state_on_train_end": "",
-    "save_model_as": "adapters are always .safetensors (kohya layout plus a diffusers copy)",
-    "save_last_n_steps": "checkpoints are pruned by count (train.keep_checkpoints)",
-    "save_last_n_epochs": "checkpoints are pruned by count (train.keep_checkpoints)",
-    "no_half_vae": "the VAE runs in train.mixed_precision; latents are cached once",
-    "no_token_padding": "captions are always padded to the text encoder's length",
-    "lr_scheduler_args": "scheduler arguments beyond cycles and power are not implemented",
-    "lr_scheduler_type": "custom schedulers are not implemented; choose train.lr_scheduler",
-    "bucket_reso_steps": "", "min_bucket_reso": "bucket sides follow data.bucket_step around the training area",
-    "max_bucket_reso": "bucket sides follow data.bucket_step around the training area",
-    "train_norm": "training norm layers is not implemented", "use_tucker": "Tucker decomposition is not "
-    "implemented", "use_cp": "Tucker decomposition is not implemented", "use_scalar": "not implemented",
-    "rank_dropout_scale": "not implemented", "bypass_mode": "not implemented", "decompose_both": "not implemented",
-    "train_on_input": "not implemented", "unit": "DyLoRA is not implemented", "constrain": "OFT is not implemented",
-    "rescaled": "OFT is not implemented", "preset": "the modules adapted come from lora.unet_targets",
-    "LyCORIS_preset": "the modules adapted come from lora.unet_targets (and lora.conv_rank for the convs)",
-    "sdxl_cache_text_encoder_outputs": "", "sdxl_no_half_vae": "the VAE runs in train.mixed_precision",
-    "network_args": "", "network_module": "", "LoRA_type": "", "optimizer_args": "",
-}
-
-
-# Values that change nothing: sd-scripts' and kohya_ss's defaults, and keys that only act together with
-# another key that is off. Such keys count as empty.
-DEFAULTS: dict[str, Any] = {"max_timestep": 1000, "min_bucket_reso": 256, "max_bucket_reso": 1024, "num_machines": 1,
-                            "num_processes": 1, "num_cpu_threads_per_process": 2, "save_model_as": "safetensors",
-                            "loss_type": "l2", "huber_c": 0.1, "huber_scale": 1, "huber_schedule": "snr",
-                            "model_list": None, "noise_offset_type": "Original", "lr_scheduler_type": "",
-                            "unit": 1}
-ONLY_WITH = {"multires_noise_discount": "multires_noise_iterations", "sample_sampler": "sample_prompts",
-             "sample_every_n_steps": "sample_prompts", "sample_every_n_epochs": "sample_prompts",
-             "max_data_loader_n_workers": None, "ip_noise_gamma_random_strength": "ip_noise_gamma",
-             "noise_offset_random_strength": "noise_offset"}
+from .kohya_keys import (
+    DEFAULTS,
+    KOHYA_NETWORK_TYPES,
+    LYCORIS_ALGOS,
+    NETWORK_MODULES,
+    NOT_IMPORTED,
+    ONLY_WITH,
+    OPTIMIZERS,
+    PRECISIONS,
+    SAVE_PRECISIONS,
+    SCHEDULERS,
+    SECRETS,
+    as_args,
+    as_flag,
+    as_integer,
+    as_number,
+    as_resolution,
+    is_empty,
+    read_file,
+    show_value,
+)
 
 
 @dataclass
@@ -156,10 +58,10 @@ class ImportReport:
 
     def to_text(self) -> str:
         lines = [f"imported {len(self.mapped)} setting(s) from {', '.join(str(p) for p in self.source)}"]
-        lines += [f"  {key} -> {dotted} = {_show(value)}" for key, dotted, value in self.mapped]
+        lines += [f"  {key} -> {dotted} = {show_value(value)}" for key, dotted, value in self.mapped]
         if self.unsupported:
             lines.append(f"not imported ({len(self.unsupported)}):")
-            lines += [f"  {key} = {_show(value)}: {reason}" for key, value, reason in self.unsupported]
+            lines += [f"  {key} = {show_value(value)}: {reason}" for key, value, reason in self.unsupported]
         if self.notes:
             lines.append("check:")
             lines += [f"  {note}" for note in self.notes]
@@ -170,91 +72,9 @@ class ImportReport:
     def to_toml(self) -> str:
         """The config as TOML, headed by comments saying where it came from and what was left out."""
         head = [f"# imported by stylelora import-kohya from {', '.join(str(p) for p in self.source)}"]
-        head += [f"# not imported: {key} = {_show(value)} ({reason})" for key, value, reason in self.unsupported]
+        head += [f"# not imported: {key} = {show_value(value)} ({reason})" for key, value, reason in self.unsupported]
         head += [f"# check: {note}" for note in self.notes]
         return "\n".join(head) + "\n\n" + self.config.to_toml()
-
-
-SECRETS = ("wandb_api_key", "huggingface_token")
-
-
-def _show(value: Any) -> str:
-    text = json.dumps(value, ensure_ascii=False) if not isinstance(value, str) else repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-# --- reading values the way kohya_ss writes them --------------------------------------------------------
-
-
-def _is_empty(value: Any) -> bool:
-    if isinstance(value, str):
-        return value.strip().lower() in {"", "0", "0.0", "false", "none"}
-    return value is None or value is False or value == 0 or value == [] or value == {}
-
-
-def _number(value: Any, key: str) -> float:
-    if isinstance(value, list) and value:  # sd-scripts takes a list for per-encoder rates
-        value = value[0]
-    try:
-        return float(str(value).strip())
-    except ValueError:
-        raise ConfigError(f"{key}: expected a number, got {value!r}") from None
-
-
-def _integer(value: Any, key: str) -> int:
-    number = _number(value, key)
-    if number != int(number):
-        raise ConfigError(f"{key}: expected a whole number, got {value!r}")
-    return int(number)
-
-
-def _flag(value: Any) -> bool:
-    if isinstance(value, str):
-        return value.strip().lower() in {"true", "1", "yes", "on"}
-    return bool(value)
-
-
-def _args(value: Any) -> dict[str, str]:
-    """``"a=1 b=x,y"`` or ``["a=1", "b=x,y"]`` -> {"a": "1", "b": "x,y"} (quotes dropped)."""
-    items = shlex.split(value) if isinstance(value, str) else [str(v) for v in value or []]
-    out = {}
-    for item in items:
-        key, sep, val = item.partition("=")
-        if sep:
-            out[key.strip()] = val.strip().strip("\"'")
-    return out
-
-
-def _resolution(value: Any, key: str) -> tuple[int, int]:
-    parts = value if isinstance(value, list | tuple) else re.split(r"[,x ]+", str(value).strip())
-    sides = [_integer(p, key) for p in parts if str(p).strip()]
-    if len(sides) == 1:
-        sides *= 2
-    if len(sides) != 2:
-        raise ConfigError(f"{key}: expected a size such as 512 or '512,768', got {value!r}")
-    return sides[0], sides[1]
-
-
-def read_file(path: str | Path) -> dict[str, Any]:
-    """A kohya_ss JSON or an sd-scripts TOML as one flat dict (sd-scripts flattens TOML sections too),
-    except for a dataset config, whose ``general``/``datasets`` tables are kept."""
-    p = Path(path)
-    text = read_user_text(p, "kohya config")
-    try:
-        data = json.loads(text) if p.suffix.lower() == ".json" or text.lstrip().startswith("{") else tomllib.loads(text)
-    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as e:
-        raise ConfigError(f"{p}: not valid {'JSON' if p.suffix.lower() == '.json' else 'TOML'}: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{p}: expected a table of settings")
-    if "datasets" in data or "general" in data:
-        return data
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict):  # [model_arguments], [training_arguments], ...: sd-scripts ignores the names
-            flat.update(value)
-        else:
-            flat[key] = value
-    return flat
 
 
 # --- the import -----------------------------------------------------------------------------------------
@@ -279,7 +99,7 @@ class _Importer:
 
     def given(self, key: str) -> bool:
         """The key is present with a value that means something (not empty, 0 or off)."""
-        return key in self.settings and not _is_empty(self.settings[key])
+        return key in self.settings and not is_empty(self.settings[key])
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.settings.get(key, default)
@@ -303,21 +123,21 @@ class _Importer:
 def _simple(k: _Importer) -> None:
     """Keys that map one to one onto a config field."""
     table: list[tuple[str, str, Callable[[Any, str], Any]]] = [
-        ("train_batch_size", "train.batch_size", _integer),
-        ("gradient_accumulation_steps", "train.gradient_accumulation_steps", _integer),
-        ("lr_scheduler_num_cycles", "train.lr_scheduler_cycles", _integer),
-        ("lr_scheduler_power", "train.lr_scheduler_power", _number),
-        ("max_grad_norm", "train.max_grad_norm", _number),
-        ("min_snr_gamma", "train.min_snr_gamma", _number),
-        ("seed", "train.seed", _integer),
-        ("save_every_n_steps", "train.save_every", _integer),
-        ("save_every_n_epochs", "train.save_every_epochs", _integer),
-        ("sample_every_n_steps", "sample.every", _integer),
-        ("keep_tokens", "data.keep_tags", _integer),
-        ("caption_dropout_rate", "data.caption_dropout", _number),
-        ("prior_loss_weight", "data.prior_loss_weight", _number),
-        ("bucket_reso_steps", "data.bucket_step", _integer),
-        ("network_dropout", "lora.dropout", _number),
+        ("train_batch_size", "train.batch_size", as_integer),
+        ("gradient_accumulation_steps", "train.gradient_accumulation_steps", as_integer),
+        ("lr_scheduler_num_cycles", "train.lr_scheduler_cycles", as_integer),
+        ("lr_scheduler_power", "train.lr_scheduler_power", as_number),
+        ("max_grad_norm", "train.max_grad_norm", as_number),
+        ("min_snr_gamma", "train.min_snr_gamma", as_number),
+        ("seed", "train.seed", as_integer),
+        ("save_every_n_steps", "train.save_every", as_integer),
+        ("save_every_n_epochs", "train.save_every_epochs", as_integer),
+        ("sample_every_n_steps", "sample.every", as_integer),
+        ("keep_tokens", "data.keep_tags", as_integer),
+        ("caption_dropout_rate", "data.caption_dropout", as_number),
+        ("prior_loss_weight", "data.prior_loss_weight", as_number),
+        ("bucket_reso_steps", "data.bucket_step", as_integer),
+        ("network_dropout", "lora.dropout", as_number),
     ]
     for key, dotted, read in table:
         if k.given(key):
@@ -328,11 +148,11 @@ def _simple(k: _Importer) -> None:
              ("zero_terminal_snr", "train.zero_terminal_snr"), ("cache_text_encoder_outputs", "cache.text_encoder")]
     for key, dotted in flags:
         if key in k.settings and k.get(key) != "":
-            k.set(key, dotted, _flag(k.get(key)))
+            k.set(key, dotted, as_flag(k.get(key)))
     if "enable_bucket" in k.settings:
-        k.set("enable_bucket", "data.buckets", _flag(k.get("enable_bucket")))
+        k.set("enable_bucket", "data.buckets", as_flag(k.get("enable_bucket")))
     if "random_crop" in k.settings:
-        k.set("random_crop", "data.center_crop", not _flag(k.get("random_crop")))
+        k.set("random_crop", "data.center_crop", not as_flag(k.get("random_crop")))
     if k.given("caption_extension"):
         ext = str(k.get("caption_extension")).strip()
         k.set("caption_extension", "data.caption_extension", ext if ext.startswith(".") else "." + ext)
@@ -343,17 +163,17 @@ def _model(k: _Importer) -> None:
         name = str(k.get("pretrained_model_name_or_path")).strip()
         looks_local = Path(name).suffix or name.startswith((".", "/", "~")) or re.match(r"^[A-Za-z]:", name)
         k.set("pretrained_model_name_or_path", "model.name", k.path(name) if looks_local else name)
-    if _flag(k.get("v_parameterization")):
+    if as_flag(k.get("v_parameterization")):
         k.set("v_parameterization", "model.prediction_type", "v_prediction")
     for key in ("v2", "sdxl"):
         if key in k.settings:
             k.used.add(key)  # the kind of model is read from the model itself
-    if _flag(k.get("sdxl")):
+    if as_flag(k.get("sdxl")):
         k.report.notes.append("an SDXL config: stylelora reads the model's kind from the model itself")
     if k.given("clip_skip"):
-        k.set("clip_skip", "model.clip_skip", max(1, _integer(k.get("clip_skip"), "clip_skip")))
+        k.set("clip_skip", "model.clip_skip", max(1, as_integer(k.get("clip_skip"), "clip_skip")))
     if k.given("max_token_length"):
-        length = _integer(k.get("max_token_length"), "max_token_length")
+        length = as_integer(k.get("max_token_length"), "max_token_length")
         if length not in (75, 150, 225):
             raise ConfigError(f"max_token_length: must be 75, 150 or 225, got {length}")
         k.set("max_token_length", "data.max_token_length", length)
@@ -367,16 +187,16 @@ def _data(k: _Importer) -> None:
     for key in ("resolution", "max_resolution"):
         if k.given(key):
             _set_resolution(k, key, k.get(key))
-    if _flag(k.get("cache_latents_to_disk")):
+    if as_flag(k.get("cache_latents_to_disk")):
         k.set("cache_latents_to_disk", "cache.latents", "disk")
         k.used.add("cache_latents")
     elif "cache_latents" in k.settings:
-        k.set("cache_latents", "cache.latents", "memory" if _flag(k.get("cache_latents")) else "off")
+        k.set("cache_latents", "cache.latents", "memory" if as_flag(k.get("cache_latents")) else "off")
         k.used.add("cache_latents_to_disk")
 
 
 def _set_resolution(k: _Importer, key: str, value: Any) -> None:
-    w, h = _resolution(value, key)
+    w, h = as_resolution(value, key)
     side = w if w == h else int(round(math.sqrt(w * h) / 8) * 8)
     if w != h:
         k.report.notes.append(f"{key} {w}x{h}: stylelora trains at one area ({side}x{side} here) with aspect "
@@ -385,23 +205,23 @@ def _set_resolution(k: _Importer, key: str, value: Any) -> None:
 
 
 def _network(k: _Importer) -> None:
-    args = _args(k.get("network_args"))
+    args = as_args(k.get("network_args"))
     kind = _network_kind(k, args)
     if kind is not None:
         key = "LoRA_type" if k.given("LoRA_type") else "network_module"
         k.set(key, "lora.type", kind)
     if k.given("network_dim"):
-        k.set("network_dim", "lora.rank", _integer(k.get("network_dim"), "network_dim"))
+        k.set("network_dim", "lora.rank", as_integer(k.get("network_dim"), "network_dim"))
     if k.given("network_alpha"):
-        k.set("network_alpha", "lora.alpha", _number(k.get("network_alpha"), "network_alpha"))
+        k.set("network_alpha", "lora.alpha", as_number(k.get("network_alpha"), "network_alpha"))
     _conv_settings(k, args, convs=kind in ("locon", "loha", "lokr"))
     label = "network_args factor" if "factor" in args else "factor"
     factor = args.pop("factor", None) or k.get("factor")
     if kind == "lokr" and factor not in (None, ""):
-        k.set(label, "lora.lokr_factor", _integer(factor, "factor"))
+        k.set(label, "lora.lokr_factor", as_integer(factor, "factor"))
     elif "factor" in k.settings:
         k.used.add("factor")
-    if _flag(args.pop("dora_wd", False)):
+    if as_flag(args.pop("dora_wd", False)):
         k.report.unsupported.append(("network_args dora_wd", True, "DoRA on LyCORIS networks is not implemented; "
                                      "for LoRA use lora.dora=true"))
     args.pop("algo", None)
@@ -434,10 +254,10 @@ def _network_kind(k: _Importer, args: dict[str, Any]) -> str | None:
 def _conv_settings(k: _Importer, args: dict[str, Any], convs: bool) -> None:
     """``conv_dim``/``conv_alpha`` (top-level or in ``network_args``): the conv rank and alpha when the
     network trains convs (``convs``), else accounted for."""
-    for key, dotted, read in (("conv_dim", "lora.conv_rank", _integer), ("conv_alpha", "lora.conv_alpha", _number)):
+    for key, dotted, read in (("conv_dim", "lora.conv_rank", as_integer), ("conv_alpha", "lora.conv_alpha", as_number)):
         label = f"network_args {key}" if key in args else key
         value = args.pop(key) if key in args else k.get(key)
-        if _is_empty(value):
+        if is_empty(value):
             continue
         if convs:
             k.set(label, dotted, read(value, key))
@@ -449,9 +269,9 @@ def _conv_settings(k: _Importer, args: dict[str, Any], convs: bool) -> None:
 
 
 def _learning_rates(k: _Importer) -> None:
-    base = _number(k.get("learning_rate"), "learning_rate") if k.given("learning_rate") else None
-    unet = _number(k.get("unet_lr"), "unet_lr") if k.given("unet_lr") else None
-    te = _number(k.get("text_encoder_lr"), "text_encoder_lr") if k.given("text_encoder_lr") else None
+    base = as_number(k.get("learning_rate"), "learning_rate") if k.given("learning_rate") else None
+    unet = as_number(k.get("unet_lr"), "unet_lr") if k.given("unet_lr") else None
+    te = as_number(k.get("text_encoder_lr"), "text_encoder_lr") if k.given("text_encoder_lr") else None
     for key in ("learning_rate", "unet_lr", "text_encoder_lr", "learning_rate_te", "learning_rate_te1",
                 "learning_rate_te2"):
         if key in k.settings:
@@ -462,7 +282,7 @@ def _learning_rates(k: _Importer) -> None:
     # kohya_ss: a text-encoder rate of 0 with a UNet rate means the UNet alone; sd-scripts trains both
     # unless network_train_unet_only is set.
     gui_unet_only = "text_encoder_lr" in k.settings and te is None and unet is not None
-    unet_only = _flag(k.get("network_train_unet_only")) or gui_unet_only
+    unet_only = as_flag(k.get("network_train_unet_only")) or gui_unet_only
     if "network_train_unet_only" in k.settings:
         k.used.add("network_train_unet_only")
     k.set("network_train_unet_only" if "network_train_unet_only" in k.settings else "text_encoder_lr",
@@ -473,7 +293,7 @@ def _learning_rates(k: _Importer) -> None:
 
 def _optimizer(k: _Importer) -> None:
     key = "optimizer_type" if k.given("optimizer_type") else "optimizer"
-    name = str(k.get(key) or ("AdamW8bit" if _flag(k.get("use_8bit_adam")) else "")).strip()
+    name = str(k.get(key) or ("AdamW8bit" if as_flag(k.get("use_8bit_adam")) else "")).strip()
     if name:
         plain = name.rsplit(".", 1)[-1].lower().replace("_", "")
         if plain in OPTIMIZERS:
@@ -486,15 +306,15 @@ def _optimizer(k: _Importer) -> None:
     for flag in ("use_8bit_adam", "use_lion_optimizer"):
         if flag in k.settings:
             k.used.add(flag)
-    args = _args(k.get("optimizer_args"))
+    args = as_args(k.get("optimizer_args"))
     if "optimizer_args" in k.settings:
         k.used.add("optimizer_args")
     owned = {"weight_decay": "train.weight_decay", "eps": "train.adam_epsilon"}
     for name_, dotted in owned.items():
         if name_ in args:
-            k.set(f"optimizer_args {name_}", dotted, _number(args.pop(name_), name_))
+            k.set(f"optimizer_args {name_}", dotted, as_number(args.pop(name_), name_))
     if "betas" in args and k.values.get("train.optimizer", "adamw") in ("adamw", "adamw8bit"):
-        betas = [_number(b, "betas") for b in args.pop("betas").split(",")]
+        betas = [as_number(b, "betas") for b in args.pop("betas").split(",")]
         k.set("optimizer_args betas", "train.adam_beta1", betas[0])
         if len(betas) > 1:
             k.set("optimizer_args betas", "train.adam_beta2", betas[1])
@@ -511,10 +331,10 @@ def _schedule(k: _Importer, steps: int | None) -> None:
             k.skip("lr_scheduler", f"the '{name}' schedule is not implemented; constant is used")
     warmup, key = None, None
     if k.given("lr_warmup_steps"):
-        key, value = "lr_warmup_steps", _number(k.get("lr_warmup_steps"), "lr_warmup_steps")
+        key, value = "lr_warmup_steps", as_number(k.get("lr_warmup_steps"), "lr_warmup_steps")
         warmup = ("ratio", value) if value < 1 else ("steps", value)
     elif k.given("lr_warmup"):  # kohya_ss GUI: percent of the total steps
-        key, warmup = "lr_warmup", ("ratio", _number(k.get("lr_warmup"), "lr_warmup") / 100)
+        key, warmup = "lr_warmup", ("ratio", as_number(k.get("lr_warmup"), "lr_warmup") / 100)
     for name in ("lr_warmup", "lr_warmup_steps"):
         if name in k.settings and name != key:
             k.used.add(name)
@@ -536,11 +356,11 @@ def _length(k: _Importer) -> None:
         if key in k.settings:
             k.used.add(key)
     if k.given("max_train_epochs"):
-        k.set("max_train_epochs", "train.epochs", _integer(k.get("max_train_epochs"), "max_train_epochs"))
+        k.set("max_train_epochs", "train.epochs", as_integer(k.get("max_train_epochs"), "max_train_epochs"))
     elif k.given("max_train_steps"):
-        k.set("max_train_steps", "train.steps", _integer(k.get("max_train_steps"), "max_train_steps"))
+        k.set("max_train_steps", "train.steps", as_integer(k.get("max_train_steps"), "max_train_steps"))
     elif k.given("epoch"):
-        k.set("epoch", "train.epochs", _integer(k.get("epoch"), "epoch"))
+        k.set("epoch", "train.epochs", as_integer(k.get("epoch"), "epoch"))
     else:
         k.report.notes.append("no length given: sd-scripts would train 1600 steps, and so does this config")
         k.values["train.steps"] = 1600
@@ -576,7 +396,7 @@ def _noise(k: _Importer) -> None:
         k.used.add("noise_offset_type")
     if k.given("noise_offset"):
         if kind.lower() == "original":
-            k.set("noise_offset", "train.noise_offset", _number(k.get("noise_offset"), "noise_offset"))
+            k.set("noise_offset", "train.noise_offset", as_number(k.get("noise_offset"), "noise_offset"))
         else:
             k.used.add("noise_offset")  # kohya_ss passes it only with the Original type
     if kind.lower() == "multires" and k.given("multires_noise_iterations"):
@@ -589,14 +409,14 @@ def _noise(k: _Importer) -> None:
 
 def _saving(k: _Importer) -> None:
     out, name = k.get("output_dir"), k.get("output_name")
-    if not _is_empty(name):
+    if not is_empty(name):
         k.set("output_name", "export.name", str(name).strip())
-    if not _is_empty(out):
-        folder = Path(k.path(out)) / str(name).strip() if not _is_empty(name) else Path(k.path(out))
+    if not is_empty(out):
+        folder = Path(k.path(out)) / str(name).strip() if not is_empty(name) else Path(k.path(out))
         k.set("output_dir", "train.output_dir", str(folder))
     keep = [key for key in ("save_last_n_steps_state", "save_last_n_epochs_state") if k.given(key)]
     if keep:
-        k.set(keep[0], "train.keep_checkpoints", _integer(k.get(keep[0]), keep[0]))
+        k.set(keep[0], "train.keep_checkpoints", as_integer(k.get(keep[0]), keep[0]))
     if "log_with" in k.settings:
         value = str(k.get("log_with") or "").strip().lower()
         if value in ("tensorboard", "wandb", "mlflow"):
@@ -684,7 +504,7 @@ def _subset(k: _Importer, subset: dict[str, Any], count: int, source: Path) -> N
         k.report.unsupported.append(("subsets", count, "one image folder per run: the first subset is imported; "
                                      "put the others as N_name subfolders of one folder"))
     match = re.match(r"^(\d+)_(.+)$", image_dir.name)
-    repeats = _integer(subset.get("num_repeats", 1), "num_repeats")
+    repeats = as_integer(subset.get("num_repeats", 1), "num_repeats")
     if match and int(match.group(1)) == repeats:
         # kohya's own layout: the parent holds N_name folders, which stylelora reads the same way
         k.set("subsets.image_dir", "data.path", str(image_dir.parent))
@@ -703,21 +523,6 @@ def _subset(k: _Importer, subset: dict[str, Any], count: int, source: Path) -> N
         if key in ("image_dir", "num_repeats", "class_tokens", "is_reg", "batch_size"):
             continue
         k.settings[key] = value  # the rest reads like the training config's keys, and wins over them
-
-
-CONFIG_SECTIONS = {"model", "data", "cache", "lora", "train", "sample", "export"}
-
-
-def is_kohya_file(path: str | Path) -> bool:
-    """Whether ``path`` is a kohya config (a kohya_ss JSON, an sd-scripts TOML) rather than a stylelora one."""
-    p = Path(path)
-    if p.suffix.lower() == ".json":
-        return True
-    try:
-        data = tomllib.loads(p.read_text(encoding="utf-8-sig"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
-        return False  # Config.load says what is wrong with it
-    return not set(data) <= CONFIG_SECTIONS or not all(isinstance(v, dict) for v in data.values())
 
 
 def import_kohya(path: str | Path, dataset_config: str | Path | None = None) -> ImportReport:
@@ -766,7 +571,7 @@ def _account_for_the_rest(k: _Importer) -> None:
             continue
         default = key in DEFAULTS and (DEFAULTS[key] is None or str(value).strip() == str(DEFAULTS[key]))
         idle = key in ONLY_WITH and (ONLY_WITH[key] is None or not k.given(ONLY_WITH[key]))
-        if _is_empty(value) or default or idle or (key in NOT_IMPORTED and not NOT_IMPORTED[key]):
+        if is_empty(value) or default or idle or (key in NOT_IMPORTED and not NOT_IMPORTED[key]):
             k.report.empty.append(key)
         else:
             k.skip(key, NOT_IMPORTED.get(key) or "not a setting stylelora has")
