@@ -39,7 +39,7 @@ LAYERS: list[tuple[str, list[tuple[str, ...]]]] = [
                   ("families.stable_diffusion", "families.ldm_single_file", "families.loading"), ("families.sgm",)]),
     ("model", [("model", "model.placement"), ("model.lora", "model.attention"), ("model.base",),
                ("model.text", "model.losses", "model.blocks", "model.builtin")]),
-    ("core", [("core", "core.events", "core.metrics"), ("core.config",), ("core.fileio",),
+    ("core", [("core", "core.events", "core.metrics"), ("core.config",), ("core.options", "core.fileio"),
               ("core.errors", "core.logs")]),
 ]
 SHELLS = ("app", "webui")  # first-party code outside the library: the Gradio app

@@ -8,11 +8,8 @@ add an option.
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import functools
 import math
 import tomllib
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,23 +19,7 @@ import tomli_w
 
 from . import fileio
 from .errors import ConfigError, setting
-
-
-def option(
-    default: Any,
-    help: str,
-    *,
-    gt: float | None = None,
-    ge: float | None = None,
-    le: float | None = None,
-    lt: float | None = None,
-) -> Any:
-    """A config field with a help text and numeric bounds (choices come from ``Literal`` types)."""
-    meta = {"help": help, "gt": gt, "ge": ge, "le": le, "lt": lt}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta)
-    return field(default=default, metadata=meta)
-
+from .options import check_fields, coerce, option, option_like, type_hints, unknown_choice, unknown_setting
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out"]
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
@@ -274,10 +255,10 @@ class GenerateSettings:
     )
 
     def __post_init__(self) -> None:
-        hints = _hints(GenerateSettings)
+        hints = type_hints(GenerateSettings)
         for f in dataclasses.fields(self):  # ints stay ints, floats become floats: equal settings hash alike
-            object.__setattr__(self, f.name, _coerce(getattr(self, f.name), hints[f.name], f.name))
-        errors = _check(self, "")
+            object.__setattr__(self, f.name, coerce(getattr(self, f.name), hints[f.name], f.name))
+        errors = check_fields(self, "")
         if not errors and not math.isfinite(self.guidance):
             errors.append(f"guidance: must be a finite number, got {self.guidance}")
         if errors:
@@ -286,13 +267,6 @@ class GenerateSettings:
     def replace(self, **changes: Any) -> GenerateSettings:
         """These settings with some fields changed (``seed=7``), validated again."""
         return dataclasses.replace(self, **changes) if changes else self
-
-
-def option_like(source: type, name: str, help: str | None = None, **bounds: float | None) -> Any:
-    """A field with the default, help text and bounds of ``source``'s field ``name``, some of them changed."""
-    original = {f.name: f for f in dataclasses.fields(source)}[name]
-    meta = {**original.metadata, **bounds, **({"help": help} if help else {})}
-    return field(default=original.default, metadata=meta)
 
 
 @dataclass
@@ -325,7 +299,7 @@ class Config:
     export: ExportConfig = field(default_factory=ExportConfig)
 
     def __post_init__(self) -> None:
-        errors = _check(self, "") or _cross_checks(self)
+        errors = check_fields(self, "") or _cross_checks(self)
         if errors:
             raise ConfigError("\n".join(errors))
 
@@ -378,9 +352,9 @@ class Config:
         for dotted, value in overrides.items():
             section, _, key = dotted.partition(".")
             if not key or section not in data or not isinstance(data[section], dict):
-                raise ConfigError(f"{dotted}: {_unknown(dotted, all_fields())}")
+                raise ConfigError(f"{dotted}: {unknown_setting(dotted, all_fields())}")
             if key not in data[section]:
-                raise ConfigError(f"{dotted}: {_unknown(dotted, all_fields())}")
+                raise ConfigError(f"{dotted}: {unknown_setting(dotted, all_fields())}")
             data[section][key] = value
         return Config.from_dict(_drop_none(data))
 
@@ -461,31 +435,12 @@ def choices(dotted: str) -> list[Any] | None:
 # --- validation -----------------------------------------------------------------------------------
 
 
-def validate(section: Any, prefix: str = "") -> None:
-    """Raise ConfigError naming every field of a settings dataclass (made with ``option()``) that is out of
-    its type or bounds; for settings kept outside Config, such as the captioning ones."""
-    errors = _check(section, prefix)
-    if errors:
-        raise ConfigError("\n".join(errors))
-
-
-@functools.cache
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _unknown(dotted: str, known: typing.Iterable[str]) -> str:
-    close = difflib.get_close_matches(dotted, list(known), n=1, cutoff=0.5)
-    hint = f"; did you mean '{close[0]}'?" if close else ""
-    return f"unknown setting{hint}"
-
-
 def _family_checks(config: Config) -> list[str]:
     """model.kind is a registered kind, its family accepts the settings, and lora.blocks names blocks the way
     that family (with auto: any family) names them."""
     kind = config.model.kind
     if kind != "auto" and kind not in _MODEL_KINDS:
-        return [f"model.kind: {_unknown_choice(kind, model_kinds())}"]
+        return [f"model.kind: {unknown_choice(kind, model_kinds())}"]
     families = [_MODEL_KINDS[kind]] if kind != "auto" else list({id(f): f for f in _MODEL_KINDS.values()}.values())
     errors = families[0].check_config(config) if kind != "auto" else []
     block_errors = []
@@ -500,12 +455,6 @@ def _family_checks(config: Config) -> list[str]:
     return errors
 
 
-def _unknown_choice(value: str, known: list[str]) -> str:
-    close = difflib.get_close_matches(value, known, n=1, cutoff=0.5)
-    hint = f"; did you mean '{close[0]}'?" if close else ""
-    return f"must be one of {', '.join(repr(k) for k in known)}, got {value!r}{hint}"
-
-
 def _drop_none(d: Any) -> Any:
     if isinstance(d, dict):
         return {k: _drop_none(v) for k, v in d.items() if v is not None}
@@ -518,7 +467,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     errors = [
-        f"{prefix}{k}: {_unknown(prefix + k, [prefix + n for n in names])}"
+        f"{prefix}{k}: {unknown_setting(prefix + k, [prefix + n for n in names])}"
         for k in data
         if k not in names
     ]
@@ -530,89 +479,14 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
         if dataclasses.is_dataclass(tp):
             kwargs[name] = _build(tp, value, f"{prefix}{name}.")
         else:
-            kwargs[name] = _coerce(value, tp, f"{prefix}{name}")
+            kwargs[name] = coerce(value, tp, f"{prefix}{name}")
     if cls is Config:
         return cls(**kwargs)
     obj = cls(**kwargs)
-    errors = _check(obj, prefix)
+    errors = check_fields(obj, prefix)
     if errors:
         raise ConfigError("\n".join(errors))
     return obj
-
-
-def _type_name(tp: Any) -> str:
-    if typing.get_origin(tp) is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if typing.get_origin(tp) is list:
-        return "a list of strings"
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
-        tp, str(tp)
-    )
-
-
-def _coerce(value: Any, tp: Any, dotted: str) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
-            return None
-        return _coerce(value, args[0], dotted)
-    ok = True
-    if origin is Literal:
-        ok = value in typing.get_args(tp)
-    elif origin is list:
-        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
-    elif tp is bool:
-        ok = isinstance(value, bool)
-    elif tp is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif tp is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    elif tp is str:
-        ok = isinstance(value, str)
-    if not ok:
-        raise ConfigError(f"{dotted}: must be {_type_name(tp)}, got {value!r}")
-    return value
-
-
-def _check(obj: Any, prefix: str) -> list[str]:
-    """Type and range errors of one section (or, for Config, of every section)."""
-    errors: list[str] = []
-    hints = typing.get_type_hints(type(obj))
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        dotted = f"{prefix}{f.name}"
-        if dataclasses.is_dataclass(value):
-            errors += _check(value, f"{dotted}.")
-            continue
-        try:
-            _coerce(value, hints[f.name], dotted)
-        except ConfigError as e:
-            errors.append(str(e))
-            continue
-        if value is None or isinstance(value, (bool, str, list)):
-            continue
-        m = f.metadata
-        for bound, ok, word in (
-            ("gt", lambda v, b: v > b, ">"),
-            ("ge", lambda v, b: v >= b, ">="),
-            ("lt", lambda v, b: v < b, "<"),
-            ("le", lambda v, b: v <= b, "<="),
-        ):
-            b = m.get(bound)
-            if b is not None and not ok(value, b):
-                errors.append(f"{dotted}: must be {word} {_number(b)}, got {_number(value)}")
-    if type(obj).__name__ == "DataConfig" and obj.resolution % 8:
-        errors.append(f"{prefix}resolution: must be a multiple of 8, got {obj.resolution}")
-    if type(obj).__name__ == "DataConfig" and obj.bucket_step % 8:
-        errors.append(f"{prefix}bucket_step: must be a multiple of 8, got {obj.bucket_step}")
-    return errors
-
-
-def _number(x: float) -> str:
-    """A number as messages show it: integers in full (a seed's bound), other numbers short (1e-08)."""
-    return str(x) if isinstance(x, int) else f"{x:g}"
 
 
 def _cross_checks(config: Config) -> list[str]:

@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..core.config import option, validate
 from ..core.errors import ConfigError, DataError, ModelError, offline_hint
+from ..core.options import option, validate
 from .caption_tools import CaptionChange, apply_changes, read_captions
 from .captions import split_tags
 from .dataset import ImageLoadError, load_image
