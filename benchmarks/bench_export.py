@@ -33,9 +33,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from stylelora.adapters import convert, formats  # noqa: E402
 from stylelora.adapters.formats import Adapter, ModelLayout  # noqa: E402
-from stylelora.core.config import TEXT_ENCODER_TARGETS, UNET_TARGETS  # noqa: E402
+from stylelora.core.config import TEXT_ENCODER_TARGETS  # noqa: E402
 from stylelora.families import load_base_model, load_skeleton
-from stylelora.model.blocks import LOCON_KXK_TARGETS, LOCON_TARGETS
+from stylelora.model.blocks import (
+    LOCON_KXK_TARGETS,
+    LOCON_TARGETS,
+    UNET_TARGETS,  # noqa: E402
+)
 from stylelora.model.lora import lora_alphas, lora_state
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -62,8 +62,8 @@ def run_step_benchmark(checkpointing: bool, *, size: str = "sdxl", resolution: i
     """Time ``steps`` training steps of the UNet with LoRA; returns the figures as a dict."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    from stylelora.core.config import UNET_TARGETS
     from stylelora.model.attention import set_attention
+    from stylelora.model.blocks import UNET_TARGETS
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if size == "sdxl" and device.type != "cuda":

@@ -89,9 +89,9 @@ def make_adapter(kind: str = "tiny", rank: int = 4, alpha: float = 2.0, conv_ran
     from peft import LoraConfig, inject_adapter_in_model
 
     from stylelora.adapters.adapter import Adapter
-    from stylelora.core.config import TEXT_ENCODER_TARGETS, UNET_TARGETS
+    from stylelora.core.config import TEXT_ENCODER_TARGETS
     from stylelora.families import load_base_model
-    from stylelora.model.blocks import LOCON_KXK_TARGETS, LOCON_TARGETS
+    from stylelora.model.blocks import LOCON_KXK_TARGETS, LOCON_TARGETS, UNET_TARGETS
     from stylelora.model.lora import lora_alphas, lora_state
 
     model = load_base_model(f"builtin:{kind}")

@@ -21,7 +21,6 @@ from . import fileio
 from .errors import ConfigError, setting
 from .options import check_fields, coerce, option, option_like, type_hints, unknown_choice, unknown_setting
 
-UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out"]
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 
 Precision = Literal["auto", "no", "fp16", "bf16"]
@@ -122,7 +121,10 @@ class LoraConfig:
     text_encoders: Literal["both", "te1", "te2"] = option(
         "both", "SDXL with train_text_encoder: LoRA on both text encoders, only te1 (CLIP-L) or only te2 (OpenCLIP-G)."
     )
-    unet_targets: list[str] = option(UNET_TARGETS, "UNet module names that get LoRA.")
+    unet_targets: list[str] = option(
+        [], "Denoiser module names that get LoRA; empty means the model family's own list (SD's UNet: the "
+        "attention projections, proj_in/proj_out and the feed-forward layers of its transformer blocks).",
+    )
     text_encoder_targets: list[str] = option(
         TEXT_ENCODER_TARGETS, "Text-encoder module names that get LoRA."
     )
@@ -208,6 +210,19 @@ class TrainConfig:
     noise_offset: float = option(0.0, "Noise offset (0.05-0.1 helps very dark/bright images); 0 turns it off.", ge=0)
     zero_terminal_snr: bool = option(
         False, "Rescale the noise schedule to zero terminal SNR (needs model.prediction_type=v_prediction)."
+    )
+    timestep_sampling: Literal["auto", "logit_normal", "uniform", "mode"] = option(
+        "auto", "Flow-matching models (SD3.5, FLUX.1): how training timesteps are drawn; auto is the model family's "
+        "(logit-normal, as the SD3 paper and the FLUX trainers do), mode is SD3's mode sampling.",
+    )
+    logit_mean: float = option(0.0, "Flow-matching models: mean of the logit-normal timestep density.")
+    logit_std: float = option(1.0, "Flow-matching models: spread of the logit-normal timestep density.", gt=0)
+    flow_shift: float | None = option(
+        None, "Flow-matching models: shift of the training timesteps toward noise (SD3.5's scheduler uses 3); "
+        "unset means the model's own (FLUX.1: by resolution, as its sampler does).", gt=0,
+    )
+    loss_weighting: Literal["none", "sigma_sqrt", "cosmap"] = option(
+        "none", "Flow-matching models: SD3's loss weighting over the timesteps; none weighs them alike.",
     )
     ema: bool = option(False, "Keep an exponential moving average of the LoRA weights; samples and export use it.")
     ema_decay: float = option(0.999, "EMA decay per optimizer step.", gt=0, lt=1)

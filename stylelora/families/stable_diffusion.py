@@ -27,6 +27,7 @@ class StableDiffusionFamily(ModelFamily):
     """The shared behaviour of the SD UNet families; SD1, SD2 and SDXL subclass it."""
 
     architecture: ClassVar[str] = "sd-unet"
+    default_targets: ClassVar[list[str]] = blocks.UNET_TARGETS
     strength_groups = blocks.GROUPS
     structure: ClassVar[str] = "one text encoder"  # how its structure is described when model.kind does not fit
     # ss_base_model_version and modelspec.architecture per kind, as kohya's sd-scripts writes them
@@ -149,7 +150,7 @@ class StableDiffusionFamily(ModelFamily):
         ResNet and down/upsample layers, its kxk convs at their own rank and alpha; with the text encoder,
         ``lora.text_encoder_targets`` on the chosen encoders."""
         conv_rank = lora.conv_rank or (lora.rank if lora.type == "locon" else 0)
-        names = [*lora.unet_targets, *(blocks.LOCON_TARGETS if conv_rank else [])]
+        names = [*(lora.unet_targets or self.default_targets), *(blocks.LOCON_TARGETS if conv_rank else [])]
         if lora.blocks:
             paths = [path for path, _ in model.denoiser.named_modules() if path and _matches(path, names)]
             names = self.select_blocks(paths, lora.blocks, what="this model's UNet")

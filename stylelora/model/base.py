@@ -93,6 +93,7 @@ class ModelFamily:
     denoiser_label: ClassVar[str] = "UNet"  # how messages name it
     # adaptable text encoders in order, by pipeline component; lora.text_encoders picks them as te1, te2
     text_parts: ClassVar[tuple[str, ...]] = ("text_encoder",)
+    default_targets: ClassVar[list[str]] = []  # denoiser modules that get LoRA when lora.unet_targets is empty
     strength_groups: ClassVar[tuple[str, ...]] = ()  # per-block strength groups of the denoiser (IN, MID, OUT)
     below_native_warning: ClassVar[frozenset[str]] = frozenset()  # kinds that learn worse far below native size
 

@@ -23,6 +23,9 @@ from collections.abc import Iterable
 from ..core.errors import ConfigError
 
 PRESETS = {"style": ("up.0.attn.1",), "content": ("up.0.attn.0",)}
+# The UNet modules that get LoRA unless lora.unet_targets names others: every attention projection, the
+# transformer blocks' proj_in/proj_out and feed-forward layers (sd-scripts' Transformer2DModel targets).
+UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out"]
 # LoCon covers what kohya's conv_dim covers (sd-scripts networks/lora.py): every Conv2d and Linear
 # inside the UNet's ResnetBlock2D, Downsample2D and Upsample2D. Its kxk convs (ResNet conv1/conv2, the
 # down/upsampler conv) take conv_rank/conv_alpha; the 1x1 conv_shortcut (ResNets that change width)

@@ -1,4 +1,5 @@
-"""What the UNet learns: the noise schedule, the noise, the target, and the per-example loss weights.
+"""What the denoiser learns: the noise schedule, the noise, the target, and the per-example loss weights, for
+DDPM (the SD UNet families: ``DiffusionObjective``) and rectified flow (SD3.5, FLUX.1: ``FlowObjective``).
 
 Everything random is drawn from the ``torch.Generator`` passed in, one per example in the loop (keyed
 by the example's seed, epoch and slot), so a resumed run draws the same numbers as an uninterrupted
@@ -7,6 +8,7 @@ one, and an example gets the same noise and timestep in any batch, on any of sev
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -122,3 +124,68 @@ class DiffusionObjective:
         total = self.scheduler.config.num_train_timesteps
         steps = torch.arange(per_image) * (total // per_image)
         return torch.cat([(steps + (i * total // (images * per_image))) % total for i in range(images)])
+
+
+def static_shift(shift: float) -> Any:
+    """SD3's timestep shift: sigma = shift·u / (1 + (shift - 1)·u), toward noise for shift > 1."""
+
+    def shifted(u: torch.Tensor, latent_shape: Any) -> torch.Tensor:
+        return shift * u / (1 + (shift - 1) * u)
+
+    return shifted
+
+
+def resolution_shift(base_shift: float = 0.5, max_shift: float = 1.15, base_tokens: int = 256,
+                     max_tokens: int = 4096, patch: int = 2) -> Any:
+    """FLUX.1's resolution-dependent shift, as its sampler and sd-scripts' ``flux_shift`` compute it: mu grows
+    linearly with the image's token count (latent pixels / patch²) from ``base_shift`` to ``max_shift``, and
+    sigma = e^mu / (e^mu + 1/u - 1)."""
+
+    def shifted(u: torch.Tensor, latent_shape: Any) -> torch.Tensor:
+        tokens = (latent_shape[-2] // patch) * (latent_shape[-1] // patch)
+        mu = base_shift + (max_shift - base_shift) * (tokens - base_tokens) / (max_tokens - base_tokens)
+        return math.exp(mu) / (math.exp(mu) + (1 / u.clamp_min(1e-6) - 1))
+
+    return shifted
+
+
+class FlowObjective:
+    """Rectified-flow training (SD3.5, FLUX.1), as diffusers' and kohya's trainers do it: per example a sigma
+    in (0, 1) drawn by ``sampling`` (logit-normal by default: SD3 paper, Esser et al. 2024) and shifted toward
+    noise (``shift(u, latent_shape)``), the noisy latents (1 - sigma)·x + sigma·noise, the velocity target
+    noise - x, and SD3's optional loss weighting (``sigma_sqrt``, ``cosmap``). The denoiser is given sigma;
+    each family scales it as its model expects."""
+
+    def __init__(self, sampling: str = "logit_normal", logit_mean: float = 0.0, logit_std: float = 1.0,
+                 shift: Any = None, weighting: str = "none", noise_offset: float = 0.0, mode_scale: float = 1.29):
+        self.sampling, self.logit_mean, self.logit_std, self.mode_scale = sampling, logit_mean, logit_std, mode_scale
+        self.shift = shift or static_shift(1.0)
+        self.weighting, self.noise_offset = weighting, noise_offset
+
+    def draw(self, generators: list[torch.Generator], latent_shape: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        from diffusers.training_utils import compute_density_for_timestep_sampling
+
+        noise, sigmas = [], []
+        for generator in generators:
+            noise.append(sample_noise((1, *latent_shape), generator, self.noise_offset))
+            u = compute_density_for_timestep_sampling(self.sampling, 1, self.logit_mean, self.logit_std,
+                                                      self.mode_scale, generator=generator)
+            sigmas.append(self.shift(u, latent_shape))
+        return torch.cat(noise), torch.cat(sigmas)
+
+    def noisy(self, latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+        s = sigmas.reshape(-1, *[1] * (latents.dim() - 1)).to(latents)
+        return (1 - s) * latents + s * noise
+
+    def target(self, latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+        return noise - latents
+
+    def weights(self, sigmas: torch.Tensor) -> torch.Tensor:
+        from diffusers.training_utils import compute_loss_weighting_for_sd3
+
+        return compute_loss_weighting_for_sd3(self.weighting, sigmas=sigmas.float())
+
+    def spread(self, images: int, per_image: int) -> torch.Tensor:
+        """Each image at ``per_image`` sigmas spread evenly inside (0, 1) (offset per image), unshifted."""
+        steps = (torch.arange(per_image) + 0.5) / per_image
+        return torch.cat([(steps + i / (images * per_image)) % 1 for i in range(images)]).clamp(0.01, 0.99)
