@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from . import families  # noqa: F401  (registers the model families' kinds, the values model.kind takes)
-from .core.config import Config
+from .core.config import Config, GenerateSettings
 from .core.errors import ConfigError, DataError, FormatError, ModelError, StyleloraError, TrainingError
 
 __version__ = "0.1.0"
@@ -20,18 +20,21 @@ __all__ = [
     "ModelError",
     "StyleloraError",
     "TrainingError",
+    "GenerateSettings",
     "train",
     "load_base_model",
+    "Previewer",
+    "save_png",
 ]
+# the public names that import torch, diffusers and peft: loaded on first use (module, name)
+_LAZY = {"train": ("training.loop", "train"), "load_base_model": ("families", "load_base_model"),
+         "Previewer": ("preview.previewer", "Previewer"), "save_png": ("data.images", "save_png")}
 
 
 def __getattr__(name: str) -> Any:
-    if name == "train":
-        from .training.loop import train
+    if name in _LAZY:
+        import importlib
 
-        return train
-    if name == "load_base_model":
-        from .families import load_base_model
-
-        return load_base_model
+        module, attribute = _LAZY[name]
+        return getattr(importlib.import_module(f".{module}", __name__), attribute)
     raise AttributeError(name)

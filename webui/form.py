@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 import gradio as gr
 
+from stylelora import families
 from stylelora.core.config import Config, GenerateSettings, all_fields, choices, field_type
 from stylelora.core.errors import ConfigError
 
@@ -22,9 +23,6 @@ from .labels import ADVANCED_GROUPS, FIELDS, group, label
 BASIC_ROWS = [["model.name", "data.path"], ["train.steps", "lora.rank", "train.lr", "data.resolution"],
               ["lora.train_text_encoder"]]
 BASIC = [name for row in BASIC_ROWS for name in row]
-MODEL_SUGGESTIONS = ["builtin:tiny", "builtin:tiny-sdxl", "builtin:tiny-sd2v",
-                     "stable-diffusion-v1-5/stable-diffusion-v1-5", "stabilityai/stable-diffusion-xl-base-1.0",
-                     "stabilityai/stable-diffusion-2-1"]
 PER_ROW = 3
 
 
@@ -57,7 +55,7 @@ def widget_for(dotted: str, value: Any, datasets: list[str]) -> gr.components.Co
     if dotted == "data.path":
         return gr.Dropdown(datasets, value=value, allow_custom_value=True, info=info, **common)
     if dotted == "model.name":
-        return gr.Dropdown(MODEL_SUGGESTIONS, value=value, allow_custom_value=True, info=info, **common)
+        return gr.Dropdown(families.suggestions(), value=value, allow_custom_value=True, info=info, **common)
     options = choices(dotted)  # a Literal's values, or those the model families registered (model.kind)
     if options is not None:
         return gr.Dropdown(options, value=value, info=info, **common)

@@ -60,6 +60,12 @@ def builtin_names() -> list[str]:
     return [f"builtin:{name}" for family in FAMILIES for name in family.builtins]
 
 
+def suggestions() -> list[str]:
+    """What a model picker offers: each family's built-in first, then well-known hub ids (SD1's first)."""
+    offered = [name for family in reversed(FAMILIES) for name in family.suggestions]
+    return sorted(offered, key=lambda name: not name.startswith("builtin:"))
+
+
 def family_of(kind: str) -> ModelFamily:
     """The family of ``kind``; ConfigError naming ``model.kind`` for a kind no family has."""
     for family in FAMILIES:

@@ -95,6 +95,7 @@ class SD1(StableDiffusionFamily):
     name = "sd1"
     kinds: ClassVar[dict[str, str]] = {"sd1": "SD1.x"}
     builtins: ClassVar[dict[str, Any]] = {"tiny": build_tiny, "small": build_small}
+    suggestions = ("builtin:tiny", "stable-diffusion-v1-5/stable-diffusion-v1-5")
     base_model_version: ClassVar[dict[str, str]] = {"sd1": "sd_v1"}
     modelspec_architecture: ClassVar[dict[str, str]] = {"sd1": "stable-diffusion-v1"}
 

@@ -124,6 +124,7 @@ class SDXL(StableDiffusionFamily):
     structure: ClassVar[str] = "two text encoders and added time conditioning"
     presets: ClassVar[dict[str, str]] = {"sdxl": "sdxl-style"}
     builtins: ClassVar[dict[str, Any]] = {"tiny-sdxl": build_tiny_sdxl}
+    suggestions = ("builtin:tiny-sdxl", "stabilityai/stable-diffusion-xl-base-1.0")
     text_parts = ("text_encoder", "text_encoder_2")
     below_native_warning = frozenset({"sdxl"})
     base_model_version: ClassVar[dict[str, str]] = {"sdxl": "sdxl_base_v1-0"}

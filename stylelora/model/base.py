@@ -89,6 +89,7 @@ class ModelFamily:
     architecture: ClassVar[str]  # kinds of one architecture may be turned into each other by model.kind
     presets: ClassVar[dict[str, str]] = {}  # kind -> presets/<name>.toml made for it
     builtins: ClassVar[dict[str, Callable[..., Any]]] = {}  # builtin:<name> -> builder(**prediction_type)
+    suggestions: ClassVar[tuple[str, ...]] = ()  # what a model picker offers: a built-in, well-known hub ids
     denoiser: ClassVar[str] = "unet"  # the pipeline component that denoises; also its adapter part name
     denoiser_label: ClassVar[str] = "UNet"  # how messages name it
     # adaptable text encoders in order, by pipeline component; lora.text_encoders picks them as te1, te2
