@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -736,6 +737,8 @@ def add_lora(model: BaseModel, lora: LoraConfig) -> list[torch.nn.Parameter]:
             # the network's.
             rank_pattern = {name: conv_rank for name in LOCON_KXK_TARGETS}
             alpha_pattern = {name: lora.conv_alpha for name in LOCON_KXK_TARGETS}
+        if lora.type == "lokr":
+            _check_lokr_split(module, names, lora.lokr_factor)
         try:
             inject_adapter_in_model(peft_config(lora, names, rank_pattern, alpha_pattern), module,
                                     adapter_name=ADAPTER_NAME)
@@ -744,6 +747,25 @@ def add_lora(model: BaseModel, lora: LoraConfig) -> list[torch.nn.Parameter]:
         # peft leaves only its own layers trainable in the module it injected into
         params += [p for p in module.parameters() if p.requires_grad]
     return params
+
+
+def _check_lokr_split(module: torch.nn.Module, names: list[str], factor: int) -> None:
+    """ConfigError when peft would split a targeted layer's side other than LyCORIS does: a ``factor`` above
+    the side's square root (peft: factor x rest, LyCORIS: rest x factor). Those Kronecker factors cannot be
+    rewritten in LyCORIS' split, so its loader could not read the file."""
+    sides = {(path, side) for path, layer in module.named_modules()
+             if isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)) and _matches(path, names)
+             for side in layer.weight.shape[:2]}
+    for path, side in sorted(sides):
+        if factor > 0 and side % factor == 0 and factor * factor > side:
+            small, large = lycoris_factorization(side, factor)
+            narrowest = min(s for _, s in sides)
+            raise ConfigError(
+                f"lora.lokr_factor: {factor} splits the {side} channels of {path} as {factor} x {side // factor} "
+                f"in peft, where LyCORIS splits them {small} x {large}, so LyCORIS could not load the adapter; use "
+                f"-1 or a factor of at most {math.isqrt(narrowest)} (the square root of the narrowest adapted side, "
+                f"{narrowest})"
+            )
 
 
 WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}  # accelerate's mixed_precision -> base weights
@@ -930,6 +952,26 @@ def module_shapes(model: BaseModel) -> dict[str, dict[str, tuple[int, ...]]]:
 def adaptable_modules(model: BaseModel) -> dict[str, list[str]]:
     """Module paths (per part) that can carry LoRA, sorted: the names of ``module_shapes``."""
     return {part: sorted(shapes) for part, shapes in module_shapes(model).items()}
+
+
+def lycoris_factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
+    """How LyCORIS splits one side of a weight for LoKr (``lycoris.functional.factorization``), smaller part
+    first: ``factor`` and the rest when it divides, else the divisor pair nearest the square root whose smaller
+    part is at most ``factor`` (any size for -1). peft's copy returns ``(factor, rest)`` unsorted, so the two
+    differ where ``factor`` is above the square root."""
+    if factor > 0 and dimension % factor == 0:
+        return min(factor, dimension // factor), max(factor, dimension // factor)
+    limit = dimension if factor < 0 else factor
+    m, n = 1, dimension
+    while m < n:
+        new_m = m + 1
+        while dimension % new_m:
+            new_m += 1
+        new_n = dimension // new_m
+        if new_m + new_n > 1 + dimension or new_m > limit:  # LyCORIS compares with the first pair's sum
+            break
+        m, n = new_m, new_n
+    return min(m, n), max(m, n)
 
 
 def full_lokr_rank(w2: torch.Tensor) -> int:

@@ -18,9 +18,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import assert_fused_delta, make_adapter, make_dataset, run_cli, tiny_config, weights
+from stylelora.config import LoraConfig
 from stylelora.formats import load_adapter, save_kohya
 from stylelora.merge import merge
-from stylelora.models import ADAPTER_NAME, load_base_model
+from stylelora.models import ADAPTER_NAME, add_lora, load_base_model
 from stylelora.train import train
 
 
@@ -175,3 +176,14 @@ def test_the_preview_renders_them_and_strength_0_is_the_base_image(trained) -> N
     assert np.array_equal(np.asarray(preview.generate("a lighthouse", settings, adapter=name, scale=0.0)), base)
     styled = np.asarray(preview.generate("a lighthouse", settings, adapter=name, scale=1.0))
     assert not np.array_equal(styled, base)
+
+
+def test_a_lokr_factor_peft_splits_other_than_lycoris_is_refused_before_training() -> None:
+    """Above a side's square root peft splits factor x rest, LyCORIS rest x factor: no file of those factors
+    would load in LyCORIS, so training does not start (32 channels: factor 8 is 8 x 4 in peft, 4 x 8 there)."""
+    from stylelora.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"lora.lokr_factor: 8 splits the 32 channels of .* as 8 x 4 in peft, where "
+                                          r"LyCORIS splits them 4 x 8.* at most 5 \(the square root of the narrowest"):
+        add_lora(load_base_model("builtin:tiny"), LoraConfig(type="lokr", lokr_factor=8))
+    add_lora(load_base_model("builtin:tiny"), LoraConfig(type="lokr", lokr_factor=4))  # 4 x 8 both ways
