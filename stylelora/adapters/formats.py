@@ -10,6 +10,8 @@ merging and resizing in ``stylelora.merge``; the metadata written here comes fro
 from __future__ import annotations
 
 import json
+import logging
+import math
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,7 +23,7 @@ from safetensors.torch import load_file, save
 from ..core import fileio
 from ..core.errors import FormatError, setting
 from ..core.fileio import PICKLE_SUFFIXES
-from ..model.lora import full_lokr_rank
+from ..model.lora import full_lokr_rank, lycoris_factorization
 from ..model.text import conventional_text_path
 from .adapter import Adapter, ModelLayout, module_paths
 from .kohya_names import KOHYA_PREFIXES
@@ -29,6 +31,8 @@ from .metadata import adapter_facts, model_hashes
 
 if TYPE_CHECKING:
     from ..model.base import BaseModel
+
+log = logging.getLogger(__name__)
 
 __all__ = ["Adapter", "ModelLayout", "load_adapter", "read_safetensors", "save_diffusers", "save_kohya",
            "verify_file"]
@@ -77,16 +81,86 @@ def to_kohya(adapter: Adapter, layout: ModelLayout, precision: str = "fp16") -> 
                 out[f"{name}.lora_down.weight"] = sd[f"{path}.lora_A.weight"].to(dtype).contiguous()
                 out[f"{name}.lora_up.weight"] = sd[f"{path}.lora_B.weight"].to(dtype).contiguous()
             else:
-                for key, value in sd.items():
-                    param = key[len(path) + 1 :]
-                    if key.startswith(f"{path}.") and "." not in param:  # this module's hada_*/lokr_* weights
-                        out[f"{name}.{param}"] = value.to(dtype).contiguous()
-                if adapter.is_full_lokr(part, path):  # loaders scale two full factors by 1: fold the scale in
-                    rank = adapter.rank_of(part, path)
-                    out[f"{name}.lokr_w2"] = (sd[f"{path}.lokr_w2"] * (alpha / rank)).to(dtype).contiguous()
-                    alpha = rank
+                weights, alpha = lycoris_module(adapter, part, path, layout.shapes[part][path])
+                out.update({f"{name}.{param}": value.to(dtype).contiguous() for param, value in weights.items()})
             out[f"{name}.alpha"] = torch.tensor(alpha, dtype=dtype)
     return out
+
+
+def lycoris_module(adapter: Adapter, part: str, path: str, shape: tuple[int, ...]) -> tuple[dict[str, torch.Tensor],
+                                                                                           float]:
+    """One LoHa or LoKr module in LyCORIS' layout (its ``hada_*``/``lokr_*`` names and shapes, which are peft's)
+    and the alpha to store with it, for a base weight of ``shape``.
+
+    LyCORIS' loader guesses a LoKr's decompose factor from the stored shapes and builds that factor's split
+    (``lycoris_reads``); for a kxk conv with a low-rank second factor it counts the kernel as input channels and
+    can guess wrong (SD1.5's 1920->640 3x3 convs at factor -1), also for files LyCORIS wrote itself. Such a
+    module is written with both factors full instead (``lokr_w1`` = w1_a @ w1_b, ``lokr_w2`` = w2_a @ w2_b as
+    (out, in, kh, kw), the layout LyCORIS writes at full rank): the same Kronecker product, so the same delta.
+    Loaders scale a module of two full factors by 1, so alpha/rank is folded into ``lokr_w2``."""
+    sd = adapter.state[part]
+    weights = {key[len(path) + 1 :]: value for key, value in sd.items()
+               if key.startswith(f"{path}.") and "." not in key[len(path) + 1 :]}
+    alpha = adapter.alpha_of(part, path)
+    if adapter.network != "lokr":
+        return weights, alpha
+    rank = adapter.rank_of(part, path)
+    w1, w2_stored = _lokr_w1_shape(weights), _lokr_w2_dims(weights)
+    kernel = tuple(shape[2:])
+    if "lokr_w2" not in weights and math.prod(kernel) > 1 and not lycoris_reads(w1, w2_stored, shape):
+        w1_full = (weights["lokr_w1"] if "lokr_w1" in weights
+                   else (weights["lokr_w1_a"].double() @ weights["lokr_w1_b"].double()).float())
+        w2_full = weights["lokr_w2_a"].double() @ weights["lokr_w2_b"].double()
+        w2_full = w2_full.reshape(w2_full.shape[0], shape[1] // w1[1], *kernel)
+        if lycoris_reads(w1, tuple(w2_full.shape), shape):
+            w2_full = (w2_full * (alpha / rank)).float()
+            return {"lokr_w1": w1_full, "lokr_w2": w2_full}, float(full_lokr_rank(w2_full))
+    if not lycoris_reads(w1, w2_stored, shape):
+        log.warning("LoKr module %s %s: LyCORIS 4.1's loader would not rebuild its split (w1 %s); AUTOMATIC1111 "
+                    "and ComfyUI load it", part, path, w1)
+    if "lokr_w1" in weights and "lokr_w2" in weights:  # loaders scale two full factors by 1: fold the scale in
+        weights["lokr_w2"] = weights["lokr_w2"] * (alpha / rank)
+        alpha = rank
+    return weights, alpha
+
+
+def _lokr_w1_shape(weights: dict[str, torch.Tensor]) -> tuple[int, int]:
+    if "lokr_w1" in weights:
+        return int(weights["lokr_w1"].shape[0]), int(weights["lokr_w1"].shape[1])
+    return int(weights["lokr_w1_a"].shape[0]), int(weights["lokr_w1_b"].shape[1])
+
+
+def _lokr_w2_dims(weights: dict[str, torch.Tensor]) -> tuple[int, ...]:
+    """The second factor's shape as LyCORIS' loader reads it: a full ``lokr_w2``'s shape, else (rows of
+    ``lokr_w2_a``, columns of ``lokr_w2_b``), a conv's kernel inside those columns."""
+    if "lokr_w2" in weights:
+        return tuple(int(d) for d in weights["lokr_w2"].shape)
+    return int(weights["lokr_w2_a"].shape[0]), int(weights["lokr_w2_b"].shape[1])
+
+
+def lycoris_reads(w1: tuple[int, int], w2: tuple[int, ...], shape: tuple[int, ...]) -> bool:
+    """Whether LyCORIS' loader (4.1, ``LokrModule.make_module_from_state_dict``) rebuilds a LoKr module whose
+    first factor is ``w1`` (rows, columns) and second ``w2`` (``_lokr_w2_dims``) on a base weight of ``shape``.
+
+    It takes -1 when the first factor is the most balanced split of the sizes the factors multiply out to, else
+    the larger side of the first factor, else of the second, when that size appears on both sides and divides
+    both; then it builds the split of that factor for the layer's real channels (``lycoris_factorization``),
+    which must be the stored one. Unknown shapes (a layout of names only) pass."""
+    if len(shape) < 2:
+        return True
+    rows, cols = w2[0], w2[1]
+    out_dim, in_dim = w1[0] * rows, w1[1] * cols
+    if (w1[0] == lycoris_factorization(out_dim, -1)[0] and w1[1] == lycoris_factorization(in_dim, -1)[0]):
+        factor = -1
+    else:
+        def fits(f: int) -> bool:
+            return out_dim % f == 0 and in_dim % f == 0 and f in (w1[0], rows) and f in (w1[1], cols)
+
+        first, second = max(w1), max(w2)
+        factor = first if fits(first) else second if fits(second) else min(first, second)
+    out_channels, in_channels = shape[0], shape[1]
+    return (lycoris_factorization(out_channels, factor) == (w1[0], out_channels // w1[0])
+            and lycoris_factorization(in_channels, factor) == (w1[1], in_channels // w1[1]))
 
 
 def to_diffusers(adapter: Adapter, precision: str = "fp16") -> dict[str, torch.Tensor]:

@@ -54,8 +54,10 @@ def adapter_facts(adapter: Adapter, kind: str) -> dict[str, str]:
             args["factor"] = str(adapter.lokr_factor(next(iter(adapter.state))))
     convs = [(part, p) for part in adapter.state for p in adapter.modules(part) if adapter.is_kxk_conv(part, p)]
     if convs:  # LoCon: sd-scripts' networks.lora takes the 3x3-conv rank and alpha as network args
-        part, path = convs[0]
-        args.update({"conv_dim": str(adapter.rank_of(part, path)), "conv_alpha": _g(adapter.alpha_of(part, path))})
+        # the most common pair: a LoKr conv stored with two full factors states a rank of its own
+        pairs = collections.Counter((adapter.rank_of(part, p), adapter.alpha_of(part, p)) for part, p in convs)
+        rank, alpha = pairs.most_common(1)[0][0]
+        args.update({"conv_dim": str(rank), "conv_alpha": _g(alpha)})
     if args:
         facts["ss_network_args"] = json.dumps(args)
     facts["ss_network_train_unet_only"] = str(set(adapter.state) == {family.denoiser})

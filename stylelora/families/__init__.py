@@ -179,6 +179,7 @@ def load_base_model(name: str, config_source: str = "", prediction_type: str = "
     if prediction_type != "auto":
         family.set_prediction_type(pipeline, prediction_type)
     family.fit_tokenizers(pipeline)
+    loading.own_aligned_memory(pipeline)
     return _with_kind(pipeline, name, kind, prediction_type)
 
 

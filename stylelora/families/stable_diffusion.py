@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from ..core.errors import FormatError
 from ..model import blocks
 from ..model.base import Configs, LoraTarget, ModelFamily
+from ..model.lora import matches
 
 if TYPE_CHECKING:
     import torch
@@ -152,7 +153,7 @@ class StableDiffusionFamily(ModelFamily):
         conv_rank = lora.conv_rank or (lora.rank if lora.type == "locon" else 0)
         names = [*(lora.unet_targets or self.default_targets), *(blocks.LOCON_TARGETS if conv_rank else [])]
         if lora.blocks:
-            paths = [path for path, _ in model.denoiser.named_modules() if path and _matches(path, names)]
+            paths = [path for path, _ in model.denoiser.named_modules() if path and matches(path, names)]
             names = self.select_blocks(paths, lora.blocks, what="this model's UNet")
         unet = LoraTarget(self.denoiser, model.denoiser, names)
         if conv_rank:
@@ -211,9 +212,4 @@ class StableDiffusionFamily(ModelFamily):
     def metadata(self, kind: str) -> dict[str, str]:
         return {"ss_base_model_version": self.base_model_version[kind], "ss_v2": str(self.kohya_v2),
                 "modelspec.architecture": f"{self.modelspec_architecture[kind]}/lora"}
-
-
-def _matches(path: str, names: list[str]) -> bool:
-    """peft's rule for a list of target names: the module path is a name or ends with ``.name``."""
-    return any(path == name or path.endswith("." + name) for name in names)
 

@@ -3,13 +3,14 @@ modules that can carry an adapter. Where the layers go is the model family's ans
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
 import torch
 
 from ..core.config import LoraConfig
-from ..core.errors import ModelError
+from ..core.errors import ConfigError, ModelError
 from .base import BaseModel
 
 ADAPTER_NAME = "default"
@@ -39,6 +40,9 @@ def add_lora(model: BaseModel, lora: LoraConfig) -> list[torch.nn.Parameter]:
     from peft import inject_adapter_in_model
 
     targets = model.family.lora_targets(model, lora)
+    if lora.type == "lokr":
+        for target in targets:
+            _check_lokr_split(target.module, target.names, lora.lokr_factor)
     for module in [model.vae, *model.text_encoders, *(m for _, m in model.parts())]:
         module.requires_grad_(False)
     params: list[torch.nn.Parameter] = []
@@ -51,6 +55,30 @@ def add_lora(model: BaseModel, lora: LoraConfig) -> list[torch.nn.Parameter]:
         # peft leaves only its own layers trainable in the module it injected into
         params += [p for p in target.module.parameters() if p.requires_grad]
     return params
+
+
+def matches(path: str, names: list[str]) -> bool:
+    """peft's rule for a list of target names: the module path is a name or ends with ``.name``."""
+    return any(path == name or path.endswith("." + name) for name in names)
+
+
+def _check_lokr_split(module: torch.nn.Module, names: list[str], factor: int) -> None:
+    """ConfigError when peft would split a targeted layer's side other than LyCORIS does: a ``factor`` above
+    the side's square root (peft: factor x rest, LyCORIS: rest x factor). Those Kronecker factors cannot be
+    rewritten in LyCORIS' split, so its loader could not read the file."""
+    sides = {(path, side) for path, layer in module.named_modules()
+             if isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)) and matches(path, names)
+             for side in layer.weight.shape[:2]}
+    for path, side in sorted(sides):
+        if factor > 0 and side % factor == 0 and factor * factor > side:
+            small, large = lycoris_factorization(side, factor)
+            narrowest = min(s for _, s in sides)
+            raise ConfigError(
+                f"lora.lokr_factor: {factor} splits the {side} channels of {path} as {factor} x {side // factor} "
+                f"in peft, where LyCORIS splits them {small} x {large}, so LyCORIS could not load the adapter; use "
+                f"-1 or a factor of at most {math.isqrt(narrowest)} (the square root of the narrowest adapted side, "
+                f"{narrowest})"
+            )
 
 
 def lora_state(model: BaseModel) -> dict[str, dict[str, torch.Tensor]]:
@@ -97,6 +125,26 @@ def module_shapes(model: BaseModel) -> dict[str, dict[str, tuple[int, ...]]]:
 def adaptable_modules(model: BaseModel) -> dict[str, list[str]]:
     """Module paths (per part) that can carry LoRA, sorted: the names of ``module_shapes``."""
     return {part: sorted(shapes) for part, shapes in module_shapes(model).items()}
+
+
+def lycoris_factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
+    """How LyCORIS splits one side of a weight for LoKr (``lycoris.functional.factorization``), smaller part
+    first: ``factor`` and the rest when it divides, else the divisor pair nearest the square root whose smaller
+    part is at most ``factor`` (any size for -1). peft's copy returns ``(factor, rest)`` unsorted, so the two
+    differ where ``factor`` is above the square root."""
+    if factor > 0 and dimension % factor == 0:
+        return min(factor, dimension // factor), max(factor, dimension // factor)
+    limit = dimension if factor < 0 else factor
+    m, n = 1, dimension
+    while m < n:
+        new_m = m + 1
+        while dimension % new_m:
+            new_m += 1
+        new_n = dimension // new_m
+        if new_m + new_n > 1 + dimension or new_m > limit:  # LyCORIS compares with the first pair's sum
+            break
+        m, n = new_m, new_n
+    return min(m, n), max(m, n)
 
 
 def full_lokr_rank(w2: torch.Tensor) -> int:
