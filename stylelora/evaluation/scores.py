@@ -20,7 +20,7 @@ MEANINGS = {
     "style": "how close the images' style is to the training images': 0 = the base model's, 1 = the training "
              "images' own (style and transfer prompts)",
     "content": "on the transfer prompts, how much of the base image's subject and layout survives: 1 = all of it, "
-               "0 = no more than in an unrelated picture",
+               "0 = no more than in an unrelated picture (another seed's)",
     "copying": "the highest similarity of any evaluation image to a single training image; flagged (!) above the "
                "descriptor's threshold (memorised training images)",
     "leak": "the style score of the transfer prompts without the trigger word: 0 = the style stays behind the "
@@ -31,6 +31,7 @@ MEANINGS = {
               "embeddings; compare with the base row)",
     "val_loss": "the validation loss at that step (train.validation_images)",
 }
+UNRELATED_LIMIT = 0.9  # base images of different seeds or prompts more alike than this: no baseline
 COLUMNS = ("style", "content", "copying", "leak", "variety", "prompt", "val_loss")
 
 
@@ -91,8 +92,7 @@ class Scorer:
         self.centre = reference.style.mean(0)
         self.train_distance = _mean_distance(reference.style, self.centre)
         self.text = text  # one text embedding per transfer row, the prompt without the trigger word
-        self.unrelated = _unrelated(base.content.index_select(0, torch.as_tensor(rows.transfer, dtype=torch.long))
-                                    if rows.transfer else base.content[:0])
+        self.unrelated = _unrelated(base.content, rows)
         self.base_scores = self.score(base, "base", 0, base_text_images)
 
     def style_score(self, images: Embeddings, rows: Sequence[int]) -> float | None:
@@ -128,7 +128,7 @@ class Scorer:
             return None
         index = torch.as_tensor(self.rows.transfer, dtype=torch.long)
         kept = float((images.content[index] * self.base.content[index]).sum(1).mean())
-        return (kept - self.unrelated) / (1 - self.unrelated) if self.unrelated < 1 else None
+        return min(1.0, max(0.0, (kept - self.unrelated) / (1 - self.unrelated)))
 
     def _variety(self, images: Embeddings) -> float | None:
         own, base = _spread(images.copy, self.rows.groups), _spread(self.base.copy, self.rows.groups)
@@ -143,13 +143,19 @@ class Scorer:
         return float((text_images[index] * self.text).sum(1).mean())
 
 
-def _unrelated(content: torch.Tensor) -> float:
-    """The mean similarity of two different base images: what "no content kept" looks like."""
-    n = content.shape[0]
-    if n < 2:
+def _unrelated(content: torch.Tensor, rows: Rows) -> float:
+    """How alike two unrelated base images are: the mean similarity of the transfer prompts' base images at
+    different seeds (another starting noise, another picture), else of different prompts. Where even those are
+    near copies of each other (a model that hardly listens to prompts), no likeness counts as kept content."""
+    prompt_of = {i: next(n for n, g in enumerate(rows.groups) if i in g) for i in rows.transfer}
+    pairs = [(a, b) for a in rows.transfer for b in rows.transfer if a < b]
+    apart = [(a, b) for a, b in pairs if prompt_of[a] == prompt_of[b]]  # the same prompt, another seed
+    chosen = apart or pairs
+    if not chosen:
         return 0.0
-    sims = content @ content.T
-    return float((sims.sum() - sims.diagonal().sum()) / (n * (n - 1)))
+    sims = [float(content[a] @ content[b]) for a, b in chosen]
+    unrelated = sum(sims) / len(sims)
+    return unrelated if unrelated < UNRELATED_LIMIT else 0.0
 
 
 def _spread(copy: torch.Tensor, groups: list[list[int]]) -> float | None:
