@@ -120,6 +120,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from ..core import events
     from ..core.config import Config
     from ..evaluation.compare import compare_runs, format_comparison
     from ..services.jobs import TrainingJob
@@ -138,7 +139,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     def runner(config: Config, on_event: Any, stop: Any, requests: Any = None) -> Any:
         def both(event: Any) -> None:
             on_event(event)
-            progress(event)
+            if isinstance(event, events.Finished):  # stdout is for the comparison table at the end
+                progress.close()
+                print(f"{Path(event.output_dir).name}: {event.step} steps", file=sys.stderr)
+            else:
+                progress(event)
             _scored(event)
 
         try:

@@ -179,8 +179,9 @@ def evaluate_run(run_dir: str | Path, checkpoints: Sequence[str] | None = None, 
     if checkpoints:
         chosen = select(chosen, list(checkpoints))
     m = config.model
+    descriptor = load_descriptor(config.eval.descriptor, previewer.device if previewer else None)  # fails fast
     previewer = previewer or Previewer(m.name, config_source=m.config, prediction_type=m.prediction_type)
-    evaluator = Evaluator(run, previewer, config)
+    evaluator = Evaluator(run, previewer, config, descriptor)
     for checkpoint in chosen:
         row = evaluator.score(checkpoint)
         if on_event is not None:
