@@ -104,3 +104,13 @@ def test_mistakes_get_one_plain_line(tmp_path: Path, run: Path) -> None:
     offline = run_cli("evaluate", str(run), "--set", "eval.descriptor=nobody-here/no-such-clip")
     assert offline.returncode == 1 and "descriptor 'nobody-here/no-such-clip': could not be downloaded" in offline.stderr
     assert "Traceback" not in offline.stderr + missing.stderr + bad_value.stderr
+
+
+def test_a_clip_descriptor_adds_the_prompt_score(run: Path) -> None:
+    """builtin:tiny-clip runs the CLIP path offline: its text embedding gives the prompt column."""
+    from stylelora.evaluation.runner import evaluate_run
+
+    scores = evaluate_run(run, ["step-000006"], overrides={"eval.descriptor": "builtin:tiny-clip"})
+    assert scores.descriptor == "builtin:tiny-clip" and [r.label for r in scores.checkpoints] == ["step-000006"]
+    assert scores.base.prompt is not None and scores.checkpoints[0].prompt is not None
+    assert "prompt" in scores.table().splitlines()[0].split()

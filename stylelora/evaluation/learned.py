@@ -187,25 +187,28 @@ def load_csd(file: Path, name: str, device: Any = None) -> CsdDescriptor:
                               image_size=patch * math.isqrt(positions - 1), patch_size=patch, hidden_act="quick_gelu",
                               layer_norm_eps=1e-5)
     model = CLIPVisionModel(config)
-    missing, unexpected = model.load_state_dict(_openai_visual_to_transformers(sd, layers), strict=False)
+    # transformers 4 names them vision_model.embeddings..., transformers 5 embeddings...
+    prefix = "vision_model." if any(k.startswith("vision_model.") for k in model.state_dict()) else ""
+    mapped = {prefix + k: v for k, v in _openai_visual_to_transformers(sd, layers).items()}
+    missing, unexpected = model.load_state_dict(mapped, strict=False)
     if unexpected or [k for k in missing if "position_ids" not in k]:
         raise ModelError(f"descriptor '{name}': {file} is not CSD's layout ({(missing + unexpected)[:3]})")
     return CsdDescriptor(name, model, sd["last_layer_style"], device)
 
 
 def _openai_visual_to_transformers(sd: dict[str, torch.Tensor], layers: int) -> dict[str, torch.Tensor]:
-    """OpenAI CLIP's VisionTransformer weights (under ``backbone.``) by transformers' CLIPVisionModel names."""
+    """OpenAI CLIP's VisionTransformer weights (under ``backbone.``) by transformers' CLIP vision tower names."""
     b = "backbone."
     out = {
-        "vision_model.embeddings.patch_embedding.weight": sd[b + "conv1.weight"],
-        "vision_model.embeddings.class_embedding": sd[b + "class_embedding"],
-        "vision_model.embeddings.position_embedding.weight": sd[b + "positional_embedding"],
+        "embeddings.patch_embedding.weight": sd[b + "conv1.weight"],
+        "embeddings.class_embedding": sd[b + "class_embedding"],
+        "embeddings.position_embedding.weight": sd[b + "positional_embedding"],
     }
     for ours, theirs in (("pre_layrnorm", "ln_pre"), ("post_layernorm", "ln_post")):
         for p in ("weight", "bias"):
-            out[f"vision_model.{ours}.{p}"] = sd[f"{b}{theirs}.{p}"]
+            out[f"{ours}.{p}"] = sd[f"{b}{theirs}.{p}"]
     for i in range(layers):
-        src, dst = f"{b}transformer.resblocks.{i}.", f"vision_model.encoder.layers.{i}."
+        src, dst = f"{b}transformer.resblocks.{i}.", f"encoder.layers.{i}."
         for proj, w, bias in zip(("q_proj", "k_proj", "v_proj"), sd[src + "attn.in_proj_weight"].chunk(3),
                                  sd[src + "attn.in_proj_bias"].chunk(3), strict=True):
             out[f"{dst}self_attn.{proj}.weight"], out[f"{dst}self_attn.{proj}.bias"] = w, bias
