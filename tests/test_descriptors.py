@@ -81,7 +81,8 @@ class _OpenAIVisual(torch.nn.Module):
         self.blocks = torch.nn.ModuleList(
             torch.nn.ModuleDict({"attn": torch.nn.MultiheadAttention(width, width // 64 or 1),
                                  "ln_1": torch.nn.LayerNorm(width), "ln_2": torch.nn.LayerNorm(width),
-                                 "c_fc": torch.nn.Linear(width, width * 4), "c_proj": torch.nn.Linear(width * 4, width)})
+                                 "c_fc": torch.nn.Linear(width, width * 4),
+                                 "c_proj": torch.nn.Linear(width * 4, width)})
             for _ in range(layers))
         self.style = torch.nn.Parameter(torch.randn(width, out) * 0.1)
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_dataset, run_cli, tiny_config
 from safetensors.torch import load_file
 
+from conftest import make_dataset, run_cli, tiny_config
 from stylelora.training.loop import train
 
 SMALL_EVAL = {"data.trigger_word": "zq", "eval.steps": 2, "eval.style_prompts": 2, "eval.prompts": ["a lighthouse"],
@@ -29,7 +29,8 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_evaluate_prints_the_table_and_export_writes_the_best(run: Path, tmp_path: Path) -> None:
-    early = run_cli("export", str(run), "--checkpoint", "best", "--format", "kohya", "--out", str(tmp_path / "x.safetensors"))
+    early = run_cli("export", str(run), "--checkpoint", "best", "--format", "kohya",
+                    "--out", str(tmp_path / "x.safetensors"))
     assert early.returncode == 1 and "not been evaluated" in early.stderr and "Traceback" not in early.stderr
 
     done = run_cli("evaluate", str(run))
@@ -61,7 +62,8 @@ def test_evaluate_prints_the_table_and_export_writes_the_best(run: Path, tmp_pat
     four = run_cli("export", str(run), "--checkpoint", "4", "--format", "diffusers", "--out", str(tmp_path / "four"))
     assert four.returncode == 0, four.stderr
     assert (tmp_path / "four" / "pytorch_lora_weights.safetensors").is_file()
-    wrong = run_cli("export", str(run), "--checkpoint", "5", "--format", "kohya", "--out", str(tmp_path / "y.safetensors"))
+    wrong = run_cli("export", str(run), "--checkpoint", "5", "--format", "kohya",
+                    "--out", str(tmp_path / "y.safetensors"))
     assert wrong.returncode == 1 and "step-000002, step-000004, step-000006" in wrong.stderr
 
 
@@ -102,7 +104,8 @@ def test_mistakes_get_one_plain_line(tmp_path: Path, run: Path) -> None:
     missing = run_cli("evaluate", str(tmp_path))
     assert missing.returncode == 1 and "not a run folder" in missing.stderr
     offline = run_cli("evaluate", str(run), "--set", "eval.descriptor=nobody-here/no-such-clip")
-    assert offline.returncode == 1 and "descriptor 'nobody-here/no-such-clip': could not be downloaded" in offline.stderr
+    assert offline.returncode == 1
+    assert "descriptor 'nobody-here/no-such-clip': could not be downloaded" in offline.stderr
     assert "Traceback" not in offline.stderr + missing.stderr + bad_value.stderr
 
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_dataset, tiny_config
 from safetensors.torch import load_file
 from style_model import colour_model, draw_set, plain_image, style_image
 
+from conftest import make_dataset, tiny_config
 from stylelora.core import events
 from stylelora.evaluation.checkpoints import SavedCheckpoint, run_checkpoints
 from stylelora.evaluation.evalset import build_evalset, pick_evenly
@@ -65,7 +65,8 @@ def test_scores_measure_what_they_say(tmp_path: Path, one_thread: None) -> None:
     references = [style_image(i) for i in range(8)]
     assert evaluator.score_images(references, "training images", 0).style == pytest.approx(1.0, abs=1e-4)
     # an image copied from the training set trips the copying flag; the base model's images do not
-    images = [evaluator.previewer.base(p.text, evaluator.evalset.settings(seed)) for p, seed in evaluator.evalset.images]
+    evalset = evaluator.evalset
+    images = [evaluator.previewer.base(p.text, evalset.settings(seed)) for p, seed in evalset.images]
     assert not evaluator.score_images(images, "base again", 0).copied
     images[3] = style_image(5)
     copied = evaluator.score_images(images, "a copy", 0)
@@ -74,8 +75,8 @@ def test_scores_measure_what_they_say(tmp_path: Path, one_thread: None) -> None:
 
 def test_evaluation_set_is_fixed_and_written_into_the_run(tmp_path: Path) -> None:
     data = make_dataset(tmp_path / "data", n=6)
-    config = tiny_config(data, tmp_path / "run", **{"data.trigger_word": "zq", "eval.style_prompts": 3,
-                                                   "eval.prompts": ["a lighthouse", "a bowl of fruit"], "eval.seeds": 2})
+    config = tiny_config(data, tmp_path / "run", **{"data.trigger_word": "zq", "eval.style_prompts": 3, "eval.seeds": 2,
+                                                   "eval.prompts": ["a lighthouse", "a bowl of fruit"]})
     captions = [f"a picture number {i}, flat style" for i in (5, 1, 3, 0, 2, 4)]
     first, again = build_evalset(config, captions), build_evalset(config, list(reversed(captions)))
     assert first.to_dict() == again.to_dict()  # the same set whatever order the captions come in
