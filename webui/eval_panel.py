@@ -19,7 +19,7 @@ from stylelora.evaluation.checkpoints import run_checkpoints, run_config
 from stylelora.evaluation.compare import compare_runs, comparison
 from stylelora.evaluation.evalset import EVAL_DIR, EvalSet
 from stylelora.evaluation.runner import RunScores, chosen_checkpoint, evaluate_run
-from stylelora.evaluation.scores import COLUMNS, MEANINGS
+from stylelora.evaluation.scores import COLUMNS, MEANINGS, CheckpointScores
 from stylelora.services.sweep import parse_grid, sweep_configs, sweep_folder
 
 from .context import Context, user_errors
@@ -81,7 +81,7 @@ def build(ctx: Context, run_pick: gr.Dropdown) -> dict[str, Any]:
         with gr.Accordion("What the scores mean", open=False):
             gr.Markdown(legend())
         grid = gr.Gallery(label="Evaluation images: one row per prompt, the base model first, then each checkpoint",
-                          columns=4, height="auto", elem_id="eval-grid", object_fit="contain")
+                          columns=4, height=420, elem_id="eval-grid", object_fit="contain", preview=False)
         with gr.Row(equal_height=True):
             checkpoint = gr.Dropdown(label="Checkpoint", elem_id="eval-checkpoint", allow_custom_value=True,
                                      info="the best one is picked; any saved checkpoint of the run")
@@ -96,14 +96,15 @@ def build(ctx: Context, run_pick: gr.Dropdown) -> dict[str, Any]:
 
     def outputs(run: str | None) -> tuple[Any, ...]:
         """The panel for ``run``: nothing yet when it was not scored."""
+        nothing = _plot(RunScores(Path(), "", "", CheckpointScores("base", 0)))  # an empty plot, drawn as one
         if not run:
-            return "", None, None, [], gr.update(choices=[], value=None)
+            return "", nothing, pd.DataFrame(columns=TABLE_HEADERS), [], gr.update(choices=[], value=None)
         path = ws.inside(run, [ws.outputs])
         scores = RunScores.load(path)
         labels = [c.label for c in run_checkpoints(path)] if (path / "config.toml").is_file() else []
         if scores is None:
             return ("Not evaluated yet: press “Evaluate this run”, or train with “Score each checkpoint as it is "
-                    "saved” ticked (Advanced › Evaluation).", None, None, [],
+                    "saved” ticked (Advanced › Evaluation).", nothing, pd.DataFrame(columns=TABLE_HEADERS), [],
                     gr.update(choices=labels, value=labels[-1] if labels else None))
         top = scores.best
         text = (f"**Best checkpoint: {top.label}** (step {top.step}; style {top.style or 0:.2f}, content "
@@ -150,7 +151,7 @@ def compare_controls(ctx: Context) -> None:
         picked = gr.Dropdown(ctx.run_choices(), multiselect=True, label="Compare runs", elem_id="compare-runs",
                              info="two or more runs (a sweep's folder counts as its runs)", scale=4)
         compare_btn = gr.Button("Compare", size="sm", elem_id="compare", scale=1)
-    table = gr.Dataframe(interactive=False, wrap=True, elem_id="compare-table")
+    table = gr.Dataframe(headers=["run", "best", *PLOTTED], interactive=False, wrap=True, elem_id="compare-table")
 
     @user_errors
     def compare(runs: list[str] | None) -> pd.DataFrame:
