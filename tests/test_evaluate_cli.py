@@ -33,7 +33,7 @@ def test_evaluate_prints_the_table_and_export_writes_the_best(run: Path, tmp_pat
                     "--out", str(tmp_path / "x.safetensors"))
     assert early.returncode == 1 and "not been evaluated" in early.stderr and "Traceback" not in early.stderr
 
-    done = run_cli("evaluate", str(run))
+    done = run_cli("evaluate", str(run), timeout=900)  # renders 3 checkpoints: slow on a busy machine
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines[0].split()[:3] == ["checkpoint", "step", "style"] and lines[1].startswith("base")
@@ -43,7 +43,7 @@ def test_evaluate_prints_the_table_and_export_writes_the_best(run: Path, tmp_pat
     assert "scored step-000004" in done.stderr  # progress, per checkpoint
     assert (run / "eval" / "scores.json").is_file() and (run / "logs" / "hparams").is_dir()
 
-    as_json = run_cli("evaluate", str(run), "--checkpoints", "step-000002,4", "--json")
+    as_json = run_cli("evaluate", str(run), "--checkpoints", "step-000002,4", "--json", timeout=900)
     assert as_json.returncode == 0, as_json.stderr
     rows = json.loads(as_json.stdout)
     assert [r["checkpoint"] for r in rows] == ["step-000002", "step-000004", "step-000006"]
