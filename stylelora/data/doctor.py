@@ -19,6 +19,7 @@ from typing import Any
 
 from ..core.config import DataConfig
 from ..core.errors import DataError, setting
+from ..core.plural import counted
 from .dataset import DOC_NAMES, IMAGE_SUFFIXES, Item, read_caption, read_jsonl, scan, with_trigger
 from .imagecheck import check_image, colour_difference, near_duplicate_pairs
 
@@ -98,7 +99,7 @@ class DatasetReport:
     def summary(self) -> str:
         c = self.counts
         line = (f"{c['images']} images found, {c['usable']} usable, {c['skipped']} skipped; "
-                f"{c['errors']} errors, {c['warnings']} warnings, {c['infos']} notes")
+                f"{counted(c['errors'], 'error')}, {counted(c['warnings'], 'warning')}, {counted(c['infos'], 'note')}")
         if self.can_train:
             return f"{line}\ntraining can proceed with {c['usable']} image{'s' * (c['usable'] != 1)}"
         return f"{line}\ntraining cannot proceed: " + "; ".join(self.blockers)
