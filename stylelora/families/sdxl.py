@@ -121,7 +121,7 @@ class SDXL(StableDiffusionFamily):
     name = "sdxl"
     kinds: ClassVar[dict[str, str]] = {"sdxl": "SDXL"}
     architecture: ClassVar[str] = "sdxl-unet"
-    structure: ClassVar[str] = "two text encoders and added time conditioning"
+    structure = "two text encoders and added time conditioning"
     presets: ClassVar[dict[str, str]] = {"sdxl": "sdxl-style"}
     builtins: ClassVar[dict[str, Any]] = {"tiny-sdxl": build_tiny_sdxl}
     suggestions = ("builtin:tiny-sdxl", "stabilityai/stable-diffusion-xl-base-1.0")
