@@ -3,6 +3,7 @@ made and checked as the loaders apply them."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -72,6 +73,7 @@ NO_CHROMIUM = ("browser tests skipped: no Chromium that runs here ({tried}); ins
                "'apt-get install chromium' (or name one in STYLELORA_CHROMIUM) to run them")
 
 
+@functools.cache
 def chromium_path() -> tuple[str | None, str]:
     """(the Chromium the browser tests drive, or None; what was tried): $STYLELORA_CHROMIUM, else chromium or
     chromium-browser on the PATH, else /usr/bin/chromium, each only if ``--version`` runs (Ubuntu's
@@ -86,6 +88,25 @@ def chromium_path() -> tuple[str | None, str]:
         except (OSError, subprocess.TimeoutExpired):
             continue
     return None, ", ".join(tried) or "nothing"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Without a Chromium the browser tests (those using the ``chromium`` fixture) are left out and the summary
+    says so in one line; with STYLELORA_REQUIRE_BROWSER=1 they stay, and the fixture fails them."""
+    browser = [item for item in items if "chromium" in getattr(item, "fixturenames", ())]
+    if not browser or os.environ.get("STYLELORA_REQUIRE_BROWSER") == "1" or chromium_path()[0] is not None:
+        return
+    config.hook.pytest_deselected(items=browser)
+    items[:] = [item for item in items if item not in browser]
+    config.stash[_BROWSER_NOTE] = f"{len(browser)} " + NO_CHROMIUM.format(tried=chromium_path()[1])
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
+    if _BROWSER_NOTE in config.stash:
+        terminalreporter.write_line(config.stash[_BROWSER_NOTE])
+
+
+_BROWSER_NOTE = pytest.StashKey[str]()
 
 
 @pytest.fixture(scope="session")
