@@ -420,8 +420,11 @@ def _saving(k: _Importer) -> None:
     if not is_empty(name):
         k.set("output_name", "export.name", str(name).strip())
     if not is_empty(out) and foreign_path(str(out)) and not Path(str(out).strip()).exists():
-        fallback = Path("outputs") / (str(name).strip() if not is_empty(name) else "run")
-        k.set("output_dir", "train.output_dir", str(fallback))
+        fallback = f"outputs/{str(name).strip()}" if not is_empty(name) else "outputs/<dataset folder name>"
+        if not is_empty(name):
+            k.set("output_dir", "train.output_dir", fallback)
+        else:
+            k.read("output_dir", f"a path from another machine: the run goes to {fallback}")
         k.report.notes.append(f"output_dir {str(out).strip()!r} is {foreign_path(str(out))} from another machine: "
                               f"the run goes to {fallback} in the folder training starts from; set "
                               f"{setting('train.output_dir')} to choose another folder")
