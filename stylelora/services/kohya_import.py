@@ -316,7 +316,7 @@ def _optimizer(k: _Importer) -> None:
             k.skip(key, f"{name} is not available; adamw is used (stylelora has adamw, adamw8bit, prodigy, "
                    "adafactor, lion, came, ademamix, schedulefree_adamw)")
     for other in ("optimizer_type", "optimizer", "use_8bit_adam", "use_lion_optimizer"):
-        k.read(other, f"{key} names the optimizer")
+        k.read(other, f"{key} names the optimizer" if key else "no optimizer named: adamw, stylelora's default")
     args = as_args(k.get("optimizer_args"))
     if args:
         k.used.add("optimizer_args")  # each of its arguments is listed on its own
