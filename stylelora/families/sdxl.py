@@ -152,6 +152,10 @@ class SDXL(StableDiffusionFamily):
     def check_model(self, model: BaseModel, config: Config) -> None:
         """SDXL's conditioning already skips the last layer (``encode_sdxl``): clip skip does not apply."""
 
+    def ignored_settings(self, kind: str) -> dict[str, str]:
+        return {"model.clip_skip": "SDXL is conditioned on the layer before the last of both text encoders already "
+                                   "(as kohya's SDXL trainer does); clip skip does not apply to SDXL"}
+
     def predict(self, denoiser: Any, noisy: torch.Tensor, timesteps: torch.Tensor, text: TextStates,
                 time_ids: torch.Tensor | None) -> torch.Tensor:
         """The UNet with its added conditioning: the pooled text and the size/crop time ids."""

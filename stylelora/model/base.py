@@ -153,6 +153,11 @@ class ModelFamily:
     def check_model(self, model: BaseModel, config: Config) -> None:
         """Raise ConfigError for settings that do not fit the loaded model (clip skip beyond its layers)."""
 
+    def ignored_settings(self, kind: str) -> dict[str, str]:
+        """Config fields a model of ``kind`` trains without, each with why (import-kohya leaves such a setting out
+        and says so)."""
+        return {}
+
     # --- what a loaded model is ------------------------------------------------------------------------
     def native_resolution(self, pipeline: Any) -> int:
         return int(getattr(pipeline, self.denoiser).config.sample_size * pipeline.vae_scale_factor)
