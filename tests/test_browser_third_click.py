@@ -20,16 +20,13 @@ import numpy as np
 import pytest
 from gui_server import launch, make_root
 from PIL import Image
-from test_browser import ARGS, CHROMIUM
+from test_browser import ARGS
 from test_browser_second_click import QUICK, open_page, pick, pick_image, set_number, settled, toasts, wait_for_run
 
 from conftest import draw_image
 from stylelora.core.config import Config
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("chromium") is None and not Path(CHROMIUM).exists(),
-    reason="Debian's Chromium is not installed (apt-get install chromium); .ci/run installs it",
-)
+pytestmark = pytest.mark.usefixtures("chromium")  # skips with one line (fails in CI) when there is none
 KOHYA = Path(__file__).parent / "kohya"
 
 
@@ -44,13 +41,13 @@ def app(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture
-def browser():
+def browser(chromium: str):
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        yield chromium
-        chromium.close()
+        launched = p.chromium.launch(executable_path=chromium, args=ARGS)
+        yield launched
+        launched.close()
 
 
 @pytest.fixture(scope="module")

@@ -40,7 +40,7 @@ LAYERS: list[tuple[str, list[tuple[str, ...]]]] = [
     ("model", [("model", "model.placement"), ("model.lora", "model.attention"), ("model.base",),
                ("model.text", "model.losses", "model.blocks", "model.builtin")]),
     ("core", [("core", "core.events", "core.metrics"), ("core.config",), ("core.options", "core.fileio"),
-              ("core.errors", "core.logs", "core.plural")]),
+              ("core.errors", "core.logs")]),
 ]
 SHELLS = ("app", "webui")  # first-party code outside the library: the Gradio app
 

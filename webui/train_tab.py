@@ -17,7 +17,7 @@ import pandas as pd
 
 from stylelora.core import events
 from stylelora.core.config import Config
-from stylelora.core.plural import counted
+from stylelora.core.errors import counted
 from stylelora.families import peek_model
 from stylelora.services import kohya_import, kohya_keys
 from stylelora.services.launch import runner_for
