@@ -182,8 +182,9 @@ def test_a_dataset_folder_added_from_elsewhere_is_served_and_nothing_beside_it(s
                       (str(tmp_path / "deep"), "no images in it")]:
         with pytest.raises(AppError, match=why):
             client.predict(path, api_name="/use_folder")
-    dataset, result, form_dataset = client.predict(str(photos), api_name="/use_folder")
-    assert dataset == form_dataset == str(photos) and "the Train tab's dataset now" in result
+    dataset, result, form_dataset = client.predict(str(photos), api_name="/use_folder")  # dropdown updates
+    assert dataset["value"] == form_dataset["value"] == str(photos) and "the Train tab's dataset now" in result
+    assert str(photos) in [value for value, _ in form_dataset["choices"]]
     assert httpx.get(image).content == (photos / "10_zqx style" / "a.png").read_bytes()
     for path in [private / "a.png", tmp_path / ".hidden" / "a.png", photos / ".." / "private" / "a.png"]:
         got = httpx.get(f"{url}/gradio_api/file={path}")
