@@ -291,7 +291,7 @@ def test_a_kohya_config_trains_from_its_own_folders_after_adding_the_dataset(app
 
 
 def test_the_train_form_follows_the_dataset_created_or_opened(app, browser) -> None:
-    url, _, root = app
+    url, ctx, root = app
     page, errors = open_page(browser, url, "Dataset")
 
     def train_form_shows(dataset: str) -> None:
@@ -307,10 +307,16 @@ def test_the_train_form_follows_the_dataset_created_or_opened(app, browser) -> N
     train_form_shows("datasets/example")
     pick(page, "dataset-pick", "fresh")  # the second pick too
     train_form_shows("datasets/fresh")
-    page.reload()  # a reloaded page starts from the Dataset tab's pick again
+    page.reload()  # a reloaded page shows the last run's settings, and the Dataset tab shows their dataset
+    page.get_by_role("tab", name="Train").click()
+    form = field_value(page, "cfg-data-path")
     page.get_by_role("tab", name="Dataset").click()
-    pick(page, "dataset-pick", "example")
-    train_form_shows("datasets/example")
+    page.wait_for_function("() => document.querySelector('#dataset-pick input')?.value", timeout=QUICK)
+    shown = field_value(page, "dataset-pick")
+    assert ctx.workspace.display(ctx.workspace.open_dataset(shown)) == form, (shown, form)
+    other = "fresh" if shown != "fresh" else "example"
+    pick(page, "dataset-pick", other)  # and a pick there moves the form, after a reload too
+    train_form_shows(f"datasets/{other}")
     assert errors == []
 
 
@@ -375,8 +381,13 @@ def test_stopping_with_a_queue_leaves_no_stale_status_and_a_continued_run_plots_
     set_number(page, "cfg-train-steps", 2)
     page.locator("#add-to-queue").click()
     page.get_by_text("added run #").first.wait_for(timeout=QUICK)
+    page.evaluate("""() => {  // the notice may show Stop's answer only for a moment: the run ends a step later
+        const notice = document.querySelector('#train-notice');
+        new MutationObserver(() => { if (notice.innerText.includes('the queue goes on with the next run'))
+            window.sawQueueNote = true; }).observe(notice, {childList: true, subtree: true, characterData: true});
+    }""")
     page.locator("#stop-training").click()
-    page.get_by_text("the queue goes on with the next run").first.wait_for(timeout=QUICK)
+    page.wait_for_function("() => window.sawQueueNote === true", timeout=QUICK)
     wait_for_run(page, first + 1)
     page.wait_for_function("() => !document.querySelector('#train-notice').innerText.includes('stopping')",
                            timeout=QUICK)

@@ -61,7 +61,10 @@ def build_app(root: str | Path = ".", ctx: Context | None = None) -> tuple[gr.Bl
                         api_name="check_data", show_progress_on=check_outputs[0])
         show, dataset, images = data["show"]
         data_path = form.widgets["data.path"]
-        demo.load(data["refresh"], dataset, dataset, api_name=False).then(show, dataset, images, api_name=False)
+        # A reopened page's Dataset tab shows the dataset of the settings the Train form shows (the last run's),
+        # so the two agree, and picking another dataset there moves the form to it.
+        demo.load(lambda name: data["refresh"](form_pick(ctx) or name), dataset, dataset, api_name=False).then(
+            show, dataset, images, api_name=False)
         demo.load(lambda: gr.update(choices=ctx.dataset_choices()), None, data_path, api_name=False)
         # A reopened browser shows the running (or last) training with its settings, and keeps following it.
         demo.load(train["running_config"], None, form.components, api_name=False)
@@ -69,6 +72,12 @@ def build_app(root: str | Path = ".", ctx: Context | None = None) -> tuple[gr.Bl
         demo.load(train["follow"], None, train["outputs"], api_name="watch", concurrency_limit=None)
     ctx.job.resume_queue()
     return demo, ctx
+
+
+def form_pick(ctx: Context) -> str | None:
+    """The Dataset tab's name for the dataset of the run a reopened page shows (None without one)."""
+    config = ctx.job.config
+    return ctx.workspace.dataset_name(config.data.path) if config is not None else None
 
 
 def form_dataset(ctx: Context, name: str | None) -> dict:

@@ -110,6 +110,15 @@ class Workspace:
         """What the app lists as datasets: the folders under datasets/ by name, then the added folders' paths."""
         return list_datasets(self.datasets) + [str(p) for p in self.added]
 
+    def dataset_name(self, path: str | Path) -> str | None:
+        """How the app lists the dataset at ``path`` (a config's ``data.path``): its name under datasets/, or an
+        added folder's path; None when the app does not list it."""
+        if not str(path).strip():
+            return None
+        p = self.resolve(path)
+        name = p.name if p.parent == self.datasets else str(p)
+        return name if name in self.dataset_names() else None
+
     def resolve(self, path: str | Path) -> Path:
         """``path`` made absolute (relative ones against the root), links followed."""
         p = Path(path).expanduser()
