@@ -23,6 +23,7 @@ from PIL import Image
 from ..core import events, fileio
 from ..core.config import Config
 from ..core.errors import ConfigError
+from ..core.metrics import METRICS_FILE
 from ..data import images as image_files
 from ..preview.previewer import AdapterSource, Previewer
 from .checkpoints import SavedCheckpoint, run_checkpoints, run_config, select
@@ -81,7 +82,7 @@ def validation_losses(run_dir: Path) -> dict[int, float]:
     """The validation loss of each step that has one, from the run's metrics.jsonl."""
     losses: dict[int, float] = {}
     try:
-        lines = (run_dir / "metrics.jsonl").read_text(encoding="utf-8", errors="replace").splitlines()
+        lines = (run_dir / METRICS_FILE).read_text(encoding="utf-8", errors="replace").splitlines()
     except OSError:
         return losses
     for line in lines:
