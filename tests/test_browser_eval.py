@@ -5,22 +5,18 @@ a sweep."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 from gui_server import launch, make_root
-from test_browser import ARGS, CHROMIUM
+from test_browser import ARGS
 from test_browser_second_click import open_advanced, pick, set_number
 
 from conftest import make_dataset
 from stylelora.core.config import Config
 from stylelora.training.loop import train
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("chromium") is None and not Path(CHROMIUM).exists(),
-    reason="Debian's Chromium is not installed (apt-get install chromium); .ci/run installs it",
-)
+pytestmark = pytest.mark.usefixtures("chromium")  # skips with one line (fails in CI) when there is none
 QUICK = 15_000
 EVALUATION = {"data.trigger_word": "zq", "eval.steps": 2, "eval.style_prompts": 2, "eval.prompts": ["a lighthouse"],
               "eval.seeds": 2}
@@ -48,12 +44,12 @@ def app(tmp_path_factory: pytest.TempPathFactory):
     demo.close()
 
 
-def test_the_evaluation_panel_plots_scores_marks_the_best_and_exports_it(app, tmp_path: Path) -> None:
+def test_the_evaluation_panel_plots_scores_marks_the_best_and_exports_it(app, tmp_path: Path, chromium: str) -> None:
     from playwright.sync_api import sync_playwright
 
     url, ctx, root, scored, unscored = app
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        browser = p.chromium.launch(executable_path=chromium, args=ARGS)
         page = browser.new_page(viewport={"width": 1280, "height": 1400})
         errors: list[str] = []
         page.on("pageerror", lambda e: errors.append(str(e)))
