@@ -257,10 +257,13 @@ class GenerateSettings:
 
     negative_prompt: str = option("", "What the image should not show.")
     seed: int = option(0, "Seed of the starting noise: the same seed gives the same image.", ge=0, le=2**63 - 1)
-    steps: int = option(20, "Denoising steps.", ge=1)
+    steps: int | None = option(
+        None, "Denoising steps; unset means the model's own (SD 20, FLUX.1 [dev] 28, [schnell] 4, SD3.5 28-40).", ge=1)
     width: int | None = option(None, "Pixels, a multiple of 8 (default: the model's native size).")
     height: int | None = option(None, "Pixels, a multiple of 8 (default: the model's native size).")
-    guidance: float = option(7.5, "Classifier-free guidance scale.", ge=0)
+    guidance: float | None = option(
+        None, "Guidance scale (classifier-free; FLUX.1 [dev]'s guidance input); unset means the model's own (SD 7.5, "
+        "FLUX.1 [dev] 3.5, [schnell] 0, SD3.5 3.5-4.5).", ge=0)
     sampler: str | None = option(
         None, "The model's own scheduler by default, or a sampler by name (AUTOMATIC1111's labels work too)."
     )
@@ -274,7 +277,7 @@ class GenerateSettings:
         for f in dataclasses.fields(self):  # ints stay ints, floats become floats: equal settings hash alike
             object.__setattr__(self, f.name, coerce(getattr(self, f.name), hints[f.name], f.name))
         errors = check_fields(self, "")
-        if not errors and not math.isfinite(self.guidance):
+        if not errors and self.guidance is not None and not math.isfinite(self.guidance):
             errors.append(f"guidance: must be a finite number, got {self.guidance}")
         if errors:
             raise ConfigError("\n".join(errors))
@@ -290,8 +293,8 @@ class SampleConfig:
     negative_prompt: str = option_like(GenerateSettings, "negative_prompt", "Negative prompt for samples.")
     every: int = option(0, "Render samples every N steps; 0 turns it off.", ge=0)
     seed: int = option(1234, "Seed of the samples (the same for every step, so they compare).", ge=0)
-    steps: int = option_like(GenerateSettings, "steps", "Denoising steps per sample.", le=200)
-    guidance: float = option_like(GenerateSettings, "guidance")
+    steps: int | None = option_like(GenerateSettings, "steps", "Denoising steps per sample.", le=200)
+    guidance: float | None = option_like(GenerateSettings, "guidance")
 
 
 @dataclass

@@ -86,7 +86,8 @@ class StableDiffusionFamily(ModelFamily):
             if tokenizer is not None and encoder is not None:
                 tokenizer.model_max_length = token_limit(tokenizer, encoder)
 
-    def encode_text(self, encoders: Sequence[Any], ids: Sequence[torch.Tensor], clip_skip: int = 1) -> TextStates:
+    def encode_text(self, encoders: Sequence[Any], ids: Sequence[torch.Tensor], clip_skip: int = 1,
+                    frozen: TextStates | None = None) -> TextStates:
         from ..model.text import TextStates, encode
 
         return TextStates(encode(encoders[0], ids[0], clip_skip))
@@ -165,15 +166,6 @@ class StableDiffusionFamily(ModelFamily):
             targets += [LoraTarget(part, m, list(lora.text_encoder_targets)) for part, m in model.parts()
                         if part in chosen]
         return targets
-
-    def text_selection(self, name: str) -> tuple[str, ...] | None:
-        """The text-encoder parts ``te`` (all), ``te1`` or ``te2`` name; None for another name. A model with
-        one text encoder takes it for any of them."""
-        if name not in ("te", "both", "te1", "te2"):
-            return None
-        if len(self.text_parts) == 1 or name in ("te", "both"):
-            return self.text_parts
-        return (self.text_parts[int(name[-1]) - 1],)
 
     def check_blocks(self, selectors: Sequence[str], field: str = "lora.blocks") -> None:
         blocks.expand(selectors, field)

@@ -33,7 +33,8 @@ def prepare_for_training(
     params = add_lora(model, config.lora)
     text_encoders = model.text_encoders
     training = [any(p.requires_grad for p in encoder.parameters()) for encoder in text_encoders]
-    set_attention(model.denoiser, train.attention)
+    if model.family.sets_attention:  # a diffusion transformer keeps diffusers' own processors
+        set_attention(model.denoiser, train.attention)
     if train.gradient_checkpointing:
         _enable_gradient_checkpointing(model, training)
     weight_dtype = WEIGHT_DTYPES.get(mixed_precision, torch.float32)

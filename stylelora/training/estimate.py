@@ -97,8 +97,12 @@ def _cpu_attention() -> Iterator[None]:
     CPU run takes the fused kernel, which keeps only the output and a log-sum-exp. Count that one."""
     plain = torch.nn.functional.scaled_dot_product_attention
 
-    def fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Any = None, dropout_p: float = 0.0,
-              is_causal: bool = False, scale: float | None = None, **_: Any) -> torch.Tensor:
+    def fused(q: torch.Tensor | None = None, k: torch.Tensor | None = None, v: torch.Tensor | None = None,
+              attn_mask: Any = None, dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
+              **named: Any) -> torch.Tensor:
+        # diffusers' transformers call it with query=, key=, value= (and enable_gqa=)
+        q, k, v = (q if q is not None else named["query"], k if k is not None else named["key"],
+                   v if v is not None else named["value"])
         if q.device.type != "meta" or attn_mask is not None:
             return plain(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale)
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, dropout_p, is_causal,
@@ -142,7 +146,8 @@ def profile_step(model: Any, config: Config, batch_size: int | None = None, reso
     checkpointing = config.train.gradient_checkpointing if gradient_checkpointing is None else gradient_checkpointing
     meta = _meta_copy(model)
     add_lora(meta, config.lora)
-    set_attention(meta.denoiser, config.train.attention)
+    if meta.family.sets_attention:
+        set_attention(meta.denoiser, config.train.attention)
     meta.denoiser.train()
     if checkpointing:
         meta.denoiser.enable_gradient_checkpointing()

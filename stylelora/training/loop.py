@@ -529,7 +529,8 @@ def _train(config: Config, emit: RunTracker, stop: StopSignal, model: BaseModel 
                 noisy = objective.noisy(latents, noise, timesteps)
                 text = batch.text
                 if text is None:  # a text encoder trains: run them here, with gradients
-                    text = family.encode_text(text_encoders, batch.input_ids, config.model.clip_skip)
+                    text = family.encode_text(text_encoders, batch.input_ids, config.model.clip_skip,
+                                              batch.frozen_text)
                 target = objective.target(latents, noise, timesteps)
                 pred = family.predict(denoiser, noisy, timesteps, text, batch.time_ids)  # SDXL: + pooled, time ids
                 weights = batch.loss_weights * objective.weights(timesteps)
