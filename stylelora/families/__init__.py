@@ -23,6 +23,7 @@ from . import loading
 from .flux import Flux
 from .sd1 import SD1
 from .sd2 import SD2
+from .sd3 import SD3
 from .sdxl import SDXL
 
 log = logging.getLogger(__name__)
@@ -302,3 +303,4 @@ register(SDXL())
 register(SD2())
 register(SD1())
 register(Flux(), before="sdxl")
+register(SD3(), before="sdxl")
