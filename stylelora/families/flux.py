@@ -221,6 +221,9 @@ class Flux(TransformerFamily):
     def original(self, path: str, denoiser_config: Mapping[str, Any]) -> Original | None:
         return bfl_module(path)
 
+    def original_parameter(self, key: str) -> str | None:
+        return bfl_parameter(key)
+
     def metadata(self, kind: str) -> dict[str, str]:
         """As sd-scripts' FLUX LoRAs say it (flux_utils.MODEL_VERSION_FLUX_V1, sai_model_spec's architectures)."""
         return {"ss_base_model_version": "flux1", "ss_network_module": "networks.lora_flux",

@@ -33,7 +33,8 @@ TEXT_ENCODERS = (("clip_l", "text_encoder"), ("clip_g", "text_encoder_2"), ("t5x
 def build_tiny_sd35() -> Any:
     """An SD3.5-Medium-shaped pipeline with small random deterministic weights: two joint blocks 32 wide (q/k
     norms, the first with MMDiT-X's second attention), a 16-channel VAE (SD3's shift and scaling factor), CLIP-L-
-    and CLIP-G-shaped encoders with projections and a T5 encoder, their tokenizers made in code."""
+    and CLIP-G-shaped encoders of two widths (CLIP-L's projection the identity, as SD3's) and a T5 encoder wider
+    than both side by side, their tokenizers made in code."""
     import torch
     from diffusers import (
         AutoencoderKL,
@@ -48,16 +49,19 @@ def build_tiny_sd35() -> Any:
         torch.manual_seed(0)
         transformer = SD3Transformer2DModel(
             sample_size=8, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=8, num_attention_heads=4,
-            joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=64, out_channels=16,
+            joint_attention_dim=96, caption_projection_dim=32, pooled_projection_dim=80, out_channels=16,
             pos_embed_max_size=16, qk_norm="rms_norm", dual_attention_layers=(0,))
         vae = AutoencoderKL(block_out_channels=(16, 16, 32, 32), down_block_types=("DownEncoderBlock2D",) * 4,
                             up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=16, norm_num_groups=8,
                             layers_per_block=1, sample_size=64, use_quant_conv=False, use_post_quant_conv=False,
                             shift_factor=0.0609, scaling_factor=1.5305)
-        size = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, projection_dim=32)
-        text_encoder = CLIPTextModelWithProjection(clip_config(tokenizer, **size))
-        text_encoder_2 = CLIPTextModelWithProjection(clip_config(tokenizer_2, **size, hidden_act="gelu"))
-        text_encoder_3 = T5EncoderModel(t5_config(tokenizer_3, d_model=64, d_kv=8, d_ff=64, num_layers=2,
+        layers = dict(num_hidden_layers=2, num_attention_heads=4)
+        text_encoder = CLIPTextModelWithProjection(clip_config(tokenizer, hidden_size=32, intermediate_size=64,
+                                                               projection_dim=32, **layers))
+        torch.nn.init.eye_(text_encoder.text_projection.weight)
+        text_encoder_2 = CLIPTextModelWithProjection(clip_config(tokenizer_2, hidden_size=48, intermediate_size=96,
+                                                                 projection_dim=48, hidden_act="gelu", **layers))
+        text_encoder_3 = T5EncoderModel(t5_config(tokenizer_3, d_model=96, d_kv=8, d_ff=64, num_layers=2,
                                                   num_heads=4))
     return StableDiffusion3Pipeline(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
@@ -204,6 +208,9 @@ class SD3(TransformerFamily):
             config["num_layers"] = max(blocks) + 1
         return super().kohya_names(modules, config)
 
+    def original_parameter(self, key: str) -> str | None:
+        return mmdit_parameter(key)
+
     def metadata(self, kind: str) -> dict[str, str]:
         return {"ss_base_model_version": self.model_types[kind], "ss_network_module": "networks.lora_sd3",
                 "modelspec.architecture": f"stable-diffusion-3-{self.model_types[kind]}/lora",
@@ -220,14 +227,14 @@ class SD3(TransformerFamily):
         config = dict(pipeline.transformer.config)
         extra = dict(ldm_vae_state(pipeline.vae))
         for name, part in TEXT_ENCODERS:
-            state = getattr(pipeline, part).state_dict()
-            tied = "shared.weight" in state  # T5 keeps its embedding once (encoder.embed_tokens is the same)
-            for key, tensor in state.items():
-                if tied and key == "encoder.embed_tokens.weight":
-                    continue
-                mapped = key if name == "t5xxl" else conventional_text_path(key.rsplit(".", 1)[0]) + "." + \
-                    key.rsplit(".", 1)[1]
-                extra[f"text_encoders.{name}.transformer.{mapped}"] = tensor
+            seen: set[int] = set()
+            for key, tensor in getattr(pipeline, part).state_dict().items():
+                module, _, param = key.rpartition(".")
+                mapped = key if name == "t5xxl" else f"{conventional_text_path(module)}.{param}"
+                # T5's embedding is tied (shared, encoder.embed_tokens): both names, each its own tensor
+                extra[f"text_encoders.{name}.transformer.{mapped}"] = tensor.clone() if tensor.data_ptr() in seen \
+                    else tensor
+                seen.add(tensor.data_ptr())
         kind = self.detect(Configs("StableDiffusion3Pipeline", config)) or "sd35-large"
         architecture = {"modelspec.architecture": f"stable-diffusion-3-{self.model_types[kind]}"}
         return save_transformer(pipeline.transformer, out, precision, lambda p: mmdit_module(p, config),

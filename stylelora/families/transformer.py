@@ -258,41 +258,46 @@ class TransformerFamily(ModelFamily):
         raise NotImplementedError
 
     # --- single files ---------------------------------------------------------------------------------------
-    def load_single_file(self, path: Path, config_source: str, kind: str) -> Any | None:
-        """A transformer-only file (or a checkpoint holding one under ``model.diffusion_model.``), in the
-        original layout or diffusers' names, with the text encoders, tokenizers, VAE and scheduler of the
-        diffusers folder in ``model.config``."""
-        import diffusers
+    def original_parameter(self, key: str) -> str | None:
+        """The original name of a parameter outside the linear layers (norm scales, position tables), or None."""
+        raise NotImplementedError
 
+    def load_single_file(self, path: Path, config_source: str, kind: str) -> Any | None:
+        """A transformer-only file (or one holding only the transformer under ``model.diffusion_model.``), in the
+        original layout or with diffusers' names, beside the text encoders, tokenizers, VAE and scheduler of the
+        diffusers folder in ``model.config``. Read by this family's own map of the original layout, at any
+        width (diffusers' converters assume FLUX.1's), in the file's precision."""
         folder = Path(config_source).expanduser() if config_source else None
         if folder is None or not (folder / "model_index.json").is_file():
             raise ModelError(
                 f"model '{path}': a {self.name} single file holds the transformer; the text encoders and VAE come "
                 f"from a local diffusers folder of the same model: set {setting('model.config', '/path/to/folder')}")
-        cls = getattr(diffusers, self.transformer_class)
         try:
-            if self.has_diffusers_names(path):
-                transformer = _diffusers_named(cls, path, folder / "transformer")
-            else:
-                transformer = cls.from_single_file(str(path), config=str(folder), subfolder="transformer",
-                                                   local_files_only=True)
+            transformer = self._transformer_from_file(path, folder / "transformer")
             return self.pipeline_class(kind).from_pretrained(str(folder), transformer=transformer)
         except (OSError, ValueError, KeyError, RuntimeError) as e:
             raise ModelError(f"model '{path}': cannot load this {self.name} file with the parts of {folder} "
                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
 
-    def has_diffusers_names(self, path: Path) -> bool:
-        from .loading import single_file_keys
+    def _transformer_from_file(self, path: Path, config_folder: Path) -> Any:
+        import diffusers
+        from accelerate import init_empty_weights
+        from safetensors.torch import load_file
 
-        return any(k.startswith("transformer_blocks.") for k in single_file_keys(path))
+        from .original_layout import diffusers_state
 
-
-def _diffusers_named(cls: Any, path: Path, config_folder: Path) -> Any:
-    """A transformer from a file that already has diffusers' names (as ``save_pretrained`` writes them)."""
-    from accelerate import init_empty_weights
-    from safetensors.torch import load_file
-
-    with init_empty_weights():
-        model = cls.from_config(cls.load_config(str(config_folder)))
-    model.load_state_dict(load_file(str(path)), strict=True, assign=True)
-    return model.eval()
+        cls = getattr(diffusers, self.transformer_class)
+        with init_empty_weights():
+            model = cls.from_config(cls.load_config(str(config_folder)))
+        expected = model.state_dict()
+        prefix = "model.diffusion_model."
+        tensors = {k.removeprefix(prefix): v for k, v in load_file(str(path)).items()}
+        if not any(k.startswith("transformer_blocks.") for k in tensors):  # the original layout
+            config = dict(model.config)
+            tensors = diffusers_state(tensors, expected, lambda p: self.original(p, config), self.original_parameter)
+        missing = sorted(set(expected) - set(tensors))
+        if missing:
+            raise ModelError(f"model '{path}': no {missing[:3]} ({len(missing)} weights missing) for the transformer "
+                             f"of {config_folder.parent}; is it the same model?")
+        model.load_state_dict({k: tensors[k] for k in expected}, strict=True, assign=True)
+        return model.eval()
