@@ -56,11 +56,12 @@ class ModelConfig:
         "Model family: auto tells SD1, SD2-512 (epsilon), SD2-768-v and SDXL apart from the model's structure; "
         "set it when a fine-tune is taken for the wrong one (sd2-v trains with v-prediction).",
     )
-    quantize: Literal["none", "fp8", "int8", "nf4"] = option(
-        "none",
-        "Keep the frozen UNet and text-encoder weights quantized while training (QLoRA-style, through "
+    quantize: Literal["auto", "none", "fp8", "int8", "nf4"] = option(
+        "auto",
+        "Keep the frozen denoiser and text-encoder weights quantized while training (QLoRA-style, through "
         "optimum-quanto): fp8 or int8 about halve their memory against bf16, nf4 (4-bit) quarters it, at some "
-        "step time. The LoRA weights, samples and exported adapters are unchanged.",
+        "step time. The LoRA weights, samples and exported adapters are unchanged. auto: nf4 for FLUX.1 and SD3.5 "
+        "on a GPU (their transformer and T5 would not fit a 24 GB card in bf16), none otherwise.",
     )
 
 

@@ -76,6 +76,10 @@ class TransformerFamily(ModelFamily):
 
         return self.detect(pipeline_configs(pipeline)) or next(iter(self.kinds))
 
+    def quantize_on_gpu(self, kind: str) -> str:
+        """nf4: FLUX.1's 12B transformer (24 GB in bf16) and T5-XXL (9.5 GB) fit a 16 GB card only so."""
+        return "nf4"
+
     def sample_settings(self, kind: str) -> dict[str, Any]:
         return dict(self.samplers[kind])
 

@@ -127,6 +127,10 @@ class ModelFamily:
         the flow-matching options only for flow models, and none of ``unused_fields``."""
         return field not in self.unused_fields and (field not in FLOW_FIELDS or self.flow_matching)
 
+    def quantize_on_gpu(self, kind: str) -> str:
+        """What ``model.quantize=auto`` holds the frozen base in on a GPU: none (the SD UNets fit), nf4..."""
+        return "none"
+
     def learns_worse_below_native(self, kind: str) -> bool:
         """Whether training ``kind`` far below its native size deserves a warning (SDXL, SD2-768-v)."""
         return kind in self.below_native_warning
