@@ -49,8 +49,9 @@ def main() -> None:
           f"{profile.trainable / 1e6:.1f} M parameters, gradient checkpointing "
           f"{'off' if args.no_checkpointing else 'on'}; one step {profile.flops / 1e12:.1f} TFLOP, "
           f"{profile.activation_bytes / GiB:.2f} GiB kept for the backward pass (fp32 count)")
-    print(f"\n`python benchmarks/bench_transformer_estimate.py --model {args.model} --resolution {args.resolution} "
-          f"--rank {args.rank}`; {platform.machine()} {platform.system()}, {date.today()}, counted on the meta device\n")
+    command = (f"python benchmarks/bench_transformer_estimate.py --model {args.model} --resolution "
+               f"{args.resolution} --rank {args.rank}")
+    print(f"\n`{command}`; {platform.machine()} {platform.system()}, {date.today()}, counted on the meta device\n")
     print("| model.quantize | frozen weights on the GPU | step peak (estimate) | 12 GB | 16 GB | 24 GB |")
     print("| --- | --- | --- | --- | --- | --- |")
     for scheme in ("none", "fp8", "nf4"):
