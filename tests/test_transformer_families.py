@@ -6,6 +6,7 @@ diffusers' own loaders take, and full-size key maps checked on FLUX.1 [dev] and 
 from __future__ import annotations
 
 import json
+import math
 import signal
 import sys
 from pathlib import Path
@@ -99,11 +100,11 @@ def test_built_ins_folders_and_single_files_are_told_apart_by_structure(tmp_path
 
 
 def test_settings_a_flow_transformer_cannot_use_are_refused_by_name() -> None:
-    for setting, word in [({"lora.type": "loha"}, "lora.type: loha is not trained on flux models"),
+    for setting, word in [({"lora.type": "loha"}, "lora.type: loha is not trained on FLUX.1 models"),
                           ({"train.min_snr_gamma": 5.0}, "train.min_snr_gamma: is for the SD UNets"),
                           ({"model.prediction_type": "epsilon"}, "model.prediction_type: is for the SD UNets"),
                           ({"data.resolution": 72}, "data.resolution: 72 is not a multiple of 16"),
-                          ({"lora.blocks": ["up.0"]}, "lora.blocks: 'up.0' is not a block of a flux transformer; "
+                          ({"lora.blocks": ["up.0"]}, "lora.blocks: 'up.0' is not a block of a FLUX.1 transformer; "
                                                       "use double.N or single.N")]:
         with pytest.raises(ConfigError, match=word.replace(".", r"\.").replace("(", r"\(")):
             Config().with_overrides({"model.kind": "flux-dev", **setting})
@@ -140,18 +141,21 @@ def test_flux_step_packs_latents_feeds_guidance_and_positions() -> None:
 def test_flow_objectives_shift_as_each_model_samples() -> None:
     flux, sd35 = load_base_model("builtin:tiny-flux"), load_base_model("builtin:tiny-sd35")
     train_settings = Config().train
-    draws = {}
+    u = 1 / (1 + torch.exp(-torch.randn(64, generator=torch.Generator().manual_seed(0))))  # unshifted logit-normal
+    shifted = {}
     for name, model in (("flux", flux), ("sd35", sd35)):
         objective = model.family.objective(model, train_settings)
-        for side in (8, 64):
-            generators = [torch.Generator().manual_seed(i) for i in range(64)]
-            draws[(name, side)] = objective.draw(generators, (16, side, side))[1]
+        for side in (8, 128):  # 16 and 4096 tokens: FLUX.1 [dev]'s scheduler shifts from e^0.46 to e^1.15
+            shifted[(name, side)] = objective.shift(u, (16, side, side))
+            generators = [torch.Generator().manual_seed(i) for i in range(4)]
+            sigmas = objective.draw(generators, (16, side, side))[1]
+            assert sigmas.shape == (4,) and bool(((sigmas > 0) & (sigmas < 1)).all())
         latents, noise = torch.randn(1, 16, 8, 8), torch.randn(1, 16, 8, 8)
         assert torch.equal(objective.target(latents, noise, torch.tensor([0.5])), noise - latents)
-    assert draws[("flux", 64)].mean() > draws[("flux", 8)].mean() + 0.1  # more tokens, more noise (FLUX's shift)
-    assert torch.equal(draws[("sd35", 64)], draws[("sd35", 8)])  # SD3's shift (3.0) is the same at every size
-    u = 1 / (1 + torch.exp(-torch.randn(64, generator=torch.Generator().manual_seed(0))))  # unshifted logit-normal
-    assert draws[("sd35", 8)].mean() > u.mean()
+    assert shifted[("flux", 128)].mean() > shifted[("flux", 8)].mean() + 0.1  # more tokens, more noise (FLUX's shift)
+    torch.testing.assert_close(shifted[("flux", 128)], math.e ** 1.15 * u / (1 + (math.e ** 1.15 - 1) * u))
+    assert torch.equal(shifted[("sd35", 128)], shifted[("sd35", 8)])  # SD3's shift (3.0) is the same at every size
+    torch.testing.assert_close(shifted[("sd35", 8)], 3 * u / (1 + 2 * u))
 
 
 # --- training ---------------------------------------------------------------------------------------------------
@@ -375,6 +379,43 @@ def test_kohya_names_map_onto_flux_dev_and_sd35_large_at_full_size() -> None:
                 for side in ("A", "B"):
                     key = f"{path}.lora_{side}.weight"
                     assert torch.equal(converted[f"transformer.{key}"], lora[key]), key
+
+
+def test_fused_kohya_modules_keep_every_members_change_exact() -> None:
+    """q, k and v as one module: stacked downs, block-diagonal ups, summed alphas; split back exactly; a member of
+    another scale folded into its block; a member without LoRA as zero rows; sd-scripts' dense fused LoRA shared
+    out by its down. Each member's change (alpha/rank · up @ down) is the same before and after."""
+    from stylelora.adapters.fused import fuse, split
+
+    g = torch.Generator().manual_seed(0)
+
+    def lora(rank: int, alpha: float, out: int = 8) -> tuple:
+        return torch.randn(rank, 6, generator=g), torch.randn(out, rank, generator=g), alpha
+
+    def change(m: tuple) -> torch.Tensor:
+        return m[1] @ m[0] * (m[2] / m[0].shape[0])
+
+    members = [lora(4, 2.0), lora(4, 2.0), lora(4, 2.0)]
+    down, up, alpha = fuse(members, [8, 8, 8])
+    assert (down.shape, up.shape, alpha) == ((12, 6), (24, 12), 6.0)  # rank 3r, alpha 3·alpha: the scale alone
+    assert torch.count_nonzero(up[:8, 4:]) == 0 and torch.count_nonzero(up[8:16, :4]) == 0
+    assert all(torch.equal(a, b) for m, back in zip(members, split(down, up, alpha, [8, 8, 8]), strict=True)
+               for a, b in zip(m, back, strict=True))
+    odd = [lora(4, 2.0), None, lora(2, 4.0, out=16)]  # k without LoRA; v of another rank and scale
+    down, up, alpha = fuse(odd, [8, 8, 16])
+    fused = up @ down * (alpha / down.shape[0])
+    torch.testing.assert_close(fused[:8], change(odd[0]))
+    assert torch.count_nonzero(fused[8:16]) == 0
+    torch.testing.assert_close(fused[16:], change(odd[2]))
+    back = split(down, up, alpha, [8, 8, 16])
+    assert back[1] is None and [b[0].shape[0] for b in (back[0], back[2])] == [4, 2]
+    for m, b in ((odd[0], back[0]), (odd[2], back[2])):
+        torch.testing.assert_close(change(b), change(m))
+    dense_down, dense_up = torch.randn(6, 6, generator=g), torch.randn(24, 6, generator=g)  # sd-scripts' own
+    shared = split(dense_down, dense_up, 3.0, [8, 8, 8])
+    for i, m in enumerate(shared):
+        assert torch.equal(m[0], dense_down) and m[2] == 3.0
+        torch.testing.assert_close(change(m), (dense_up @ dense_down * 0.5)[8 * i : 8 * (i + 1)])
 
 
 @pytest.mark.parametrize("name", BUILT_INS)

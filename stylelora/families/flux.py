@@ -103,6 +103,7 @@ class Flux(TransformerFamily):
     default_targets: ClassVar[list[str]] = TARGETS
     text_parts = ("text_encoder",)
     t5_part, t5_tokenizer = "text_encoder_2", "tokenizer_2"
+    title = "FLUX.1"
     transformer_class = "FluxTransformer2DModel"
     block_lists: ClassVar[dict[str, str]] = {"double": "transformer_blocks", "single": "single_transformer_blocks"}
     block_aliases: ClassVar[dict[str, str]] = {"double_blocks": "double", "single_blocks": "single",

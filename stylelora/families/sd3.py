@@ -82,6 +82,7 @@ class SD3(TransformerFamily):
     default_targets: ClassVar[list[str]] = TARGETS
     text_parts = ("text_encoder", "text_encoder_2")
     t5_part, t5_tokenizer = "text_encoder_3", "tokenizer_3"
+    title = "SD3"
     transformer_class = "SD3Transformer2DModel"
     block_lists: ClassVar[dict[str, str]] = {"joint": "transformer_blocks"}
     block_aliases: ClassVar[dict[str, str]] = {"joint_blocks": "joint", "transformer_blocks": "joint"}

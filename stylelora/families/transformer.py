@@ -53,6 +53,7 @@ class TransformerFamily(ModelFamily):
     t5_part: ClassVar[str] = ""  # the pipeline component of the frozen T5 encoder
     t5_tokenizer: ClassVar[str] = ""
     transformer_class: ClassVar[str] = ""  # diffusers' class of the denoiser
+    title: ClassVar[str] = ""  # how messages name the models: FLUX.1, SD3.5
 
     # --- what a model is -------------------------------------------------------------------------------
     def prediction_type(self, pipeline: Any) -> str:
@@ -88,18 +89,18 @@ class TransformerFamily(ModelFamily):
         lora, train = config.lora, config.train
         errors = []
         if lora.type != "lora":
-            errors.append(f"lora.type: {lora.type} is not trained on {self.name} models here (their kohya files fuse "
+            errors.append(f"lora.type: {lora.type} is not trained on {self.title} models here (their kohya files fuse "
                           "q, k and v into one module, which LyCORIS' layers cannot be); set lora.type=lora")
         for field, value, off in (("train.min_snr_gamma", train.min_snr_gamma, 0),
                                   ("train.zero_terminal_snr", train.zero_terminal_snr, False),
                                   ("model.prediction_type", config.model.prediction_type, "auto")):
             if value != off:
-                errors.append(f"{field}: is for the SD UNets' DDPM training; {self.name} models learn a flow "
+                errors.append(f"{field}: is for the SD UNets' DDPM training; {self.title} models learn a flow "
                               f"(see train.loss_weighting and train.flow_shift); set {field}={str(off).lower()}")
         resolution, step = config.data.resolution, config.data.bucket_step
         for field, value in (("data.resolution", resolution), ("data.bucket_step", step)):
             if value % 16:
-                errors.append(f"{field}: {value} is not a multiple of 16, which {self.name}'s 2x2 patches of 8x "
+                errors.append(f"{field}: {value} is not a multiple of 16, which {self.title}'s 2x2 patches of 8x "
                               f"latents need; use {max(16, value // 16 * 16)}")
         return errors
 
@@ -188,7 +189,7 @@ class TransformerFamily(ModelFamily):
         if lora.blocks:
             paths = self.select_blocks(paths, lora.blocks)
         if not paths:
-            raise ConfigError(f"lora.unet_targets: {names} names no linear layer of this {self.name} transformer; "
+            raise ConfigError(f"lora.unet_targets: {names} names no linear layer of this {self.title} transformer; "
                               "leave it empty for the family's own list")
         targets = [LoraTarget(self.denoiser, model.denoiser, paths)]
         if lora.train_text_encoder:
@@ -215,7 +216,7 @@ class TransformerFamily(ModelFamily):
         for raw in selectors:
             if not pattern.match(self._normalise(raw)):
                 names = " or ".join(f"{short}.N" for short in self.block_lists)
-                raise ConfigError(f"{field}: '{raw}' is not a block of a {self.name} transformer; use {names} "
+                raise ConfigError(f"{field}: '{raw}' is not a block of a {self.title} transformer; use {names} "
                                   f"(e.g. {next(iter(self.block_lists))}.0), or {' / '.join(self.block_lists)} "
                                   "for all of that kind")
 
@@ -274,13 +275,13 @@ class TransformerFamily(ModelFamily):
         folder = Path(config_source).expanduser() if config_source else None
         if folder is None or not (folder / "model_index.json").is_file():
             raise ModelError(
-                f"model '{path}': a {self.name} single file holds the transformer; the text encoders and VAE come "
+                f"model '{path}': a {self.title} single file holds the transformer; the text encoders and VAE come "
                 f"from a local diffusers folder of the same model: set {setting('model.config', '/path/to/folder')}")
         try:
             transformer = self._transformer_from_file(path, folder / "transformer")
             return self.pipeline_class(kind).from_pretrained(str(folder), transformer=transformer)
         except (OSError, ValueError, KeyError, RuntimeError) as e:
-            raise ModelError(f"model '{path}': cannot load this {self.name} file with the parts of {folder} "
+            raise ModelError(f"model '{path}': cannot load this {self.title} file with the parts of {folder} "
                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
 
     def _transformer_from_file(self, path: Path, config_folder: Path) -> Any:
