@@ -399,8 +399,8 @@ def test_fused_kohya_modules_keep_every_members_change_exact() -> None:
     down, up, alpha = fuse(members, [8, 8, 8])
     assert (down.shape, up.shape, alpha) == ((12, 6), (24, 12), 6.0)  # rank 3r, alpha 3·alpha: the scale alone
     assert torch.count_nonzero(up[:8, 4:]) == 0 and torch.count_nonzero(up[8:16, :4]) == 0
-    assert all(torch.equal(a, b) for m, back in zip(members, split(down, up, alpha, [8, 8, 8]), strict=True)
-               for a, b in zip(m, back, strict=True))
+    for m, back in zip(members, split(down, up, alpha, [8, 8, 8]), strict=True):
+        assert torch.equal(back[0], m[0]) and torch.equal(back[1], m[1]) and back[2] == m[2]
     odd = [lora(4, 2.0), None, lora(2, 4.0, out=16)]  # k without LoRA; v of another rank and scale
     down, up, alpha = fuse(odd, [8, 8, 16])
     fused = up @ down * (alpha / down.shape[0])
@@ -465,7 +465,7 @@ def test_single_files_need_their_folder_and_read_in_either_naming(tmp_path: Path
         loaded = load_base_model(str(tmp_path / file), str(tmp_path / "flux"))
         expected, got = base.denoiser.state_dict(), loaded.denoiser.state_dict()
         assert expected.keys() == got.keys() and all(torch.equal(got[k], expected[k]) for k in expected), file
-    with pytest.raises(ModelError, match="set model.config=/path/to/folder"):
+    with pytest.raises(ModelError, match="set `model.config=/path/to/folder`"):
         load_base_model(str(tmp_path / "bfl.safetensors"))
 
 
