@@ -33,6 +33,11 @@ class DiskFullError(StyleloraError):
     """A save ran out of disk space; nothing partial was left under the file's name."""
 
 
+def counted(number: int, noun: str, plural: str | None = None) -> str:
+    """A count with its noun in the right number: ``1 warning``, ``2 warnings``."""
+    return f"{number} {noun if number == 1 else plural or noun + 's'}"
+
+
 def offline_hint(what: str, name: str, local: str) -> str:
     """The one message for a hub id that cannot be had (offline, or a wrong id), for models and captioners."""
     return (

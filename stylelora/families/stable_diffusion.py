@@ -30,7 +30,7 @@ class StableDiffusionFamily(ModelFamily):
     architecture: ClassVar[str] = "sd-unet"
     default_targets: ClassVar[list[str]] = blocks.UNET_TARGETS
     strength_groups = blocks.GROUPS
-    structure: ClassVar[str] = "one text encoder"  # how its structure is described when model.kind does not fit
+    structure = "one text encoder"
     # ss_base_model_version and modelspec.architecture per kind, as kohya's sd-scripts writes them
     # (library/sai_model_spec.py): A1111 files an adapter under SDXL by the first, under SD2 by ss_v2
     base_model_version: ClassVar[dict[str, str]] = {}

@@ -23,8 +23,8 @@ import torch
 
 from ..adapters.checkpoint_files import remove_stale
 from ..core import events
-from ..core.config import Config, next_free_run_dir
-from ..core.errors import ConfigError, DiskFullError, TrainingError, check_data, continue_run, setting
+from ..core.config import Config, foreign_path_errors, next_free_run_dir
+from ..core.errors import ConfigError, DiskFullError, TrainingError, check_data, continue_run, counted, setting
 from ..core.metrics import MetricsLog
 from ..data.batches import BatchSource, TrainingSet
 from ..data.captions import with_trigger
@@ -74,7 +74,9 @@ def _stop_requested(stop: StopSignal) -> bool:
 
 
 def resolve_output_dir(config: Config) -> Path:
-    """The run folder; refuses to overwrite another run unless resuming it."""
+    """The run folder; refuses to overwrite another run unless resuming it, and paths from another system."""
+    if errors := foreign_path_errors(config):
+        raise ConfigError("\n".join(errors))
     out = config.output_dir
     if out.exists() and not out.is_dir():
         raise ConfigError(f"train.output_dir: '{out}' is a file; give a folder path for the run")
@@ -203,7 +205,7 @@ def _training_data(config: Config, model: BaseModel | None, emit: EventHandler) 
     for line in report.skipped_lines():  # one line per unusable image; check-data explains the rest
         emit(events.Message(line))
     if report.counts["warnings"]:
-        emit(events.Message(f"{report.counts['warnings']} warnings about the dataset (its images are used); "
+        emit(events.Message(f"{counted(report.counts['warnings'], 'warning')} about the dataset (its images are used); "
                             f"{check_data(config.data.path)} lists them"))
     items, held_out = split_holdout(items, config.train.validation_images, config.train.seed)
     return TrainingSet.from_config(config, items), held_out
@@ -303,7 +305,7 @@ class _Due:
 
     def __init__(self, config: Config, team: Processes, total: int, epochs_done: int) -> None:
         self.train, self.sample, self.main = config.train, config.sample, team.is_main
-        self.total, self.epochs_done = total, epochs_done
+        self.total, self.epochs_done, self.sample_epoch = total, epochs_done, False
 
     def validation(self, step: int) -> bool:
         return _every(self.train.validate_every, step) or step == self.total
@@ -312,7 +314,7 @@ class _Due:
         return _every(self.train.log_every, step) or step == self.total
 
     def samples(self, step: int) -> bool:
-        return bool(self.sample.prompts) and _every(self.sample.every, step)
+        return bool(self.sample.prompts) and (_every(self.sample.every, step) or self.sample_epoch)
 
     def checkpoint(self, step: int) -> bool:
         return _every(self.train.save_every, step) and step < self.total
@@ -321,6 +323,7 @@ class _Due:
         """The epoch that just ended when its adapter is due (not at the last step: the final save follows)."""
         ended = epochs_done > self.epochs_done
         self.epochs_done = epochs_done
+        self.sample_epoch = ended and _every(self.sample.every_epochs, epochs_done)  # sample.every_epochs
         due = ended and _every(self.train.save_every_epochs, epochs_done) and step < self.total
         return epochs_done if due else None
 
@@ -446,7 +449,7 @@ def train(
 def estimate_run(config: Config, model: BaseModel | None = None) -> Estimate:
     """The memory and time ``config`` would take (``stylelora train --estimate``, the app's Estimate
     button): the data is checked and the model prepared as for training; nothing is trained or written."""
-    accelerator = _accelerator(config, config.output_dir)
+    accelerator = _accelerator(config, resolve_output_dir(config))  # the output checks train makes, too
     data, _ = _training_data(config, model, lambda _event: None)
     model = _base_model(config, model)
     prepare_for_training(model, config, accelerator.device, accelerator.mixed_precision)
@@ -473,7 +476,7 @@ def _train(config: Config, emit: RunTracker, stop: StopSignal, model: BaseModel 
 
     # --- optimizer, schedule, EMA, validation ---
     lr_scale = _learning_rate_scale(config, team, emit)
-    optimizer = optim.build_optimizer(optim.param_groups(model, cfg, lr_scale), cfg, accelerator.device)
+    optimizer = optim.build_optimizer(optim.param_groups(model, cfg, lr_scale), cfg, accelerator.device, total)
     lr_scheduler = optim.build_lr_scheduler(optimizer, cfg, total)
     ema = LoraEMA(params, cfg.ema_decay) if cfg.ema else None
     validator = _validator(config, held_out if team.is_main else [], model, objective, accelerator.device,
