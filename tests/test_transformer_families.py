@@ -115,6 +115,19 @@ def test_settings_a_flow_transformer_cannot_use_are_refused_by_name() -> None:
     assert sd1.applies("model.clip_skip") and not sd1.applies("train.flow_shift")
 
 
+def test_import_kohya_leaves_out_what_flux_reads_its_own_way(tmp_path: Path) -> None:
+    from stylelora.services.kohya_import import import_kohya
+
+    config = tmp_path / "flux.json"
+    config.write_text(json.dumps({"pretrained_model_name_or_path": "builtin:tiny-flux", "clip_skip": 2,
+                                  "max_token_length": 225, "max_train_steps": 10, "train_data_dir": "./img"}))
+    report = import_kohya(config)
+    assert (report.config.model.clip_skip, report.config.data.max_token_length) == (1, 75)
+    reasons = {key: reason for key, _, reason in report.unsupported}
+    assert "up to 512 T5 tokens" in reasons["clip_skip"] and "does not apply to FLUX.1" in reasons["clip_skip"]
+    assert "75-token chunks do not apply to FLUX.1" in reasons["max_token_length"]
+
+
 def test_flux_step_packs_latents_feeds_guidance_and_positions() -> None:
     from stylelora.families.flux import image_ids, pack, unpack
 

@@ -84,6 +84,13 @@ class TransformerFamily(ModelFamily):
     def sample_settings(self, kind: str) -> dict[str, Any]:
         return dict(self.samplers[kind])
 
+    def ignored_settings(self, kind: str) -> dict[str, str]:
+        """What these models read of a caption is fixed by their pipelines (import-kohya leaves these out)."""
+        reads = (f"{self.title} reads a caption's first 77 CLIP tokens and up to "
+                 f"{self.max_sequence_lengths[kind]} T5 tokens, as its pipeline does")
+        return {"model.clip_skip": f"{reads}; clip skip does not apply to {self.title}",
+                "data.max_token_length": f"{reads}; 75-token chunks do not apply to {self.title}"}
+
     def check_config(self, config: Config) -> list[str]:
         """Settings a flow-matching transformer cannot train with (also checked on the loaded model)."""
         lora, train = config.lora, config.train
