@@ -310,6 +310,18 @@ def test_diffusers_loads_the_diffusers_file_cleanly_and_fuses_exactly(name: str,
     assert_diffusers_fuses_exactly(path, load_adapter(path, model), model)
 
 
+@pytest.mark.parametrize("name", BUILT_INS)
+def test_diffusers_loads_a_written_diffusers_file_cleanly_and_fuses_exactly(name: str, tmp_path: Path) -> None:
+    """The same without a training run (so it runs quickly on any diffusers): LoRA on the transformer and every
+    CLIP encoder, written by save_diffusers."""
+    from stylelora.adapters.formats import save_diffusers
+
+    model = load_base_model(f"builtin:{name}")
+    adapter = random_adapter(name, train_text_encoder=True)
+    path = save_diffusers(tmp_path / "diffusers", adapter, model, "fp32")
+    assert_diffusers_fuses_exactly(path, adapter, model)
+
+
 def test_flux_kohya_file_loads_in_diffusers_as_the_diffusers_file(tmp_path: Path) -> None:
     """diffusers converts sd-scripts' FLUX names (splitting the fused q/k/v) and gets the same transformer and
     CLIP outputs as from the diffusers file. (Its converter cuts single blocks' linear1 at FLUX.1's own widths,
