@@ -206,7 +206,7 @@ def test_switching_datasets_never_saves_into_the_wrong_one(app, browser) -> None
         "() => document.querySelector('#caption-text textarea').value === 'zzstyle, a beta camera'", timeout=QUICK)
     page.locator("#caption-text textarea").fill("zzstyle, a beta camera, edited")
     page.locator("#save-caption").click()
-    page.wait_for_function("() => document.querySelector('#upload-result textarea').value === "
+    page.wait_for_function("() => document.querySelector('#caption-result textarea').value === "
                            "\"saved the caption of camera.png in dataset 'beta'\"", timeout=QUICK)
     assert (root / "datasets" / "beta" / "camera.txt").read_text().strip() == "zzstyle, a beta camera, edited"
     assert (root / "datasets" / "alpha" / "camera.txt").read_text().strip() == "an alpha camera"

@@ -55,6 +55,7 @@ SETTING = re.compile(r"`(?P<field>[a-z_]+\.[a-z0-9_]+)(?:=(?P<value>[^`]*))?`")
 CONTINUE = re.compile(
     r"`train\.resume=auto` on the run's config `(?P<config>[^`]+)`(?: in (?P<processes>\d+) processes)?")
 CHECK_DATA = re.compile(r"the dataset check of `(?P<folder>[^`]+)`")
+ADD_FOLDER = re.compile(r"add `(?P<folder>[^`]+)` to the workspace's dataset folders")
 
 
 def setting(field: str, value: object = None) -> str:
@@ -68,6 +69,12 @@ def setting(field: str, value: object = None) -> str:
 def check_data(folder: object) -> str:
     """The advice to run the dataset check, which explains every finding, on ``folder``."""
     return f"the dataset check of `{folder}`"
+
+
+def add_folder(folder: object) -> str:
+    """The advice to add ``folder`` (a dataset elsewhere on this machine) to an app's workspace
+    (``services.workspace.Workspace.add_folder``), so the app may train from it."""
+    return f"add `{folder}` to the workspace's dataset folders"
 
 
 def continue_run(config_toml: object, processes: int = 1) -> str:

@@ -25,7 +25,7 @@ from ..adapters.checkpoint_files import remove_stale
 from ..core import events
 from ..core.config import Config, foreign_path_errors, next_free_run_dir
 from ..core.errors import ConfigError, DiskFullError, TrainingError, check_data, continue_run, counted, setting
-from ..core.metrics import MetricsLog
+from ..core.metrics import METRICS_FILE, MetricsLog
 from ..data.batches import BatchSource, TrainingSet
 from ..data.captions import with_trigger
 from ..data.dataset import CaptionedImages, Item
@@ -276,19 +276,30 @@ def _prepare(accelerator: Any, model: BaseModel, optimizer: Any) -> tuple[Any, l
 
 
 class _Clock:
-    """Seconds trained across resumes, and this session's pace (steps per second) for speed and ETA."""
+    """Seconds trained across resumes, and the pace (steps per second) for speed and ETA. The pace is this
+    session's once it has one, counted from the end of its first step (which also pays for warming up);
+    until then a resumed run goes at its earlier sessions' pace, and a new run at its first step's."""
 
     def __init__(self, step: int, seconds_before: float) -> None:
         self.start_step, self.before, self.started = step, seconds_before, time.perf_counter()
+        self.first: tuple[int, float] | None = None  # (step, time) at the end of this session's first step
 
     def elapsed(self) -> float:
         return self.before + time.perf_counter() - self.started
 
     def pace(self, step: int, total: int) -> tuple[float, float, float]:
         """(seconds trained, steps per second, seconds left) at ``step`` of ``total``."""
-        elapsed = self.elapsed()
-        rate = (step - self.start_step) / (elapsed - self.before) if elapsed > self.before else 0.0
-        return elapsed, rate, (total - step) / rate if rate > 0 else math.inf
+        now = time.perf_counter()
+        if self.first is None:
+            self.first = (step, now)
+        first_step, first_time = self.first
+        if step > first_step and now > first_time:
+            rate = (step - first_step) / (now - first_time)
+        elif self.start_step > 0 and self.before > 0:
+            rate = self.start_step / self.before
+        else:
+            rate = (step - self.start_step) / (now - self.started) if now > self.started else 0.0
+        return self.before + now - self.started, rate, (total - step) / rate if rate > 0 else math.inf
 
 
 def _every(interval: int, step: int) -> bool:
@@ -494,7 +505,7 @@ def _train(config: Config, emit: RunTracker, stop: StopSignal, model: BaseModel 
         out.mkdir(parents=True, exist_ok=True)
         config.with_overrides({"train.output_dir": str(out), "train.resume": ""}).save(out / "config.toml")
         trackers.start(accelerator, config, out)
-        metrics = MetricsLog(out / "metrics.jsonl", step, accelerator.log)
+        metrics = MetricsLog(out / METRICS_FILE, step, accelerator.log)
     effective_batch = cfg.batch_size * team.count * cfg.gradient_accumulation_steps
     log.info("training with %d process(es): effective batch %d", team.count, effective_batch)
     emit(events.Started(total, step, data.num_images, str(accelerator.device), out, team.count, effective_batch))
