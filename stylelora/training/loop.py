@@ -33,7 +33,7 @@ from ..data.doctor import training_items
 from ..families import load_base_model
 from ..model import losses
 from ..model.base import BaseModel, Objective
-from ..model.placement import prepare_for_training
+from ..model.placement import prepare_for_training, quantize_scheme
 from . import checkpoint as ckpt
 from . import optim, trackers
 from .artifacts import AdapterSaves, render_samples
@@ -225,6 +225,11 @@ def _model_notes(config: Config, model: BaseModel, precision: str, device: torch
     native, resolution, family = model.native_resolution, config.data.resolution, model.family
     notes = [events.Message(f"base model: {family.display(model.kind)}, {model.prediction_type} prediction, "
                             f"{native} px native; training at {resolution} px")]
+    scheme = quantize_scheme(config.model.quantize, model, device)
+    if config.model.quantize == "auto" and scheme != "none":
+        notes.append(events.Message(f"model.quantize=auto: the frozen {family.denoiser_label} and text encoders are "
+                                    f"held in {scheme} on this GPU (QLoRA-style); set model.quantize=none to train "
+                                    "on the unquantized weights"))
     if config.train.mixed_precision == "auto" and precision == "bf16" and device.type == "cpu":
         notes.append(events.Message("precision: bf16 base weights (train.mixed_precision=auto on a CPU with AMX, "
                                     "where bf16 runs faster); set train.mixed_precision=no to train in fp32"))
@@ -543,7 +548,8 @@ def _train(config: Config, emit: RunTracker, stop: StopSignal, model: BaseModel 
                 noisy = objective.noisy(latents, noise, timesteps)
                 text = batch.text
                 if text is None:  # a text encoder trains: run them here, with gradients
-                    text = family.encode_text(text_encoders, batch.input_ids, config.model.clip_skip)
+                    text = family.encode_text(text_encoders, batch.input_ids, config.model.clip_skip,
+                                              batch.frozen_text)
                 target = objective.target(latents, noise, timesteps)
                 pred = family.predict(denoiser, noisy, timesteps, text, batch.time_ids)  # SDXL: + pooled, time ids
                 weights = batch.loss_weights * objective.weights(timesteps)
