@@ -340,8 +340,8 @@ class EvalConfig:
     )
     seeds: int = option(2, "Seeds per prompt; 2 or more also measure the variety across seeds.", ge=1, le=16)
     seed: int = option(1000, "The first seed of the evaluation set (the others follow it).", ge=0)
-    steps: int = option_like(GenerateSettings, "steps", "Denoising steps per evaluation image.", le=200)
-    guidance: float = option_like(GenerateSettings, "guidance")
+    steps: int | None = option_like(GenerateSettings, "steps", "Denoising steps per evaluation image.", le=200)
+    guidance: float | None = option_like(GenerateSettings, "guidance")
     descriptor: str = option(
         "builtin", "What measures style and content: builtin (colour and texture statistics, no download), clip "
         "(openai/clip-vit-large-patch14), dinov2 (facebook/dinov2-base), csd (yuxi-liu-wired/CSD), a hub id or "

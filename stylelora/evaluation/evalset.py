@@ -37,8 +37,8 @@ class EvalPrompt:
 class EvalSet:
     prompts: list[EvalPrompt]
     seeds: list[int]
-    steps: int
-    guidance: float
+    steps: int | None  # None: the model's own (as GenerateSettings)
+    guidance: float | None
     size: int  # width and height of every image
     clip_skip: int
     descriptor: str
