@@ -19,15 +19,18 @@ PACKAGE = ROOT / "stylelora"
 # any row of a lower layer. Modules in one row do not import each other. The shells (app.py and webui/)
 # sit above the whole table and may import any of it; nothing in it imports them.
 LAYERS: list[tuple[str, list[tuple[str, ...]]]] = [
-    ("shells", [("__main__",), ("cli",), ("cli.main",), ("cli.train", "cli.tools"), ("cli.progress",), ("cli.flags",),
-                ("__init__",)]),
+    ("shells", [("__main__",), ("cli",), ("cli.main",), ("cli.train", "cli.tools", "cli.evaluate"), ("cli.progress",),
+                ("cli.flags",), ("__init__",)]),
     ("services", [("services", "services.jobs", "services.workspace", "services.launch"),
-                  ("services.collect", "services.kohya_import", "services.board"),
+                  ("services.collect", "services.kohya_import", "services.board", "services.sweep"),
                   ("services.kohya_keys",)]),
     ("training", [("training", "training.loop"), ("training.artifacts",),
                   ("training.failures", "training.validation", "training.estimate"),
                   ("training.checkpoint", "training.optim", "training.trackers"),
                   ("training.ema", "training.processes")]),
+    ("evaluation", [("evaluation", "evaluation.live", "evaluation.compare"), ("evaluation.runner",),
+                    ("evaluation.learned", "evaluation.checkpoints", "evaluation.evalset"), ("evaluation.scores",),
+                    ("evaluation.descriptors",)]),
     ("preview", [("preview", "preview.previewer"), ("preview.samplers",)]),
     ("adapters", [("adapters", "adapters.merge"), ("adapters.convert",), ("adapters.formats",),
                   ("adapters.metadata",), ("adapters.adapter",),

@@ -16,7 +16,7 @@ from .context import Context
 CSS = """
 #train-progress b { text-transform: capitalize; }
 /* small previews (builtin:tiny renders 64 px) are scaled up to the frame, without blur */
-#base-image img, #lora-image img, #sweep-image img, #samples img { image-rendering: pixelated; }
+#base-image img, #lora-image img, #sweep-image img, #samples img, #eval-grid img { image-rendering: pixelated; }
 #base-image img, #lora-image img { width: 100%; height: 100%; object-fit: contain; }
 #sweep-image img { min-height: 240px; object-fit: contain; }
 """

@@ -15,7 +15,8 @@ MEMORY = "Precision & memory"
 SAMPLES = "Samples & validation"
 SAVING = "Saving"
 MODEL = "Base model"
-ADVANCED_GROUPS = [DATA, NETWORK, OPTIMIZER, MEMORY, SAMPLES, SAVING, MODEL]  # the Advanced panel, in order
+EVALUATION = "Evaluation"
+ADVANCED_GROUPS = [DATA, NETWORK, OPTIMIZER, MEMORY, SAMPLES, SAVING, EVALUATION, MODEL]  # the Advanced panel, in order
 
 FIELDS: dict[str, tuple[str, str]] = {
     # Basic (laid out by form.BASIC_ROWS)
@@ -117,6 +118,17 @@ FIELDS: dict[str, tuple[str, str]] = {
     "train.resume": ("Resume from", SAVING),
     "train.log_every": ("Log metrics every N steps", SAVING),
     "train.log_with": ("Experiment tracker", SAVING),
+    # Evaluation
+    "eval.every_save": ("Score each checkpoint as it is saved", EVALUATION),
+    "eval.prompts": ("Transfer prompts (new subjects)", EVALUATION),
+    "eval.style_prompts": ("Style prompts from the captions", EVALUATION),
+    "eval.seeds": ("Seeds per prompt", EVALUATION),
+    "eval.seed": ("First evaluation seed", EVALUATION),
+    "eval.steps": ("Evaluation denoising steps", EVALUATION),
+    "eval.guidance": ("Evaluation guidance (CFG)", EVALUATION),
+    "eval.descriptor": ("Style descriptor", EVALUATION),
+    "eval.min_content": ("Content the best checkpoint keeps at least", EVALUATION),
+    "eval.copy_threshold": ("Copying threshold (0: the descriptor's)", EVALUATION),
     # Base model
     "model.kind": ("Model family", MODEL),
     "model.clip_skip": ("CLIP skip", MODEL),
@@ -131,7 +143,7 @@ def label(dotted: str) -> str:
 
 
 SECTION_GROUPS = {"model": MODEL, "data": DATA, "cache": MEMORY, "lora": NETWORK, "train": OPTIMIZER,
-                  "sample": SAMPLES, "export": SAVING}
+                  "sample": SAMPLES, "export": SAVING, "eval": EVALUATION}
 
 
 def group(dotted: str) -> str:

@@ -44,6 +44,10 @@ def _log_line(e: events.Event, shown: Callable[[Any], str] = str) -> str | None:
         return f"step {e.step}: checkpoint {shown(e.path)}"
     if isinstance(e, events.AdapterSaved):
         return f"step {e.step}: adapter " + ", ".join(shown(p) for p in e.paths)
+    if isinstance(e, events.Evaluated):
+        style = e.scores.get("eval/style")
+        return (f"step {e.step}: scored {e.label}, style " + (f"{style:.2f}" if style is not None else "-")
+                + (f"; best so far {e.best}" if e.best else ""))
     if isinstance(e, events.Finished):
         return f"{'stopped' if e.stopped_early else 'finished'} at step {e.step}: {shown(e.output_dir)}"
     return None

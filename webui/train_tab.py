@@ -1,5 +1,6 @@
-"""Train tab: the config form, presets, TOML in and out, Start/Stop, a queue, progress, loss plot,
-samples, log, and the runs under outputs/ (continue one, or train it again into a new folder).
+"""Train tab: the config form, presets, TOML in and out, Start/Stop, a queue (and sweeps), progress, loss plot,
+samples, log, the runs under outputs/ (continue one, train it again into a new folder, compare runs) and the
+evaluation of the picked run (``eval_panel``).
 
 The training runs in the context's TrainingJob (a worker thread; the queue lives there too). Starting
 only starts; the page then follows the job's events (``TrainingJob.follow``), as ``watch`` does when
@@ -23,6 +24,7 @@ from stylelora.services import kohya_import, kohya_keys
 from stylelora.services.launch import runner_for
 from stylelora.training.loop import estimate_run
 
+from . import eval_panel
 from .context import Context, user_errors
 from .form import ConfigForm
 from .progress import QUEUE_HEADERS, first_event, queue_choices, queue_rows, render, summary
@@ -108,6 +110,7 @@ def build(ctx: Context) -> dict[str, Any]:
                 down_btn = gr.Button("Move down", size="sm", elem_id="queue-down")
                 cancel_btn = gr.Button("Cancel it", size="sm", variant="stop", elem_id="queue-cancel")
                 queue_list_btn = gr.Button("Refresh", size="sm")
+            sweep_queued = eval_panel.sweep_controls(ctx, form, notice)
         with gr.Accordion("Runs", open=True, elem_id="runs"):
             run_pick = gr.Dropdown(ctx.run_choices(), label="Run", elem_id="run-pick", allow_custom_value=True,
                                    info="Run folders under outputs/, newest first; the one shown above is picked")
@@ -115,6 +118,8 @@ def build(ctx: Context) -> dict[str, Any]:
                 settings_btn = gr.Button("Load its settings", size="sm", elem_id="run-settings")
                 continue_btn = gr.Button(CONTINUE_BUTTON, size="sm", elem_id="run-continue")
                 again_btn = gr.Button(AGAIN_BUTTON, size="sm", elem_id="run-again")
+            eval_panel.compare_controls(ctx)
+        eval_panel.build(ctx, run_pick)  # scores of the run picked under Runs
 
     # --- the form -------------------------------------------------------------------------------------
     def shown(config: Config, *, as_run: bool = False) -> list[Any]:
@@ -297,6 +302,7 @@ def build(ctx: Context) -> dict[str, Any]:
     queue_btn.click(enqueue, inputs_kwargs={**fields, "gpus": gpus}, outputs=[notice, queue_table, queue_item],
                     api_name="queue_add", concurrency_limit=None, show_progress_on=notice).success(
         follow_job, None, outputs, api_name=False, concurrency_limit=None)
+    sweep_queued.success(follow_job, None, outputs, api_name=False, concurrency_limit=None)
     continue_btn.click(continue_run, run_pick, notice, api_name="continue_run", concurrency_limit=None).success(
         follow_job, None, outputs, api_name=False, concurrency_limit=None)
     again_btn.click(train_again, run_pick, notice, api_name="train_again", concurrency_limit=None).success(

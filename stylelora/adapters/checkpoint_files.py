@@ -31,6 +31,8 @@ from ..core import fileio
 from ..core.errors import TrainingError
 
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
+# the adapter file a step save leaves beside the run's adapter, named as sd-scripts names them: <name>-step00000250
+STEP_ADAPTER = re.compile(r"-step(\d{8,})$")
 ALPHA_SUFFIX = ".alpha"  # a module's alpha in lora.safetensors: <part>.<module path>.alpha, as diffusers files
 
 
@@ -226,3 +228,15 @@ def discard_after(run_dir: Path, step: int) -> list[Path]:
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
     return run_dir / "checkpoints" / f"step-{step:06d}"
+
+
+def step_suffix(step: int) -> str:
+    """What a step save's adapter adds to the run's adapter name (``-step00000250``), as sd-scripts names them.
+    ``prune_checkpoints`` never touches these files: it prunes the resumable state only."""
+    return f"-step{step:08d}"
+
+
+def step_of_suffix(stem: str, name: str) -> int | None:
+    """The step of a step save's adapter file stem (``name-step00000250`` -> 250), else None."""
+    match = STEP_ADAPTER.search(stem)
+    return int(match.group(1)) if match and stem[: match.start()] == name else None

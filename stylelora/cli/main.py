@@ -12,6 +12,7 @@ from typing import Any
 
 from ..core.errors import ConfigError, StyleloraError
 from ..core.logs import quiet_libraries
+from .evaluate import _add_compare, _add_evaluate, _add_sweep
 from .flags import CHECK_FLAGS, _add_config_flags, cli_words
 from .tools import (
     _add_caption,
@@ -43,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_caption(sub)
     _add_captions(sub)
     _add_import_kohya(sub)
+    _add_evaluate(sub)
+    _add_compare(sub)
+    _add_sweep(sub)
 
     e = sub.add_parser("export", help="convert a run or adapter file to kohya or diffusers format, verified")
     e.add_argument("source", help="a run folder, an adapter .safetensors (kohya or diffusers), or a diffusers folder")
@@ -53,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", help="the base model, when the file does not name it (files from other trainers)")
     e.add_argument("--bake-alpha", action="store_true",
                    help="diffusers: fold alpha/rank into the weights (alpha = rank), for diffusers before 0.34")
+    e.add_argument("--checkpoint", metavar="WHICH", help="a run's checkpoint instead of its final adapter: best "
+                   "(the best by stylelora evaluate), a step (250) or step-000250")
     e.set_defaults(func=cmd_export)
 
     m = sub.add_parser("merge", help="bake an adapter into its base model: a diffusers folder, or one checkpoint file")

@@ -69,7 +69,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from ..adapters.convert import export
 
-    report = export(args.source, args.format, args.out, precision=args.precision, base_model=args.model,
+    source, model = args.source, args.model
+    if args.checkpoint:  # one of the run's checkpoints: its adapter file (older runs: its checkpoint folder's)
+        from ..evaluation.checkpoints import run_config
+        from ..evaluation.runner import chosen_checkpoint
+
+        checkpoint = chosen_checkpoint(args.source, args.checkpoint)
+        source, model = checkpoint.source.file, model or run_config(args.source).model.name
+        print(f"checkpoint {checkpoint.label} ({args.checkpoint}): {source}", file=sys.stderr)
+    report = export(source, args.format, args.out, precision=args.precision, base_model=model,
                     bake_alpha=args.bake_alpha)
     print(report.summary)
     return 0

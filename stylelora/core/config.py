@@ -318,6 +318,44 @@ class ExportConfig:
         "alpha (diffusers before 0.34) apply the right strength; the kohya file keeps its alphas.")
 
 
+# New subjects for the evaluation set: rendered with the trigger word (does the style transfer?) and without it
+# (does it leak?). Plain, varied scenes the base model draws well, none of them a style word.
+TRANSFER_PROMPTS = ["a lighthouse on a cliff", "a bowl of fruit on a table", "a city street at night",
+                    "a portrait of an old man"]
+
+
+@dataclass
+class EvalConfig:
+    every_save: bool = option(
+        False, "Score each checkpoint as it is saved during training (main process, the model already in memory); "
+        "stylelora evaluate RUN scores a finished run.",
+    )
+    prompts: list[str] = option(
+        TRANSFER_PROMPTS, "Transfer prompts: new subjects, rendered with the trigger word (does the style carry "
+        "over?) and without it (does it leak?).",
+    )
+    style_prompts: int = option(
+        4, "How many training captions (with the trigger word) to render as style prompts, picked evenly from the "
+        "sorted captions.", ge=0, le=64,
+    )
+    seeds: int = option(2, "Seeds per prompt; 2 or more also measure the variety across seeds.", ge=1, le=16)
+    seed: int = option(1000, "The first seed of the evaluation set (the others follow it).", ge=0)
+    steps: int | None = option_like(GenerateSettings, "steps", "Denoising steps per evaluation image.", le=200)
+    guidance: float | None = option_like(GenerateSettings, "guidance")
+    descriptor: str = option(
+        "builtin", "What measures style and content: builtin (colour and texture statistics, no download), clip "
+        "(openai/clip-vit-large-patch14), dinov2 (facebook/dinov2-base), csd (yuxi-liu-wired/CSD), a hub id or "
+        "local folder of such a model, or builtin:tiny-clip (random, for tests).",
+    )
+    min_content: float = option(
+        0.3, "The best checkpoint keeps at least this much content on the transfer prompts (0..1).", ge=0, le=1,
+    )
+    copy_threshold: float = option(
+        0.0, "Copying above this flags a checkpoint (and rules it out as the best); 0 uses the descriptor's own "
+        "threshold (builtin 0.95, CLIP 0.95, DINOv2 0.9, CSD 0.95).", ge=0, le=1,
+    )
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -327,6 +365,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
         errors = check_fields(self, "") or _cross_checks(self)

@@ -86,6 +86,18 @@ class AdapterSaved:
 
 
 @dataclass
+class Evaluated:
+    """A checkpoint scored (``stylelora.evaluation``): its scores as metrics (``eval/style``, ...), the best
+    checkpoint so far and the run's scores file."""
+
+    step: int
+    label: str
+    scores: dict[str, float]
+    best: str
+    path: Path
+
+
+@dataclass
 class Finished:
     step: int
     stopped_early: bool
@@ -124,7 +136,7 @@ class Requests:
 
 
 Event = (Started | Progress | Message | Estimated | Validation | SampleSaved | CheckpointSaved | AdapterSaved
-         | Finished)
+         | Evaluated | Finished)
 EventHandler = Callable[[Event], None]
 KINDS: dict[str, type] = {kind.__name__: kind for kind in Event.__args__}  # type: ignore[attr-defined]
 

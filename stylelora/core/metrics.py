@@ -14,6 +14,7 @@ from typing import Any
 from .fileio import write_text
 
 TRACKED = ("loss", "lr", "val_loss")
+SCORES = "eval/"  # a checkpoint's scores (stylelora.evaluation): eval/style, eval/content, ... are tracked too
 METRICS_FILE = "metrics.jsonl"  # in a run folder
 Tracker = Callable[..., Any]  # called as tracker(values, step=step)
 
@@ -30,7 +31,7 @@ class MetricsLog:
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         if self.tracker is not None:
-            self.tracker({k: v for k, v in record.items() if k in TRACKED}, step=record["step"])
+            self.tracker({k: v for k, v in record.items() if k in TRACKED or k.startswith(SCORES)}, step=record["step"])
 
 
 def truncate_after(path: Path, step: int) -> None:

@@ -193,7 +193,7 @@ class Previewer:
 
     def __init__(
         self,
-        model: str = "builtin:tiny",
+        model: str | BaseModel = "builtin:tiny",
         *,
         device: str | None = None,
         dtype: torch.dtype | None = None,
@@ -201,13 +201,19 @@ class Previewer:
         prediction_type: str = "auto",
         fuse: bool = True,
     ) -> None:
-        self.model_name = model
+        # a model in memory (the one a run trains) is rendered where and as it is: never loaded, moved or cast
+        self.in_memory = isinstance(model, BaseModel)
+        self.model_name = model.name if isinstance(model, BaseModel) else model
         self.fuse = fuse
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
         self.base_loads = 0  # how often the base model was loaded (tests and benchmarks count it)
         self._lock = threading.RLock()
-        self.model: BaseModel = self._load(model, config_source, prediction_type)
+        if isinstance(model, BaseModel):
+            self.device, self.dtype = model.denoiser.device, model.denoiser.dtype
+            model.pipeline.set_progress_bar_config(disable=True)
+        self.model: BaseModel = model if isinstance(model, BaseModel) else self._load(model, config_source,
+                                                                                       prediction_type)
         self._layout = ModelLayout.of(self.model)  # taken before any LoRA layer wraps a module
         self._parts = [part for part, _ in self.model.parts()]
         self._default_scheduler = self.pipeline.scheduler
@@ -220,6 +226,7 @@ class Previewer:
         self._fused: tuple[str, float, tuple[tuple[str, float], ...]] | None = None
         self._base_cache: OrderedDict[tuple[str, GenerateSettings], Image.Image] = OrderedDict()
         self._embeds_cache: OrderedDict[tuple, dict[str, torch.Tensor]] = OrderedDict()
+        self._refresh_layers()  # a model in memory may carry LoRA layers already: the base renders without them
 
     def _load(self, model: str, config_source: str, prediction_type: str) -> BaseModel:
         loaded = load_base_model(model, config_source, prediction_type)
@@ -470,8 +477,13 @@ class Previewer:
             width=settings.width,
             height=settings.height,
             generator=torch.Generator("cpu").manual_seed(settings.seed),  # same noise on every device
+            output_type="latent" if self.in_memory else "pil",
         )
-        return result.images[0]
+        if not self.in_memory:
+            return result.images[0]
+        with torch.no_grad():  # a training model's denoiser may return another precision than its VAE's
+            pixels = self.model.family.decode(self.model, result.images)
+        return pipe.image_processor.postprocess(pixels, output_type="pil")[0]
 
     def _embeddings(self, prompt: str, settings: GenerateSettings, attached: _Attached | None,
                     scale: float) -> dict[str, Any]:

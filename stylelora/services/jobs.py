@@ -130,6 +130,13 @@ class TrainingJob:
             self._cond.notify_all()
             return item.id
 
+    def enqueue_sweep(self, configs: list[Config]) -> list[int]:
+        """Queue one run per config of a sweep (``services.sweep.sweep_configs``), all checked before any is
+        queued; returns their queue ids."""
+        for config in configs:
+            self._prepare(config)
+        return [self.enqueue(config) for config in configs]
+
     def queued(self) -> list[QueuedRun]:
         with self._cond:
             return list(self._queue)

@@ -1,30 +1,40 @@
-"""What a run hands the user: the adapter files (kohya and diffusers) and the sample images."""
+"""What a run hands the user: the adapter files (kohya and diffusers), each save's adapter and its scores, and
+the sample images."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..adapters.adapter import Adapter, ModelLayout
-from ..adapters.formats import save_diffusers, save_kohya
+from ..adapters.checkpoint_files import step_suffix
+from ..adapters.formats import DIFFUSERS_WEIGHT_NAME, save_diffusers, save_kohya
 from ..adapters.metadata import adapter_facts, kohya_metadata
+from ..core import events
 from ..core.config import Config
 from ..core.fileio import atomic_path
+from ..core.metrics import MetricsLog
+from ..evaluation.live import LiveEvaluation
 from ..model.base import BaseModel
 from ..model.lora import lora_alphas, lora_state
+from .trackers import write_hparams
 
 log = logging.getLogger(__name__)
 
 
 def export_adapter(
     model: BaseModel, config: Config, out: Path, step: int, num_images: int, items: list | None = None,
-    total_steps: int | None = None, epoch: int | None = None,
+    total_steps: int | None = None, epoch: int | None = None, step_save: bool = False,
 ) -> list[Path]:
     """Write the run's adapter in kohya and diffusers formats, each re-read and verified (LoHa and LoKr:
-    the kohya file only, in LyCORIS' layout).
+    the kohya file only, in LyCORIS' layout). An epoch's (``epoch``) or a step save's (``step_save``) adapter goes
+    beside the final one under its own name, one file.
 
     Alphas are read from the injected peft layers, so LoCon's conv alpha comes out as trained.
     DoRA has no kohya form that loads right everywhere, so a DoRA run writes the diffusers file only.
@@ -43,8 +53,9 @@ def export_adapter(
         "ss_lr_scheduler_power": f"{cfg.lr_scheduler_power:g}",
         "stylelora.ema": f"{cfg.ema_decay:g}" if cfg.ema else "off",
     })
-    # an epoch's adapter sits beside the final one, named as kohya names them (name-000002.safetensors)
-    suffix = f"-{epoch:06d}" if epoch is not None else ""
+    # an epoch's or a step's adapter sits beside the final one, named as kohya names them (name-000002.safetensors,
+    # name-step00000250.safetensors)
+    suffix = f"-{epoch:06d}" if epoch is not None else step_suffix(step) if step_save else ""
     paths = []
     if adapter.is_dora:
         log.warning("DoRA adapter: writing the diffusers format only (no kohya file; see stylelora export)")
@@ -52,10 +63,52 @@ def export_adapter(
         paths.append(save_kohya(out / f"{config.run_name}{suffix}.safetensors", adapter, layout,
                                 config.export.precision))
     # diffusers loads LoRA only (LoHa and LoKr live in the LyCORIS layout); an epoch gets one file
-    if adapter.network == "lora" and (epoch is None or adapter.is_dora):
+    if adapter.network == "lora" and ((epoch is None and not step_save) or adapter.is_dora):
         paths.append(save_diffusers(out / f"diffusers{suffix}", adapter, layout, config.export.precision,
                                     bake_alpha=config.export.bake_alpha))
     return paths
+
+
+@dataclass
+class AdapterSaves:
+    """The adapter files a run's saves leave (the main process writes them): a step save's
+    ``<name>-step00000250``, an epoch's ``<name>-000002``, the final ``<name>``. With ``eval.every_save`` each is
+    scored as it is written (the model in memory, no second load): the scores go to the events, metrics.jsonl
+    and the tracker, and the last save puts the best checkpoint's scores in TensorBoard's hparams view."""
+
+    config: Config
+    model: BaseModel
+    out: Path
+    num_images: int
+    items: list[Any]
+    total: int
+    weights: Callable[[], AbstractContextManager[Any]]  # the weights adapters are written from (EMA, averages)
+    emit: Callable[[Any], None]
+    metrics: MetricsLog | None = None
+    scorer: LiveEvaluation | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        if self.config.eval.every_save:
+            self.scorer = LiveEvaluation(self.config, self.model, self.out)
+
+    def save(self, step: int, epoch: int | None = None, final: bool = False) -> list[Path]:
+        with self.weights():
+            paths = export_adapter(self.model, self.config, self.out, step, self.num_images, self.items, self.total,
+                                   epoch, step_save=not final and epoch is None)
+        self.emit(events.AdapterSaved(step, paths))
+        if self.scorer is not None and paths:
+            self._score(step, paths[0], final)
+        return paths
+
+    def _score(self, step: int, path: Path, final: bool) -> None:
+        assert self.scorer is not None
+        row, best, scores_file = self.scorer(step, path if path.is_file() else path / DIFFUSERS_WEIGHT_NAME)
+        self.emit(events.Evaluated(step, row.label, row.record(), best.label if best else "", scores_file))
+        if self.metrics is not None:
+            self.metrics.write({"step": step, **row.record()})
+        if final and best is not None:
+            scores = {f"best/{k.removeprefix('eval/')}": v for k, v in best.record().items()}
+            write_hparams(self.out, self.config, {"best/step": float(best.step), **scores})
 
 
 def render_samples(model: BaseModel, config: Config, out: Path, step: int) -> list[Path]:

@@ -36,7 +36,7 @@ from ..model.base import BaseModel, Objective
 from ..model.placement import prepare_for_training, quantize_scheme
 from . import checkpoint as ckpt
 from . import optim, trackers
-from .artifacts import export_adapter, render_samples
+from .artifacts import AdapterSaves, render_samples
 from .ema import LoraEMA
 from .estimate import Estimate, emit_estimate, estimate
 from .failures import (
@@ -400,6 +400,7 @@ class _AtReport:
     autocast: Callable[[], Any]
     emit: EventHandler
     total: int
+    saves: AdapterSaves | None  # the main process's: each save's adapter file (and its scores)
 
     def __call__(self, step: int, epoch: int | None, record: dict[str, Any]) -> None:
         config, live, due, emit = self.config, self.live, self.due, self.emit
@@ -419,11 +420,8 @@ class _AtReport:
         asked = self.requests.take("checkpoint") and step < self.total  # the last step saves anyway
         if due.checkpoint(step) or epoch is not None or asked:
             ckpt.snapshot(live, step, self.clock.elapsed(), config.train.keep_checkpoints, emit)
-        if epoch is not None and due.main:  # kohya's save_every_n_epochs: an epoch's adapter file
-            with _evaluation_weights(live):
-                saved = export_adapter(live.model, config, live.run_dir, step, self.data.num_images, self.data.items,
-                                       self.total, epoch)
-            emit(events.AdapterSaved(step, saved))
+            if self.saves is not None:  # every save leaves an adapter file: an epoch's (kohya's save_every_n_epochs)
+                self.saves.save(step, epoch)  # or the step's, which keep_checkpoints never deletes
 
 
 def train(
@@ -518,8 +516,10 @@ def _train(config: Config, emit: RunTracker, stop: StopSignal, model: BaseModel 
     losses_seen: list[float] = []
     unreported: list[_Trained] = []  # steps whose loss is still on the device (read at the next report)
     clock, due, stopped = _Clock(step, seconds_before), _Due(config, team, total, source.epoch), False
+    saves = AdapterSaves(config, model, out, data.num_images, data.items, total, lambda: _evaluation_weights(live),
+                         emit, metrics) if team.is_main else None
     at_report = _AtReport(config, live, data, due, validator, metrics, requests, clock, accelerator.autocast, emit,
-                          total)
+                          total, saves)
 
     def report() -> events.Progress | None:
         """Progress for each step since the last report; the last one's event."""
@@ -580,11 +580,7 @@ def _train(config: Config, emit: RunTracker, stop: StopSignal, model: BaseModel 
 
     # --- final save (also after a stop request); the export uses the EMA (or schedule-free) average ---
     ckpt.snapshot(live, step, clock.elapsed(), cfg.keep_checkpoints, emit)
-    adapters: list[Path] = []
-    if team.is_main:
-        with _evaluation_weights(live):
-            adapters = export_adapter(model, config, out, step, data.num_images, data.items, total)
-        emit(events.AdapterSaved(step, adapters))
+    adapters = saves.save(step, final=True) if saves is not None else []
     team.wait()  # the others end with the main one, so a failed export ends the whole launch
     accelerator.end_training()  # also leaves the process group
     if stopped:

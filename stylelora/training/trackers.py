@@ -57,3 +57,16 @@ def start(accelerator: Any, config: Config, out: Path) -> None:
             mlflow.set_tracking_uri((logs / "mlruns").resolve().as_uri())
         init["mlflow"] = {"run_name": out.name}
     accelerator.init_trackers("stylelora", config=hyperparameters(config), init_kwargs=init)
+
+
+def write_hparams(run_dir: Path, config: Config, scores: dict[str, float]) -> Path | None:
+    """The run's settings with its best checkpoint's scores as one session of TensorBoard's hparams view
+    (``logs/hparams``), so runs of a sweep line up side by side; only for runs that log to TensorBoard."""
+    if config.train.log_with != "tensorboard" or not scores:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    folder = run_dir / "logs" / "hparams"
+    with SummaryWriter(log_dir=str(folder)) as writer:
+        writer.add_hparams(hyperparameters(config), scores, run_name=".")
+    return folder
