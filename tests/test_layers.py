@@ -26,7 +26,7 @@ LAYERS: list[tuple[str, list[tuple[str, ...]]]] = [
                   ("services.kohya_keys",)]),
     ("training", [("training", "training.loop"), ("training.artifacts",),
                   ("training.failures", "training.validation", "training.estimate"),
-                  ("training.checkpoint", "training.optim", "training.trackers"),
+                  ("training.checkpoint", "training.optim", "training.trackers", "training.precision"),
                   ("training.ema", "training.processes")]),
     ("preview", [("preview", "preview.previewer"), ("preview.samplers",)]),
     ("adapters", [("adapters", "adapters.merge"), ("adapters.convert",), ("adapters.formats",),
