@@ -3,6 +3,10 @@
 
     python benchmarks/bench_memory.py --shape sd15|sdxl [--models DIR] [--precision bf16] [--resolution 64]
                                       [--limit-gib 16] [--code DIR] [--set section.field=value ...]
+    python benchmarks/bench_memory.py --shape sd15|sdxl --estimates
+
+The second form runs no step: ``stylelora train --estimate`` for fp32, bf16 and bf16 with nf4 (the table in the
+README), each of which plans the model on the meta device and reads no weight (its own peak RSS is printed too).
 
 The model is written once as an fp16 diffusers folder under --models (``real_shapes.py``; SDXL takes 6.9 GB
 of disk). ``stylelora train`` then runs one step on a one-image dataset with the caches on (the defaults),
@@ -68,6 +72,42 @@ def dataset(folder: Path) -> Path:
     return write_photos(folder, count=1, size=512)
 
 
+ESTIMATED = re.compile(r"estimate \(\w+, \w+\): memory \(peak RSS\) ~(\d+\.\d+) GiB")
+SETTINGS = {"fp32": ["train.mixed_precision=no"], "bf16": ["train.mixed_precision=bf16"],
+            "bf16 + nf4": ["train.mixed_precision=bf16", "model.quantize=nf4"]}
+
+
+def estimates(args: argparse.Namespace, folder: Path) -> None:
+    """One row per precision: the estimate's host peak and its parts, and the estimating process's own peak."""
+    print("| model | precision | frozen weights (as held) | estimated peak RSS | parts | `--estimate`'s own peak RSS |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    with tempfile.TemporaryDirectory(prefix="stylelora-bench-memory-") as tmp:
+        data = dataset(Path(tmp) / "data")
+        for name, settings in SETTINGS.items():
+            command = [sys.executable, "-m", "stylelora", "train", "--estimate", "--model", str(folder), "--data",
+                       str(data), "--output", str(Path(tmp) / "run"), "--steps", "1", "--resolution",
+                       str(args.resolution), "--set", "train.log_with=none", "--set", "train.device=cpu"]
+            for field in [*settings, *args.set]:
+                command += ["--set", field]
+            env = dict(os.environ, PYTHONPATH=str(args.code), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+            process = subprocess.Popen(command, cwd=args.code, env=env, stdout=subprocess.PIPE,
+                                       stderr=subprocess.STDOUT, text=True)
+            peaks: dict[str, int] = {}
+            watcher = threading.Thread(target=watch, args=(process, peaks), daemon=True)
+            watcher.start()
+            output, _ = process.communicate()
+            watcher.join()
+            said = ESTIMATED.search(output)
+            if process.returncode or not said:
+                print(output[-3000:], file=sys.stderr)
+                continue
+            parts = re.search(r"GiB \((frozen weights [^)]*)\)", output)
+            frozen = re.search(r"frozen weights (\d+\.\d+)", parts.group(1)) if parts else None
+            own_peak = f"{peaks.get('VmHWM', 0) / GiB:.2f} GiB"
+            print(f"| {args.shape} | {name} | {frozen.group(1) + ' GiB' if frozen else '-'} | {said.group(1)} GiB "
+                  f"| {parts.group(1) if parts else '-'} | {own_peak} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=["sd15", "sdxl"], default="sd15")
@@ -77,6 +117,7 @@ def main() -> None:
     parser.add_argument("--limit-gib", type=float, default=16.0, help="address-space limit (prlimit --as)")
     parser.add_argument("--code", type=Path, default=ROOT, help="the stylelora checkout to run")
     parser.add_argument("--set", action="append", default=[], help="more config fields for the run")
+    parser.add_argument("--estimates", action="store_true", help="only the estimates, fp32/bf16/nf4")
     args = parser.parse_args()
 
     from real_shapes import write_model
@@ -85,6 +126,9 @@ def main() -> None:
     if not (folder / "model_index.json").is_file():
         print(f"writing {folder} ...", file=sys.stderr)
         write_model(args.shape, folder)
+    if args.estimates:
+        estimates(args, folder)
+        return
     frozen = frozen_weight_bytes(folder, args.precision)
     with tempfile.TemporaryDirectory(prefix="stylelora-bench-memory-") as tmp:
         data = dataset(Path(tmp) / "data")
@@ -106,7 +150,7 @@ def main() -> None:
         watcher.join()
         seconds = time.perf_counter() - start
     hwm = max(peaks.get("VmHWM", 0), resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)
-    said = re.search(r"estimate \(\w+, \w+\): memory \(peak RSS\) ~(\d+\.\d+) GiB", output)
+    said = ESTIMATED.search(output)
     precision_line = next((line for line in output.splitlines() if line.startswith("precision:")), "")
     print(output[-3000:] if process.returncode else precision_line, file=sys.stderr)
     print(f"load average after: {os.getloadavg()[0]:.2f}; {seconds:.0f} s", file=sys.stderr)
