@@ -33,7 +33,9 @@ log = logging.getLogger(__name__)
 GiB = 2**30
 # Calibrated with benchmarks/bench_estimate.py on a CPU (builtin:small at 256 and 384 px, SD1.5- and SDXL-shaped
 # models); the figures are in benchmarks/RESULTS.md.
-ACTIVATION_FACTOR = 2.0  # resident bytes per byte the backward pass keeps (gradients in flight, allocator slack)
+# resident bytes per byte the backward pass keeps (gradients in flight, allocator slack); 2.0 when the count
+# included the weight views linear layers save (builtin:small at 256 px: 143 MiB counted then, 105 now)
+ACTIVATION_FACTOR = 2.7
 LIBRARY_BYTES = 600 * 2**20  # a training process before any weight: torch, diffusers, transformers, peft, data
 CPU_EFFICIENCY = 0.14  # a UNet training step's FLOP/s over a large fp32 matmul's FLOP/s on the same threads
 STEP_OVERHEAD_S = 0.02  # per step: data, optimizer, Python
@@ -182,7 +184,8 @@ def profile_step(model: Any, config: Config, batch_size: int | None = None, reso
     kept: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        if id(t) not in weights:
+        # a weight, or a view of one (a linear layer saves its weight transposed), is held anyway: no activation
+        if id(t) not in weights and (t._base is None or id(t._base) not in weights):
             kept[id(t)] = t.numel() * t.element_size()
         return t
 
