@@ -3,8 +3,10 @@ made and checked as the loaders apply them."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import warnings
@@ -61,6 +63,64 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subpro
         timeout=timeout,
         stdin=subprocess.DEVNULL,
     )
+
+
+# --- the browser tests' Chromium -------------------------------------------------------------------------
+
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+NO_CHROMIUM = ("browser tests skipped: no Chromium that runs here ({tried}); install Debian's with "
+               "'apt-get install chromium' (or name one in STYLELORA_CHROMIUM) to run them")
+
+
+@functools.cache
+def chromium_path() -> tuple[str | None, str]:
+    """(the Chromium the browser tests drive, or None; what was tried): $STYLELORA_CHROMIUM, else chromium or
+    chromium-browser on the PATH, else /usr/bin/chromium, each only if ``--version`` runs (Ubuntu's
+    chromium-browser can be a stub that asks for a snap)."""
+    named = os.environ.get("STYLELORA_CHROMIUM")
+    candidates = [named] if named else [shutil.which("chromium"), shutil.which("chromium-browser"), "/usr/bin/chromium"]
+    tried = [c for c in dict.fromkeys(candidates) if c]
+    for path in tried:
+        try:
+            if subprocess.run([path, "--version"], capture_output=True, timeout=60).returncode == 0:
+                return path, ", ".join(tried)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+    return None, ", ".join(tried) or "nothing"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Without a Chromium the browser tests (those using the ``chromium`` fixture) are left out and the summary
+    says so in one line; with STYLELORA_REQUIRE_BROWSER=1 they stay, and the fixture fails them."""
+    browser = [item for item in items if "chromium" in getattr(item, "fixturenames", ())]
+    if not browser or os.environ.get("STYLELORA_REQUIRE_BROWSER") == "1" or chromium_path()[0] is not None:
+        return
+    config.hook.pytest_deselected(items=browser)
+    items[:] = [item for item in items if item not in browser]
+    config.stash[_BROWSER_NOTE] = f"{len(browser)} " + NO_CHROMIUM.format(tried=chromium_path()[1])
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
+    if _BROWSER_NOTE in config.stash:
+        terminalreporter.write_line(config.stash[_BROWSER_NOTE])
+
+
+_BROWSER_NOTE = pytest.StashKey[str]()
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """The Chromium executable for Playwright. Without one the browser tests skip with one line saying how to
+    install it; with STYLELORA_REQUIRE_BROWSER=1 (.ci/run sets it) they fail instead, so CI never passes by
+    skipping them."""
+    path, tried = chromium_path()
+    if path is None:
+        message = NO_CHROMIUM.format(tried=tried)
+        if os.environ.get("STYLELORA_REQUIRE_BROWSER") == "1":
+            pytest.fail(message.replace("skipped", "required (STYLELORA_REQUIRE_BROWSER=1)"), pytrace=False)
+        pytest.skip(message)
+    return path
 
 
 def tiny_config(data: Path, out: Path, **overrides: object):

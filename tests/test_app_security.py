@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -94,8 +95,8 @@ def server(tmp_path_factory: pytest.TempPathFactory):
             pytest.fail("the app did not start:\n" + (proc.stdout.read() if proc.stdout else ""))
         time.sleep(0.3)
     yield url, root, port
-    proc.terminate()
-    proc.wait(10)
+    proc.terminate()  # SIGTERM: the app stops a training first (none here), then Python's teardown takes seconds
+    proc.wait(120)
 
 
 def _listen_addresses(port: int) -> set[str]:
@@ -161,3 +162,31 @@ def test_actions_refuse_paths_outside_the_app_folders(server) -> None:
             client.predict(dataset, "x", api_name="/add_trigger")
     with pytest.raises(AppError, match="only works with files under"):
         client.predict("[model]\n[data]\npath = '/etc'\n", api_name="/train_toml")
+
+
+def test_a_dataset_folder_added_from_elsewhere_is_served_and_nothing_beside_it(server, tmp_path: Path) -> None:
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    url, root, _ = server
+    photos, private = tmp_path / "photos", tmp_path / "private"
+    for folder in (photos / "10_zqx style", private, tmp_path / ".hidden", tmp_path / "deep" / "a" / "b"):
+        folder.mkdir(parents=True)
+        (folder / "a.png").write_bytes(_png())
+    image = f"{url}/gradio_api/file={photos / '10_zqx style' / 'a.png'}"
+    assert httpx.get(image).status_code in (400, 403, 404)  # not before it is added
+    client = Client(url + "/", verbose=False)
+    for path, why in [("/", "too wide"), (str(root), "too wide"), (str(root.parent), "too wide"),
+                      ("photos", "full path"), (str(tmp_path / ".hidden"), "hidden"), (str(tmp_path / "none"),
+                                                                                      "no such folder"),
+                      (str(tmp_path / "deep"), "no images in it")]:
+        with pytest.raises(AppError, match=why):
+            client.predict(path, api_name="/use_folder")
+    dataset, result, form_dataset = client.predict(str(photos), api_name="/use_folder")  # dropdown updates
+    assert dataset["value"] == form_dataset["value"] == str(photos) and "the Train tab's dataset now" in result
+    assert str(photos) in [value for value, _ in form_dataset["choices"]]
+    assert httpx.get(image).content == (photos / "10_zqx style" / "a.png").read_bytes()
+    for path in [private / "a.png", tmp_path / ".hidden" / "a.png", photos / ".." / "private" / "a.png"]:
+        got = httpx.get(f"{url}/gradio_api/file={path}")
+        assert got.status_code in (400, 403, 404), (path, got.status_code)
+    assert json.loads((root / "outputs" / "folders.json").read_text()) == [str(photos)]

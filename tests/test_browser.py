@@ -4,20 +4,16 @@ test's tmp folder."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 from gui_server import launch, make_root
 
-CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", "--no-first-run"]
+from conftest import CHROMIUM_ARGS, chromium_path
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("chromium") is None and not Path(CHROMIUM).exists(),
-    reason="Debian's Chromium is not installed (apt-get install chromium); .ci/run installs it",
-)
+ARGS = CHROMIUM_ARGS
+CHROMIUM = chromium_path()[0] or "/usr/bin/chromium"  # for modules that import it; fixtures take `chromium`
+pytestmark = pytest.mark.usefixtures("chromium")  # skips with one line (fails in CI) when there is none
 
 
 @pytest.fixture(scope="module")
@@ -29,11 +25,11 @@ def app_url(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture
-def page(app_url):
+def page(app_url, chromium: str):
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        browser = p.chromium.launch(executable_path=chromium, args=ARGS)
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         errors: list[str] = []
         page.on("pageerror", lambda e: errors.append(str(e)))

@@ -8,13 +8,12 @@ start when the one before it ends, after a page reload too.
 
 from __future__ import annotations
 
-import shutil
 import threading
 from pathlib import Path
 
 import pytest
 from gui_server import launch, make_root
-from test_browser import ARGS, CHROMIUM
+from test_browser import ARGS
 
 from conftest import draw_image, make_dataset
 from stylelora.core import events
@@ -22,10 +21,7 @@ from stylelora.core.config import Config
 from stylelora.services import collect
 from stylelora.training.loop import train
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("chromium") is None and not Path(CHROMIUM).exists(),
-    reason="Debian's Chromium is not installed (apt-get install chromium); .ci/run installs it",
-)
+pytestmark = pytest.mark.usefixtures("chromium")  # skips with one line (fails in CI) when there is none
 QUICK = 15_000  # an element or a reply that needs no training
 
 
@@ -40,13 +36,13 @@ def app(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture
-def browser():
+def browser(chromium: str):
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        yield chromium
-        chromium.close()
+        launched = p.chromium.launch(executable_path=chromium, args=ARGS)
+        yield launched
+        launched.close()
 
 
 def open_page(browser, url: str, tab: str):
@@ -210,7 +206,7 @@ def test_switching_datasets_never_saves_into_the_wrong_one(app, browser) -> None
         "() => document.querySelector('#caption-text textarea').value === 'zzstyle, a beta camera'", timeout=QUICK)
     page.locator("#caption-text textarea").fill("zzstyle, a beta camera, edited")
     page.locator("#save-caption").click()
-    page.wait_for_function("() => document.querySelector('#upload-result textarea').value === "
+    page.wait_for_function("() => document.querySelector('#caption-result textarea').value === "
                            "\"saved the caption of camera.png in dataset 'beta'\"", timeout=QUICK)
     assert (root / "datasets" / "beta" / "camera.txt").read_text().strip() == "zzstyle, a beta camera, edited"
     assert (root / "datasets" / "alpha" / "camera.txt").read_text().strip() == "an alpha camera"

@@ -184,3 +184,84 @@ def test_library_messages_are_worded_in_flags() -> None:
         "try --batch-size 1 and --set train.gradient_checkpointing=true")
     assert cli_words(f"({setting('lora.train_text_encoder', False)})") == "(without --train-text-encoder)"
     assert cli_words("train.steps: must be >= 1, got 0") == "train.steps: must be >= 1, got 0"  # no fix: unchanged
+
+
+# --- issue 23: the small faults a kohya user meets on the command line -----------------------------------
+
+
+def test_a_misspelt_flag_gets_its_commands_usage_and_the_flag_meant(capsys) -> None:
+    from stylelora.cli import main
+
+    for argv, meant in ((["train", "--stpes", "5"], "--stpes (did you mean --steps?)"),
+                        (["captions", "replace", "d", "a", "b", "--dryrun"], "--dryrun (did you mean --dry-run?)")):
+        with pytest.raises(SystemExit) as stopped:
+            main(argv)
+        err = capsys.readouterr().err
+        assert stopped.value.code == 2
+        assert err.startswith(f"usage: stylelora {' '.join(argv[:2]) if argv[0] == 'captions' else 'train'} ")
+        assert f"error: unrecognized arguments: {meant}" in err
+
+
+def test_choices_take_kohyas_spelling_or_name_the_close_one(capsys) -> None:
+    from stylelora.cli import main
+
+    assert main(["train", "--set", "train.optimizer=AdamW8bit", "--set", "train.lr_scheduler=Cosine",
+                 "--print-config"]) == 0
+    train = tomllib.loads(capsys.readouterr().out)["train"]
+    assert (train["optimizer"], train["lr_scheduler"]) == ("adamw8bit", "cosine")
+    assert main(["train", "--set", "train.optimizer=AdamW9bit", "--print-config"]) == 1
+    assert "train.optimizer: must be one of" in (err := capsys.readouterr().err) and "did you mean 'adamw8bit'?" in err
+
+
+def test_estimate_refuses_an_output_inside_the_dataset_as_train_does(dataset: Path, capsys) -> None:
+    from stylelora.cli import main
+
+    for extra in ([], ["--estimate"]):
+        code = main(["train", "--data", str(dataset), "--output", str(dataset / "run"), "--steps", "1", *extra])
+        assert code == 1 and "is inside the dataset folder" in capsys.readouterr().err
+    assert not (dataset / "run").exists()
+
+
+def test_check_data_words_an_image_over_the_pixel_limit_itself(dataset: Path) -> None:
+    """Pillow warns (with its own file path) about an image between its limit and twice it; check-data says it
+    once, in its report, as its own line about that image."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", 10_000, 9_000, 8, 2, 0, 0, 0))  # 90 MP, just over 89 MP
+    (dataset / "huge.png").write_bytes(b"\x89PNG\r\n\x1a\n" + header + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                                       + chunk(b"IEND", b""))
+    r = run_cli("check-data", str(dataset), "--resolution", "64")
+    assert r.returncode == 0 and r.stderr == ""  # no DecompressionBombWarning, no site-packages path
+    report = r.stdout.splitlines()
+    line = report[report.index("huge.png") + 1]
+    assert line.startswith("  error: declares 10000x9000 pixels (90 MP), over the 89 MP limit")
+    assert "5 images found, 4 usable, 1 skipped; 1 error, 0 warnings, 0 notes" in r.stdout  # counts in words
+
+
+def test_a_presets_warmup_is_a_share_of_its_own_run(capsys) -> None:
+    """sd15-style with --steps 300 warms up for 5% of 300 steps, not the 100 steps sized for its own 1500."""
+    import torch
+
+    from stylelora.cli import main
+    from stylelora.core.config import Config
+    from stylelora.core.errors import ConfigError
+    from stylelora.training.optim import build_lr_scheduler
+
+    preset = Path(__file__).resolve().parent.parent / "presets" / "sd15-style.toml"
+    assert main(["train", str(preset), "--steps", "300", "--print-config"]) == 0
+    config = Config.from_toml(capsys.readouterr().out)
+    assert (config.train.lr_warmup_ratio, config.train.lr_warmup_steps, config.train.warmup_steps(300)) == (0.05, 0, 15)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=config.train.lr)
+    schedule = build_lr_scheduler(optimizer, config.train, 300)
+    rates = []
+    for _ in range(16):
+        rates.append(schedule.get_last_lr()[0])
+        optimizer.step()
+        schedule.step()
+    assert rates[14] < config.train.lr == rates[15]  # warm after 15 steps, then cosine decay
+    with pytest.raises(ConfigError, match="train.lr_warmup_ratio: .* were both set; set train.lr_warmup_ratio=0"):
+        config.with_overrides({"train.lr_warmup_steps": 50})

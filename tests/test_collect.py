@@ -202,3 +202,36 @@ def test_a_caption_edit_is_refused_when_the_caption_changed_since_it_was_shown(t
     assert collect.caption_of(folder, "camera.png") == "zzstyle, a camera, flat style"
     collect.save_caption(folder, "camera.png", "zzstyle, edited", shown="zzstyle, a camera, flat style")
     assert collect.caption_of(folder, "camera.png") == "zzstyle, edited"
+
+
+def test_a_caption_uploaded_without_its_image_says_it_has_none(tmp_path: Path) -> None:
+    folder = tmp_path / "d"
+    (tmp_path / "ghost.txt").write_text("a ghost, flat style\n")
+    image = draw_image(tmp_path / "real.png", seed=3)
+    (tmp_path / "real.txt").write_text("a real one\n")
+    report = collect.add_files(folder, [(tmp_path / "ghost.txt", "ghost.txt"), (image, "real.png"),
+                                        (tmp_path / "real.txt", "real.txt")])
+    text = report.to_text()
+    assert report.captions_alone == ["ghost.txt"]
+    assert "no image for ghost.txt in the dataset" in text and "real" not in text.split("\n", 1)[1]
+    report = collect.add_files(folder, [(draw_image(tmp_path / "ghost.png", seed=4), "ghost.png")])
+    assert report.captions_alone == [] and "no image" not in report.to_text()  # its image came: nothing to say
+    assert dict((p.name, c) for p, c in collect.images(folder))["ghost.png"] == "a ghost, flat style"
+
+
+def test_an_edit_is_kept_when_the_editor_moves_on_and_kohya_folders_show_their_images(tmp_path: Path) -> None:
+    folder = tmp_path / "img"
+    draw_image(folder / "3_zqx style" / "a.png", seed=1)
+    (folder / "3_zqx style" / "a.txt").write_text("zqx style, a\n")
+    draw_image(folder / ".hidden" / "b.png", seed=2)
+    assert [(collect.relative_name(folder, p), c) for p, c in collect.images(folder)] == [
+        ("3_zqx style/a.png", "zqx style, a")]  # as training reads the folder: repeats folders, no hidden ones
+    assert collect.save_if_edited(folder, "3_zqx style/a.png", " zqx style,  a ", "zqx style, a") is None
+    assert collect.save_if_edited(folder, "3_zqx style/a.png", "zqx style, an edit", "zqx style, a") is not None
+    assert collect.caption_of(folder, "3_zqx style/a.png") == "zqx style, an edit"
+    with pytest.raises(DataError, match="its caption changed since it was shown"):  # never over another's edit
+        collect.save_if_edited(folder, "3_zqx style/a.png", "mine", "zqx style, a")
+    draw_image(tmp_path / "outside.png", seed=5)
+    for name in ["../outside.png", ".hidden/b.png", "3_zqx style"]:
+        with pytest.raises(DataError, match="no such image"):
+            collect.save_caption(folder, name, "x")

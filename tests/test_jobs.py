@@ -95,7 +95,7 @@ def test_workspace_keeps_runs_and_datasets_inside(tmp_path: Path) -> None:
     for bad in ["/etc", "../datasets/cats", "datasets/../../x", str(tmp_path), "outputs/cats"]:
         with pytest.raises(ConfigError, match="only works with files under|datasets folder itself"):
             ws.run_config(Config().with_overrides({"data.path": bad}))
-    with pytest.raises(ConfigError, match="only works with files under"):
+    with pytest.raises(ConfigError, match=r"^train.output_dir: '/tmp/elsewhere' is outside .*outputs"):
         ws.run_config(Config().with_overrides({"data.path": "cats", "train.output_dir": "/tmp/elsewhere"}))
     (ws.datasets / "link").symlink_to("/etc")
     with pytest.raises(ConfigError, match="only works with files under"):
@@ -311,3 +311,30 @@ def test_continue_and_train_again_configs_of_a_run(tmp_path: Path) -> None:
     for bad in ["", "outputs", "datasets/cats", "/etc"]:
         with pytest.raises(ConfigError):
             ws.continue_config(bad)
+
+
+def test_a_dataset_folder_added_from_elsewhere_trains_and_a_kohya_run_folder_moves_under_outputs(
+        tmp_path: Path) -> None:
+    from conftest import draw_image
+
+    (tmp_path / "root").mkdir()
+    ws = Workspace(tmp_path / "root")
+    img = tmp_path / "kohya" / "img"
+    draw_image(img / "3_zqx style" / "a.png", (64, 64), seed=1)
+    kohya = Config().with_overrides({"data.path": str(img), "train.output_dir": str(tmp_path / "kohya" / "model")})
+    with pytest.raises(ConfigError) as refused:  # both fields in one message, each by its field
+        ws.run_config(kohya)
+    assert refused.value.args[0].startswith("data.path: ") and "\ntrain.output_dir: " in str(refused.value)
+    assert f"add `{img}` to the workspace's dataset folders" in str(refused.value)
+    adopted, notes = ws.adopt(kohya)
+    assert adopted.train.output_dir == "outputs/model" and any("outside outputs/" in n for n in notes)
+    assert ws.dataset_name(img) is None
+    for wide in [tmp_path / "root", tmp_path / "kohya"]:  # the workspace itself; no image one level down
+        with pytest.raises(DataError):
+            ws.add_folder(wide)
+    assert ws.add_folder(img) == img.resolve() and ws.dataset_name(img) == str(img.resolve())
+    prepared = Workspace(tmp_path / "root").run_config(adopted)  # kept across restarts (outputs/folders.json)
+    assert Path(prepared.data.path) == img.resolve() and Path(prepared.train.output_dir) == ws.outputs / "model"
+    assert ws.dataset_name("datasets/example") is None and ws.dataset_name("") is None
+    make_dataset(ws.datasets / "mine", 1)
+    assert ws.dataset_name("datasets/mine") == "mine" == ws.dataset_name(ws.datasets / "mine")

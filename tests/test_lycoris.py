@@ -18,10 +18,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import assert_fused_delta, make_adapter, make_dataset, run_cli, tiny_config, weights
-from stylelora.adapters.adapter import Adapter, ModelLayout
+from stylelora.adapters.adapter import NETWORK_NAMES, Adapter, ModelLayout
+from stylelora.adapters.convert import export, open_adapter
 from stylelora.adapters.formats import load_adapter, save_kohya, to_kohya
 from stylelora.adapters.merge import merge
 from stylelora.core.config import LoraConfig
+from stylelora.core.errors import FormatError
 from stylelora.families import family_of, load_base_model
 from stylelora.model.base import BaseModel
 from stylelora.model.lora import ADAPTER_NAME, add_lora, lora_alphas
@@ -165,6 +167,23 @@ def test_lycoris_networks_have_no_diffusers_file(trained, tmp_path: Path) -> Non
                  "--model", "builtin:tiny", "--precision", "fp32")
     assert ok.returncode == 0, ok.stderr
     assert "LoHa" in ok.stdout or "LoKr" in ok.stdout
+
+
+def test_a_lycoris_run_folder_exports_from_its_checkpoint(trained, tmp_path: Path) -> None:
+    """``stylelora export outputs/RUN --format kohya`` of a LoHa or LoKr run: the fp32 weights of the run's
+    checkpoint (peft's hada_*/lokr_* keys) in LyCORIS' layout, the same file the run wrote; the checkpoint opens as
+    an adapter too; the diffusers format says it holds LoRA only."""
+    network, paths, _ = trained
+    run, out = paths[0].parent, tmp_path / "exported.safetensors"
+    r = run_cli("export", str(run), "--format", "kohya", "--out", str(out), "--precision", "fp32")
+    assert r.returncode == 0, r.stderr
+    assert "from step-000003's fp32 weights" in r.stdout and NETWORK_NAMES[network] in r.stdout
+    exported, written = load_file(out), load_file(paths[0])
+    assert exported.keys() == written.keys() and all(torch.equal(exported[k], written[k]) for k in written)
+    checkpoint = open_adapter(run / "checkpoints" / "step-000003" / "lora.safetensors", "builtin:tiny")
+    assert checkpoint.adapter.network == network and checkpoint.format == "diffusers"
+    with pytest.raises(FormatError, match="the diffusers format holds LoRA only"):
+        export(run, "diffusers", tmp_path / "d")
 
 
 def test_the_preview_renders_them_and_strength_0_is_the_base_image(trained) -> None:

@@ -127,3 +127,23 @@ def test_a_half_written_or_damaged_checkpoint_is_never_resumed(dataset: Path, tm
     assert any("removed the later checkpoints step-000004" in m for m in messages), messages
     assert result.steps == 3 and [p.name for p in list_checkpoints(out)] == ["step-000003"]
     assert [m["step"] for m in metrics(out)] == [1, 2, 3]
+
+
+def test_a_continued_run_s_first_eta_comes_from_its_earlier_pace(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first step of a session also warms up (caches, allocations): its time alone gave a continued run a
+    first ETA of 1:14:49. Until this session has a pace of its own, the run's earlier sessions' pace counts."""
+    from stylelora.training import loop
+
+    now = [1000.0]
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: now[0])
+    clock = loop._Clock(100, 200.0)  # 100 steps trained before, in 200 s: 0.5 steps/s
+    now[0] += 60.0  # this session's first step, warming up
+    elapsed, rate, eta = clock.pace(101, 300)
+    assert (elapsed, rate, eta) == (260.0, 0.5, 398.0)  # not 199 steps x 60 s
+    now[0] += 4.0  # then two steps in 4 s: this session's own pace
+    clock.pace(102, 300)
+    now[0] += 2.0
+    assert clock.pace(103, 300)[1:] == (2 / 6.0, 197 * 3.0)
+    fresh = loop._Clock(0, 0.0)  # a new run has nothing earlier: its first step's pace
+    now[0] += 3.0
+    assert fresh.pace(1, 10)[1:] == (1 / 3.0, 27.0)

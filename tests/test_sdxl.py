@@ -242,7 +242,7 @@ def test_kohya_files_carry_the_expected_module_names_and_kind(kind: str, runs: d
             "lora_te_text_model_encoder_layers_1_self_attn_v_proj",
         ]
         assert tensors["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"].dim() == 2  # a Linear in SD2
-        facts = {"ss_base_model_version": "sd_v2", "ss_v2": "True", "ss_v_parameterization": "True",
+        facts = {"ss_base_model_version": "sd_v2_v", "ss_v2": "True", "ss_v_parameterization": "True",
                  "modelspec.architecture": "stable-diffusion-v2-768-v/lora", "modelspec.prediction_type": "v"}
     assert set(expected) <= names
     assert {k: meta[k] for k in facts} == facts
@@ -433,7 +433,7 @@ def test_headless_run_on_a_model_folder_stylelora_did_not_write(kind: str, tmp_p
         assert tensors["lora_te_text_model_encoder_layers_1_self_attn_q_proj.lora_up.weight"].shape == (40, 4)
         assert {k: meta[k] for k in ("ss_v2", "ss_base_model_version", "ss_v_parameterization",
                                      "modelspec.architecture", "modelspec.prediction_type")} == {
-            "ss_v2": "True", "ss_base_model_version": "sd_v2", "ss_v_parameterization": "True",
+            "ss_v2": "True", "ss_base_model_version": "sd_v2_v", "ss_v_parameterization": "True",
             "modelspec.architecture": "stable-diffusion-v2-768-v/lora", "modelspec.prediction_type": "v"}
         from diffusers import StableDiffusionPipeline as Pipeline
     assert meta["ss_network_dim"] == "4"

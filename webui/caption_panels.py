@@ -12,7 +12,7 @@ import gradio as gr
 from stylelora.data import autocaption, caption_tools
 from stylelora.data.autocaption import CaptionSettings
 
-from .context import Context, user_errors
+from .context import Context, Failed, errors_on_page, user_errors
 from .form import settings_from_widgets, settings_widget
 
 # The captioning fields the panel shows, in API order; the widgets come from CaptionSettings.
@@ -112,7 +112,7 @@ def _edit_panel(folder: Folder, gallery: Gallery, dataset: gr.Dropdown, images: 
     def tag_table(name: str) -> list[list[Any]]:
         return [[tag, count] for tag, count in caption_tools.tag_frequency(folder(name))]
 
-    @user_errors
+    @errors_on_page(Failed(), [], gr.update())  # "nothing to undo" replaces the last "undid …"
     def undo(name: str):
         label, files = caption_tools.undo_last(folder(name))
         return f"undid '{label}': {files} file(s) restored", [], gallery(name)
@@ -132,7 +132,7 @@ def _edit_panel(folder: Folder, gallery: Gallery, dataset: gr.Dropdown, images: 
             apply_btn = gr.Button("Apply to every caption", variant="primary")
             undo_btn = gr.Button("Undo the last edit")
             tags_btn = gr.Button("Tag frequency")
-        status = gr.Textbox(label="Result", interactive=False)
+        status = gr.Textbox(label="Result", interactive=False, elem_id="caption-edit-result")
         table = gr.Dataframe(headers=["image", "before", "after"], interactive=False, wrap=True)
         tags = gr.Dataframe(headers=["tag", "captions"], interactive=False)
     inputs = [dataset, find, replace_with, regex, tag, new_tag, which]

@@ -3,6 +3,7 @@ caption images with a captioner (a preview first), and edit all captions at once
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,17 +15,34 @@ from stylelora.data import doctor
 from stylelora.services import collect
 
 from . import caption_panels
-from .context import Context, user_errors
-from .words import CHECK_BUTTON
+from .context import Context, Failed, errors_on_page, user_errors
+from .words import CHECK_BUTTON, USE_FOLDER_BUTTON
 
 ACCEPTED = list(collect.UPLOAD_SUFFIXES)
+Shown = tuple[str, str, str]  # what the caption editor shows: (dataset, image, caption as shown)
+
+
+def kept_edit(folder: Callable[[str], Path], typed: str | None, shown: Shown | None) -> str:
+    """Save what was typed in the caption editor before it shows something else, and say so ('' when nothing was
+    typed). A caption that changed on disk meanwhile refuses the move (DataError), so nothing is lost."""
+    typed = (typed or "").strip()
+    if shown is None:
+        return f"the text typed with no image picked was not saved: “{typed}”" if typed else ""
+    name, image, caption = shown
+    try:
+        where = folder(name)
+    except gr.Error:  # the dataset is gone: nothing to save into
+        return f"dataset '{name}' is gone; your edit of {image} was not saved: “{typed}”"
+    if collect.save_if_edited(where, image, typed, caption) is None:
+        return ""
+    return f"saved your edit of the caption of {image} in dataset '{name}'"
 
 
 def build(ctx: Context) -> dict[str, Any]:
     ws = ctx.workspace
 
     def folder(name: str) -> Path:
-        path = collect.dataset_folder(ws.datasets, name)
+        path = ws.open_dataset(name)
         if not path.is_dir():
             raise gr.Error(f"dataset '{name}' does not exist; create it first", print_exception=False)
         return path
@@ -40,13 +58,22 @@ def build(ctx: Context) -> dict[str, Any]:
         return [(str(p), caption or "(no caption)") for p, caption in collect.images(folder(name))]
 
     def names() -> list[str]:
-        return collect.list_datasets(ws.datasets)
+        return ws.dataset_names()
 
     @user_errors
     def create(name: str):
         made = collect.create_dataset(ws.datasets, name)
-        return (gr.update(choices=names(), value=made.name), f"dataset folder: `{ws.display(made)}`",
-                gallery(made.name), gr.update(choices=ctx.dataset_choices()))
+        return (gr.update(choices=names(), value=made.name), f"dataset folder: `{ws.display(made)}` (the Train tab's "
+                "dataset now)",
+                gallery(made.name), gr.update(choices=ctx.dataset_choices(), value=ws.display(made)))
+
+    @user_errors
+    def use_folder(path: str):
+        """Add a dataset folder from elsewhere on this machine and open it (the Train tab trains from it)."""
+        added = ctx.add_folder(path)
+        name = str(added) if added in ws.added else added.name
+        return (gr.update(choices=names(), value=name), f"dataset folder: `{ws.display(added)}` (the Train tab's "
+                "dataset now)", gr.update(choices=ctx.dataset_choices(), value=ws.display(added)))
 
     # The caption editor remembers what it shows: (dataset, image, caption as shown). A save goes to that
     # dataset and image only, and only while the caption on disk is still the one shown.
@@ -59,6 +86,9 @@ def build(ctx: Context) -> dict[str, Any]:
         except (gr.Error, StyleloraError):  # the image or dataset is gone: the editor empties
             return "", "", None
         return image, caption, (name, image, caption)
+
+    def keep_edit(typed: str | None, shown: tuple[str, str, str] | None) -> str:
+        return kept_edit(folder, typed, shown)
 
     def reloaded(name: str, shown: tuple[str, str, str] | None) -> tuple[str, str, tuple[str, str, str] | None]:
         """The editor after the captions may have changed (an upload, a trigger word): the shown image again."""
@@ -75,13 +105,20 @@ def build(ctx: Context) -> dict[str, Any]:
         return report.to_text(), gallery(name)
 
     @user_errors
-    def select(name: str, evt: gr.SelectData):
+    def select(name: str, typed: str, shown: tuple[str, str, str] | None, evt: gr.SelectData):
+        """Open the clicked image in the editor; an edit of the image it showed is saved first."""
+        note = keep_edit(typed, shown)
         items = collect.images(folder(name))
         if evt.index is None or evt.index >= len(items):
-            return "", "", None
-        return editor(name, items[evt.index][0].name)
+            return "", "", None, note
+        return *editor(name, collect.relative_name(folder(name), items[evt.index][0])), note
 
     @user_errors
+    def leave(typed: str, shown: tuple[str, str, str] | None):
+        """Another dataset was picked: the editor empties, after saving an edit of the image it showed."""
+        return "", "", None, keep_edit(typed, shown)
+
+    @errors_on_page(Failed("not saved: {}"), gr.update())
     def save_caption(name: str, image: str, caption: str, shown: tuple[str, str, str] | None = None):
         if not image:
             raise gr.Error("click an image in the gallery first", print_exception=False)
@@ -108,10 +145,18 @@ def build(ctx: Context) -> dict[str, Any]:
     with gr.Tab("Dataset", id="dataset"):
         with gr.Row():
             dataset = gr.Dropdown(names(), value="example" if "example" in names() else None,
-                                  label="Dataset", info="A folder under datasets/", scale=2, elem_id="dataset-pick",
-                                  allow_custom_value=True)  # names are checked by collect.dataset_folder
+                                  label="Dataset", info="A folder under datasets/, or one added from this computer",
+                                  scale=2, elem_id="dataset-pick",
+                                  allow_custom_value=True)  # names are checked by Workspace.open_dataset
             new_name = gr.Textbox(label="New dataset", placeholder="my-style", scale=2)
             create_btn = gr.Button("Create", scale=1)
+        with gr.Row(equal_height=True):
+            outside = gr.Textbox(label="Folder on this computer", scale=4, elem_id="outside-folder",
+                                 placeholder="/home/me/kohya/img",
+                                 info="A folder of images (or of kohya's 10_name folders) outside datasets/: the "
+                                 "app shows it, edits its captions and trains from it, and serves its images to "
+                                 "this browser only")
+            outside_btn = gr.Button(USE_FOLDER_BUTTON, scale=1, elem_id="use-folder")
         with gr.Row():
             files = gr.File(label="Images, .txt captions or a .zip", file_count="multiple", file_types=ACCEPTED,
                             elem_id="upload-files")
@@ -126,6 +171,8 @@ def build(ctx: Context) -> dict[str, Any]:
             image_name = gr.Textbox(label="Image", interactive=False, scale=1, elem_id="caption-image")
             caption = gr.Textbox(label="Caption", scale=4, elem_id="caption-text")
             save_btn = gr.Button("Save caption", scale=1, elem_id="save-caption")
+        caption_status = gr.Textbox(show_label=False, interactive=False, elem_id="caption-result",
+                                    placeholder="Click another image or dataset, and an edit is saved first")
         shown = gr.State(None)  # (dataset, image, caption) the editor shows; not part of the API
         with gr.Row():
             trigger_word = gr.Textbox(label="Trigger word", info="Put in front of every caption", scale=3)
@@ -140,19 +187,30 @@ def build(ctx: Context) -> dict[str, Any]:
 
     editor_fields = [image_name, caption, shown]
     dataset.change(gallery, dataset, images, api_name="list_images")
-    dataset.change(lambda: ("", "", None), None, editor_fields, api_name=False)  # never edit the old one's image
+    # never edit the old one's image; an edit of it is saved first, and the caption line says so
+    dataset.change(leave, [caption, shown], [*editor_fields, caption_status], api_name=False,
+                   show_progress_on=caption_status)
     # After an upload the picker empties (a second click must not add the same files again), and the editor
     # shows the caption as it is now; so it does after a save and after "Add to every caption".
     # Progress and errors show on the result line, never over the gallery (it stays clickable).
-    upload_btn.click(upload, [dataset, files, replace], [status, images], api_name="upload",
-                     show_progress_on=status).success(
+    # An upload and "Add to every caption" reload the editor from disk: an edit in it is saved first.
+    kept = {"fn": user_errors(keep_edit), "inputs": [caption, shown], "outputs": caption_status, "api_name": False,
+            "show_progress_on": caption_status}
+    upload_btn.click(**kept).success(upload, [dataset, files, replace], [status, images], api_name="upload",
+                                     show_progress_on=status).success(
         lambda name, now: (None, *reloaded(name, now)), [dataset, shown], [files, *editor_fields], api_name=False)
-    images.select(select, dataset, editor_fields, api_name=False)
-    save_btn.click(save_caption, [dataset, image_name, caption, shown], [status, images], show_progress_on=status,
-                   api_name="save_caption").success(editor, [dataset, image_name], editor_fields, api_name=False)
-    trigger_btn.click(trigger, [dataset, trigger_word], [status, images], api_name="add_trigger",
-                      show_progress_on=status).then(
+    images.select(select, [dataset, caption, shown], [*editor_fields, caption_status], api_name=False,
+                  show_progress_on=caption_status).success(
+        lambda name, note: gallery(name) if note.startswith("saved") else gr.update(), [dataset, caption_status],
+        images, api_name=False)
+    # The caption's result and errors show on its own line, beside the editor (not on the upload's result).
+    save_btn.click(save_caption, [dataset, image_name, caption, shown], [caption_status, images],
+                   show_progress_on=caption_status, api_name="save_caption").success(
+        editor, [dataset, image_name], editor_fields, api_name=False)
+    trigger_btn.click(**kept).success(trigger, [dataset, trigger_word], [status, images], api_name="add_trigger",
+                                      show_progress_on=status).then(
         reloaded, [dataset, shown], editor_fields, api_name=False)
     return {"dataset": dataset, "create": (create_btn, create, new_name, status, images),
+            "use_folder": (outside_btn, use_folder, outside, status),
             "show": (gallery, dataset, images), "refresh": refresh,
             "check": (check_btn, check, [report, findings, full_report])}

@@ -15,7 +15,7 @@ import gradio as gr
 from stylelora.adapters.convert import export as export_adapter
 from stylelora.adapters.merge import merge as merge_adapter
 
-from .context import Context, user_errors
+from .context import Context, Failed, errors_on_page
 
 FORMATS = [("kohya (AUTOMATIC1111, ComfyUI)", "kohya"), ("diffusers (pipe.load_lora_weights)", "diffusers")]
 MERGED = [("one .safetensors checkpoint (AUTOMATIC1111, ComfyUI)", "single_file"),
@@ -30,7 +30,8 @@ def build(ctx: Context) -> dict[str, Any]:
             raise gr.Error("pick a run or an adapter to export (train one first)", print_exception=False)
         return choice
 
-    @user_errors
+    # A failed export or merge leaves its error on the page and offers no file: never the previous one's.
+    @errors_on_page(Failed("**Export failed**: {}", markdown=True), None)
     def export(choice: str | None, fmt: str, precision: str):
         source = picked(choice)
         report = export_adapter(ws.inside(source, [ws.outputs]), fmt, ws.export_target(source, fmt, precision),
@@ -40,7 +41,7 @@ def build(ctx: Context) -> dict[str, Any]:
         text = f"**{verdict}**\n\n`{ws.display(report.path)}` — {report.num_tensors} tensors\n\n{summary}"
         return text, str(report.path)
 
-    @user_errors
+    @errors_on_page(Failed("**Merge failed**: {}", markdown=True), None)
     def merge(model: str, choice: str | None, scale: float, layout: str = "single_file", precision: str = "fp16"):
         single = layout != "diffusers"
         adapter, out = ws.merge_target(picked(choice), float(scale), single_file=single)
@@ -63,7 +64,7 @@ def build(ctx: Context) -> dict[str, Any]:
             fmt = gr.Radio(FORMATS, value="kohya", label="Format")
             precision = gr.Dropdown(["fp16", "bf16", "fp32"], value="fp16", label="Precision")
             export_btn = gr.Button("Export", variant="primary", elem_id="export")
-        report = gr.Markdown()
+        report = gr.Markdown(elem_id="export-report")
         download = gr.File(label="Download", interactive=False, elem_id="export-download")
         with gr.Accordion("Merge into the base model", open=False):
             with gr.Row():
@@ -77,6 +78,13 @@ def build(ctx: Context) -> dict[str, Any]:
 
     export_btn.click(export, [source, fmt, precision], [report, download], api_name="export", show_progress_on=report)
     merge_btn.click(merge, [merge_model, source, merge_scale, merge_layout, precision], [merge_report, merged_path],
-                    api_name="merge").success(lambda path: path, merged_path, merged, api_name=False)
+                    api_name="merge", show_progress_on=merge_report).then(
+        lambda path: path, merged_path, merged, api_name=False)
+    # The result and the download belong to what is picked: another pick empties them.
+    for picker in (source, fmt, precision):
+        picker.change(lambda: ("", None), None, [report, download], api_name=False, show_progress="hidden")
+    for picker in (source, merge_model, merge_scale, merge_layout, precision):
+        picker.change(lambda: ("", None, None), None, [merge_report, merged_path, merged], api_name=False,
+                      show_progress="hidden")
     tab.select(refresh, source, source, api_name=False)
     return {}

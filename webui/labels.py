@@ -62,6 +62,7 @@ FIELDS: dict[str, tuple[str, str]] = {
     "train.optimizer_args": ("Optimizer arguments (key=value)", OPTIMIZER),
     "train.lr_scheduler": ("Learning-rate schedule", OPTIMIZER),
     "train.lr_warmup_steps": ("Warmup steps", OPTIMIZER),
+    "train.lr_warmup_ratio": ("Warmup share of the run", OPTIMIZER),
     "train.text_encoder_lr": ("Text encoder learning rate", OPTIMIZER),
     "train.text_encoder_2_lr": ("Second text encoder learning rate (SDXL)", OPTIMIZER),
     "train.seed": ("Seed", OPTIMIZER),
@@ -98,6 +99,7 @@ FIELDS: dict[str, tuple[str, str]] = {
     # Samples & validation
     "sample.prompts": ("Sample prompts", SAMPLES),
     "sample.every": ("Sample every N steps", SAMPLES),
+    "sample.every_epochs": ("Sample every N epochs", SAMPLES),
     "sample.steps": ("Sample denoising steps", SAMPLES),
     "sample.seed": ("Sample seed", SAMPLES),
     "sample.negative_prompt": ("Sample negative prompt", SAMPLES),

@@ -134,11 +134,15 @@ def build(ctx: Context) -> dict[str, Any]:
 
     settings = [shown[name] for name in SETTINGS]
     inputs = [model, adapter, upload, prompt, *settings]
-    generate_btn.click(preview, [*inputs, strength, *groups], [base_image, lora_image], api_name="preview")
+    # Every render waits in one line, in the order asked (concurrency_id), and a slider let go while its last
+    # render is still going renders again after it (trigger_mode="always_last"; Gradio's default, "once",
+    # dropped it: the first render loads the model, so a block strength set meanwhile never showed).
+    renders = {"concurrency_id": "preview", "concurrency_limit": 1, "trigger_mode": "always_last"}
+    generate_btn.click(preview, [*inputs, strength, *groups], [base_image, lora_image], api_name="preview", **renders)
     for slider in (strength, *groups):
-        slider.release(preview, [*inputs, strength, *groups], [base_image, lora_image], api_name=False)
-    sweep_btn.click(sweep, [*inputs, scales], sweep_image, api_name="sweep")
-    grid_btn.click(grid, [model, adapter, prompt, *settings, scales], sweep_image, api_name="grid")
+        slider.release(preview, [*inputs, strength, *groups], [base_image, lora_image], api_name=False, **renders)
+    sweep_btn.click(sweep, [*inputs, scales], sweep_image, api_name="sweep", **renders)
+    grid_btn.click(grid, [model, adapter, prompt, *settings, scales], sweep_image, api_name="grid", **renders)
     refresh_btn.click(refresh, adapter, adapter, api_name=False)
     tab.select(refresh, adapter, adapter, api_name=False)
     adapter.change(model_of, [adapter, model], model, api_name=False)

@@ -103,7 +103,8 @@ def render(snap: Snapshot, shown: Callable[[Any], str] = str) -> tuple[str, pd.D
         f"</div></div></div>"
     )
     progress = [e for e in snap.events if isinstance(e, events.Progress)]
-    losses = pd.DataFrame({"step": [p.step for p in progress], "loss": [p.loss for p in progress]})
+    curve = snap.earlier + [(p.step, p.loss) for p in progress]  # a continued run's loss so far comes first
+    losses = pd.DataFrame({"step": [step for step, _ in curve], "loss": [loss for _, loss in curve]})
     samples = [(str(path), f"step {e.step}: {prompt}") for e in snap.events if isinstance(e, events.SampleSaved)
                for path, prompt in zip(e.paths, e.prompts, strict=False)]
     return progress_html, losses, samples[::-1], "\n".join(_log(snap, shown))

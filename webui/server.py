@@ -1,4 +1,5 @@
-"""Command line of ``python app.py``: where to listen, and who may connect."""
+"""Command line of ``python app.py``: where to listen, and who may connect; Ctrl-C and SIGTERM stop a running
+training as Stop does (a checkpoint and the adapter are saved) before the app exits."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 import ipaddress
 import logging
 import os
+import signal
 import socket
 import sys
 from collections.abc import Sequence
@@ -47,12 +49,15 @@ def exposure_problem(host: str, share: bool, auth: tuple[str, str] | None) -> st
 
 
 def port_problem(host: str, port: int) -> str | None:
-    """Why the app cannot listen on ``port`` (not a port number, or taken), or None."""
+    """Why the app cannot listen on ``port`` (not a port number, or taken), or None. Only a listener takes a
+    port: connections of an app that just stopped, left in TIME-WAIT, do not (SO_REUSEADDR, as the server
+    itself binds), so the app starts again at once after Ctrl-C."""
     if not 1 <= port <= 65535:
         return f"--port {port}: not a port number; give one from 1 to 65535 (the default is 7860)"
     try:
         family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
         with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.bind((host.strip("[]") if host not in ("0.0.0.0", "") else "0.0.0.0", port))
     except OSError:
         return (f"--port {port}: port {port} is in use on {host} (is stylelora or another app already running "
@@ -99,11 +104,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StyleloraError as e:
         print(f"error: --root {args.root}: {e}", file=sys.stderr)
         return 1
+    # SIGTERM (docker stop, a service manager) ends the server as Ctrl-C does; then the run is saved.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         launch(demo, ctx, server_name=args.host, server_port=args.port, share=args.share, auth=auth)
     except OSError as e:  # taken between the check and the launch
         print(f"error: {port_problem(args.host, args.port) or f'--port {args.port}: {e}'}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # before Gradio's own wait took it
+        pass
+    finally:
+        demo.close()
+    return stop_training(ctx.job)
+
+
+def _interrupt(signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def stop_training(job: Any) -> int:
+    """Stop the running training as Stop does and wait for its checkpoint and adapter; a second Ctrl-C or
+    SIGTERM quits at once (the newest checkpoint on disk is complete). The run continues first when the
+    app starts again; queued runs wait for that too."""
+    try:
+        if job.shutdown():
+            print("stopping the training after this step and saving a checkpoint and the adapter "
+                  "(Ctrl-C again to quit at once)...", file=sys.stderr)
+            job.join()
+    except KeyboardInterrupt:
+        print("quit without waiting: the training continues from its newest checkpoint when the app starts "
+              "again", file=sys.stderr)
+        return 130
     return 0
 
 
@@ -112,7 +143,7 @@ def launch(demo: Any, ctx: Any, **kwargs: Any) -> Any:
     from .build import CSS, HEAD
 
     return demo.queue(default_concurrency_limit=1).launch(
-        allowed_paths=[str(p) for p in ctx.workspace.folders],
+        allowed_paths=ctx.served,  # the same list: a dataset folder added later is served too
         show_error=False,
         footer_links=["api"],
         css=CSS,

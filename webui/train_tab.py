@@ -17,6 +17,7 @@ import pandas as pd
 
 from stylelora.core import events
 from stylelora.core.config import Config
+from stylelora.core.errors import counted
 from stylelora.families import peek_model
 from stylelora.services import kohya_import, kohya_keys
 from stylelora.services.launch import runner_for
@@ -25,7 +26,7 @@ from stylelora.training.loop import estimate_run
 from .context import Context, user_errors
 from .form import ConfigForm
 from .progress import QUEUE_HEADERS, first_event, queue_choices, queue_rows, render, summary
-from .words import AGAIN_BUTTON, CONTINUE_BUTTON
+from .words import AGAIN_BUTTON, CONTINUE_BUTTON, gui_words
 
 DEFAULT_PRESET = "cpu-demo"  # what the form shows first: a run that finishes in seconds on a CPU
 
@@ -56,7 +57,8 @@ def build(ctx: Context) -> dict[str, Any]:
         with gr.Row(equal_height=True):
             preset = gr.Dropdown(ctx.preset_names(), value=DEFAULT_PRESET, label="Preset", scale=3)
             load_preset_btn = gr.Button("Load preset", scale=1)
-            toml_in = gr.UploadButton("Load a TOML…", file_types=[".toml", ".json"], type="filepath", scale=1)
+            toml_in = gr.UploadButton("Load a TOML…", file_types=[".toml", ".json"], type="filepath", scale=1,
+                                      elem_id="load-toml")
             save_btn = gr.Button("Save as TOML", scale=1)
         toml_out = gr.File(label="Config", interactive=False, visible=False, elem_id="saved-config")
         import_notes = gr.Markdown(elem_id="import-notes")
@@ -125,7 +127,7 @@ def build(ctx: Context) -> dict[str, Any]:
         if not path:
             return [gr.update() for _ in form.names]
         if kohya_keys.is_kohya_file(path):
-            return shown(kohya_import.import_kohya(path).config)
+            return shown(ws.adopt(kohya_import.import_kohya(path).config)[0])  # runs go under outputs/
         return shown(Config.load(path))
 
     @user_errors
@@ -134,9 +136,10 @@ def build(ctx: Context) -> dict[str, Any]:
         if not path or not kohya_keys.is_kohya_file(path):
             return ""
         report = kohya_import.import_kohya(path)
-        lines = [f"**Imported a kohya config**: {len(report.mapped)} settings; check the dataset and model paths."]
+        lines = [f"**Imported a kohya config**: {counted(len(report.mapped), 'setting')}; check the dataset and "
+                 "model paths."]
         lines += [f"- not imported: `{key}` ({reason})" for key, _, reason in report.unsupported]
-        lines += [f"- check: {note}" for note in report.notes]
+        lines += [f"- check: {note}" for note in report.notes + [gui_words(n) for n in ws.adopt(report.config)[1]]]
         return "\n".join(lines)
 
     @user_errors
@@ -194,7 +197,8 @@ def build(ctx: Context) -> dict[str, Any]:
             started = first_event(snap, events.Started)
             if snap.status != "running" and started is not None:  # a run ended: the runs list picks it
                 runs = gr.update(choices=runs["choices"], value=ws.display(started.output_dir))
-            yield *render(snap, ws.display), queue_rows(snap.queue, snap), runs
+            notice = "" if snap.status != "running" else gr.update()  # "stopping…" and the like end with the run
+            yield *render(snap, ws.display), queue_rows(snap.queue, snap), runs, notice
 
     @user_errors
     def train_toml(toml_text: str, gpus: int = 1) -> Iterator[dict]:
@@ -268,7 +272,7 @@ def build(ctx: Context) -> dict[str, Any]:
         return shown(ws.settings_of(run or ""), as_run=True)
 
     # --- wiring --------------------------------------------------------------------------------------
-    outputs = [progress, plot, samples, log, queue_table, run_pick]
+    outputs = [progress, plot, samples, log, queue_table, run_pick, notice]
     fields = form.by_parameter  # named API parameters (train_steps, lora_rank, ...), not param_0..param_N
     # A handler that fills the form shows its progress and errors on the notice line, not over every field.
     load_preset_btn.click(load_preset, preset, form.components, api_name="load_preset", show_progress_on=notice)

@@ -7,13 +7,14 @@ import re
 from pathlib import Path
 
 from stylelora.core.config import all_fields
-from stylelora.core.errors import CHECK_DATA, CONTINUE, SETTING
+from stylelora.core.errors import ADD_FOLDER, CHECK_DATA, CONTINUE, SETTING
 
 from .labels import BASIC_GROUP, group, label
 
 CONTINUE_BUTTON = "Continue this run"
 AGAIN_BUTTON = "Train again into a new folder"
 CHECK_BUTTON = "Check the dataset"
+USE_FOLDER_BUTTON = "Use a folder on this computer"
 LEADING_FIELD = re.compile(r"^(?P<field>[a-z_]+\.[a-z0-9_]+): ", re.MULTILINE)
 
 
@@ -37,6 +38,7 @@ def gui_words(text: str) -> str:
     text = CONTINUE.sub(lambda m: f"“{CONTINUE_BUTTON}” on run '{Path(m['config']).parent.name}' (Train tab, Runs)",
                         text)
     text = CHECK_DATA.sub(lambda m: f"“{CHECK_BUTTON}” on the Dataset tab", text)
+    text = ADD_FOLDER.sub(lambda m: f"add {m['folder']} with “{USE_FOLDER_BUTTON}” on the Dataset tab", text)
 
     def named(m: re.Match[str]) -> str:
         dotted, value = m["field"], m["value"]

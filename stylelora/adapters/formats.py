@@ -61,8 +61,9 @@ DORA_KOHYA_REFUSAL = (
 
 
 LYCORIS_DIFFUSERS_REFUSAL = (
-    "LoHa and LoKr adapters are written in the LyCORIS layout (--format kohya), which AUTOMATIC1111, ComfyUI "
-    "and LyCORIS load; diffusers' load_lora_weights reads LoRA only, so there is no diffusers file for them."
+    "the diffusers format holds LoRA only (diffusers' load_lora_weights reads no LoHa or LoKr), so a LoHa or LoKr "
+    "adapter has no diffusers file: export it in the kohya format, the LyCORIS layout that AUTOMATIC1111, ComfyUI "
+    "and LyCORIS load."
 )
 
 
@@ -382,6 +383,7 @@ _DIFFUSERS_SUFFIXES = {
     "lora_A.weight": "lora_A.weight",
     "lora_B.weight": "lora_B.weight",
     "alpha": "alpha",
+    **{name: name for name in sorted(LYCORIS_WEIGHTS)},  # peft's LoHa/LoKr weights, as a run's checkpoints hold them
 }
 # diffusers' attention-processor files (0.14-0.20): ``attn1.processor.to_q_lora.down.weight``, no prefix
 _ATTN_PROCESSOR = re.compile(r"^(.*)\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")

@@ -22,6 +22,7 @@ from safetensors.torch import save
 
 from .. import families
 from ..core.config import Config
+from ..data.batches import folder_repeats, repeats_folder
 
 if TYPE_CHECKING:
     from ..model.base import BaseModel
@@ -128,7 +129,7 @@ def kohya_metadata(
         "ss_batch_size_per_device": str(config.train.batch_size),
         "ss_gradient_accumulation_steps": str(config.train.gradient_accumulation_steps),
         "ss_lr_scheduler": config.train.lr_scheduler,
-        "ss_lr_warmup_steps": str(config.train.lr_warmup_steps),
+        "ss_lr_warmup_steps": str(config.train.warmup_steps(total_steps or config.train.steps)),
         "ss_optimizer": config.train.optimizer,
         "ss_mixed_precision": config.train.mixed_precision,
         "ss_seed": str(config.train.seed),
@@ -156,13 +157,29 @@ def kohya_metadata(
         "versions": library_versions(),
     }
     if items is not None:
-        folder = Path(config.data.path).name or "data"
-        meta["ss_tag_frequency"] = json.dumps({folder: tag_frequency([str(i.caption) for i in items])})
-        meta["ss_dataset_dirs"] = json.dumps({folder: {"n_repeats": config.data.repeats, "img_count": len(items)}})
+        dirs = dataset_dirs(items, config)
+        meta["ss_tag_frequency"] = json.dumps({name: tag_frequency([str(i.caption) for i in folder])
+                                               for name, (_, folder) in dirs.items()})
+        meta["ss_dataset_dirs"] = json.dumps({name: {"n_repeats": repeats, "img_count": len(folder)}
+                                              for name, (repeats, folder) in dirs.items()})
+        meta["ss_num_train_images"] = str(sum(repeats * len(folder) for repeats, folder in dirs.values()))
         record["dataset_sha256"] = dataset_hash(items)
         record["num_images"] = len(items)
     meta["stylelora.reproducibility"] = json.dumps(record, sort_keys=True)
     return meta
+
+
+def dataset_dirs(items: Sequence[Any], config: Config) -> dict[str, tuple[int, list[Any]]]:
+    """The training images by the folder that sets their repeats, as sd-scripts lists its subsets: each kohya
+    ``10_name`` folder by its name with its repeats, images outside such folders under the dataset folder's
+    name with ``data.repeats``."""
+    root = Path(config.data.path)
+    dirs: dict[str, tuple[int, list[Any]]] = {}
+    for item in items:
+        repeats, _ = folder_repeats(Path(item.image), root)
+        name = repeats_folder(Path(item.image), root) or root.name or "data"
+        dirs.setdefault(name, (repeats if repeats is not None else config.data.repeats, []))[1].append(item)
+    return dirs
 
 
 def _data_facts(config: Config) -> dict[str, str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
 import sys
 import traceback
@@ -118,9 +119,36 @@ def _log_to_stderr() -> None:
     root.setLevel(logging.WARNING)
 
 
+def _command_parser(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.ArgumentParser:
+    """The (sub)command's own parser that ``argv`` names (``stylelora captions replace``: replace's)."""
+    current = parser
+    for token in argv:
+        commands = next((a for a in current._actions if isinstance(a, argparse._SubParsersAction)), None)
+        if commands is None:
+            break
+        current = commands.choices.get(token, current)
+    return current
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """``parser.parse_args``, except that an unknown flag is refused by its own command's parser (its usage, not
+    the top-level one) with the flag it was probably meant to be: ``--stpes: did you mean --steps?``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        command = _command_parser(parser, argv)
+        flags = [flag for action in command._actions for flag in action.option_strings if flag.startswith("--")]
+        shown = []
+        for given in unknown:
+            close = difflib.get_close_matches(given.split("=", 1)[0], flags, n=1, cutoff=0.6)
+            shown.append(f"{given} (did you mean {close[0]}?)" if given.startswith("-") and close else given)
+        command.error(f"unrecognized arguments: {' '.join(shown)}")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     _log_to_stderr()
     if args.command != "train" or not getattr(args, "print_config", False):
         quiet_libraries()

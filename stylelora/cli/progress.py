@@ -6,6 +6,7 @@ import json
 import sys
 from typing import Any
 
+from ..core.errors import counted
 from .flags import cli_words
 
 
@@ -22,8 +23,9 @@ class TerminalProgress:
 
         if isinstance(event, events.Started):
             where = event.device if event.processes == 1 else f"{event.device} with {event.processes} processes"
-            print(f"training on {where} (effective batch {event.effective_batch}): {event.num_images} images -> "
-                  f"{event.output_dir}", file=sys.stderr)
+            images = counted(event.num_images, "image")
+            print(f"training on {where} (effective batch {event.effective_batch}): {images} -> {event.output_dir}",
+                  file=sys.stderr)
             self.bar = tqdm(total=event.total_steps, initial=event.start_step, unit="step", dynamic_ncols=True)
         elif isinstance(event, events.Progress) and self.bar is not None:
             self.bar.set_postfix(loss=f"{event.loss:.4f}", lr=f"{event.lr:.2e}", img_s=f"{event.images_per_s:.2f}")
@@ -40,7 +42,7 @@ class TerminalProgress:
             self._write(f"samples at step {event.step}: {', '.join(str(p) for p in event.paths)}")
         elif isinstance(event, events.Finished):
             self.close()
-            print(f"done: {event.step} steps; adapter files:", file=sys.stderr)
+            print(f"done: {counted(event.step, 'step')}; adapter files:", file=sys.stderr)
             for path in event.adapter_paths:
                 print(f"  {path}")
 

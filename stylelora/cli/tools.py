@@ -11,7 +11,7 @@ from typing import Any
 from ..core.config import GenerateSettings
 from ..core.errors import StyleloraError
 from ..preview.samplers import sampler_names
-from .flags import GENERATE_FLAGS, _add_field_flag, _settings_flags
+from .flags import GENERATE_FLAGS, _add_field_flag, _settings_flags, cli_words
 
 
 def _add_generate(sub: Any) -> None:
@@ -257,7 +257,7 @@ def cmd_import_kohya(args: argparse.Namespace) -> int:
         raise StyleloraError(f"--out: {out} exists; choose another name or pass --force to replace it")
     report = import_kohya(args.file, args.dataset_config)
     fileio.write_text(out, report.to_toml())
-    print(report.to_text())
+    print(cli_words(report.to_text()))
     print(f"wrote {out}; train with: stylelora train {out}", file=sys.stderr)
     return 0
 

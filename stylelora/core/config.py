@@ -166,6 +166,10 @@ class TrainConfig:
     )
     lr_scheduler: LrScheduler = option("constant", "Learning-rate schedule.")
     lr_warmup_steps: int = option(0, "Warmup steps of the schedule.", ge=0)
+    lr_warmup_ratio: float = option(
+        0.0, "Warmup as a share of the run's steps (0.05: the first 5%), so it fits any train.steps or "
+        "train.epochs; kohya's lr_warmup_steps below 1. 0 counts train.lr_warmup_steps instead.", ge=0, lt=1,
+    )
     lr_scheduler_cycles: int = option(1, "Cycles (hard restarts) of cosine_with_restarts.", ge=1)
     lr_scheduler_power: float = option(1.0, "Power of the polynomial schedule (1 is linear decay).", gt=0)
     optimizer: Optimizer = option(
@@ -248,6 +252,10 @@ class TrainConfig:
         "wandb and mlflow need their package (WANDB_MODE=offline and a file: MLFLOW_TRACKING_URI work offline).",
     )
 
+    def warmup_steps(self, total_steps: int) -> int:
+        """The schedule's warmup in a run of ``total_steps``: lr_warmup_ratio of them when set, else lr_warmup_steps."""
+        return round(self.lr_warmup_ratio * total_steps) if self.lr_warmup_ratio else self.lr_warmup_steps
+
 
 @dataclass(frozen=True)
 class GenerateSettings:
@@ -289,6 +297,9 @@ class SampleConfig:
     prompts: list[str] = option([], "Prompts rendered during training.")
     negative_prompt: str = option_like(GenerateSettings, "negative_prompt", "Negative prompt for samples.")
     every: int = option(0, "Render samples every N steps; 0 turns it off.", ge=0)
+    every_epochs: int = option(
+        0, "Render samples at the end of every N epochs (kohya's sample_every_n_epochs); 0 turns it off.", ge=0
+    )
     seed: int = option(1234, "Seed of the samples (the same for every step, so they compare).", ge=0)
     steps: int = option_like(GenerateSettings, "steps", "Denoising steps per sample.", le=200)
     guidance: float = option_like(GenerateSettings, "guidance")
@@ -409,6 +420,24 @@ def next_free_run_dir(path: str | Path) -> Path:
     return out
 
 
+# the fields that name a file or folder on this machine
+PATH_FIELDS = ("model.name", "model.config", "data.path", "data.reg_path", "cache.dir", "train.output_dir",
+               "train.resume")
+
+
+def foreign_path_errors(config: Config) -> list[str]:
+    """One error per path field holding a path written on another system (``E:\\kohya\\img`` on Linux), which
+    would otherwise be read, or created, as a folder of that name in the current folder."""
+    errors = []
+    for dotted in PATH_FIELDS:
+        value = str(config.get(dotted))
+        why = fileio.foreign_path(value)
+        if why is not None and not Path(value).exists():
+            errors.append(f"{dotted}: '{value}' is {why} from another machine, which this system would take for "
+                          f"a name in the current folder; set {setting(dotted)} to a path on this machine")
+    return errors
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """``train.lr=1e-4`` -> ("train.lr", 0.0001); values use TOML syntax, bare words are strings."""
     key, sep, raw = text.partition("=")
@@ -513,6 +542,10 @@ def _cross_checks(config: Config) -> list[str]:
     if config.lora.type in ("loha", "lokr") and config.lora.dropout:
         errors.append(f"lora.dropout: {config.lora.type} layers have no input dropout; set lora.dropout=0")
     errors += _family_checks(config)
+    if config.train.lr_warmup_ratio and config.train.lr_warmup_steps:
+        errors.append(f"train.lr_warmup_ratio: a warmup of {config.train.lr_warmup_ratio:g} of the run and of "
+                      f"{config.train.lr_warmup_steps} steps were both set; set train.lr_warmup_ratio=0 to count "
+                      "steps, or train.lr_warmup_steps=0 to warm up for a share of the run")
     if config.train.zero_terminal_snr and config.model.prediction_type == "epsilon":
         errors.append(
             "train.zero_terminal_snr: needs v-prediction (with zero terminal SNR the last timestep is pure "

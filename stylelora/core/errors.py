@@ -33,6 +33,11 @@ class DiskFullError(StyleloraError):
     """A save ran out of disk space; nothing partial was left under the file's name."""
 
 
+def counted(number: int, noun: str, plural: str | None = None) -> str:
+    """A count with its noun in the right number: ``1 warning``, ``2 warnings``."""
+    return f"{number} {noun if number == 1 else plural or noun + 's'}"
+
+
 def offline_hint(what: str, name: str, local: str) -> str:
     """The one message for a hub id that cannot be had (offline, or a wrong id), for models and captioners."""
     return (
@@ -50,6 +55,7 @@ SETTING = re.compile(r"`(?P<field>[a-z_]+\.[a-z0-9_]+)(?:=(?P<value>[^`]*))?`")
 CONTINUE = re.compile(
     r"`train\.resume=auto` on the run's config `(?P<config>[^`]+)`(?: in (?P<processes>\d+) processes)?")
 CHECK_DATA = re.compile(r"the dataset check of `(?P<folder>[^`]+)`")
+ADD_FOLDER = re.compile(r"add `(?P<folder>[^`]+)` to the workspace's dataset folders")
 
 
 def setting(field: str, value: object = None) -> str:
@@ -63,6 +69,12 @@ def setting(field: str, value: object = None) -> str:
 def check_data(folder: object) -> str:
     """The advice to run the dataset check, which explains every finding, on ``folder``."""
     return f"the dataset check of `{folder}`"
+
+
+def add_folder(folder: object) -> str:
+    """The advice to add ``folder`` (a dataset elsewhere on this machine) to an app's workspace
+    (``services.workspace.Workspace.add_folder``), so the app may train from it."""
+    return f"add `{folder}` to the workspace's dataset folders"
 
 
 def continue_run(config_toml: object, processes: int = 1) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -37,6 +38,22 @@ def umask() -> int:
         mask = os.umask(0o022)
         os.umask(mask)
     return mask
+
+
+def foreign_path(path: str) -> str | None:
+    """What makes ``path`` a path written on Windows (a drive letter, backslashes, a network share), which this
+    system would take for a relative name and create in the current folder (a folder called ``E:``); None for
+    a path of this system. On Windows every such path is its own, so there it is always None."""
+    if os.name == "nt":
+        return None
+    text = str(path).strip()
+    if text.startswith("\\\\"):
+        return "a Windows network share (UNC path)"
+    if re.match(r"^[A-Za-z]:", text):
+        return f"a Windows path (drive {text[:2]})"
+    if "\\" in text:
+        return "a Windows path (backslashes)"
+    return None
 
 
 def file_mode() -> int:

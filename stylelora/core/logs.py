@@ -18,6 +18,11 @@ def quiet_libraries() -> None:
     # torchvision, when installed, warns about its image extension and beta transforms on import
     warnings.filterwarnings("ignore", module=r"torchvision(\..*)?")
     warnings.filterwarnings("ignore", message=r".*torchvision.*")
+    # Pillow warns on opening an image over its decompression-bomb limit; the dataset check and training refuse
+    # such an image with a line of their own that names it (data.dataset.load_image)
+    from PIL import Image
+
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
     try:
         from diffusers.utils import logging as diffusers_logging
         from transformers.utils import logging as transformers_logging

@@ -14,6 +14,7 @@ from typing import Any
 from .fileio import write_text
 
 TRACKED = ("loss", "lr", "val_loss")
+METRICS_FILE = "metrics.jsonl"  # in a run folder
 Tracker = Callable[..., Any]  # called as tracker(values, step=step)
 
 
@@ -47,3 +48,20 @@ def truncate_after(path: Path, step: int) -> None:
         if isinstance(record, dict) and record.get("step", 0) <= step:
             kept.append(line)
     write_text(path, "".join(line + "\n" for line in kept))
+
+
+def losses(path: Path, up_to: int) -> list[tuple[int, float]]:
+    """(step, loss) of each logged step up to ``up_to`` in a run's metrics log (what a resumed run had
+    trained before); lines that do not read are skipped, a missing log gives []."""
+    if not path.is_file():
+        return []
+    found: dict[int, float] = {}
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+            step, loss = int(record["step"]), float(record["loss"])
+        except (ValueError, KeyError, TypeError):
+            continue
+        if step <= up_to:
+            found[step] = loss
+    return sorted(found.items())

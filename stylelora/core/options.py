@@ -58,7 +58,8 @@ def unknown_setting(dotted: str, known: typing.Iterable[str]) -> str:
 
 
 def unknown_choice(value: str, known: list[str]) -> str:
-    close = difflib.get_close_matches(value, known, n=1, cutoff=0.5)
+    lower = {k.lower(): k for k in known}
+    close = [lower[c] for c in difflib.get_close_matches(value.lower(), list(lower), n=1, cutoff=0.5)]
     hint = f"; did you mean '{close[0]}'?" if close else ""
     return f"must be one of {', '.join(repr(k) for k in known)}, got {value!r}{hint}"
 
@@ -82,7 +83,12 @@ def coerce(value: Any, tp: Any, dotted: str) -> Any:
         return coerce(value, args[0], dotted)
     ok = True
     if origin is Literal:
-        ok = value in typing.get_args(tp)
+        choices = typing.get_args(tp)
+        if isinstance(value, str) and value not in choices:  # AdamW8bit, as kohya spells it, is adamw8bit
+            value = next((c for c in choices if isinstance(c, str) and c.lower() == value.lower()), value)
+        if value not in choices and isinstance(value, str) and all(isinstance(c, str) for c in choices):
+            raise ConfigError(f"{dotted}: {unknown_choice(value, list(choices))}")
+        ok = value in choices
     elif origin is list:
         ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
     elif tp is bool:

@@ -60,17 +60,22 @@ class Example:
     regularisation: bool = False
 
 
-def folder_repeats(image: Path, root: Path) -> tuple[int | None, str]:
-    """(repeats, class words) from the nearest folder named like ``10_sks style`` under ``root``."""
+def repeats_folder(image: Path, root: Path) -> str | None:
+    """The name of the nearest folder named like ``10_sks style`` that holds ``image`` under ``root``, or None."""
     try:
         relative = image.resolve().relative_to(root.resolve())
     except ValueError:  # an image listed from outside the folder: no folder name applies
+        return None
+    return next((parent.name for parent in relative.parents if FOLDER_REPEATS.match(parent.name)), None)
+
+
+def folder_repeats(image: Path, root: Path) -> tuple[int | None, str]:
+    """(repeats, class words) from the nearest folder named like ``10_sks style`` under ``root``."""
+    folder = repeats_folder(image, root)
+    match = FOLDER_REPEATS.match(folder) if folder else None
+    if match is None:
         return None, ""
-    for parent in relative.parents:
-        match = FOLDER_REPEATS.match(parent.name)
-        if match:
-            return int(match.group(1)), match.group(2).replace("_", " ").strip()
-    return None, ""
+    return int(match.group(1)), match.group(2).replace("_", " ").strip()
 
 
 def _examples(items: list[Item], root: Path, config: DataConfig, regularisation: bool) -> list[Example]:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.config import DataConfig
-from ..core.errors import DataError, setting
+from ..core.errors import DataError, counted, setting
 from .dataset import DOC_NAMES, IMAGE_SUFFIXES, Item, read_caption, read_jsonl, scan, with_trigger
 from .imagecheck import check_image, colour_difference, near_duplicate_pairs
 
@@ -97,10 +97,10 @@ class DatasetReport:
 
     def summary(self) -> str:
         c = self.counts
-        line = (f"{c['images']} images found, {c['usable']} usable, {c['skipped']} skipped; "
-                f"{c['errors']} errors, {c['warnings']} warnings, {c['infos']} notes")
+        line = (f"{counted(c['images'], 'image')} found, {c['usable']} usable, {c['skipped']} skipped; "
+                f"{counted(c['errors'], 'error')}, {counted(c['warnings'], 'warning')}, {counted(c['infos'], 'note')}")
         if self.can_train:
-            return f"{line}\ntraining can proceed with {c['usable']} image{'s' * (c['usable'] != 1)}"
+            return f"{line}\ntraining can proceed with {counted(c['usable'], 'image')}"
         return f"{line}\ntraining cannot proceed: " + "; ".join(self.blockers)
 
     def to_text(self, min_level: str = "info") -> str:

@@ -117,7 +117,7 @@ def _with_kind(pipeline: Any, name: str, kind: str, prediction_type: str) -> Bas
     if wanted.architecture != family.architecture:
         raise ConfigError(
             f"model.kind: '{kind}' does not fit '{name}', which is {family.display(detected)} by its structure "
-            f"({getattr(family, 'structure', family.name)}); set model.kind=auto"
+            f"({family.structure}); set model.kind=auto"
         )
     wanted.apply_kind(pipeline, kind, prediction_type)
     return BaseModel(pipeline, name, kind, wanted)

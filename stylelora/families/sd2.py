@@ -59,7 +59,7 @@ class SD2(StableDiffusionFamily):
     builtins: ClassVar[dict[str, Any]] = {"tiny-sd2v": build_tiny_sd2v}
     suggestions = ("builtin:tiny-sd2v", "stabilityai/stable-diffusion-2-1")
     below_native_warning = frozenset({"sd2-v"})
-    base_model_version: ClassVar[dict[str, str]] = {"sd2": "sd_v2", "sd2-v": "sd_v2"}
+    base_model_version: ClassVar[dict[str, str]] = {"sd2": "sd_v2", "sd2-v": "sd_v2_v"}  # sd-scripts: _v for v-pred
     modelspec_architecture: ClassVar[dict[str, str]] = {"sd2": "stable-diffusion-v2-512",
                                                         "sd2-v": "stable-diffusion-v2-768-v"}
     kohya_v2 = True

@@ -121,7 +121,7 @@ class SDXL(StableDiffusionFamily):
     name = "sdxl"
     kinds: ClassVar[dict[str, str]] = {"sdxl": "SDXL"}
     architecture: ClassVar[str] = "sdxl-unet"
-    structure: ClassVar[str] = "two text encoders and added time conditioning"
+    structure = "two text encoders and added time conditioning"
     presets: ClassVar[dict[str, str]] = {"sdxl": "sdxl-style"}
     builtins: ClassVar[dict[str, Any]] = {"tiny-sdxl": build_tiny_sdxl}
     suggestions = ("builtin:tiny-sdxl", "stabilityai/stable-diffusion-xl-base-1.0")
@@ -151,6 +151,10 @@ class SDXL(StableDiffusionFamily):
 
     def check_model(self, model: BaseModel, config: Config) -> None:
         """SDXL's conditioning already skips the last layer (``encode_sdxl``): clip skip does not apply."""
+
+    def ignored_settings(self, kind: str) -> dict[str, str]:
+        return {"model.clip_skip": "SDXL is conditioned on the layer before the last of both text encoders already "
+                                   "(as kohya's SDXL trainer does); clip skip does not apply to SDXL"}
 
     def predict(self, denoiser: Any, noisy: torch.Tensor, timesteps: torch.Tensor, text: TextStates,
                 time_ids: torch.Tensor | None) -> torch.Tensor:

@@ -30,7 +30,7 @@ class StableDiffusionFamily(ModelFamily):
     architecture: ClassVar[str] = "sd-unet"
     default_targets: ClassVar[list[str]] = blocks.UNET_TARGETS
     strength_groups = blocks.GROUPS
-    structure: ClassVar[str] = "one text encoder"  # how its structure is described when model.kind does not fit
+    structure = "one text encoder"
     # ss_base_model_version and modelspec.architecture per kind, as kohya's sd-scripts writes them
     # (library/sai_model_spec.py): A1111 files an adapter under SDXL by the first, under SD2 by ss_v2
     base_model_version: ClassVar[dict[str, str]] = {}
@@ -165,15 +165,6 @@ class StableDiffusionFamily(ModelFamily):
             targets += [LoraTarget(part, m, list(lora.text_encoder_targets)) for part, m in model.parts()
                         if part in chosen]
         return targets
-
-    def text_selection(self, name: str) -> tuple[str, ...] | None:
-        """The text-encoder parts ``te`` (all), ``te1`` or ``te2`` name; None for another name. A model with
-        one text encoder takes it for any of them."""
-        if name not in ("te", "both", "te1", "te2"):
-            return None
-        if len(self.text_parts) == 1 or name in ("te", "both"):
-            return self.text_parts
-        return (self.text_parts[int(name[-1]) - 1],)
 
     def check_blocks(self, selectors: Sequence[str], field: str = "lora.blocks") -> None:
         blocks.expand(selectors, field)

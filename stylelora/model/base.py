@@ -97,6 +97,7 @@ class ModelFamily:
     default_targets: ClassVar[list[str]] = []  # denoiser modules that get LoRA when lora.unet_targets is empty
     strength_groups: ClassVar[tuple[str, ...]] = ()  # per-block strength groups of the denoiser (IN, MID, OUT)
     below_native_warning: ClassVar[frozenset[str]] = frozenset()  # kinds that learn worse far below native size
+    structure: ClassVar[str] = ""  # its structure in a few words, for "model.kind does not fit" messages
 
     @property
     def parts(self) -> tuple[str, ...]:
@@ -131,6 +132,17 @@ class ModelFamily:
         """Extra keyword arguments of ``pipeline_class(kind).from_single_file``."""
         return {}
 
+    def set_prediction_type(self, pipeline: Any, prediction_type: str) -> None:
+        """Apply ``model.prediction_type`` (set, not auto) to a loaded pipeline; ConfigError where it means nothing."""
+        from ..core.errors import ConfigError
+
+        raise ConfigError(f"model.prediction_type: {self.name} models have no prediction type to choose; "
+                          "set model.prediction_type=auto")
+
+    def configured_resolution(self, configs: Configs) -> int:
+        """The native resolution of a model known by its configs alone (forms show it before loading)."""
+        raise NotImplementedError
+
     def apply_kind(self, pipeline: Any, kind: str, prediction_type: str) -> None:
         """Make a loaded pipeline of this architecture behave as ``kind`` (``model.kind`` set by the user)."""
 
@@ -140,6 +152,11 @@ class ModelFamily:
 
     def check_model(self, model: BaseModel, config: Config) -> None:
         """Raise ConfigError for settings that do not fit the loaded model (clip skip beyond its layers)."""
+
+    def ignored_settings(self, kind: str) -> dict[str, str]:
+        """Config fields a model of ``kind`` trains without, each with why (import-kohya leaves such a setting out
+        and says so)."""
+        return {}
 
     # --- what a loaded model is ------------------------------------------------------------------------
     def native_resolution(self, pipeline: Any) -> int:
@@ -178,8 +195,11 @@ class ModelFamily:
         """The denoiser's prediction for a batch (``time_ids``: SDXL's size and crop conditioning)."""
         raise NotImplementedError
 
-    def example_text(self, model: BaseModel, batch: int, tokens: int, device: Any, dtype: Any) -> TextStates:
-        """Text conditioning of the right shapes with ``tokens`` tokens (zeros), for the estimate's replay."""
+    def example_inputs(self, model: BaseModel, batch: int, side: int, max_token_length: int, encode: bool,
+                       device: Any, dtype: Any) -> tuple[torch.Tensor, torch.Tensor, TextStates, torch.Tensor | None]:
+        """(noisy latents, timesteps, text, time ids) shaped as one training step's (zeros; latents ``side``
+        latent pixels square; the text encoders run when ``encode``, as when they train), for the estimate's
+        replay on meta tensors and its GPU probe."""
         raise NotImplementedError
 
     def conditioning_tokens(self, max_token_length: int) -> int:
@@ -204,6 +224,15 @@ class ModelFamily:
         text encoder trains, the chosen encoders'."""
         raise NotImplementedError
 
+    def text_selection(self, name: str) -> tuple[str, ...] | None:
+        """The text-encoder parts ``te`` (all), ``te1`` or ``te2`` name (``lora.text_encoders``, split's
+        ``--keep``); None for another name. A model with one adaptable encoder takes it for any of them."""
+        if name not in ("te", "both", "te1", "te2"):
+            return None
+        if len(self.text_parts) == 1 or name in ("te", "both"):
+            return self.text_parts
+        return (self.text_parts[int(name[-1]) - 1],)
+
     def check_blocks(self, selectors: Sequence[str], field: str = "lora.blocks") -> None:
         """ConfigError for a malformed block selector of this family."""
 
@@ -219,6 +248,10 @@ class ModelFamily:
     # --- adapter files ---------------------------------------------------------------------------------------
     def kohya_names(self, modules: Mapping[str, Sequence[str]], denoiser_config: Any) -> dict[tuple[str, str], str]:
         """The kohya name (A1111, ComfyUI, sd-scripts) of every (part, module path) that has one."""
+        raise NotImplementedError
+
+    def kohya_prefix(self, part: str) -> str:
+        """The prefix of a part's kohya names (``lora_unet_``, ``lora_te_``, ...)."""
         raise NotImplementedError
 
     def kohya_aliases(self, modules: Mapping[str, Sequence[str]]) -> dict[str, tuple[str, str]]:

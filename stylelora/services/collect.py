@@ -52,11 +52,15 @@ class AddReport:
     already_there: list[str] = field(default_factory=list)  # "cat.png (same bytes as cat.png)"
     captions_replaced: list[str] = field(default_factory=list)  # image names whose caption an upload replaced
     captions_kept: list[str] = field(default_factory=list)  # image names whose different caption was kept
+    captions_alone: list[str] = field(default_factory=list)  # added captions whose image is not in the dataset
     refused: list[str] = field(default_factory=list)
 
     def to_text(self) -> str:
         images = sum(p.suffix.lower() in IMAGE_SUFFIXES for p in self.added)
         lines = [f"added {len(self.added)} file(s): {images} image(s), {len(self.added) - images} caption(s)"]
+        if self.captions_alone:
+            lines.append(f"no image for {', '.join(self.captions_alone)} in the dataset: kept, but training and the "
+                         "gallery ignore a caption until an image of the same name is added")
         if self.already_there:
             lines.append(f"already in the dataset, not added again: {', '.join(self.already_there)}")
         if self.captions_replaced:
@@ -215,6 +219,8 @@ class _Upload:
             self.report.captions_replaced.append(shown)
         fileio.write_text(target, text)
         self.report.added.append(target)
+        if shown == target.name:  # no image of this name
+            self.report.captions_alone.append(target.name)
 
 
 def _image_named(folder: Path, stem: str) -> str | None:
@@ -307,10 +313,23 @@ def _unpack_zip(source: Path, shown: str, staging: Path, upload: _Upload) -> lis
 
 
 def _image_in(folder: Path, image_name: str) -> Path:
-    path = (folder / safe_filename(image_name)).resolve()
-    if path.parent != folder.resolve() or not path.is_file() or path.suffix.lower() not in IMAGE_SUFFIXES:
+    """The image ``image_name`` (its path inside ``folder``, as ``images`` names it) of ``folder``."""
+    root = folder.resolve()
+    path = (root / image_name).resolve()
+    if (not path.is_relative_to(root) or path == root or _hidden(path.relative_to(root)) or not path.is_file()
+            or path.suffix.lower() not in IMAGE_SUFFIXES):
         raise DataError(f"{image_name}: no such image in dataset '{folder.name}'")
     return path
+
+
+def _hidden(relative: Path) -> bool:
+    return any(part.startswith(".") for part in relative.parts)
+
+
+def relative_name(folder: str | Path, image: Path) -> str:
+    """How the app names ``image`` of ``folder``: its path inside the folder (``10_zqx style/a.png`` in kohya's
+    repeats folders), as ``save_caption`` takes it."""
+    return image.relative_to(Path(folder)).as_posix()
 
 
 def _jsonl_rows(folder: Path) -> list[dict] | None:
@@ -321,18 +340,19 @@ def _jsonl_rows(folder: Path) -> list[dict] | None:
 
 
 def images(folder: str | Path) -> list[tuple[Path, str]]:
-    """(image, caption) for each image directly in ``folder``, sorted by name; missing captions are ''."""
+    """(image, caption) for each image in ``folder`` and its folders (kohya's ``10_name``), as training reads
+    them, sorted by path; hidden files and folders are skipped, missing captions are ''."""
     root = Path(folder)
     if not root.is_dir():
         return []
     rows = _jsonl_rows(root)
     by_name = {r.get("file_name"): str(r.get("text", "")) for r in rows or []}
     out = []
-    for path in sorted(root.iterdir()):
-        if path.suffix.lower() not in IMAGE_SUFFIXES or path.name.startswith(".") or not path.is_file():
+    for path in sorted(root.rglob("*")):
+        if path.suffix.lower() not in IMAGE_SUFFIXES or _hidden(path.relative_to(root)) or not path.is_file():
             continue
         if rows is not None:
-            caption = by_name.get(path.name, "")
+            caption = by_name.get(relative_name(root, path), "")
         else:
             sidecar = path.with_suffix(".txt")
             caption = sidecar.read_text(encoding="utf-8-sig", errors="replace").strip() if sidecar.is_file() else ""
@@ -343,7 +363,7 @@ def images(folder: str | Path) -> list[tuple[Path, str]]:
 def caption_of(folder: str | Path, image_name: str) -> str:
     """The caption of ``image_name`` in ``folder`` as an editor shows it ('' when it has none)."""
     image = _image_in(Path(folder), image_name)
-    return next((caption for path, caption in images(folder) if path == image), "")
+    return next((caption for path, caption in images(folder) if path.resolve() == image), "")
 
 
 def save_caption(folder: str | Path, image_name: str, caption: str, *, shown: str | None = None) -> Path:
@@ -353,10 +373,11 @@ def save_caption(folder: str | Path, image_name: str, caption: str, *, shown: st
     edit, "add to every caption", an upload), nothing is written and DataError says so."""
     root = Path(folder)
     image = _image_in(root, image_name)
+    name = relative_name(root.resolve(), image)
     if shown is not None:
-        now = caption_of(root, image.name)
-        if " ".join(now.split()) != " ".join(shown.split()):
-            raise DataError(f"{image.name} in dataset '{root.name}': its caption changed since it was shown "
+        now = caption_of(root, name)
+        if not _same(now, shown):
+            raise DataError(f"{name} in dataset '{root.name}': its caption changed since it was shown "
                             f"(it is now '{now}'); nothing was saved. Open the image again to edit the new caption")
     caption = " ".join(caption.split())
     rows = _jsonl_rows(root)
@@ -365,14 +386,28 @@ def save_caption(folder: str | Path, image_name: str, caption: str, *, shown: st
         fileio.write_text(target, caption + "\n")
         return target
     for row in rows:
-        if row.get("file_name") == image.name:
+        if row.get("file_name") == name:
             row["text"] = caption
             break
     else:
-        rows.append({"file_name": image.name, "text": caption})
+        rows.append({"file_name": name, "text": caption})
     target = root / "metadata.jsonl"
     fileio.write_text(target, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return target
+
+
+def _same(a: str, b: str) -> bool:
+    """Whether two captions read the same (spaces and line breaks aside)."""
+    return " ".join(a.split()) == " ".join(b.split())
+
+
+def save_if_edited(folder: str | Path, image_name: str, caption: str, shown: str) -> Path | None:
+    """Keep an edit when the editor moves on to another image or dataset: save ``caption`` when it differs from
+    ``shown``, the caption the editor showed (and only while that is still the caption on disk; DataError says
+    so otherwise). Returns the file written, or None when nothing was edited."""
+    if _same(caption, shown):
+        return None
+    return save_caption(folder, image_name, caption, shown=shown)
 
 
 def add_trigger_word(folder: str | Path, word: str) -> int:
@@ -384,6 +419,6 @@ def add_trigger_word(folder: str | Path, word: str) -> int:
     for image, caption in images(folder):
         if caption == word or caption.startswith(word + ",") or caption.startswith(word + " "):
             continue
-        save_caption(folder, image.name, f"{word}, {caption}" if caption else word)
+        save_caption(folder, relative_name(folder, image), f"{word}, {caption}" if caption else word)
         changed += 1
     return changed

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..core import events, fileio
+from ..core import events, fileio, metrics
 from ..core.config import Config
 from ..core.errors import StyleloraError
 
@@ -64,6 +64,7 @@ class Snapshot:
     events: list[events.Event]
     error: str = ""
     queue: list[QueuedRun] = field(default_factory=list)
+    earlier: list[tuple[int, float]] = field(default_factory=list)  # (step, loss) a resumed run had before
 
     @property
     def busy(self) -> bool:
@@ -81,6 +82,7 @@ class TrainingJob:
         self._takes_requests = False  # whether the running run's runner takes "sample now" / "checkpoint now"
         self._cond = threading.Condition()
         self._events: list[events.Event] = []
+        self._earlier: list[tuple[int, float]] = []  # the current run's losses before it was resumed
         self._status = "idle"
         self._error = ""
         self._run_id = 0
@@ -91,6 +93,8 @@ class TrainingJob:
         self._next_item = 1
         self._queue_file = Path(queue_file) if queue_file else None
         self._history: dict[int, Snapshot] = {}  # run id -> its last snapshot, for runs the queue replaced
+        self._closing = False  # the app is stopping: no queued run starts
+        self._interrupted = False  # the app's stop ended the run: it continues first when the app starts again
         self.config: Config | None = None  # the run's config as it runs (or ran)
         self._load_queue()
 
@@ -120,7 +124,7 @@ class TrainingJob:
             item = QueuedRun(self._next_item, config)
             self._next_item += 1
             self._queue.append(item)
-            if self._status != "running":
+            if self._status != "running" and not self._closing:
                 self._start_next()
             self._save_queue()
             self._cond.notify_all()
@@ -151,7 +155,7 @@ class TrainingJob:
     def resume_queue(self) -> None:
         """Start the queue's first run if nothing runs (after the app restarts with a saved queue)."""
         with self._cond:
-            if self._status != "running" and self._queue:
+            if self._status != "running" and self._queue and not self._closing:
                 self._start_next()
                 self._save_queue()
 
@@ -164,6 +168,21 @@ class TrainingJob:
                 return False
             self._stop.set()
             self._events.append(events.Message("stop requested; finishing the current step and saving"))
+            self._cond.notify_all()
+            return True
+
+    def shutdown(self) -> bool:
+        """The app is stopping: stop the running run as ``stop`` does (it saves a checkpoint and the adapter;
+        ``join`` waits for that), and start nothing more. The queue file keeps the queue, and the interrupted
+        run first, so that the next app continues it. Returns whether a run was going."""
+        with self._cond:
+            self._closing = True
+            if self._status != "running":
+                return False
+            self._interrupted = not self._stop.is_set()  # a run Stop was already ending stays stopped
+            self._stop.set()
+            self._events.append(events.Message("the app is stopping: finishing the current step and saving; the "
+                                               "run continues when the app starts again"))
             self._cond.notify_all()
             return True
 
@@ -230,7 +249,8 @@ class TrainingJob:
     def _snapshot(self, run_id: int | None = None) -> Snapshot:
         if run_id is not None and run_id != self._run_id and run_id in self._history:
             return self._history[run_id]
-        return Snapshot(self._run_id, self._status, list(self._events), self._error, list(self._queue))
+        return Snapshot(self._run_id, self._status, list(self._events), self._error, list(self._queue),
+                        self._earlier)
 
     def _index(self, item_id: int) -> int:
         for i, item in enumerate(self._queue):
@@ -246,7 +266,7 @@ class TrainingJob:
     def _launch(self, config: Config, notes: list[events.Event] | None = None, runner: Runner | None = None) -> int:
         """Start the thread of a prepared run (the lock is held); ``runner`` as in ``start``."""
         self._run_id += 1
-        self._events, self._status, self._error = list(notes or []), "running", ""
+        self._events, self._status, self._error, self._earlier = list(notes or []), "running", "", []
         self._stop, self._requests = threading.Event(), events.Requests()
         self.config = config
         runner = runner or self._runner
@@ -278,7 +298,12 @@ class TrainingJob:
             self._events.extend(notes)
 
     def _record(self, event: events.Event) -> None:
+        earlier = None
+        if isinstance(event, events.Started) and event.start_step > 0:  # a resumed run: its loss so far
+            earlier = metrics.losses(Path(event.output_dir) / metrics.METRICS_FILE, event.start_step)
         with self._cond:
+            if earlier is not None:
+                self._earlier = earlier
             self._events.append(event)
             self._cond.notify_all()
 
@@ -301,7 +326,8 @@ class TrainingJob:
             self._history[run_id] = self._snapshot()
             for old in sorted(self._history)[:-HISTORY]:
                 del self._history[old]
-            self._start_next()  # the queue goes on, whatever became of this run
+            if not self._closing:
+                self._start_next()  # the queue goes on, whatever became of this run
             self._save_queue()
             self._cond.notify_all()
 
@@ -310,7 +336,8 @@ class TrainingJob:
         """The queue, and the run that is going, in the queue file (the lock is held)."""
         if self._queue_file is None:
             return
-        running = self.config.to_toml() if self._status == "running" and self.config is not None else None
+        going = self._status == "running" or (self._interrupted and self._status == "stopped")
+        running = self.config.to_toml() if going and self.config is not None else None
         state = {"next_id": self._next_item, "running": running,
                  "queue": [{"id": item.id, "config": item.config.to_toml()} for item in self._queue]}
         try:

@@ -12,70 +12,27 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import families
 from ..core.config import Config
-from ..core.errors import ConfigError
-from ..core.fileio import read_user_text
+from ..core.errors import ConfigError, setting
+from ..core.fileio import foreign_path, read_user_text
+from . import kohya_keys as keys
 from .kohya_keys import (
-    DEFAULTS,
-    KOHYA_NETWORK_TYPES,
-    LYCORIS_ALGOS,
-    NETWORK_MODULES,
-    NOT_IMPORTED,
-    ONLY_WITH,
-    OPTIMIZERS,
-    PRECISIONS,
-    SAVE_PRECISIONS,
-    SCHEDULERS,
-    SECRETS,
+    ImportReport,
     as_args,
     as_flag,
     as_integer,
     as_number,
     as_resolution,
+    at_default,
+    base_model_version,
     is_empty,
-    read_file,
-    show_value,
+    read_sources,
+    sample_prompt_lines,
 )
-
-
-@dataclass
-class ImportReport:
-    """The imported config and an account of every key: mapped, empty, or not imported (with why)."""
-
-    source: list[Path]
-    config: Config
-    mapped: list[tuple[str, str, Any]] = field(default_factory=list)  # (kohya key, dotted field, value)
-    unsupported: list[tuple[str, Any, str]] = field(default_factory=list)  # (kohya key, value, reason)
-    empty: list[str] = field(default_factory=list)  # keys left empty, 0 or off: nothing to import
-    notes: list[str] = field(default_factory=list)  # things the user should check
-
-    def unsupported_keys(self) -> list[str]:
-        return [key for key, _, _ in self.unsupported]
-
-    def to_text(self) -> str:
-        lines = [f"imported {len(self.mapped)} setting(s) from {', '.join(str(p) for p in self.source)}"]
-        lines += [f"  {key} -> {dotted} = {show_value(value)}" for key, dotted, value in self.mapped]
-        if self.unsupported:
-            lines.append(f"not imported ({len(self.unsupported)}):")
-            lines += [f"  {key} = {show_value(value)}: {reason}" for key, value, reason in self.unsupported]
-        if self.notes:
-            lines.append("check:")
-            lines += [f"  {note}" for note in self.notes]
-        if self.empty:
-            lines.append(f"empty or off, nothing to import ({len(self.empty)}): {', '.join(self.empty)}")
-        return "\n".join(lines)
-
-    def to_toml(self) -> str:
-        """The config as TOML, headed by comments saying where it came from and what was left out."""
-        head = [f"# imported by stylelora import-kohya from {', '.join(str(p) for p in self.source)}"]
-        head += [f"# not imported: {key} = {show_value(value)} ({reason})" for key, value, reason in self.unsupported]
-        head += [f"# check: {note}" for note in self.notes]
-        return "\n".join(head) + "\n\n" + self.config.to_toml()
-
 
 # --- the import -----------------------------------------------------------------------------------------
 
@@ -93,9 +50,31 @@ class _Importer:
         self.used.add(key)
 
     def skip(self, key: str, reason: str) -> None:
-        value = "(hidden)" if key in SECRETS else self.settings.get(key)
+        value = "(hidden)" if key in keys.SECRETS else self.settings.get(key)
         self.report.unsupported.append((key, value, reason))
         self.used.add(key)
+
+    def read(self, key: str, reason: str) -> None:
+        """``key`` is read but sets nothing of its own (another key decides, or it changes nothing here): listed
+        with ``reason``, or as empty when it is empty or at kohya's default. Absent keys are left alone."""
+        if key not in self.settings or key in self.used:
+            return
+        self.used.add(key)
+        value = self.settings[key]
+        if is_empty(value) or at_default(key, value):
+            self.report.empty.append(key)
+        else:
+            self.report.read.append((key, "(hidden)" if key in keys.SECRETS else value, reason))
+
+    def unset(self, dotted: str, reason: str) -> None:
+        """Take back what was mapped onto ``dotted`` (when it is not the field's default) as not imported."""
+        mapped = [m for m in self.report.mapped if m[1] == dotted]
+        if not mapped or self.values.get(dotted) == Config().get(dotted):
+            return
+        for entry in mapped:
+            self.report.mapped.remove(entry)
+            self.report.unsupported.append((entry[0], entry[2], reason))
+        self.values.pop(dotted)
 
     def given(self, key: str) -> bool:
         """The key is present with a value that means something (not empty, 0 or off)."""
@@ -104,13 +83,22 @@ class _Importer:
     def get(self, key: str, default: Any = None) -> Any:
         return self.settings.get(key, default)
 
-    def path(self, value: str) -> str:
-        """A path from the config, relative ones taken from the config file's folder; a Windows path on
-        another system is kept as written, with a note."""
+    def path(self, value: str, key: str, dotted: str) -> str:
+        """A path from the config for ``dotted``, relative ones taken from the config file's folder. A path
+        written on another system (``E:\\kohya\\img``) becomes the folder or file of its name beside the config
+        when there is one; else it is kept as written (training refuses it) and a note names the fix."""
         text = str(value).strip()
-        if re.match(r"^[A-Za-z]:[\\/]", text) and not Path(text).exists():
-            self.report.notes.append(f"{text!r} is a Windows path from another machine; set the folder that "
-                                     "holds the data here (--data, --set data.reg_path=..., --output)")
+        why = foreign_path(text)
+        if why is not None and not Path(text).exists():
+            name = re.split(r"[\\/]+", text.rstrip("\\/"))[-1]
+            here = self.base / name
+            if name and not name.endswith(":") and here.exists():
+                self.report.notes.append(f"{key} {text!r} is {why} from another machine; {here}, of the same "
+                                         "name beside the config, is used instead")
+                return str(here.resolve())
+            self.report.notes.append(f"{key} {text!r} is {why} from another machine: training refuses it until "
+                                     f"{setting(dotted)} names that {'file or ' * (dotted == 'model.name')}folder "
+                                     "on this machine")
             return text
         p = Path(text).expanduser()
         if p.is_absolute():
@@ -132,7 +120,6 @@ def _simple(k: _Importer) -> None:
         ("seed", "train.seed", as_integer),
         ("save_every_n_steps", "train.save_every", as_integer),
         ("save_every_n_epochs", "train.save_every_epochs", as_integer),
-        ("sample_every_n_steps", "sample.every", as_integer),
         ("keep_tokens", "data.keep_tags", as_integer),
         ("caption_dropout_rate", "data.caption_dropout", as_number),
         ("prior_loss_weight", "data.prior_loss_weight", as_number),
@@ -160,16 +147,16 @@ def _simple(k: _Importer) -> None:
 
 def _model(k: _Importer) -> None:
     if k.given("pretrained_model_name_or_path"):
-        name = str(k.get("pretrained_model_name_or_path")).strip()
-        looks_local = Path(name).suffix or name.startswith((".", "/", "~")) or re.match(r"^[A-Za-z]:", name)
-        k.set("pretrained_model_name_or_path", "model.name", k.path(name) if looks_local else name)
+        key = "pretrained_model_name_or_path"
+        name = str(k.get(key)).strip()
+        looks_local = Path(name).suffix or name.startswith((".", "/", "~")) or foreign_path(name)
+        k.set(key, "model.name", k.path(name, key, "model.name") if looks_local else name)
     if as_flag(k.get("v_parameterization")):
         k.set("v_parameterization", "model.prediction_type", "v_prediction")
+    kind = _model_kind(k)
+    which = f" ({families.display_name(kind)} here)" if kind else ""
     for key in ("v2", "sdxl"):
-        if key in k.settings:
-            k.used.add(key)  # the kind of model is read from the model itself
-    if as_flag(k.get("sdxl")):
-        k.report.notes.append("an SDXL config: stylelora reads the model's kind from the model itself")
+        k.read(key, f"the kind of model is read from the model itself{which}")
     if k.given("clip_skip"):
         k.set("clip_skip", "model.clip_skip", max(1, as_integer(k.get("clip_skip"), "clip_skip")))
     if k.given("max_token_length"):
@@ -177,22 +164,36 @@ def _model(k: _Importer) -> None:
         if length not in (75, 150, 225):
             raise ConfigError(f"max_token_length: must be 75, 150 or 225, got {length}")
         k.set("max_token_length", "data.max_token_length", length)
+    if kind is not None:  # what the model's family trains without (SDXL: clip skip) is left out, with why
+        for dotted, reason in families.family_of(kind).ignored_settings(kind).items():
+            k.unset(dotted, reason)
+
+
+def _model_kind(k: _Importer) -> str | None:
+    """The kind of model the config trains: from its sdxl/v2/v_parameterization flags, the kind whose family
+    records the base model sd-scripts would; without flags, from the model's own configs when it is here."""
+    version = base_model_version(k.settings)
+    if version is None:
+        facts = families.peek_model(str(k.values.get("model.name", ""))) if "model.name" in k.values else None
+        return facts.kind if facts else None
+    return next((kind for kind in families.kinds()
+                 if families.family_of(kind).metadata(kind).get("ss_base_model_version") == version), None)
 
 
 def _data(k: _Importer) -> None:
     if k.given("train_data_dir"):
-        k.set("train_data_dir", "data.path", k.path(k.get("train_data_dir")))
+        k.set("train_data_dir", "data.path", k.path(k.get("train_data_dir"), "train_data_dir", "data.path"))
     if k.given("reg_data_dir"):
-        k.set("reg_data_dir", "data.reg_path", k.path(k.get("reg_data_dir")))
+        k.set("reg_data_dir", "data.reg_path", k.path(k.get("reg_data_dir"), "reg_data_dir", "data.reg_path"))
     for key in ("resolution", "max_resolution"):
         if k.given(key):
             _set_resolution(k, key, k.get(key))
     if as_flag(k.get("cache_latents_to_disk")):
         k.set("cache_latents_to_disk", "cache.latents", "disk")
-        k.used.add("cache_latents")
+        k.read("cache_latents", "cache_latents_to_disk keeps the latents on disk (cache.latents=disk)")
     elif "cache_latents" in k.settings:
         k.set("cache_latents", "cache.latents", "memory" if as_flag(k.get("cache_latents")) else "off")
-        k.used.add("cache_latents_to_disk")
+        k.read("cache_latents_to_disk", "off")
 
 
 def _set_resolution(k: _Importer, key: str, value: Any) -> None:
@@ -206,6 +207,10 @@ def _set_resolution(k: _Importer, key: str, value: Any) -> None:
 
 def _network(k: _Importer) -> None:
     args = as_args(k.get("network_args"))
+    if args:
+        k.used.add("network_args")  # each of its arguments is listed on its own
+    else:
+        k.read("network_args", "")
     kind = _network_kind(k, args)
     if kind is not None:
         key = "LoRA_type" if k.given("LoRA_type") else "network_module"
@@ -219,16 +224,17 @@ def _network(k: _Importer) -> None:
     factor = args.pop("factor", None) or k.get("factor")
     if kind == "lokr" and factor not in (None, ""):
         k.set(label, "lora.lokr_factor", as_integer(factor, "factor"))
-    elif "factor" in k.settings:
-        k.used.add("factor")
+    else:
+        k.read("factor", f"only LoKr splits by a factor; this config trains {kind or 'lora'}")
     if as_flag(args.pop("dora_wd", False)):
         k.report.unsupported.append(("network_args dora_wd", True, "DoRA on LyCORIS networks is not implemented; "
                                      "for LoRA use lora.dora=true"))
     args.pop("algo", None)
     for name, value in args.items():
-        k.report.unsupported.append((f"network_args {name}", value, NOT_IMPORTED.get(name) or "not implemented"))
-    if "network_args" in k.settings:
-        k.used.add("network_args")
+        reason = keys.NOT_IMPORTED.get(name) or "not implemented"
+        k.report.unsupported.append((f"network_args {name}", value, reason))
+    if kind in (None, "lora"):
+        k.read("LyCORIS_preset", "only LyCORIS networks take a preset; this config trains plain LoRA")
 
 
 def _network_kind(k: _Importer, args: dict[str, Any]) -> str | None:
@@ -236,13 +242,13 @@ def _network_kind(k: _Importer, args: dict[str, Any]) -> str | None:
     neither is given or the network is one we do not train (reported)."""
     kind = None
     if k.given("LoRA_type"):
-        kind = KOHYA_NETWORK_TYPES.get(str(k.get("LoRA_type")).strip().lower())
+        kind = keys.KOHYA_NETWORK_TYPES.get(str(k.get("LoRA_type")).strip().lower())
         if kind is None:
             k.skip("LoRA_type", "this network type is not implemented; trained as plain LoRA (lora.type=lora)")
     if k.given("network_module"):
         module = str(k.get("network_module")).strip()
-        kind = LYCORIS_ALGOS.get(args.get("algo", "lora").lower()) if module == "lycoris.kohya" else (
-            NETWORK_MODULES.get(module))
+        kind = keys.LYCORIS_ALGOS.get(args.get("algo", "lora").lower()) if module == "lycoris.kohya" else (
+            keys.NETWORK_MODULES.get(module))
         if kind == "lora" and "conv_dim" in args:
             kind = "locon"
         if kind is None:
@@ -261,8 +267,9 @@ def _conv_settings(k: _Importer, args: dict[str, Any], convs: bool) -> None:
             continue
         if convs:
             k.set(label, dotted, read(value, key))
-        elif label == key:
-            k.used.add(key)  # kohya_ss keeps conv_dim in every config but passes it only to LoCon/LoHa/LoKr
+        elif label == key:  # kohya_ss keeps conv_dim in every config
+            k.read(key, "kohya_ss passes conv_dim and conv_alpha only to LoCon, LoHa and LoKr; this config trains "
+                   "plain LoRA")
         else:
             k.report.unsupported.append((label, value, "conv_dim is used by LoCon, LoHa and LoKr; this config "
                                          "trains plain LoRA"))
@@ -272,10 +279,6 @@ def _learning_rates(k: _Importer) -> None:
     base = as_number(k.get("learning_rate"), "learning_rate") if k.given("learning_rate") else None
     unet = as_number(k.get("unet_lr"), "unet_lr") if k.given("unet_lr") else None
     te = as_number(k.get("text_encoder_lr"), "text_encoder_lr") if k.given("text_encoder_lr") else None
-    for key in ("learning_rate", "unet_lr", "text_encoder_lr", "learning_rate_te", "learning_rate_te1",
-                "learning_rate_te2"):
-        if key in k.settings:
-            k.used.add(key)
     lr = unet or base
     if lr:
         k.set("unet_lr" if unet else "learning_rate", "train.lr", lr)
@@ -283,32 +286,42 @@ def _learning_rates(k: _Importer) -> None:
     # unless network_train_unet_only is set.
     gui_unet_only = "text_encoder_lr" in k.settings and te is None and unet is not None
     unet_only = as_flag(k.get("network_train_unet_only")) or gui_unet_only
-    if "network_train_unet_only" in k.settings:
-        k.used.add("network_train_unet_only")
-    k.set("network_train_unet_only" if "network_train_unet_only" in k.settings else "text_encoder_lr",
-          "lora.train_text_encoder", not unet_only)
-    if te and not unet_only and te != lr:
-        k.set("text_encoder_lr", "train.text_encoder_lr", te)
+    switch = next((key for key in ("network_train_unet_only", "text_encoder_lr") if key in k.settings),
+                  "network_train_unet_only (not set: sd-scripts trains both)")
+    k.set(switch, "lora.train_text_encoder", not unet_only)
+    # sd-scripts: a rate left empty is learning_rate's
+    te_rate, te_key = (te, "text_encoder_lr") if te else (base, "learning_rate")
+    if te_rate and not unet_only and te_rate != lr:
+        k.set(te_key, "train.text_encoder_lr", te_rate)
+    te_said = "the text encoder does not train" if unet_only else "text_encoder_lr sets the text encoder's"
+    k.read("learning_rate", f"unet_lr sets the UNet's rate and {te_said}; kohya uses learning_rate only for a "
+           "rate left empty")
+    k.read("text_encoder_lr", "the text encoder does not train" if unet_only else "the same rate as the UNet's")
+    k.read("network_train_unet_only", "text_encoder_lr 0 trains the UNet alone")
 
 
 def _optimizer(k: _Importer) -> None:
-    key = "optimizer_type" if k.given("optimizer_type") else "optimizer"
-    name = str(k.get(key) or ("AdamW8bit" if as_flag(k.get("use_8bit_adam")) else "")).strip()
-    if name:
+    key = next((name for name in ("optimizer_type", "optimizer") if k.given(name)), None)
+    name = str(k.get(key)).strip() if key else ""
+    for flag, implied in (("use_8bit_adam", "AdamW8bit"), ("use_lion_optimizer", "Lion")):
+        if not name and as_flag(k.get(flag)):
+            key, name = flag, implied
+    if name and key:
         plain = name.rsplit(".", 1)[-1].lower().replace("_", "")
-        if plain in OPTIMIZERS:
-            k.set(key, "train.optimizer", OPTIMIZERS[plain])
+        if plain in keys.OPTIMIZERS:
+            k.set(key, "train.optimizer", keys.OPTIMIZERS[plain])
             if plain in ("lion8bit", "pagedlion8bit", "pagedadamw8bit", "ademamix8bit"):
-                k.report.notes.append(f"{name}: trained with {OPTIMIZERS[plain]} (no 8-bit/paged variant here)")
+                k.report.notes.append(f"{name}: trained with {keys.OPTIMIZERS[plain]} (no 8-bit/paged variant here)")
         else:
             k.skip(key, f"{name} is not available; adamw is used (stylelora has adamw, adamw8bit, prodigy, "
                    "adafactor, lion, came, ademamix, schedulefree_adamw)")
-    for flag in ("use_8bit_adam", "use_lion_optimizer"):
-        if flag in k.settings:
-            k.used.add(flag)
+    for other in ("optimizer_type", "optimizer", "use_8bit_adam", "use_lion_optimizer"):
+        k.read(other, f"{key} names the optimizer" if key else "no optimizer named: adamw, stylelora's default")
     args = as_args(k.get("optimizer_args"))
-    if "optimizer_args" in k.settings:
-        k.used.add("optimizer_args")
+    if args:
+        k.used.add("optimizer_args")  # each of its arguments is listed on its own
+    else:
+        k.read("optimizer_args", "")
     owned = {"weight_decay": "train.weight_decay", "eps": "train.adam_epsilon"}
     for name_, dotted in owned.items():
         if name_ in args:
@@ -322,39 +335,29 @@ def _optimizer(k: _Importer) -> None:
         k.set("optimizer_args", "train.optimizer_args", [f"{a}={v}" for a, v in args.items()])
 
 
-def _schedule(k: _Importer, steps: int | None) -> None:
+def _schedule(k: _Importer) -> None:
     if k.given("lr_scheduler"):
         name = str(k.get("lr_scheduler")).strip()
-        if name in SCHEDULERS:
+        if name in keys.SCHEDULERS:
             k.set("lr_scheduler", "train.lr_scheduler", name)
         else:
             k.skip("lr_scheduler", f"the '{name}' schedule is not implemented; constant is used")
-    warmup, key = None, None
+    # kohya_ss: lr_warmup_steps wins over the GUI's lr_warmup percentage; sd-scripts reads a value below 1 as a
+    # share of the run
     if k.given("lr_warmup_steps"):
-        key, value = "lr_warmup_steps", as_number(k.get("lr_warmup_steps"), "lr_warmup_steps")
-        warmup = ("ratio", value) if value < 1 else ("steps", value)
+        value = as_number(k.get("lr_warmup_steps"), "lr_warmup_steps")
+        ratio = value < 1
+        k.set("lr_warmup_steps", "train.lr_warmup_ratio" if ratio else "train.lr_warmup_steps",
+              value if ratio else int(value))
+        k.read("lr_warmup", "lr_warmup_steps sets the warmup (kohya_ss uses the percentage only without it)")
     elif k.given("lr_warmup"):  # kohya_ss GUI: percent of the total steps
-        key, warmup = "lr_warmup", ("ratio", as_number(k.get("lr_warmup"), "lr_warmup") / 100)
-    for name in ("lr_warmup", "lr_warmup_steps"):
-        if name in k.settings and name != key:
-            k.used.add(name)
-    if warmup is None or key is None:
-        return
-    if warmup[0] == "steps":
-        k.set(key, "train.lr_warmup_steps", int(warmup[1]))
-    elif steps is not None:
-        k.set(key, "train.lr_warmup_steps", int(round(warmup[1] * steps)))
-    else:
-        k.skip(key, f"a warmup of {warmup[1]:.0%} of a run whose length depends on a dataset that is not here; "
-               "set train.lr_warmup_steps")
+        k.set("lr_warmup", "train.lr_warmup_ratio", as_number(k.get("lr_warmup"), "lr_warmup") / 100)
+    k.read("lr_warmup_steps", "no warmup")
 
 
 def _length(k: _Importer) -> None:
     """Steps or epochs, as sd-scripts decides: max_train_epochs wins over max_train_steps; the GUI's
     'epoch' counts when no step count is given."""
-    for key in ("max_train_steps", "max_train_epochs", "epoch"):
-        if key in k.settings:
-            k.used.add(key)
     if k.given("max_train_epochs"):
         k.set("max_train_epochs", "train.epochs", as_integer(k.get("max_train_epochs"), "max_train_epochs"))
     elif k.given("max_train_steps"):
@@ -364,79 +367,97 @@ def _length(k: _Importer) -> None:
     else:
         k.report.notes.append("no length given: sd-scripts would train 1600 steps, and so does this config")
         k.values["train.steps"] = 1600
+    for key in ("max_train_epochs", "max_train_steps", "epoch"):
+        k.read(key, "max_train_epochs, else max_train_steps, else epoch sets the length, as in sd-scripts")
 
 
 def _precision(k: _Importer) -> None:
     if str(k.get("mixed_precision") or "").strip():
         value = str(k.get("mixed_precision")).strip().lower()
-        if value in PRECISIONS:
-            k.set("mixed_precision", "train.mixed_precision", PRECISIONS[value])
+        if value in keys.PRECISIONS:
+            k.set("mixed_precision", "train.mixed_precision", keys.PRECISIONS[value])
         else:
             k.skip("mixed_precision", f"'{value}' is not available; auto picks bf16/fp16 on GPUs")
     if k.given("save_precision"):
         value = str(k.get("save_precision")).strip().lower()
-        if value in SAVE_PRECISIONS:
-            k.set("save_precision", "export.precision", SAVE_PRECISIONS[value])
+        if value in keys.SAVE_PRECISIONS:
+            k.set("save_precision", "export.precision", keys.SAVE_PRECISIONS[value])
         else:
             k.skip("save_precision", f"'{value}' is not available; adapters are saved in fp16")
     attention = [key for key in ("xformers", "sdpa", "mem_eff_attn") if key in k.settings]
-    for key in attention:
-        k.used.add(key)
-    if any(k.given(key) and str(k.get(key)).lower() not in ("none",) for key in attention):
-        which = next(key for key in attention if k.given(key))
+    which = next((key for key in attention if k.given(key) and str(k.get(key)).lower() != "none"), None)
+    if which is not None:
         k.set(which, "train.attention", "sdpa")
         if which != "sdpa":
             k.report.notes.append(f"{which}: PyTorch's scaled-dot-product attention (train.attention=sdpa) is used; "
                                   "it needs no xformers")
+    for key in attention:
+        k.read(key, f"{which} chose the attention (train.attention=sdpa)")
+    for key in ("no_half_vae", "sdxl_no_half_vae"):
+        k.read(key, keys.NO_HALF_VAE)
 
 
 def _noise(k: _Importer) -> None:
-    kind = str(k.get("noise_offset_type") or "Original")
-    if "noise_offset_type" in k.settings:
-        k.used.add("noise_offset_type")
-    if k.given("noise_offset"):
-        if kind.lower() == "original":
-            k.set("noise_offset", "train.noise_offset", as_number(k.get("noise_offset"), "noise_offset"))
-        else:
-            k.used.add("noise_offset")  # kohya_ss passes it only with the Original type
-    if kind.lower() == "multires" and k.given("multires_noise_iterations"):
-        k.skip("noise_offset_type", NOT_IMPORTED["multires_noise_iterations"])
+    kind = str(k.get("noise_offset_type") or "Original").strip().lower()
+    if k.given("noise_offset") and kind == "original":
+        k.set("noise_offset", "train.noise_offset", as_number(k.get("noise_offset"), "noise_offset"))
+    if kind == "multires" and k.given("multires_noise_iterations"):
+        k.skip("noise_offset_type", keys.NOT_IMPORTED["multires_noise_iterations"])
+    k.read("noise_offset_type", "the plain noise offset (train.noise_offset)")
+    # kohya_ss passes each noise type's settings only with that type
+    for key in ("noise_offset", "adaptive_noise_scale", "noise_offset_random_strength", "multires_noise_iterations",
+                "multires_noise_discount"):
+        needs = "Multires" if key.startswith("multires") else "Original"
+        if kind != needs.lower():
+            k.read(key, f"kohya_ss passes it only with noise_offset_type {needs}")
     if k.given("loss_type") and str(k.get("loss_type")).lower() != "l2":
         k.skip("loss_type", "only the L2 (MSE) loss is implemented")
-    elif "loss_type" in k.settings:
-        k.used.add("loss_type")
+    k.read("loss_type", "the L2 loss, stylelora's")
 
 
 def _saving(k: _Importer) -> None:
     out, name = k.get("output_dir"), k.get("output_name")
     if not is_empty(name):
         k.set("output_name", "export.name", str(name).strip())
-    if not is_empty(out):
-        folder = Path(k.path(out)) / str(name).strip() if not is_empty(name) else Path(k.path(out))
-        k.set("output_dir", "train.output_dir", str(folder))
+    if not is_empty(out) and foreign_path(str(out)) and not Path(str(out).strip()).exists():
+        fallback = f"outputs/{str(name).strip()}" if not is_empty(name) else "outputs/<dataset folder name>"
+        if not is_empty(name):
+            k.set("output_dir", "train.output_dir", fallback)
+        else:
+            k.read("output_dir", f"a path from another machine: the run goes to {fallback}")
+        k.report.notes.append(f"output_dir {str(out).strip()!r} is {foreign_path(str(out))} from another machine: "
+                              f"the run goes to {fallback} in the folder training starts from; set "
+                              f"{setting('train.output_dir')} to choose another folder")
+    elif not is_empty(out):
+        folder = Path(k.path(out, "output_dir", "train.output_dir"))
+        k.set("output_dir", "train.output_dir", str(folder / str(name).strip() if not is_empty(name) else folder))
     keep = [key for key in ("save_last_n_steps_state", "save_last_n_epochs_state") if k.given(key)]
     if keep:
         k.set(keep[0], "train.keep_checkpoints", as_integer(k.get(keep[0]), keep[0]))
-    if "log_with" in k.settings:
-        value = str(k.get("log_with") or "").strip().lower()
-        if value in ("tensorboard", "wandb", "mlflow"):
-            k.set("log_with", "train.log_with", value)
-        elif value == "all":
-            k.set("log_with", "train.log_with", "tensorboard")
-            k.report.notes.append("log_with all: only TensorBoard is used (train.log_with takes one tracker)")
-        elif value:
-            k.skip("log_with", f"the '{value}' tracker is not available")
-        else:
-            k.used.add("log_with")
+    value = str(k.get("log_with") or "").strip().lower()
+    if value in ("tensorboard", "wandb", "mlflow"):
+        k.set("log_with", "train.log_with", value)
+    elif value == "all":
+        k.set("log_with", "train.log_with", "tensorboard")
+        k.report.notes.append("log_with all: only TensorBoard is used (train.log_with takes one tracker)")
+    elif value:
+        k.skip("log_with", f"the '{value}' tracker is not available")
+    k.read("log_with", "")
     if k.given("use_wandb"):
         k.set("use_wandb", "train.log_with", "wandb")
 
 
 def _samples(k: _Importer) -> None:
-    if not k.given("sample_prompts"):
-        return
-    text = str(k.get("sample_prompts"))
-    candidate = Path(k.path(text)) if "\n" not in text and len(text) < 400 else None
+    if k.given("sample_prompts"):
+        _prompts(k, str(k.get("sample_prompts")))
+    for key, dotted in (("sample_every_n_steps", "sample.every"), ("sample_every_n_epochs", "sample.every_epochs")):
+        if k.given(key) and k.values.get("sample.prompts"):
+            k.set(key, dotted, as_integer(k.get(key), key))
+        k.read(key, "no sample prompts: kohya renders no samples without them")
+
+
+def _prompts(k: _Importer, text: str) -> None:
+    candidate = Path(k.path(text, "sample_prompts", "sample.prompts")) if "\n" not in text and len(text) < 400 else None
     if candidate is not None and candidate.suffix.lower() in (".txt", ".toml", ".json"):
         try:
             text = read_user_text(candidate, "prompt file")
@@ -446,16 +467,7 @@ def _samples(k: _Importer) -> None:
         if candidate.suffix.lower() != ".txt":
             k.skip("sample_prompts", "prompt files in TOML or JSON are not read; use a .txt, one prompt a line")
             return
-    prompts, options = [], {}
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        prompt, *rest = re.split(r"\s--(?=[a-z]+\b)", " " + line)
-        prompts.append(prompt.strip())
-        for opt in rest:
-            flag, _, value = opt.partition(" ")
-            options.setdefault(flag, value.strip())
+    prompts, options = sample_prompt_lines(text)
     k.set("sample_prompts", "sample.prompts", prompts)
     for flag, dotted, read in (("n", "sample.negative_prompt", str), ("s", "sample.steps", int),
                                ("l", "sample.guidance", float), ("d", "sample.seed", int)):
@@ -485,7 +497,8 @@ def _dataset_config(k: _Importer, dataset: dict[str, Any], source: Path) -> None
     _subset(k, {**scope, **train[0]}, len(train), source)
     if reg:
         reg_subset = {**scope, **reg[0]}
-        k.set("subsets.image_dir (is_reg)", "data.reg_path", k.path(reg_subset["image_dir"]))
+        k.set("subsets.image_dir (is_reg)", "data.reg_path", k.path(reg_subset["image_dir"], "image_dir",
+                                                                     "data.reg_path"))
         if reg_subset.get("class_tokens"):
             k.set("subsets.class_tokens (is_reg)", "data.reg_caption", str(reg_subset["class_tokens"]))
         if len(reg) > 1:
@@ -498,7 +511,7 @@ def _subset(k: _Importer, subset: dict[str, Any], count: int, source: Path) -> N
     if "metadata_file" in subset:
         raise ConfigError(f"{source}: a fine-tuning subset (metadata_file) cannot be imported; stylelora reads "
                           ".txt captions or a metadata.jsonl in the image folder")
-    image_dir = Path(k.path(subset["image_dir"]))
+    image_dir = Path(k.path(subset["image_dir"], "image_dir", "data.path"))
     folders = [image_dir]
     if count > 1:
         k.report.unsupported.append(("subsets", count, "one image folder per run: the first subset is imported; "
@@ -528,15 +541,14 @@ def _subset(k: _Importer, subset: dict[str, Any], count: int, source: Path) -> N
 def import_kohya(path: str | Path, dataset_config: str | Path | None = None) -> ImportReport:
     """Read a kohya_ss GUI JSON or sd-scripts TOML (and its dataset TOML) into a stylelora Config."""
     source = Path(path)
-    settings, dataset, sources = _read_sources(source, dataset_config)
+    settings, dataset, sources = read_sources(source, dataset_config)
     k = _Importer(settings, source.parent)
-    k.used.add("dataset_config")
+    k.read("dataset_config", f"the dataset config, read from {sources[-1]}")
     if dataset is not None:
         _dataset_config(k, dataset, sources[-1])
-    for step in (_model, _data, _network, _learning_rates, _optimizer, _length, _precision, _noise, _saving,
-                 _samples, _simple):
+    for step in (_model, _data, _network, _learning_rates, _optimizer, _length, _schedule, _precision, _noise,
+                 _saving, _samples, _simple):
         step(k)
-    _schedule(k, k.values.get("train.steps") if "train.epochs" not in k.values else _epoch_steps(k))
     _account_for_the_rest(k)
     try:
         config = Config().with_overrides(k.values)
@@ -544,24 +556,22 @@ def import_kohya(path: str | Path, dataset_config: str | Path | None = None) -> 
         raise ConfigError(f"{source}: the imported values do not make a valid config:\n{e}") from None
     report = k.report
     report.source, report.config = sources, config
+    report.notes += _on_this_machine(config)
     return report
 
 
-def _read_sources(source: Path, dataset_config: str | Path | None) -> tuple[dict[str, Any], dict[str, Any] | None,
-                                                                             list[Path]]:
-    """(training settings, dataset config or None, the files read): a dataset config given alone, or the
-    one the settings name (``dataset_config``, relative to the settings' folder) or the caller gives."""
-    settings = read_file(source)
-    sources = [source]
-    dataset = None
-    if "datasets" in settings or "general" in settings:  # a dataset config given alone
-        dataset, settings = settings, {}
-    linked = dataset_config or (settings.get("dataset_config") or None)
-    if linked and dataset is None:
-        linked_path = Path(linked) if Path(linked).is_absolute() or Path(linked).exists() else source.parent / linked
-        dataset = read_file(linked_path)
-        sources.append(linked_path)
-    return settings, dataset, sources
+def _on_this_machine(config: Config) -> list[str]:
+    """What training would refuse on this machine that the import can tell now (AdamW8bit without CUDA)."""
+    import torch
+
+    from ..training.optim import check_optimizer
+
+    cuda = config.train.device != "cpu" and torch.cuda.is_available()
+    try:
+        check_optimizer(config.train, torch.device("cuda" if cuda else "cpu"))
+    except ConfigError as e:
+        return [f"on this machine: {e}"]
+    return []
 
 
 def _account_for_the_rest(k: _Importer) -> None:
@@ -569,21 +579,10 @@ def _account_for_the_rest(k: _Importer) -> None:
     for key, value in k.settings.items():
         if key in k.used:
             continue
-        default = key in DEFAULTS and (DEFAULTS[key] is None or str(value).strip() == str(DEFAULTS[key]))
-        idle = key in ONLY_WITH and (ONLY_WITH[key] is None or not k.given(ONLY_WITH[key]))
-        if is_empty(value) or default or idle or (key in NOT_IMPORTED and not NOT_IMPORTED[key]):
+        idle = key in keys.ONLY_WITH and (keys.ONLY_WITH[key] is None or not k.given(keys.ONLY_WITH[key]))
+        nothing = key in keys.NOT_IMPORTED and not keys.NOT_IMPORTED[key]
+        if is_empty(value) or at_default(key, value) or idle or nothing:
             k.report.empty.append(key)
         else:
-            k.skip(key, NOT_IMPORTED.get(key) or "not a setting stylelora has")
+            k.skip(key, keys.NOT_IMPORTED.get(key) or "not a setting stylelora has")
 
-
-def _epoch_steps(k: _Importer) -> int | None:
-    """The steps ``train.epochs`` means for the dataset, when the dataset is here to count."""
-    from ..core.errors import StyleloraError
-    from ..data.batches import TrainingSet
-
-    try:
-        config = Config().with_overrides(k.values)
-        return TrainingSet.from_config(config).total_steps(config.train)
-    except StyleloraError:  # no dataset here, or it cannot be used: the warmup percent is reported instead
-        return None

@@ -1,4 +1,5 @@
-"""A workspace: the ``datasets/`` and ``outputs/`` folders an app may read and write, and nothing else.
+"""A workspace: the ``datasets/`` and ``outputs/`` folders an app may read and write, the dataset folders
+elsewhere on this machine that the user added on purpose (``add_folder``), and nothing else.
 
 The GUI resolves every dataset, run folder and adapter it is asked for through here, so a request
 naming ``../..``, an absolute path or a symlink that leads out of these folders is refused with a
@@ -7,15 +8,23 @@ message instead of being read or written.
 
 from __future__ import annotations
 
+import json
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..adapters.checkpoint_files import list_checkpoints
 from ..adapters.formats import DIFFUSERS_WEIGHT_NAME
+from ..core import fileio
 from ..core.config import Config, next_free_run_dir
-from ..core.errors import ConfigError, FormatError
+from ..core.errors import ConfigError, DataError, FormatError, StyleloraError, add_folder, setting
+from ..data.dataset import IMAGE_SUFFIXES
 from ..training.loop import resolve_output_dir
+from .collect import dataset_folder, list_datasets
+
+log = logging.getLogger(__name__)
+FOLDERS_FILE = "folders.json"  # under outputs/: the dataset folders added from elsewhere, kept across restarts
 
 
 @dataclass(frozen=True)
@@ -38,30 +47,135 @@ class Workspace:
         self.outputs = Path(outputs).resolve() if outputs else self.root / "outputs"
         self.outputs.mkdir(parents=True, exist_ok=True)
         self.datasets.mkdir(parents=True, exist_ok=True)
+        self._added = self._load_added()
 
     @property
     def folders(self) -> list[Path]:
-        return [self.datasets, self.outputs]
+        """Every folder the app may read (and serve files from): datasets/, outputs/ and the added ones."""
+        return [self.datasets, self.outputs, *self.added]
+
+    @property
+    def added(self) -> list[Path]:
+        """The dataset folders added from elsewhere on this machine (``add_folder``) that still exist."""
+        return [p for p in self._added if p.is_dir()]
+
+    def add_folder(self, path: str | Path) -> Path:
+        """Add a dataset folder from anywhere on this machine, on purpose: the app may then show its images,
+        edit its captions and train from it (it is kept in outputs/folders.json). The folder must hold images
+        (directly, or in kohya's ``10_name`` folders); the file system's root, the home folder, the
+        workspace's own folders and hidden folders are refused. Returns the folder."""
+        text = str(path).strip().strip('"')
+        folder = Path(text).expanduser()
+        if not text or not folder.is_absolute():
+            raise DataError(f"folder '{text}': give the folder's full path, e.g. /home/me/kohya/img")
+        folder = folder.resolve()
+        if not folder.is_dir():
+            raise DataError(f"{folder}: {'is a file, not a folder' if folder.exists() else 'no such folder'}")
+        if folder == self.datasets or folder.is_relative_to(self.datasets):
+            return folder  # the app has it already
+        if folder.is_relative_to(self.outputs):
+            raise DataError(f"{folder}: inside outputs/, which holds runs; give a folder of images")
+        if any(wide.is_relative_to(folder) for wide in (Path(folder.anchor), Path.home(), self.root)):
+            raise DataError(f"{folder}: too wide a folder to open to the app (it would serve every file under it); "
+                            "give the folder that holds the images, or kohya's 10_name folders")
+        if any(part.startswith(".") for part in folder.parts):
+            raise DataError(f"{folder}: a hidden folder; give the folder that holds the images")
+        if not _holds_images(folder):
+            raise DataError(f"{folder}: no images in it or in its folders one level down "
+                            f"({', '.join(sorted(IMAGE_SUFFIXES))}); give the folder that holds the images")
+        if folder not in self._added:
+            self._added.append(folder)
+            fileio.write_text(self.outputs / FOLDERS_FILE, json.dumps([str(p) for p in self._added], indent=1))
+        return folder
+
+    def _load_added(self) -> list[Path]:
+        path = self.outputs / FOLDERS_FILE
+        if not path.is_file():
+            return []
+        try:
+            return [Path(p) for p in json.loads(path.read_text(encoding="utf-8")) if Path(p).is_absolute()]
+        except (OSError, ValueError, TypeError) as e:
+            log.warning("ignoring the list of added dataset folders %s: %s", path, e)
+            return []
+
+    def open_dataset(self, name: str) -> Path:
+        """A dataset as the app lists it: a name under datasets/ (checked by ``collect.dataset_folder``), or the
+        path of an added folder."""
+        text = (name or "").strip()
+        if Path(text).is_absolute() and Path(text).resolve() in self.added:
+            return Path(text).resolve()
+        return dataset_folder(self.datasets, text)
+
+    def dataset_names(self) -> list[str]:
+        """What the app lists as datasets: the folders under datasets/ by name, then the added folders' paths."""
+        return list_datasets(self.datasets) + [str(p) for p in self.added]
+
+    def dataset_name(self, path: str | Path) -> str | None:
+        """How the app lists the dataset at ``path`` (a config's ``data.path``): its name under datasets/, or an
+        added folder's path; None when the app does not list it."""
+        if not str(path).strip():
+            return None
+        p = self.resolve(path)
+        name = p.name if p.parent == self.datasets else str(p)
+        return name if name in self.dataset_names() else None
+
+    def resolve(self, path: str | Path) -> Path:
+        """``path`` made absolute (relative ones against the root), links followed."""
+        p = Path(path).expanduser()
+        return (p if p.is_absolute() else self.root / p).resolve()
 
     def inside(self, path: str | Path, folders: list[Path] | None = None) -> Path:
         """``path`` resolved (relative ones against the root); refused unless inside ``folders``."""
-        p = Path(path).expanduser()
-        p = (p if p.is_absolute() else self.root / p).resolve()
+        p = self.resolve(path)
         allowed = folders or self.folders
-        if not any(p == f or p.is_relative_to(f) for f in allowed):
+        if not _within(p, allowed):
             names = " or ".join(str(f) for f in allowed)
             raise ConfigError(f"{path}: the app only works with files under {names}")
         return p
 
     def dataset(self, path: str | Path) -> Path:
-        """A dataset folder: a name (``example``), ``datasets/example`` or an absolute path inside datasets/."""
+        """A dataset folder: a name (``example``), ``datasets/example``, an absolute path inside datasets/, or
+        an added folder (or one inside it)."""
         text = str(path).strip()
         if text and "/" not in text and "\\" not in text and not (self.root / text).exists():
             text = str(self.datasets / text)
-        p = self.inside(text, [self.datasets])
+        p = self.resolve(text)
         if p == self.datasets:
             raise ConfigError(f"data.path: '{path}' is the datasets folder itself; pick one dataset inside it")
+        if not _within(p, [self.datasets, *self.added]):
+            raise ConfigError(f"data.path: '{path}': the app only works with files under {self.datasets} and the "
+                              f"dataset folders added to it; to train from this folder, {add_folder(p)}")
         return p
+
+    def run_folder(self, path: str | Path) -> Path:
+        """A run folder the app may write: inside outputs/ (not outputs/ itself)."""
+        out = self.resolve(path)
+        if out == self.outputs:
+            raise ConfigError("train.output_dir: give a run folder inside outputs/, not outputs/ itself")
+        if not _within(out, [self.outputs]):
+            raise ConfigError(f"train.output_dir: '{path}' is outside {self.outputs}, where the app writes its runs; "
+                              f"leave {setting('train.output_dir')} empty for a new run folder named after the "
+                              "dataset, or give one inside outputs/")
+        return out
+
+    def adopt(self, config: Config) -> tuple[Config, list[str]]:
+        """An imported config (a kohya_ss JSON) made to run here, and what changed or still needs doing: a run
+        folder outside outputs/ becomes a free folder of the same name under outputs/; a dataset outside the
+        workspace's dataset folders is named, with how to add it."""
+        notes: list[str] = []
+        changes: dict[str, str] = {}
+        out = config.train.output_dir
+        if out and not _within(self.resolve(out), [self.outputs]):
+            new = self.new_run_dir(Path(str(out).replace("\\", "/")).name or Path(config.data.path).name)
+            changes["train.output_dir"] = self.display(new)
+            notes.append(f"{setting('train.output_dir')}: {out} is outside outputs/, where the app writes its runs; "
+                         f"this run goes to {self.display(new)}")
+        if config.data.path:
+            try:
+                self.dataset(config.data.path)
+            except StyleloraError as e:
+                notes.append(str(e))
+        return (config.with_overrides(changes) if changes else config), notes
 
     def display(self, path: str | Path) -> str:
         """``path`` relative to the root when it is inside it (what the form shows)."""
@@ -76,13 +190,20 @@ class Workspace:
         (``train.output_dir`` empty means outputs/<dataset name>, -2, -3... when taken), so the saved
         config.toml replays the run from any folder. A run folder that already holds a run is refused
         here, before anything starts, unless the config continues it (``train.resume``)."""
-        data = self.dataset(config.data.path)
+        problems: list[str] = []  # the dataset's and the run folder's, in one message
+        data = out = None
+        try:
+            data = self.dataset(config.data.path)
+        except ConfigError as e:
+            problems.append(str(e))
         if config.train.output_dir:
-            out = self.inside(config.train.output_dir, [self.outputs])
-            if out == self.outputs:
-                raise ConfigError("train.output_dir: give a run folder inside outputs/, not outputs/ itself")
-        else:
-            out = self.new_run_dir(data.name)
+            try:
+                out = self.run_folder(config.train.output_dir)
+            except ConfigError as e:
+                problems.append(str(e))
+        if problems or data is None:
+            raise ConfigError("\n".join(problems))
+        out = out or self.new_run_dir(data.name)
         prepared = config.with_overrides({"data.path": str(data), "train.output_dir": str(out)})
         resolve_output_dir(prepared)  # the trainer's own checks of the run folder, with its messages
         return prepared
@@ -130,8 +251,7 @@ class Workspace:
     def run_of(self, path: str | Path) -> RunInfo | None:
         """The run folder under outputs/ that ``path`` is or lies in (an adapter, a checkpoint, an export),
         or None when it belongs to no run. Relative paths are taken from the root, like ``inside``."""
-        p = Path(path).expanduser()
-        p = (p if p.is_absolute() else self.root / p).resolve()
+        p = self.resolve(path)
         if not p.is_relative_to(self.outputs) or p == self.outputs:
             return None
         run = self.outputs / p.relative_to(self.outputs).parts[0]
@@ -174,3 +294,20 @@ class Workspace:
     def adapter_files(self) -> list[Path]:
         """Every adapter file a run wrote (kohya first), newest run first."""
         return [a for run in self.runs() for a in run.adapters]
+
+
+def _within(path: Path, folders: list[Path]) -> bool:
+    return any(path == f or path.is_relative_to(f) for f in folders)
+
+
+def _holds_images(folder: Path) -> bool:
+    """Whether ``folder`` holds an image, directly or in a folder one level down (kohya's ``10_name``)."""
+    def images_in(where: Path) -> bool:
+        return any(p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file()
+                   for p in where.iterdir())
+
+    try:
+        return images_in(folder) or any(images_in(p) for p in folder.iterdir()
+                                        if p.is_dir() and not p.name.startswith("."))
+    except OSError:
+        return False

@@ -23,9 +23,9 @@ import torch
 
 from ..adapters.checkpoint_files import remove_stale
 from ..core import events
-from ..core.config import Config, next_free_run_dir
-from ..core.errors import ConfigError, DiskFullError, TrainingError, check_data, continue_run, setting
-from ..core.metrics import MetricsLog
+from ..core.config import Config, foreign_path_errors, next_free_run_dir
+from ..core.errors import ConfigError, DiskFullError, TrainingError, check_data, continue_run, counted, setting
+from ..core.metrics import METRICS_FILE, MetricsLog
 from ..data.batches import BatchSource, TrainingSet
 from ..data.captions import with_trigger
 from ..data.dataset import CaptionedImages, Item
@@ -75,7 +75,9 @@ def _stop_requested(stop: StopSignal) -> bool:
 
 
 def resolve_output_dir(config: Config) -> Path:
-    """The run folder; refuses to overwrite another run unless resuming it."""
+    """The run folder; refuses to overwrite another run unless resuming it, and paths from another system."""
+    if errors := foreign_path_errors(config):
+        raise ConfigError("\n".join(errors))
     out = config.output_dir
     if out.exists() and not out.is_dir():
         raise ConfigError(f"train.output_dir: '{out}' is a file; give a folder path for the run")
@@ -183,7 +185,7 @@ def _training_data(config: Config, model: BaseModel | None, emit: EventHandler) 
     for line in report.skipped_lines():  # one line per unusable image; check-data explains the rest
         emit(events.Message(line))
     if report.counts["warnings"]:
-        emit(events.Message(f"{report.counts['warnings']} warnings about the dataset (its images are used); "
+        emit(events.Message(f"{counted(report.counts['warnings'], 'warning')} about the dataset (its images are used); "
                             f"{check_data(config.data.path)} lists them"))
     items, held_out = split_holdout(items, config.train.validation_images, config.train.seed)
     return TrainingSet.from_config(config, items), held_out
@@ -248,19 +250,30 @@ def _prepare(accelerator: Any, model: BaseModel, optimizer: Any) -> tuple[Any, l
 
 
 class _Clock:
-    """Seconds trained across resumes, and this session's pace (steps per second) for speed and ETA."""
+    """Seconds trained across resumes, and the pace (steps per second) for speed and ETA. The pace is this
+    session's once it has one, counted from the end of its first step (which also pays for warming up);
+    until then a resumed run goes at its earlier sessions' pace, and a new run at its first step's."""
 
     def __init__(self, step: int, seconds_before: float) -> None:
         self.start_step, self.before, self.started = step, seconds_before, time.perf_counter()
+        self.first: tuple[int, float] | None = None  # (step, time) at the end of this session's first step
 
     def elapsed(self) -> float:
         return self.before + time.perf_counter() - self.started
 
     def pace(self, step: int, total: int) -> tuple[float, float, float]:
         """(seconds trained, steps per second, seconds left) at ``step`` of ``total``."""
-        elapsed = self.elapsed()
-        rate = (step - self.start_step) / (elapsed - self.before) if elapsed > self.before else 0.0
-        return elapsed, rate, (total - step) / rate if rate > 0 else math.inf
+        now = time.perf_counter()
+        if self.first is None:
+            self.first = (step, now)
+        first_step, first_time = self.first
+        if step > first_step and now > first_time:
+            rate = (step - first_step) / (now - first_time)
+        elif self.start_step > 0 and self.before > 0:
+            rate = self.start_step / self.before
+        else:
+            rate = (step - self.start_step) / (now - self.started) if now > self.started else 0.0
+        return self.before + now - self.started, rate, (total - step) / rate if rate > 0 else math.inf
 
 
 def _every(interval: int, step: int) -> bool:
@@ -277,7 +290,7 @@ class _Due:
 
     def __init__(self, config: Config, team: Processes, total: int, epochs_done: int) -> None:
         self.train, self.sample, self.main = config.train, config.sample, team.is_main
-        self.total, self.epochs_done = total, epochs_done
+        self.total, self.epochs_done, self.sample_epoch = total, epochs_done, False
 
     def validation(self, step: int) -> bool:
         return _every(self.train.validate_every, step) or step == self.total
@@ -286,7 +299,7 @@ class _Due:
         return _every(self.train.log_every, step) or step == self.total
 
     def samples(self, step: int) -> bool:
-        return bool(self.sample.prompts) and _every(self.sample.every, step)
+        return bool(self.sample.prompts) and (_every(self.sample.every, step) or self.sample_epoch)
 
     def checkpoint(self, step: int) -> bool:
         return _every(self.train.save_every, step) and step < self.total
@@ -295,6 +308,7 @@ class _Due:
         """The epoch that just ended when its adapter is due (not at the last step: the final save follows)."""
         ended = epochs_done > self.epochs_done
         self.epochs_done = epochs_done
+        self.sample_epoch = ended and _every(self.sample.every_epochs, epochs_done)  # sample.every_epochs
         due = ended and _every(self.train.save_every_epochs, epochs_done) and step < self.total
         return epochs_done if due else None
 
@@ -423,7 +437,8 @@ def estimate_run(config: Config, model: BaseModel | None = None) -> Estimate:
     GPU, a model with config files (a diffusers folder, a hub id, a single file with ``model.config``) is only
     planned on the meta device: no weight is read, so estimating an SDXL run takes no memory."""
     run_precision = precision.resolve(config)
-    accelerator = _accelerator(config, config.output_dir, run_precision)
+    # the output checks train makes, too
+    accelerator = _accelerator(config, resolve_output_dir(config), run_precision)
     data, _ = _training_data(config, model, lambda _event: None)
     device = accelerator.device
     m = config.model
@@ -459,7 +474,7 @@ def _train(config: Config, emit: RunTracker, stop: StopSignal, model: BaseModel 
 
     # --- optimizer, schedule, EMA, validation ---
     lr_scale = _learning_rate_scale(config, team, emit)
-    optimizer = optim.build_optimizer(optim.param_groups(model, cfg, lr_scale), cfg, accelerator.device)
+    optimizer = optim.build_optimizer(optim.param_groups(model, cfg, lr_scale), cfg, accelerator.device, total)
     lr_scheduler = optim.build_lr_scheduler(optimizer, cfg, total)
     ema = LoraEMA(params, cfg.ema_decay) if cfg.ema else None
     validator = _validator(config, held_out if team.is_main else [], model, objective, accelerator.device,
@@ -477,7 +492,7 @@ def _train(config: Config, emit: RunTracker, stop: StopSignal, model: BaseModel 
         out.mkdir(parents=True, exist_ok=True)
         config.with_overrides({"train.output_dir": str(out), "train.resume": ""}).save(out / "config.toml")
         trackers.start(accelerator, config, out)
-        metrics = MetricsLog(out / "metrics.jsonl", step, accelerator.log)
+        metrics = MetricsLog(out / METRICS_FILE, step, accelerator.log)
     effective_batch = cfg.batch_size * team.count * cfg.gradient_accumulation_steps
     log.info("training with %d process(es): effective batch %d", team.count, effective_batch)
     emit(events.Started(total, step, data.num_images, str(accelerator.device), out, team.count, effective_batch))

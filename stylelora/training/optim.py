@@ -94,9 +94,10 @@ def param_groups(model: BaseModel, train: TrainConfig, scale: float = 1.0) -> li
     return groups
 
 
-def build_optimizer(groups: list[dict[str, Any]], train: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(groups: list[dict[str, Any]], train: TrainConfig, device: torch.device,
+                    total_steps: int | None = None) -> torch.optim.Optimizer:
     """The optimizer named by ``train.optimizer`` over parameter ``groups`` (each with its own lr), with
-    ``train.optimizer_args`` passed on."""
+    ``train.optimizer_args`` passed on; ``total_steps`` (default ``train.steps``) sizes a schedule-free warmup."""
     check_optimizer(train, device)
     adam = {"betas": (train.adam_beta1, train.adam_beta2), "eps": train.adam_epsilon,
             "weight_decay": train.weight_decay}
@@ -123,8 +124,9 @@ def build_optimizer(groups: list[dict[str, Any]], train: TrainConfig, device: to
         if name == "schedulefree_adamw":
             if train.lr_scheduler != "constant":
                 raise ConfigError("train.lr_scheduler: schedule-free AdamW replaces the learning-rate schedule; "
-                                  "set train.lr_scheduler=constant (train.lr_warmup_steps becomes its warmup)")
-            defaults.update(betas=adam["betas"], eps=train.adam_epsilon, warmup_steps=train.lr_warmup_steps)
+                                  "set train.lr_scheduler=constant (the schedule's warmup becomes its warmup)")
+            defaults.update(betas=adam["betas"], eps=train.adam_epsilon,
+                            warmup_steps=train.warmup_steps(total_steps or train.steps))
         return _construct(load_optimizer(PYTORCH_OPTIMIZER[name]), groups, defaults, train)
     raise ConfigError(f"train.optimizer: unknown optimizer {name!r}")
 
@@ -141,8 +143,8 @@ def _prodigy(groups: list[dict[str, Any]], train: TrainConfig, adam: dict[str, A
     from prodigyopt import Prodigy
 
     with contextlib.redirect_stdout(io.StringIO()):  # Prodigy prints a note; the library never prints
-        return _construct(Prodigy, groups, {**adam, "safeguard_warmup": train.lr_warmup_steps > 0,
-                                            "use_bias_correction": True}, train)
+        warms_up = train.lr_warmup_steps > 0 or train.lr_warmup_ratio > 0
+        return _construct(Prodigy, groups, {**adam, "safeguard_warmup": warms_up, "use_bias_correction": True}, train)
 
 
 @contextlib.contextmanager
@@ -165,11 +167,12 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig, tot
     run counts epochs), stepped once per optimizer step."""
     from diffusers.optimization import get_scheduler
 
+    total = total_steps or train.steps
     return get_scheduler(
         train.lr_scheduler,
         optimizer=optimizer,
-        num_warmup_steps=0 if train.optimizer == "schedulefree_adamw" else train.lr_warmup_steps,
-        num_training_steps=total_steps or train.steps,
+        num_warmup_steps=0 if train.optimizer == "schedulefree_adamw" else train.warmup_steps(total),
+        num_training_steps=total,
         num_cycles=train.lr_scheduler_cycles,
         power=train.lr_scheduler_power,
     )
