@@ -197,9 +197,12 @@ def test_the_estimate_before_loading_counts_what_the_loaded_run_holds(stored_fp1
     params = sum(p.numel() for network in est.networks(plan) for p in network.parameters())
     assert before.parts["frozen_weights"] == pytest.approx(2 * params, rel=0.01)  # bf16: two bytes a weight
     assert "frozen weights" in before.summary() and before.summary().startswith("estimate (formula, cpu): memory")
-    packed = loop.estimate_run(config.with_overrides({"model.quantize": "nf4"}))
+    # the run wrote its folder, which an estimate of the same output_dir refuses (as train would): new folders
+    packed = loop.estimate_run(config.with_overrides({"model.quantize": "nf4",
+                                                      "train.output_dir": str(tmp_path / "packed")}))
     assert packed.parts["frozen_weights"] < 0.5 * before.parts["frozen_weights"]
-    wide = loop.estimate_run(config.with_overrides({"train.mixed_precision": "no"}))
+    wide = loop.estimate_run(config.with_overrides({"train.mixed_precision": "no",
+                                                    "train.output_dir": str(tmp_path / "wide")}))
     assert wide.parts["frozen_weights"] == pytest.approx(2 * before.parts["frozen_weights"], rel=0.01)
 
 
