@@ -1,4 +1,5 @@
-"""The GPU check: full-size SD1.5- and SDXL-shaped UNet training steps against the card's own bf16 rate.
+"""The GPU check: full-size SD1.5- and SDXL-shaped UNet and FLUX.1- and SD3.5-shaped transformer training steps
+against the card's own bf16 rate.
 
     bash benchmarks/gpu_check.sh              # on a CUDA machine: one command, under 8 minutes
     bash benchmarks/gpu_check.sh --dry-run    # anywhere: tiny widths on the CPU, every code path once
@@ -9,7 +10,10 @@ training step (noise, UNet forward under bf16 autocast, MSE loss, backward, grad
 with gradient checkpointing on and off and ``torch.compile`` on and off:
 
 - SD1.5-shaped UNet, 512 px (64x64 latents), batch 4;
-- SDXL-shaped UNet, 1024 px (128x128 latents), batch 1, with its added text/time conditioning.
+- SDXL-shaped UNet, 1024 px (128x128 latents), batch 1, with its added text/time conditioning;
+- FLUX.1 [dev]- and SD3.5-Large-shaped transformers, 1024 px, batch 1, flow matching (``transformer_step.py``),
+  gradient checkpointing on, the frozen base in bf16 and in nf4 (``model.quantize``, quantized as the trainer
+  does it: on the host, block by block).
 
 It reports images/s, peak CUDA memory, and the share of the card's measured bf16 matmul rate (one large
 GEMM, timed here) that the step reaches: the step's FLOPs (counted once with torch's FlopCounterMode,
@@ -17,7 +21,8 @@ without recomputation, so checkpointing shows as a lower share) divided by its t
 appended to benchmarks/RESULTS.md (``--results``) with the card's name. Variants that would pass the time
 budget are skipped and said so. ``--dry-run`` builds the models at a tiny width on the CPU, runs every
 variant without compilation for one step, and one compiled variant (SD1.5-shaped, through dynamo with the
-``eager`` backend: no code generation on a CPU); it writes nothing unless ``--results`` is given.
+``eager`` backend: no code generation on a CPU); it writes nothing unless ``--results`` is given. ``--models``
+picks the models (``--models flux sd35``: the transformers alone, within the time limit).
 """
 
 from __future__ import annotations
@@ -37,11 +42,15 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
+import transformer_step as dit  # noqa: E402
 
 from stylelora import families  # noqa: E402
 from stylelora.core.config import Config  # noqa: E402
 from stylelora.model.base import BaseModel, Configs  # noqa: E402
 from stylelora.model.placement import compile_unet, prepare_for_training  # noqa: E402
+
+MODELS = {"sd15": "SD1.5-shaped UNet", "sdxl": "SDXL-shaped UNet", "flux": "FLUX.1-shaped transformer",
+          "sd35": "SD3.5-Large-shaped transformer"}
 
 
 def sd15_unet(width: float) -> dict[str, Any]:
@@ -187,6 +196,7 @@ class Row:
     share: float | None = None
     compile_s: float | None = None
     note: str = ""
+    base: str = "bf16"  # the frozen base: bf16, or model.quantize's scheme
 
 
 def run_variant(case: Case, device: torch.device, checkpointing: bool, compile_mode: str, steps: int,
@@ -222,6 +232,43 @@ def run_variant(case: Case, device: torch.device, checkpointing: bool, compile_m
     return row
 
 
+def run_transformer_variant(case: dit.TransformerCase, device: torch.device, scheme: str, steps: int, flops: float,
+                            rate: float) -> Row:
+    row = Row(case.name, True, "off", base=scheme if scheme != "none" else "bf16")
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    model = params = step = None
+    try:
+        start = time.perf_counter()
+        model, params = dit.trainable_transformer(case, device, scheme)
+        setup = time.perf_counter() - start
+        step = dit.make_step(case, model, params, dit.step_inputs(case, model, device), device)
+        sync(device)
+        start = time.perf_counter()
+        step()
+        step()
+        sync(device)
+        row.compile_s = time.perf_counter() - start
+        row.note = f"set-up {setup:.0f} s"
+        start = time.perf_counter()
+        for _ in range(steps):
+            loss = step()
+        sync(device)
+        seconds = (time.perf_counter() - start) / steps
+        if not torch.isfinite(loss):
+            row.note += f", loss {loss.item()}"
+        row.images_per_s = case.batch / seconds
+        row.share = flops / seconds / rate
+        if device.type == "cuda":
+            row.peak_gib = torch.cuda.max_memory_allocated() / 2**30
+    except torch.OutOfMemoryError:
+        row.note = "out of memory"
+    finally:
+        model = params = step = None  # noqa: F841  (free before the next variant)
+    return row
+
+
 def card_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name()
@@ -237,19 +284,20 @@ def format_rows(rows: list[Row], device: torch.device, rate: float, dry_run: boo
         f"{' (DRY RUN: tiny widths, not figures)' if dry_run else ''}\n",
         f"`bash benchmarks/gpu_check.sh{' --dry-run' if dry_run else ''}`; torch {torch.__version__}, "
         f"diffusers {diffusers.__version__}, peft {peft.__version__}; measured {'fp32' if dry_run else 'bf16'} "
-        f"GEMM rate {rate / 1e12:.1f} TFLOP/s. LoRA rank 16 on stylelora's default UNet targets, fp32 LoRA on a "
-        "bf16 base, SDPA, fused AdamW.\n",
-        "| model | gradient checkpointing | compile | images/s | peak CUDA memory | share of GEMM rate "
+        f"GEMM rate {rate / 1e12:.1f} TFLOP/s. LoRA rank 16 on stylelora's default UNet/transformer targets, fp32 "
+        "LoRA on a bf16 (or nf4) base, SDPA, fused AdamW.\n",
+        "| model | gradient checkpointing | compile | frozen base | images/s | peak CUDA memory | share of GEMM rate "
         "| warm-up (2 steps, incl. compile) |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
+        head = f"| {r.case} | {'on' if r.checkpointing else 'off'} | {r.compile} | {r.base} |"
         if r.images_per_s is None:
-            lines.append(f"| {r.case} | {'on' if r.checkpointing else 'off'} | {r.compile} | {r.note} | | | |")
+            lines.append(f"{head} {r.note} | | | |")
             continue
         peak = f"{r.peak_gib:.1f} GiB" if r.peak_gib is not None else "n/a (CPU)"
-        lines.append(f"| {r.case} | {'on' if r.checkpointing else 'off'} | {r.compile} | {r.images_per_s:.2f} | "
-                     f"{peak} | {100 * r.share:.1f} % | {r.compile_s:.0f} s{(' ' + r.note) if r.note else ''} |")
+        lines.append(f"{head} {r.images_per_s:.2f} | {peak} | {100 * r.share:.1f} % | "
+                     f"{r.compile_s:.0f} s{(' ' + r.note) if r.note else ''} |")
     return "\n".join(lines) + "\n"
 
 
@@ -259,6 +307,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10, help="timed steps per variant (after 2 warm-up steps)")
     p.add_argument("--budget", type=float, default=400, help="seconds; variants that would pass it are skipped")
     p.add_argument("--results", type=Path, help="append the rows here (default on a GPU: benchmarks/RESULTS.md)")
+    p.add_argument("--models", nargs="+", choices=sorted(MODELS), default=list(MODELS),
+                   help="the models to time (default: all four)")
     args = p.parse_args()
     began = time.perf_counter()
     if args.dry_run:
@@ -271,27 +321,41 @@ def main() -> None:
     rate = gemm_rate(device, args.dry_run)
     print(f"{card_name(device)}: GEMM rate {rate / 1e12:.2f} TFLOP/s", flush=True)
     rows: list[Row] = []
-    # Eager variants first, then compiled ones: a budget cut drops the slowest-to-measure last.
-    order = [(c, gc, cm) for cm in ("off", "default") for c in cases(args.dry_run) for gc in (False, True)]
+    # Eager variants first, then the transformers (bf16 and nf4 bases), then compiled ones: a budget cut drops the
+    # slowest-to-measure last.
+    wanted = {MODELS[m] for m in args.models}
+    eager = [(c, gc, "off") for c in cases(args.dry_run) for gc in (False, True) if c.name in wanted]
+    compiled = [(c, gc, "default") for c in cases(args.dry_run) for gc in (False, True) if c.name in wanted]
+    transformers = [(c, True, scheme) for c in dit.transformer_cases(args.dry_run) if c.name in wanted
+                    for scheme in ("none", "nf4")]
+    order = [*eager, *transformers, *compiled]
     flops: dict[str, float] = {}
     last_cost: dict[tuple[str, str], float] = {}
     if args.dry_run:  # one compiled variant checks that path; the other three would only take minutes
-        order = [v for v in order if v[2] == "off" or (v[0].name.startswith("SD1.5") and not v[1])]
+        order = [v for v in order if v[2] != "default" or (v[0].name.startswith("SD1.5") and not v[1])]
     for case, checkpointing, compile_mode in order:
         elapsed = time.perf_counter() - began
         # A variant costs what the last one of its model and compile mode did; a first compiled one, a guess.
         expected = last_cost.get((case.name, compile_mode), 2 * last_cost.get((case.name, "off"), 0.0) + 60)
+        transformer = isinstance(case, dit.TransformerCase)
         if elapsed + expected > args.budget and not args.dry_run:
-            rows.append(Row(case.name, checkpointing, compile_mode, note=f"skipped: time budget ({args.budget:.0f} s)"))
-            print(f"{case.name} checkpointing={checkpointing} compile={compile_mode}: skipped (budget)", flush=True)
+            row = Row(case.name, checkpointing, "off" if transformer else compile_mode,
+                      note=f"skipped: time budget ({args.budget:.0f} s)",
+                      base=compile_mode if transformer and compile_mode != "none" else "bf16")
+            rows.append(row)
+            print(f"{case.name} checkpointing={checkpointing} {compile_mode}: skipped (budget)", flush=True)
             continue
         if case.name not in flops:
-            flops[case.name] = step_flops(case, device)
+            flops[case.name] = dit.meta_flops(case) if transformer else step_flops(case, device)
         start = time.perf_counter()
-        row = run_variant(case, device, checkpointing, compile_mode, steps, flops[case.name], rate)
+        if transformer:  # its third entry is the frozen base's quantization, not a compile mode
+            row = run_transformer_variant(case, device, compile_mode, steps, flops[case.name], rate)
+        else:
+            row = run_variant(case, device, checkpointing, compile_mode, steps, flops[case.name], rate)
         last_cost[(case.name, compile_mode)] = time.perf_counter() - start
         rows.append(row)
-        print(f"{case.name} checkpointing={checkpointing} compile={compile_mode}: "
+        label = f"base={row.base}" if transformer else f"compile={compile_mode}"
+        print(f"{case.name} checkpointing={checkpointing} {label}: "
               f"{row.images_per_s or 0:.2f} images/s, peak {row.peak_gib or 0:.1f} GiB, "
               f"share {100 * (row.share or 0):.1f} %,"
               f" warm-up {row.compile_s or 0:.1f} s {row.note}", flush=True)

@@ -65,9 +65,15 @@ def test_gpu_check_dry_run_builds_both_unets_and_runs_every_variant(tmp_path: Pa
     for model, checkpointing, compile_mode in [*variants, ("SD1.5-shaped UNet", "False", "default")]:
         line = f"{model} checkpointing={checkpointing} compile={compile_mode}: "
         assert re.search(re.escape(line) + r"\d+\.\d\d images/s, peak 0\.0 GiB, share \d+\.\d %", out), line
+    for model in ("FLUX.1-shaped transformer", "SD3.5-Large-shaped transformer"):  # flow matching, bf16 and nf4 bases
+        for base in ("bf16", "nf4"):
+            line = f"{model} checkpointing=True base={base}: "
+            assert re.search(re.escape(line) + r"\d+\.\d\d images/s, peak 0\.0 GiB, share \d+\.\d %", out), line
     text = results.read_text()
     assert "DRY RUN" in text and "GEMM rate" in text
     assert text.count("| SD1.5-shaped UNet |") == 3 and text.count("| SDXL-shaped UNet |") == 2
+    assert text.count("| FLUX.1-shaped transformer | on | off | nf4 |") == 1
+    assert text.count("| SD3.5-Large-shaped transformer | on | off |") == 2
 
 
 def test_bench_preview_runs_fused_and_unfused(tmp_path: Path) -> None:

@@ -156,7 +156,7 @@ def test_generate_flags_are_the_generate_settings_fields() -> None:
                                       "4.5", "--width", "96", "--negative-prompt", "blurry"])
     settings = GenerateSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(GenerateSettings)})
     assert settings == GenerateSettings(negative_prompt="blurry", seed=9, guidance=4.5, width=96)
-    assert (settings.steps, settings.height, settings.sampler) == (20, None, None)  # the defaults
+    assert (settings.steps, settings.height, settings.sampler) == (None, None, None)  # the defaults: the model's own
 
 
 def test_check_data_flags_are_the_training_fields() -> None:

@@ -108,8 +108,10 @@ def test_sample_settings_take_their_defaults_from_generation_and_keep_their_keys
     sample, generate = Config().sample, GenerateSettings()
     assert (sample.steps, sample.guidance, sample.negative_prompt) == (generate.steps, generate.guidance, "")
     assert sample.seed == 1234  # samples have their own seed
-    assert list(Config().to_dict()["sample"]) == ["prompts", "negative_prompt", "every", "every_epochs", "seed",
-                                                  "steps", "guidance"]
+    # steps and guidance unset: the model's own (its family's sample_settings), so a saved config leaves them out
+    assert list(Config().to_dict()["sample"]) == ["prompts", "negative_prompt", "every", "every_epochs", "seed"]
+    set_both = Config().with_overrides({"sample.steps": 20, "sample.guidance": 7.5}).to_dict()["sample"]
+    assert list(set_both) == ["prompts", "negative_prompt", "every", "every_epochs", "seed", "steps", "guidance"]
     with pytest.raises(ConfigError, match="sample.steps: must be <= 200, got 201"):
         Config().with_overrides({"sample.steps": 201})
     assert all_fields()["sample.steps"].metadata["help"] == "Denoising steps per sample."

@@ -160,6 +160,20 @@ class ConfigForm:
     def values(self, config: Config) -> list[Any]:
         return [to_widget_value(d, config.get(d)) for d in self.names]
 
+    def fit_to(self, family: Any | None) -> list[Any]:
+        """Widget updates that show only the fields ``family``'s models use (``ModelFamily.applies``: no clip
+        skip or min-SNR for FLUX.1, no flow-matching options for SD). A hidden field goes back to its default, so
+        a value it kept cannot change or fail a run it means nothing to. None (a model not known before it
+        loads): every field."""
+        defaults = Config()
+        return [gr.update(visible=True) if family is None or family.applies(d)
+                else gr.update(visible=False, value=to_widget_value(d, defaults.get(d))) for d in self.names]
+
+    def show_only(self, family: Any | None) -> None:
+        """``fit_to`` for the form as first built (before the page is served)."""
+        for dotted, widget in self.widgets.items():
+            widget.visible = family is None or family.applies(dotted)
+
 
 def _position(dotted: str) -> int:
     """Where labels.py lists a field (fields it does not list come last)."""

@@ -87,7 +87,7 @@ FIELDS: dict[str, tuple[str, str]] = {
     # Precision & memory
     "train.mixed_precision": ("Mixed precision", MEMORY),
     "train.gradient_checkpointing": ("Gradient checkpointing", MEMORY),
-    "model.quantize": ("Quantize the frozen base (fp8, int8, nf4)", MEMORY),
+    "model.quantize": ("Quantize the frozen base (auto, fp8, int8, nf4)", MEMORY),
     "train.compile": ("Compile the UNet (torch.compile)", MEMORY),
     "train.channels_last": ("Channels-last memory format", MEMORY),
     "cache.latents": ("Cache latents", MEMORY),

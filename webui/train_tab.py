@@ -18,7 +18,7 @@ import pandas as pd
 from stylelora.core import events
 from stylelora.core.config import Config
 from stylelora.core.errors import counted
-from stylelora.families import peek_model
+from stylelora.families import family_of, peek_model
 from stylelora.services import kohya_import, kohya_keys
 from stylelora.services.launch import runner_for
 from stylelora.training.loop import estimate_run
@@ -53,6 +53,15 @@ def build(ctx: Context) -> dict[str, Any]:
         text += f". The {preset} preset is made for it"
         return text, gr.update(visible=True, value=f"Use the {facts.display} preset ({preset})")
 
+    def family_for(model_name: str | None) -> Any:
+        """The model family of ``model_name`` as its configs tell before loading (None when they cannot)."""
+        facts = peek_model(model_name) if model_name else None
+        return family_of(facts.kind) if facts is not None else None
+
+    def fields_for(model_name: str | None) -> list[Any]:
+        """The form shows the fields the chosen model's family uses."""
+        return form.fit_to(family_for(model_name))
+
     with gr.Tab("Train", id="train") as tab:
         with gr.Row(equal_height=True):
             preset = gr.Dropdown(ctx.preset_names(), value=DEFAULT_PRESET, label="Preset", scale=3)
@@ -63,6 +72,7 @@ def build(ctx: Context) -> dict[str, Any]:
         toml_out = gr.File(label="Config", interactive=False, visible=False, elem_id="saved-config")
         import_notes = gr.Markdown(elem_id="import-notes")
         form = ConfigForm(initial, ctx.dataset_choices())
+        form.show_only(family_for(initial.model.name))
         shown_facts, offer = detect(initial.model.name, initial.data.resolution)
         with gr.Row(equal_height=True):
             model_facts = gr.Markdown(shown_facts, elem_id="model-facts")
@@ -305,6 +315,7 @@ def build(ctx: Context) -> dict[str, Any]:
                      concurrency_limit=None, show_progress_on=notice)
     model_name, resolution = form.widgets["model.name"], form.widgets["data.resolution"]
     model_name.change(detect, [model_name, resolution], [model_facts, kind_preset_btn], api_name="model_facts")
+    model_name.change(fields_for, model_name, form.components, api_name=False)
     resolution.change(detect, [model_name, resolution], [model_facts, kind_preset_btn], api_name=False)
     kind_preset_btn.click(use_kind_preset, [model_name, form.widgets["data.path"]], form.components,
                           api_name="use_kind_preset", show_progress_on=notice)

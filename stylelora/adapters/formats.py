@@ -26,6 +26,7 @@ from ..core.fileio import PICKLE_SUFFIXES
 from ..model.lora import full_lokr_rank, lycoris_factorization
 from ..model.text import conventional_text_path
 from .adapter import Adapter, ModelLayout, module_paths
+from .fused import fuse, split
 from .kohya_names import KOHYA_PREFIXES
 from .metadata import adapter_facts, model_hashes
 
@@ -77,6 +78,10 @@ def to_kohya(adapter: Adapter, layout: ModelLayout, precision: str = "fp16") -> 
     for part, sd in adapter.state.items():
         for path in module_paths(sd):
             name = layout.kohya.name(part, path)
+            if name in layout.kohya.fused:  # one module of the original layout holds it and others
+                if f"{name}.alpha" not in out:
+                    out.update(_fused_kohya(adapter, layout, name, dtype))
+                continue
             alpha = adapter.alpha_of(part, path)
             if adapter.network == "lora":
                 out[f"{name}.lora_down.weight"] = sd[f"{path}.lora_A.weight"].to(dtype).contiguous()
@@ -86,6 +91,25 @@ def to_kohya(adapter: Adapter, layout: ModelLayout, precision: str = "fp16") -> 
                 out.update({f"{name}.{param}": value.to(dtype).contiguous() for param, value in weights.items()})
             out[f"{name}.alpha"] = torch.tensor(alpha, dtype=dtype)
     return out
+
+
+def _fused_kohya(adapter: Adapter, layout: ModelLayout, name: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """One kohya module for the modules the original layout fuses under ``name`` (``adapters.fused``)."""
+    if adapter.network != "lora":
+        raise FormatError(f"{name}: {adapter.network} modules cannot be fused into the original layout's combined "
+                          "layer; train plain LoRA for this model")
+    loras, sizes = [], []
+    for part, path in layout.kohya.fused[name]:
+        sd = adapter.state.get(part, {})
+        down, up = sd.get(f"{path}.lora_A.weight"), sd.get(f"{path}.lora_B.weight")
+        loras.append(None if down is None else (down.float(), up.float(), adapter.alpha_of(part, path)))
+        shape = layout.shapes[part][path]
+        if not shape and up is None:
+            raise FormatError(f"{name}: the size of {path} is unknown (a layout of names only); load the base model")
+        sizes.append(shape[0] if shape else up.shape[0])
+    down, up, alpha = fuse(loras, sizes)
+    return {f"{name}.lora_down.weight": down.to(dtype).contiguous(),
+            f"{name}.lora_up.weight": up.to(dtype).contiguous(), f"{name}.alpha": torch.tensor(alpha, dtype=dtype)}
 
 
 def lycoris_module(adapter: Adapter, part: str, path: str, shape: tuple[int, ...]) -> tuple[dict[str, torch.Tensor],
@@ -340,12 +364,16 @@ def adapter_from_tensors(
 
 
 def _from_kohya(tensors, metadata, layout):
-    reverse = layout.kohya.reverse
+    reverse, fused = layout.kohya.reverse, layout.kohya.fused
     state: dict[str, dict[str, torch.Tensor]] = {}
     alphas: dict[str, dict[str, float]] = {}
     unknown = []
+    combined: dict[str, dict[str, torch.Tensor]] = {}  # a fused module's down, up and alpha, split below
     for key, value in tensors.items():
         name, _, suffix = key.partition(".")
+        if name in fused and suffix in ("lora_down.weight", "lora_up.weight", "alpha"):
+            combined.setdefault(name, {})[suffix] = value
+            continue
         if name not in reverse:
             unknown.append(key)
             continue
@@ -362,11 +390,30 @@ def _from_kohya(tensors, metadata, layout):
             state.setdefault(part, {})[f"{module}.{suffix}"] = value.float()
         else:
             unknown.append(key)
+    for name, found in combined.items():
+        unknown += _split_kohya(name, found, layout, state, alphas)
     for part, sd in state.items():  # two full LoKr factors: loaders scale by 1 whatever alpha says
         for module in module_paths(sd):
             if f"{module}.lokr_w1" in sd and f"{module}.lokr_w2" in sd:
                 alphas.setdefault(part, {})[module] = full_lokr_rank(sd[f"{module}.lokr_w2"])
     return state, alphas, unknown
+
+
+def _split_kohya(name: str, found: dict[str, torch.Tensor], layout: ModelLayout, state: dict,
+                 alphas: dict) -> list[str]:
+    """A fused kohya module's LoRA shared out to the modules it holds (``adapters.fused.split``); its keys when
+    it cannot be (returned as keys naming nothing)."""
+    down, up = found.get("lora_down.weight"), found.get("lora_up.weight")
+    members = layout.kohya.fused[name]
+    sizes = [layout.shapes[part][path][0] if layout.shapes[part][path] else 0 for part, path in members]
+    if down is None or up is None or up.dim() != 2 or not all(sizes) or sum(sizes) != up.shape[0]:
+        return [f"{name}.{suffix}" for suffix in found]
+    alpha = float(found["alpha"]) if "alpha" in found else float(down.shape[0])
+    for (part, path), lora in zip(members, split(down, up, alpha, sizes), strict=True):
+        if lora is not None:
+            state.setdefault(part, {}).update({f"{path}.lora_A.weight": lora[0], f"{path}.lora_B.weight": lora[1]})
+            alphas.setdefault(part, {})[path] = lora[2]
+    return []
 
 
 # The LoRA weight layouts that diffusers' scripts and loaders have written, by key ending, and the

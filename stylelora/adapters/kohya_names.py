@@ -16,16 +16,27 @@ KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 
 
 class KohyaNames:
-    """Kohya name <-> (part, module path) for one base model's module list."""
+    """Kohya name <-> (part, module path) for one base model's module list.
+
+    In a family whose original layout fuses modules (``ModelFamily.kohya_fuses``: FLUX.1's q, k and v are one
+    ``qkv`` linear) several modules share a name: ``fused`` lists them under it, in the order the family's
+    ``kohya_names`` gives them (their order in the fused layer), and ``adapters.fused`` writes and reads them as
+    one module. Elsewhere two modules with one name are an error."""
 
     def __init__(self, modules: Mapping[str, Sequence[str]], family: Any, denoiser_config: Any = None) -> None:
         self.family = family
         self.forward: dict[tuple[str, str], str] = family.kohya_names(modules, denoiser_config)
         self.reverse: dict[str, tuple[str, str]] = {}
+        self.fused: dict[str, list[tuple[str, str]]] = {}
         for key, name in self.forward.items():
-            if name in self.reverse:  # two modules whose names differ only in '.' vs '_'
+            if name in self.fused:
+                self.fused[name].append(key)
+            elif name in self.reverse and family.kohya_fuses:
+                self.fused[name] = [self.reverse.pop(name), key]
+            elif name in self.reverse:  # two modules whose names differ only in '.' vs '_'
                 raise FormatError(f"kohya name {name} is ambiguous: {self.reverse[name][1]} and {key[1]}")
-            self.reverse[name] = key
+            else:
+                self.reverse[name] = key
         for name, key in family.kohya_aliases(modules).items():  # read, never written
             self.reverse.setdefault(name, key)
 

@@ -16,7 +16,7 @@ from ..core.errors import ConfigError, FormatError
 from ..families import load_base_model
 from ..model.base import BaseModel
 from .adapter import NETWORK_NAMES, Adapter, module_paths
-from .convert import describe, open_adapter, write_adapter
+from .convert import describe, find_adapter_file, open_adapter, write_adapter
 from .formats import DIFFUSERS_WEIGHT_NAME, load_adapter, save_diffusers
 from .metadata import adapter_facts
 
@@ -28,12 +28,12 @@ MERGE_ADAPTER_NAME = "stylelora_merge"
 
 
 def merge(model: str | BaseModel, lora: str | Path, scale: float, out: str | Path, precision: str = "fp16") -> Path:
-    """Bake ``lora`` at strength ``scale`` into the base weights (diffusers' own fuse_lora) and save the
-    pipeline at ``out``: a diffusers folder, or, when ``out`` ends in ``.safetensors``, one checkpoint file in
-    the original layout (AUTOMATIC1111, ComfyUI) in ``precision``, verified. A BaseModel passed in is changed
-    in place."""
+    """Bake ``lora`` (an adapter file, a diffusers LoRA folder or a run folder) at strength ``scale`` into the
+    base weights (diffusers' own fuse_lora) and save the pipeline at ``out``: a diffusers folder, or, when ``out``
+    ends in ``.safetensors``, one checkpoint file in the original layout (AUTOMATIC1111, ComfyUI) in
+    ``precision``, verified. A BaseModel passed in is changed in place."""
     base = model if isinstance(model, BaseModel) else load_base_model(model)
-    adapter = load_adapter(lora, base)
+    adapter = load_adapter(find_adapter_file(lora)[0], base)  # a file, a diffusers folder or a run folder
     pipe = base.pipeline
     if adapter.network != "lora":
         add_deltas(base, adapter, scale)
@@ -44,7 +44,9 @@ def merge(model: str | BaseModel, lora: str | Path, scale: float, out: str | Pat
         save_diffusers(tmp, adapter, precision="fp32")
         # the file named: diffusers 0.35 refuses a bare folder when HF_HUB_OFFLINE is set
         pipe.load_lora_weights(tmp, weight_name=DIFFUSERS_WEIGHT_NAME, adapter_name=MERGE_ADAPTER_NAME)
-    pipe.fuse_lora(lora_scale=scale, adapter_names=[MERGE_ADAPTER_NAME])
+    # every part named: FLUX.1's loader fuses only the transformer unless told
+    pipe.fuse_lora(components=[part for part, _ in base.parts()], lora_scale=scale,
+                   adapter_names=[MERGE_ADAPTER_NAME])
     pipe.unload_lora_weights()
     if Path(out).suffix.lower() == ".safetensors":
         return base.family.save_single_file(pipe, Path(out), precision)

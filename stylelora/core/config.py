@@ -56,11 +56,12 @@ class ModelConfig:
         "Model family: auto tells SD1, SD2-512 (epsilon), SD2-768-v and SDXL apart from the model's structure; "
         "set it when a fine-tune is taken for the wrong one (sd2-v trains with v-prediction).",
     )
-    quantize: Literal["none", "fp8", "int8", "nf4"] = option(
-        "none",
-        "Keep the frozen UNet and text-encoder weights quantized while training (QLoRA-style, through "
+    quantize: Literal["auto", "none", "fp8", "int8", "nf4"] = option(
+        "auto",
+        "Keep the frozen denoiser and text-encoder weights quantized while training (QLoRA-style, through "
         "optimum-quanto): fp8 or int8 about halve their memory against bf16, nf4 (4-bit) quarters it, at some "
-        "step time. The LoRA weights, samples and exported adapters are unchanged.",
+        "step time. The LoRA weights, samples and exported adapters are unchanged. auto: nf4 for FLUX.1 and SD3.5 "
+        "on a GPU (their transformer and T5 would not fit a 24 GB card in bf16), none otherwise.",
     )
 
 
@@ -265,10 +266,13 @@ class GenerateSettings:
 
     negative_prompt: str = option("", "What the image should not show.")
     seed: int = option(0, "Seed of the starting noise: the same seed gives the same image.", ge=0, le=2**63 - 1)
-    steps: int = option(20, "Denoising steps.", ge=1)
+    steps: int | None = option(
+        None, "Denoising steps; unset means the model's own (SD 20, FLUX.1 [dev] 28, [schnell] 4, SD3.5 28-40).", ge=1)
     width: int | None = option(None, "Pixels, a multiple of 8 (default: the model's native size).")
     height: int | None = option(None, "Pixels, a multiple of 8 (default: the model's native size).")
-    guidance: float = option(7.5, "Classifier-free guidance scale.", ge=0)
+    guidance: float | None = option(
+        None, "Guidance scale (classifier-free; FLUX.1 [dev]'s guidance input); unset means the model's own (SD 7.5, "
+        "FLUX.1 [dev] 3.5, [schnell] 0, SD3.5 3.5-4.5).", ge=0)
     sampler: str | None = option(
         None, "The model's own scheduler by default, or a sampler by name (AUTOMATIC1111's labels work too)."
     )
@@ -282,7 +286,7 @@ class GenerateSettings:
         for f in dataclasses.fields(self):  # ints stay ints, floats become floats: equal settings hash alike
             object.__setattr__(self, f.name, coerce(getattr(self, f.name), hints[f.name], f.name))
         errors = check_fields(self, "")
-        if not errors and not math.isfinite(self.guidance):
+        if not errors and self.guidance is not None and not math.isfinite(self.guidance):
             errors.append(f"guidance: must be a finite number, got {self.guidance}")
         if errors:
             raise ConfigError("\n".join(errors))
@@ -301,8 +305,8 @@ class SampleConfig:
         0, "Render samples at the end of every N epochs (kohya's sample_every_n_epochs); 0 turns it off.", ge=0
     )
     seed: int = option(1234, "Seed of the samples (the same for every step, so they compare).", ge=0)
-    steps: int = option_like(GenerateSettings, "steps", "Denoising steps per sample.", le=200)
-    guidance: float = option_like(GenerateSettings, "guidance")
+    steps: int | None = option_like(GenerateSettings, "steps", "Denoising steps per sample.", le=200)
+    guidance: float | None = option_like(GenerateSettings, "guidance")
 
 
 @dataclass

@@ -35,7 +35,7 @@ import torch
 
 from ..core.config import Config, DataConfig, TrainConfig
 from ..core.errors import DataError
-from ..model.text import TextStates, tokenize
+from ..model.text import TextStates
 from . import dataset
 from .buckets import Size, assign_bucket, oriented_size
 from .cache import LatentCache, default_cache_dir, module_identity
@@ -222,6 +222,8 @@ class Batch:
     captions: list[str]
     images: list[Path]
     noise_generators: list[torch.Generator]  # per example, keyed by (seed, epoch, slot): its noise and timestep
+    # while a text encoder trains: the states of the ones that never do (FLUX.1's and SD3.5's T5), cached
+    frozen_text: TextStates | None = None
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -262,11 +264,14 @@ class BatchSource:
             self.notes.append(f"the VAE encodes in fp32 while the {family.denoiser_label} trains in {trains_in}: "
                               f"{family.display(model.kind)}'s VAE overflows in fp16")
         self.text_cache: dict[str, TextStates] | None = None
-        if config.cache.text_encoder and not self.train_text_encoder:
-            if config.data.shuffle_tags:
+        self.frozen_cache: dict[str, TextStates] | None = None  # T5's states while CLIP trains
+        if config.cache.text_encoder and config.data.shuffle_tags:
+            if not self.train_text_encoder:
                 self.notes.append("text-encoder cache off: data.shuffle_tags makes a new caption every time")
-            else:
-                self.text_cache = {}
+        elif config.cache.text_encoder and self.train_text_encoder:
+            self.frozen_cache = {}
+        elif config.cache.text_encoder:
+            self.text_cache = {}
 
     # --- position --------------------------------------------------------------------------------
     def state(self) -> dict[str, int]:
@@ -297,7 +302,7 @@ class BatchSource:
     def make_batch(self, epoch: int, slots: list[int]) -> Batch:
         examples = [self.data.example(epoch, s) for s in slots]
         captions = [self.data.caption(epoch, s) for s in slots]
-        ids, text = self._text(captions)
+        ids, text, frozen = self._text(captions)
         weights = [self.prior_loss_weight if e.regularisation else 1.0 for e in examples]
         latents = self._latents(epoch, slots)
         return Batch(
@@ -310,6 +315,7 @@ class BatchSource:
             captions=captions,
             images=[e.image for e in examples],
             noise_generators=[noise_generator(self.data.seed, epoch, s) for s in slots],
+            frozen_text=frozen,
         )
 
     def _latents(self, epoch: int, slots: list[int]) -> torch.Tensor:
@@ -352,21 +358,33 @@ class BatchSource:
                     cache.put(keys[i], posteriors[i])
         return posteriors  # type: ignore[return-value]  # every None was filled above
 
-    def _text(self, captions: list[str]) -> tuple[list[torch.Tensor], TextStates | None]:
-        """Token ids per text encoder (data.max_token_length), and the encoders' states at model.clip_skip unless
-        one trains (the loop runs them then)."""
-        encoders = self.model.text_encoders
-        ids = [t.to(encoders[0].device) for t in tokenize(self.model.tokenizers, captions, self.max_token_length)]
+    def _text(self, captions: list[str]) -> tuple[list[torch.Tensor], TextStates | None, TextStates | None]:
+        """Token ids per text encoder (the family's tokenization, data.max_token_length), the encoders' states at
+        model.clip_skip unless one trains (the loop runs them then), and while one trains, the states of the
+        encoders that never do (the family's ``encode_frozen_text``: T5), cached like the others."""
+        encoders, family = self.model.text_encoders, self.model.family
+        ids = [t.to(encoders[0].device) for t in family.tokenize(self.model, captions, self.max_token_length)]
         if self.train_text_encoder:
-            return ids, None
-        cache = self.text_cache
+            return ids, None, self._cached(captions, ids, self.frozen_cache, family.encode_frozen_text)
+
+        def encode(encoders: Any, rows: list[torch.Tensor]) -> TextStates:
+            return family.encode_text(encoders, rows, self.clip_skip)
+
+        return ids, self._cached(captions, ids, self.text_cache, encode), None
+
+    def _cached(self, captions: list[str], ids: list[torch.Tensor], cache: dict[str, TextStates] | None,
+                encode: Any) -> TextStates | None:
+        """``encode(encoders, ids)`` of the captions without gradients, each caption once while ``cache`` is kept."""
+        encoders = self.model.text_encoders
         if cache is None:
             with torch.no_grad():
-                return ids, self.model.family.encode_text(encoders, ids, self.clip_skip)
+                return encode(encoders, ids)
         new = sorted({c for c in captions if c not in cache})
         if new:
             rows = [captions.index(c) for c in new]
             with torch.no_grad():
-                states = self.model.family.encode_text(encoders, [t[rows] for t in ids], self.clip_skip)
+                states = encode(encoders, [t[rows] for t in ids])
+            if states is None:
+                return None
             cache.update((caption, states.row(i)) for i, caption in enumerate(new))
-        return ids, TextStates.stack([cache[c] for c in captions])
+        return TextStates.stack([cache[c] for c in captions])

@@ -20,8 +20,10 @@ from ..core.errors import ConfigError, ModelError
 from ..core.fileio import PICKLE_SUFFIXES
 from ..model.base import BaseModel, Configs, ModelFamily
 from . import loading
+from .flux import Flux
 from .sd1 import SD1
 from .sd2 import SD2
+from .sd3 import SD3
 from .sdxl import SDXL
 
 log = logging.getLogger(__name__)
@@ -165,8 +167,8 @@ def load_base_model(name: str, config_source: str = "", prediction_type: str = "
         if not path.is_file():
             raise ModelError(f"model '{name}': file not found")
         family, detected = _single_file_family(loading.single_file_keys(path))
-        pipeline = loading.load_single_file(path, config_source, family.pipeline_class(detected),
-                                            family.single_file_kwargs(detected), dtype)
+        pipeline = family.load_single_file(path, config_source, detected) or loading.load_single_file(
+            path, config_source, family.pipeline_class(detected), family.single_file_kwargs(detected), dtype)
     elif path.exists():
         raise ModelError(
             f"model '{name}': not a diffusers folder or a .safetensors file; give one of those, "
@@ -340,7 +342,10 @@ def load_tokenizer(name: str) -> Any | None:
     return loading.load_clip_tokenizer(name)
 
 
-# The families, in detection order: SD1 takes any other conditional UNet, so it comes last.
+# The families, in detection order: SD1 takes any other conditional UNet, so it comes last; the transformers
+# are told apart first (by their transformer's own config keys).
 register(SDXL())
 register(SD2())
 register(SD1())
+register(Flux(), before="sdxl")
+register(SD3(), before="sdxl")

@@ -77,6 +77,15 @@ def _rename(state: dict[str, torch.Tensor], module_name: Any, prefix: str, part:
     return out
 
 
+def ldm_vae_state(vae: Any) -> dict[str, torch.Tensor]:
+    """The VAE's weights under single-file names (``first_stage_model.``; SD3.5's checkpoints hold it so too)."""
+    vae_state = _rename(vae.state_dict(), lambda m: _vae_module(m, len(vae.config.block_out_channels)), VAE, "VAE")
+    for key, tensor in vae_state.items():  # the original VAE's attention projections are 1x1 convs
+        if ".mid.attn_1." in key and key.endswith(".weight") and tensor.ndim == 2:
+            vae_state[key] = tensor[:, :, None, None]
+    return vae_state
+
+
 def single_file_state(pipeline: Any, precision: str = "fp16") -> dict[str, torch.Tensor]:
     """The pipeline's UNet, VAE and text encoder under single-file names, in ``precision``."""
     if precision not in DTYPES:
@@ -85,11 +94,7 @@ def single_file_state(pipeline: Any, precision: str = "fp16") -> dict[str, torch
     layers = int(unet.config.layers_per_block)
     up_attention = {i for i, block in enumerate(unet.config.up_block_types) if "CrossAttn" in block}
     state = _rename(unet.state_dict(), lambda m: _unet_module(m, layers, up_attention), UNET, "UNet")
-    vae_state = _rename(vae.state_dict(), lambda m: _vae_module(m, len(vae.config.block_out_channels)), VAE, "VAE")
-    for key, tensor in vae_state.items():  # the original VAE's attention projections are 1x1 convs
-        if ".mid.attn_1." in key and key.endswith(".weight") and tensor.ndim == 2:
-            vae_state[key] = tensor[:, :, None, None]
-    state.update(vae_state)
+    state.update(ldm_vae_state(vae))
     state.update({TEXT + _text_key(k): v for k, v in pipeline.text_encoder.state_dict().items()
                   if not k.endswith("position_ids")})
     dtype = DTYPES[precision]

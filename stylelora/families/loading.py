@@ -140,11 +140,14 @@ def load_folder(path: Path, name: str, pipeline_class: Any, dtypes: dict[str, An
             f"model '{name}': the folder has no model_index.json, so it is not a diffusers pipeline "
             "folder. Point at the folder that holds model_index.json, unet/, vae/ and text_encoder/."
         )
+    import inspect
+
+    # the SD pipelines' safety checker stays off; other pipelines have none to turn off
+    off = ({"safety_checker": None, "requires_safety_checker": False}
+           if "safety_checker" in inspect.signature(pipeline_class.__init__).parameters else {})
     try:
-        return pipeline_class.from_pretrained(
-            str(path), safety_checker=None, requires_safety_checker=False, use_safetensors=None,
-            dtype=dtypes or stored_dtypes(path),
-        )
+        return pipeline_class.from_pretrained(str(path), use_safetensors=None, dtype=dtypes or stored_dtypes(path),
+                                              **off)
     except Exception as e:  # diffusers raises many kinds for broken folders
         raise ModelError(f"model '{name}': cannot load this diffusers folder: {e}") from e
 

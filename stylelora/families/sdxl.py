@@ -164,7 +164,8 @@ class SDXL(StableDiffusionFamily):
         added = {"text_embeds": text.pooled, "time_ids": time_ids.to(text.pooled)}
         return denoiser(noisy, timesteps, text.states, added_cond_kwargs=added).sample
 
-    def encode_text(self, encoders: Sequence[Any], ids: Sequence[torch.Tensor], clip_skip: int = 1) -> TextStates:
+    def encode_text(self, encoders: Sequence[Any], ids: Sequence[torch.Tensor], clip_skip: int = 1,
+                    frozen: TextStates | None = None) -> TextStates:
         return encode_sdxl(encoders[0], encoders[1], ids[0], ids[1])
 
     def vae_dtype(self, vae_config: Mapping[str, Any] | None, weight_dtype: torch.dtype) -> torch.dtype:

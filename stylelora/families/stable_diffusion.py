@@ -86,7 +86,8 @@ class StableDiffusionFamily(ModelFamily):
             if tokenizer is not None and encoder is not None:
                 tokenizer.model_max_length = token_limit(tokenizer, encoder)
 
-    def encode_text(self, encoders: Sequence[Any], ids: Sequence[torch.Tensor], clip_skip: int = 1) -> TextStates:
+    def encode_text(self, encoders: Sequence[Any], ids: Sequence[torch.Tensor], clip_skip: int = 1,
+                    frozen: TextStates | None = None) -> TextStates:
         from ..model.text import TextStates, encode
 
         return TextStates(encode(encoders[0], ids[0], clip_skip))

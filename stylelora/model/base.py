@@ -28,6 +28,11 @@ if TYPE_CHECKING:
     from .text import TextStates
 
 
+# the flow-matching options of the config (``ModelFamily.applies``: only flow models use them)
+FLOW_FIELDS = frozenset({"train.timestep_sampling", "train.logit_mean", "train.logit_std", "train.flow_shift",
+                         "train.loss_weighting"})
+
+
 @dataclass(frozen=True)
 class Configs:
     """A model's component configs as read before (or without) loading it; any may be missing."""
@@ -98,6 +103,17 @@ class ModelFamily:
     strength_groups: ClassVar[tuple[str, ...]] = ()  # per-block strength groups of the denoiser (IN, MID, OUT)
     below_native_warning: ClassVar[frozenset[str]] = frozenset()  # kinds that learn worse far below native size
     structure: ClassVar[str] = ""  # its structure in a few words, for "model.kind does not fit" messages
+    # rectified flow (SD3.5, FLUX.1): trains with ``losses.FlowObjective`` and renders with its own flow-matching
+    # sampler only; the flow-matching options apply to it, SD's DDPM options (min-SNR, ...) do not
+    flow_matching: ClassVar[bool] = False
+    # whether train.attention picks the denoiser's attention processors (the SD UNets); a diffusion transformer
+    # keeps diffusers' own (they already call scaled-dot-product attention)
+    sets_attention: ClassVar[bool] = True
+    # several denoiser modules share one kohya name (q, k and v fused in the original layout): kohya files hold
+    # them as one module (``adapters.fused``); otherwise two modules with one name are an error
+    kohya_fuses: ClassVar[bool] = False
+    # config fields that do not apply to this family's models (the form hides them, the run ignores them)
+    unused_fields: ClassVar[frozenset[str]] = frozenset()
 
     @property
     def parts(self) -> tuple[str, ...]:
@@ -106,6 +122,15 @@ class ModelFamily:
 
     def display(self, kind: str) -> str:
         return self.kinds[kind]
+
+    def applies(self, field: str) -> bool:
+        """Whether the config field ``field`` (``train.min_snr_gamma``) means anything for this family's models:
+        the flow-matching options only for flow models, and none of ``unused_fields``."""
+        return field not in self.unused_fields and (field not in FLOW_FIELDS or self.flow_matching)
+
+    def quantize_on_gpu(self, kind: str) -> str:
+        """What ``model.quantize=auto`` holds the frozen base in on a GPU: none (the SD UNets fit), nf4..."""
+        return "none"
 
     def learns_worse_below_native(self, kind: str) -> bool:
         """Whether training ``kind`` far below its native size deserves a warning (SDXL, SD2-768-v)."""
@@ -131,6 +156,11 @@ class ModelFamily:
     def single_file_kwargs(self, kind: str) -> dict[str, Any]:
         """Extra keyword arguments of ``pipeline_class(kind).from_single_file``."""
         return {}
+
+    def load_single_file(self, path: Path, config_source: str, kind: str) -> Any | None:
+        """The pipeline of a single file of ``kind`` loaded this family's way, or None for diffusers' own
+        ``pipeline_class(kind).from_single_file`` (FLUX.1: a transformer-only file beside a folder's other parts)."""
+        return None
 
     def set_prediction_type(self, pipeline: Any, prediction_type: str) -> None:
         """Apply ``model.prediction_type`` (set, not auto) to a loaded pipeline; ConfigError where it means nothing."""
@@ -178,13 +208,30 @@ class ModelFamily:
     def token_limit(self, pipeline: Any) -> int:
         raise NotImplementedError
 
+    def caption_tokenizer(self, pipeline: Any) -> Any:
+        """The tokenizer caption lengths are counted with against ``token_limit`` (the dataset check)."""
+        return pipeline.tokenizer
+
     def fit_tokenizers(self, pipeline: Any) -> None:
         """Make each tokenizer cut where its text encoder ends (called once after loading)."""
 
     # --- conditioning and the training step ------------------------------------------------------------
-    def encode_text(self, encoders: Sequence[Any], ids: Sequence[torch.Tensor], clip_skip: int = 1) -> TextStates:
-        """The denoiser's text conditioning from ``text.tokenize``'s ids of ``tokenizers``."""
+    def tokenize(self, model: BaseModel, captions: list[str], max_token_length: int) -> list[torch.Tensor]:
+        """Token ids of ``captions``, one tensor per text encoder (``text.tokenize``: CLIP's 75-token chunks)."""
+        from .text import tokenize
+
+        return tokenize(model.tokenizers, captions, max_token_length)
+
+    def encode_text(self, encoders: Sequence[Any], ids: Sequence[torch.Tensor], clip_skip: int = 1,
+                    frozen: TextStates | None = None) -> TextStates:
+        """The denoiser's text conditioning from ``tokenize``'s ids; ``frozen``: what ``encode_frozen_text`` gave
+        for these captions (not computed again)."""
         raise NotImplementedError
+
+    def encode_frozen_text(self, encoders: Sequence[Any], ids: Sequence[torch.Tensor]) -> TextStates | None:
+        """The share of the conditioning that comes from text encoders that never train (T5), computed once per
+        caption while a CLIP encoder trains and passed back to ``encode_text``; None when there is none."""
+        return None
 
     def objective(self, model: BaseModel, train: TrainConfig) -> Objective:
         """What the denoiser learns in this run (it may also set the sampling scheduler to match)."""
@@ -211,9 +258,9 @@ class ModelFamily:
         loader decides it before any weight is read)."""
         return weight_dtype
 
-    def decode(self, model: BaseModel, latents: torch.Tensor) -> torch.Tensor:
-        """Pixels (-1..1) of latents as the pipeline returns them with ``output_type="latent"``, decoded in
-        the VAE's own precision."""
+    def decode(self, model: BaseModel, latents: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """Pixels (-1..1) of latents as the pipeline returns them with ``output_type="latent"`` for an image of
+        ``size`` (height, width), decoded in the VAE's own precision."""
         vae = model.vae
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor + shift).sample
@@ -276,8 +323,9 @@ class ModelFamily:
         raise NotImplementedError
 
     def sample_settings(self, kind: str) -> dict[str, Any]:
-        """Sampler settings this family's models are rendered with by default (steps, guidance)."""
-        return {}
+        """How this family's models render where the user set nothing else (samples, previews, ``generate``):
+        ``steps`` and ``guidance`` (``GenerateSettings`` fields)."""
+        return {"steps": 20, "guidance": 7.5}
 
 
 @dataclass
@@ -314,7 +362,8 @@ class BaseModel:
 
     @property
     def tokenizer(self) -> Any:
-        return self.pipeline.tokenizer
+        """The tokenizer that counts a caption's tokens against ``token_limit`` (CLIP's; T5's for FLUX.1, SD3.5)."""
+        return self.family.caption_tokenizer(self.pipeline)
 
     @property
     def tokenizers(self) -> list[Any]:

@@ -48,3 +48,35 @@ def clip_config(tokenizer: Any, **size: Any) -> Any:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
+
+
+T5_SPECIAL = ("<pad>", "</s>", "<unk>")  # T5's ids 0, 1, 2: padding, end of text, unknown
+
+
+def t5_tokenizer(max_length: int = 512) -> Any:
+    """A T5 tokenizer (``T5TokenizerFast``, as FLUX.1's and SD3's tokenizer_2/_3) whose vocabulary is generated in
+    code: sentencepiece's Unigram model over printable characters, each also as a word start ("▁a"), with T5's
+    special tokens and its end-of-text post-processing. Built with the ``tokenizers`` library: no download,
+    no sentencepiece."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    characters = [chr(c) for c in range(33, 127)]
+    pieces = [(token, 0.0) for token in T5_SPECIAL] + [("▁", -2.0)]
+    pieces += [("▁" + c, -2.5) for c in characters] + [(c, -3.0) for c in characters]
+    model = Tokenizer(models.Unigram(pieces, unk_id=T5_SPECIAL.index("<unk>")))
+    model.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    model.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    model.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                         special_tokens=[("</s>", T5_SPECIAL.index("</s>"))])
+    return T5TokenizerFast(tokenizer_object=model, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                           extra_ids=0, model_max_length=max_length)
+
+
+def t5_config(tokenizer: Any, **size: Any) -> Any:
+    """A T5 v1.1 encoder config (gated GELU, as T5-XXL) of the given size that fits the built-in T5 tokenizer."""
+    from transformers import T5Config
+
+    return T5Config(**size, vocab_size=len(tokenizer), feed_forward_proj="gated-gelu", is_encoder_decoder=False,
+                    pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                    decoder_start_token_id=tokenizer.pad_token_id)

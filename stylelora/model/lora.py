@@ -97,8 +97,11 @@ def set_lora_state(model: BaseModel, state: dict[str, dict[str, torch.Tensor]]) 
     """Load canonical LoRA weights into the injected layers of ``model``."""
     from peft import set_peft_model_state_dict
 
+    modules = dict(model.parts())
     for part, sd in state.items():
-        module = getattr(model, part)
+        module = modules.get(part)
+        if module is None:
+            raise ModelError(f"{part}: LoRA weights for a part this model lacks (it has {', '.join(modules)})")
         result = set_peft_model_state_dict(module, sd, adapter_name=ADAPTER_NAME)
         unexpected = getattr(result, "unexpected_keys", [])
         if unexpected:

@@ -37,14 +37,16 @@ def prepare_for_training(
     params = add_lora(model, config.lora)
     text_encoders = model.text_encoders
     training = [any(p.requires_grad for p in encoder.parameters()) for encoder in text_encoders]
-    set_attention(model.denoiser, train.attention)
+    if model.family.sets_attention:  # a diffusion transformer keeps diffusers' own processors
+        set_attention(model.denoiser, train.attention)
     if train.gradient_checkpointing:
         _enable_gradient_checkpointing(model, training)
     weight_dtype = WEIGHT_DTYPES.get(mixed_precision, torch.float32)
-    quantized = config.model.quantize != "none"
+    scheme = quantize_scheme(config.model.quantize, model, device)
+    quantized = scheme != "none"
     _place_weights(model, {id(p) for p in params}, weight_dtype, device, quantized)
     if quantized:
-        quantize_frozen(model, config.model.quantize)
+        quantize_frozen(model, scheme)
         for module in (model.denoiser, *model.text_encoders):
             module.to(device)
     if device.type == "cuda":  # TF32 matmuls for whatever still runs in fp32 (Ampere and newer; ignored before)
@@ -59,6 +61,14 @@ def prepare_for_training(
     if train.compile != "off":
         compile_unet(model.denoiser, train.compile)
     return params, weight_dtype
+
+
+def quantize_scheme(setting: str, model: BaseModel, device: torch.device) -> str:
+    """``model.quantize`` as it applies to ``model`` on ``device``: auto is the family's choice on a GPU
+    (``ModelFamily.quantize_on_gpu``: nf4 for FLUX.1 and SD3.5) and none elsewhere."""
+    if setting != "auto":
+        return setting
+    return model.family.quantize_on_gpu(model.kind) if device.type == "cuda" else "none"
 
 
 def _enable_gradient_checkpointing(model: BaseModel, training: list[bool]) -> None:

@@ -169,8 +169,11 @@ def block_scales(given: Mapping[str, float] | None, groups: Sequence[str] = GROU
     scales = dict.fromkeys(groups, 1.0)
     for group, value in (given or {}).items():
         key = group.upper()
+        if key not in scales and value == 1:  # as if not given (the app's sliders at rest, a model without groups)
+            continue
         if key not in scales:
-            raise ConfigError(f"block strength '{group}': no such group; the groups are {', '.join(groups)}")
+            known = f"the groups are {', '.join(groups)}" if groups else "this model has no per-block groups"
+            raise ConfigError(f"block strength '{group}': no such group; {known}")
         if not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ConfigError(f"block strength {key}: must be a finite number, got {value!r}")
         scales[key] = float(value)
@@ -394,7 +397,13 @@ class Previewer:
         made definite for this model: width and height default to its native resolution and must be
         multiples of the VAE's scale factor; the sampler is named canonically."""
         s = (settings or GenerateSettings()).replace(**overrides)
-        multiple = self.model.family.size_multiple(self.pipeline)
+        family = self.model.family
+        own = family.sample_settings(self.model.kind)  # the model's steps and guidance where none are set
+        s = s.replace(steps=s.steps or own["steps"], guidance=own["guidance"] if s.guidance is None else s.guidance)
+        if family.flow_matching and check_sampler(s.sampler) != DEFAULT_SAMPLER:
+            raise ConfigError(f"sampler: {family.display(self.model.kind)} renders with its own flow-matching "
+                              f"sampler; leave sampler unset ({DEFAULT_SAMPLER})")
+        multiple = family.size_multiple(self.pipeline)
         native = self.model.native_resolution
         width, height = s.width or native, s.height or native
         for field, value in (("width", width), ("height", height)):

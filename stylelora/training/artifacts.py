@@ -82,19 +82,21 @@ def _sample(model: BaseModel, config: Config, prompt: str, generator: torch.Gene
     the VAE latents in whatever the denoiser returned, which is fp32 from one accelerate wraps for a bf16 or
     fp16 run, and fp16 beside the fp32 VAE an fp16 SDXL run keeps."""
     pipe, family = model.pipeline, model.family
-    sample = config.sample
+    sample, side = config.sample, config.data.resolution
+    own = family.sample_settings(model.kind)  # the model's steps and guidance where the config sets none
+    steps, guidance = sample.steps or own["steps"], own["guidance"] if sample.guidance is None else sample.guidance
     with torch.no_grad():
-        prompts = family.prompt_embeddings(model, prompt, sample.negative_prompt, sample.guidance > 1,
+        prompts = family.prompt_embeddings(model, prompt, sample.negative_prompt, guidance > 1,
                                            config.model.clip_skip, config.data.max_token_length)
     latents = pipe(
         **prompts,
-        num_inference_steps=sample.steps,
-        guidance_scale=sample.guidance,
-        height=config.data.resolution,
-        width=config.data.resolution,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        height=side,
+        width=side,
         generator=generator,
         output_type="latent",
     ).images
     with torch.no_grad():
-        pixels = family.decode(model, latents)
+        pixels = family.decode(model, latents, (side, side))
     return pipe.image_processor.postprocess(pixels, output_type="pil")[0]

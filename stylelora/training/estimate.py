@@ -42,6 +42,13 @@ STEP_OVERHEAD_S = 0.02  # per step: data, optimizer, Python
 # saved activations of a bf16/fp16 base over the fp32 ones profile_step counts (the LoRA and the CPU's attention
 # keep fp32 tensors): fitted to builtin:small at 256 and 384 px in bf16 on a CPU, benchmarks/RESULTS.md
 HALF_PRECISION_ACTIVATIONS = 0.7
+# A card's own use besides the tensors the allocator counts: the CUDA context, cuBLAS and cuDNN workspaces
+# (PyTorch's documentation puts the context at 300 MB-1 GB). Not measured here: no GPU.
+CUDA_CONTEXT_BYTES = int(0.75 * 2**30)
+CARDS_GB = (12, 16, 24)  # the consumer cards the estimate says a run fits
+# bytes per weight of a quantized linear or conv layer: optimum-quanto keeps fp8/int8 in one byte with a scale per
+# output channel, and qint4 in half a byte with a bf16 scale and shift per group of 128 weights
+QUANTIZED_WEIGHT_BYTES = {"fp8": 1.0, "int8": 1.0, "nf4": 0.5 + 4 / 128}
 # the optimizer's bytes per trainable parameter besides the fp32 weight: gradient + state
 OPTIMIZER_STATE = {"adamw": 12, "adamw8bit": 6, "prodigy": 20, "adafactor": 8, "lion": 8, "came": 12,
                    "ademamix": 16, "schedulefree_adamw": 12}
@@ -70,6 +77,7 @@ class Estimate:
     device_available: int | None = None
     parts: dict[str, int] = field(default_factory=dict)  # what the binding peak (the GPU's, else the host's) holds
     advice: list[str] = field(default_factory=list)
+    cards: CardFit | None = None  # what the run takes on a GPU and which cards it fits
 
     @property
     def peak_bytes(self) -> int:
@@ -102,12 +110,69 @@ class Estimate:
         text = f"estimate ({self.method}, {self.device}): {memory}" + (f" ({parts} GiB)" if parts else "") + f", {pace}"
         if not self.fits:
             text += ". It will not fit: " + "; ".join(self.advice or ["lower data.resolution or train.batch_size"])
+        if self.cards is not None:
+            text += f"; {self.cards.summary()}"
         return text
 
 
 PART_NAMES = {"frozen_weights": "frozen weights", "activations": "activations",
               "lora_and_optimizer": "LoRA+optimizer", "latent_cache": "latent cache", "text_cache": "text cache",
               "libraries": "libraries"}
+
+
+@dataclass
+class CardFit:
+    """One training step on a GPU in bf16, counted: the frozen weights as they are held there (``scheme``:
+    none, or model.quantize's), the LoRA with its gradients and optimizer state, the activations the backward
+    pass keeps, and the CUDA context; which of the usual cards (``CARDS_GB``) that fits."""
+
+    scheme: str
+    weight_bytes: int
+    peak_bytes: int
+
+    @property
+    def fits(self) -> dict[int, bool]:
+        return {gb: self.peak_bytes <= gb * GiB for gb in CARDS_GB}  # a "24 GB" card holds 24 GiB
+
+    def summary(self) -> str:
+        held = "bf16" if self.scheme == "none" else f"bf16, model.quantize={self.scheme}"
+        yes = [gb for gb, ok in self.fits.items() if ok]
+        no = [gb for gb, ok in self.fits.items() if not ok]
+
+        def listed(sizes: list[int], word: str) -> str:
+            return ", ".join(map(str, sizes[:-1])) + f" {word} " * (len(sizes) > 1) + f"{sizes[-1]} GB"
+
+        verdict = (f"fits {listed(yes, 'and')} cards" if yes else "fits none of the 12, 16 and 24 GB cards") + (
+            f", not {listed(no, 'or')}" if yes and no else "")
+        weights = f"{self.weight_bytes / GiB:.1f} GiB of weights"
+        return f"on a GPU ({held}): ~{self.peak_bytes / GiB:.1f} GiB ({weights}), {verdict}"
+
+
+def frozen_weight_bytes(model: Any, scheme: str) -> int:
+    """The bytes the frozen denoiser, text encoders and VAE take on a GPU in bf16, the denoiser's and text
+    encoders' linear and conv weights quantized when ``scheme`` is not none (as ``placement.quantize_frozen``)."""
+    meta = _meta_copy(model)
+    per_weight = QUANTIZED_WEIGHT_BYTES.get(scheme)
+    total = 0.0
+    for network in (meta.denoiser, *meta.text_encoders, meta.vae):
+        quantized = per_weight is not None and network is not meta.vae
+        for module in network.modules():
+            for name, p in module.named_parameters(recurse=False):
+                layer = isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and name == "weight"
+                total += p.numel() * (per_weight if quantized and layer else 2)
+    return int(total)
+
+
+def card_fit(model: Any, config: Config, profile: StepProfile | None = None) -> CardFit:
+    """``CardFit`` of ``config`` on ``model``'s architecture, ``model.quantize`` resolved as on a GPU."""
+    from ..model.placement import quantize_scheme
+
+    profile = profile or profile_step(model, config)
+    scheme = quantize_scheme(config.model.quantize, model, torch.device("cuda"))
+    weights = frozen_weight_bytes(model, scheme)
+    activations = profile.activation_bytes * HALF_PRECISION_ACTIVATIONS * ACTIVATION_FACTOR
+    lora = profile.trainable * 4 + _optimizer_bytes(profile, config)
+    return CardFit(scheme, weights, int(weights + activations + lora + CUDA_CONTEXT_BYTES))
 
 
 def _duration(seconds: float) -> str:
@@ -129,8 +194,12 @@ def _cpu_attention() -> Iterator[None]:
     CPU run takes the fused kernel, which keeps only the output and a log-sum-exp. Count that one."""
     plain = torch.nn.functional.scaled_dot_product_attention
 
-    def fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Any = None, dropout_p: float = 0.0,
-              is_causal: bool = False, scale: float | None = None, **_: Any) -> torch.Tensor:
+    def fused(q: torch.Tensor | None = None, k: torch.Tensor | None = None, v: torch.Tensor | None = None,
+              attn_mask: Any = None, dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
+              **named: Any) -> torch.Tensor:
+        # diffusers' transformers call it with query=, key=, value= (and enable_gqa=)
+        q, k, v = (q if q is not None else named["query"], k if k is not None else named["key"],
+                   v if v is not None else named["value"])
         if q.device.type != "meta" or attn_mask is not None:
             return plain(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale)
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, dropout_p, is_causal,
@@ -174,7 +243,8 @@ def profile_step(model: Any, config: Config, batch_size: int | None = None, reso
     checkpointing = config.train.gradient_checkpointing if gradient_checkpointing is None else gradient_checkpointing
     meta = _meta_copy(model)
     add_lora(meta, config.lora)
-    set_attention(meta.denoiser, config.train.attention)
+    if meta.family.sets_attention:
+        set_attention(meta.denoiser, config.train.attention)
     meta.denoiser.train()
     if checkpointing:
         meta.denoiser.enable_gradient_checkpointing()
@@ -315,6 +385,7 @@ def estimate(model: Any, config: Config, device: torch.device, steps: int, num_i
     the device's share measured with a probe on CUDA when ``probe`` (and the weights are real), else from the
     formula."""
     profile = profile_step(model, config)
+    fp32 = StepProfile(profile.flops, profile.activation_bytes, profile.vae_flops, profile.trainable)
     if base_dtype(model.denoiser) in (torch.bfloat16, torch.float16):
         profile.activation_bytes = int(profile.activation_bytes * HALF_PRECISION_ACTIVATIONS)
     encode_once = config.cache.latents != "off" and config.data.center_crop
@@ -346,7 +417,8 @@ def estimate(model: Any, config: Config, device: torch.device, steps: int, num_i
     batches_to_encode = math.ceil(num_images / config.train.batch_size)
     total = steps * (step_s + (0 if encode_once else vae_s)) + (batches_to_encode * vae_s if encode_once else 0)
     result = Estimate(str(device), method, host, device_bytes, step_s, total, steps,
-                      available_memory(torch.device("cpu")), available_memory(device) if gpu else None, parts)
+                      available_memory(torch.device("cpu")), available_memory(device) if gpu else None, parts,
+                      cards=card_fit(model, config, fp32))
     if not result.fits:
         result.advice = advice(model, config, result)
     return result

@@ -33,7 +33,7 @@ from ..data.doctor import training_items
 from ..families import load_base_model, load_plan
 from ..model import losses
 from ..model.base import BaseModel, Objective
-from ..model.placement import prepare_for_training
+from ..model.placement import prepare_for_training, quantize_scheme
 from . import checkpoint as ckpt
 from . import optim, precision, trackers
 from .artifacts import export_adapter, render_samples
@@ -201,12 +201,17 @@ def _base_model(config: Config, model: BaseModel | None, precision: Precision) -
     return model
 
 
-def _model_notes(config: Config, model: BaseModel) -> list[events.Message]:
+def _model_notes(config: Config, model: BaseModel, device: torch.device) -> list[events.Message]:
     """What the run learned about its base model: the detected kind and resolution, and a warning when it trains
     far below the size a large model (SDXL, SD2-768-v) was made for."""
     native, resolution, family = model.native_resolution, config.data.resolution, model.family
     notes = [events.Message(f"base model: {family.display(model.kind)}, {model.prediction_type} prediction, "
                             f"{native} px native; training at {resolution} px")]
+    scheme = quantize_scheme(config.model.quantize, model, device)
+    if config.model.quantize == "auto" and scheme != "none":
+        notes.append(events.Message(f"model.quantize=auto: the frozen {family.denoiser_label} and text encoders are "
+                                    f"held in {scheme} on this GPU (QLoRA-style); set model.quantize=none to train "
+                                    "on the unquantized weights"))
     if family.learns_worse_below_native(model.kind) and resolution < native * 3 // 4:
         preset = family.presets.get(model.kind)
         notes.append(events.Message(
@@ -497,7 +502,7 @@ def _train(config: Config, emit: RunTracker, stop: StopSignal, model: BaseModel 
     log.info("training with %d process(es): effective batch %d", team.count, effective_batch)
     emit(events.Started(total, step, data.num_images, str(accelerator.device), out, team.count, effective_batch))
     emit_estimate(model, config, accelerator.device, total - step, data.num_images, emit)
-    notes = _model_notes(config, model)
+    notes = _model_notes(config, model, accelerator.device)
     for message in notes + [events.Message(note) for note in source.notes]:
         emit(message)
 
@@ -535,7 +540,8 @@ def _train(config: Config, emit: RunTracker, stop: StopSignal, model: BaseModel 
                 noisy = objective.noisy(latents, noise, timesteps)
                 text = batch.text
                 if text is None:  # a text encoder trains: run them here, with gradients
-                    text = family.encode_text(text_encoders, batch.input_ids, config.model.clip_skip)
+                    text = family.encode_text(text_encoders, batch.input_ids, config.model.clip_skip,
+                                              batch.frozen_text)
                 target = objective.target(latents, noise, timesteps)
                 pred = family.predict(denoiser, noisy, timesteps, text, batch.time_ids)  # SDXL: + pooled, time ids
                 weights = batch.loss_weights * objective.weights(timesteps)

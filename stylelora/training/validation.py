@@ -12,7 +12,6 @@ from typing import Any, TypeVar
 import torch
 
 from ..model import losses
-from ..model.text import tokenize
 
 T = TypeVar("T")
 TIMESTEPS_PER_IMAGE = 4
@@ -45,7 +44,7 @@ class Validator:
         with torch.no_grad():
             shift = getattr(vae.config, "shift_factor", None) or 0.0  # as the batches scale latents
             latents = (vae.encode(pixels).latent_dist.mode() - shift) * vae.config.scaling_factor
-        ids = tokenize(model.tokenizers, [str(e["caption"]) for e in examples], max_token_length)
+        ids = model.family.tokenize(model, [str(e["caption"]) for e in examples], max_token_length)
         time_ids = torch.tensor([e["view"].time_ids for e in examples], dtype=torch.float32)
         n, k = len(examples), TIMESTEPS_PER_IMAGE
         self.timesteps = objective.spread(n, k).to(device)  # each image at k timesteps over the schedule
