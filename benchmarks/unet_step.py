@@ -101,16 +101,18 @@ def unet_step(args: argparse.Namespace) -> None:
         print(f"compiling step: {time.perf_counter() - start:.1f} s wall, {time.process_time() - cpu:.1f} s CPU")
     for _ in range(2):
         step()
-    times = []
+    times, cpu_times = [], []
     for _ in range(args.steps):
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         step()
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"{args.precision}, attention {args.attention}, oneDNN {args.onednn or 'default'}, "
           f"compile {'on' if args.compile else 'off'}, {'no LoRA' if args.no_lora else 'LoRA rank 4'}, "
           f"{args.resolution} px batch {args.batch_size}, {torch.get_num_threads()} threads: "
-          f"{statistics.median(times):.3f} s per step (median of {args.steps}), peak RSS {peak:.0f} MiB")
+          f"{statistics.median(times):.3f} s per step (median of {args.steps}), peak RSS {peak:.0f} MiB, "
+          f"CPU time {statistics.median(cpu_times):.3f} s per step (on a shared machine the steadier figure)")
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ from conftest import make_dataset, tiny_config
 from stylelora.core import events
 from stylelora.families import load_base_model
 from stylelora.model.attention import CpuSdpaProcessor
+from stylelora.training import precision
 
 
 def unet_output(processor: object, dtype: torch.dtype) -> torch.Tensor:
@@ -62,7 +63,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.parametrize("amx", [True, False])
 def test_auto_precision_on_a_cpu_is_bf16_only_with_amx(data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                        amx: bool) -> None:
-    monkeypatch.setattr(training, "cpu_has_amx", lambda: amx)
+    monkeypatch.setattr(precision, "cpu_capability", lambda: "AMX" if amx else "AVX2")
     seen: list[object] = []
     model = load_base_model("builtin:tiny")
     config = tiny_config(data, tmp_path / "out", **{"train.steps": 2, "train.device": "cpu",
@@ -75,8 +76,9 @@ def test_auto_precision_on_a_cpu_is_bf16_only_with_amx(data: Path, tmp_path: Pat
     assert to_q.lora_A["default"].weight.dtype == torch.float32  # the LoRA trains in fp32 either way
     assert all(loss == loss for loss in result.losses) and len(result.losses) == 2
     said = [e.text for e in seen if isinstance(e, events.Message) and e.text.startswith("precision:")]
-    assert said == (["precision: bf16 base weights (train.mixed_precision=auto on a CPU with AMX, where bf16 runs "
-                     "faster); set train.mixed_precision=no to train in fp32"] if amx else [])
+    assert len(said) == 1 and said[0].startswith("precision: bf16 base weights, LoRA in fp32 (train.mixed_precision"
+                                                 "=auto on a CPU with AMX" if amx else "precision: fp32 (train.mixed_"
+                                                 "precision=auto on a CPU with AVX2")
     assert {type(p) for p in model.unet.attn_processors.values()} == {CpuSdpaProcessor}
     # a sample renders from the bf16 base too (its VAE used to get the fp32 latents accelerate's UNet returns)
     assert [p.name for p in (tmp_path / "out" / "samples").iterdir()] == ["step-000002-00.png"]

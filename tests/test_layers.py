@@ -26,7 +26,7 @@ LAYERS: list[tuple[str, list[tuple[str, ...]]]] = [
                   ("services.kohya_keys",)]),
     ("training", [("training", "training.loop"), ("training.artifacts",),
                   ("training.failures", "training.validation", "training.estimate"),
-                  ("training.checkpoint", "training.optim", "training.trackers"),
+                  ("training.checkpoint", "training.optim", "training.trackers", "training.precision"),
                   ("training.ema", "training.processes")]),
     ("evaluation", [("evaluation", "evaluation.live", "evaluation.compare"), ("evaluation.runner",),
                     ("evaluation.learned", "evaluation.checkpoints", "evaluation.evalset"), ("evaluation.scores",),

@@ -51,11 +51,13 @@ class Estimated:
 
     summary: str
     fits: bool
-    peak_bytes: int
+    peak_bytes: int  # the peak that decides whether it fits: the GPU's on a GPU, else the host's
     step_seconds: float
     total_seconds: float
     method: str  # "measured" or "formula"
     advice: list[str] = field(default_factory=list)
+    host_bytes: int = 0  # peak host RAM (resident memory)
+    device_bytes: int | None = None  # peak GPU memory; None on a CPU
 
 
 @dataclass

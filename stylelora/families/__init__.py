@@ -133,22 +133,22 @@ def _builtin(name: str) -> tuple[ModelFamily, Any]:
     raise ModelError(f"model '{name}': no such built-in model; built-ins are " + ", ".join(builtin_names()))
 
 
-def load_base_model(name: str, config_source: str = "", prediction_type: str = "auto",
-                    kind: str = "auto") -> BaseModel:
+def load_base_model(name: str, config_source: str = "", prediction_type: str = "auto", kind: str = "auto",
+                    dtype: Any = None, vae_dtype: Any = None) -> BaseModel:
     """Load a base model named by one string: ``builtin:NAME``, a folder, a file or a hub id.
 
-    Its kind is detected from its structure (``detect``); ``kind`` (``model.kind``) corrects it."""
-    import torch
-
+    Its kind is detected from its structure (``detect``); ``kind`` (``model.kind``) corrects it. ``dtype`` is the
+    precision the frozen weights will be used in (a run's training precision): each component is read straight
+    into it, one tensor at a time (diffusers' and transformers' own ``dtype``), never as an fp32 pipeline cast
+    afterwards; the VAE goes into ``vae_dtype``, by default the family's ``vae_dtype`` for that precision (SDXL's
+    stays fp32 in an fp16 run). Without ``dtype`` every component keeps the precision it is stored in (a
+    built-in's is fp32: its weights are an fp32 random draw, cast component by component once built)."""
+    path = Path(name).expanduser()
     if name.startswith("builtin:"):
         _, builder = _builtin(name)
         pipeline = builder(**({} if prediction_type == "auto" else {"prediction_type": prediction_type}))
-        for component in pipeline.components.values():  # from_pretrained gives eval mode; so do built-ins
-            if isinstance(component, torch.nn.Module):
-                component.eval()
+        _cast_builtin(pipeline, dtype, vae_dtype)
         return _with_kind(pipeline, name, kind, prediction_type)
-
-    path = Path(name).expanduser()
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise ModelError(
             f"model '{name}': pickled checkpoints ({path.suffix}) can run code when loaded and are "
@@ -157,32 +157,58 @@ def load_base_model(name: str, config_source: str = "", prediction_type: str = "
     if path.is_dir():
         if not (path / "model_index.json").is_file():
             loading.load_folder(path, name, None)  # says what is missing
-        family, detected = detect(loading.folder_configs(path))
-        pipeline = loading.load_folder(path, name, family.pipeline_class(detected))
+        configs = loading.folder_configs(path)
+        family, detected = detect(configs)
+        dtypes = None
+        if dtype is not None:
+            dtypes = {"default": dtype, "vae": vae_dtype or family.vae_dtype(configs.vae, dtype)}
+        pipeline = loading.load_folder(path, name, family.pipeline_class(detected), dtypes)
     elif path.suffix.lower() == ".safetensors":
         if not path.is_file():
             raise ModelError(f"model '{name}': file not found")
         family, detected = _single_file_family(loading.single_file_keys(path))
         pipeline = family.load_single_file(path, config_source, detected) or loading.load_single_file(
-            path, config_source, family.pipeline_class(detected), family.single_file_kwargs(detected))
+            path, config_source, family.pipeline_class(detected), family.single_file_kwargs(detected), dtype)
     elif path.exists():
         raise ModelError(
             f"model '{name}': not a diffusers folder or a .safetensors file; give one of those, "
             "a hub id, or builtin:tiny"
         )
     elif loading.is_hub_id(name):
-        pipeline = loading.load_hub(name)
+        pipeline = loading.load_hub(name, dtype)
     else:
         raise ModelError(
             f"model '{name}': no such folder or file. Give a diffusers folder, a .safetensors "
             "checkpoint, a hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5, or builtin:tiny"
         )
     family, _ = detect(loading.pipeline_configs(pipeline))
+    if dtype is not None:  # a single file or a hub model is read in one dtype: the VAE's own comes after
+        wanted = vae_dtype or family.vae_dtype(pipeline.vae.config, dtype)
+        if pipeline.vae.dtype != wanted:
+            pipeline.vae.to(wanted)
     if prediction_type != "auto":
         family.set_prediction_type(pipeline, prediction_type)
     family.fit_tokenizers(pipeline)
     loading.own_aligned_memory(pipeline)
     return _with_kind(pipeline, name, kind, prediction_type)
+
+
+def _cast_builtin(pipeline: Any, dtype: Any, vae_dtype: Any) -> None:
+    """A built-in's components in ``dtype`` (the VAE in ``vae_dtype`` or its family's), one at a time, in eval
+    mode as ``from_pretrained`` gives them; a built-in is small, and defined by its fp32 random draw."""
+    import torch
+
+    family, _ = detect(loading.pipeline_configs(pipeline))
+    for part, component in pipeline.components.items():
+        if not isinstance(component, torch.nn.Module):
+            continue
+        component.eval()
+        if dtype is None:
+            continue
+        wanted = vae_dtype or family.vae_dtype(component.config, dtype) if part == "vae" else dtype
+        for t in [*component.parameters(), *component.buffers()]:  # tensor by tensor, as the loaders do
+            if t.is_floating_point():
+                t.data = t.data.to(wanted)
 
 
 def _single_file_family(keys: list[str]) -> tuple[ModelFamily, str]:
@@ -204,7 +230,24 @@ def load_skeleton(name: str, config_source: str = "", prediction_type: str = "au
     Its ``pipeline`` holds only the adaptable parts: it cannot generate. A diffusers folder gives one, a hub
     id too (only its config files are fetched), and so does a single-file checkpoint with ``config_source``
     (a diffusers folder of its architecture). Anything else (built-ins, which are small; a single file
-    without configs; names that are refused) is loaded by ``load_base_model``, with its messages."""
+    without configs; names that are refused) is loaded by ``load_base_model`` in the precision it is stored in,
+    with its messages."""
+    skeleton = _meta_model(name, config_source, prediction_type, kind, whole=False)
+    return skeleton if skeleton is not None else load_base_model(name, config_source, prediction_type, kind)
+
+
+def load_plan(name: str, config_source: str = "", prediction_type: str = "auto",
+              kind: str = "auto") -> BaseModel | None:
+    """Every network of the base model (denoiser, VAE, text encoders) built from its configs on the meta device:
+    the structure a run's memory and time are counted on before anything is loaded (``training.estimate``). None
+    where the configs are not at hand without loading the model (built-ins, a single file without
+    ``config_source``)."""
+    return _meta_model(name, config_source, prediction_type, kind, whole=True)
+
+
+def _meta_model(name: str, config_source: str, prediction_type: str, kind: str, whole: bool) -> BaseModel | None:
+    """The model's networks on the meta device from its config files (``whole``: every one, else only the
+    adaptable parts), or None where no config folder is at hand."""
     from types import SimpleNamespace
 
     path = Path(name).expanduser()
@@ -218,7 +261,7 @@ def load_skeleton(name: str, config_source: str = "", prediction_type: str = "au
     elif not name.startswith("builtin:") and not path.exists() and loading.is_hub_id(name):
         folder = loading.hub_configs(name)
     if folder is None:
-        return load_base_model(name, config_source, prediction_type, kind)
+        return None
     try:
         family, detected = detect(loading.folder_configs(folder))
     except (OSError, ValueError) as e:
@@ -229,7 +272,9 @@ def load_skeleton(name: str, config_source: str = "", prediction_type: str = "au
             raise ConfigError(f"model.kind: '{kind}' does not fit '{name}', which is {family.display(detected)} by "
                               "its structure; set model.kind=auto")
         family, detected = wanted, kind
-    parts = loading.skeleton_parts(folder, name, family.parts)
+    parts = loading.skeleton_parts(folder, name, None if whole else family.parts)
+    if whole and "vae" in parts:
+        parts["vae_scale_factor"] = 2 ** (len(parts["vae"].config.block_out_channels) - 1)
     return BaseModel(SimpleNamespace(**parts), name, detected, family)
 
 

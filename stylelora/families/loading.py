@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -96,7 +97,44 @@ def single_file_keys(path: Path) -> list[str]:
         ) from None
 
 
-def load_folder(path: Path, name: str, pipeline_class: Any) -> Any:
+# safetensors' names of the floating-point dtypes a model's weights are stored in
+STORED_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+# the weight files diffusers and transformers read from a component folder without a variant (fp16 variants
+# such as diffusion_pytorch_model.fp16.safetensors are read only when asked for)
+WEIGHT_FILE = re.compile(r"^(diffusion_pytorch_model|model)(-\d+-of-\d+)?\.safetensors$")
+
+
+def stored_dtype(path: Path, prefix: str = "") -> Any:
+    """The dtype most of a ``.safetensors`` file's floating-point tensors (those named ``prefix``...) are stored
+    in, read from its header alone; None when it holds none."""
+    import torch
+    from safetensors import safe_open
+
+    counts: dict[str, int] = {}
+    with safe_open(str(path), framework="pt") as f:
+        for key in f.keys():
+            if key.startswith(prefix):
+                kind = f.get_slice(key).get_dtype()
+                counts[kind] = counts.get(kind, 0) + 1
+    stored = [kind for kind in sorted(counts, key=counts.__getitem__, reverse=True) if kind in STORED_DTYPES]
+    return getattr(torch, STORED_DTYPES[stored[0]]) if stored else None
+
+
+def stored_dtypes(folder: Path) -> dict[str, Any]:
+    """Each component of a diffusers folder with the dtype its ``.safetensors`` weights are stored in; a component
+    stored otherwise (``.bin``) is left to the libraries' own default."""
+    dtypes: dict[str, Any] = {"default": None}
+    for component in sorted(p for p in folder.iterdir() if p.is_dir()):
+        files = sorted(f for f in component.glob("*.safetensors") if WEIGHT_FILE.match(f.name))
+        dtype = stored_dtype(files[0]) if files else None
+        if dtype is not None:
+            dtypes[component.name] = dtype
+    return dtypes
+
+
+def load_folder(path: Path, name: str, pipeline_class: Any, dtypes: dict[str, Any] | None = None) -> Any:
+    """The pipeline of a diffusers folder, each component read straight into its dtype in ``dtypes`` (diffusers'
+    per-component ``dtype``: ``{"default": ..., "vae": ...}``), one tensor at a time."""
     if not (path / "model_index.json").is_file():
         raise ModelError(
             f"model '{name}': the folder has no model_index.json, so it is not a diffusers pipeline "
@@ -108,13 +146,17 @@ def load_folder(path: Path, name: str, pipeline_class: Any) -> Any:
     off = ({"safety_checker": None, "requires_safety_checker": False}
            if "safety_checker" in inspect.signature(pipeline_class.__init__).parameters else {})
     try:
-        return pipeline_class.from_pretrained(str(path), use_safetensors=None, **off)
+        return pipeline_class.from_pretrained(str(path), use_safetensors=None, dtype=dtypes or stored_dtypes(path),
+                                              **off)
     except Exception as e:  # diffusers raises many kinds for broken folders
         raise ModelError(f"model '{name}': cannot load this diffusers folder: {e}") from e
 
 
-def load_single_file(path: Path, config_source: str, pipeline_class: Any, kwargs: dict[str, Any]) -> Any:
-    kwargs = dict(kwargs)
+def load_single_file(path: Path, config_source: str, pipeline_class: Any, kwargs: dict[str, Any],
+                     dtype: Any = None) -> Any:
+    """The pipeline of a single-file checkpoint, every component read straight into ``dtype`` (the file's own
+    precision when None)."""
+    kwargs = dict(kwargs, torch_dtype=dtype or stored_dtype(path))
     if config_source:
         kwargs["config"] = config_source
         kwargs["local_files_only"] = Path(config_source).is_dir()
@@ -129,12 +171,13 @@ def load_single_file(path: Path, config_source: str, pipeline_class: Any, kwargs
         ) from e
 
 
-def load_hub(name: str) -> Any:
+def load_hub(name: str, dtype: Any = None) -> Any:
+    """A hub model's pipeline, every component read straight into ``dtype`` (the libraries' default when None)."""
     from diffusers import DiffusionPipeline
 
     try:
         return DiffusionPipeline.from_pretrained(
-            name, safety_checker=None, requires_safety_checker=False, local_files_only=hub_offline()
+            name, safety_checker=None, requires_safety_checker=False, local_files_only=hub_offline(), dtype=dtype
         )
     except Exception as e:
         raise ModelError(offline(name)) from e
@@ -151,26 +194,28 @@ def hub_configs(name: str) -> Path:
         raise ModelError(offline(name)) from e
 
 
-def skeleton_parts(folder: Path, name: str, parts: tuple[str, ...]) -> dict[str, Any]:
-    """The model's ``parts`` built from their configs on the meta device: every module's name and weight shape,
-    no weights (an SDXL UNet and its text encoders take a few MB)."""
+def skeleton_parts(folder: Path, name: str, parts: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """The model's ``parts`` (every network in ``model_index.json`` when None) built from their configs on the
+    meta device: every module's name and weight shape, no weights (an SDXL UNet and its text encoders take a
+    few MB)."""
     import diffusers
+    import torch
     import transformers
-    from accelerate import init_empty_weights
 
     index = read_json(folder / "model_index.json")
     built: dict[str, Any] = {}
     try:
-        with init_empty_weights():
-            for part in parts:
+        with torch.device("meta"):  # every tensor made on the meta device, none allocated on the host first
+            for part in parts if parts is not None else [k for k, v in index.items() if isinstance(v, list)]:
                 library, class_name = (index.get(part) or [None, None])[:2]
-                if not class_name:
+                if not class_name or library not in ("diffusers", "transformers"):
+                    continue
+                cls = getattr(transformers if library == "transformers" else diffusers, class_name)
+                if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):  # a tokenizer, a scheduler
                     continue
                 if library == "transformers":
-                    cls = getattr(transformers, class_name)
                     built[part] = cls(cls.config_class.from_pretrained(str(folder / part)))
                 else:
-                    cls = getattr(diffusers, class_name)
                     built[part] = cls.from_config(cls.load_config(str(folder / part)))
     except (OSError, ValueError, AttributeError, TypeError) as e:  # a missing or broken config file
         raise ModelError(f"model '{name}': cannot read the model configs in {folder}: {e}") from e

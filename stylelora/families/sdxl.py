@@ -168,12 +168,12 @@ class SDXL(StableDiffusionFamily):
                     frozen: TextStates | None = None) -> TextStates:
         return encode_sdxl(encoders[0], encoders[1], ids[0], ids[1])
 
-    def vae_dtype(self, model: BaseModel, weight_dtype: torch.dtype) -> torch.dtype:
+    def vae_dtype(self, vae_config: Mapping[str, Any] | None, weight_dtype: torch.dtype) -> torch.dtype:
         """fp32 instead of fp16 for a VAE that overflows in fp16 (SDXL's own; its config says force_upcast, a
         fixed fp16 VAE does not)."""
         import torch
 
-        if weight_dtype == torch.float16 and model.vae.config.get("force_upcast", False):
+        if weight_dtype == torch.float16 and (vae_config or {}).get("force_upcast", False):
             return torch.float32
         return weight_dtype
 

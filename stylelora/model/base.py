@@ -253,8 +253,9 @@ class ModelFamily:
         """How many text states a caption of ``data.max_token_length`` tokens gives the denoiser."""
         raise NotImplementedError
 
-    def vae_dtype(self, model: BaseModel, weight_dtype: torch.dtype) -> torch.dtype:
-        """The VAE's precision in a run whose frozen weights are ``weight_dtype``."""
+    def vae_dtype(self, vae_config: Mapping[str, Any] | None, weight_dtype: torch.dtype) -> torch.dtype:
+        """The VAE's precision in a run whose frozen weights are ``weight_dtype``, from the VAE's config alone (the
+        loader decides it before any weight is read)."""
         return weight_dtype
 
     def decode(self, model: BaseModel, latents: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:

@@ -19,11 +19,15 @@ def prepare_for_training(
     model: BaseModel, config: Config, device: torch.device, mixed_precision: str
 ) -> tuple[list[torch.nn.Parameter], torch.dtype]:
     """Make ``model`` ready to train: LoRA (or LoCon/DoRA) layers injected with peft and kept in fp32, on a
-    frozen base cast to the training precision (``mixed_precision``: "no", "fp16" or "bf16") and, with
+    frozen base in the training precision (``mixed_precision``: "no", "fp16" or "bf16") and, with
     ``model.quantize``, quantized; all on ``device``, with the configured attention kernel, gradient
     checkpointing, memory format and compilation, UNet (and the text encoders when they train) in train
     mode and the VAE in eval mode. A VAE that overflows in fp16 (SDXL's) stays in fp32 when the run is
     fp16 (the family's ``vae_dtype``).
+
+    The loop loads the base in its training precision already (``load_base_model(dtype=...)``), so the cast
+    here changes nothing; a model passed in another precision is cast tensor by tensor. On the meta device
+    (a plan: ``families.load_plan``) the same steps give the structure the estimate counts.
 
     Returns the trainable LoRA parameters and the dtype of the base weights.
     """
@@ -84,8 +88,9 @@ def _place_weights(model: BaseModel, trainable: set[int], weight_dtype: torch.dt
     fp32 copy on the GPU, and the LoRA weights are never rounded through bf16/fp16. A part to be
     ``quantized`` stays on the host until it is, so the device only ever holds its quantized weights."""
     for module in (model.denoiser, model.vae, *model.text_encoders):
-        dtype = model.family.vae_dtype(model, weight_dtype) if module is model.vae else weight_dtype
-        where = torch.device("cpu") if quantized and module is not model.vae else device
+        dtype = model.family.vae_dtype(model.vae.config, weight_dtype) if module is model.vae else weight_dtype
+        host = quantized and module is not model.vae and device.type != "meta"
+        where = torch.device("cpu") if host else device
         for p in module.parameters():
             p.data = p.data.to(where, torch.float32 if id(p) in trainable else dtype)
         for b in module.buffers():

@@ -229,11 +229,11 @@ class Previewer:
         self._refresh_layers()  # a model in memory may carry LoRA layers already: the base renders without them
 
     def _load(self, model: str, config_source: str, prediction_type: str) -> BaseModel:
-        loaded = load_base_model(model, config_source, prediction_type)
+        # read straight into the preview's precision, the VAE too (the pipeline upcasts a VAE that overflows in
+        # fp16 while it decodes): a model stored in fp16 never has an fp32 copy on a GPU's host
+        loaded = load_base_model(model, config_source, prediction_type, dtype=self.dtype, vae_dtype=self.dtype)
         self.base_loads += 1
         pipe = loaded.pipeline
-        if loaded.denoiser.dtype != self.dtype:  # casting warns even when it changes nothing
-            pipe.to(dtype=self.dtype)
         pipe.to(self.device)
         pipe.set_progress_bar_config(disable=True)
         for part in (loaded.denoiser, pipe.vae, *loaded.text_encoders):

@@ -1,13 +1,15 @@
-"""How much memory one training step takes and how long it lasts, before the run starts.
+"""How much memory a run takes, host RAM and device memory apart, and how long a step lasts, before it starts.
 
-On a CUDA GPU the estimate is measured: a short probe runs one forward and backward pass of the
-prepared model on a batch of the configured size and reads the peak from the allocator. Elsewhere
-(and as the description of the parts) it comes from a formula: the step is replayed on *meta*
-tensors (no memory, no arithmetic), which gives its floating-point operations and the bytes the
-backward pass keeps; those become seconds through this machine's measured matmul speed and bytes
-through factors calibrated on ``benchmarks/bench_estimate.py`` (builtin:small, CPU; figures in
-benchmarks/RESULTS.md). The result says whether the step fits in the device's memory and, when it
-does not, which option to change first.
+The memory is counted from the model's structure: the frozen weights as they are held (their training precision,
+or quantized), the LoRA weights with their gradients and optimizer state, the tensors one step keeps for its
+backward pass, the latent and text caches, and what the libraries themselves take. The step is replayed on
+*meta* tensors (no memory, no arithmetic), which gives its floating-point operations and the bytes the backward
+pass keeps; those become seconds through this machine's measured matmul speed and bytes through factors
+calibrated on ``benchmarks/bench_estimate.py`` (figures in benchmarks/RESULTS.md). On a CUDA GPU the device's
+share is measured instead: a short probe runs one forward and backward pass of the prepared model on a batch of
+the configured size and reads the peak from the allocator. The model may be a plan on the meta device
+(``families.load_plan``): then nothing is loaded at all. The result says whether the run fits and, when it does
+not, which option to change first.
 """
 
 from __future__ import annotations
@@ -29,9 +31,12 @@ from ..core.config import Config
 
 log = logging.getLogger(__name__)
 GiB = 2**30
-# Calibrated on builtin:small (SD1.5's layout) at 256 px on a CPU with benchmarks/bench_estimate.py and checked
-# at 384 px; the figures are in benchmarks/RESULTS.md.
-ACTIVATION_FACTOR = 2.0  # resident bytes per byte the backward pass keeps (gradients in flight, allocator slack)
+# Calibrated with benchmarks/bench_estimate.py on a CPU (builtin:small at 256 and 384 px, SD1.5- and SDXL-shaped
+# models); the figures are in benchmarks/RESULTS.md.
+# resident bytes per byte the backward pass keeps (gradients in flight, allocator slack); 2.0 when the count
+# included the weight views linear layers save (builtin:small at 256 px: 143 MiB counted then, 105 now)
+ACTIVATION_FACTOR = 2.7
+LIBRARY_BYTES = 600 * 2**20  # a training process before any weight: torch, diffusers, transformers, peft, data
 CPU_EFFICIENCY = 0.14  # a UNet training step's FLOP/s over a large fp32 matmul's FLOP/s on the same threads
 STEP_OVERHEAD_S = 0.02  # per step: data, optimizer, Python
 # saved activations of a bf16/fp16 base over the fp32 ones profile_step counts (the LoRA and the CPU's attention
@@ -62,30 +67,57 @@ class StepProfile:
 @dataclass
 class Estimate:
     device: str
-    method: str  # "measured" (a probe on the device) or "formula"
-    peak_bytes: int
+    method: str  # "measured" (the device's share by a probe on the GPU) or "formula"
+    host_bytes: int  # peak host RAM (resident memory) of the process
+    device_bytes: int | None  # peak GPU memory; None on a CPU, where everything is host RAM
     step_seconds: float
     total_seconds: float
     steps: int
-    available_bytes: int | None
-    parts: dict[str, int] = field(default_factory=dict)
+    host_available: int | None
+    device_available: int | None = None
+    parts: dict[str, int] = field(default_factory=dict)  # what the binding peak (the GPU's, else the host's) holds
     advice: list[str] = field(default_factory=list)
     cards: CardFit | None = None  # what the run takes on a GPU and which cards it fits
 
     @property
+    def peak_bytes(self) -> int:
+        """The peak that decides whether the run fits: the GPU's on a GPU, else the host's."""
+        return self.device_bytes if self.device_bytes is not None else self.host_bytes
+
+    @property
+    def available_bytes(self) -> int | None:
+        return self.device_available if self.device_bytes is not None else self.host_available
+
+    @property
     def fits(self) -> bool:
-        return self.available_bytes is None or self.peak_bytes <= self.available_bytes
+        host = self.host_available is None or self.host_bytes <= self.host_available
+        if self.device_bytes is None or self.device_available is None:
+            return host
+        return host and self.device_bytes <= self.device_available
 
     def summary(self) -> str:
-        memory = "GPU memory" if self.device.startswith("cuda") else "memory (peak RSS)"
-        room = f" of {self.available_bytes / GiB:.1f} GiB" if self.available_bytes else ""
-        text = (f"estimate ({self.method}, {self.device}): {memory} ~{self.peak_bytes / GiB:.2f} GiB{room}, "
-                f"~{_duration(self.step_seconds)} per step, ~{_duration(self.total_seconds)} for {self.steps} steps")
+        def amount(peak: int, room: int | None) -> str:
+            return f"~{peak / GiB:.2f} GiB" + (f" of {room / GiB:.1f} GiB" if room else "")
+
+        parts = ", ".join(f"{PART_NAMES[name]} {size / GiB:.2f}" for name, size in self.parts.items()
+                          if name in PART_NAMES and size >= GiB / 200)
+        if self.device_bytes is None:
+            memory = f"memory (peak RSS) {amount(self.host_bytes, self.host_available)}"
+        else:
+            memory = (f"GPU memory {amount(self.device_bytes, self.device_available)}, host RAM (peak RSS) "
+                      f"{amount(self.host_bytes, self.host_available)}")
+        pace = f"~{_duration(self.step_seconds)} per step, ~{_duration(self.total_seconds)} for {self.steps} steps"
+        text = f"estimate ({self.method}, {self.device}): {memory}" + (f" ({parts} GiB)" if parts else "") + f", {pace}"
         if not self.fits:
             text += ". It will not fit: " + "; ".join(self.advice or ["lower data.resolution or train.batch_size"])
         if self.cards is not None:
             text += f"; {self.cards.summary()}"
         return text
+
+
+PART_NAMES = {"frozen_weights": "frozen weights", "activations": "activations",
+              "lora_and_optimizer": "LoRA+optimizer", "latent_cache": "latent cache", "text_cache": "text cache",
+              "libraries": "libraries"}
 
 
 @dataclass
@@ -222,7 +254,8 @@ def profile_step(model: Any, config: Config, batch_size: int | None = None, reso
     kept: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        if id(t) not in weights:
+        # a weight, or a view of one (a linear layer saves its weight transposed), is held anyway: no activation
+        if id(t) not in weights and (t._base is None or id(t._base) not in weights):
             kept[id(t)] = t.numel() * t.element_size()
         return t
 
@@ -289,45 +322,102 @@ def available_memory(device: torch.device) -> int | None:
         return None
 
 
+# --- what the model holds ---------------------------------------------------------------------------------
+
+
+def held_bytes(t: torch.Tensor) -> int:
+    """The bytes a tensor holds: its elements at its precision; a quantized one's (optimum-quanto) packed data and
+    scales. A tensor on the meta device counts what it would hold."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    if is_traceable_wrapper_subclass(t):
+        names, _ = t.__tensor_flatten__()
+        return sum(held_bytes(getattr(t, name)) for name in names)
+    return t.numel() * t.element_size()
+
+
+def networks(model: Any) -> list[torch.nn.Module]:
+    """Every network of the model (denoiser, VAE, text encoders; a plan's too)."""
+    pipe = model.pipeline
+    found = pipe.components.values() if hasattr(pipe, "components") else vars(pipe).values()
+    return [m for m in found if isinstance(m, torch.nn.Module)]
+
+
+def frozen_bytes(model: Any, as_loaded: bool = False) -> int:
+    """The frozen weights and buffers of every network as they are held now (quantized ones packed), or
+    ``as_loaded``: in their float precision, as they are read before being quantized."""
+    seen: set[int] = set()
+    total = 0
+    for network in networks(model):
+        for t in [*network.parameters(), *network.buffers()]:
+            if t.requires_grad or id(t) in seen:
+                continue
+            seen.add(id(t))
+            total += t.numel() * t.element_size() if as_loaded else held_bytes(t.data)
+    return total
+
+
 # --- the estimate ---------------------------------------------------------------------------------------
 
 
-def _data_bytes(config: Config, model: Any, num_images: int) -> int:
-    """The latent cache in memory: mean and spread of every image (and flip side) at its bucket."""
-    if config.cache.latents != "memory":
-        return 0
+def _cache_bytes(config: Config, model: Any, num_images: int) -> tuple[int, int]:
+    """(latent cache, text cache): the VAE's mean and spread of every image (and flip side) at its bucket in fp32
+    on the host, when the latent cache is in memory; the text encoders' states of every caption, when cached."""
     side = config.data.resolution // model.pipeline.vae_scale_factor
     sides = 2 if config.data.random_flip else 1
-    return num_images * sides * 2 * model.vae.config.latent_channels * side * side * 4
+    latents = 0
+    if config.cache.latents == "memory" and config.data.center_crop:
+        latents = num_images * sides * 2 * model.vae.config.latent_channels * side * side * 4
+    text = 0
+    if config.cache.text_encoder and not config.lora.train_text_encoder and not config.data.shuffle_tags:
+        encoders = model.text_encoders
+        dtype = next(encoders[0].parameters()).dtype if encoders else torch.float32
+        _, _, states, _ = model.family.example_inputs(model, 1, 1, config.data.max_token_length, False, "meta", dtype)
+        per_caption = sum(held_bytes(t) for t in (states.states, getattr(states, "pooled", None)) if t is not None)
+        text = num_images * per_caption
+    return latents, text
 
 
 def estimate(model: Any, config: Config, device: torch.device, steps: int, num_images: int,
              probe: bool = True) -> Estimate:
-    """The memory and time of ``steps`` steps of ``config`` on ``model`` (already prepared for training
-    on ``device``, its frozen weights in the run's precision); measured with a probe on CUDA when
-    ``probe``, else from the formula."""
+    """The memory and time of ``steps`` steps of ``config`` on ``model`` (prepared for training on ``device``, its
+    frozen weights in the run's precision; or a plan of it on the meta device), host RAM and device memory apart;
+    the device's share measured with a probe on CUDA when ``probe`` (and the weights are real), else from the
+    formula."""
     profile = profile_step(model, config)
     fp32 = StepProfile(profile.flops, profile.activation_bytes, profile.vae_flops, profile.trainable)
     if base_dtype(model.denoiser) in (torch.bfloat16, torch.float16):
         profile.activation_bytes = int(profile.activation_bytes * HALF_PRECISION_ACTIVATIONS)
     encode_once = config.cache.latents != "off" and config.data.center_crop
-    if device.type == "cuda" and probe:
-        peak, step_s, vae_s = _probe_cuda(model, config, device)
+    gpu = device.type == "cuda"
+    planned = next(model.denoiser.parameters()).device.type == "meta"
+    if gpu and probe and not planned:
+        measured_peak, step_s, vae_s = _probe_cuda(model, config, device)
         method = "measured"
     else:
         speed = matmul_flops_per_second(device) * CPU_EFFICIENCY
         step_s = profile.flops / speed + STEP_OVERHEAD_S
         vae_s = profile.vae_flops / speed
-        peak = _formula_peak(profile, config, device)
-        method = "formula"
-    cache = _data_bytes(config, model, num_images)
+        measured_peak, method = None, "formula"
+    latent_cache, text_cache = _cache_bytes(config, model, num_images)
+    weights = frozen_bytes(model)
+    step = {"frozen_weights": weights, "activations": int(profile.activation_bytes * ACTIVATION_FACTOR),
+            "lora_and_optimizer": _optimizer_bytes(profile, config), "text_cache": text_cache}
+    # Loading reads every weight to the host in its float precision first (a quantized base is quantized
+    # block by block after that); the latent cache always lives on the host.
+    loading = LIBRARY_BYTES + frozen_bytes(model, as_loaded=True)
+    if gpu:
+        device_bytes = measured_peak if measured_peak is not None else sum(step.values())
+        host = max(loading, LIBRARY_BYTES + latent_cache)
+        parts = step if measured_peak is None else {"measured on the GPU": measured_peak}
+    else:
+        device_bytes = None
+        parts = {**step, "latent_cache": latent_cache, "libraries": LIBRARY_BYTES}
+        host = max(loading, sum(parts.values()))
     batches_to_encode = math.ceil(num_images / config.train.batch_size)
     total = steps * (step_s + (0 if encode_once else vae_s)) + (batches_to_encode * vae_s if encode_once else 0)
-    parts = {"activations": profile.activation_bytes, "lora_and_optimizer": _optimizer_bytes(profile, config),
-             "latent_cache": cache}
-    if device.type == "cpu":
-        parts["process_now"] = resident_bytes()
-    result = Estimate(str(device), method, peak + cache, step_s, total, steps, available_memory(device), parts,
+    result = Estimate(str(device), method, host, device_bytes, step_s, total, steps,
+                      available_memory(torch.device("cpu")), available_memory(device) if gpu else None, parts,
                       cards=card_fit(model, config, fp32))
     if not result.fits:
         result.advice = advice(model, config, result)
@@ -340,13 +430,8 @@ def base_dtype(denoiser: torch.nn.Module) -> torch.dtype:
 
 
 def _optimizer_bytes(profile: StepProfile, config: Config) -> int:
-    return profile.trainable * OPTIMIZER_STATE.get(config.train.optimizer, 12)
-
-
-def _formula_peak(profile: StepProfile, config: Config, device: torch.device) -> int:
-    """Bytes at the step's peak: what the process holds now (weights, libraries) plus what the step adds."""
-    held = resident_bytes() if device.type == "cpu" else torch.cuda.memory_allocated(device)
-    return int(held + profile.activation_bytes * ACTIVATION_FACTOR + _optimizer_bytes(profile, config))
+    """The LoRA weights (fp32), their gradients and the optimizer's state."""
+    return profile.trainable * (4 + OPTIMIZER_STATE.get(config.train.optimizer, 12))
 
 
 def _probe_cuda(model: Any, config: Config, device: torch.device) -> tuple[int, float, float]:
@@ -392,23 +477,25 @@ def advice(model: Any, config: Config, result: Estimate) -> list[str]:
         return []
     train = config.train
     base = profile_step(model, config).activation_bytes
-    fixed = result.peak_bytes - base * ACTIVATION_FACTOR
+    kept = result.parts.get("activations", int(base * ACTIVATION_FACTOR))  # what the step's activations hold
+    per_byte = kept / base if base else ACTIVATION_FACTOR
+    fixed = result.peak_bytes - kept
     options: list[tuple[str, int]] = []
     if not train.gradient_checkpointing:
         saved = profile_step(model, config, gradient_checkpointing=True).activation_bytes
-        options.append(("set train.gradient_checkpointing=true", int(fixed + saved * ACTIVATION_FACTOR)))
+        options.append(("set train.gradient_checkpointing=true", int(fixed + saved * per_byte)))
     if train.batch_size > 1:
         half = max(1, train.batch_size // 2)
         options.append((f"set train.batch_size={half} with train.gradient_accumulation_steps="
                         f"{train.gradient_accumulation_steps * train.batch_size // half} (the same images per step)",
-                        int(fixed + base * half / train.batch_size * ACTIVATION_FACTOR)))
-    if result.device.startswith("cuda") and train.mixed_precision in ("no",):
+                        int(fixed + base * half / train.batch_size * per_byte)))
+    if result.device.startswith("cuda") and base_dtype(model.denoiser) == torch.float32:
         options.append(("set train.mixed_precision=bf16 (or fp16): the base weights take half the memory",
-                        int(result.peak_bytes * 0.6)))
+                        int(result.peak_bytes - frozen_bytes(model) / 2)))
     if config.data.resolution > 256:
         lower = max(256, config.data.resolution * 3 // 4 // 64 * 64)
         options.append((f"lower data.resolution to {lower}",
-                        int(fixed + base * (lower / config.data.resolution) ** 2 * ACTIVATION_FACTOR)))
+                        int(fixed + base * (lower / config.data.resolution) ** 2 * per_byte)))
     options.sort(key=lambda o: o[1])
     return [f"{text} (~{peak / GiB:.2f} GiB)" for text, peak in options]
 
@@ -425,5 +512,6 @@ def emit_estimate(model: Any, config: Config, device: torch.device, steps: int, 
         log.warning("no memory and time estimate for this run (%s: %s)", type(e).__name__, e)
         return None
     on_event(events.Estimated(result.summary(), result.fits, result.peak_bytes, result.step_seconds,
-                              result.total_seconds, result.method, result.advice))
+                              result.total_seconds, result.method, result.advice, result.host_bytes,
+                              result.device_bytes))
     return result

@@ -30,12 +30,12 @@ from ..data.batches import BatchSource, TrainingSet
 from ..data.captions import with_trigger
 from ..data.dataset import CaptionedImages, Item
 from ..data.doctor import training_items
-from ..families import load_base_model
+from ..families import load_base_model, load_plan
 from ..model import losses
 from ..model.base import BaseModel, Objective
 from ..model.placement import prepare_for_training, quantize_scheme
 from . import checkpoint as ckpt
-from . import optim, trackers
+from . import optim, precision, trackers
 from .artifacts import AdapterSaves, render_samples
 from .ema import LoraEMA
 from .estimate import Estimate, emit_estimate, estimate
@@ -47,6 +47,7 @@ from .failures import (
     out_of_memory_advice,
     where_to_resume,
 )
+from .precision import Precision
 from .processes import Processes
 from .validation import Validator, split_holdout
 
@@ -97,27 +98,6 @@ def resolve_output_dir(config: Config) -> Path:
     return out
 
 
-def _mixed_precision(config: Config) -> str:
-    """train.mixed_precision, with auto resolved to the lowest precision the device runs well: bf16 on GPUs
-    that have it, else fp16 on CUDA; on a CPU, bf16 where it has AMX (a bf16 step measured ~0.7x the fp32
-    one there, benchmarks/RESULTS.md), else fp32."""
-    mp = config.train.mixed_precision
-    if mp != "auto":
-        return mp
-    if config.train.device == "cpu" or not torch.cuda.is_available():
-        return "bf16" if cpu_has_amx() else "no"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-
-
-def cpu_has_amx() -> bool:
-    """Whether this CPU has AMX tiles (Xeon Sapphire Rapids and newer), where oneDNN runs bf16 fast."""
-    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)  # torch >= 2.3; private, hence the care
-    try:
-        return bool(probe and probe())
-    except RuntimeError:
-        return False
-
-
 def _new_accelerator(**kwargs: Any) -> Any:
     """An Accelerator with this run's settings. accelerate keeps its state process-wide, so a second run in
     the same process (the GUI, tests) with another precision or device needs that state reset first."""
@@ -130,8 +110,8 @@ def _new_accelerator(**kwargs: Any) -> Any:
     return Accelerator(**kwargs)
 
 
-def _accelerator(config: Config, out: Path) -> Any:
-    """The run's Accelerator (device, precision, accumulation, the processes of a multi-process launch,
+def _accelerator(config: Config, out: Path, precision: Precision) -> Any:
+    """The run's Accelerator (device, ``precision``, accumulation, the processes of a multi-process launch,
     the tracker of train.log_with), after the checks that fail before any model is loaded: a missing GPU,
     a launch accelerate cannot join, the optimizer."""
     from accelerate.utils import InitProcessGroupKwargs
@@ -140,7 +120,7 @@ def _accelerator(config: Config, out: Path) -> Any:
     launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
     try:
         accelerator = _new_accelerator(
-            mixed_precision=_mixed_precision(config),
+            mixed_precision=precision.mixed_precision,
             gradient_accumulation_steps=cfg.gradient_accumulation_steps,
             # without a GPU, "auto" is the CPU; saying so lets accelerate join several CPU processes over gloo
             cpu=cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()),
@@ -211,17 +191,19 @@ def _training_data(config: Config, model: BaseModel | None, emit: EventHandler) 
     return TrainingSet.from_config(config, items), held_out
 
 
-def _base_model(config: Config, model: BaseModel | None) -> BaseModel:
+def _base_model(config: Config, model: BaseModel | None, precision: Precision) -> BaseModel:
+    """The model named in the config, each frozen component loaded straight into the run's precision (no fp32
+    copy of a base that trains in bf16), or ``model`` as passed in."""
     if model is None:
         m = config.model
-        model = load_base_model(m.name, m.config, m.prediction_type, m.kind)
+        model = load_base_model(m.name, m.config, m.prediction_type, m.kind, dtype=precision.weight_dtype)
     model.family.check_model(model, config)  # e.g. clip skip beyond the text encoder's layers
     return model
 
 
-def _model_notes(config: Config, model: BaseModel, precision: str, device: torch.device) -> list[events.Message]:
-    """What the run learned about its base model: the detected kind and resolution, the precision auto chose
-    on a CPU, and a warning when it trains far below the size a large model (SDXL, SD2-768-v) was made for."""
+def _model_notes(config: Config, model: BaseModel, device: torch.device) -> list[events.Message]:
+    """What the run learned about its base model: the detected kind and resolution, and a warning when it trains
+    far below the size a large model (SDXL, SD2-768-v) was made for."""
     native, resolution, family = model.native_resolution, config.data.resolution, model.family
     notes = [events.Message(f"base model: {family.display(model.kind)}, {model.prediction_type} prediction, "
                             f"{native} px native; training at {resolution} px")]
@@ -230,9 +212,6 @@ def _model_notes(config: Config, model: BaseModel, precision: str, device: torch
         notes.append(events.Message(f"model.quantize=auto: the frozen {family.denoiser_label} and text encoders are "
                                     f"held in {scheme} on this GPU (QLoRA-style); set model.quantize=none to train "
                                     "on the unquantized weights"))
-    if config.train.mixed_precision == "auto" and precision == "bf16" and device.type == "cpu":
-        notes.append(events.Message("precision: bf16 base weights (train.mixed_precision=auto on a CPU with AMX, "
-                                    "where bf16 runs faster); set train.mixed_precision=no to train in fp32"))
     if family.learns_worse_below_native(model.kind) and resolution < native * 3 // 4:
         preset = family.presets.get(model.kind)
         notes.append(events.Message(
@@ -457,12 +436,23 @@ def train(
 
 def estimate_run(config: Config, model: BaseModel | None = None) -> Estimate:
     """The memory and time ``config`` would take (``stylelora train --estimate``, the app's Estimate
-    button): the data is checked and the model prepared as for training; nothing is trained or written."""
-    accelerator = _accelerator(config, resolve_output_dir(config))  # the output checks train makes, too
+    button): the data is checked and the model prepared as for training; nothing is trained or written. Off a
+    GPU, a model with config files (a diffusers folder, a hub id, a single file with ``model.config``) is only
+    planned on the meta device: no weight is read, so estimating an SDXL run takes no memory."""
+    run_precision = precision.resolve(config)
+    # the output checks train makes, too
+    accelerator = _accelerator(config, resolve_output_dir(config), run_precision)
     data, _ = _training_data(config, model, lambda _event: None)
-    model = _base_model(config, model)
-    prepare_for_training(model, config, accelerator.device, accelerator.mixed_precision)
-    return estimate(model, config, accelerator.device, data.total_steps(config.train), data.num_images)
+    device = accelerator.device
+    m = config.model
+    plan = load_plan(m.name, m.config, m.prediction_type, m.kind) if model is None and device.type != "cuda" else None
+    if plan is not None:
+        plan.family.check_model(plan, config)
+        prepare_for_training(plan, config, torch.device("meta"), accelerator.mixed_precision)
+        return estimate(plan, config, device, data.total_steps(config.train), data.num_images)
+    model = _base_model(config, model, run_precision)
+    prepare_for_training(model, config, device, accelerator.mixed_precision)
+    return estimate(model, config, device, data.total_steps(config.train), data.num_images)
 
 
 def _train(config: Config, emit: RunTracker, stop: StopSignal, model: BaseModel | None,
@@ -470,13 +460,15 @@ def _train(config: Config, emit: RunTracker, stop: StopSignal, model: BaseModel 
     cfg = config.train
     out = resolve_output_dir(config)
     resume_from = ckpt.find_resume(cfg.resume, out)
-    accelerator = _accelerator(config, out)
+    run_precision = precision.resolve(config)  # before the model loads: it loads in this precision
+    accelerator = _accelerator(config, out, run_precision)
     team, out, resume_from = _processes(config, accelerator, emit, out, resume_from)
+    emit(events.Message(run_precision.describe(), level="warning" if run_precision.warning else "info"))
     torch.manual_seed(cfg.seed)
     data, held_out = _training_data(config, model, emit)
 
     # --- model: LoRA (or LoCon/DoRA) layers in fp32 on a frozen base in the training precision ---
-    model = _base_model(config, model)
+    model = _base_model(config, model, run_precision)
     family = model.family
     objective = family.objective(model, cfg)  # what the denoiser learns (noise, timesteps, target, weights)
     params, weight_dtype = prepare_for_training(model, config, accelerator.device, accelerator.mixed_precision)
@@ -508,7 +500,7 @@ def _train(config: Config, emit: RunTracker, stop: StopSignal, model: BaseModel 
     log.info("training with %d process(es): effective batch %d", team.count, effective_batch)
     emit(events.Started(total, step, data.num_images, str(accelerator.device), out, team.count, effective_batch))
     emit_estimate(model, config, accelerator.device, total - step, data.num_images, emit)
-    notes = _model_notes(config, model, accelerator.mixed_precision, accelerator.device)
+    notes = _model_notes(config, model, accelerator.device)
     for message in notes + [events.Message(note) for note in source.notes]:
         emit(message)
 
