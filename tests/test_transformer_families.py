@@ -495,6 +495,12 @@ def test_single_files_need_their_folder_and_read_in_either_naming(tmp_path: Path
         assert expected.keys() == got.keys() and all(torch.equal(got[k], expected[k]) for k in expected), file
     with pytest.raises(ModelError, match="set `model.config=/path/to/folder`"):
         load_base_model(str(tmp_path / "bfl.safetensors"))
+    # a bf16 run reads the transformer file and the folder's parts straight into bf16 (issue 24)
+    loaded = load_base_model(str(tmp_path / "bfl.safetensors"), str(tmp_path / "flux"), dtype=torch.bfloat16)
+    got = loaded.denoiser.state_dict()
+    assert {p.dtype for p in loaded.pipeline.text_encoder.parameters()} == {torch.bfloat16}
+    assert all(got[k].dtype == torch.bfloat16 and torch.equal(got[k], v.to(torch.bfloat16))
+               for k, v in base.denoiser.state_dict().items())
 
 
 def test_split_and_resize_a_flux_adapter(runs: dict[str, Path], tmp_path: Path) -> None:

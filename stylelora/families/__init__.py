@@ -167,7 +167,7 @@ def load_base_model(name: str, config_source: str = "", prediction_type: str = "
         if not path.is_file():
             raise ModelError(f"model '{name}': file not found")
         family, detected = _single_file_family(loading.single_file_keys(path))
-        pipeline = family.load_single_file(path, config_source, detected) or loading.load_single_file(
+        pipeline = family.load_single_file(path, config_source, detected, dtype) or loading.load_single_file(
             path, config_source, family.pipeline_class(detected), family.single_file_kwargs(detected), dtype)
     elif path.exists():
         raise ModelError(

@@ -119,14 +119,14 @@ class SD3(TransformerFamily):
 
         return StableDiffusion3Pipeline
 
-    def load_single_file(self, path: Path, config_source: str, kind: str) -> Any | None:
+    def load_single_file(self, path: Path, config_source: str, kind: str, dtype: Any = None) -> Any | None:
         """A whole checkpoint (transformer and VAE, maybe the text encoders) is diffusers' to read, the parts it
         lacks from ``model.config``; a transformer alone is read as FLUX's are."""
         from .loading import single_file_keys
 
         if any(k.startswith("first_stage_model.") for k in single_file_keys(path)):
             return None
-        return super().load_single_file(path, config_source, kind)
+        return super().load_single_file(path, config_source, kind, dtype)
 
     def configured_resolution(self, configs: Configs) -> int:
         levels = len(configs.get("vae", "block_out_channels") or [0] * 4)

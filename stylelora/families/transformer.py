@@ -274,27 +274,30 @@ class TransformerFamily(ModelFamily):
         """The original name of a parameter outside the linear layers (norm scales, position tables), or None."""
         raise NotImplementedError
 
-    def load_single_file(self, path: Path, config_source: str, kind: str) -> Any | None:
+    def load_single_file(self, path: Path, config_source: str, kind: str, dtype: Any = None) -> Any | None:
         """A transformer-only file (or one holding only the transformer under ``model.diffusion_model.``), in the
         original layout or with diffusers' names, beside the text encoders, tokenizers, VAE and scheduler of the
         diffusers folder in ``model.config``. Read by this family's own map of the original layout, at any
-        width (diffusers' converters assume FLUX.1's), in the file's precision."""
+        width (diffusers' converters assume FLUX.1's), every part straight into ``dtype`` (as stored when None)."""
         folder = Path(config_source).expanduser() if config_source else None
         if folder is None or not (folder / "model_index.json").is_file():
             raise ModelError(
                 f"model '{path}': a {self.title} single file holds the transformer; the text encoders and VAE come "
                 f"from a local diffusers folder of the same model: set {setting('model.config', '/path/to/folder')}")
+        from .loading import stored_dtypes
+
         try:
-            transformer = self._transformer_from_file(path, folder / "transformer")
-            return self.pipeline_class(kind).from_pretrained(str(folder), transformer=transformer)
+            transformer = self._transformer_from_file(path, folder / "transformer", dtype)
+            dtypes = {"default": dtype} if dtype is not None else stored_dtypes(folder)
+            return self.pipeline_class(kind).from_pretrained(str(folder), transformer=transformer, dtype=dtypes)
         except (OSError, ValueError, KeyError, RuntimeError) as e:
             raise ModelError(f"model '{path}': cannot load this {self.title} file with the parts of {folder} "
                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
 
-    def _transformer_from_file(self, path: Path, config_folder: Path) -> Any:
+    def _transformer_from_file(self, path: Path, config_folder: Path, dtype: Any = None) -> Any:
         import diffusers
         from accelerate import init_empty_weights
-        from safetensors.torch import load_file
+        from safetensors import safe_open
 
         from .original_layout import diffusers_state
 
@@ -303,7 +306,11 @@ class TransformerFamily(ModelFamily):
             model = cls.from_config(cls.load_config(str(config_folder)))
         expected = model.state_dict()
         prefix = "model.diffusion_model."
-        tensors = {k.removeprefix(prefix): v for k, v in load_file(str(path)).items()}
+        tensors: dict[str, Any] = {}
+        with safe_open(str(path), framework="pt") as f:  # one tensor at a time, each straight into ``dtype``
+            for key in f.keys():
+                tensor = f.get_tensor(key)
+                tensors[key.removeprefix(prefix)] = tensor if dtype is None else tensor.to(dtype)
         if not any(k.startswith("transformer_blocks.") for k in tensors):  # the original layout
             config = dict(model.config)
             tensors = diffusers_state(tensors, expected, lambda p: self.original(p, config), self.original_parameter)

@@ -157,9 +157,10 @@ class ModelFamily:
         """Extra keyword arguments of ``pipeline_class(kind).from_single_file``."""
         return {}
 
-    def load_single_file(self, path: Path, config_source: str, kind: str) -> Any | None:
-        """The pipeline of a single file of ``kind`` loaded this family's way, or None for diffusers' own
-        ``pipeline_class(kind).from_single_file`` (FLUX.1: a transformer-only file beside a folder's other parts)."""
+    def load_single_file(self, path: Path, config_source: str, kind: str, dtype: Any = None) -> Any | None:
+        """The pipeline of a single file of ``kind`` loaded this family's way, every component read straight into
+        ``dtype`` (as stored when None), or None for diffusers' own ``pipeline_class(kind).from_single_file``
+        (FLUX.1: a transformer-only file beside a folder's other parts)."""
         return None
 
     def set_prediction_type(self, pipeline: Any, prediction_type: str) -> None:
