@@ -31,6 +31,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from real_shapes import CLIP_G, CLIP_L, SDXL_UNET  # noqa: E402  (beside this script)
+
 from stylelora.adapters import convert, formats  # noqa: E402
 from stylelora.adapters.formats import Adapter, ModelLayout  # noqa: E402
 from stylelora.core.config import TEXT_ENCODER_TARGETS  # noqa: E402
@@ -64,24 +66,7 @@ def random_adapter(model_name: str, rank: int, conv_rank: int) -> Adapter:
     return Adapter.from_module_alphas(lora_state(model), lora_alphas(model))
 
 
-# SDXL base 1.0's component configs (stabilityai/stable-diffusion-xl-base-1.0), the fields that set
-# the architecture; everything else is the classes' default, as in that repository.
-SDXL_UNET = {
-    "_class_name": "UNet2DConditionModel", "sample_size": 128, "in_channels": 4, "out_channels": 4,
-    "block_out_channels": [320, 640, 1280], "layers_per_block": 2,
-    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-    "mid_block_type": "UNetMidBlock2DCrossAttn", "transformer_layers_per_block": [1, 2, 10],
-    "attention_head_dim": [5, 10, 20], "cross_attention_dim": 2048, "use_linear_projection": True,
-    "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
-    "projection_class_embeddings_input_dim": 2816, "norm_num_groups": 32, "flip_sin_to_cos": True, "freq_shift": 0,
-}
-SDXL_CLIP_L = {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "hidden_size": 768,
-               "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
-               "max_position_embeddings": 77, "vocab_size": 49408, "projection_dim": 768, "hidden_act": "quick_gelu"}
-SDXL_CLIP_G = {"architectures": ["CLIPTextModelWithProjection"], "model_type": "clip_text_model", "hidden_size": 1280,
-               "intermediate_size": 5120, "num_hidden_layers": 32, "num_attention_heads": 20,
-               "max_position_embeddings": 77, "vocab_size": 49408, "projection_dim": 1280, "hidden_act": "gelu"}
+# SDXL base 1.0's component configs: one owner, real_shapes.py (it also writes them as whole models)
 SDXL_INDEX = {"_class_name": "StableDiffusionXLPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
               "text_encoder": ["transformers", "CLIPTextModel"],
               "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"], "vae": ["diffusers", "AutoencoderKL"]}
@@ -89,7 +74,7 @@ SDXL_INDEX = {"_class_name": "StableDiffusionXLPipeline", "unet": ["diffusers", 
 
 def write_sdxl_configs(folder: Path) -> Path:
     for rel, config in {"model_index.json": SDXL_INDEX, "unet/config.json": SDXL_UNET,
-                        "text_encoder/config.json": SDXL_CLIP_L, "text_encoder_2/config.json": SDXL_CLIP_G}.items():
+                        "text_encoder/config.json": CLIP_L, "text_encoder_2/config.json": CLIP_G}.items():
         (folder / rel).parent.mkdir(parents=True, exist_ok=True)
         (folder / rel).write_text(json.dumps(config), encoding="utf-8")
     return folder

@@ -123,6 +123,17 @@ def chromium() -> str:
     return path
 
 
+@pytest.fixture
+def browser(chromium: str):
+    """A Chromium launched through Playwright for one test, closed after it."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        launched = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        yield launched
+        launched.close()
+
+
 def tiny_config(data: Path, out: Path, **overrides: object):
     from stylelora.core.config import Config
 

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 from gui_server import launch, make_root
-from test_browser import ARGS
 
 from conftest import draw_image, make_dataset
 from stylelora.core import events
@@ -33,16 +32,6 @@ def app(tmp_path_factory: pytest.TempPathFactory):
     ctx.job.stop()
     ctx.job.join_all(120)
     demo.close()
-
-
-@pytest.fixture
-def browser(chromium: str):
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        launched = p.chromium.launch(executable_path=chromium, args=ARGS)
-        yield launched
-        launched.close()
 
 
 def open_page(browser, url: str, tab: str):

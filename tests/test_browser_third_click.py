@@ -20,7 +20,6 @@ import numpy as np
 import pytest
 from gui_server import launch, make_root
 from PIL import Image
-from test_browser import ARGS
 from test_browser_second_click import QUICK, open_page, pick, pick_image, set_number, settled, toasts, wait_for_run
 
 from conftest import draw_image
@@ -38,16 +37,6 @@ def app(tmp_path_factory: pytest.TempPathFactory):
     ctx.job.stop()
     ctx.job.join_all(120)
     demo.close()
-
-
-@pytest.fixture
-def browser(chromium: str):
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        launched = p.chromium.launch(executable_path=chromium, args=ARGS)
-        yield launched
-        launched.close()
 
 
 @pytest.fixture(scope="module")
