@@ -146,6 +146,29 @@ def write_model(shape: str, folder: Path, dtype: torch.dtype = torch.float16, se
     return folder
 
 
+def write_configs(shape: str, folder: Path) -> Path:
+    """Only the config files of ``shape`` (``flux-dev``: FLUX.1 [dev] as published, whose ~33 GB of bf16 weights
+    fit no 24 GB machine): enough for ``stylelora train --estimate``, which plans the model on the meta device."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from published_models import flux_dev
+
+    parts = flux_dev().pipeline  # on the meta device: no memory
+    for part in ("transformer", "vae"):
+        getattr(parts, part).save_config(folder / part)
+    for part in ("text_encoder", "text_encoder_2"):
+        getattr(parts, part).config.save_pretrained(folder / part)
+    FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                    base_image_seq_len=256, max_image_seq_len=4096).save_config(folder / "scheduler")
+    index = {"_class_name": "FluxPipeline", "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+             "text_encoder": ["transformers", "CLIPTextModel"], "text_encoder_2": ["transformers", "T5EncoderModel"],
+             "transformer": ["diffusers", "FluxTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"]}
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
+    return folder
+
+
+CONFIGS_ONLY = {"flux-dev": write_configs}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("shape", choices=sorted(SHAPES))
