@@ -297,12 +297,17 @@ def test_the_train_form_follows_the_dataset_created_or_opened(app, browser) -> N
     pick(page, "dataset-pick", "fresh")  # the second pick too
     train_form_shows("datasets/fresh")
     page.reload()  # a reloaded page shows the last run's settings, and the Dataset tab shows their dataset
+    ws, last = ctx.workspace, ctx.job.config  # the last run of this app (None when this test runs alone)
     page.get_by_role("tab", name="Train").click()
+    if last is not None:  # the page's load events fill both tabs: wait for them, not for the first paint
+        wait_value(page, "cfg-data-path", ws.display(ws.open_dataset(str(last.data.path))))
     form = field_value(page, "cfg-data-path")
     page.get_by_role("tab", name="Dataset").click()
+    if last is not None:
+        wait_value(page, "dataset-pick", ws.dataset_name(last.data.path) or "")
     page.wait_for_function("() => document.querySelector('#dataset-pick input')?.value", timeout=QUICK)
     shown = field_value(page, "dataset-pick")
-    assert ctx.workspace.display(ctx.workspace.open_dataset(shown)) == form, (shown, form)
+    assert ws.display(ws.open_dataset(shown)) == form, (shown, form)
     other = "fresh" if shown != "fresh" else "example"
     pick(page, "dataset-pick", other)  # and a pick there moves the form, after a reload too
     train_form_shows(f"datasets/{other}")

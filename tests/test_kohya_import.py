@@ -273,3 +273,15 @@ def test_every_key_of_a_full_kohya_ss_gui_config_is_accounted_for(workdir: Path)
     assert (c.sample.every_epochs, c.train.lr_warmup_ratio, c.train.optimizer) == (1, 0.1, "adamw8bit")
     read = {k: r for k, _, r in report.read}
     assert {"conv_dim", "conv_alpha", "learning_rate", "multires_noise_iterations"} <= set(read)
+
+
+def test_a_stylelora_toml_with_every_section_is_never_taken_for_a_kohya_one(tmp_path: Path) -> None:
+    """The app's Load a TOML… tells our TOML from sd-scripts' by its tables: a saved config with [eval] (or any
+    section Config gains) must load as itself, not be imported as a kohya config with kohya's defaults."""
+    from stylelora.services.kohya_keys import is_kohya_file
+
+    path = tmp_path / "mine.toml"
+    Config().with_overrides({"train.steps": 20, "eval.every_save": True}).save(path)
+    assert "[eval]" in path.read_text(encoding="utf-8") and not is_kohya_file(path)
+    (tmp_path / "theirs.toml").write_text('pretrained_model_name_or_path = "x.safetensors"\nmax_train_steps = 10\n')
+    assert is_kohya_file(tmp_path / "theirs.toml")

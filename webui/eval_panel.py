@@ -15,6 +15,7 @@ import gradio as gr
 import pandas as pd
 
 from stylelora.adapters.convert import export as export_adapter
+from stylelora.core.errors import ConfigError
 from stylelora.evaluation.checkpoints import run_checkpoints, run_config
 from stylelora.evaluation.compare import compare_runs, comparison
 from stylelora.evaluation.evalset import EVAL_DIR, EvalSet
@@ -67,6 +68,16 @@ def _grid(run: Path, scores: RunScores, shown) -> tuple[list[tuple[str, str]], i
     return images, len(columns)
 
 
+def _saved_labels(run: Path) -> list[str]:
+    """The run's checkpoint labels, none where it has no config or has saved nothing yet."""
+    if not (run / "config.toml").is_file():
+        return []
+    try:
+        return [c.label for c in run_checkpoints(run)]
+    except ConfigError:
+        return []
+
+
 def build(ctx: Context, run_pick: gr.Dropdown) -> dict[str, Any]:
     """The Evaluation panel, under the Train tab's Runs (it follows the run picked there)."""
     ws = ctx.workspace
@@ -101,7 +112,10 @@ def build(ctx: Context, run_pick: gr.Dropdown) -> dict[str, Any]:
             return "", nothing, pd.DataFrame(columns=TABLE_HEADERS), [], gr.update(choices=[], value=None)
         path = ws.inside(run, [ws.outputs])
         scores = RunScores.load(path)
-        labels = [c.label for c in run_checkpoints(path)] if (path / "config.toml").is_file() else []
+        labels = _saved_labels(path)
+        if scores is None and not labels:  # picking a run is not asking for anything: no error, a line
+            return ("Nothing saved in this run yet: its checkpoints appear here once it saves one.", nothing,
+                    pd.DataFrame(columns=TABLE_HEADERS), [], gr.update(choices=[], value=None))
         if scores is None:
             return ("Not evaluated yet: press “Evaluate this run”, or train with “Score each checkpoint as it is "
                     "saved” ticked (Advanced › Evaluation).", nothing, pd.DataFrame(columns=TABLE_HEADERS), [],

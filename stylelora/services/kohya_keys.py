@@ -9,7 +9,7 @@ import json
 import re
 import shlex
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -367,7 +367,7 @@ def read_sources(source: Path, dataset_config: str | Path | None) -> tuple[dict[
     return settings, dataset, sources
 
 
-CONFIG_SECTIONS = {"model", "data", "cache", "lora", "train", "sample", "export"}  # a stylelora config's tables
+CONFIG_SECTIONS = {f.name for f in fields(Config)}  # a stylelora config's tables, as Config has them
 
 
 def is_kohya_file(path: str | Path) -> bool:
