@@ -115,7 +115,9 @@ class Evaluator:
         self.rows = self.evalset.rows()
         self.copy_threshold = self.config.eval.copy_threshold or self.descriptor.copy_threshold
         self.rule = rule_text(self.config.eval.min_content, self.copy_threshold)
-        text = self.descriptor.text([p.plain for p, _ in self.evalset.images])
+        # one text embedding per transfer row (the prompt without the trigger), as the Scorer compares them
+        transfer = [self.evalset.images[i][0].plain for i in self.rows.transfer]
+        text = self.descriptor.text(transfer) if transfer else None
         base_images = self._base_images()
         self.scorer = Scorer(self.descriptor.embed(references), self.descriptor.embed(base_images), self.rows,
                              self.copy_threshold, text, self.descriptor.image_text(base_images))
