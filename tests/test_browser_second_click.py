@@ -48,7 +48,8 @@ def toasts(page) -> list[str]:
 
 
 def set_number(page, elem: str, value: int) -> None:
-    box = page.locator(f"#{elem} input").first
+    """Type ``value`` into a number field (a number box, or the text box of one that may be left unset)."""
+    box = page.locator(f"#{elem}").locator("input, textarea").first
     box.fill(str(value))
     box.press("Tab")
 
