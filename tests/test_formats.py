@@ -356,7 +356,7 @@ def test_cli_export_merge_resize(run: Path, tmp_path: Path, capsys: pytest.Captu
 
 
 def test_training_export_writes_locon_alphas_and_skips_kohya_for_dora(tmp_path: Path) -> None:
-    from stylelora.training.loop import export_adapter
+    from stylelora.training.artifacts import export_adapter
 
     _, model = make_adapter(rank=4, alpha=2.0, conv_rank=2, conv_alpha=3.0, with_model=True)
     config = tiny_config(tmp_path / "data", tmp_path / "run")
