@@ -39,7 +39,9 @@ def test_three_steps_write_the_run_folder_and_change_only_lora(dataset: Path, tm
     assert lora_b and any(p.abs().sum() > 0 for p in lora_b)
 
     kinds = [type(e) for e in seen]
-    assert kinds[0] is events.Started and kinds[-1] is events.Finished
+    # the run's first line says which precision it took and why (before the model loads), then it starts
+    assert kinds[0] is events.Message and seen[0].text.startswith("precision: ")
+    assert kinds[1] is events.Started and kinds[-1] is events.Finished
     assert kinds.count(events.Progress) == 3
 
 
