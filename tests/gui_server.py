@@ -34,3 +34,30 @@ def launch(root: Path, **context: object):
     port = free_port()
     serve(demo, ctx, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     return demo, ctx, f"http://127.0.0.1:{port}/"
+
+
+def start_app(root: Path, port: int, seconds: float = 120):
+    """``python app.py --root ROOT --port PORT`` in a subprocess, as a user starts it, once it answers (the test
+    fails with the app's output when it exits or does not answer in ``seconds``)."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+    import pytest
+
+    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--root", str(root), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    deadline = time.time() + seconds
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/config", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            pytest.fail("the app did not start:\n" + (proc.stdout.read() if proc.stdout else ""))
+        time.sleep(0.3)

@@ -5,38 +5,18 @@ training, which must end the run as Stop does (a checkpoint and the adapter) bef
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 import pytest
-from gui_server import ROOT, free_port, make_root
+from gui_server import free_port, make_root, start_app
 
 from stylelora.core.config import Config
 
 START_S = 120
-
-
-def start_app(root: Path, port: int) -> subprocess.Popen[str]:
-    """``python app.py --root ROOT --port PORT`` in a subprocess, once it answers."""
-    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False")
-    proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--root", str(root), "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    deadline = time.time() + START_S
-    while True:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/config", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            pytest.fail("the app did not start:\n" + (proc.stdout.read() if proc.stdout else ""))
-        time.sleep(0.3)
 
 
 def stop(proc: subprocess.Popen[str], sig: int, timeout: float = 120) -> tuple[int, str]:

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import subprocess
 import sys
-import time
 import zipfile
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-from gui_server import ROOT, free_port, make_root
+from gui_server import ROOT, free_port, make_root, start_app
 from PIL import Image
 
 
@@ -79,21 +77,8 @@ def server(tmp_path_factory: pytest.TempPathFactory):
     (root / "secret.txt").write_text("top secret")  # inside the root but outside datasets/ and outputs/
     (root / "datasets" / "example" / "link.txt").symlink_to(root / "secret.txt")
     port = free_port()
-    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False")
-    proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--root", str(root), "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    proc = start_app(root, port)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            if httpx.get(url + "/config", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            pytest.fail("the app did not start:\n" + (proc.stdout.read() if proc.stdout else ""))
-        time.sleep(0.3)
     yield url, root, port
     proc.terminate()  # SIGTERM: the app stops a training first (none here), then Python's teardown takes seconds
     proc.wait(120)
