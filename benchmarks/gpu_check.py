@@ -101,7 +101,7 @@ def trainable_unet(case: Case, device: torch.device, checkpointing: bool, compil
     with torch.device(device):  # random weights made on the card: seconds, not a minute on its host's CPU
         unet = UNet2DConditionModel(**case.unet)
     family, kind = families.detect(Configs("", unet.config))  # the family tells SD1.5 from SDXL by structure
-    model = BaseModel(SimpleNamespace(unet=unet, vae=torch.nn.Module(), text_encoder=None), "gpu-check", kind, family)
+    model = BaseModel(SimpleNamespace(unet=unet, vae=dit.no_vae(), text_encoder=None), "gpu-check", kind, family)
     cuda = device.type == "cuda"
     config = Config().with_overrides({"lora.rank": 16, "lora.alpha": 16.0,
                                       "train.gradient_checkpointing": checkpointing,

@@ -56,11 +56,19 @@ def _transformer(case: TransformerCase) -> Any:
     return getattr(diffusers, case.family.transformer_class)(**case.config)
 
 
+def no_vae() -> torch.nn.Module:
+    """The VAE of a model built for a denoiser step alone: no weights, and the empty config the placement reads
+    its precision from."""
+    vae = torch.nn.Module()
+    vae.config = {}
+    return vae
+
+
 def _model(case: TransformerCase, transformer: Any) -> BaseModel:
     """The transformer as a stylelora model; its text encoders are empty stand-ins (their states are inputs here)."""
     family = case.family
     encoders = {part: torch.nn.Module() for part in (*family.text_parts, family.t5_part)}
-    pipeline = SimpleNamespace(transformer=transformer, vae=torch.nn.Module(), **encoders)
+    pipeline = SimpleNamespace(transformer=transformer, vae=no_vae(), **encoders)
     return BaseModel(pipeline, "gpu-check", case.kind, family)
 
 

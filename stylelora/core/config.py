@@ -538,7 +538,7 @@ def _family_checks(config: Config) -> list[str]:
         except ConfigError as e:
             block_errors.append(str(e))
     else:
-        errors += block_errors[-1:]  # the catch-all family (SD1) is registered last
+        errors += block_errors[:1]  # the plainest family (SD1) comes first: what a model of unknown kind is
     return errors
 
 

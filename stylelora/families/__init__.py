@@ -39,8 +39,7 @@ def register(family: ModelFamily, before: str | None = None) -> ModelFamily:
     names = [f.name for f in FAMILIES]
     at = names.index(before) if before in names else len(FAMILIES) - (1 if "sd1" in names else 0)
     FAMILIES.insert(at, family)
-    for kind in family.kinds:
-        _config.register_model_kind(kind, family)
+    _sync_config_kinds()
     return family
 
 
@@ -49,6 +48,18 @@ def unregister(family: ModelFamily) -> None:
     FAMILIES.remove(family)
     for kind in family.kinds:
         _config.unregister_model_kind(kind)
+    _sync_config_kinds()
+
+
+def _sync_config_kinds() -> None:
+    """Give the config the kinds plainest family first (SD1, SD2, SDXL, then the transformers): the order
+    ``model.kind`` offers them in, and the order its checks try the families in."""
+    for family in FAMILIES:
+        for kind in family.kinds:
+            _config.unregister_model_kind(kind)
+    for family in reversed(FAMILIES):
+        for kind in family.kinds:
+            _config.register_model_kind(kind, family)
 
 
 # --- looking families up ----------------------------------------------------------------------------------
