@@ -1,21 +1,25 @@
-"""Peak host RAM of a training run up to its first step, on models of the real SD1.5 and SDXL architectures
-(random weights, nothing downloaded), beside the run's own estimate and the frozen weights' size.
+"""Peak host RAM of a training run up to its first step, on models of the real SD1.5 and SDXL architectures and
+FLUX.1 [dev]'s widths (random weights, nothing downloaded), beside the run's own estimate and the frozen weights'
+size.
 
-    python benchmarks/bench_memory.py --shape sd15|sdxl [--models DIR] [--precision bf16] [--resolution 64]
-                                      [--limit-gib 16] [--code DIR] [--set section.field=value ...]
-    python benchmarks/bench_memory.py --shape sd15|sdxl|flux-dev --estimates
+    python benchmarks/bench_memory.py --shape sd15|sdxl|flux-dev-slice [--models DIR] [--precision bf16]
+                                      [--resolution 64] [--limit-gib 16] [--code DIR] [--set section.field=value]
+    python benchmarks/bench_memory.py --shape sd15|sdxl|flux-dev-slice|flux-dev --estimates
 
 The second form runs no step: ``stylelora train --estimate`` for fp32, bf16 and bf16 with nf4 (the table in the
 README), each of which plans the model on the meta device and reads no weight (its own peak RSS is printed too).
 
-The model is written once as an fp16 diffusers folder under --models (``real_shapes.py``; SDXL takes 6.9 GB
-of disk). ``stylelora train`` then runs one step on a one-image dataset with the caches on (the defaults),
-in a fresh process under ``prlimit --as`` (--limit-gib of address space: a machine of that much memory, and
-stricter, since the address space also counts the mapped model files and reserved but unused memory). While
-it runs the process's memory is read every 50 ms: the figures are its peak resident memory as the kernel
-counts it (VmHWM: its own memory plus the pages of the model files it has mapped while reading them, which
-are page cache the kernel takes back under pressure) and its peak anonymous memory (RssAnon: what it holds
-itself). --code runs another checkout of stylelora (the version before a change) with the same settings.
+The model is written once as a diffusers folder under --models, stored as it ships (``real_shapes.py``: SD in fp16,
+SDXL takes 6.9 GB of disk; FLUX in bf16). ``flux-dev`` is FLUX.1 [dev] whole, as configs alone (its 31 GiB of bf16
+weights fit no 24 GB machine); ``flux-dev-slice`` has its widths and 2 of its 19 double blocks, 4 of its 38 single
+blocks and 2 of T5-XXL's 24 layers, so the measured and the estimated can be set side by side. ``stylelora train``
+then runs one step on a one-image dataset with the caches on (the defaults), in a fresh process under ``prlimit
+--as`` (--limit-gib of address space: a machine of that much memory, and stricter, since the address space also
+counts the mapped model files and reserved but unused memory). While it runs the process's memory is read every 50
+ms: the figures are its peak resident memory as the kernel counts it (VmHWM: its own memory plus the pages of the
+model files it has mapped while reading them, which are page cache the kernel takes back under pressure) and its
+peak anonymous memory (RssAnon: what it holds itself). --code runs another checkout of stylelora (the version
+before a change) with the same settings.
 Prints one Markdown row for benchmarks/RESULTS.md.
 """
 
@@ -110,7 +114,7 @@ def estimates(args: argparse.Namespace, folder: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", choices=["sd15", "sdxl", "flux-dev"], default="sd15",
+    parser.add_argument("--shape", choices=["sd15", "sdxl", "flux-dev-slice", "flux-dev"], default="sd15",
                         help="flux-dev: only --estimates (its configs alone; its weights fit no 24 GB machine)")
     parser.add_argument("--models", type=Path, default=Path(tempfile.gettempdir()) / "stylelora-real-shapes")
     parser.add_argument("--precision", default="bf16", help="train.mixed_precision")

@@ -2,7 +2,11 @@
 the way those models are shipped (fp16 ``.safetensors``, one file per component), for memory benchmarks that
 must see real sizes without downloading anything.
 
-    python benchmarks/real_shapes.py sd15|sdxl FOLDER [--dtype fp16|bf16|fp32]
+    python benchmarks/real_shapes.py sd15|sdxl|flux-dev-slice FOLDER [--dtype fp16|bf16|fp32]
+
+``flux-dev-slice`` is FLUX.1 [dev] at its real widths (the 3072-wide transformer, T5-XXL's 4096-wide encoder,
+CLIP-L, the 16-channel VAE) cut to 2 double and 4 single blocks and 2 T5 layers: 2.0 B parameters instead of
+16.9 B, so a FLUX-shaped run can be measured on a 24 GB machine (store it in bf16, as FLUX.1 ships).
 
 Each component is built alone in the stored precision (torch's own initialisation, run in that precision: no
 fp32 copy is ever made) and streamed to its file tensor by tensor, so writing the SDXL folder (6.9 GB of fp16)
@@ -50,6 +54,16 @@ SDXL_UNET = {
     "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
     "projection_class_embeddings_input_dim": 2816, "norm_num_groups": 32, "flip_sin_to_cos": True, "freq_shift": 0,
 }
+# FLUX.1 [dev]'s published widths (benchmarks/published_models.py), cut in depth
+FLUX_SLICE_TRANSFORMER = {"_class_name": "FluxTransformer2DModel", "patch_size": 1, "in_channels": 64,
+                          "num_layers": 2, "num_single_layers": 4, "attention_head_dim": 128,
+                          "num_attention_heads": 24, "joint_attention_dim": 4096, "pooled_projection_dim": 768,
+                          "guidance_embeds": True, "axes_dims_rope": [16, 56, 56]}
+T5_XXL_SLICE = {"architectures": ["T5EncoderModel"], "model_type": "t5", "vocab_size": 32128, "d_model": 4096,
+                "d_kv": 64, "d_ff": 10240, "num_layers": 2, "num_heads": 64, "feed_forward_proj": "gated-gelu",
+                "is_encoder_decoder": False}
+FLUX_SCHEDULER = {"shift": 3.0, "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15,
+                  "base_image_seq_len": 256, "max_image_seq_len": 4096}
 SCHEDULER = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "steps_offset": 1}
 SHAPES: dict[str, dict[str, Any]] = {
     "sd15": {
@@ -71,7 +85,20 @@ SHAPES: dict[str, dict[str, Any]] = {
         "scheduler": ("diffusers", "EulerDiscreteScheduler", {**SCHEDULER, "timestep_spacing": "leading"}),
         "extra": {"force_zeros_for_empty_prompt": True},
     },
+    "flux-dev-slice": {
+        "_class_name": "FluxPipeline",
+        "transformer": ("diffusers", "FluxTransformer2DModel", FLUX_SLICE_TRANSFORMER),
+        "vae": ("diffusers", "AutoencoderKL", {**VAE, "latent_channels": 16, "sample_size": 1024,
+                                               "use_quant_conv": False, "use_post_quant_conv": False,
+                                               "shift_factor": 0.1159, "scaling_factor": 0.3611}),
+        "text_encoder": ("transformers", "CLIPTextModel", CLIP_L),
+        "text_encoder_2": ("transformers", "T5EncoderModel", T5_XXL_SLICE),
+        "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler", FLUX_SCHEDULER),
+        "tokenizers": {"tokenizer": "clip", "tokenizer_2": "t5"},
+        "extra": {},
+    },
 }
+STORED = {"flux-dev-slice": torch.bfloat16}  # how each is shipped when not fp16
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 SAFETENSORS_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.int64: "I64"}
 
@@ -95,6 +122,17 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
             f.write(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
 
 
+def untied(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict with each tied weight once (T5's ``shared`` and ``encoder.embed_tokens``), as models ship."""
+    seen: set[int] = set()
+    out = {}
+    for name, t in state.items():
+        if t.data_ptr() not in seen or not t.numel():
+            seen.add(t.data_ptr())
+            out[name] = t
+    return out
+
+
 def _component(library: str, class_name: str, config: dict[str, Any]) -> torch.nn.Module:
     if library == "transformers":
         import transformers
@@ -106,16 +144,18 @@ def _component(library: str, class_name: str, config: dict[str, Any]) -> torch.n
     return getattr(diffusers, class_name).from_config({k: v for k, v in config.items() if k != "_class_name"})
 
 
-def write_model(shape: str, folder: Path, dtype: torch.dtype = torch.float16, seed: int = 0) -> Path:
-    """The ``shape`` (sd15, sdxl) model with random weights as a diffusers folder stored in ``dtype``."""
-    from stylelora.model.builtin import clip_tokenizer
+def write_model(shape: str, folder: Path, dtype: torch.dtype | None = None, seed: int = 0) -> Path:
+    """The ``shape`` (sd15, sdxl, flux-dev-slice) model with random weights as a diffusers folder stored in ``dtype``
+    (by default as the model ships: fp16, FLUX.1 bf16)."""
+    dtype = dtype or STORED.get(shape, torch.float16)
+    from stylelora.model.builtin import clip_tokenizer, t5_tokenizer
 
     spec = SHAPES[shape]
     folder.mkdir(parents=True, exist_ok=True)
     index: dict[str, Any] = {"_class_name": spec["_class_name"], "_diffusers_version": "0.42.1", **spec["extra"]}
     torch.manual_seed(seed)
     for part, entry in spec.items():
-        if part.startswith("_") or part == "extra":
+        if part.startswith("_") or part in ("extra", "tokenizers"):
             continue
         library, class_name, config = entry
         index[part] = [library, class_name]
@@ -133,15 +173,20 @@ def write_model(shape: str, folder: Path, dtype: torch.dtype = torch.float16, se
             torch.set_default_dtype(default)
         if library == "transformers":
             module.config.save_pretrained(folder / part)
-            write_safetensors(folder / part / "model.safetensors", module.state_dict())
+            write_safetensors(folder / part / "model.safetensors", untied(module.state_dict()))
         else:
             module.save_config(folder / part)
             write_safetensors(folder / part / "diffusion_pytorch_model.safetensors", module.state_dict())
         del module
-    for part, pad in (("tokenizer", None), ("tokenizer_2", "!")):
-        if part == "tokenizer" or "text_encoder_2" in spec:
-            index[part] = ["transformers", "CLIPTokenizer"]
-            (clip_tokenizer(pad_token=pad) if pad else clip_tokenizer()).save_pretrained(folder / part)
+    # SD's CLIP tokenizers (SDXL's second pads with "!"); FLUX.1's second is T5's
+    default = {"tokenizer": "clip", **({"tokenizer_2": "clip-g"} if "text_encoder_2" in spec else {})}
+    makers = {"clip": (clip_tokenizer, "CLIPTokenizer"), "clip-g": (lambda: clip_tokenizer(pad_token="!"),
+                                                                    "CLIPTokenizer"),
+              "t5": (t5_tokenizer, "T5TokenizerFast")}
+    for part, which in spec.get("tokenizers", default).items():
+        make, class_name = makers[which]
+        index[part] = ["transformers", class_name]
+        make().save_pretrained(folder / part)
     (folder / "model_index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
     return folder
 
@@ -173,9 +218,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("shape", choices=sorted(SHAPES))
     parser.add_argument("folder", type=Path)
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp16")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: as the model ships (fp16; FLUX.1 bf16)")
     args = parser.parse_args()
-    print(write_model(args.shape, args.folder, DTYPES[args.dtype]))
+    print(write_model(args.shape, args.folder, DTYPES[args.dtype] if args.dtype else None))
 
 
 if __name__ == "__main__":
