@@ -132,7 +132,7 @@ def make_step(unet: Any, params: list, inputs: dict[str, Any], device: torch.dev
     from diffusers import DDPMScheduler
 
     scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
-    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
+    finish = dit.optimizer_tail(params, device)
     latents = inputs["latents"]
     extra = {"added_cond_kwargs": inputs["added_cond_kwargs"]} if "added_cond_kwargs" in inputs else {}
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -143,11 +143,7 @@ def make_step(unet: Any, params: list, inputs: dict[str, Any], device: torch.dev
         with autocast:
             pred = unet(scheduler.add_noise(latents, noise, t), t, inputs["encoder_hidden_states"], **extra).sample
             loss = torch.nn.functional.mse_loss(pred.float(), noise.float())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
+        return finish(loss)
 
     return step
 

@@ -7,6 +7,7 @@ the velocity loss, backward, clipping and fused AdamW. The FLOPs are counted onc
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
@@ -99,11 +100,26 @@ def step_inputs(case: TransformerCase, model: BaseModel, device: torch.device) -
     return {"latents": torch.randn(latents.shape, device=device, generator=generator), "text": text}
 
 
+def optimizer_tail(params: list, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What follows a step's loss, as the loop does it: backward, clip to norm 1, AdamW (fused on a GPU), the
+    gradients dropped. Returns the loss, detached."""
+    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
+
+    def finish(loss: torch.Tensor) -> torch.Tensor:
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return finish
+
+
 def make_step(case: TransformerCase, model: BaseModel, params: list, inputs: dict[str, Any],
               device: torch.device) -> Any:
     """One training step as the loop does it: sigma, noisy latents, predict under autocast, loss, backward, clip,
     AdamW."""
-    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
+    finish = optimizer_tail(params, device)
     latents, text = inputs["latents"], inputs["text"]
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
@@ -114,11 +130,7 @@ def make_step(case: TransformerCase, model: BaseModel, params: list, inputs: dic
         with autocast:
             pred = case.family.predict(model.denoiser, (1 - s) * latents + s * noise, sigma, text, None)
             loss = torch.nn.functional.mse_loss(pred.float(), (noise - latents).float())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
+        return finish(loss)
 
     return step
 
