@@ -193,3 +193,23 @@ def test_the_estimate_comes_before_the_run_and_advises_when_it_will_not_fit(tmp_
     assert not result.fits and "It will not fit" in result.summary()
     assert result.advice[0].startswith("set train.gradient_checkpointing=true")
     assert any("train.batch_size=1 with train.gradient_accumulation_steps=2" in a for a in result.advice)
+
+
+def test_when_reading_the_base_is_the_peak_the_advice_offers_no_step_setting(tmp_path: Path, monkeypatch) -> None:
+    """A quantized base is read in full precision before it is packed: gradient checkpointing cannot bring the
+    run under that, and the advice says what can instead of a figure the run would never reach."""
+    from stylelora.training import estimate as est
+    from stylelora.training.loop import estimate_run
+
+    data = make_dataset(tmp_path / "d", n=2)
+    config = Config().with_overrides({"model.name": "builtin:small", "data.path": str(data), "data.resolution": 64,
+                                      "model.quantize": "nf4", "train.output_dir": str(tmp_path / "o")})
+    fits = estimate_run(config)
+    assert fits.loading_bytes > sum(fits.parts.values())  # the loading, not the step, is this run's host peak
+    assert fits.host_bytes == fits.loading_bytes
+    monkeypatch.setattr(est, "available_memory", lambda device: fits.loading_bytes - 2**20)
+    result = estimate_run(config)
+    assert not result.fits
+    assert result.advice == [f"reading the base model alone takes ~{fits.loading_bytes / 2**30:.2f} GiB (its weights "
+                             "in the run's precision, before model.quantize packs them): use a machine with more "
+                             "memory, or train on a GPU"]

@@ -114,6 +114,12 @@ class ModelFamily:
     kohya_fuses: ClassVar[bool] = False
     # config fields that do not apply to this family's models (the form hides them, the run ignores them)
     unused_fields: ClassVar[frozenset[str]] = frozenset()
+    # The memory estimate's calibration of the activations its meta replay counts (fp32 tensors the backward pass
+    # keeps, weights not counted), measured on a CPU per architecture (benchmarks/RESULTS.md): the resident bytes
+    # per counted byte (gradients in flight, allocator slack), and the share of them a bf16/fp16 base keeps.
+    # The UNet's: builtin:small at 256 and 384 px, checked on SD1.5- and SDXL-shaped runs.
+    activation_factor: ClassVar[float] = 2.7
+    half_precision_activations: ClassVar[float] = 0.7
 
     @property
     def parts(self) -> tuple[str, ...]:

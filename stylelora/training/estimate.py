@@ -32,16 +32,11 @@ from ..core.config import Config
 log = logging.getLogger(__name__)
 GiB = 2**30
 # Calibrated with benchmarks/bench_estimate.py on a CPU (builtin:small at 256 and 384 px, SD1.5- and SDXL-shaped
-# models); the figures are in benchmarks/RESULTS.md.
-# resident bytes per byte the backward pass keeps (gradients in flight, allocator slack); 2.0 when the count
-# included the weight views linear layers save (builtin:small at 256 px: 143 MiB counted then, 105 now)
-ACTIVATION_FACTOR = 2.7
+# models); the figures are in benchmarks/RESULTS.md. The activations' factors are each family's
+# (``activation_factor``, ``half_precision_activations``).
 LIBRARY_BYTES = 600 * 2**20  # a training process before any weight: torch, diffusers, transformers, peft, data
 CPU_EFFICIENCY = 0.14  # a UNet training step's FLOP/s over a large fp32 matmul's FLOP/s on the same threads
 STEP_OVERHEAD_S = 0.02  # per step: data, optimizer, Python
-# saved activations of a bf16/fp16 base over the fp32 ones profile_step counts (the LoRA and the CPU's attention
-# keep fp32 tensors): fitted to builtin:small at 256 and 384 px in bf16 on a CPU, benchmarks/RESULTS.md
-HALF_PRECISION_ACTIVATIONS = 0.7
 # A card's own use besides the tensors the allocator counts: the CUDA context, cuBLAS and cuDNN workspaces
 # (PyTorch's documentation puts the context at 300 MB-1 GB). Not measured here: no GPU.
 CUDA_CONTEXT_BYTES = int(0.75 * 2**30)
@@ -78,6 +73,7 @@ class Estimate:
     parts: dict[str, int] = field(default_factory=dict)  # what the binding peak (the GPU's, else the host's) holds
     advice: list[str] = field(default_factory=list)
     cards: CardFit | None = None  # what the run takes on a GPU and which cards it fits
+    loading_bytes: int = 0  # host RAM while the base is read (before model.quantize packs it); no setting lowers it
 
     @property
     def peak_bytes(self) -> int:
@@ -170,7 +166,8 @@ def card_fit(model: Any, config: Config, profile: StepProfile | None = None) -> 
     profile = profile or profile_step(model, config)
     scheme = quantize_scheme(config.model.quantize, model, torch.device("cuda"))
     weights = frozen_weight_bytes(model, scheme)
-    activations = profile.activation_bytes * HALF_PRECISION_ACTIVATIONS * ACTIVATION_FACTOR
+    family = model.family
+    activations = profile.activation_bytes * family.half_precision_activations * family.activation_factor
     lora = profile.trainable * 4 + _optimizer_bytes(profile, config)
     return CardFit(scheme, weights, int(weights + activations + lora + CUDA_CONTEXT_BYTES))
 
@@ -387,7 +384,7 @@ def estimate(model: Any, config: Config, device: torch.device, steps: int, num_i
     profile = profile_step(model, config)
     fp32 = StepProfile(profile.flops, profile.activation_bytes, profile.vae_flops, profile.trainable)
     if base_dtype(model.denoiser) in (torch.bfloat16, torch.float16):
-        profile.activation_bytes = int(profile.activation_bytes * HALF_PRECISION_ACTIVATIONS)
+        profile.activation_bytes = int(profile.activation_bytes * model.family.half_precision_activations)
     encode_once = config.cache.latents != "off" and config.data.center_crop
     gpu = device.type == "cuda"
     planned = next(model.denoiser.parameters()).device.type == "meta"
@@ -401,7 +398,7 @@ def estimate(model: Any, config: Config, device: torch.device, steps: int, num_i
         measured_peak, method = None, "formula"
     latent_cache, text_cache = _cache_bytes(config, model, num_images)
     weights = frozen_bytes(model)
-    step = {"frozen_weights": weights, "activations": int(profile.activation_bytes * ACTIVATION_FACTOR),
+    step = {"frozen_weights": weights, "activations": int(profile.activation_bytes * model.family.activation_factor),
             "lora_and_optimizer": _optimizer_bytes(profile, config), "text_cache": text_cache}
     # Loading reads every weight to the host in its float precision first (a quantized base is quantized
     # block by block after that); the latent cache always lives on the host.
@@ -418,7 +415,7 @@ def estimate(model: Any, config: Config, device: torch.device, steps: int, num_i
     total = steps * (step_s + (0 if encode_once else vae_s)) + (batches_to_encode * vae_s if encode_once else 0)
     result = Estimate(str(device), method, host, device_bytes, step_s, total, steps,
                       available_memory(torch.device("cpu")), available_memory(device) if gpu else None, parts,
-                      cards=card_fit(model, config, fp32))
+                      cards=card_fit(model, config, fp32), loading_bytes=loading)
     if not result.fits:
         result.advice = advice(model, config, result)
     return result
@@ -477,9 +474,13 @@ def advice(model: Any, config: Config, result: Estimate) -> list[str]:
         return []
     train = config.train
     base = profile_step(model, config).activation_bytes
-    kept = result.parts.get("activations", int(base * ACTIVATION_FACTOR))  # what the step's activations hold
-    per_byte = kept / base if base else ACTIVATION_FACTOR
-    fixed = result.peak_bytes - kept
+    factor = model.family.activation_factor
+    kept = result.parts.get("activations", int(base * factor))  # what the step's activations hold
+    per_byte = kept / base if base else factor
+    on_host = result.device_bytes is None
+    # on the host the peak may be the loading, not the step: the options below change only the step
+    fixed = (sum(result.parts.values()) if on_host else result.peak_bytes) - kept
+    floor = result.loading_bytes if on_host else 0
     options: list[tuple[str, int]] = []
     if not train.gradient_checkpointing:
         saved = profile_step(model, config, gradient_checkpointing=True).activation_bytes
@@ -496,8 +497,15 @@ def advice(model: Any, config: Config, result: Estimate) -> list[str]:
         lower = max(256, config.data.resolution * 3 // 4 // 64 * 64)
         options.append((f"lower data.resolution to {lower}",
                         int(fixed + base * (lower / config.data.resolution) ** 2 * per_byte)))
-    options.sort(key=lambda o: o[1])
-    return [f"{text} (~{peak / GiB:.2f} GiB)" for text, peak in options]
+    options = sorted(((text, max(floor, peak)) for text, peak in options if max(floor, peak) < result.peak_bytes),
+                     key=lambda o: o[1])
+    said = [f"{text} (~{peak / GiB:.2f} GiB)" for text, peak in options]
+    if on_host and floor > result.available_bytes:
+        quantized = frozen_bytes(model) < frozen_bytes(model, as_loaded=True)
+        packed = ", before model.quantize packs them" if quantized else ""
+        said.append(f"reading the base model alone takes ~{floor / GiB:.2f} GiB (its weights in the run's precision"
+                    f"{packed}): use a machine with more memory, or train on a GPU")
+    return said
 
 
 def emit_estimate(model: Any, config: Config, device: torch.device, steps: int, num_images: int,
