@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
+
+import httpx
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -39,14 +46,6 @@ def launch(root: Path, **context: object):
 def start_app(root: Path, port: int, seconds: float = 120):
     """``python app.py --root ROOT --port PORT`` in a subprocess, as a user starts it, once it answers (the test
     fails with the app's output when it exits or does not answer in ``seconds``)."""
-    import os
-    import subprocess
-    import sys
-    import time
-
-    import httpx
-    import pytest
-
     env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False")
     proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--root", str(root), "--port", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)

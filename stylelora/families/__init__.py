@@ -46,9 +46,8 @@ def register(family: ModelFamily, before: str | None = None) -> ModelFamily:
 def unregister(family: ModelFamily) -> None:
     """Take ``family`` out again (tests register families of their own)."""
     FAMILIES.remove(family)
-    for kind in family.kinds:
+    for kind in family.kinds:  # the other kinds keep their order
         _config.unregister_model_kind(kind)
-    _sync_config_kinds()
 
 
 def _sync_config_kinds() -> None:
