@@ -8,7 +8,7 @@ must see real sizes without downloading anything.
 CLIP-L, the 16-channel VAE) cut to 2 double and 4 single blocks and 2 T5 layers: 2.0 B parameters instead of
 16.9 B, so a FLUX-shaped run can be measured on a 24 GB machine (store it in bf16, as FLUX.1 ships).
 ``sd35-large-slice`` is SD3.5 Large the same way: its 2432-wide transformer cut to 4 of its 38 joint blocks, T5-XXL
-cut to 2 layers, CLIP-L and CLIP-G whole (2.1 B parameters of 8.1 B + 5.5 B of encoders; bf16 as it ships).
+cut to 2 layers, CLIP-L and CLIP-G whole (2.2 B of its 13.7 B parameters; bf16 as it ships).
 
 Each component is built alone in the stored precision (torch's own initialisation, run in that precision: no
 fp32 copy is ever made) and streamed to its file tensor by tensor, so writing the SDXL folder (6.9 GB of fp16)

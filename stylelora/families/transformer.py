@@ -44,7 +44,8 @@ class TransformerFamily(ModelFamily):
     kohya_fuses: ClassVar[bool] = True
     unused_fields: ClassVar[frozenset[str]] = UNET_ONLY_FIELDS
     # fitted on a FLUX.1 [dev]-wide transformer (benchmarks/bench_memory.py --shape flux-dev-slice): 1.59 and 1.55
-    # in fp32 at 64 and 256 px, bf16 keeping half; SD3.5's transformer was not measured and is taken to match
+    # in fp32 at 64 and 256 px, bf16 keeping half; at SD3.5 Large's widths (--shape sd35-large-slice) they give 5%
+    # more than the fp32 runs held, so SD3.5 shares them
     activation_factor: ClassVar[float] = 1.6
     half_precision_activations: ClassVar[float] = 0.5
     # block names users type -> the diffusers ModuleList that holds them ({"double": "transformer_blocks"})
