@@ -41,6 +41,9 @@ def test_unset_optional_field_is_omitted_and_reloads_as_none(tmp_path: Path) -> 
         ({"train.mixed_precision": "fp8"}, "train.mixed_precision: must be one of 'auto', 'no', 'fp16', 'bf16'"),
         ({"data.resolution": 100}, "data.resolution: must be a multiple of 8, got 100"),
         ({"lora.train_text_encoder": "yes"}, "lora.train_text_encoder: must be true or false"),
+        # the app's optional number boxes take text: "inf" passed every "> 0" and trained to NaN
+        ({"train.text_encoder_lr": float("inf")}, "train.text_encoder_lr: must be a finite number, got inf"),
+        ({"train.lr": float("inf")}, "train.lr: must be a finite number, got inf"),
     ],
 )
 def test_invalid_values_name_the_field_and_the_allowed_values(overrides, message) -> None:
@@ -131,3 +134,4 @@ def test_a_new_run_never_lands_in_an_older_runs_folder(tmp_path: Path, monkeypat
     (ws.outputs / "cats-3").mkdir()  # a folder without a run's config.toml is free
     assert resolve_output_dir(cli_run) == Path("outputs/cats-3")
     assert ws.new_run_dir("cats") == ws.outputs / "cats-3"
+
