@@ -44,6 +44,8 @@ def test_unset_optional_field_is_omitted_and_reloads_as_none(tmp_path: Path) -> 
         # the app's optional number boxes take text: "inf" passed every "> 0" and trained to NaN
         ({"train.text_encoder_lr": float("inf")}, "train.text_encoder_lr: must be a finite number, got inf"),
         ({"train.lr": float("inf")}, "train.lr: must be a finite number, got inf"),
+        # an emptied "Base model" box was read as the current folder: "the folder has no model_index.json"
+        ({"model.name": " "}, "model.name: empty; give a base model"),
     ],
 )
 def test_invalid_values_name_the_field_and_the_allowed_values(overrides, message) -> None:
