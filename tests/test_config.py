@@ -137,3 +137,18 @@ def test_a_new_run_never_lands_in_an_older_runs_folder(tmp_path: Path, monkeypat
     assert resolve_output_dir(cli_run) == Path("outputs/cats-3")
     assert ws.new_run_dir("cats") == ws.outputs / "cats-3"
 
+
+@pytest.mark.parametrize(("typed", "message"), [
+    ("", "data.path: empty; give a dataset"),
+    ("E:\\data\\set", "data.path: 'E:\\data\\set' is a Windows path (drive E:) from another machine"),
+    ("C:/Users/x/data", "data.path: 'C:/Users/x/data' is a Windows path (drive C:) from another machine"),
+])
+def test_an_empty_or_windows_dataset_path_is_named_as_such(tmp_path: Path, typed: str, message: str) -> None:
+    """Not "add /root/E:\\data\\set to the workspace's dataset folders" (a folder that cannot exist here)."""
+    from stylelora.services.workspace import Workspace
+
+    ws = Workspace(tmp_path)
+    with pytest.raises(ConfigError) as e:
+        ws.run_config(Config().with_overrides({"data.path": typed}))
+    assert message in str(e.value)
+    assert "add `" not in str(e.value)

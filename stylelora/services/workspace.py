@@ -137,7 +137,13 @@ class Workspace:
         """A dataset folder: a name (``example``), ``datasets/example``, an absolute path inside datasets/, or
         an added folder (or one inside it)."""
         text = str(path).strip()
-        if text and "/" not in text and "\\" not in text and not (self.root / text).exists():
+        if not text:
+            raise ConfigError("data.path: empty; give a dataset: a folder of images under datasets/, or one added "
+                              "to the workspace's dataset folders")
+        if (why := fileio.foreign_path(text)) is not None and not Path(text).exists():
+            raise ConfigError(f"data.path: '{path}' is {why} from another machine; copy the images to this "
+                              f"machine and set {setting('data.path')} to their folder here")
+        if "/" not in text and "\\" not in text and not (self.root / text).exists():
             text = str(self.datasets / text)
         p = self.resolve(text)
         if p == self.datasets:
