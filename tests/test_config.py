@@ -152,3 +152,14 @@ def test_an_empty_or_windows_dataset_path_is_named_as_such(tmp_path: Path, typed
         ws.run_config(Config().with_overrides({"data.path": typed}))
     assert message in str(e.value)
     assert "add `" not in str(e.value)
+
+
+def test_a_windows_folder_to_add_is_named_as_such(tmp_path: Path) -> None:
+    """“Use a folder on this computer” with E:\\kohya\\img said only "give the folder's full path"."""
+    from stylelora.core.errors import DataError
+    from stylelora.services.workspace import Workspace
+
+    for typed in ("E:\\kohya\\img", "C:/Users/me/img", "\\\\nas\\share\\img"):
+        with pytest.raises(DataError) as e:
+            Workspace(tmp_path).add_folder(typed)
+        assert f"folder '{typed}': a Windows" in str(e.value) and "from another machine" in str(e.value)

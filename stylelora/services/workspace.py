@@ -66,6 +66,9 @@ class Workspace:
         workspace's own folders and hidden folders are refused. Returns the folder."""
         text = str(path).strip().strip('"')
         folder = Path(text).expanduser()
+        if (why := fileio.foreign_path(text)) is not None and not folder.exists():
+            raise DataError(f"folder '{text}': {why} from another machine; copy the images to this machine and give "
+                            "their folder's path here, e.g. /home/me/kohya/img")
         if not text or not folder.is_absolute():
             raise DataError(f"folder '{text}': give the folder's full path, e.g. /home/me/kohya/img")
         folder = folder.resolve()
