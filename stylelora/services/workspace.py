@@ -24,6 +24,7 @@ from ..training.loop import resolve_output_dir
 from .collect import dataset_folder, list_datasets
 
 log = logging.getLogger(__name__)
+SAVED_ALONG = re.compile(r"-(step\d{8}|\d{6})$")  # a step's or an epoch's adapter, as training names them
 FOLDERS_FILE = "folders.json"  # under outputs/: the dataset folders added from elsewhere, kept across restarts
 
 
@@ -250,10 +251,14 @@ class Workspace:
         return [info for _, info in sorted(found, key=lambda t: t[0], reverse=True)]
 
     def _run_info(self, run: Path) -> RunInfo:
-        adapters = sorted(p for p in run.glob("*.safetensors") if not p.name.startswith("."))
+        files = sorted(p for p in run.glob("*.safetensors") if not p.name.startswith("."))
+        # the final adapter first (merged, and picked first by Preview), then diffusers', then the step and epoch
+        # saves (<run>-step00000250, <run>-000002), which sort before it by name
+        adapters = [p for p in files if not SAVED_ALONG.search(p.stem)]
         diffusers = run / "diffusers" / DIFFUSERS_WEIGHT_NAME
         if diffusers.is_file():
             adapters.append(diffusers)
+        adapters += [p for p in files if SAVED_ALONG.search(p.stem)]
         checkpoints = [folder / "lora.safetensors" for folder in list_checkpoints(run)]  # complete ones only
         return RunInfo(run.name, run, adapters, checkpoints)
 
