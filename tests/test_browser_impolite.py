@@ -50,3 +50,21 @@ def test_a_refused_start_says_why_on_the_notice_line_not_the_last_answer(app, br
     page.locator("#add-to-queue").click()
     page.locator("#train-notice").get_by_text("must be >= 1, got -3").wait_for(timeout=QUICK)
     assert errors == []
+
+
+def test_check_the_dataset_refuses_a_resolution_the_train_form_cannot_train_at(app, browser) -> None:
+    """“Check the dataset” checks at the Train tab's resolution; at -8 it said "ready to train … checked at -8 px",
+    and at 0 it checked at 512 px while saying it used the Train tab's."""
+    url, _, _ = app
+    page, errors = open_page(browser, url, "Train")
+    page.locator("#train-progress").wait_for(timeout=QUICK)
+    for typed in (-8, 0):
+        page.get_by_role("tab", name="Train").click()
+        set_number(page, "cfg-data-resolution", typed)
+        page.get_by_role("tab", name="Dataset").click()
+        page.locator("#check-data").click()
+        page.locator(".toast-body").get_by_text(f"must be >= 64, got {typed}").wait_for(timeout=QUICK)
+        assert "Resolution" in page.locator(".toast-body").first.inner_text()
+        assert "ready to train" not in page.locator("#dataset-check-verdict").inner_text()
+        page.locator(".toast-close").first.click()
+    assert errors == []
