@@ -41,6 +41,11 @@ def test_unset_optional_field_is_omitted_and_reloads_as_none(tmp_path: Path) -> 
         ({"train.mixed_precision": "fp8"}, "train.mixed_precision: must be one of 'auto', 'no', 'fp16', 'bf16'"),
         ({"data.resolution": 100}, "data.resolution: must be a multiple of 8, got 100"),
         ({"lora.train_text_encoder": "yes"}, "lora.train_text_encoder: must be true or false"),
+        # the app's optional number boxes take text: "inf" passed every "> 0" and trained to NaN
+        ({"train.text_encoder_lr": float("inf")}, "train.text_encoder_lr: must be a finite number, got inf"),
+        ({"train.lr": float("inf")}, "train.lr: must be a finite number, got inf"),
+        # an emptied "Base model" box was read as the current folder: "the folder has no model_index.json"
+        ({"model.name": " "}, "model.name: empty; give a base model"),
     ],
 )
 def test_invalid_values_name_the_field_and_the_allowed_values(overrides, message) -> None:
@@ -131,3 +136,30 @@ def test_a_new_run_never_lands_in_an_older_runs_folder(tmp_path: Path, monkeypat
     (ws.outputs / "cats-3").mkdir()  # a folder without a run's config.toml is free
     assert resolve_output_dir(cli_run) == Path("outputs/cats-3")
     assert ws.new_run_dir("cats") == ws.outputs / "cats-3"
+
+
+@pytest.mark.parametrize(("typed", "message"), [
+    ("", "data.path: empty; give a dataset"),
+    ("E:\\data\\set", "data.path: 'E:\\data\\set' is a Windows path (drive E:) from another machine"),
+    ("C:/Users/x/data", "data.path: 'C:/Users/x/data' is a Windows path (drive C:) from another machine"),
+])
+def test_an_empty_or_windows_dataset_path_is_named_as_such(tmp_path: Path, typed: str, message: str) -> None:
+    """Not "add /root/E:\\data\\set to the workspace's dataset folders" (a folder that cannot exist here)."""
+    from stylelora.services.workspace import Workspace
+
+    ws = Workspace(tmp_path)
+    with pytest.raises(ConfigError) as e:
+        ws.run_config(Config().with_overrides({"data.path": typed}))
+    assert message in str(e.value)
+    assert "add `" not in str(e.value)
+
+
+def test_a_windows_folder_to_add_is_named_as_such(tmp_path: Path) -> None:
+    """“Use a folder on this computer” with E:\\kohya\\img said only "give the folder's full path"."""
+    from stylelora.core.errors import DataError
+    from stylelora.services.workspace import Workspace
+
+    for typed in ("E:\\kohya\\img", "C:/Users/me/img", "\\\\nas\\share\\img"):
+        with pytest.raises(DataError) as e:
+            Workspace(tmp_path).add_folder(typed)
+        assert f"folder '{typed}': a Windows" in str(e.value) and "from another machine" in str(e.value)

@@ -338,3 +338,18 @@ def test_a_dataset_folder_added_from_elsewhere_trains_and_a_kohya_run_folder_mov
     assert ws.dataset_name("datasets/example") is None and ws.dataset_name("") is None
     make_dataset(ws.datasets / "mine", 1)
     assert ws.dataset_name("datasets/mine") == "mine" == ws.dataset_name(ws.datasets / "mine")
+
+
+def test_a_run_with_step_saves_merges_and_previews_its_final_adapter(tmp_path: Path) -> None:
+    """train.save_every leaves <run>-step00000002.safetensors beside <run>.safetensors; it sorts first by name, and
+    Merge (and the Preview tab's first pick) took the step-2 adapter for the run's."""
+    ws = Workspace(tmp_path)
+    run = _fake_run(ws, "cats")
+    for step in (2, 4):
+        (run / f"cats-step{step:08d}.safetensors").write_bytes(b"step")
+    (run / "cats-000001.safetensors").write_bytes(b"epoch")
+    assert ws.merge_target("outputs/cats", 1.0)[0] == run / "cats.safetensors"
+    assert ws.adapter_files()[0] == run / "cats.safetensors"  # what the Preview tab's adapter list picks first
+    assert set(ws.adapter_files()) == {run / "cats.safetensors", run / "diffusers" / "pytorch_lora_weights.safetensors",
+                                       run / "cats-step00000002.safetensors", run / "cats-step00000004.safetensors",
+                                       run / "cats-000001.safetensors"}

@@ -483,3 +483,16 @@ def test_lokr_files_written_before_are_read_and_exported_in_the_layout_lycoris_r
     new = load_file(report.path)
     assert f"{name}.lokr_w2" in new and f"{name}.lokr_w2_b" not in new
     assert_lycoris_builds(report.path, wide_tiny, deltas)
+
+
+def test_a_loha_or_lokr_merged_into_one_safetensors_file_is_that_file(trained, tmp_path: Path) -> None:
+    """Merge's single-file checkpoint (the Export tab's default) of a LoHa or LoKr wrote a diffusers *folder* named
+    <run>-merged-1.safetensors: A1111 and ComfyUI cannot load it, and the app's download of it failed."""
+    _, paths, _ = trained
+    out = merge("builtin:tiny", paths[0], 1.0, tmp_path / "merged.safetensors", precision="fp32")
+    assert out == tmp_path / "merged.safetensors" and out.is_file()
+    folder = load_base_model(str(merge("builtin:tiny", paths[0], 1.0, tmp_path / "merged")))
+    single = load_base_model(str(out), str(tmp_path / "merged"))  # the folder gives the configs (offline)
+    ours, theirs = single.unet.state_dict(), folder.unet.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(torch.allclose(ours[k], theirs[k], atol=1e-6) for k in ours)

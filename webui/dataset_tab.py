@@ -9,7 +9,7 @@ from typing import Any
 
 import gradio as gr
 
-from stylelora.core.config import DataConfig
+from stylelora.core.config import Config, DataConfig
 from stylelora.core.errors import StyleloraError
 from stylelora.data import doctor
 from stylelora.services import collect
@@ -135,7 +135,9 @@ def build(ctx: Context) -> dict[str, Any]:
 
     @user_errors
     def check(name: str, resolution: float):
-        resolution = int(resolution or DataConfig.resolution)
+        # the Train tab's resolution, checked as training checks it (an emptied box: the default)
+        resolution = DataConfig.resolution if resolution is None else int(resolution)
+        Config().with_overrides({"data.resolution": resolution})
         report = doctor.check_dataset(folder(name), resolution=resolution)
         rows = [[ws.display(f.path), f.level, f.problem, f.action] for f in report.findings]
         verdict = "ready to train" if report.can_train else "not ready to train"
@@ -178,7 +180,7 @@ def build(ctx: Context) -> dict[str, Any]:
             trigger_word = gr.Textbox(label="Trigger word", info="Put in front of every caption", scale=3)
             trigger_btn = gr.Button("Add to every caption", scale=1, elem_id="add-trigger")
         check_btn = gr.Button(CHECK_BUTTON, elem_id="check-data")
-        report = gr.Markdown()
+        report = gr.Markdown(elem_id="dataset-check-verdict")
         findings = gr.Dataframe(headers=["file", "level", "problem", "what to do"], interactive=False, wrap=True,
                                 column_widths=["18%", "8%", "37%", "37%"], elem_id="findings")
         with gr.Accordion("Full report", open=False):

@@ -25,7 +25,7 @@ from stylelora.services.launch import runner_for
 from stylelora.training.loop import estimate_run
 
 from . import eval_panel
-from .context import Context, user_errors
+from .context import Context, Failed, errors_on_page, user_errors
 from .form import ConfigForm
 from .progress import QUEUE_HEADERS, first_event, queue_choices, queue_rows, render, summary
 from .words import AGAIN_BUTTON, CONTINUE_BUTTON, gui_words
@@ -183,12 +183,15 @@ def build(ctx: Context) -> dict[str, Any]:
         where = ws.display(config.output_dir) if config is not None else "?"
         return f"started run {run_id} in `{where}`"
 
-    @user_errors
+    # A refused start shows why on the notice line (not the line's last answer under an "Error" badge).
+    refused = Failed("**Not started**: {}", markdown=True)
+
+    @errors_on_page(refused)
     def start(gpus: Any = 1, **values: Any) -> str:
         """Start training the form's config on ``gpus`` GPUs (the page then follows it)."""
         return started(job.start(form.to_config(values), runner=runner_for(int(gpus or 1), ctx.gpus)))
 
-    @user_errors
+    @errors_on_page(Failed("**Not queued**: {}", markdown=True), gr.update(), gr.update())
     def enqueue(gpus: Any = 1, **values: Any):
         if int(gpus or 1) > 1:  # a queued run trains in the app's process: one GPU
             raise gr.Error("queued runs train on one GPU: set GPUs to 1 to queue this run, or press Start to "
@@ -196,11 +199,11 @@ def build(ctx: Context) -> dict[str, Any]:
         item = job.enqueue(form.to_config(values))
         return f"added run #{item} to the queue", *queue_outputs()
 
-    @user_errors
+    @errors_on_page(refused)
     def continue_run(run: str | None) -> str:
         return started(job.start(ws.continue_config(run or "")))
 
-    @user_errors
+    @errors_on_page(refused)
     def train_again(run: str | None) -> str:
         return started(job.start(ws.again_config(run or "")))
 

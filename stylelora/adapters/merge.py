@@ -36,18 +36,16 @@ def merge(model: str | BaseModel, lora: str | Path, scale: float, out: str | Pat
     adapter = load_adapter(find_adapter_file(lora)[0], base)  # a file, a diffusers folder or a run folder
     pipe = base.pipeline
     if adapter.network != "lora":
-        add_deltas(base, adapter, scale)
-        with fileio.atomic_dir(out) as folder:
-            pipe.save_pretrained(folder, safe_serialization=True)
-        return Path(out)
-    with tempfile.TemporaryDirectory(prefix="stylelora-merge-") as tmp:
-        save_diffusers(tmp, adapter, precision="fp32")
-        # the file named: diffusers 0.35 refuses a bare folder when HF_HUB_OFFLINE is set
-        pipe.load_lora_weights(tmp, weight_name=DIFFUSERS_WEIGHT_NAME, adapter_name=MERGE_ADAPTER_NAME)
-    # every part named: FLUX.1's loader fuses only the transformer unless told
-    pipe.fuse_lora(components=[part for part, _ in base.parts()], lora_scale=scale,
-                   adapter_names=[MERGE_ADAPTER_NAME])
-    pipe.unload_lora_weights()
+        add_deltas(base, adapter, scale)  # then saved as a LoRA's merge is: a folder, or one .safetensors file
+    else:
+        with tempfile.TemporaryDirectory(prefix="stylelora-merge-") as tmp:
+            save_diffusers(tmp, adapter, precision="fp32")
+            # the file named: diffusers 0.35 refuses a bare folder when HF_HUB_OFFLINE is set
+            pipe.load_lora_weights(tmp, weight_name=DIFFUSERS_WEIGHT_NAME, adapter_name=MERGE_ADAPTER_NAME)
+        # every part named: FLUX.1's loader fuses only the transformer unless told
+        pipe.fuse_lora(components=[part for part, _ in base.parts()], lora_scale=scale,
+                       adapter_names=[MERGE_ADAPTER_NAME])
+        pipe.unload_lora_weights()
     if Path(out).suffix.lower() == ".safetensors":
         return base.family.save_single_file(pipe, Path(out), precision)
     with fileio.atomic_dir(out) as folder:

@@ -579,6 +579,9 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
 def _cross_checks(config: Config) -> list[str]:
     """Errors that involve two fields (each message names the field to change)."""
     errors = []
+    if not config.model.name.strip():  # else read as the current folder: "the folder has no model_index.json"
+        errors.append("model.name: empty; give a base model: builtin:tiny, a diffusers folder, a .safetensors "
+                      "checkpoint or a hub id")
     if config.lora.type in ("loha", "lokr") and config.lora.dora:
         errors.append(f"lora.dora: DoRA works with lora.type lora or locon, not {config.lora.type}; "
                       "set lora.dora=false")

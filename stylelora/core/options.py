@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import math
 import types
 import typing
 from dataclasses import field
@@ -121,6 +122,9 @@ def check_fields(obj: Any, prefix: str) -> list[str]:
             errors.append(str(e))
             continue
         if value is None or isinstance(value, (bool, str, list)):
+            continue
+        if not math.isfinite(value):  # inf passes every "> 0"; nan fails every bound with no word of why
+            errors.append(f"{dotted}: must be a finite number, got {value}")
             continue
         m = f.metadata
         for bound, ok, word in (

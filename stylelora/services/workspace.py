@@ -24,6 +24,7 @@ from ..training.loop import resolve_output_dir
 from .collect import dataset_folder, list_datasets
 
 log = logging.getLogger(__name__)
+SAVED_ALONG = re.compile(r"-(step\d{8}|\d{6})$")  # a step's or an epoch's adapter, as training names them
 FOLDERS_FILE = "folders.json"  # under outputs/: the dataset folders added from elsewhere, kept across restarts
 
 
@@ -66,6 +67,9 @@ class Workspace:
         workspace's own folders and hidden folders are refused. Returns the folder."""
         text = str(path).strip().strip('"')
         folder = Path(text).expanduser()
+        if (why := fileio.foreign_path(text)) is not None and not folder.exists():
+            raise DataError(f"folder '{text}': {why} from another machine; copy the images to this machine and give "
+                            "their folder's path here, e.g. /home/me/kohya/img")
         if not text or not folder.is_absolute():
             raise DataError(f"folder '{text}': give the folder's full path, e.g. /home/me/kohya/img")
         folder = folder.resolve()
@@ -137,7 +141,13 @@ class Workspace:
         """A dataset folder: a name (``example``), ``datasets/example``, an absolute path inside datasets/, or
         an added folder (or one inside it)."""
         text = str(path).strip()
-        if text and "/" not in text and "\\" not in text and not (self.root / text).exists():
+        if not text:
+            raise ConfigError("data.path: empty; give a dataset: a folder of images under datasets/, or one added "
+                              "to the workspace's dataset folders")
+        if (why := fileio.foreign_path(text)) is not None and not Path(text).exists():
+            raise ConfigError(f"data.path: '{path}' is {why} from another machine; copy the images to this "
+                              f"machine and set {setting('data.path')} to their folder here")
+        if "/" not in text and "\\" not in text and not (self.root / text).exists():
             text = str(self.datasets / text)
         p = self.resolve(text)
         if p == self.datasets:
@@ -241,10 +251,14 @@ class Workspace:
         return [info for _, info in sorted(found, key=lambda t: t[0], reverse=True)]
 
     def _run_info(self, run: Path) -> RunInfo:
-        adapters = sorted(p for p in run.glob("*.safetensors") if not p.name.startswith("."))
+        files = sorted(p for p in run.glob("*.safetensors") if not p.name.startswith("."))
+        # the final adapter first (merged, and picked first by Preview), then diffusers', then the step and epoch
+        # saves (<run>-step00000250, <run>-000002), which sort before it by name
+        adapters = [p for p in files if not SAVED_ALONG.search(p.stem)]
         diffusers = run / "diffusers" / DIFFUSERS_WEIGHT_NAME
         if diffusers.is_file():
             adapters.append(diffusers)
+        adapters += [p for p in files if SAVED_ALONG.search(p.stem)]
         checkpoints = [folder / "lora.safetensors" for folder in list_checkpoints(run)]  # complete ones only
         return RunInfo(run.name, run, adapters, checkpoints)
 
