@@ -41,6 +41,9 @@ def test_unset_optional_field_is_omitted_and_reloads_as_none(tmp_path: Path) -> 
         ({"train.mixed_precision": "fp8"}, "train.mixed_precision: must be one of 'auto', 'no', 'fp16', 'bf16'"),
         ({"data.resolution": 100}, "data.resolution: must be a multiple of 8, got 100"),
         ({"lora.train_text_encoder": "yes"}, "lora.train_text_encoder: must be true or false"),
+        ({"train.lr": float("inf")}, "train.lr: must be a finite number, got inf"),
+        ({"lora.alpha": float("nan")}, "lora.alpha: must be a finite number, got nan"),
+        (["train.lr=inf"], "train.lr: must be a finite number, got inf"),
     ],
 )
 def test_invalid_values_name_the_field_and_the_allowed_values(overrides, message) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import math
 import types
 import typing
 from dataclasses import field
@@ -98,6 +99,8 @@ def coerce(value: Any, tp: Any, dotted: str) -> Any:
     elif tp is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         value = float(value) if ok else value
+        if ok and not math.isfinite(value):  # TOML's inf and nan parse as floats; no setting means them
+            raise ConfigError(f"{dotted}: must be a finite number, got {value}")
     elif tp is str:
         ok = isinstance(value, str)
     if not ok:
