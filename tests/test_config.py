@@ -67,6 +67,20 @@ def test_toml_syntax_error_gives_line_and_column(tmp_path: Path) -> None:
     assert str(path) in str(e.value) and "line 2" in str(e.value)
 
 
+def test_a_windows_config_saved_as_utf16_loads(tmp_path: Path) -> None:
+    path = tmp_path / "notepad.toml"
+    path.write_bytes("[train]\r\nsteps = 7\r\n".encode("utf-16"))  # Notepad's "Unicode": UTF-16 with a BOM
+    assert Config.load(path).train.steps == 7
+
+
+def test_a_config_in_another_encoding_says_to_save_it_as_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "latin.toml"
+    path.write_bytes('[data]\ntrigger_word = "caf\xe9"\n'.encode("latin-1"))
+    with pytest.raises(ConfigError) as e:
+        Config.load(path)
+    assert str(path) in str(e.value) and "save it as UTF-8" in str(e.value)
+
+
 def test_overrides_parse_toml_values_and_bare_strings() -> None:
     assert parse_override("train.lr=1e-4") == ("train.lr", 1e-4)
     assert parse_override("lora.train_text_encoder=true") == ("lora.train_text_encoder", True)
