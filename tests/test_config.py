@@ -81,6 +81,16 @@ def test_a_config_in_another_encoding_says_to_save_it_as_utf8(tmp_path: Path) ->
     assert str(path) in str(e.value) and "save it as UTF-8" in str(e.value)
 
 
+def test_a_windows_path_in_double_quotes_says_how_to_write_it(tmp_path: Path) -> None:
+    path = tmp_path / "win.toml"
+    path.write_text('[data]\npath = "E:\\data\\set"\n')
+    with pytest.raises(ConfigError) as e:
+        Config.load(path)
+    message = str(e.value)
+    assert str(path) in message and "line 2" in message
+    assert "single quotes" in message and "'E:\\data\\set'" in message
+
+
 def test_overrides_parse_toml_values_and_bare_strings() -> None:
     assert parse_override("train.lr=1e-4") == ("train.lr", 1e-4)
     assert parse_override("lora.train_text_encoder=true") == ("lora.train_text_encoder", True)
