@@ -19,7 +19,7 @@ from typing import Any
 
 from ..core.config import DataConfig
 from ..core.errors import DataError, counted, setting
-from .dataset import DOC_NAMES, IMAGE_SUFFIXES, Item, read_caption, read_jsonl, scan, with_trigger
+from .dataset import DOC_NAMES, IMAGE_SUFFIXES, Item, read_caption, read_jsonl, scan, sidecar_path, with_trigger
 from .imagecheck import check_image, colour_difference, near_duplicate_pairs
 
 log = logging.getLogger(__name__)
@@ -174,7 +174,7 @@ def check_dataset(
             checks.append(check)
 
     def has_caption(path: Path) -> bool:
-        return bool(captions.get(path)) if captions is not None else path.with_suffix(caption_extension).is_file()
+        return bool(captions.get(path)) if captions is not None else sidecar_path(path, caption_extension).is_file()
 
     checks = _drop_duplicates(checks, report, has_caption)
     counter = _TokenCounter(tokenizer, model)
@@ -241,7 +241,7 @@ def _image_files(files: list[Path], captions: dict[Path, str] | None, report: Da
 def _orphan_captions(files: list[Path], caption_extension: str, report: DatasetReport) -> None:
     images = {p.with_suffix("") for p in files if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir()}
     for path in files:
-        if path.suffix != caption_extension or not path.is_file() or path.with_suffix("") in images:
+        if path.suffix.lower() != caption_extension.lower() or not path.is_file() or path.with_suffix("") in images:
             continue
         if path.stem.lower() in DOC_NAMES:
             report.findings.append(Finding(path, "not a caption (no image of this name)", "ignored", False, "info"))
@@ -304,7 +304,7 @@ def _drop_duplicates(checks: list[Any], report: DatasetReport, has_caption: Call
 
 
 def _sidecar_caption(image: Path, extension: str, report: DatasetReport) -> tuple[str, list[str]]:
-    sidecar = image.with_suffix(extension)
+    sidecar = sidecar_path(image, extension)
     notes: list[str] = []
     if not sidecar.is_file():
         report.findings.append(Finding(image, f"no caption ({sidecar.name} is missing)",
