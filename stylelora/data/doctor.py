@@ -160,7 +160,7 @@ def check_dataset(
         inside = f" ({count} image{'s' * (count != 1)} inside)" if path.is_dir() else ""
         add(Finding(path, f"{what}{inside}", "ignored", False, "info"))
     captions = _read_metadata(root, report) if (root / "metadata.jsonl").is_file() else None
-    candidates = _image_files(files, captions, report)
+    candidates = _image_files(files, captions, report, caption_extension)
     if captions is None:
         _orphan_captions(files, caption_extension, report)
 
@@ -210,7 +210,8 @@ def _read_metadata(root: Path, report: DatasetReport) -> dict[Path, str]:
     return captions
 
 
-def _image_files(files: list[Path], captions: dict[Path, str] | None, report: DatasetReport) -> list[Path]:
+def _image_files(files: list[Path], captions: dict[Path, str] | None, report: DatasetReport,
+                 caption_extension: str = ".txt") -> list[Path]:
     """The images to decode: every visible image file, or with metadata.jsonl the images it lists.
 
     Files that cannot be candidates (broken links, unsupported formats, unlisted images) become findings.
@@ -230,7 +231,18 @@ def _image_files(files: list[Path], captions: dict[Path, str] | None, report: Da
             candidates.append(path)
         elif suffix in IMAGE_SUFFIXES and path not in captions:
             report.images.append(path)
-            add(Finding(path, "not listed in metadata.jsonl", "not used; add a row for it", False, "warning"))
+            sidecar = sidecar_path(path, caption_extension)
+            if sidecar.is_file():  # a kohya set with a metadata.jsonl beside it: the jsonl alone gives captions
+                add(Finding(path, f"not listed in metadata.jsonl, so its caption {sidecar.name} is ignored "
+                            "(with a metadata.jsonl in the folder, captions come from it alone)",
+                            "not used; add a row for it, or remove metadata.jsonl to use the caption files",
+                            False, "warning"))
+            else:
+                add(Finding(path, "not listed in metadata.jsonl", "not used; add a row for it", False, "warning"))
+        elif suffix in IMAGE_SUFFIXES and sidecar_path(path, caption_extension).is_file():
+            ignored = sidecar_path(path, caption_extension).name
+            add(Finding(path, f"has a caption in metadata.jsonl and in {ignored}",
+                        f"used with metadata.jsonl's caption; {ignored} is ignored", True, "info"))
         elif suffix in UNSUPPORTED_IMAGES:
             report.images.append(path)
             add(Finding(path, f"{suffix} images are not supported", "skipped; convert it to PNG or JPEG",
