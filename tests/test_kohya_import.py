@@ -163,7 +163,8 @@ def test_an_unreadable_prompt_file_is_skipped_with_its_reason(tmp_path: Path) ->
     report = import_kohya(config)  # the rest of the config still imports
     assert report.config.lora.rank == 8 and report.config.sample.prompts == Config().sample.prompts
     reasons = {k: r for k, _, r in report.unsupported}
-    assert reasons["sample_prompts"].startswith(f"{tmp_path / 'prompts.txt'}: cannot read the prompt file (")
+    assert reasons["sample_prompts"].startswith(
+        f"{tmp_path / 'prompts.txt'}: the prompt file starts with a UTF-16 mark but is not UTF-16; save it as UTF-8")
     assert reasons["sample_prompts"].endswith("; set sample.prompts")
     (tmp_path / "prompts.txt").unlink()
     reasons = {k: r for k, _, r in import_kohya(config).unsupported}

@@ -108,8 +108,14 @@ def read_user_text(path: str | os.PathLike[str], what: str) -> str:
         raw = p.read_bytes()
     except OSError as e:
         raise ConfigError(f"{p}: cannot read the {what} ({e})") from None
-    try:  # Notepad's "Unicode" is UTF-16 with a byte-order mark
-        return raw.decode("utf-16") if raw.startswith((b"\xff\xfe", b"\xfe\xff")) else raw.decode("utf-8-sig")
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):  # Notepad's "Unicode" is UTF-16 with a byte-order mark
+        try:
+            return raw.decode("utf-16")
+        except UnicodeDecodeError:
+            raise ConfigError(f"{p}: the {what} starts with a UTF-16 mark but is not UTF-16; "
+                              "save it as UTF-8") from None
+    try:
+        return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise ConfigError(
             f"{p}: the {what} is not UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start}); save it as UTF-8"
