@@ -64,6 +64,11 @@ CASES = {
     "resume from a corrupt checkpoint": (
         lambda t: ["--resume", str(write(t / "ck/state.json", "{").parent), "--output", str(t / "r")],
         "ck: not a complete stylelora checkpoint"),
+    "resume from a damaged checkpoint with an earlier one": (
+        lambda t: ["--resume", str(write(t / "run/checkpoints/step-000004/state.json", "{").parent), "--output",
+                   str(write(t / "run/checkpoints/step-000002/state.json", "{}").parents[2])],
+        "step-000004: not a complete stylelora checkpoint (Expecting property name enclosed in double quotes: "
+        "line 1 column 2 (char 1)); resume from the one before it with --resume "),
     "batch larger than the dataset": (lambda t: ["--batch-size", "9"], "cannot fill one batch of 9"),
 }
 
