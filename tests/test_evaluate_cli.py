@@ -117,3 +117,15 @@ def test_a_clip_descriptor_adds_the_prompt_score(run: Path) -> None:
     assert scores.descriptor == "builtin:tiny-clip" and [r.label for r in scores.checkpoints] == ["step-000006"]
     assert scores.base.prompt is not None and scores.checkpoints[0].prompt is not None
     assert "prompt" in scores.table().splitlines()[0].split()
+
+
+def test_a_mistyped_run_folder_is_named_as_missing(tmp_path: Path) -> None:
+    """A typo in the run's path says there is no such folder, not that a folder is no run."""
+    from stylelora.core.errors import ConfigError
+    from stylelora.evaluation.checkpoints import run_config
+    from stylelora.evaluation.compare import expand_runs
+
+    for check in (run_config, lambda p: expand_runs([p])):
+        with pytest.raises(ConfigError) as e:
+            check(tmp_path / "outptus" / "mystyle")
+        assert str(e.value).startswith(f"{tmp_path / 'outptus' / 'mystyle'}: no such folder")
