@@ -2,9 +2,10 @@
 FLUX.1 [dev]'s widths (random weights, nothing downloaded), beside the run's own estimate and the frozen weights'
 size.
 
-    python benchmarks/bench_memory.py --shape sd15|sdxl|flux-dev-slice [--models DIR] [--precision bf16]
-                                      [--resolution 64] [--limit-gib 16] [--code DIR] [--set section.field=value]
-    python benchmarks/bench_memory.py --shape sd15|sdxl|flux-dev-slice|flux-dev --estimates
+    python benchmarks/bench_memory.py --shape sd15|sdxl|flux-dev-slice|sd35-large-slice [--models DIR]
+                                      [--precision bf16] [--quantize auto|none|nf4|int8|fp8] [--resolution 64]
+                                      [--limit-gib 16] [--code DIR] [--set section.field=value]
+    python benchmarks/bench_memory.py --shape sd15|sdxl|flux-dev-slice|sd35-large-slice|flux-dev|sd35-large --estimates
 
 The second form runs no step: ``stylelora train --estimate`` for fp32, bf16 and bf16 with nf4 (the table in the
 README), each of which plans the model on the meta device and reads no weight (its own peak RSS is printed too).
@@ -12,7 +13,8 @@ README), each of which plans the model on the meta device and reads no weight (i
 The model is written once as a diffusers folder under --models, stored as it ships (``real_shapes.py``: SD in fp16,
 SDXL takes 6.9 GB of disk; FLUX in bf16). ``flux-dev`` is FLUX.1 [dev] whole, as configs alone (its 31 GiB of bf16
 weights fit no 24 GB machine); ``flux-dev-slice`` has its widths and 2 of its 19 double blocks, 4 of its 38 single
-blocks and 2 of T5-XXL's 24 layers, so the measured and the estimated can be set side by side. ``stylelora train``
+blocks and 2 of T5-XXL's 24 layers, so the measured and the estimated can be set side by side
+(``sd35-large-slice``: SD3.5 Large's widths, 4 of its 38 joint blocks). ``stylelora train``
 then runs one step on a one-image dataset with the caches on (the defaults), in a fresh process under ``prlimit
 --as`` (--limit-gib of address space: a machine of that much memory, and stricter, since the address space also
 counts the mapped model files and reserved but unused memory). While it runs the process's memory is read every 50
@@ -114,10 +116,13 @@ def estimates(args: argparse.Namespace, folder: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", choices=["sd15", "sdxl", "flux-dev-slice", "flux-dev"], default="sd15",
-                        help="flux-dev: only --estimates (its configs alone; its weights fit no 24 GB machine)")
+    parser.add_argument("--shape", choices=["sd15", "sdxl", "flux-dev-slice", "sd35-large-slice", "flux-dev",
+                                            "sd35-large"], default="sd15",
+                        help="flux-dev, sd35-large: only --estimates (configs alone; their weights fit no 24 GB "
+                             "machine)")
     parser.add_argument("--models", type=Path, default=Path(tempfile.gettempdir()) / "stylelora-real-shapes")
     parser.add_argument("--precision", default="bf16", help="train.mixed_precision")
+    parser.add_argument("--quantize", default="auto", help="model.quantize (auto, none, fp8, int8, nf4)")
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--limit-gib", type=float, default=16.0, help="address-space limit (prlimit --as)")
     parser.add_argument("--code", type=Path, default=ROOT, help="the stylelora checkout to run")
@@ -143,7 +148,7 @@ def main() -> None:
         command = ["prlimit", f"--as={int(args.limit_gib * GiB)}", "--", sys.executable, "-m", "stylelora", "train",
                    "--model", str(folder), "--data", str(data), "--output", str(Path(tmp) / "run"), "--steps", "1",
                    "--resolution", str(args.resolution), "--set", f"train.mixed_precision={args.precision}",
-                   "--set", "train.log_with=none"]
+                   "--set", f"model.quantize={args.quantize}", "--set", "train.log_with=none"]
         for field in args.set:
             command += ["--set", field]
         env = dict(os.environ, PYTHONPATH=str(args.code), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
@@ -167,7 +172,8 @@ def main() -> None:
     print("| model | precision | code | frozen weights | peak RSS (VmHWM) | peak anonymous | anonymous / frozen "
           "| estimate | limit | result |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    print(f"| {args.shape} | {args.precision} | {args.code.name} | {frozen / GiB:.2f} GiB | {hwm / GiB:.2f} GiB "
+    precision = args.precision + (f" + {args.quantize}" if args.quantize not in ("auto", "none") else "")
+    print(f"| {args.shape} | {precision} | {args.code.name} | {frozen / GiB:.2f} GiB | {hwm / GiB:.2f} GiB "
           f"| {peaks.get('RssAnon', 0) / GiB:.2f} GiB | {peaks.get('RssAnon', 0) / frozen:.2f} | {estimate} "
           f"| {args.limit_gib:g} GiB | {result} |")
 

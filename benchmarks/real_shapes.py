@@ -2,11 +2,13 @@
 the way those models are shipped (fp16 ``.safetensors``, one file per component), for memory benchmarks that
 must see real sizes without downloading anything.
 
-    python benchmarks/real_shapes.py sd15|sdxl|flux-dev-slice FOLDER [--dtype fp16|bf16|fp32]
+    python benchmarks/real_shapes.py sd15|sdxl|flux-dev-slice|sd35-large-slice FOLDER [--dtype fp16|bf16|fp32]
 
 ``flux-dev-slice`` is FLUX.1 [dev] at its real widths (the 3072-wide transformer, T5-XXL's 4096-wide encoder,
 CLIP-L, the 16-channel VAE) cut to 2 double and 4 single blocks and 2 T5 layers: 2.0 B parameters instead of
 16.9 B, so a FLUX-shaped run can be measured on a 24 GB machine (store it in bf16, as FLUX.1 ships).
+``sd35-large-slice`` is SD3.5 Large the same way: its 2432-wide transformer cut to 4 of its 38 joint blocks, T5-XXL
+cut to 2 layers, CLIP-L and CLIP-G whole (2.1 B parameters of 8.1 B + 5.5 B of encoders; bf16 as it ships).
 
 Each component is built alone in the stored precision (torch's own initialisation, run in that precision: no
 fp32 copy is ever made) and streamed to its file tensor by tensor, so writing the SDXL folder (6.9 GB of fp16)
@@ -62,6 +64,11 @@ FLUX_SLICE_TRANSFORMER = {"_class_name": "FluxTransformer2DModel", "patch_size":
 T5_XXL_SLICE = {"architectures": ["T5EncoderModel"], "model_type": "t5", "vocab_size": 32128, "d_model": 4096,
                 "d_kv": 64, "d_ff": 10240, "num_layers": 2, "num_heads": 64, "feed_forward_proj": "gated-gelu",
                 "is_encoder_decoder": False}
+# SD3.5 Large's published widths (published_models.SD35_LARGE_TRANSFORMER), cut in depth
+SD35_SLICE_TRANSFORMER = {"_class_name": "SD3Transformer2DModel", "sample_size": 128, "patch_size": 2,
+                          "in_channels": 16, "num_layers": 4, "attention_head_dim": 64, "num_attention_heads": 38,
+                          "joint_attention_dim": 4096, "caption_projection_dim": 2432, "pooled_projection_dim": 2048,
+                          "out_channels": 16, "pos_embed_max_size": 192, "qk_norm": "rms_norm"}
 FLUX_SCHEDULER = {"shift": 3.0, "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15,
                   "base_image_seq_len": 256, "max_image_seq_len": 4096}
 SCHEDULER = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "steps_offset": 1}
@@ -97,8 +104,21 @@ SHAPES: dict[str, dict[str, Any]] = {
         "tokenizers": {"tokenizer": "clip", "tokenizer_2": "t5"},
         "extra": {},
     },
+    "sd35-large-slice": {
+        "_class_name": "StableDiffusion3Pipeline",
+        "transformer": ("diffusers", "SD3Transformer2DModel", SD35_SLICE_TRANSFORMER),
+        "vae": ("diffusers", "AutoencoderKL", {**VAE, "latent_channels": 16, "sample_size": 1024,
+                                               "use_quant_conv": False, "use_post_quant_conv": False,
+                                               "shift_factor": 0.0609, "scaling_factor": 1.5305}),
+        "text_encoder": ("transformers", "CLIPTextModelWithProjection", CLIP_L),
+        "text_encoder_2": ("transformers", "CLIPTextModelWithProjection", CLIP_G),
+        "text_encoder_3": ("transformers", "T5EncoderModel", T5_XXL_SLICE),
+        "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler", {"shift": 3.0}),
+        "tokenizers": {"tokenizer": "clip", "tokenizer_2": "clip-g", "tokenizer_3": "t5"},
+        "extra": {},
+    },
 }
-STORED = {"flux-dev-slice": torch.bfloat16}  # how each is shipped when not fp16
+STORED = {"flux-dev-slice": torch.bfloat16, "sd35-large-slice": torch.bfloat16}  # how each is shipped when not fp16
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 SAFETENSORS_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.int64: "I64"}
 
@@ -145,8 +165,8 @@ def _component(library: str, class_name: str, config: dict[str, Any]) -> torch.n
 
 
 def write_model(shape: str, folder: Path, dtype: torch.dtype | None = None, seed: int = 0) -> Path:
-    """The ``shape`` (sd15, sdxl, flux-dev-slice) model with random weights as a diffusers folder stored in ``dtype``
-    (by default as the model ships: fp16, FLUX.1 bf16)."""
+    """The ``shape`` (sd15, sdxl, flux-dev-slice, sd35-large-slice) model with random weights as a diffusers folder
+    stored in ``dtype`` (by default as the model ships: fp16, FLUX.1 and SD3.5 bf16)."""
     dtype = dtype or STORED.get(shape, torch.float16)
     from stylelora.model.builtin import clip_tokenizer, t5_tokenizer
 
@@ -192,33 +212,38 @@ def write_model(shape: str, folder: Path, dtype: torch.dtype | None = None, seed
 
 
 def write_configs(shape: str, folder: Path) -> Path:
-    """Only the config files of ``shape`` (``flux-dev``: FLUX.1 [dev] as published, whose ~33 GB of bf16 weights
-    fit no 24 GB machine): enough for ``stylelora train --estimate``, which plans the model on the meta device."""
+    """Only the config files of ``shape`` (``flux-dev``: FLUX.1 [dev] as published, ``sd35-large``: SD3.5 Large, whose
+    ~33 and ~28 GB of bf16 weights fit no 24 GB machine): enough for ``stylelora train --estimate``, which plans the
+    model on the meta device."""
     from diffusers import FlowMatchEulerDiscreteScheduler
-    from published_models import flux_dev
+    from published_models import flux_dev, sd35_large
 
-    parts = flux_dev().pipeline  # on the meta device: no memory
+    model = {"flux-dev": flux_dev, "sd35-large": sd35_large}[shape]()  # on the meta device: no memory
+    parts = model.pipeline
+    encoders = [name for name in ("text_encoder", "text_encoder_2", "text_encoder_3") if hasattr(parts, name)]
     for part in ("transformer", "vae"):
         getattr(parts, part).save_config(folder / part)
-    for part in ("text_encoder", "text_encoder_2"):
+    for part in encoders:
         getattr(parts, part).config.save_pretrained(folder / part)
-    FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-                                    base_image_seq_len=256, max_image_seq_len=4096).save_config(folder / "scheduler")
-    index = {"_class_name": "FluxPipeline", "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
-             "text_encoder": ["transformers", "CLIPTextModel"], "text_encoder_2": ["transformers", "T5EncoderModel"],
-             "transformer": ["diffusers", "FluxTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"]}
+    scheduler = FLUX_SCHEDULER if shape == "flux-dev" else {"shift": 3.0}
+    FlowMatchEulerDiscreteScheduler(**scheduler).save_config(folder / "scheduler")
+    index = {"_class_name": model.family.pipeline_class(model.kind).__name__,
+             "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+             "transformer": ["diffusers", type(parts.transformer).__name__], "vae": ["diffusers", "AutoencoderKL"],
+             **{part: ["transformers", type(getattr(parts, part)).__name__] for part in encoders}}
     (folder / "model_index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
     return folder
 
 
-CONFIGS_ONLY = {"flux-dev": write_configs}
+CONFIGS_ONLY = {"flux-dev": write_configs, "sd35-large": write_configs}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("shape", choices=sorted(SHAPES))
     parser.add_argument("folder", type=Path)
-    parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: as the model ships (fp16; FLUX.1 bf16)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES),
+                        help="default: as the model ships (fp16; FLUX.1, SD3.5 bf16)")
     args = parser.parse_args()
     print(write_model(args.shape, args.folder, DTYPES[args.dtype] if args.dtype else None))
 

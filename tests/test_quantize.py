@@ -62,3 +62,28 @@ def test_quantized_int8_base_follows_the_full_precision_run(tmp_path: Path) -> N
     # int8 weights with per-channel scales: the same training, up to rounding of the frozen weights
     assert int8.losses == pytest.approx(full.losses, rel=0.05)
     assert int8.losses != full.losses
+
+
+def test_a_4_bit_sdxl_base_trains_in_bf16(tmp_path: Path) -> None:
+    """At real widths (over 128, in groups of 128) a 4-bit bf16 weight takes quanto's int4 matmul, which refuses
+    an input that is not contiguous in memory, and SDXL's (and SD2's) linear proj_in gets a permuted view:
+    SDXL-shaped runs with model.quantize=nf4 stopped at their first step. builtin:tiny-sdxl is too narrow to take
+    that matmul, so its UNet is swapped for one 256 channels wide."""
+    from diffusers import UNet2DConditionModel
+
+    data = make_dataset(tmp_path / "data", n=1)
+    model = load_base_model("builtin:tiny-sdxl")
+    torch.manual_seed(0)
+    model.pipeline.unet = UNet2DConditionModel(
+        sample_size=8, block_out_channels=(256, 256), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(8, 8), use_linear_projection=True, cross_attention_dim=64, addition_embed_type="text_time",
+        addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 32, norm_num_groups=32)
+    settings = {"model.name": "builtin:tiny-sdxl", "model.quantize": "nf4", "train.mixed_precision": "bf16",
+                "train.steps": 2, "train.lr": 3e-3}
+    result = train(tiny_config(data, tmp_path / "run", **settings), model=model)
+
+    proj_in = model.unet.down_blocks[1].attentions[0].proj_in
+    assert type(proj_in.base_layer.weight).__name__ == "TinyGemmWeightQBitsTensor"  # the int4 matmul was taken
+    assert len(result.losses) == 2 and all(np.isfinite(result.losses))
+    assert result.adapter_paths[0].is_file()

@@ -3,6 +3,8 @@ gradient checkpointing, memory format, compilation and train/eval modes."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from ..core.config import Config
@@ -114,6 +116,9 @@ def quantize_frozen(model: BaseModel, scheme: str) -> None:
             quanto.quantize(module, weights=weights, include=[block, f"{block}.*"], exclude=["*lora_*"])
             quanto.freeze(module)
             _return_freed_host_memory()
+        for layer in module.modules():
+            if isinstance(layer, quanto.QLinear):
+                layer.register_forward_pre_hook(_contiguous_input)
         for name, p in module.named_parameters():  # quanto's modules come back trainable; only LoRA trains
             p.requires_grad_("lora_" in name)
         # What was not quantized (norms, biases) may still be views of the model file mapped into memory;
@@ -121,6 +126,15 @@ def quantize_frozen(model: BaseModel, scheme: str) -> None:
         for t in [*(p for p in module.parameters() if type(p.data) is torch.Tensor), *module.buffers()]:
             t.data = t.data.clone()
     _return_freed_host_memory()
+
+
+def _contiguous_input(layer: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    """quanto's 4-bit matmul (torch's int4 kernel, taken for bf16 weights wider than 128 on a CPU or a recent
+    GPU) refuses an input that is not contiguous in memory, and SD2's and SDXL's linear ``proj_in`` is handed a
+    permuted view: without a copy those runs stopped at their first step."""
+    if args and isinstance(args[0], torch.Tensor) and not args[0].is_contiguous():
+        return (args[0].contiguous(), *args[1:])
+    return None
 
 
 def _blocks(module: torch.nn.Module, depth: int = 3) -> list[str]:
