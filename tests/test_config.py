@@ -46,6 +46,8 @@ def test_unset_optional_field_is_omitted_and_reloads_as_none(tmp_path: Path) -> 
         ({"train.lr": float("inf")}, "train.lr: must be a finite number, got inf"),
         # an emptied "Base model" box was read as the current folder: "the folder has no model_index.json"
         ({"model.name": " "}, "model.name: empty; give a base model"),
+        ({"lora.alpha": float("nan")}, "lora.alpha: must be a finite number, got nan"),
+        (["train.lr=inf"], "train.lr: must be a finite number, got inf"),
     ],
 )
 def test_invalid_values_name_the_field_and_the_allowed_values(overrides, message) -> None:
@@ -67,6 +69,30 @@ def test_toml_syntax_error_gives_line_and_column(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as e:
         Config.load(path)
     assert str(path) in str(e.value) and "line 2" in str(e.value)
+
+
+def test_a_windows_config_saved_as_utf16_loads(tmp_path: Path) -> None:
+    path = tmp_path / "notepad.toml"
+    path.write_bytes("[train]\r\nsteps = 7\r\n".encode("utf-16"))  # Notepad's "Unicode": UTF-16 with a BOM
+    assert Config.load(path).train.steps == 7
+
+
+def test_a_config_in_another_encoding_says_to_save_it_as_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "latin.toml"
+    path.write_bytes('[data]\ntrigger_word = "caf\xe9"\n'.encode("latin-1"))
+    with pytest.raises(ConfigError) as e:
+        Config.load(path)
+    assert str(path) in str(e.value) and "save it as UTF-8" in str(e.value)
+
+
+def test_a_windows_path_in_double_quotes_says_how_to_write_it(tmp_path: Path) -> None:
+    path = tmp_path / "win.toml"
+    path.write_text('[data]\npath = "E:\\data\\set"\n')
+    with pytest.raises(ConfigError) as e:
+        Config.load(path)
+    message = str(e.value)
+    assert str(path) in message and "line 2" in message
+    assert "single quotes" in message and "'E:\\data\\set'" in message
 
 
 def test_overrides_parse_toml_values_and_bare_strings() -> None:

@@ -78,3 +78,18 @@ def test_random_flip_and_crop_are_seeded(tmp_path: Path) -> None:
     views = [data.example(0, seed=3, epoch=e)["pixels"] for e in range(8)]
     assert torch.equal(views[0], data.example(0, seed=3, epoch=0)["pixels"])
     assert len({v.sum().item() for v in views}) > 1  # different epochs crop or flip differently
+
+
+def test_upper_case_caption_files_from_windows_are_read(tmp_path: Path) -> None:
+    """A set made on Windows names its captions IMG_01.TXT; Linux is case-sensitive, the captions still count."""
+    from stylelora.data.doctor import check_dataset
+
+    draw_image(tmp_path / "IMG_01.JPEG")
+    (tmp_path / "IMG_01.TXT").write_text("red square")
+    draw_image(tmp_path / "b.png", seed=5)
+    (tmp_path / "b.Txt").write_text("blue square")
+    assert [(i.image.name, i.caption) for i in scan(tmp_path)] == [("IMG_01.JPEG", "red square"),
+                                                                   ("b.png", "blue square")]
+    report = check_dataset(tmp_path, resolution=64)
+    problems = [f"{f.path.name}: {f.problem}" for f in report.findings]
+    assert not [p for p in problems if "caption" in p], problems

@@ -334,3 +334,19 @@ def test_of_two_identical_images_the_captioned_one_is_trained(tmp_path: Path) ->
     assert sorted(p.name for p in report.usable) == ["astronaut.png", "boat.png"]
     said = {f.path.name: f.problem for f in report.findings}
     assert said["astronaut-2.png"] == "exact duplicate of astronaut.png (same bytes)"
+
+
+def test_txt_captions_beside_a_metadata_jsonl_are_named_as_ignored(tmp_path: Path) -> None:
+    """A kohya set (.txt captions) with a metadata.jsonl for some images: the .txt captions are not used, and
+    the check says so by file rather than leaving the user to wonder where the captions went."""
+    from stylelora.data.doctor import check_dataset
+
+    draw_image(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_text("red square from the txt")
+    draw_image(tmp_path / "b.png", seed=3)
+    (tmp_path / "b.txt").write_text("blue square")
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "red square from the jsonl"}\n')
+    report = check_dataset(tmp_path, resolution=64)
+    found = {f.path.name: f"{f.problem} -> {f.action}" for f in report.findings}
+    assert "b.txt is ignored" in found["b.png"] and "metadata.jsonl" in found["b.png"]
+    assert "a.txt" in found["a.png"] and "metadata.jsonl" in found["a.png"]

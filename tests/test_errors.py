@@ -42,7 +42,8 @@ CASES = {
     "unknown --set key": (lambda t: ["--set", "data.resolutoin=64"], "did you mean 'data.resolution'?"),
     "TOML syntax error": (lambda t: [str(write(t / "c.toml", "[train]\nsteps = 3\nlr = = 1\n"))],
                           "c.toml: not valid TOML: Invalid value (at line 3, column 6)"),
-    "config not UTF-8": (lambda t: [str(write(t / "c.toml", b"\xff\xfe[\x00"))], "cannot read the config file"),
+    "config not UTF-8": (lambda t: [str(write(t / "c.toml", b"[data]\ntrigger_word = 'caf\xe9'\n"))],
+                         "c.toml: the config file is not UTF-8 (byte 0xe9 at offset 26); save it as UTF-8"),
     "missing config": (lambda t: [str(t / "nope.toml")], "nope.toml: config file not found"),
     "folder given as config": (lambda t: [str(t / "data")], "is a folder, not a config file"),
     "missing dataset": (lambda t: ["--data", str(t / "no-data")], "no-data': no such folder"),
@@ -63,6 +64,11 @@ CASES = {
     "resume from a corrupt checkpoint": (
         lambda t: ["--resume", str(write(t / "ck/state.json", "{").parent), "--output", str(t / "r")],
         "ck: not a complete stylelora checkpoint"),
+    "resume from a damaged checkpoint with an earlier one": (
+        lambda t: ["--resume", str(write(t / "run/checkpoints/step-000004/state.json", "{").parent), "--output",
+                   str(write(t / "run/checkpoints/step-000002/state.json", "{}").parents[2])],
+        "step-000004: not a complete stylelora checkpoint (Expecting property name enclosed in double quotes: "
+        "line 1 column 2 (char 1)); resume from the one before it with --resume "),
     "batch larger than the dataset": (lambda t: ["--batch-size", "9"], "cannot fill one batch of 9"),
 }
 

@@ -117,3 +117,29 @@ def test_a_clip_descriptor_adds_the_prompt_score(run: Path) -> None:
     assert scores.descriptor == "builtin:tiny-clip" and [r.label for r in scores.checkpoints] == ["step-000006"]
     assert scores.base.prompt is not None and scores.checkpoints[0].prompt is not None
     assert "prompt" in scores.table().splitlines()[0].split()
+
+
+def test_a_mistyped_run_folder_is_named_as_missing(tmp_path: Path) -> None:
+    """A typo in the run's path says there is no such folder, not that a folder is no run."""
+    from stylelora.core.errors import ConfigError
+    from stylelora.evaluation.checkpoints import run_config
+    from stylelora.evaluation.compare import expand_runs
+
+    for check in (run_config, lambda p: expand_runs([p])):
+        with pytest.raises(ConfigError) as e:
+            check(tmp_path / "outptus" / "mystyle")
+        assert str(e.value).startswith(f"{tmp_path / 'outptus' / 'mystyle'}: no such folder")
+
+
+def test_a_grid_value_or_setting_given_twice_is_refused() -> None:
+    """lora.rank=4,4 made two runs that both went to rank4; a second --grid for the same setting replaced the
+    first without a word. Each is one plain message saying how to write it."""
+    from stylelora.core.errors import ConfigError
+    from stylelora.services.sweep import parse_grid
+
+    with pytest.raises(ConfigError, match=r"--grid 'lora.rank=4,8,4': 4 is given twice; each value makes one run"):
+        parse_grid(["lora.rank=4,8,4"])
+    with pytest.raises(ConfigError, match=r"--grid: lora.rank is given twice; put its values in one --grid "
+                                          r"lora.rank=4,8"):
+        parse_grid(["lora.rank=4", "lora.rank=8"])
+    assert parse_grid(["lora.rank=4,8", "train.lr=1e-4"]) == {"lora.rank": [4, 8], "train.lr": [1e-4]}

@@ -163,7 +163,8 @@ def test_an_unreadable_prompt_file_is_skipped_with_its_reason(tmp_path: Path) ->
     report = import_kohya(config)  # the rest of the config still imports
     assert report.config.lora.rank == 8 and report.config.sample.prompts == Config().sample.prompts
     reasons = {k: r for k, _, r in report.unsupported}
-    assert reasons["sample_prompts"].startswith(f"{tmp_path / 'prompts.txt'}: cannot read the prompt file (")
+    assert reasons["sample_prompts"].startswith(
+        f"{tmp_path / 'prompts.txt'}: the prompt file starts with a UTF-16 mark but is not UTF-16; save it as UTF-8")
     assert reasons["sample_prompts"].endswith("; set sample.prompts")
     (tmp_path / "prompts.txt").unlink()
     reasons = {k: r for k, _, r in import_kohya(config).unsupported}
@@ -285,3 +286,23 @@ def test_a_stylelora_toml_with_every_section_is_never_taken_for_a_kohya_one(tmp_
     assert "[eval]" in path.read_text(encoding="utf-8") and not is_kohya_file(path)
     (tmp_path / "theirs.toml").write_text('pretrained_model_name_or_path = "x.safetensors"\nmax_train_steps = 10\n')
     assert is_kohya_file(tmp_path / "theirs.toml")
+
+
+def test_a_windows_dataset_config_path_is_found_beside_the_config_or_named(tmp_path: Path) -> None:
+    """sd-scripts' config names its dataset config by a Windows path: the file of that name beside the config is
+    read (as for the other inputs); without it the message names the key and says to pass --dataset-config, and
+    with a dataset config sd-scripts ignores train_data_dir, so the subset's image_dir gives data.path."""
+    draw_image(tmp_path / "10_zqx" / "a.png")
+    config = tmp_path / "config.toml"
+    config.write_bytes(b"\xef\xbb\xbfpretrained_model_name_or_path = 'builtin:tiny'\r\ntrain_data_dir = "
+                       b"'E:\\old\\set'\r\nnetwork_dim = 4\r\ndataset_config = 'E:\\cfg\\dataset.toml'\r\n")
+    with pytest.raises(ConfigError) as e:
+        import_kohya(config)
+    message = str(e.value)
+    assert "config.toml: dataset_config 'E:\\cfg\\dataset.toml' is a Windows path (drive E:)" in message
+    assert "--dataset-config" in message
+    (tmp_path / "dataset.toml").write_text(f"[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = "
+                                           f"'{tmp_path / '10_zqx'}'\nnum_repeats = 10\n")
+    report = import_kohya(config)
+    assert Path(report.config.data.path) == tmp_path  # 10_zqx's parent: kohya's N_name layout
+    assert any(read[0] == "train_data_dir" for read in report.read), report.read

@@ -108,6 +108,16 @@ def save_checkpoint(folder: Path, state: TrainingState) -> Path:
     return folder
 
 
+def _pick_earlier(folder: Path) -> str:
+    """What to do about a damaged checkpoint: the --resume that names the one before it, when there is one."""
+    try:
+        earlier = sorted(p for p in folder.parent.iterdir()
+                         if p.name < folder.name and p.name.startswith("step-") and (p / "state.json").is_file())
+    except OSError:
+        earlier = []
+    return f"resume from the one before it with --resume {earlier[-1]}" if earlier else "pick an earlier one"
+
+
 def load_checkpoint(folder: Path) -> TrainingState:
     try:
         meta = json.loads((folder / "state.json").read_text(encoding="utf-8"))
@@ -115,9 +125,9 @@ def load_checkpoint(folder: Path) -> TrainingState:
         opt_tensors = load_file(str(folder / "optimizer.safetensors"))
         ema = _unflatten_parts(load_file(str(folder / "ema.safetensors"))) if meta.get("ema") else None
     except (OSError, ValueError, KeyError, SafetensorError) as e:
-        raise TrainingError(f"{folder}: not a complete stylelora checkpoint ({e}); pick an earlier one") from None
+        raise TrainingError(f"{folder}: not a complete stylelora checkpoint ({e}); {_pick_earlier(folder)}") from None
     if not meta.get("complete"):
-        raise TrainingError(f"{folder}: checkpoint is incomplete; pick an earlier one")
+        raise TrainingError(f"{folder}: checkpoint is incomplete; {_pick_earlier(folder)}")
     alphas = _unflatten_parts({k: v for k, v in flat.items() if k.endswith(ALPHA_SUFFIX)})
     lora = _unflatten_parts({k: v for k, v in flat.items() if not k.endswith(ALPHA_SUFFIX)})
     return TrainingState(

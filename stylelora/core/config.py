@@ -402,7 +402,11 @@ class Config:
         try:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{source}: not valid TOML: {e}") from None
+            hint = ""
+            if "escape" in str(e).lower() or "\\" in str(e):  # a Windows path in double quotes
+                hint = ("; a backslash in double quotes starts an escape in TOML: write Windows paths in single "
+                        "quotes ('E:\\data\\set') or with forward slashes (\"E:/data/set\")")
+            raise ConfigError(f"{source}: not valid TOML: {e}{hint}") from None
         return cls.from_dict(data)
 
     @classmethod

@@ -105,9 +105,21 @@ def read_user_text(path: str | os.PathLike[str], what: str) -> str:
     if not p.is_file():
         raise ConfigError(f"{p}: {what} not found")
     try:
-        return p.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as e:
+        raw = p.read_bytes()
+    except OSError as e:
         raise ConfigError(f"{p}: cannot read the {what} ({e})") from None
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):  # Notepad's "Unicode" is UTF-16 with a byte-order mark
+        try:
+            return raw.decode("utf-16")
+        except UnicodeDecodeError:
+            raise ConfigError(f"{p}: the {what} starts with a UTF-16 mark but is not UTF-16; "
+                              "save it as UTF-8") from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"{p}: the {what} is not UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start}); save it as UTF-8"
+        ) from None
 
 
 def write_text(path: str | os.PathLike[str], text: str) -> None:

@@ -99,6 +99,8 @@ def coerce(value: Any, tp: Any, dotted: str) -> Any:
     elif tp is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         value = float(value) if ok else value
+        if ok and not math.isfinite(value):  # TOML's inf and nan parse as floats; no setting means them
+            raise ConfigError(f"{dotted}: must be a finite number, got {value}")
     elif tp is str:
         ok = isinstance(value, str)
     if not ok:
@@ -122,9 +124,6 @@ def check_fields(obj: Any, prefix: str) -> list[str]:
             errors.append(str(e))
             continue
         if value is None or isinstance(value, (bool, str, list)):
-            continue
-        if not math.isfinite(value):  # inf passes every "> 0"; nan fails every bound with no word of why
-            errors.append(f"{dotted}: must be a finite number, got {value}")
             continue
         m = f.metadata
         for bound, ok, word in (

@@ -19,7 +19,7 @@ from pathlib import Path
 from ..core import fileio
 from ..core.errors import DataError
 from .captions import split_tags
-from .dataset import IMAGE_SUFFIXES, decode_text
+from .dataset import IMAGE_SUFFIXES, decode_text, sidecar_path
 
 UNDO_DIR = Path(".stylelora") / "undo"  # under the dataset folder; hidden, so training never reads it
 UNDO_KEEP = 20  # how many bulk edits can be undone, newest first
@@ -88,7 +88,7 @@ def read_captions(folder: str | Path, caption_extension: str = ".txt") -> list[C
         if rows is not None:
             caption = by_name.get(path.relative_to(root).as_posix(), "")
         else:
-            sidecar = path.with_suffix(caption_extension)
+            sidecar = sidecar_path(path, caption_extension)
             caption = _one_line(decode_text(sidecar.read_bytes(), [])[0]) if sidecar.is_file() else ""
         out.append(Captioned(path, caption))
     return out
@@ -197,7 +197,7 @@ def apply_changes(folder: str | Path, changes: list[CaptionChange], label: str,
         return None
     rows = _jsonl_rows(root)
     targets = [root / METADATA] if rows is not None else [
-        Path(c.image).resolve().with_suffix(caption_extension) for c in changes]
+        sidecar_path(Path(c.image).resolve(), caption_extension) for c in changes]
     for target in targets:
         if not target.is_relative_to(root):
             raise DataError(f"{target}: outside the dataset folder {root}; nothing was changed")

@@ -8,6 +8,7 @@ exactly the batches an uninterrupted run would.
 
 from __future__ import annotations
 
+import glob
 import io
 import json
 import logging
@@ -79,6 +80,19 @@ def read_caption(path: Path, notes: list[str] | None = None) -> str:
     return " ".join(text.split())
 
 
+def sidecar_path(image: Path, caption_extension: str = ".txt") -> Path:
+    """The caption file of ``image``: ``a.txt``, or ``a.TXT`` as Windows tools name it (Linux tells case apart);
+    ``a.txt`` when there is none yet."""
+    exact = image.with_suffix(caption_extension)
+    if exact.is_file():
+        return exact
+    try:  # the same stem with the extension in another case, e.g. IMG_01.TXT beside IMG_01.JPEG
+        return next(p for p in sorted(image.parent.glob(glob.escape(image.stem) + ".*"))
+                    if p.suffix.lower() == caption_extension.lower() and p.stem == image.stem and p.is_file())
+    except (StopIteration, OSError):
+        return exact
+
+
 def _is_hidden(path: Path, root: Path) -> bool:
     return any(part.startswith(".") for part in path.relative_to(root).parts)
 
@@ -104,7 +118,7 @@ def scan(folder: str | Path, caption_extension: str = ".txt") -> list[Item]:
     for path in sorted(root.rglob("*")):
         if path.suffix.lower() not in IMAGE_SUFFIXES or not path.is_file() or _is_hidden(path, root):
             continue
-        sidecar = path.with_suffix(caption_extension)
+        sidecar = sidecar_path(path, caption_extension)
         caption = _read_caption_quietly(sidecar) if sidecar.is_file() else ""
         items.append(Item(path, caption))
     if not items:
@@ -370,6 +384,6 @@ def write_caption(image: Path, caption: str, caption_extension: str = ".txt") ->
     """Save the caption of ``image`` as its UTF-8 sidecar, atomically (for caption editors)."""
     from ..core import fileio
 
-    path = Path(image).with_suffix(caption_extension)
+    path = sidecar_path(Path(image), caption_extension)
     fileio.write_text(path, " ".join(caption.split()) + "\n")
     return path

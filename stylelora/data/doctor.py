@@ -19,7 +19,7 @@ from typing import Any
 
 from ..core.config import DataConfig
 from ..core.errors import DataError, counted, setting
-from .dataset import DOC_NAMES, IMAGE_SUFFIXES, Item, read_caption, read_jsonl, scan, with_trigger
+from .dataset import DOC_NAMES, IMAGE_SUFFIXES, Item, read_caption, read_jsonl, scan, sidecar_path, with_trigger
 from .imagecheck import check_image, colour_difference, near_duplicate_pairs
 
 log = logging.getLogger(__name__)
@@ -160,7 +160,7 @@ def check_dataset(
         inside = f" ({count} image{'s' * (count != 1)} inside)" if path.is_dir() else ""
         add(Finding(path, f"{what}{inside}", "ignored", False, "info"))
     captions = _read_metadata(root, report) if (root / "metadata.jsonl").is_file() else None
-    candidates = _image_files(files, captions, report)
+    candidates = _image_files(files, captions, report, caption_extension)
     if captions is None:
         _orphan_captions(files, caption_extension, report)
 
@@ -174,7 +174,7 @@ def check_dataset(
             checks.append(check)
 
     def has_caption(path: Path) -> bool:
-        return bool(captions.get(path)) if captions is not None else path.with_suffix(caption_extension).is_file()
+        return bool(captions.get(path)) if captions is not None else sidecar_path(path, caption_extension).is_file()
 
     checks = _drop_duplicates(checks, report, has_caption)
     counter = _TokenCounter(tokenizer, model)
@@ -210,7 +210,8 @@ def _read_metadata(root: Path, report: DatasetReport) -> dict[Path, str]:
     return captions
 
 
-def _image_files(files: list[Path], captions: dict[Path, str] | None, report: DatasetReport) -> list[Path]:
+def _image_files(files: list[Path], captions: dict[Path, str] | None, report: DatasetReport,
+                 caption_extension: str = ".txt") -> list[Path]:
     """The images to decode: every visible image file, or with metadata.jsonl the images it lists.
 
     Files that cannot be candidates (broken links, unsupported formats, unlisted images) become findings.
@@ -230,7 +231,18 @@ def _image_files(files: list[Path], captions: dict[Path, str] | None, report: Da
             candidates.append(path)
         elif suffix in IMAGE_SUFFIXES and path not in captions:
             report.images.append(path)
-            add(Finding(path, "not listed in metadata.jsonl", "not used; add a row for it", False, "warning"))
+            sidecar = sidecar_path(path, caption_extension)
+            if sidecar.is_file():  # a kohya set with a metadata.jsonl beside it: the jsonl alone gives captions
+                add(Finding(path, f"not listed in metadata.jsonl, so its caption {sidecar.name} is ignored "
+                            "(with a metadata.jsonl in the folder, captions come from it alone)",
+                            "not used; add a row for it, or remove metadata.jsonl to use the caption files",
+                            False, "warning"))
+            else:
+                add(Finding(path, "not listed in metadata.jsonl", "not used; add a row for it", False, "warning"))
+        elif suffix in IMAGE_SUFFIXES and sidecar_path(path, caption_extension).is_file():
+            ignored = sidecar_path(path, caption_extension).name
+            add(Finding(path, f"has a caption in metadata.jsonl and in {ignored}",
+                        f"used with metadata.jsonl's caption; {ignored} is ignored", True, "info"))
         elif suffix in UNSUPPORTED_IMAGES:
             report.images.append(path)
             add(Finding(path, f"{suffix} images are not supported", "skipped; convert it to PNG or JPEG",
@@ -241,7 +253,7 @@ def _image_files(files: list[Path], captions: dict[Path, str] | None, report: Da
 def _orphan_captions(files: list[Path], caption_extension: str, report: DatasetReport) -> None:
     images = {p.with_suffix("") for p in files if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir()}
     for path in files:
-        if path.suffix != caption_extension or not path.is_file() or path.with_suffix("") in images:
+        if path.suffix.lower() != caption_extension.lower() or not path.is_file() or path.with_suffix("") in images:
             continue
         if path.stem.lower() in DOC_NAMES:
             report.findings.append(Finding(path, "not a caption (no image of this name)", "ignored", False, "info"))
@@ -304,7 +316,7 @@ def _drop_duplicates(checks: list[Any], report: DatasetReport, has_caption: Call
 
 
 def _sidecar_caption(image: Path, extension: str, report: DatasetReport) -> tuple[str, list[str]]:
-    sidecar = image.with_suffix(extension)
+    sidecar = sidecar_path(image, extension)
     notes: list[str] = []
     if not sidecar.is_file():
         report.findings.append(Finding(image, f"no caption ({sidecar.name} is missing)",

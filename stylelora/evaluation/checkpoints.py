@@ -30,6 +30,8 @@ def label_of(step: int) -> str:
 
 def run_config(run_dir: str | Path) -> Config:
     run = Path(run_dir).expanduser()
+    if not run.exists():
+        raise ConfigError(f"{run}: no such folder; give a run folder stylelora train wrote (outputs/NAME)")
     if not (run / "config.toml").is_file():
         raise ConfigError(f"{run}: not a run folder (no config.toml in it); give a folder stylelora train wrote")
     return Config.load(run / "config.toml")

@@ -36,6 +36,8 @@ def expand_runs(paths: Sequence[str | Path]) -> list[Path]:
         if (path / "config.toml").is_file():
             runs.append(path)
             continue
+        if not path.exists():
+            raise ConfigError(f"{path}: no such folder; give a run folder stylelora train wrote (outputs/NAME)")
         inside = sorted(p.parent for p in path.glob("*/config.toml")) if path.is_dir() else []
         if not inside:
             raise ConfigError(f"{path}: not a run folder (no config.toml) and no run folders inside it")

@@ -181,9 +181,12 @@ def _model_kind(k: _Importer) -> str | None:
 
 
 def _data(k: _Importer) -> None:
-    if k.given("train_data_dir"):
+    for key, dotted in (("train_data_dir", "data.path"), ("reg_data_dir", "data.reg_path")):
+        if dotted in k.values:  # set by a dataset config, which sd-scripts reads instead of these flags
+            k.read(key, "sd-scripts ignores it when a dataset config is given; the subsets' image_dir is used")
+    if k.given("train_data_dir") and "train_data_dir" not in k.used:
         k.set("train_data_dir", "data.path", k.path(k.get("train_data_dir"), "train_data_dir", "data.path"))
-    if k.given("reg_data_dir"):
+    if k.given("reg_data_dir") and "reg_data_dir" not in k.used:
         k.set("reg_data_dir", "data.reg_path", k.path(k.get("reg_data_dir"), "reg_data_dir", "data.reg_path"))
     for key in ("resolution", "max_resolution"):
         if k.given(key):

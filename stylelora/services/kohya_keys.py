@@ -10,12 +10,12 @@ import re
 import shlex
 import tomllib
 from dataclasses import dataclass, field, fields
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from typing import Any
 
 from ..core.config import Config
 from ..core.errors import ConfigError, counted
-from ..core.fileio import read_user_text
+from ..core.fileio import foreign_path, read_user_text
 
 KOHYA_NETWORK_TYPES = {  # kohya_ss GUI "LoRA_type" -> lora.type
     "standard": "lora", "kohya locon": "locon", "locon": "locon", "lycoris/locon": "locon",
@@ -362,6 +362,13 @@ def read_sources(source: Path, dataset_config: str | Path | None) -> tuple[dict[
     linked = dataset_config or (settings.get("dataset_config") or None)
     if linked and dataset is None:
         linked_path = Path(linked) if Path(linked).is_absolute() or Path(linked).exists() else source.parent / linked
+        foreign = None if dataset_config else foreign_path(str(linked))
+        if foreign:  # written on Windows: the file of that name beside the config, as for the other inputs
+            linked_path = source.parent / PureWindowsPath(str(linked)).name
+            if not linked_path.is_file():
+                raise ConfigError(f"{source}: dataset_config '{linked}' is {foreign} from another machine, and "
+                                  f"no {linked_path.name} is beside the config; pass --dataset-config with that file "
+                                  "on this machine")
         dataset = read_file(linked_path)
         sources.append(linked_path)
     return settings, dataset, sources

@@ -21,7 +21,15 @@ def parse_grid(texts: list[str]) -> dict[str, list[Any]]:
         items = [v.strip() for v in values.split(",") if v.strip()]
         if not sep or not key.strip() or not items:
             raise ConfigError(f"--grid {text!r}: expected section.field=VALUE,VALUE,..., e.g. train.lr=1e-4,3e-4")
-        grid[key.strip()] = [parse_override(f"{key.strip()}={item}")[1] for item in items]
+        key = key.strip()
+        if key in grid:  # a second --grid for one setting would replace the first
+            shown = ",".join(_shown(v) for v in grid[key]) + "," + ",".join(items)
+            raise ConfigError(f"--grid: {key} is given twice; put its values in one --grid {key}={shown}")
+        parsed = [parse_override(f"{key}={item}")[1] for item in items]
+        twice = next((item for n, item in enumerate(items) if parsed[n] in parsed[:n]), None)
+        if twice is not None:  # two runs of the same settings would share one folder name
+            raise ConfigError(f"--grid {text!r}: {twice} is given twice; each value makes one run")
+        grid[key] = parsed
     if not grid:
         raise ConfigError("--grid: give at least one, e.g. --grid train.lr=1e-4,3e-4,1e-3")
     return grid
