@@ -165,6 +165,9 @@ def test_upload_check_train_preview_export(app, tmp_path: Path) -> None:
     assert "outputs/mine/merged-1" in client.predict("builtin:tiny", "outputs/mine", 1.0, "diffusers",
                                                      api_name="/merge")
     assert (run / "merged-1" / "model_index.json").is_file()
+    # an emptied Base model box is named, not quietly taken for builtin:tiny
+    with pytest.raises(AppError, match="Base model: empty; give the model to merge into"):
+        client.predict(" ", "outputs/mine", 1.0, api_name="/merge")
     # the single file is the merged model: diffusers' single-file loader reads the same weights (in fp16)
     from stylelora.families import load_base_model
 

@@ -43,9 +43,12 @@ def build(ctx: Context) -> dict[str, Any]:
 
     @errors_on_page(Failed("**Merge failed**: {}", markdown=True), None)
     def merge(model: str, choice: str | None, scale: float, layout: str = "single_file", precision: str = "fp16"):
+        if not (model or "").strip():
+            raise gr.Error("Base model: empty; give the model to merge into (the one the run trained on, a diffusers "
+                           "folder, a .safetensors checkpoint or a hub id)")
         single = layout != "diffusers"
         adapter, out = ws.merge_target(picked(choice), float(scale), single_file=single)
-        path = merge_adapter(model or "builtin:tiny", adapter, float(scale), out, precision=precision)
+        path = merge_adapter(model, adapter, float(scale), out, precision=precision)
         if single:
             return (f"merged model written to `{ws.display(path)}` ({precision}; verified: diffusers reads every "
                     "tensor back equal). It loads in AUTOMATIC1111 (models/Stable-diffusion/) and ComfyUI "
