@@ -188,6 +188,8 @@ def test_windows_paths_never_become_folders_here(workdir: Path) -> None:
     said = {line.split()[0]: line for line in section(r.stdout, "check") + section(r.stdout, "not imported")}
     assert "the run goes to outputs/zqx" in said["output_dir"]
     assert "beside the config" in said["train_data_dir"] and "Windows path" in said["train_data_dir"]
+    assert "train_data_dir 'E:\\kohya\\img' is a Windows path" in said["train_data_dir"]  # as written: \ once
+    assert "output_dir 'E:/kohya/outputs' is a Windows path" in said["output_dir"]
     assert "training refuses it until data.reg_path names" in said["reg_data_dir"]
     assert "training refuses it until --model names" in said["pretrained_model_name_or_path"]
     assert "logs go to the run folder" in said["logging_dir"]

@@ -93,10 +93,10 @@ class _Importer:
             name = re.split(r"[\\/]+", text.rstrip("\\/"))[-1]
             here = self.base / name
             if name and not name.endswith(":") and here.exists():
-                self.report.notes.append(f"{key} {text!r} is {why} from another machine; {here}, of the same "
+                self.report.notes.append(f"{key} '{text}' is {why} from another machine; {here}, of the same "
                                          "name beside the config, is used instead")
                 return str(here.resolve())
-            self.report.notes.append(f"{key} {text!r} is {why} from another machine: training refuses it until "
+            self.report.notes.append(f"{key} '{text}' is {why} from another machine: training refuses it until "
                                      f"{setting(dotted)} names that {'file or ' * (dotted == 'model.name')}folder "
                                      "on this machine")
             return text
@@ -428,7 +428,7 @@ def _saving(k: _Importer) -> None:
             k.set("output_dir", "train.output_dir", fallback)
         else:
             k.read("output_dir", f"a path from another machine: the run goes to {fallback}")
-        k.report.notes.append(f"output_dir {str(out).strip()!r} is {foreign_path(str(out))} from another machine: "
+        k.report.notes.append(f"output_dir '{str(out).strip()}' is {foreign_path(str(out))} from another machine: "
                               f"the run goes to {fallback} in the folder training starts from; set "
                               f"{setting('train.output_dir')} to choose another folder")
     elif not is_empty(out):
