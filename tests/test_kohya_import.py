@@ -308,3 +308,18 @@ def test_a_windows_dataset_config_path_is_found_beside_the_config_or_named(tmp_p
     report = import_kohya(config)
     assert Path(report.config.data.path) == tmp_path  # 10_zqx's parent: kohya's N_name layout
     assert any(read[0] == "train_data_dir" for read in report.read), report.read
+
+
+def test_class_tokens_advice_fits_the_folder_as_named(workdir: Path) -> None:
+    """A subset whose folder is already named N_words but with another num_repeats is read as the folder itself:
+    the advice names the folder to rename it to, not the name it already has."""
+    from stylelora.services.kohya_import import import_kohya
+
+    (workdir / "ds.toml").write_text("[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'img/3_zxc style'\n"
+                                     "class_tokens = 'zxc style'\nnum_repeats = 2\n")
+    (workdir / "cfg.toml").write_text("pretrained_model_name_or_path = 'builtin:tiny'\nnetwork_dim = 4\n"
+                                      "dataset_config = 'ds.toml'\n")
+    report = import_kohya(workdir / "cfg.toml")
+    advice = next(why for key, _, why in report.unsupported if key == "subsets.class_tokens")
+    assert "its folder is named 3_zxc style, but num_repeats is 2" in advice
+    assert "name the folder 2_zxc style and import again" in advice

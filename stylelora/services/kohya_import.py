@@ -532,9 +532,12 @@ def _subset(k: _Importer, subset: dict[str, Any], count: int, source: Path) -> N
         if repeats != 1:
             k.set("subsets.num_repeats", "data.repeats", repeats)
     if subset.get("class_tokens") and folders:
-        k.report.unsupported.append(("subsets.class_tokens", subset["class_tokens"], "the caption of images without "
-                                     "one comes from an N_words folder name; caption them (stylelora caption) or "
-                                     "name the folder like 10_" + str(subset["class_tokens"])))
+        name = f"{repeats}_{match.group(2) if match else subset['class_tokens']}"
+        why = (f"its folder is named {image_dir.name}, but num_repeats is {repeats}, so the folder is read as it is "
+               "and its name sets nothing" if match else "the caption of images without one comes from an N_words "
+               "folder name")
+        k.report.unsupported.append(("subsets.class_tokens", subset["class_tokens"], f"{why}; caption them "
+                                     f"(stylelora caption) or name the folder {name} and import again"))
     for key, value in subset.items():
         if key in ("image_dir", "num_repeats", "class_tokens", "is_reg", "batch_size"):
             continue
