@@ -87,3 +87,20 @@ def test_a_4_bit_sdxl_base_trains_in_bf16(tmp_path: Path) -> None:
     assert type(proj_in.base_layer.weight).__name__ == "TinyGemmWeightQBitsTensor"  # the int4 matmul was taken
     assert len(result.losses) == 2 and all(np.isfinite(result.losses))
     assert result.adapter_paths[0].is_file()
+
+
+def test_saving_a_4_bit_run_never_reads_its_frozen_weights(tmp_path: Path, monkeypatch) -> None:
+    """Each checkpoint and adapter write takes the LoRA's tensors alone: asking the model for its whole state dict
+    unpacked every 4-bit weight of the base (an SDXL-shaped nf4 run spent minutes there on a CPU, and a card
+    would need the model's size again)."""
+    from optimum.quanto.nn.qmodule import QModuleMixin
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a quantized frozen weight was read while saving")
+
+    data = make_dataset(tmp_path / "data", n=1)
+    monkeypatch.setattr(QModuleMixin, "_save_to_state_dict", refuse)
+    settings = {"train.steps": 2, "train.save_every": 1, "model.quantize": "nf4"}
+    result = train(tiny_config(data, tmp_path / "run", **settings))
+    assert result.adapter_paths[0].is_file()
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())[-1] == "step-000002"

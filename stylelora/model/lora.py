@@ -87,8 +87,11 @@ def lora_state(model: BaseModel) -> dict[str, dict[str, torch.Tensor]]:
 
     out: dict[str, dict[str, torch.Tensor]] = {}
     for part, module in model.parts():
-        if any(ADAPTER_PARAM.search(n) for n, _ in module.named_parameters()):
-            sd = get_peft_model_state_dict(module, adapter_name=ADAPTER_NAME)
+        adapter = {n: p for n, p in module.named_parameters() if ADAPTER_PARAM.search(n)}
+        if adapter:
+            # the adapter's tensors alone: module.state_dict() would also unpack every weight of a 4-bit base, at
+            # each checkpoint, to a copy the size of the model (minutes on a CPU, gigabytes on a card)
+            sd = get_peft_model_state_dict(module, state_dict=adapter, adapter_name=ADAPTER_NAME)
             out[part] = {k: v.detach().to("cpu", torch.float32).clone() for k, v in sd.items()}
     return out
 
