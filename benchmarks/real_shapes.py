@@ -33,6 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 VAE = {"_class_name": "AutoencoderKL", "in_channels": 3, "out_channels": 3, "latent_channels": 4,
        "block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "norm_num_groups": 32,
        "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4}
+VAE_16 = {**VAE, "latent_channels": 16, "sample_size": 1024, "use_quant_conv": False,
+          "use_post_quant_conv": False}  # FLUX.1's and SD3.5's, each with its own shift and scale
 CLIP_L = {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "hidden_size": 768,
           "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
           "max_position_embeddings": 77, "vocab_size": 49408, "projection_dim": 768, "hidden_act": "quick_gelu"}
@@ -95,9 +97,7 @@ SHAPES: dict[str, dict[str, Any]] = {
     "flux-dev-slice": {
         "_class_name": "FluxPipeline",
         "transformer": ("diffusers", "FluxTransformer2DModel", FLUX_SLICE_TRANSFORMER),
-        "vae": ("diffusers", "AutoencoderKL", {**VAE, "latent_channels": 16, "sample_size": 1024,
-                                               "use_quant_conv": False, "use_post_quant_conv": False,
-                                               "shift_factor": 0.1159, "scaling_factor": 0.3611}),
+        "vae": ("diffusers", "AutoencoderKL", {**VAE_16, "shift_factor": 0.1159, "scaling_factor": 0.3611}),
         "text_encoder": ("transformers", "CLIPTextModel", CLIP_L),
         "text_encoder_2": ("transformers", "T5EncoderModel", T5_XXL_SLICE),
         "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler", FLUX_SCHEDULER),
@@ -107,9 +107,7 @@ SHAPES: dict[str, dict[str, Any]] = {
     "sd35-large-slice": {
         "_class_name": "StableDiffusion3Pipeline",
         "transformer": ("diffusers", "SD3Transformer2DModel", SD35_SLICE_TRANSFORMER),
-        "vae": ("diffusers", "AutoencoderKL", {**VAE, "latent_channels": 16, "sample_size": 1024,
-                                               "use_quant_conv": False, "use_post_quant_conv": False,
-                                               "shift_factor": 0.0609, "scaling_factor": 1.5305}),
+        "vae": ("diffusers", "AutoencoderKL", {**VAE_16, "shift_factor": 0.0609, "scaling_factor": 1.5305}),
         "text_encoder": ("transformers", "CLIPTextModelWithProjection", CLIP_L),
         "text_encoder_2": ("transformers", "CLIPTextModelWithProjection", CLIP_G),
         "text_encoder_3": ("transformers", "T5EncoderModel", T5_XXL_SLICE),
