@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 
 from webui.server import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()  # the run is saved by now (webui.server.stop_training waited for it)
+    # a library's non-daemon thread still running must not keep a stopped app alive: flush, then go
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)

@@ -10,6 +10,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -114,8 +115,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:  # before Gradio's own wait took it
         pass
     finally:
-        demo.close()
+        _close(demo)
     return stop_training(ctx.job)
+
+
+def _close(demo: Any, seconds: float = 15) -> None:
+    """Close the server, waiting at most ``seconds``: CI once saw an app not exit within 120 s of Ctrl-C, and a
+    server thread that does not stop must not keep a stopping app (Ctrl-C, docker stop) alive."""
+    closer = threading.Thread(target=demo.close, name="stylelora-close", daemon=True)
+    closer.start()
+    closer.join(seconds)
 
 
 def _interrupt(signum: int, _frame: Any) -> None:
