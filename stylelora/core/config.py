@@ -475,14 +475,16 @@ PATH_FIELDS = ("model.name", "model.config", "data.path", "data.reg_path", "cach
 def foreign_path_errors(config: Config) -> list[str]:
     """One error per path field holding a path written on another system (``E:\\kohya\\img`` on Linux), which
     would otherwise be read, or created, as a folder of that name in the current folder."""
-    errors = []
-    for dotted in PATH_FIELDS:
-        value = str(config.get(dotted))
-        why = fileio.foreign_path(value)
-        if why is not None and not Path(value).exists():
-            errors.append(f"{dotted}: '{value}' is {why} from another machine, which this system would take for "
-                          f"a name in the current folder; set {setting(dotted)} to a path on this machine")
-    return errors
+    return [error for dotted in PATH_FIELDS if (error := foreign_path_error(dotted, str(config.get(dotted))))]
+
+
+def foreign_path_error(dotted: str, value: str) -> str | None:
+    """The error for ``value`` of the path field ``dotted`` when it was written on another system; else None."""
+    why = fileio.foreign_path(value)
+    if why is None or Path(value).exists():
+        return None
+    return (f"{dotted}: '{value}' is {why} from another machine, which this system would take for a name in the "
+            f"current folder; set {setting(dotted)} to a path on this machine")
 
 
 def parse_override(text: str) -> tuple[str, Any]:

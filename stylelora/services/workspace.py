@@ -17,7 +17,7 @@ from pathlib import Path
 from ..adapters.checkpoint_files import list_checkpoints
 from ..adapters.formats import DIFFUSERS_WEIGHT_NAME
 from ..core import fileio
-from ..core.config import Config, next_free_run_dir
+from ..core.config import Config, foreign_path_error, next_free_run_dir
 from ..core.errors import ConfigError, DataError, FormatError, StyleloraError, add_folder, setting
 from ..data.dataset import IMAGE_SUFFIXES
 from ..training.loop import resolve_output_dir
@@ -144,9 +144,8 @@ class Workspace:
         if not text:
             raise ConfigError("data.path: empty; give a dataset: a folder of images under datasets/, or one added "
                               "to the workspace's dataset folders")
-        if (why := fileio.foreign_path(text)) is not None and not Path(text).exists():
-            raise ConfigError(f"data.path: '{path}' is {why} from another machine; copy the images to this "
-                              f"machine and set {setting('data.path')} to their folder here")
+        if error := foreign_path_error("data.path", text):
+            raise ConfigError(error)
         if "/" not in text and "\\" not in text and not (self.root / text).exists():
             text = str(self.datasets / text)
         p = self.resolve(text)
