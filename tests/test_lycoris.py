@@ -496,3 +496,21 @@ def test_a_loha_or_lokr_merged_into_one_safetensors_file_is_that_file(trained, t
     ours, theirs = single.unet.state_dict(), folder.unet.state_dict()
     assert ours.keys() == theirs.keys()
     assert all(torch.allclose(ours[k], theirs[k], atol=1e-6) for k in ours)
+
+
+def test_split_keeps_the_lycoris_modules_of_the_chosen_blocks(trained, tmp_path: Path) -> None:
+    """``stylelora split LOHA.safetensors --keep down.0 te`` wrote the text encoder's modules alone (no UNet module
+    of a LoHa or LoKr matched a block: ``unet 0`` in the summary) and ``--keep down.0`` said it kept none."""
+    network, paths, _ = trained
+    original = load_file(paths[0])
+    for keep, prefixes in ((["down.0", "te"], ("lora_unet_down_blocks_0_", "lora_te_")),
+                           (["down.0"], ("lora_unet_down_blocks_0_",))):
+        out = tmp_path / f"{len(keep)}.safetensors"
+        r = run_cli("split", str(paths[0]), "--keep", *keep, "--out", str(out))
+        assert r.returncode == 0, r.stderr
+        assert "unet 0" not in r.stdout and NETWORK_NAMES[network] in r.stdout
+        kept = load_file(out)
+        assert set(kept) == {k for k in original if k.startswith(prefixes)}
+        weight = ".hada_" if network == "loha" else ".lokr_"
+        assert any(weight in k for k in kept if k.startswith("lora_unet_"))
+        assert all(torch.equal(kept[k], original[k]) for k in kept)

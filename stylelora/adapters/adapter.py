@@ -21,8 +21,13 @@ if TYPE_CHECKING:
     from ..model.base import BaseModel, ModelFamily
 
 
+def module_of(key: str) -> str:
+    """The module path of one adapter weight's key (LoRA's ``.lora_A.weight``, LoHa's ``.hada_w1_a``, ...)."""
+    return key[: ADAPTER_PARAM.search(key).start()]  # type: ignore[union-attr]
+
+
 def module_paths(state: dict[str, torch.Tensor]) -> list[str]:
-    return sorted({k[: ADAPTER_PARAM.search(k).start()] for k in state})  # type: ignore[union-attr]
+    return sorted({module_of(k) for k in state})
 
 
 NETWORK_NAMES = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr"}

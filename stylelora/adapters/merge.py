@@ -15,7 +15,7 @@ from ..core import fileio
 from ..core.errors import ConfigError, FormatError
 from ..families import load_base_model
 from ..model.base import BaseModel
-from .adapter import NETWORK_NAMES, Adapter, module_paths
+from .adapter import NETWORK_NAMES, Adapter, module_of, module_paths
 from .convert import describe, find_adapter_file, open_adapter, write_adapter
 from .formats import DIFFUSERS_WEIGHT_NAME, load_adapter, save_diffusers
 from .metadata import adapter_facts
@@ -166,8 +166,8 @@ def split_adapter(adapter: Adapter, keep: Sequence[str], family: ModelFamily) ->
         modules = adapter.modules(denoiser)
         paths = family.select_blocks(modules, selectors, field="--keep", what=f"the adapter's {family.denoiser_label}")
         kept = set(paths) | set(modules if denoiser in parts else [])
-        state[denoiser] = {k: v for k, v in adapter.state.get(denoiser, {}).items()
-                           if k.rsplit(".lora_", 1)[0] in kept}
+        state[denoiser] = {k: v for k, v in adapter.state.get(denoiser, {}).items() if module_of(k) in kept}
+    state = {part: sd for part, sd in state.items() if sd}
     alphas = {part: {p: adapter.alpha_of(part, p) for p in module_paths(sd)} for part, sd in state.items()}
     return Adapter.from_module_alphas(state, alphas, adapter.metadata)
 
