@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from ..core.config import Config
-from ..core.errors import FormatError, continue_run, setting
+from ..core.errors import FormatError, continue_run, output_exists, setting
 from ..families import load_skeleton
 from ..model.base import BaseModel
 from . import checkpoint_files as ckpt
@@ -141,8 +141,9 @@ def checkpoint_weights(run_dir: Path, adapter: Adapter, layout: ModelLayout) -> 
 
 
 def write_adapter(adapter: Adapter, fmt: str, out: str | Path, layout: ModelLayout, precision: str,
-                  name: str, bake_alpha: bool = False) -> tuple[Path, int]:
-    """Save ``adapter`` as ``fmt`` at ``out`` (verified); returns the file and its number of tensors."""
+                  name: str, bake_alpha: bool = False, overwrite: bool = True) -> tuple[Path, int]:
+    """Save ``adapter`` as ``fmt`` at ``out`` (verified); returns the file and its number of tensors. Without
+    ``overwrite`` a file already at that place is refused (FormatError), before anything is written."""
     if fmt not in FORMATS:
         raise FormatError(f"format '{fmt}': choose one of {', '.join(FORMATS)}")
     if precision not in DTYPES:
@@ -153,6 +154,16 @@ def write_adapter(adapter: Adapter, fmt: str, out: str | Path, layout: ModelLayo
             target = target / f"{name}.safetensors"
         elif target.suffix.lower() != ".safetensors":
             raise FormatError(f"--out {out}: a kohya adapter is one file; give a name ending in .safetensors")
+    elif target.suffix.lower() != ".safetensors":  # a diffusers folder
+        if target.is_file():
+            raise FormatError(f"--out {out}: is a file; a diffusers adapter is a folder (or NAME.safetensors): "
+                              "name a folder")
+        target = target / DIFFUSERS_WEIGHT_NAME
+    if target.is_dir():
+        raise FormatError(f"--out {out}: {target} is a folder; give the adapter file's name (NAME.safetensors)")
+    if not overwrite and target.exists():
+        raise FormatError(output_exists(target))
+    if fmt == "kohya":
         path = save_kohya(target, adapter, layout, precision)
     else:
         path = save_diffusers(target, adapter, layout, precision, bake_alpha=bake_alpha)
@@ -171,13 +182,14 @@ def describe(adapter: Adapter) -> str:
 
 
 def export(source: str | Path, fmt: str, out: str | Path, precision: str = "fp16",
-           base_model: str | BaseModel | None = None, bake_alpha: bool = False) -> ExportReport:
+           base_model: str | BaseModel | None = None, bake_alpha: bool = False, overwrite: bool = True) -> ExportReport:
     """Convert a run folder or adapter file to ``fmt`` ("kohya" or "diffusers") at ``out``, verified.
-    ``bake_alpha`` (diffusers only) folds alpha/rank into the weights for loaders that read no alpha."""
+    ``bake_alpha`` (diffusers only) folds alpha/rank into the weights for loaders that read no alpha; without
+    ``overwrite`` an adapter file already at ``out`` is refused."""
     if fmt not in FORMATS:
         raise FormatError(f"format '{fmt}': choose one of {', '.join(FORMATS)}")
     src = open_adapter(source, base_model)
-    path, count = write_adapter(src.adapter, fmt, out, src.layout, precision, src.name, bake_alpha)
+    path, count = write_adapter(src.adapter, fmt, out, src.layout, precision, src.name, bake_alpha, overwrite)
     origin = f" ({src.weights_from})" if src.weights_from else ""
     summary = (
         f"{fmt} adapter {path}: {count} tensors, {describe(src.adapter)}, {precision}{origin}; verified: re-read, "

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..core import fileio
-from ..core.errors import ConfigError, FormatError
+from ..core.errors import ConfigError, FormatError, output_exists
 from ..families import load_base_model
 from ..model.base import BaseModel
 from .adapter import NETWORK_NAMES, Adapter, module_of, module_paths
@@ -27,11 +27,14 @@ log = logging.getLogger(__name__)
 MERGE_ADAPTER_NAME = "stylelora_merge"
 
 
-def merge(model: str | BaseModel, lora: str | Path, scale: float, out: str | Path, precision: str = "fp16") -> Path:
+def merge(model: str | BaseModel, lora: str | Path, scale: float, out: str | Path, precision: str = "fp16",
+          overwrite: bool = True) -> Path:
     """Bake ``lora`` (an adapter file, a diffusers LoRA folder or a run folder) at strength ``scale`` into the
     base weights (diffusers' own fuse_lora) and save the pipeline at ``out``: a diffusers folder, or, when ``out``
     ends in ``.safetensors``, one checkpoint file in the original layout (AUTOMATIC1111, ComfyUI) in
-    ``precision``, verified. A BaseModel passed in is changed in place."""
+    ``precision``, verified. A BaseModel passed in is changed in place. Without ``overwrite`` an ``out`` already
+    there is refused; a folder that is not a diffusers model is never replaced (checked before the model loads)."""
+    check_merge_target(Path(out), overwrite)
     base = model if isinstance(model, BaseModel) else load_base_model(model)
     adapter = load_adapter(find_adapter_file(lora)[0], base)  # a file, a diffusers folder or a run folder
     pipe = base.pipeline
@@ -51,6 +54,26 @@ def merge(model: str | BaseModel, lora: str | Path, scale: float, out: str | Pat
     with fileio.atomic_dir(out) as folder:
         pipe.save_pretrained(folder, safe_serialization=True)
     return Path(out)
+
+
+def check_merge_target(out: Path, overwrite: bool) -> None:
+    """Refuse an ``out`` merge cannot write, or would write over something else: a folder where the checkpoint file
+    goes, a file where the diffusers folder goes, a folder holding other files (the merge replaces the whole
+    folder); and, without ``overwrite``, any earlier merge there."""
+    if not out.exists():
+        return
+    if out.suffix.lower() == ".safetensors":
+        if out.is_dir():
+            raise FormatError(f"--out: {out} is a folder; give the checkpoint file to write (NAME.safetensors), or "
+                              "a folder name without .safetensors for a diffusers folder")
+    elif not out.is_dir():
+        raise FormatError(f"--out: {out} is a file; a merged diffusers model is a folder: name a new folder, or "
+                          "NAME.safetensors for one checkpoint file")
+    elif any(out.iterdir()) and not (out / "model_index.json").is_file():
+        raise FormatError(f"--out: {out} is a folder of other files, not a diffusers model; the merged model "
+                          f"replaces the whole folder, so name a new folder (e.g. {out / 'merged'})")
+    if not overwrite:
+        raise FormatError(output_exists(out))
 
 
 @torch.no_grad()
@@ -113,8 +136,10 @@ def resize_adapter(adapter: Adapter, rank: int) -> tuple[Adapter, float, float]:
     return resized, (kept_all / total_all if total_all > 0 else 1.0), worst
 
 
-def resize(path: str | Path, rank: int, out: str | Path, base_model: str | BaseModel | None = None) -> ResizeReport:
-    """Lower an adapter file's rank to ``rank``; writes ``out`` in the same format, verified."""
+def resize(path: str | Path, rank: int, out: str | Path, base_model: str | BaseModel | None = None,
+           overwrite: bool = True) -> ResizeReport:
+    """Lower an adapter file's rank to ``rank``; writes ``out`` in the same format, verified (without
+    ``overwrite``, not over a file already there)."""
     if rank < 1:
         raise FormatError(f"--rank {rank}: must be at least 1")
     src = open_adapter(path, base_model)
@@ -128,7 +153,7 @@ def resize(path: str | Path, rank: int, out: str | Path, base_model: str | BaseM
     resized, energy, worst = resize_adapter(src.adapter, rank)
     resized.metadata.update(adapter_facts(resized, src.layout.kind))
     resized.metadata["stylelora.resized"] = f"from {before} to rank {rank}; energy retained {energy:.4f}"
-    written, _ = write_adapter(resized, src.format, out, src.layout, src.precision, src.name)
+    written, _ = write_adapter(resized, src.format, out, src.layout, src.precision, src.name, overwrite=overwrite)
     summary = (f"{written}: rank {src.adapter.rank} -> {rank}, {energy:.2%} of the adapter's energy retained "
                f"(worst module {worst:.2%}); verified")
     return ResizeReport(written, rank, energy, worst, summary)
@@ -179,7 +204,7 @@ def parse_keep(text: str | Sequence[str]) -> list[str]:
 
 
 def split(path: str | Path, keep: str | Sequence[str], out: str | Path,
-          base_model: str | BaseModel | None = None) -> SplitReport:
+          base_model: str | BaseModel | None = None, overwrite: bool = True) -> SplitReport:
     """Write the modules of the kept blocks of an adapter file as a new adapter, in the same format and
     precision, verified like every adapter written (B-LoRA: ``keep="style"`` keeps up_blocks.0.attentions.1)."""
     selectors = parse_keep(keep)
@@ -195,6 +220,6 @@ def split(path: str | Path, keep: str | Sequence[str], out: str | Path,
                           "nothing to split off")
     sliced.metadata.update(adapter_facts(sliced, src.layout.kind))
     sliced.metadata["stylelora.split"] = f"kept {' '.join(selectors)}: {kept} of {total} modules ({describe(sliced)})"
-    written, _ = write_adapter(sliced, src.format, out, src.layout, src.precision, src.name)
+    written, _ = write_adapter(sliced, src.format, out, src.layout, src.precision, src.name, overwrite=overwrite)
     summary = f"{written}: kept {' '.join(selectors)}, {kept} of {total} modules ({describe(sliced)}); verified"
     return SplitReport(written, kept, total - kept, summary)

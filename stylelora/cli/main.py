@@ -15,6 +15,7 @@ from ..core.logs import quiet_libraries
 from .evaluate import _add_compare, _add_evaluate, _add_sweep
 from .flags import CHECK_FLAGS, _add_config_flags, cli_words
 from .tools import (
+    FORCE_HELP,
     _add_caption,
     _add_captions,
     _add_generate,
@@ -59,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="diffusers: fold alpha/rank into the weights (alpha = rank), for diffusers before 0.34")
     e.add_argument("--checkpoint", metavar="WHICH", help="a run's checkpoint instead of its final adapter: best "
                    "(the best by stylelora evaluate), a step (250) or step-000250")
+    e.add_argument("--force", action="store_true", help=FORCE_HELP)
     e.set_defaults(func=cmd_export)
 
     m = sub.add_parser("merge", help="bake an adapter into its base model: a diffusers folder, or one checkpoint file")
@@ -69,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "checkpoint in the original layout (AUTOMATIC1111, ComfyUI), verified")
     m.add_argument("--precision", choices=["fp16", "bf16", "fp32"], default="fp16",
                    help="precision of a .safetensors checkpoint (a diffusers folder keeps the model's own)")
+    m.add_argument("--force", action="store_true", help=FORCE_HELP + "; a folder of other files is never replaced")
     m.set_defaults(func=cmd_merge)
 
     r = sub.add_parser("resize", help="lower an adapter's rank by SVD and report the energy retained")
@@ -76,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--rank", type=int, required=True, help="the new, lower rank")
     r.add_argument("--out", required=True, help="the adapter file to write (same format as the input)")
     r.add_argument("--model", help="the base model, when the file does not name it")
+    r.add_argument("--force", action="store_true", help=FORCE_HELP)
     r.set_defaults(func=cmd_resize)
 
     s = sub.add_parser("split", help="keep some UNet blocks of an adapter (B-LoRA style/content) in a new file",
@@ -87,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "unet for the whole UNet; te, te1, te2 to keep text encoders")
     s.add_argument("--out", required=True, help="the adapter file to write (same format as the input)")
     s.add_argument("--model", help="the base model, when the file does not name it")
+    s.add_argument("--force", action="store_true", help=FORCE_HELP)
     s.set_defaults(func=cmd_split)
 
     c = sub.add_parser(

@@ -30,7 +30,38 @@ def _add_generate(sub: Any) -> None:
         suffix = " One of: " + ", ".join(sampler_names()) if name == "sampler" else ""  # samplers.py owns the list
         _add_field_flag(g, flag, name, fields[name], hints[name], default=True, help_suffix=suffix)
     g.add_argument("--out", required=True, help="the PNG to write (it carries the parameters, as A1111's do)")
+    g.add_argument("--force", action="store_true", help=FORCE_HELP)
     g.set_defaults(func=cmd_generate)
+
+
+FORCE_HELP = "replace --out if it exists (without it an existing file is refused)"
+
+
+def local_path(flag: str, value: str | None) -> str | None:
+    """``value`` unchanged, unless it is a path written on another system (``E:\\loras\\x.safetensors`` on Linux)
+    that is not here: read, it names nothing; written, it would become a file of that odd name in this folder."""
+    from pathlib import Path
+
+    from ..core.fileio import foreign_path
+
+    why = foreign_path(value) if value else None
+    if why is not None and not Path(value).exists():  # type: ignore[arg-type]
+        raise StyleloraError(f"{flag}: '{value}' is {why} from another machine, which this system would take for a "
+                             "name in the current folder; give a path on this machine")
+    return value
+
+
+def new_output(args: argparse.Namespace) -> str:
+    """``--out`` checked as every tool here checks it: a path of this machine, and (without ``--force``) not there
+    yet. Tools that resolve a folder to a file inside it check that file themselves (``overwrite``)."""
+    from pathlib import Path
+
+    from ..core.errors import output_exists
+
+    out = local_path("--out", args.out)
+    if not args.force and Path(out).is_file():  # type: ignore[arg-type]
+        raise StyleloraError(output_exists(out))
+    return out  # type: ignore[return-value]
 
 
 def _group_strength(text: str) -> tuple[str, float]:
@@ -48,7 +79,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     # Cheap checks first, so a typo fails before the base model loads.
     settings = GenerateSettings(**{name: getattr(args, name) for name in GENERATE_FLAGS.values()})
     check_sampler(settings.sampler)
-    check_png_path(args.out)
+    check_png_path(new_output(args))
+    local_path("--lora", args.lora)
     for flag, given in (("--scale", args.scale), ("--blocks", args.blocks)):
         if given and not args.lora:
             raise StyleloraError(f"{flag}: give --lora too; without an adapter there is nothing to scale")
@@ -69,7 +101,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from ..adapters.convert import export
 
-    source, model = args.source, args.model
+    out = new_output(args)
+    source, model = local_path("source", args.source), args.model
     if args.checkpoint:  # one of the run's checkpoints: its adapter file (older runs: its checkpoint folder's)
         from ..evaluation.checkpoints import run_config
         from ..evaluation.runner import chosen_checkpoint
@@ -77,8 +110,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         checkpoint = chosen_checkpoint(args.source, args.checkpoint)
         source, model = checkpoint.source.file, model or run_config(args.source).model.name
         print(f"checkpoint {checkpoint.label} ({args.checkpoint}): {source}", file=sys.stderr)
-    report = export(source, args.format, args.out, precision=args.precision, base_model=model,
-                    bake_alpha=args.bake_alpha)
+    report = export(source, args.format, out, precision=args.precision, base_model=model,
+                    bake_alpha=args.bake_alpha, overwrite=args.force)
     print(report.summary)
     return 0
 
@@ -86,7 +119,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     from ..adapters.merge import merge
 
-    out = merge(args.model, args.lora, args.scale, args.out, precision=args.precision)
+    out = merge(args.model, local_path("--lora", args.lora), args.scale, local_path("--out", args.out),
+                precision=args.precision, overwrite=args.force)
     print(f"merged {args.lora} at scale {args.scale:g} into {args.model}: {out}")
     return 0
 
@@ -94,7 +128,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def cmd_resize(args: argparse.Namespace) -> int:
     from ..adapters.merge import resize
 
-    report = resize(args.file, args.rank, args.out, base_model=args.model)
+    report = resize(local_path("file", args.file), args.rank, new_output(args), base_model=args.model,
+                    overwrite=args.force)
     print(report.summary)
     return 0
 
@@ -250,7 +285,7 @@ def _add_import_kohya(sub: Any) -> None:
     k.add_argument("--dataset-config", metavar="TOML", help="sd-scripts' --dataset_config file (read from the "
                    "config's dataset_config key when not given)")
     k.add_argument("--out", required=True, help="the stylelora config .toml to write")
-    k.add_argument("--force", action="store_true", help="replace --out if it exists")
+    k.add_argument("--force", action="store_true", help=FORCE_HELP)
     k.set_defaults(func=cmd_import_kohya)
 
 
@@ -260,9 +295,9 @@ def cmd_import_kohya(args: argparse.Namespace) -> int:
     from ..core import fileio
     from ..services.kohya_import import import_kohya
 
-    out = Path(args.out)
-    if out.exists() and not args.force:
-        raise StyleloraError(f"--out: {out} exists; choose another name or pass --force to replace it")
+    out = Path(new_output(args))
+    if out.is_dir():
+        raise StyleloraError(f"--out: {out} is a folder; give the config file to write (NAME.toml)")
     report = import_kohya(args.file, args.dataset_config)
     fileio.write_text(out, report.to_toml())
     print(cli_words(report.to_text()))
@@ -273,6 +308,7 @@ def cmd_import_kohya(args: argparse.Namespace) -> int:
 def cmd_split(args: argparse.Namespace) -> int:
     from ..adapters.merge import split
 
-    report = split(args.file, args.keep, args.out, base_model=args.model)
+    report = split(local_path("file", args.file), args.keep, new_output(args), base_model=args.model,
+                   overwrite=args.force)
     print(report.summary)
     return 0

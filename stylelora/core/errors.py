@@ -82,3 +82,8 @@ def continue_run(config_toml: object, processes: int = 1) -> str:
     as it was (``processes``: how many trained it)."""
     launched = f" in {processes} processes" if processes > 1 else ""
     return f"`train.resume=auto` on the run's config `{config_toml}`{launched}"
+
+
+def output_exists(path: object) -> str:
+    """The one refusal of a tool asked to write a file or folder that is already there (``--force`` replaces it)."""
+    return f"--out: {path} exists; choose another name or pass --force to replace it"
