@@ -96,3 +96,20 @@ def test_a_windows_path_is_refused_not_made_a_file_of_that_name(adapter: Path, t
     r = run_cli(*args, "--out", out, cwd=tmp_path)
     assert r.returncode == 1 and f"--out: '{out}' is a Windows path (drive E:) from another machine" in r.stderr
     assert "give a path on this machine" in r.stderr and list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_during_a_merge_says_nothing_was_written_not_to_resume_a_run(
+        adapter: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Ctrl-C halfway through ``stylelora merge`` advised "continue from the last complete checkpoint with
+    --resume auto", a training flag that means nothing to merge."""
+    import stylelora.adapters.merge as merging
+    from stylelora.cli import main
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(merging, "merge", interrupted)
+    assert main(["merge", "--model", "builtin:tiny", "--lora", str(adapter), "--out", str(tmp_path / "m")]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted; merge wrote nothing" in err and "--resume" not in err
+    assert list(tmp_path.iterdir()) == []

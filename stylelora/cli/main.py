@@ -175,7 +175,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error (process {rank}): {cli_words(str(e))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("interrupted; continue from the last complete checkpoint with --resume auto", file=sys.stderr)
+        if args.command in ("train", "sweep"):
+            print("interrupted; continue from the last complete checkpoint with --resume auto", file=sys.stderr)
+        else:  # every file is written under a temporary name and renamed when whole (core.fileio)
+            print(f"interrupted; {args.command} wrote nothing (an earlier file of the same name is as it was); "
+                  "run it again to finish", file=sys.stderr)
         return 130
     except Exception:  # a bug, not a user error: show everything needed to report it
         traceback.print_exc()
