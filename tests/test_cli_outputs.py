@@ -94,7 +94,7 @@ def test_a_windows_path_is_refused_not_made_a_file_of_that_name(adapter: Path, t
             "split": ["split", str(adapter), "--keep", "mid"],
             "generate": ["generate", "--prompt", "a house", "--steps", "1", "--width", "64", "--height", "64"]}[tool]
     r = run_cli(*args, "--out", out, cwd=tmp_path)
-    assert r.returncode == 1 and f"--out: '{out}' is a Windows path (drive E:) from another machine" in r.stderr
+    assert r.returncode == 1 and "is a Windows path (drive E:) from another machine" in r.stderr and out in r.stderr
     assert "give a path on this machine" in r.stderr and list(tmp_path.iterdir()) == []
 
 

@@ -79,7 +79,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     # Cheap checks first, so a typo fails before the base model loads.
     settings = GenerateSettings(**{name: getattr(args, name) for name in GENERATE_FLAGS.values()})
     check_sampler(settings.sampler)
-    check_png_path(new_output(args))
+    check_png_path(args.out)  # its own words for a path that is not a PNG's, or not this machine's
+    new_output(args)
     local_path("--lora", args.lora)
     for flag, given in (("--scale", args.scale), ("--blocks", args.blocks)):
         if given and not args.lora:
