@@ -349,6 +349,10 @@ def test_cli_export_merge_resize(run: Path, tmp_path: Path, capsys: pytest.Captu
     assert load_file(b)["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"].shape[0] == 2
     assert main(["merge", "--model", "builtin:tiny", "--lora", a, "--scale", "0.5", "--out", str(tmp_path / "m")]) == 0
     assert (tmp_path / "m" / "model_index.json").is_file()
+    for scale in ("1e30", "nan", "inf"):  # a strength no one means is refused before the model loads, no file
+        out = tmp_path / f"m{scale}"
+        assert main(["merge", "--model", "builtin:tiny", "--lora", a, "--scale", scale, "--out", str(out)]) == 1
+        assert "scale: must be a number from -1 to 2" in capsys.readouterr().err and not out.exists()
     assert main(["export", str(tmp_path / "none.safetensors"), "--format", "kohya", "--out", str(tmp_path / "c")]) == 1
     assert "no such run folder or adapter file" in capsys.readouterr().err
     assert main(["resize", a, "--rank", "9", "--out", str(tmp_path / "d.safetensors")]) == 1
