@@ -92,3 +92,28 @@ def test_a_merge_strength_no_one_can_mean_is_refused_by_the_fields_label(app, st
     done = client.predict("builtin:tiny", "outputs/merged-run", -1, "single_file", "fp16", api_name="/merge")
     assert done.startswith("merged model written to `outputs/merged-run/merged/merged-run-merged--1.safetensors`")
     shutil.rmtree(run / "merged")
+
+
+def test_the_queue_refuses_a_run_folder_twice_and_a_pick_that_is_no_number(app) -> None:
+    """"Add to queue" twice with the same run folder queued both, the second failing only when its turn came; a
+    queued run typed as text (the picker takes any value, as the API does) failed with "The upstream Gradio app has
+    raised an exception"."""
+    client, ctx, _ = app
+    client.predict(train_steps=300, sample_every=0, api_name="/queue_add")  # runs at once
+    twin = client.predict(train_steps=2, sample_every=0, train_output_dir="outputs/twin", api_name="/queue_add")[0]
+    number = int(twin.removeprefix("added run #").split()[0])
+    try:
+        with pytest.raises(AppError, match=rf"Run folder \(train\.output_dir\): '.*outputs/twin' is already the "
+                                           rf"run folder of queued run #{number} \(example · 2 steps · builtin:tiny "
+                                           "→ twin\\); give this run another folder"):
+            client.predict(train_steps=2, sample_every=0, train_output_dir="outputs/twin", api_name="/queue_add")
+        for typed in ("abc", "#x"):
+            with pytest.raises(AppError, match=f"Queued run: '{typed}' is not a number in the queue; pick one"):
+                client.predict(typed, api_name="/queue_cancel")
+        with pytest.raises(AppError, match="queued run #77: not in the queue"):
+            client.predict("#77", api_name="/queue_up")
+        assert client.predict(f"#{number}", api_name="/queue_cancel")[0].startswith(f"cancelled run #{number}")
+    finally:
+        client.predict(api_name="/stop")
+        ctx.job.join_all(120)
+    assert client.predict(api_name="/queue_list")["data"] == []

@@ -252,6 +252,30 @@ def test_a_queued_run_that_cannot_start_is_reported_and_the_next_one_runs(tmp_pa
                f"train.output_dir: '{ws.outputs / 'mine'}' already holds a run" in line for line in log), log
 
 
+def test_the_same_named_run_folder_is_refused_when_queued_a_second_time(tmp_path: Path) -> None:
+    """"Add to queue" pressed twice with a run folder named: both were queued, and the second failed only when its
+    turn came (its folder "already holds a run"), in the log of whatever ran next."""
+    ws = Workspace(tmp_path)
+    make_dataset(ws.datasets / "cats", n=1)
+    gates: dict[str, threading.Event] = {}
+    job = TrainingJob(_gated_runner(gates, []), prepare=ws.run_config)
+    named = Config().with_overrides({"data.path": "cats", "train.output_dir": "outputs/mine"})
+    running = job.enqueue(named)  # starts at once
+    with pytest.raises(ConfigError, match=f"train.output_dir: '{ws.outputs / 'mine'}' is already the run folder of "
+                                          "the running run; give this run another folder"):
+        job.enqueue(named.with_overrides({"train.steps": 5}))
+    waiting = job.enqueue(named.with_overrides({"train.output_dir": str(ws.outputs / "other")}))
+    with pytest.raises(ConfigError, match=rf"already the run folder of queued run #{waiting} \(cats · 1000 steps · "):
+        job.enqueue(named.with_overrides({"train.output_dir": "outputs/other"}))
+    unnamed = Config().with_overrides({"data.path": "cats"})
+    assert job.enqueue(unnamed) != job.enqueue(unnamed)  # unnamed: each gets a folder of its own when it starts
+    assert [q.id for q in job.queued()] == [waiting, waiting + 1, waiting + 2] and running == 1
+    for gate in ("mine", "other", "cats", "cats-2"):
+        gates.setdefault(gate, threading.Event()).set()
+    job.stop()
+    job.join_all(5)
+
+
 def test_requests_reach_the_runner_only_while_it_runs() -> None:
     seen: list[tuple[bool, bool]] = []
     release = threading.Event()

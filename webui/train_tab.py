@@ -252,18 +252,24 @@ def build(ctx: Context) -> dict[str, Any]:
         snap = job.snapshot()
         return queue_rows(snap.queue, snap), queue_choices(snap.queue, current)
 
+    def queue_number(item: Any) -> int:
+        """The queued run picked (its number; the API may send any value)."""
+        if item is None or (isinstance(item, str) and not item.strip()):
+            raise gr.Error("pick a queued run first", print_exception=False)
+        try:
+            return int(str(item).strip().removeprefix("#"))
+        except ValueError:
+            raise gr.Error(f"Queued run: '{item}' is not a number in the queue; pick one from the list",
+                           print_exception=False) from None
+
     @user_errors
     def move(item: Any, offset: int):
-        if item is None:
-            raise gr.Error("pick a queued run first", print_exception=False)
-        job.move(int(item), offset)
-        return queue_outputs(int(item))
+        job.move(queue_number(item), offset)
+        return queue_outputs(queue_number(item))
 
     @user_errors
     def cancel(item: Any):
-        if item is None:
-            raise gr.Error("pick a queued run first", print_exception=False)
-        gone = job.cancel(int(item))
+        gone = job.cancel(queue_number(item))
         return f"cancelled run #{gone.id} ({gone.describe()})", *queue_outputs()
 
     def queue_list() -> pd.DataFrame:
