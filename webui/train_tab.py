@@ -210,11 +210,15 @@ def build(ctx: Context) -> dict[str, Any]:
     def follow_job() -> Iterator[tuple[Any, ...]]:
         """Renders of the current run, then of each queued run that starts after it, until the job rests;
         the queue table and the runs list go along."""
+        picked = None  # the run the runs list picked for this page: each run once, when first seen
         for snap in job.follow(across_queue=True):
             runs = gr.update(choices=ctx.run_choices())
             started = first_event(snap, events.Started)
-            if snap.status != "running" and started is not None:  # a run ended: the runs list picks it
+            # the run shown above is the one picked under Runs (its Evaluation follows it): when the page first
+            # sees it (a reopened page, the queue's next run) and when it ends; in between the user picks freely
+            if started is not None and (snap.status != "running" or picked != snap.run_id):
                 runs = gr.update(choices=runs["choices"], value=ws.display(started.output_dir))
+                picked = snap.run_id
             notice = "" if snap.status != "running" else gr.update()  # "stopping…" and the like end with the run
             yield *render(snap, ws.display), queue_rows(snap.queue, snap), runs, notice
 
@@ -277,8 +281,12 @@ def build(ctx: Context) -> dict[str, Any]:
         return queue_rows(snap.queue, snap)
 
     def runs(current: str | None):
+        """The runs list refreshed; the pick stays (as it is now, not as this event saw it: a reopened page's
+        follower picks the running run meanwhile) unless its run is gone."""
         choices = ctx.run_choices()
-        return gr.update(choices=choices, value=current if current in choices else (choices[0] if choices else None))
+        if current in choices:
+            return gr.update(choices=choices)
+        return gr.update(choices=choices, value=choices[0] if choices else None)
 
     @user_errors
     def use_kind_preset(model_name: str, data_path: str) -> list[Any]:
