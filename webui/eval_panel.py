@@ -194,7 +194,8 @@ def compare_controls(ctx: Context) -> None:
         return pd.DataFrame(flat).round(4)
 
     compare_btn.click(compare, picked, table, api_name="compare")
-    picked.focus(lambda current: gr.update(choices=ctx.run_choices(), value=current), picked, picked, api_name=False)
+    # the choices alone: a value sent back would undo the runs picked while this answer was on its way
+    picked.focus(lambda: gr.update(choices=ctx.run_choices()), None, picked, api_name=False, show_progress="hidden")
 
 
 def sweep_controls(ctx: Context, form: ConfigForm, notice: gr.Markdown) -> Any:
