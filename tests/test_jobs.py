@@ -276,6 +276,32 @@ def test_the_same_named_run_folder_is_refused_when_queued_a_second_time(tmp_path
     job.join_all(5)
 
 
+def test_a_follower_of_the_queue_follows_it_past_runs_that_failed_at_once(tmp_path: Path) -> None:
+    """Queued runs whose dataset was deleted failed as soon as they started; a page following the queue stopped at
+    the first run that had ended before it looked, and showed "2 queued" and the first failure for good."""
+    ws = Workspace(tmp_path)
+    make_dataset(ws.datasets / "cats", n=1)
+    gate = threading.Event()
+
+    def run(config, on_event, stop):
+        if Path(config.train.output_dir).name.startswith("doomed"):
+            raise DataError("dataset 'cats': no such folder")
+        on_event(events.Started(1, 0, 1, "cpu", Path(config.train.output_dir)))
+        gate.wait(10)
+        on_event(events.Finished(1, False, Path(config.train.output_dir)))
+
+    job = TrainingJob(run, prepare=ws.run_config)
+    job.enqueue(Config().with_overrides({"data.path": "cats"}))
+    for name in ("doomed-1", "doomed-2"):
+        job.enqueue(Config().with_overrides({"data.path": "cats", "train.output_dir": f"outputs/{name}"}))
+    follower = job.follow(across_queue=True, interval=0.01)
+    assert next(follower).status == "running"
+    gate.set()
+    job.join_all(5)  # the follower looks only now: both queued runs have failed
+    last = list(follower)[-1]
+    assert (last.run_id, last.status, last.queue) == (3, "failed", []) and "no such folder" in last.error
+
+
 def test_requests_reach_the_runner_only_while_it_runs() -> None:
     seen: list[tuple[bool, bool]] = []
     release = threading.Event()
