@@ -694,3 +694,20 @@ def test_fp32_export_of_a_run_is_its_checkpoints_fp32_state_exactly(tmp_path: Pa
             assert float(kohya[f"{name}.alpha"]) == state.alphas[part][module]
     # the run's fp16 file widened is not that (what export --precision fp32 used to write)
     assert any(not torch.equal(fp16[k].float(), kohya[k]) for k in kohya if k.endswith("weight"))
+
+
+def test_an_adapter_is_saved_when_its_dataset_was_deleted_during_the_run(tmp_path: Path, caplog) -> None:
+    """A queued run's dataset deleted while it trained, then Stop: the final save failed with "training failed:
+    FileNotFoundError: ... apple.png" (the dataset hash re-read every image) and no final adapter was written."""
+    from types import SimpleNamespace
+
+    from stylelora.adapters.metadata import dataset_hash
+
+    images = [tmp_path / "a.png", tmp_path / "b.png"]
+    for image in images:
+        image.write_bytes(b"png")
+    items = [SimpleNamespace(image=image, caption="flat style") for image in images]
+    whole = dataset_hash(items)
+    images[1].unlink()
+    assert dataset_hash(items) not in ("", whole)  # still a hash, of another dataset: one image is missing
+    assert f"{images[1]}: cannot read it any more" in caplog.text
