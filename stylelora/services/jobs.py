@@ -249,10 +249,10 @@ class TrainingJob:
         while True:
             if snap.status != "running":
                 now = self.snapshot()
-                if not across_queue or now.run_id == snap.run_id or now.status != "running":
+                if not across_queue or now.run_id == snap.run_id:
                     return
-                snap = now  # the queue started the next run
-                yield snap
+                snap = now  # the queue started the next run; it may have ended already (failed at once), and
+                yield snap  # the queue gone on after it: followed until the last one
                 continue
             time.sleep(interval)
             new = self.wait(len(snap.events), snap.run_id, timeout=10.0)
