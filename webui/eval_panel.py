@@ -71,7 +71,7 @@ def _grid(run: Path, scores: RunScores, shown) -> tuple[list[tuple[str, str]], i
 def gone(run: str) -> str:
     """The line for a picked run whose folder is no longer there."""
     return (f"{run}: no such run folder (deleted or moved since the list was made); pick another run (the lists "
-            "refresh when you click them)")
+            "refresh when the Train tab opens)")
 
 
 def _saved_labels(run: Path) -> list[str]:

@@ -343,7 +343,6 @@ def build(ctx: Context) -> dict[str, Any]:
     kind_preset_btn.click(use_kind_preset, [model_name, form.widgets["data.path"]], form.components,
                           api_name="use_kind_preset", show_progress_on=notice)
     tab.select(runs, run_pick, run_pick, api_name=False)
-    run_pick.focus(runs, run_pick, run_pick, api_name=False)  # runs made or deleted since the tab opened
     tab.select(lambda item: queue_outputs(item), queue_item, [queue_table, queue_item], api_name=False)
     return {"form": form, "outputs": outputs, "follow": follow_job, "train_toml": train_toml,
             "running_config": running_config, "queue_list": queue_list, "queue_table": queue_table,
