@@ -91,4 +91,8 @@ def test_runs_picked_quickly_for_a_comparison_stay_picked_and_a_deleted_one_is_n
     page.locator("#evaluate-run").click()
     page.locator("#eval-best").get_by_text(gone).wait_for(timeout=QUICK)
     assert str(root) not in " ".join(page.locator(".toast-body").all_inner_texts())
+    page.locator("#run-pick input").first.click()  # the list opened with a deleted run picked
+    page.get_by_role("option", name="outputs/first", exact=True).click()
+    page.locator("#eval-best").get_by_text("Not evaluated yet").wait_for(timeout=QUICK)
+    assert errors == []
     page.close()
