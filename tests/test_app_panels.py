@@ -77,6 +77,20 @@ def test_a_run_deleted_after_the_page_loaded_is_named_as_gone(app) -> None:
         assert str(root) not in str(failed.value)
 
 
+def test_evaluating_a_run_with_nothing_saved_names_it_as_the_page_does(app) -> None:
+    """A run started but not saved yet, evaluated twice: the message named the whole path on this machine."""
+    client, _, root = app
+    run = root / "outputs" / "unsaved"
+    run.mkdir()
+    (run / "config.toml").write_text('[model]\nname = "builtin:tiny"\n[data]\npath = "datasets/example"\n',
+                                     encoding="utf-8")
+    for _ in range(2):
+        with pytest.raises(AppError, match="outputs/unsaved: nothing saved in this run yet; evaluate it once") as e:
+            client.predict("outputs/unsaved", api_name="/evaluate")
+        assert str(root) not in str(e.value)
+    assert client.predict("outputs/unsaved", api_name="/scores")[0].startswith("Nothing saved in this run yet")
+
+
 @pytest.mark.parametrize("strength", [1e30, -1e30, 2.5, None])
 def test_a_merge_strength_no_one_can_mean_is_refused_by_the_fields_label(app, strength) -> None:
     """Merge's Strength took 1e30 and -1e30 and wrote `<run>-merged-1e+30.safetensors` (noise); an emptied field

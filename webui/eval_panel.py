@@ -147,6 +147,9 @@ def build(ctx: Context, run_pick: gr.Dropdown) -> dict[str, Any]:
     def evaluate(run: str | None):
         """Score every checkpoint of the run through the app's Previewer (its base model, loaded once)."""
         path = run_path(run)
+        if (path / "config.toml").is_file() and not _saved_labels(path):  # the library's line names the full path
+            raise gr.Error(f"{run}: nothing saved in this run yet; evaluate it once it has saved a checkpoint",
+                           print_exception=False)
         model = run_config(path).model.name
         with ctx.preview_lock:
             evaluate_run(path, previewer=ctx.previewer(model))
