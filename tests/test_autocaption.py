@@ -185,6 +185,30 @@ def test_a_captioner_that_is_not_on_disk_says_where_to_get_it(tmp_path: Path) ->
         CaptionSettings(batch_size=0)
 
 
+def test_the_short_names_kohya_users_type_name_the_usual_captioners(tmp_path: Path) -> None:
+    for short, hub_id in (("wd14", "SmilingWolf/wd-swinv2-tagger-v3"),
+                          ("BLIP", "Salesforce/blip-image-captioning-large")):
+        with pytest.raises(ModelError, match=f"^captioner '{hub_id}': could not be downloaded"):
+            load_captioner(short)
+    with pytest.raises(ModelError) as raised:
+        load_captioner("blipp")
+    assert str(raised.value).endswith("or a short name: blip (Salesforce/blip-image-captioning-large), "
+                                      "wd14 (SmilingWolf/wd-swinv2-tagger-v3)")
+
+
+def test_the_hub_client_s_own_warnings_stay_out_of_the_terminal() -> None:
+    """Without HF_HUB_OFFLINE, a hub id tried offline printed "warning: '[Errno -2] Name or service not known'
+    thrown while requesting HEAD ..." above stylelora's own message: huggingface_hub sets its level on import."""
+    import logging
+    import subprocess
+    import sys
+
+    code = ("import logging; from stylelora.core.logs import quiet_libraries; quiet_libraries(); "
+            "import huggingface_hub.file_download; print(logging.getLogger('huggingface_hub').getEffectiveLevel())")
+    level = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert int(level) >= logging.ERROR
+
+
 def test_caption_cli_modes_dry_run_and_offline_message(tmp_path: Path) -> None:
     folder = half_captioned(tmp_path / "d", n=3)
     before = {p.name: p.read_bytes() for p in folder.glob("*.txt")}

@@ -54,6 +54,21 @@ def test_find_replace_previews_then_writes_and_undo_puts_it_back(tmp_path: Path)
         tools.undo_last(folder)
 
 
+def test_captions_saved_on_windows_are_edited_and_undo_gives_back_their_exact_bytes(tmp_path: Path) -> None:
+    """Captions from Windows tools: cp1252 (not UTF-8), UTF-16 with a byte-order mark, CRLF endings."""
+    folder = dataset(tmp_path / "d")
+    (folder / "a.txt").write_bytes("zxc style, a red boat, café\r\n".encode("cp1252"))
+    (folder / "b.txt").write_bytes("zxc style, a red boat\r\n".encode("utf-16"))
+    before = texts(folder)
+    changes = tools.find_replace(folder, "red boat", "green ship")
+    assert {c.image.name: c.after for c in changes if c.image.name != "c.png"} == {
+        "a.png": "zxc style, a green ship, café", "b.png": "zxc style, a green ship"}
+    tools.apply_changes(folder, changes, "replace red boat")  # crashed: the undo record could not hold cp1252
+    assert (folder / "a.txt").read_text(encoding="utf-8") == "zxc style, a green ship, café\n"
+    assert tools.undo_last(folder) == ("replace red boat", 3)
+    assert texts(folder) == before
+
+
 def test_regex_replace_and_a_bad_pattern(tmp_path: Path) -> None:
     folder = dataset(tmp_path / "d")
     changes = tools.find_replace(folder, r"^zxc style, (\w+) ", r"\1 ", regex=True)

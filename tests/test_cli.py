@@ -31,6 +31,33 @@ def test_train_end_to_end_and_replay_from_the_runs_config(dataset: Path, tmp_pat
     assert same == pytest.approx(losses, rel=1e-4)  # one seed for everything: the replay is the same run
 
 
+def test_a_copied_run_folder_continues_in_the_copy_and_leaves_the_original_alone(dataset: Path,
+                                                                                   tmp_path: Path) -> None:
+    import shutil
+
+    from stylelora.evaluation.checkpoints import run_checkpoints
+
+    first = tmp_path / "style"
+    r = run_cli("train", "--model", "builtin:tiny", "--data", str(dataset), "--steps", "2", "--resolution", "64",
+                "--rank", "4", "--output", str(first), "--set", "train.save_every=1")
+    assert r.returncode == 0, r.stderr
+    copy = tmp_path / "style try lower lr"
+    shutil.copytree(first, copy)
+    before = {p.relative_to(first): p.stat().st_mtime_ns for p in first.rglob("*")}
+
+    r = run_cli("train", str(copy / "config.toml"), "--resume", "auto", "--steps", "4")
+    assert r.returncode == 0, r.stderr
+    assert {p.relative_to(first): p.stat().st_mtime_ns for p in first.rglob("*")} == before  # untouched
+    assert f"it goes on here, in {copy}" in r.stderr
+    assert f"resumed from {copy / 'checkpoints' / 'step-000002'} at step 2" in r.stdout + r.stderr
+    # the copy's files keep the name they carry, and it scores as one run with all its saves
+    assert (copy / "style-step00000003.safetensors").is_file() and (copy / "style.safetensors").is_file()
+    assert len((copy / "metrics.jsonl").read_text().splitlines()) == 4
+    files = {c.step: c.source.file.name for c in run_checkpoints(copy)}
+    assert files[1] == "style-step00000001.safetensors" and files[3] == "style-step00000003.safetensors"
+    assert files[4] == "style.safetensors"
+
+
 def test_training_into_an_existing_run_is_refused(dataset: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     args = ["train", "--data", str(dataset), "--steps", "1", "--resolution", "64", "--output", str(out)]

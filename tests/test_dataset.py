@@ -22,6 +22,24 @@ def test_sidecar_captions_are_read_and_cleaned(tmp_path: Path) -> None:
     assert [(i.image.name, i.caption) for i in items] == [("a.png", "red square, flat style"), ("b.jpg", "blue square")]
 
 
+def test_training_warns_of_a_guessed_caption_encoding_only_as_the_dataset_check_does(tmp_path: Path, caplog) -> None:
+    """A cp1252 caption is a guess (accents may be wrong): a warning. UTF-16 with its mark is read exactly: the
+    dataset check calls it a note, and the run, which counts the check's warnings, must not warn of it either."""
+    from stylelora.data.doctor import check_dataset
+
+    for seed, (name, raw) in enumerate((("cp.png", "café style".encode("cp1252")),
+                                        ("wide.png", "flat style".encode("utf-16")))):
+        draw_image(tmp_path / name, seed=seed)
+        (tmp_path / name).with_suffix(".txt").write_bytes(raw)
+    with caplog.at_level("WARNING", logger="stylelora"):
+        items = scan(tmp_path)
+    assert [i.caption for i in items] == ["café style", "flat style"]
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and "cp.txt: text is not UTF-8" in warned[0]
+    levels = {(f.path.name, f.level) for f in check_dataset(tmp_path, 64, 1).findings if "UTF" in f.problem}
+    assert levels == {("cp.png", "warning"), ("wide.png", "info")}
+
+
 def test_metadata_jsonl_layout(tmp_path: Path) -> None:
     draw_image(tmp_path / "x.png")
     draw_image(tmp_path / "y.png")

@@ -426,6 +426,8 @@ def test_cli_generate_single_image_in_process(files: dict[str, Path], tmp_path: 
     (["--sampler", "bogus"], "unknown sampler 'bogus'"),
     (["--scale", "0", "1"], "--scale: give --lora too"),
     (["--width", "30"], "width: must be a positive multiple of 8"),
+    # a Windows path would otherwise be written as one file named 'E:\\pics\\x.png' in the current folder
+    (["--out", "E:\\pics\\x.png"], "E:\\pics\\x.png: is a Windows path (drive E:) from another machine"),
 ])
 def test_cli_generate_errors_are_one_line(args: list[str], message: str, tmp_path: Path,
                                           capsys: pytest.CaptureFixture[str]) -> None:

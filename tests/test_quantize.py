@@ -104,3 +104,25 @@ def test_saving_a_4_bit_run_never_reads_its_frozen_weights(tmp_path: Path, monke
     result = train(tiny_config(data, tmp_path / "run", **settings))
     assert result.adapter_paths[0].is_file()
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())[-1] == "step-000002"
+
+
+def test_a_4_bit_run_on_a_cpu_says_before_quanto_compiles_its_kernel(tmp_path: Path, monkeypatch) -> None:
+    """A fresh install's first nf4 run on a CPU waits a minute or more for quanto's C++ build: the run says why."""
+    from optimum.quanto.library.extensions import get_extension
+
+    from stylelora.training.loop import _model_notes
+
+    build = tmp_path / "build"
+    monkeypatch.setattr(get_extension("quanto_cpp"), "build_directory", str(build))
+    model, cpu = load_base_model("builtin:tiny"), torch.device("cpu")
+
+    def notes(scheme: str) -> str:
+        config = tiny_config(tmp_path, tmp_path / "run", **{"model.quantize": scheme})
+        return "\n".join(m.text for m in _model_notes(config, model, cpu))
+
+    compiles = "model.quantize=nf4 on a CPU: optimum-quanto first compiles its kernel for 4-bit weights"
+    assert compiles in notes("nf4")
+    assert "compiles" not in notes("int8") and "compiles" not in notes("none")
+    build.mkdir()
+    (build / "pytorch_version.txt").write_text(torch.__version__)  # what quanto leaves once it has built it
+    assert "compiles" not in notes("nf4")

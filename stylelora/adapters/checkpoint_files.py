@@ -28,7 +28,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
 from ..core import fileio
+from ..core.config import Config
 from ..core.errors import TrainingError
+from ..core.metrics import METRICS_FILE
 
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
 # the adapter file a step save leaves beside the run's adapter, named as sd-scripts names them: <name>-step00000250
@@ -188,6 +190,24 @@ def newest_complete(run_dir: Path) -> Path | None:
         if is_complete(folder):
             return folder
     return None
+
+
+def holds_run(folder: Path) -> bool:
+    """Whether ``folder`` is a run folder training has written to (its metrics or a checkpoint), not merely a
+    folder where someone keeps a config.toml."""
+    return (folder / METRICS_FILE).is_file() or bool(list_checkpoints(folder))
+
+
+def run_folder_config(run_dir: str | Path) -> Config:
+    """The config a run folder was trained with, for that folder wherever it is now. Its config.toml names the
+    folder the run started in; a run folder copied or moved since (or brought from another machine) is its own
+    run: it continues, is scored and exported in the folder it is in, and its files keep the name they carry."""
+    run = Path(run_dir).expanduser()
+    config = Config.load(run / "config.toml")
+    saved = config.train.output_dir
+    if saved and fileio.foreign_path(saved) is None and Path(saved).expanduser().resolve() == run.resolve():
+        return config
+    return config.with_overrides({"train.output_dir": str(run), "export.name": config.run_name})
 
 
 def remove_stale(run_dir: Path) -> None:

@@ -62,11 +62,14 @@ def find_adapter_file(source: str | Path) -> tuple[Path, Config | None, str]:
         name = folder.resolve().name if p.name == DIFFUSERS_WEIGHT_NAME else p.stem
         return p, None, name
     if (p / "config.toml").is_file():
-        config = Config.load(p / "config.toml")
-        name = config.export.name or p.resolve().name
-        for candidate in (p / f"{name}.safetensors", p / "diffusers" / DIFFUSERS_WEIGHT_NAME):
+        config = ckpt.run_folder_config(p)
+        name = config.run_name
+        # the name its files carry, or the folder's own (a folder renamed with its files), or diffusers'
+        for candidate in (p / f"{name}.safetensors", p / f"{p.resolve().name}.safetensors"):
             if candidate.is_file():
-                return candidate, config, name
+                return candidate, config, candidate.stem
+        if (p / "diffusers" / DIFFUSERS_WEIGHT_NAME).is_file():
+            return p / "diffusers" / DIFFUSERS_WEIGHT_NAME, config, name
         raise FormatError(
             f"{p}: this run folder holds no adapter yet ({name}.safetensors or diffusers/{DIFFUSERS_WEIGHT_NAME}); "
             f"finish the training or continue it: {continue_run(p / 'config.toml')}"

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import re
+import sys
 import types
 import typing
+from pathlib import Path
 from typing import Any
 
 from ..core.config import Config, GenerateSettings, all_fields, field_type
@@ -98,14 +100,29 @@ def _add_config_flags(p: argparse.ArgumentParser, flags: dict[str, str], *, defa
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    config = Config.load(args.config) if args.config else Config()
+    config = _load_config(Path(args.config)) if args.config else Config()
     overrides: dict[str, Any] = {}
     for dotted in [*TRAIN_FLAGS.values(), "lora.train_text_encoder"]:
         value = getattr(args, dotted, None)
         if value is not None:
             overrides[dotted] = value
+    moved = config.train.output_dir
     config = config.with_overrides(overrides) if overrides else config
-    return config.with_overrides(args.overrides) if args.overrides else config
+    config = config.with_overrides(args.overrides) if args.overrides else config
+    if args.config and moved != Config.load(args.config).train.output_dir and config.train.output_dir == moved:
+        print(f"{args.config}: this run started in another folder; it goes on here, in {moved} (its adapter files "
+              f"keep the name {config.run_name})", file=sys.stderr)
+    return config
+
+
+def _load_config(path: Path) -> Config:
+    """The config file ``path``; a run's own config.toml read in a copied or moved run folder is that folder's
+    run: it continues there, not in the folder it was copied from."""
+    from ..adapters.checkpoint_files import holds_run, run_folder_config
+
+    if path.name == "config.toml" and path.is_file() and holds_run(path.parent):
+        return run_folder_config(path.parent)
+    return Config.load(path)
 
 
 def _settings_flags(parser: argparse.ArgumentParser, settings_cls: type, skip: set[str]) -> None:

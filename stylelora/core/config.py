@@ -12,7 +12,7 @@ import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from typing import Any, Literal
 
 import tomli_w
@@ -381,7 +381,12 @@ class Config:
 
     @property
     def run_name(self) -> str:
-        return self.export.name or self.output_dir.resolve().name
+        """The name of the run's adapter files: ``export.name``, else the run folder's name."""
+        if self.export.name:
+            return self.export.name
+        if fileio.foreign_path(str(self.output_dir)):  # a run folder written on Windows: its last part
+            return PureWindowsPath(str(self.output_dir)).name
+        return self.output_dir.resolve().name
 
     # --- serialisation --------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -25,9 +25,11 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
     try:
         from diffusers.utils import logging as diffusers_logging
+        from huggingface_hub.utils import logging as hub_logging
         from transformers.utils import logging as transformers_logging
-    except ImportError:  # pragma: no cover - both are dependencies
+    except ImportError:  # pragma: no cover - all are dependencies
         return
+    hub_logging.set_verbosity_error()  # its import sets its own level, over the one set above
     diffusers_logging.set_verbosity_error()
     diffusers_logging.disable_progress_bar()
     transformers_logging.set_verbosity_error()

@@ -61,7 +61,8 @@ class CaptionSettings:
     captioner: str = option(
         "builtin:tiny-blip",
         "Captioner: a hub id or local folder of a transformers image-to-text model (BLIP, GIT, Florence-2), "
-        "or of a WD14-style tagger (model.onnx + selected_tags.csv); builtin:tiny-blip is random, for tests.",
+        "or of a WD14-style tagger (model.onnx + selected_tags.csv); blip and wd14 name the usual ones; "
+        "builtin:tiny-blip is random, for tests.",
     )
     mode: Mode = option(
         "missing",
@@ -291,9 +292,16 @@ def _captioner_hint(name: str) -> str:
                         "tagger folder holding model.onnx and selected_tags.csv)")
 
 
+# the short names kohya_ss users know their captioners by, and the hub id each stands for
+SHORT_NAMES = {"blip": "Salesforce/blip-image-captioning-large", "wd14": "SmilingWolf/wd-swinv2-tagger-v3"}
+
+
 def load_captioner(name: str) -> Captioner:
-    """The captioner named by ``name``: ``builtin:tiny-blip``, a local folder, or a hub id."""
+    """The captioner named by ``name``: ``builtin:tiny-blip``, a local folder, a hub id or a short name
+    (``SHORT_NAMES``: blip, wd14)."""
     name = name.strip()
+    if name.lower() in SHORT_NAMES and not Path(name).expanduser().exists():
+        name = SHORT_NAMES[name.lower()]
     if name.startswith("builtin:"):
         key = name.split(":", 1)[1]
         if key not in BUILTIN_CAPTIONERS:
@@ -312,7 +320,8 @@ def load_captioner(name: str) -> Captioner:
         raise ModelError(f"captioner '{name}': a file; give the folder that holds the captioner")
     if name.count("/") != 1 or name.startswith((".", "/", "~")):
         raise ModelError(f"captioner '{name}': no such folder. Give a hub id such as "
-                         "Salesforce/blip-image-captioning-large, a local folder, or builtin:tiny-blip")
+                         "Salesforce/blip-image-captioning-large, a local folder, builtin:tiny-blip, or a short "
+                         "name: " + ", ".join(f"{k} ({v})" for k, v in SHORT_NAMES.items()))
     if "tagger" in name.lower():
         return _load_hub_tagger(name)
     return _load_transformers(name, name)

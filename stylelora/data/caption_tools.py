@@ -202,7 +202,8 @@ def apply_changes(folder: str | Path, changes: list[CaptionChange], label: str,
         if not target.is_relative_to(root):
             raise DataError(f"{target}: outside the dataset folder {root}; nothing was changed")
     record = root / UNDO_DIR / f"{dt.datetime.now().strftime('%Y%m%d-%H%M%S-%f')}.json"
-    fileio.write_text(record, json.dumps({"label": label, "files": _snapshot(root, targets)}, ensure_ascii=False))
+    # ASCII escapes keep the bytes of a caption that is not UTF-8 (cp1252, UTF-16): undo writes them back as they were
+    fileio.write_text(record, json.dumps({"label": label, "files": _snapshot(root, targets)}))
     if rows is not None:
         new = {Path(c.image).resolve().relative_to(root).as_posix(): c.after for c in changes}
         for row in rows:

@@ -69,6 +69,12 @@ def decode_text(raw: bytes, notes: list[str]) -> tuple[str, str]:
     raise AssertionError("latin-1 decodes any bytes")  # pragma: no cover
 
 
+def guessed_encoding(note: str) -> bool:
+    """Whether a note of ``decode_text`` says the encoding was guessed (accents may be wrong: worth a warning),
+    not read from a byte-order mark (UTF-16, a UTF-8 mark) or a line ending (just so)."""
+    return note.startswith("text is not UTF-8")
+
+
 def read_caption(path: Path, notes: list[str] | None = None) -> str:
     """A caption sidecar as one line of text; ``notes`` gets a line per repair made on the way."""
     notes = notes if notes is not None else []
@@ -137,7 +143,7 @@ def _read_caption_quietly(path: Path) -> str:
         log.warning("%s: cannot read this caption (%s); training on the trigger word only", path, e.strerror or e)
         return ""
     for note in notes:
-        if "not UTF-8" in note or "UTF-16" in note:
+        if guessed_encoding(note):
             log.warning("%s: %s", path, note)
     return text
 

@@ -19,7 +19,17 @@ from typing import Any
 
 from ..core.config import DataConfig
 from ..core.errors import DataError, counted, setting
-from .dataset import DOC_NAMES, IMAGE_SUFFIXES, Item, read_caption, read_jsonl, scan, sidecar_path, with_trigger
+from .dataset import (
+    DOC_NAMES,
+    IMAGE_SUFFIXES,
+    Item,
+    guessed_encoding,
+    read_caption,
+    read_jsonl,
+    scan,
+    sidecar_path,
+    with_trigger,
+)
 from .imagecheck import check_image, colour_difference, near_duplicate_pairs
 
 log = logging.getLogger(__name__)
@@ -185,7 +195,7 @@ def check_dataset(
         else:
             caption, notes = _sidecar_caption(check.path, caption_extension, report)
         for note in notes:
-            level = "warning" if "not UTF-8" in note else "info"
+            level = "warning" if guessed_encoding(note) else "info"
             add(Finding(check.path, note, "caption used as decoded", True, level))
         if caption:
             _check_length(check.path, with_trigger(caption, trigger_word), counter, report,

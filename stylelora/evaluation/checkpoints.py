@@ -10,7 +10,7 @@ from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
 
-from ..adapters.checkpoint_files import STEP_DIR, checkpoint_dir, list_checkpoints, step_of_suffix
+from ..adapters.checkpoint_files import STEP_DIR, checkpoint_dir, list_checkpoints, run_folder_config, step_of_suffix
 from ..adapters.formats import DIFFUSERS_WEIGHT_NAME
 from ..core.config import Config
 from ..core.errors import ConfigError
@@ -34,12 +34,13 @@ def run_config(run_dir: str | Path) -> Config:
         raise ConfigError(f"{run}: no such folder; give a run folder stylelora train wrote (outputs/NAME)")
     if not (run / "config.toml").is_file():
         raise ConfigError(f"{run}: not a run folder (no config.toml in it); give a folder stylelora train wrote")
-    return Config.load(run / "config.toml")
+    return run_folder_config(run)
 
 
-def run_name(run_dir: Path, config: Config) -> str:
-    """The name of a run's adapter files (``export.name``, else the run folder's name, wherever it moved)."""
-    return config.export.name or run_dir.resolve().name
+def _run_files(run: Path, config: Config) -> dict[int, Path]:
+    """The run's adapter files by step, under the name they carry (a copied or moved run's config names it), or
+    under the folder's own name (a folder renamed with its files)."""
+    return _adapter_files(run, config.run_name) or _adapter_files(run, run.resolve().name)
 
 
 def _metadata_step(path: Path) -> int | None:
@@ -70,7 +71,7 @@ def run_checkpoints(run_dir: str | Path) -> list[SavedCheckpoint]:
     """Every scorable checkpoint of a run, by step: its adapter files, and checkpoint folders that have none."""
     run = Path(run_dir).expanduser()
     config = run_config(run)
-    files = _adapter_files(run, run_name(run, config))
+    files = _run_files(run, config)
     saved = {step: SavedCheckpoint(label_of(step), step, AdapterSource(path, f"{run.name}-{label_of(step)}"))
              for step, path in files.items()}
     for folder in list_checkpoints(run):

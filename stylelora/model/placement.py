@@ -3,6 +3,7 @@ gradient checkpointing, memory format, compilation and train/eval modes."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -63,6 +64,21 @@ def prepare_for_training(
     if train.compile != "off":
         compile_unet(model.denoiser, train.compile)
     return params, weight_dtype
+
+
+def builds_cpu_kernel(scheme: str, device: torch.device) -> bool:
+    """Whether a run quantized with ``scheme`` on ``device`` first has optimum-quanto compile its CPU kernel for
+    unpacking 4-bit weights: a C++ build of a minute or more, once per install, that would otherwise pass in
+    silence before the first step."""
+    if scheme != "nf4" or device.type != "cpu":
+        return False
+    try:
+        from optimum.quanto.library.extensions import get_extension
+
+        build = Path(get_extension("quanto_cpp").build_directory)
+    except (ImportError, KeyError, AttributeError):  # no quanto (refused later, by name), or another layout
+        return False
+    return not (build / "pytorch_version.txt").is_file()
 
 
 def quantize_scheme(setting: str, model: BaseModel, device: torch.device) -> str:

@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from ..adapters.adapter import Adapter, ModelLayout
-from ..adapters.checkpoint_files import STEP_DIR, list_checkpoints, stores_alphas
+from ..adapters.checkpoint_files import STEP_DIR, list_checkpoints, run_folder_config, stores_alphas
 from ..adapters.convert import find_adapter_file
 from ..adapters.formats import load_adapter
 from ..core.config import Config, GenerateSettings
@@ -57,7 +57,7 @@ class AdapterSource:
 
 
 def _run_config(run_dir: Path) -> Config:
-    return Config.load(run_dir / "config.toml")
+    return run_folder_config(run_dir)
 
 
 def _checkpoint_source(folder: Path) -> AdapterSource:

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..adapters.checkpoint_files import list_checkpoints
+from ..adapters.checkpoint_files import list_checkpoints, run_folder_config
 from ..adapters.formats import DIFFUSERS_WEIGHT_NAME
 from ..core import fileio
 from ..core.config import Config, foreign_path_error, next_free_run_dir
@@ -218,8 +218,9 @@ class Workspace:
         return prepared
 
     def settings_of(self, run: str | Path) -> Config:
-        """The config ``run`` (a run folder under outputs/) was trained with: its config.toml."""
-        return Config.load(self._run(run).path / "config.toml")
+        """The config ``run`` (a run folder under outputs/) was trained with, for that folder (a copied run's is
+        its own)."""
+        return run_folder_config(self._run(run).path)
 
     def continue_config(self, run: str | Path) -> Config:
         """The config that continues ``run`` from its newest checkpoint, with the settings it was started with."""

@@ -33,7 +33,7 @@ from ..data.doctor import training_items
 from ..families import load_base_model, load_plan
 from ..model import losses
 from ..model.base import BaseModel, Objective
-from ..model.placement import prepare_for_training, quantize_scheme
+from ..model.placement import builds_cpu_kernel, prepare_for_training, quantize_scheme
 from . import checkpoint as ckpt
 from . import optim, precision, trackers
 from .artifacts import AdapterSaves, render_samples
@@ -212,6 +212,9 @@ def _model_notes(config: Config, model: BaseModel, device: torch.device) -> list
         notes.append(events.Message(f"model.quantize=auto: the frozen {family.denoiser_label} and text encoders are "
                                     f"held in {scheme} on this GPU (QLoRA-style); set model.quantize=none to train "
                                     "on the unquantized weights"))
+    if builds_cpu_kernel(scheme, device):
+        notes.append(events.Message(f"model.quantize={scheme} on a CPU: optimum-quanto first compiles its kernel for "
+                                    "4-bit weights (a minute or more, once per install; it needs a C++ compiler)"))
     if family.learns_worse_below_native(model.kind) and resolution < native * 3 // 4:
         preset = family.presets.get(model.kind)
         notes.append(events.Message(
