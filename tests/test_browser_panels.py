@@ -16,6 +16,7 @@ from test_browser_second_click import QUICK, open_page
 
 from stylelora.core.config import Config
 
+TRAINING = 60_000  # a page answers slower while a run trains on the same cores
 pytestmark = pytest.mark.usefixtures("chromium")  # skips with one line (fails in CI) when there is none
 
 
@@ -45,10 +46,10 @@ def test_a_page_opened_while_a_run_trains_picks_that_run_for_its_evaluation(app,
     try:
         for _ in range(2):  # opened, then reopened
             page, errors = open_page(browser, url, "Train")
-            page.locator('#train-progress[data-status="running"]').wait_for(timeout=QUICK)
+            page.locator('#train-progress[data-status="running"]').wait_for(timeout=TRAINING)
             page.wait_for_function("() => document.querySelector('#run-pick input').value === 'outputs/late'",
-                                   timeout=QUICK)
-            page.locator("#eval-best").get_by_text("Nothing saved in this run yet").wait_for(timeout=QUICK)
+                                   timeout=TRAINING)
+            page.locator("#eval-best").get_by_text("Nothing saved in this run yet").wait_for(timeout=TRAINING)
             page.get_by_role("tab", name="Preview").click()  # and back: the pick stays
             page.get_by_role("tab", name="Train").click()
             page.wait_for_timeout(1000)
