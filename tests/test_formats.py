@@ -349,6 +349,10 @@ def test_cli_export_merge_resize(run: Path, tmp_path: Path, capsys: pytest.Captu
     assert load_file(b)["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"].shape[0] == 2
     assert main(["merge", "--model", "builtin:tiny", "--lora", a, "--scale", "0.5", "--out", str(tmp_path / "m")]) == 0
     assert (tmp_path / "m" / "model_index.json").is_file()
+    for scale in ("1e30", "nan", "inf"):  # a strength no one means is refused before the model loads, no file
+        out = tmp_path / f"m{scale}"
+        assert main(["merge", "--model", "builtin:tiny", "--lora", a, "--scale", scale, "--out", str(out)]) == 1
+        assert "scale: must be a number from -1 to 2" in capsys.readouterr().err and not out.exists()
     assert main(["export", str(tmp_path / "none.safetensors"), "--format", "kohya", "--out", str(tmp_path / "c")]) == 1
     assert "no such run folder or adapter file" in capsys.readouterr().err
     assert main(["resize", a, "--rank", "9", "--out", str(tmp_path / "d.safetensors")]) == 1
@@ -690,3 +694,20 @@ def test_fp32_export_of_a_run_is_its_checkpoints_fp32_state_exactly(tmp_path: Pa
             assert float(kohya[f"{name}.alpha"]) == state.alphas[part][module]
     # the run's fp16 file widened is not that (what export --precision fp32 used to write)
     assert any(not torch.equal(fp16[k].float(), kohya[k]) for k in kohya if k.endswith("weight"))
+
+
+def test_an_adapter_is_saved_when_its_dataset_was_deleted_during_the_run(tmp_path: Path, caplog) -> None:
+    """A queued run's dataset deleted while it trained, then Stop: the final save failed with "training failed:
+    FileNotFoundError: ... apple.png" (the dataset hash re-read every image) and no final adapter was written."""
+    from types import SimpleNamespace
+
+    from stylelora.adapters.metadata import dataset_hash
+
+    images = [tmp_path / "a.png", tmp_path / "b.png"]
+    for image in images:
+        image.write_bytes(b"png")
+    items = [SimpleNamespace(image=image, caption="flat style") for image in images]
+    whole = dataset_hash(items)
+    images[1].unlink()
+    assert dataset_hash(items) not in ("", whole)  # still a hash, of another dataset: one image is missing
+    assert f"{images[1]}: cannot read it any more" in caplog.text

@@ -252,6 +252,56 @@ def test_a_queued_run_that_cannot_start_is_reported_and_the_next_one_runs(tmp_pa
                f"train.output_dir: '{ws.outputs / 'mine'}' already holds a run" in line for line in log), log
 
 
+def test_the_same_named_run_folder_is_refused_when_queued_a_second_time(tmp_path: Path) -> None:
+    """"Add to queue" pressed twice with a run folder named: both were queued, and the second failed only when its
+    turn came (its folder "already holds a run"), in the log of whatever ran next."""
+    ws = Workspace(tmp_path)
+    make_dataset(ws.datasets / "cats", n=1)
+    gates: dict[str, threading.Event] = {}
+    job = TrainingJob(_gated_runner(gates, []), prepare=ws.run_config)
+    named = Config().with_overrides({"data.path": "cats", "train.output_dir": "outputs/mine"})
+    running = job.enqueue(named)  # starts at once
+    with pytest.raises(ConfigError, match=f"train.output_dir: '{ws.outputs / 'mine'}' is already the run folder of "
+                                          "the running run; give this run another folder"):
+        job.enqueue(named.with_overrides({"train.steps": 5}))
+    waiting = job.enqueue(named.with_overrides({"train.output_dir": str(ws.outputs / "other")}))
+    with pytest.raises(ConfigError, match=rf"already the run folder of queued run #{waiting} \(cats · 1000 steps · "):
+        job.enqueue(named.with_overrides({"train.output_dir": "outputs/other"}))
+    unnamed = Config().with_overrides({"data.path": "cats"})
+    assert job.enqueue(unnamed) != job.enqueue(unnamed)  # unnamed: each gets a folder of its own when it starts
+    assert [q.id for q in job.queued()] == [waiting, waiting + 1, waiting + 2] and running == 1
+    for gate in ("mine", "other", "cats", "cats-2"):
+        gates.setdefault(gate, threading.Event()).set()
+    job.stop()
+    job.join_all(5)
+
+
+def test_a_follower_of_the_queue_follows_it_past_runs_that_failed_at_once(tmp_path: Path) -> None:
+    """Queued runs whose dataset was deleted failed as soon as they started; a page following the queue stopped at
+    the first run that had ended before it looked, and showed "2 queued" and the first failure for good."""
+    ws = Workspace(tmp_path)
+    make_dataset(ws.datasets / "cats", n=1)
+    gate = threading.Event()
+
+    def run(config, on_event, stop):
+        if Path(config.train.output_dir).name.startswith("doomed"):
+            raise DataError("dataset 'cats': no such folder")
+        on_event(events.Started(1, 0, 1, "cpu", Path(config.train.output_dir)))
+        gate.wait(10)
+        on_event(events.Finished(1, False, Path(config.train.output_dir)))
+
+    job = TrainingJob(run, prepare=ws.run_config)
+    job.enqueue(Config().with_overrides({"data.path": "cats"}))
+    for name in ("doomed-1", "doomed-2"):
+        job.enqueue(Config().with_overrides({"data.path": "cats", "train.output_dir": f"outputs/{name}"}))
+    follower = job.follow(across_queue=True, interval=0.01)
+    assert next(follower).status == "running"
+    gate.set()
+    job.join_all(5)  # the follower looks only now: both queued runs have failed
+    last = list(follower)[-1]
+    assert (last.run_id, last.status, last.queue) == (3, "failed", []) and "no such folder" in last.error
+
+
 def test_requests_reach_the_runner_only_while_it_runs() -> None:
     seen: list[tuple[bool, bool]] = []
     release = threading.Event()

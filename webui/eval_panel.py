@@ -68,6 +68,12 @@ def _grid(run: Path, scores: RunScores, shown) -> tuple[list[tuple[str, str]], i
     return images, len(columns)
 
 
+def gone(run: str) -> str:
+    """The line for a picked run whose folder is no longer there."""
+    return (f"{run}: no such run folder (deleted or moved since the list was made); pick another run (the lists "
+            "refresh when the Train tab opens)")
+
+
 def _saved_labels(run: Path) -> list[str]:
     """The run's checkpoint labels, none where it has no config or has saved nothing yet."""
     if not (run / "config.toml").is_file():
@@ -103,7 +109,10 @@ def build(ctx: Context, run_pick: gr.Dropdown) -> dict[str, Any]:
     def run_path(run: str | None) -> Path:
         if not run:
             raise gr.Error("pick a run under Runs first", print_exception=False)
-        return ws.inside(run, [ws.outputs])
+        path = ws.inside(run, [ws.outputs])
+        if not path.is_dir():
+            raise gr.Error(gone(run), print_exception=False)
+        return path
 
     def outputs(run: str | None) -> tuple[Any, ...]:
         """The panel for ``run``: nothing yet when it was not scored."""
@@ -111,6 +120,8 @@ def build(ctx: Context, run_pick: gr.Dropdown) -> dict[str, Any]:
         if not run:
             return "", nothing, pd.DataFrame(columns=TABLE_HEADERS), [], gr.update(choices=[], value=None)
         path = ws.inside(run, [ws.outputs])
+        if not path.is_dir():  # deleted since the list was made: say so, not "nothing saved yet"
+            return (gone(run), nothing, pd.DataFrame(columns=TABLE_HEADERS), [], gr.update(choices=[], value=None))
         scores = RunScores.load(path)
         labels = _saved_labels(path)
         if scores is None and not labels:  # picking a run is not asking for anything: no error, a line
@@ -136,6 +147,9 @@ def build(ctx: Context, run_pick: gr.Dropdown) -> dict[str, Any]:
     def evaluate(run: str | None):
         """Score every checkpoint of the run through the app's Previewer (its base model, loaded once)."""
         path = run_path(run)
+        if (path / "config.toml").is_file() and not _saved_labels(path):  # the library's line names the full path
+            raise gr.Error(f"{run}: nothing saved in this run yet; evaluate it once it has saved a checkpoint",
+                           print_exception=False)
         model = run_config(path).model.name
         with ctx.preview_lock:
             evaluate_run(path, previewer=ctx.previewer(model))
@@ -162,8 +176,10 @@ def compare_controls(ctx: Context) -> None:
     """Inside the Runs panel: two or more runs side by side (each run's best checkpoint and its scores)."""
     ws = ctx.workspace
     with gr.Row(equal_height=True):
+        # any value: the API names runs made after the page (and the app) started; compare() checks each one
         picked = gr.Dropdown(ctx.run_choices(), multiselect=True, label="Compare runs", elem_id="compare-runs",
-                             info="two or more runs (a sweep's folder counts as its runs)", scale=4)
+                             info="two or more runs (a sweep's folder counts as its runs)", scale=4,
+                             allow_custom_value=True)
         compare_btn = gr.Button("Compare", size="sm", elem_id="compare", scale=1)
     table = gr.Dataframe(headers=["run", "best", *PLOTTED], interactive=False, wrap=True, elem_id="compare-table")
 
@@ -171,13 +187,18 @@ def compare_controls(ctx: Context) -> None:
     def compare(runs: list[str] | None) -> pd.DataFrame:
         if not runs:
             raise gr.Error("pick two or more runs to compare", print_exception=False)
-        rows = comparison(compare_runs([ws.inside(r, [ws.outputs]) for r in runs]))
+        paths = [ws.inside(r, [ws.outputs]) for r in runs]
+        missing = [r for r, p in zip(runs, paths, strict=True) if not p.exists()]
+        if missing:
+            raise gr.Error(gone(missing[0]), print_exception=False)
+        rows = comparison(compare_runs(paths))
         flat = [{"run": ws.display(d["run"]), **d["settings"], "best": d["best"] or "not evaluated",
                  **({c: d["scores"][c] for c in COLUMNS} if d["scores"] else {})} for d in rows]
         return pd.DataFrame(flat).round(4)
 
     compare_btn.click(compare, picked, table, api_name="compare")
-    picked.focus(lambda current: gr.update(choices=ctx.run_choices(), value=current), picked, picked, api_name=False)
+    # the choices alone: a value sent back would undo the runs picked while this answer was on its way
+    picked.focus(lambda: gr.update(choices=ctx.run_choices()), None, picked, api_name=False, show_progress="hidden")
 
 
 def sweep_controls(ctx: Context, form: ConfigForm, notice: gr.Markdown) -> Any:

@@ -13,11 +13,13 @@ from typing import Any
 import gradio as gr
 
 from stylelora.adapters.convert import export as export_adapter
+from stylelora.adapters.merge import STRENGTHS, check_strength
 from stylelora.adapters.merge import merge as merge_adapter
 
 from .context import Context, Failed, errors_on_page
 
 FORMATS = [("kohya (AUTOMATIC1111, ComfyUI)", "kohya"), ("diffusers (pipe.load_lora_weights)", "diffusers")]
+STRENGTH = "Strength"  # the merge's strength field, by its label in messages too
 MERGED = [("one .safetensors checkpoint (AUTOMATIC1111, ComfyUI)", "single_file"),
           ("a diffusers folder (from_pretrained)", "diffusers")]
 
@@ -47,8 +49,9 @@ def build(ctx: Context) -> dict[str, Any]:
             raise gr.Error("Base model: empty; give the model to merge into (the one the run trained on, a diffusers "
                            "folder, a .safetensors checkpoint or a hub id)")
         single = layout != "diffusers"
-        adapter, out = ws.merge_target(picked(choice), float(scale), single_file=single)
-        path = merge_adapter(model, adapter, float(scale), out, precision=precision)
+        scale = check_strength(scale, STRENGTH)
+        adapter, out = ws.merge_target(picked(choice), scale, single_file=single)
+        path = merge_adapter(model, adapter, scale, out, precision=precision)
         if single:
             return (f"merged model written to `{ws.display(path)}` ({precision}; verified: diffusers reads every "
                     "tensor back equal). It loads in AUTOMATIC1111 (models/Stable-diffusion/) and ComfyUI "
@@ -72,7 +75,9 @@ def build(ctx: Context) -> dict[str, Any]:
         with gr.Accordion("Merge into the base model", open=False):
             with gr.Row():
                 merge_model = gr.Textbox("builtin:tiny", label="Base model")
-                merge_scale = gr.Number(1.0, label="Strength")
+                # no bounds on the widget: Gradio would refuse a value without naming the field; merge() says which
+                merge_scale = gr.Number(1.0, label=STRENGTH, info=f"from {STRENGTHS[0]:g} to {STRENGTHS[1]:g}; 1 is "
+                                        "the adapter as trained", elem_id="merge-strength")
                 merge_layout = gr.Radio(MERGED, value="single_file", label="Save the merged model as")
                 merge_btn = gr.Button("Merge", elem_id="merge")
             merge_report = gr.Markdown()

@@ -7,6 +7,7 @@ from typing import Any
 
 import gradio as gr
 
+from stylelora.adapters.merge import STRENGTHS
 from stylelora.core.config import Config, GenerateSettings
 from stylelora.core.errors import StyleloraError
 
@@ -113,12 +114,12 @@ def build(ctx: Context) -> dict[str, Any]:
         with gr.Row():
             shown["seed"] = settings_widget(START, "seed")
             shown["steps"] = settings_widget(START, "steps", slider_max=STEPS_SLIDER_MAX)
-            strength = gr.Slider(-1, 2, value=1, step=0.05, label="Strength", elem_id="strength",
+            strength = gr.Slider(*STRENGTHS, value=1, step=0.05, label="Strength", elem_id="strength",
                                  info="0 is the base model; regenerates when you let go, or type a value and press "
                                  "Enter")
         with gr.Accordion("Per-block strength (IN / MID / OUT)", open=False):
             with gr.Row():
-                groups = [gr.Slider(-1, 2, value=1, step=0.05, label=f"{group} blocks",
+                groups = [gr.Slider(*STRENGTHS, value=1, step=0.05, label=f"{group} blocks",
                                     info=f"times the strength for the UNet's {where}",
                                     elem_id=f"strength-{group.lower()}")
                           for group, where in (("IN", "down blocks"), ("MID", "mid block"), ("OUT", "up blocks"))]

@@ -210,11 +210,15 @@ def build(ctx: Context) -> dict[str, Any]:
     def follow_job() -> Iterator[tuple[Any, ...]]:
         """Renders of the current run, then of each queued run that starts after it, until the job rests;
         the queue table and the runs list go along."""
+        picked = None  # the run the runs list picked for this page: each run once, when first seen
         for snap in job.follow(across_queue=True):
             runs = gr.update(choices=ctx.run_choices())
             started = first_event(snap, events.Started)
-            if snap.status != "running" and started is not None:  # a run ended: the runs list picks it
+            # the run shown above is the one picked under Runs (its Evaluation follows it): when the page first
+            # sees it (a reopened page, the queue's next run) and when it ends; in between the user picks freely
+            if started is not None and (snap.status != "running" or picked != snap.run_id):
                 runs = gr.update(choices=runs["choices"], value=ws.display(started.output_dir))
+                picked = snap.run_id
             notice = "" if snap.status != "running" else gr.update()  # "stopping…" and the like end with the run
             yield *render(snap, ws.display), queue_rows(snap.queue, snap), runs, notice
 
@@ -252,18 +256,24 @@ def build(ctx: Context) -> dict[str, Any]:
         snap = job.snapshot()
         return queue_rows(snap.queue, snap), queue_choices(snap.queue, current)
 
+    def queue_number(item: Any) -> int:
+        """The queued run picked (its number; the API may send any value)."""
+        if item is None or (isinstance(item, str) and not item.strip()):
+            raise gr.Error("pick a queued run first", print_exception=False)
+        try:
+            return int(str(item).strip().removeprefix("#"))
+        except ValueError:
+            raise gr.Error(f"Queued run: '{item}' is not a number in the queue; pick one from the list",
+                           print_exception=False) from None
+
     @user_errors
     def move(item: Any, offset: int):
-        if item is None:
-            raise gr.Error("pick a queued run first", print_exception=False)
-        job.move(int(item), offset)
-        return queue_outputs(int(item))
+        job.move(queue_number(item), offset)
+        return queue_outputs(queue_number(item))
 
     @user_errors
     def cancel(item: Any):
-        if item is None:
-            raise gr.Error("pick a queued run first", print_exception=False)
-        gone = job.cancel(int(item))
+        gone = job.cancel(queue_number(item))
         return f"cancelled run #{gone.id} ({gone.describe()})", *queue_outputs()
 
     def queue_list() -> pd.DataFrame:
@@ -271,8 +281,12 @@ def build(ctx: Context) -> dict[str, Any]:
         return queue_rows(snap.queue, snap)
 
     def runs(current: str | None):
+        """The runs list refreshed; the pick stays (as it is now, not as this event saw it: a reopened page's
+        follower picks the running run meanwhile) unless its run is gone."""
         choices = ctx.run_choices()
-        return gr.update(choices=choices, value=current if current in choices else (choices[0] if choices else None))
+        if current in choices:
+            return gr.update(choices=choices)
+        return gr.update(choices=choices, value=choices[0] if choices else None)
 
     @user_errors
     def use_kind_preset(model_name: str, data_path: str) -> list[Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,6 +26,25 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 MERGE_ADAPTER_NAME = "stylelora_merge"
+# The adapter strengths a user can mean: 0 is the base model, 1 the adapter as trained, 2 twice its change, -1 its
+# change taken away; beyond them the weights drift into noise. The app's strength sliders and the merge take these.
+STRENGTHS = (-1.0, 2.0)
+
+
+def check_strength(scale: object, name: str = "strength") -> float:
+    """``scale`` as a float when it is a strength a user can mean (``STRENGTHS``); ConfigError naming ``name``
+    (the field or flag that gave it) otherwise: empty, not a number, infinite or outside the range."""
+    low, high = STRENGTHS
+    if scale is None or (isinstance(scale, str) and not scale.strip()):
+        raise ConfigError(f"{name}: empty; give a strength from {low:g} to {high:g} (1 is the adapter as trained)")
+    try:
+        value = float(scale)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        value = math.nan
+    if not (math.isfinite(value) and low <= value <= high):
+        raise ConfigError(f"{name}: must be a number from {low:g} to {high:g} (0 is the base model, 1 the adapter as "
+                          f"trained), got {scale!r}")
+    return value
 
 
 def merge(model: str | BaseModel, lora: str | Path, scale: float, out: str | Path, precision: str = "fp16",
@@ -32,8 +52,10 @@ def merge(model: str | BaseModel, lora: str | Path, scale: float, out: str | Pat
     """Bake ``lora`` (an adapter file, a diffusers LoRA folder or a run folder) at strength ``scale`` into the
     base weights (diffusers' own fuse_lora) and save the pipeline at ``out``: a diffusers folder, or, when ``out``
     ends in ``.safetensors``, one checkpoint file in the original layout (AUTOMATIC1111, ComfyUI) in
-    ``precision``, verified. A BaseModel passed in is changed in place. Without ``overwrite`` an ``out`` already
-    there is refused; a folder that is not a diffusers model is never replaced (checked before the model loads)."""
+    ``precision``, verified. A BaseModel passed in is changed in place. Before anything is loaded: ConfigError for
+    a ``scale`` outside ``STRENGTHS``; without ``overwrite`` an ``out`` already there is refused, and a folder that
+    is not a diffusers model is never replaced."""
+    scale = check_strength(scale, "scale")
     check_merge_target(Path(out), overwrite)
     base = model if isinstance(model, BaseModel) else load_base_model(model)
     adapter = load_adapter(find_adapter_file(lora)[0], base)  # a file, a diffusers folder or a run folder

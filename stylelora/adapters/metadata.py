@@ -11,6 +11,7 @@ import datetime as dt
 import hashlib
 import io
 import json
+import logging
 import platform
 from collections.abc import Sequence
 from importlib import metadata as importlib_metadata
@@ -23,6 +24,8 @@ from safetensors.torch import save
 from .. import families
 from ..core.config import Config
 from ..data.batches import folder_repeats, repeats_folder
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from ..model.base import BaseModel
@@ -87,11 +90,18 @@ def tag_frequency(captions: Sequence[str]) -> dict[str, int]:
 
 
 def dataset_hash(items: Sequence[Any]) -> str:
-    """sha256 over every image's name, bytes and caption, in name order: equal hash, same data."""
+    """sha256 over every image's name, bytes and caption, in name order: equal hash, same data. An image gone
+    since training started (its dataset deleted or moved during the run) counts as missing, with a warning: the
+    adapter is still saved."""
     h = hashlib.sha256()
     for item in sorted(items, key=lambda i: Path(i.image).name):
         h.update(Path(item.image).name.encode() + b"\0")
-        h.update(hashlib.sha256(Path(item.image).read_bytes()).digest())
+        try:
+            h.update(hashlib.sha256(Path(item.image).read_bytes()).digest())
+        except OSError as e:
+            log.warning("%s: cannot read it any more (%s); the adapter's dataset_sha256 counts it as missing",
+                        item.image, e.strerror or e)
+            h.update(b"missing\0")
         h.update(str(item.caption).encode() + b"\0")
     return h.hexdigest()
 

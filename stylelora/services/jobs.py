@@ -26,7 +26,7 @@ from typing import Any
 
 from ..core import events, fileio, metrics
 from ..core.config import Config
-from ..core.errors import StyleloraError
+from ..core.errors import ConfigError, StyleloraError
 
 log = logging.getLogger(__name__)
 HISTORY = 20  # finished runs whose events a follower can still read
@@ -119,8 +119,12 @@ class TrainingJob:
     def enqueue(self, config: Config) -> int:
         """Add ``config`` to the queue (checked now, as a start would); returns its queue id. With nothing
         running it starts at once."""
-        self._prepare(config)  # refuse a broken config now, not when its turn comes
+        prepared = self._prepare(config)  # refuse a broken config now, not when its turn comes
+        taken = self._taken_by(prepared.output_dir) if config.train.output_dir else None
         with self._cond:
+            if taken is not None:  # the second would only fail ("already holds a run") when its turn came
+                raise ConfigError(f"train.output_dir: '{prepared.output_dir}' is already the run folder of {taken}; "
+                                  "give this run another folder, or leave it empty for a new one")
             item = QueuedRun(self._next_item, config)
             self._next_item += 1
             self._queue.append(item)
@@ -136,6 +140,21 @@ class TrainingJob:
         for config in configs:
             self._prepare(config)
         return [self.enqueue(config) for config in configs]
+
+    def _taken_by(self, folder: Path) -> str | None:
+        """What already trains into ``folder`` ("the running run", "queued run #3"), or None."""
+        with self._cond:
+            running = self.config if self._status == "running" else None
+            waiting = [item for item in self._queue if item.config.train.output_dir]
+        if running is not None and running.output_dir == folder:
+            return "the running run"
+        for item in waiting:
+            try:
+                if self._prepare(item.config).output_dir == folder:
+                    return f"queued run #{item.id} ({item.describe()})"
+            except StyleloraError:  # it cannot start anyway (its dataset went): it takes no folder
+                continue
+        return None
 
     def queued(self) -> list[QueuedRun]:
         with self._cond:
@@ -230,10 +249,10 @@ class TrainingJob:
         while True:
             if snap.status != "running":
                 now = self.snapshot()
-                if not across_queue or now.run_id == snap.run_id or now.status != "running":
+                if not across_queue or now.run_id == snap.run_id:
                     return
-                snap = now  # the queue started the next run
-                yield snap
+                snap = now  # the queue started the next run; it may have ended already (failed at once), and
+                yield snap  # the queue gone on after it: followed until the last one
                 continue
             time.sleep(interval)
             new = self.wait(len(snap.events), snap.run_id, timeout=10.0)
