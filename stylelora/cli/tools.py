@@ -19,7 +19,7 @@ def _add_generate(sub: Any) -> None:
     g.add_argument("--model", default="builtin:tiny", help="base model: builtin:tiny, a folder, a file or a hub id")
     g.add_argument("--lora", help="adapter: a .safetensors file, a diffusers folder, a run or checkpoint folder")
     g.add_argument("--scale", type=float, nargs="+", metavar="S",
-                   help="adapter strength (0 = base model, 1 = as trained; -1..2 are fine); several make a strip")
+                   help="adapter strength from -1 to 2 (0 = base model, 1 = as trained); several make a strip")
     g.add_argument("--blocks", nargs="+", metavar="GROUP=S", default=[],
                    help="per-block strength, as multipliers of --scale for the UNet's IN, MID and OUT blocks "
                    "(A1111's LoRA block weight), e.g. --blocks MID=0 OUT=0.5")
@@ -73,6 +73,7 @@ def _group_strength(text: str) -> tuple[str, float]:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from ..adapters.merge import check_strength
     from ..data.images import check_png_path, save_png
     from ..preview.previewer import Previewer, block_scales, check_sampler, find_adapter
 
@@ -86,6 +87,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if given and not args.lora:
             raise StyleloraError(f"{flag}: give --lora too; without an adapter there is nothing to scale")
     groups = block_scales(dict(_group_strength(text) for text in args.blocks))
+    for scale in args.scale or []:
+        check_strength(scale, "--scale")
     if args.lora:
         find_adapter(args.lora)
     preview = Previewer(args.model)

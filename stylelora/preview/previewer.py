@@ -29,6 +29,7 @@ from ..adapters.adapter import Adapter, ModelLayout
 from ..adapters.checkpoint_files import STEP_DIR, list_checkpoints, run_folder_config, stores_alphas
 from ..adapters.convert import find_adapter_file
 from ..adapters.formats import load_adapter
+from ..adapters.merge import check_strength
 from ..core.config import Config, GenerateSettings
 from ..core.errors import ConfigError, FormatError
 from ..data import images
@@ -184,7 +185,7 @@ class Previewer:
     """A base model loaded once, with adapters attached by name and rendered at any strength.
 
     ``generate(prompt, adapter=name, scale=s)`` renders with one adapter at strength ``s`` on UNet
-    and text encoder (any real number: 0 is the base model exactly, 1 the adapter as trained,
+    and text encoder (from -1 to 2, ``STRENGTHS``: 0 is the base model exactly, 1 the adapter as trained,
     negative values push away from the style). The base is never reloaded; the deltas are fused into
     its weights for a render and the weights as loaded are kept aside (``fuse=False``: never fused).
     The base image for given settings is rendered once per session, and text embeddings are reused
@@ -440,9 +441,7 @@ class Previewer:
 
     def _render(self, prompt: str, settings: GenerateSettings, attached: _Attached | None,
                 scale: float, groups: Mapping[str, float] | None = None) -> Image.Image:
-        scale = float(scale)
-        if not math.isfinite(scale):
-            raise ConfigError(f"scale: must be a finite number, got {scale}")
+        scale = check_strength(scale, "scale")  # beyond the range the weights drift into noise (a NaN image)
         if settings.clip_skip == 0:  # as the adapter was trained (the base image too, so they compare)
             settings = settings.replace(clip_skip=attached.clip_skip if attached is not None else 1)
         if attached is None or scale == 0:
