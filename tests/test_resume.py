@@ -147,3 +147,30 @@ def test_a_continued_run_s_first_eta_comes_from_its_earlier_pace(monkeypatch: py
     fresh = loop._Clock(0, 0.0)  # a new run has nothing earlier: its first step's pace
     now[0] += 3.0
     assert fresh.pace(1, 10)[1:] == (1 / 3.0, 27.0)
+
+
+def test_an_image_deleted_during_the_run_stops_it_saved_and_it_continues_once_put_back(dataset: Path,
+                                                                                        tmp_path: Path) -> None:
+    """Nothing trained is lost when the dataset changes under a run: it stops with a checkpoint of its last step
+    (it used to stop with none since the last scheduled save), and continues once the image is back."""
+    from stylelora.core.errors import TrainingError
+
+    out, image = tmp_path / "run", sorted(dataset.glob("*.png"))[0]
+    kept = image.read_bytes()
+    config = tiny_config(dataset, out, **{"train.steps": 12, "cache.latents": "off", "train.log_every": 1})
+
+    def on_event(event: events.Event) -> None:
+        if isinstance(event, events.Progress) and event.step == 2 and image.exists():
+            image.unlink()  # the next time its turn comes, the batch cannot be made
+
+    with pytest.raises(TrainingError) as stopped:
+        train(config, on_event)
+    message = str(stopped.value)
+    assert message.startswith("the dataset changed while the run trained: ") and image.name in message
+    saved = list_checkpoints(out)
+    assert saved and int(saved[-1].name.split("-")[1]) >= 2  # the step before the missing image, not none
+    assert f"the last complete checkpoint, {saved[-1]}, is intact" in message
+
+    image.write_bytes(kept)
+    result = train(config.with_overrides({"train.resume": "auto"}))
+    assert result.steps == 12 and not result.stopped_early and (out / "run.safetensors").is_file()

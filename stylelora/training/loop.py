@@ -24,7 +24,16 @@ import torch
 from ..adapters.checkpoint_files import remove_stale
 from ..core import events
 from ..core.config import Config, foreign_path_errors, next_free_run_dir
-from ..core.errors import ConfigError, DiskFullError, TrainingError, check_data, continue_run, counted, setting
+from ..core.errors import (
+    ConfigError,
+    DataError,
+    DiskFullError,
+    TrainingError,
+    check_data,
+    continue_run,
+    counted,
+    setting,
+)
 from ..core.metrics import METRICS_FILE, MetricsLog
 from ..data.batches import BatchSource, TrainingSet
 from ..data.captions import with_trigger
@@ -406,6 +415,18 @@ class _AtReport:
                 self.saves.save(step, epoch)  # or the step's, which keep_checkpoints never deletes
 
 
+def _next_batch(source: BatchSource, position: dict[str, int], save: Callable[[], None]) -> Any:
+    """The source's next batch. An image deleted or damaged since the run checked its dataset stops the run, saved
+    first (``save``) with the data position where this step's batches start: nothing trained is lost."""
+    try:
+        return source.next_batch()
+    except DataError as e:
+        source.load_state(position)
+        save()
+        raise TrainingError(f"the dataset changed while the run trained: {e}. Put the image back as it was when "
+                            "the run started, then continue the run") from e
+
+
 def train(
     config: Config,
     on_event: EventHandler | None = None,
@@ -516,6 +537,11 @@ def _train(config: Config, emit: RunTracker, stop: StopSignal, model: BaseModel 
     at_report = _AtReport(config, live, data, due, validator, metrics, requests, clock, accelerator.autocast, emit,
                           total, saves)
 
+    def save_now(step: int, processes: int) -> None:
+        """A checkpoint at ``step`` outside the schedule (one process: several would first have to agree)."""
+        if processes == 1 and step > 0:
+            ckpt.snapshot(live, step, clock.elapsed(), cfg.keep_checkpoints, emit)
+
     def report() -> events.Progress | None:
         """Progress for each step since the last report; the last one's event."""
         progress = None
@@ -532,8 +558,10 @@ def _train(config: Config, emit: RunTracker, stop: StopSignal, model: BaseModel 
             break
         step_loss = torch.zeros((), device=accelerator.device)
         images = 0
+        position = source.state()  # where this step's batches start, which a save before it must hold
         for _ in range(cfg.gradient_accumulation_steps):
-            batch = source.next_batch()  # latents (cached or encoded), text, SDXL time ids, loss weights
+            # latents (cached or encoded), text, SDXL time ids, loss weights
+            batch = _next_batch(source, position, lambda done=step: save_now(done, team.count))
             latents = batch.latents
             with accelerator.accumulate(denoiser, *text_encoders), accelerator.autocast():
                 # each example's own noise and timestep, whatever its batch
