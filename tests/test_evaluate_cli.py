@@ -143,3 +143,19 @@ def test_a_grid_value_or_setting_given_twice_is_refused() -> None:
                                           r"lora.rank=4,8"):
         parse_grid(["lora.rank=4", "lora.rank=8"])
     assert parse_grid(["lora.rank=4,8", "train.lr=1e-4"]) == {"lora.rank": [4, 8], "train.lr": [1e-4]}
+
+
+def test_compare_says_what_each_unscored_run_needs(run: Path, tmp_path: Path) -> None:
+    """A run with saves is told the command that scores it; one with nothing saved, to train first (compare said
+    "score each with: stylelora evaluate RUN" to both, and evaluate then told the second to train first)."""
+    import shutil
+
+    saved = tmp_path / "saved run"
+    shutil.copytree(run, saved, ignore=shutil.ignore_patterns("eval"))  # its checkpoints, not its scores
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    shutil.copy(run / "config.toml", empty / "config.toml")
+    r = run_cli("compare", str(saved), str(empty))
+    assert r.returncode == 0, r.stderr
+    assert f"{saved}: not evaluated yet; score it with: stylelora evaluate '{saved}'" in r.stderr
+    assert f"{empty}: no checkpoint or adapter saved in this run yet; train it first" in r.stderr

@@ -111,10 +111,22 @@ def cmd_compare(args: argparse.Namespace) -> int:
         print(json.dumps(comparison(rows), indent=1))
         return 0
     print(format_comparison(rows))
-    missing = [r.name for r in rows if r.scores is None]
-    if missing:
-        print(f"not evaluated yet: {', '.join(missing)}; score each with: stylelora evaluate RUN", file=sys.stderr)
+    for row in (r for r in rows if r.scores is None):
+        print(_not_scored(row.path), file=sys.stderr)
     return 0
+
+
+def _not_scored(run: Any) -> str:
+    """What to do about a run that has no scores: evaluate it, or, with nothing saved yet, train it first."""
+    import shlex
+
+    from ..evaluation.checkpoints import run_checkpoints
+
+    try:
+        run_checkpoints(run)
+    except StyleloraError as e:  # nothing saved yet: the same words as evaluate's
+        return str(e)
+    return f"{run}: not evaluated yet; score it with: stylelora evaluate {shlex.quote(str(run))}"
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
