@@ -167,7 +167,7 @@ def load_single_file(path: Path, config_source: str, pipeline_class: Any, kwargs
             f"model '{path}': cannot load this single-file checkpoint ({type(e).__name__}: "
             f"{str(e).splitlines()[0] if str(e) else ''}). Loading a single file needs the "
             "component configs from the hub; offline, set model.config to a local diffusers folder "
-            f"of the same architecture ({setting('model.config', '/path/to/sd15-folder')})."
+            f"of the same architecture ({setting('model.config', '/path/to/diffusers-folder')})."
         ) from e
 
 
