@@ -159,3 +159,29 @@ def test_compare_says_what_each_unscored_run_needs(run: Path, tmp_path: Path) ->
     assert r.returncode == 0, r.stderr
     assert f"{saved}: not evaluated yet; score it with: stylelora evaluate '{saved}'" in r.stderr
     assert f"{empty}: no checkpoint or adapter saved in this run yet; train it first" in r.stderr
+
+
+def test_a_second_evaluation_scores_only_what_was_saved_since(run: Path, tmp_path: Path) -> None:
+    """Evaluate clicked twice, or run again after a run went on: the scored checkpoints are not rendered again
+    (each took the whole set of images); one saved again since (a rewound run) is."""
+    import os
+    import shutil
+
+    from stylelora.evaluation.runner import evaluate_run
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("eval"))
+    first = evaluate_run(copy, overrides=SMALL_EVAL)
+    images = {p: p.stat().st_mtime_ns for p in (copy / "eval").glob("step-*/*.png")}
+    assert len({p.parent.name for p in images}) == 3
+    again = evaluate_run(copy, overrides=SMALL_EVAL)
+    for kept, scored in zip(again.checkpoints, first.checkpoints, strict=True):  # as saved: to 6 decimals
+        assert kept.record() == pytest.approx(scored.record(), abs=1e-6)
+    assert {p: p.stat().st_mtime_ns for p in images} == images  # nothing rendered again
+
+    saved_again = next(copy.glob("*-step00000004.safetensors"))
+    later = (copy / "eval" / "scores.json").stat().st_mtime + 5
+    os.utime(saved_again, (later, later))
+    evaluate_run(copy, overrides=SMALL_EVAL)
+    changed = {p.parent.name for p in images if p.stat().st_mtime_ns != images[p]}
+    assert changed == {"step-000004"}

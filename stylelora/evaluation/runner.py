@@ -123,8 +123,19 @@ class Evaluator:
                              self.copy_threshold, text, self.descriptor.image_text(base_images))
         earlier = RunScores.load(self.run_dir)
         self.scores = RunScores(self.run_dir, self.descriptor.name, self.rule, self.scorer.base_scores)
+        self.scored_at = 0.0  # when the rows kept from an earlier evaluation were written
         if earlier is not None and earlier.descriptor == self.descriptor.name and earlier.rule == self.rule:
             self.scores.checkpoints = earlier.checkpoints
+            self.scored_at = (self.folder / SCORES_FILE).stat().st_mtime
+
+    def up_to_date(self, checkpoint: SavedCheckpoint) -> bool:
+        """Whether ``checkpoint`` has a row of this set, rule and descriptor written after its adapter file (a run
+        rewound and trained again past that step has a newer file under the same step)."""
+        try:
+            saved = checkpoint.source.file.stat().st_mtime
+        except OSError:
+            return False
+        return saved < self.scored_at and any(r.step == checkpoint.step for r in self.scores.checkpoints)
 
     def _base_images(self) -> list[Image.Image]:
         """The base model's images of the set: from the run folder when they were rendered before."""
@@ -171,8 +182,9 @@ class Evaluator:
 def evaluate_run(run_dir: str | Path, checkpoints: Sequence[str] | None = None, *, previewer: Previewer | None = None,
                  overrides: dict[str, Any] | None = None,
                  on_event: Callable[[events.Event], None] | None = None) -> RunScores:
-    """Score the checkpoints of a finished run (all, or those named: ``step-000100`` or ``100``), print nothing,
-    and write the images and ``eval/scores.json``; returns every score the run has, the best marked.
+    """Score the checkpoints of a run (those not scored yet or saved again since; or those named: ``step-000100``
+    or ``100``), print nothing, and write the images and ``eval/scores.json``; returns every score the run has,
+    the best marked.
     ``overrides`` changes eval settings (``{"eval.descriptor": "clip"}``); ``previewer`` reuses a loaded base."""
     run = Path(run_dir).expanduser()
     config = run_config(run)
@@ -186,6 +198,8 @@ def evaluate_run(run_dir: str | Path, checkpoints: Sequence[str] | None = None, 
     previewer = previewer or Previewer(m.name, config_source=m.config, prediction_type=m.prediction_type)
     evaluator = Evaluator(run, previewer, config, descriptor)
     for checkpoint in chosen:
+        if not checkpoints and evaluator.up_to_date(checkpoint):  # a second evaluation scores only what is new
+            continue
         row = evaluator.score(checkpoint)
         if on_event is not None:
             best = evaluator.scores.best
