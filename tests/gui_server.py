@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -41,6 +42,19 @@ def launch(root: Path, **context: object):
     port = free_port()
     serve(demo, ctx, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     return demo, ctx, f"http://127.0.0.1:{port}/"
+
+
+@contextlib.contextmanager
+def served(root: Path, **context: object):
+    """The app launched on ``root`` for a module's tests: yields (url, ctx); afterwards any run is stopped and
+    waited for, and the server closed."""
+    demo, ctx, url = launch(root, **context)
+    try:
+        yield url, ctx
+    finally:
+        ctx.job.stop()
+        ctx.job.join_all(120)
+        demo.close()
 
 
 def start_app(root: Path, port: int, seconds: float = 120):

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from gui_server import launch, make_root
+from gui_server import make_root, served
 from test_browser_second_click import open_advanced, pick, set_number
 
 from conftest import make_dataset
@@ -36,11 +36,8 @@ def _run(root: Path, name: str, every_save: bool) -> Path:
 def app(tmp_path_factory: pytest.TempPathFactory):
     root = make_root(tmp_path_factory.mktemp("eval-panel") / "root")
     scored, unscored = _run(root, "scored", True), _run(root, "unscored", False)
-    demo, ctx, url = launch(root)
-    yield url, ctx, root, scored, unscored
-    ctx.job.stop()
-    ctx.job.join_all(120)
-    demo.close()
+    with served(root) as (url, ctx):
+        yield url, ctx, root, scored, unscored
 
 
 def test_the_evaluation_panel_plots_scores_marks_the_best_and_exports_it(app, tmp_path: Path, browser) -> None:

@@ -7,7 +7,7 @@ Each test is a fault found by walking the app on the built-in models and failed 
 from __future__ import annotations
 
 import pytest
-from gui_server import launch, make_root
+from gui_server import make_root, served
 from test_browser_second_click import QUICK, open_page, set_number
 
 pytestmark = pytest.mark.usefixtures("chromium")  # skips with one line (fails in CI) when there is none
@@ -16,11 +16,8 @@ pytestmark = pytest.mark.usefixtures("chromium")  # skips with one line (fails i
 @pytest.fixture(scope="module")
 def app(tmp_path_factory: pytest.TempPathFactory):
     root = make_root(tmp_path_factory.mktemp("impolite") / "root")
-    demo, ctx, url = launch(root)
-    yield url, ctx, root
-    ctx.job.stop()
-    ctx.job.join_all(120)
-    demo.close()
+    with served(root) as (url, ctx):
+        yield url, ctx, root
 
 
 def notice(page) -> str:

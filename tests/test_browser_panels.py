@@ -10,7 +10,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from gui_server import launch, make_root
+from gui_server import make_root, served
 from test_app_panels import make_run
 from test_browser_second_click import QUICK, open_page
 
@@ -24,11 +24,8 @@ pytestmark = pytest.mark.usefixtures("chromium")  # skips with one line (fails i
 def app(tmp_path_factory: pytest.TempPathFactory):
     root = make_root(tmp_path_factory.mktemp("browser-panels") / "root")
     make_run(root, "earlier")  # the only run when the app starts: the runs list's first pick
-    demo, ctx, url = launch(root)
-    yield url, ctx, root
-    ctx.job.stop()
-    ctx.job.join_all(120)
-    demo.close()
+    with served(root) as (url, ctx):
+        yield url, ctx, root
 
 
 def run_pick(page) -> str:

@@ -12,7 +12,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from gui_server import launch, make_root
+from gui_server import make_root, served
 
 from conftest import draw_image, make_dataset
 from stylelora.core import events
@@ -27,11 +27,8 @@ QUICK = 15_000  # an element or a reply that needs no training
 @pytest.fixture(scope="module")
 def app(tmp_path_factory: pytest.TempPathFactory):
     root = make_root(tmp_path_factory.mktemp("second-click") / "root")
-    demo, ctx, url = launch(root)
-    yield url, ctx, root
-    ctx.job.stop()
-    ctx.job.join_all(120)
-    demo.close()
+    with served(root) as (url, ctx):
+        yield url, ctx, root
 
 
 def open_page(browser, url: str, tab: str):

@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from gui_server import launch, make_root
+from gui_server import make_root, served
 from PIL import Image
 from test_browser_second_click import QUICK, open_page, pick, pick_image, set_number, settled, toasts, wait_for_run
 
@@ -32,11 +32,8 @@ KOHYA = Path(__file__).parent / "kohya"
 @pytest.fixture(scope="module")
 def app(tmp_path_factory: pytest.TempPathFactory):
     root = make_root(tmp_path_factory.mktemp("third-click") / "root")
-    demo, ctx, url = launch(root)
-    yield url, ctx, root
-    ctx.job.stop()
-    ctx.job.join_all(120)
-    demo.close()
+    with served(root) as (url, ctx):
+        yield url, ctx, root
 
 
 @pytest.fixture(scope="module")
