@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import threading
 from pathlib import Path
 
@@ -361,6 +362,10 @@ def test_continue_and_train_again_configs_of_a_run(tmp_path: Path) -> None:
     for bad in ["", "outputs", "datasets/cats", "/etc"]:
         with pytest.raises(ConfigError):
             ws.continue_config(bad)
+    # a run folder copied (or moved) under outputs/ continues in the copy, its files keeping the name they carry
+    shutil.copytree(run, ws.outputs / "cats lower lr")
+    copied = ws.continue_config("outputs/cats lower lr")
+    assert (copied.train.output_dir, copied.export.name) == (str(ws.outputs / "cats lower lr"), "cats")
 
 
 def test_a_dataset_folder_added_from_elsewhere_trains_and_a_kohya_run_folder_moves_under_outputs(
