@@ -106,12 +106,13 @@ def config_from_args(args: argparse.Namespace) -> Config:
         value = getattr(args, dotted, None)
         if value is not None:
             overrides[dotted] = value
-    moved = config.train.output_dir
+    run_folder = config.train.output_dir  # the folder the config file is in, for a copied or moved run's own
     config = config.with_overrides(overrides) if overrides else config
     config = config.with_overrides(args.overrides) if args.overrides else config
-    if args.config and moved != Config.load(args.config).train.output_dir and config.train.output_dir == moved:
-        print(f"{args.config}: this run started in another folder; it goes on here, in {moved} (its adapter files "
-              f"keep the name {config.run_name})", file=sys.stderr)
+    started_in = Config.load(args.config).train.output_dir if args.config else run_folder
+    if run_folder != started_in and config.train.output_dir == run_folder:
+        print(f"{args.config}: this run started in another folder; it goes on here, in {run_folder} (its adapter "
+              f"files keep the name {config.run_name})", file=sys.stderr)
     return config
 
 
