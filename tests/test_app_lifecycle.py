@@ -98,3 +98,22 @@ def test_sigterm_saves_the_run_as_stop_does_and_the_next_app_continues_it(tmp_pa
     saved = json.loads((root / "outputs" / "queue.json").read_text())
     interrupted = Config.from_toml(saved["running"], "queue.json")  # the next app continues it first
     assert Path(interrupted.train.output_dir) == run.resolve() and interrupted.train.steps == 500
+
+
+def test_a_stopping_app_ends_the_tensorboard_it_started(tmp_path: Path, monkeypatch) -> None:
+    """app.py ends with os._exit (a stuck server thread cannot keep it alive), which skips the atexit hook that
+    ended TensorBoard: its process outlived the app."""
+    import webui.server as server
+
+    closed: list[bool] = []
+
+    def serve_until_ctrl_c(demo, ctx, **_kwargs):
+        monkeypatch.setattr(ctx.tensorboard, "close", lambda: closed.append(True))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(server, "launch", serve_until_ctrl_c)
+    monkeypatch.setattr(server, "_close", lambda demo: None)
+    monkeypatch.setattr(server.signal, "signal", lambda *_args: None)  # this process's SIGTERM stays pytest's
+    monkeypatch.setattr(server.logging, "basicConfig", lambda **_kwargs: None)
+    assert server.main(["--root", str(make_root(tmp_path / "root")), "--port", str(free_port())]) == 0
+    assert closed == [True]

@@ -116,7 +116,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         pass
     finally:
         _close(demo)
-    return stop_training(ctx.job)
+    try:
+        return stop_training(ctx.job)
+    finally:
+        ctx.tensorboard.close()  # app.py ends with os._exit, which runs no atexit hook: its child must go now
 
 
 def _close(demo: Any, seconds: float = 15) -> None:
