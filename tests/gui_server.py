@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -57,12 +58,20 @@ def served(root: Path, **context: object):
         demo.close()
 
 
+def _as_from_a_terminal() -> None:
+    """Ctrl-C reaches an app started in a terminal. A test run started in the background (``nohup ... &``, as a CI
+    script may be) ignores SIGINT, and its children inherit that: the app would never see the test's Ctrl-C
+    (CI twice found an app "not exiting within 120 s of Ctrl-C" that had never been told)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_app(root: Path, port: int, seconds: float = 120):
     """``python app.py --root ROOT --port PORT`` in a subprocess, as a user starts it, once it answers (the test
     fails with the app's output when it exits or does not answer in ``seconds``)."""
     env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False")
     proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--root", str(root), "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            preexec_fn=_as_from_a_terminal)
     deadline = time.time() + seconds
     while True:
         try:
