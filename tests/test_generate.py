@@ -428,7 +428,7 @@ def test_cli_generate_single_image_in_process(files: dict[str, Path], tmp_path: 
     (["--width", "30"], "width: must be a positive multiple of 8"),
     (["--lora", "x.safetensors", "--scale", "1e30"], "--scale: must be a number from -1 to 2"),  # a NaN image
     # a Windows path would otherwise be written as one file named 'E:\\pics\\x.png' in the current folder
-    (["--out", "E:\\pics\\x.png"], "E:\\pics\\x.png: is a Windows path (drive E:) from another machine"),
+    (["--out", "E:\\pics\\x.png"], "--out: 'E:\\pics\\x.png' is a Windows path (drive E:) from another machine"),
 ])
 def test_cli_generate_errors_are_one_line(args: list[str], message: str, tmp_path: Path,
                                           capsys: pytest.CaptureFixture[str]) -> None:

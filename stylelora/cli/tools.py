@@ -40,14 +40,11 @@ FORCE_HELP = "replace --out if it exists (without it an existing file is refused
 def local_path(flag: str, value: str | None) -> str | None:
     """``value`` unchanged, unless it is a path written on another system (``E:\\loras\\x.safetensors`` on Linux)
     that is not here: read, it names nothing; written, it would become a file of that odd name in this folder."""
-    from pathlib import Path
+    from ..core.fileio import foreign_path_problem
 
-    from ..core.fileio import foreign_path
-
-    why = foreign_path(value) if value else None
-    if why is not None and not Path(value).exists():  # type: ignore[arg-type]
-        raise StyleloraError(f"{flag}: '{value}' is {why} from another machine, which this system would take for a "
-                             "name in the current folder; give a path on this machine")
+    problem = foreign_path_problem(value) if value else None
+    if problem is not None:
+        raise StyleloraError(f"{flag}: {problem}; give a path on this machine")
     return value
 
 
@@ -80,8 +77,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     # Cheap checks first, so a typo fails before the base model loads.
     settings = GenerateSettings(**{name: getattr(args, name) for name in GENERATE_FLAGS.values()})
     check_sampler(settings.sampler)
-    check_png_path(args.out)  # its own words for a path that is not a PNG's, or not this machine's
-    new_output(args)
+    new_output(args)  # the --out words of every tool: this machine's path, not there yet (or --force)
+    check_png_path(args.out)
     local_path("--lora", args.lora)
     for flag, given in (("--scale", args.scale), ("--blocks", args.blocks)):
         if given and not args.lora:

@@ -485,11 +485,8 @@ def foreign_path_errors(config: Config) -> list[str]:
 
 def foreign_path_error(dotted: str, value: str) -> str | None:
     """The error for ``value`` of the path field ``dotted`` when it was written on another system; else None."""
-    why = fileio.foreign_path(value)
-    if why is None or Path(value).exists():
-        return None
-    return (f"{dotted}: '{value}' is {why} from another machine, which this system would take for a name in the "
-            f"current folder; set {setting(dotted)} to a path on this machine")
+    problem = fileio.foreign_path_problem(value)
+    return f"{dotted}: {problem}; set {setting(dotted)} to a path on this machine" if problem else None
 
 
 def parse_override(text: str) -> tuple[str, Any]:

@@ -56,6 +56,15 @@ def foreign_path(path: str) -> str | None:
     return None
 
 
+def foreign_path_problem(path: str) -> str | None:
+    """Why ``path`` cannot be used here when it was written on another system and names nothing on this one
+    (``'E:\\x' is a Windows path (drive E:) from another machine, ...``); None for a path of this system."""
+    why = foreign_path(path)
+    if why is None or Path(path).exists():
+        return None
+    return f"'{path}' is {why} from another machine, which this system would take for a name in the current folder"
+
+
 def file_mode() -> int:
     """The mode ``open(path, "w")`` gives a new file: 0o666 less the umask."""
     return 0o666 & ~umask()

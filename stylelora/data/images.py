@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
 from ..core.errors import StyleloraError
-from ..core.fileio import atomic_path, foreign_path
+from ..core.fileio import atomic_path, foreign_path_problem
 
 PARAMETERS_KEY = "parameters"
 BACKGROUND = (255, 255, 255)
@@ -73,10 +73,9 @@ def parse_parameters(text: str) -> dict[str, str]:
 def check_png_path(path: str | Path) -> Path:
     """``path`` as a Path if it names a .png file; StyleloraError otherwise."""
     target = Path(path)
-    why = foreign_path(str(path))
-    if why is not None:
-        raise StyleloraError(f"{path}: is {why} from another machine, which this system would take for a file name "
-                             "in the current folder; give a path on this machine")
+    problem = foreign_path_problem(str(path))
+    if problem is not None:
+        raise StyleloraError(f"{problem}; give a path on this machine")
     if target.suffix.lower() != ".png":
         raise StyleloraError(f"{target}: preview images are saved as PNG (they carry their parameters); "
                              "give a file name ending in .png")
