@@ -198,12 +198,13 @@ def holds_run(folder: Path) -> bool:
     return (folder / METRICS_FILE).is_file() or bool(list_checkpoints(folder))
 
 
-def run_folder_config(run_dir: str | Path) -> Config:
+def run_folder_config(run_dir: str | Path, config: Config | None = None) -> Config:
     """The config a run folder was trained with, for that folder wherever it is now. Its config.toml names the
     folder the run started in; a run folder copied or moved since (or brought from another machine) is its own
-    run: it continues, is scored and exported in the folder it is in, and its files keep the name they carry."""
+    run: it continues, is scored and exported in the folder it is in, and its files keep the name they carry.
+    ``config``: its config.toml, when the caller has read it already."""
     run = Path(run_dir).expanduser()
-    config = Config.load(run / "config.toml")
+    config = config or Config.load(run / "config.toml")
     saved = config.train.output_dir
     if saved and fileio.foreign_path(saved) is None and Path(saved).expanduser().resolve() == run.resolve():
         return config

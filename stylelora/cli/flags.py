@@ -100,30 +100,32 @@ def _add_config_flags(p: argparse.ArgumentParser, flags: dict[str, str], *, defa
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    config = _load_config(Path(args.config)) if args.config else Config()
+    config, started_in = _load_config(Path(args.config)) if args.config else (Config(), None)
     overrides: dict[str, Any] = {}
     for dotted in [*TRAIN_FLAGS.values(), "lora.train_text_encoder"]:
         value = getattr(args, dotted, None)
         if value is not None:
             overrides[dotted] = value
-    run_folder = config.train.output_dir  # the folder the config file is in, for a copied or moved run's own
+    run_folder = config.train.output_dir
     config = config.with_overrides(overrides) if overrides else config
     config = config.with_overrides(args.overrides) if args.overrides else config
-    started_in = Config.load(args.config).train.output_dir if args.config else run_folder
-    if run_folder != started_in and config.train.output_dir == run_folder:
+    if started_in is not None and config.train.output_dir == run_folder:  # no --output took it elsewhere
         print(f"{args.config}: this run started in another folder; it goes on here, in {run_folder} (its adapter "
               f"files keep the name {config.run_name})", file=sys.stderr)
     return config
 
 
-def _load_config(path: Path) -> Config:
-    """The config file ``path``; a run's own config.toml read in a copied or moved run folder is that folder's
-    run: it continues there, not in the folder it was copied from."""
+def _load_config(path: Path) -> tuple[Config, str | None]:
+    """The config file ``path``, and the folder its run started in when that is not where the file is now: a run's
+    own config.toml read in a copied or moved run folder is that folder's run (it continues there)."""
     from ..adapters.checkpoint_files import holds_run, run_folder_config
 
-    if path.name == "config.toml" and path.is_file() and holds_run(path.parent):
-        return run_folder_config(path.parent)
-    return Config.load(path)
+    config = Config.load(path)
+    if path.name != "config.toml" or not holds_run(path.parent):
+        return config, None
+    here = run_folder_config(path.parent, config)
+    moved = here.train.output_dir != config.train.output_dir
+    return here, config.train.output_dir if moved else None
 
 
 def _settings_flags(parser: argparse.ArgumentParser, settings_cls: type, skip: set[str]) -> None:

@@ -30,7 +30,7 @@ from ..adapters.checkpoint_files import STEP_DIR, list_checkpoints, run_folder_c
 from ..adapters.convert import find_adapter_file
 from ..adapters.formats import load_adapter
 from ..adapters.merge import check_strength
-from ..core.config import Config, GenerateSettings
+from ..core.config import GenerateSettings
 from ..core.errors import ConfigError, FormatError
 from ..data import images
 from ..families import load_base_model
@@ -57,22 +57,15 @@ class AdapterSource:
     text: tuple[int, int] | None = None  # a checkpoint's (clip skip, max token length), from config.toml
 
 
-def _run_config(run_dir: Path) -> Config:
-    return run_folder_config(run_dir)
-
-
 def _checkpoint_source(folder: Path) -> AdapterSource:
     run_dir = folder.parent.parent
-    text = None
-    if (run_dir / "config.toml").is_file():
-        run = _run_config(run_dir)
-        text = (run.model.clip_skip, run.data.max_token_length)
+    run = run_folder_config(run_dir) if (run_dir / "config.toml").is_file() else None
+    text = (run.model.clip_skip, run.data.max_token_length) if run is not None else None
     if stores_alphas(folder):  # its lora.safetensors reads like any adapter file, every module's alpha included
         return AdapterSource(folder / "lora.safetensors", f"{run_dir.name}-{folder.name}", text=text)
     alpha = conv_alpha = None
-    if (run_dir / "config.toml").is_file():
-        lora = _run_config(run_dir).lora
-        alpha, conv_alpha = lora.alpha, getattr(lora, "conv_alpha", None)  # conv_alpha: runs with LoCon
+    if run is not None:
+        alpha, conv_alpha = run.lora.alpha, getattr(run.lora, "conv_alpha", None)  # conv_alpha: runs with LoCon
     else:
         log.warning("%s: no config.toml in the run folder, so the LoRA alpha is unknown; using alpha = rank", folder)
     return AdapterSource(folder / "lora.safetensors", f"{run_dir.name}-{folder.name}", alpha, conv_alpha, text)
